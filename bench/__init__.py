@@ -1,0 +1,1 @@
+"""attnbench's runner: CLI, planning, workers, timing, correctness gate, store, reports."""

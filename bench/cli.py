@@ -1,0 +1,143 @@
+"""``attnbench``: sweeps through Hydra, and subcommands for everything else.
+
+    attnbench [sweep=NAME] [key=value ...]      run a sweep (Hydra overrides; -m for multirun)
+    attnbench list methods|masks                every method (available or not, and why) or mask
+    attnbench report RUN [RUN ...]              report.md + report.html in the run folder
+    attnbench compare BASE NEW                  per-case ratios, regressions beyond spread + threshold
+    attnbench runs                              runs with date, device and case counts by status
+    attnbench masks list|show NAME [k=v ...]    mask catalogue and pictures
+    attnbench selfcheck                         the harness's timer against triton.testing.do_bench
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _gpu_present() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def cmd_list(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="attnbench list", description="list registered methods or masks")
+    parser.add_argument("what", choices=["methods", "masks"])
+    parser.add_argument("--plugins", nargs="*", default=[], help="modules or .py files to load first")
+    args = parser.parse_args(argv)
+    from .plugins import load_plugins
+
+    load_plugins(args.plugins)
+    if args.what == "masks":
+        from masks import MASKS
+
+        for name in sorted(MASKS):
+            cls = MASKS[name]
+            kind = "causal" if cls.causal else "noncausal"
+            print(f"{name:24s} {kind:10s} {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    from methods import METHODS
+
+    print(f"{'method':16s} {'family':8s} {'available':10s} {'masks':28s} description / why unavailable")
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        ok, why = spec.availability()
+        caps = spec.caps
+        mask_text = ",".join(sorted(caps.masks)) or "-"
+        if caps.dense_mask:
+            mask_text += " +dense"
+        if caps.varlen:
+            mask_text += " +varlen"
+        print(f"{name:16s} {caps.family:8s} {'yes' if ok else 'no':10s} {mask_text:28s} {spec.description if ok else why}")
+    return 0
+
+
+def _subcommands():
+    def lazy(module: str):
+        def run(argv):
+            import importlib
+
+            return importlib.import_module(module).main(argv)
+
+        return run
+
+    return {
+        "list": cmd_list,
+        "report": lazy("bench.report"),
+        "compare": lazy("bench.compare"),
+        "runs": lazy("bench.runs"),
+        "masks": lazy("masks.cli"),
+        "selfcheck": lazy("bench.selfcheck"),
+    }
+
+
+def sweep_main(argv: list[str]) -> int:
+    """Run Hydra with ``argv`` as its overrides (sweep=gpu is added when a GPU is visible and none is given)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from .plan import ConfigError
+    from .plugins import PluginError
+
+    if not any(a.split("=", 1)[0].lstrip("+~") == "sweep" for a in argv):
+        argv = [f"sweep={'gpu' if _gpu_present() else 'smoke'}", *argv]
+    command = "attnbench " + " ".join(shlex.quote(a) for a in argv)
+    outcome = {"code": 0, "runs": []}
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from .runner import run_sweep
+        from .summary import print_summary
+
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        job_command = command
+        hydra_cfg = HydraConfig.get()
+        if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+            job_command = "attnbench " + " ".join(shlex.quote(a) for a in hydra_cfg.overrides.task)
+            if not plain.get("run_id"):
+                from .runner import default_run_id
+
+                plain["run_id"] = f"{default_run_id()}-job{hydra_cfg.job.num}"
+        try:
+            run_dir = run_sweep(plain, job_command)
+        except (ConfigError, PluginError) as exc:
+            print(f"attnbench: {exc}", file=sys.stderr)
+            outcome["code"] = 2
+            return
+        outcome["runs"].append(run_dir)
+        print_summary(run_dir)
+
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]
+    try:
+        task()
+    finally:
+        sys.argv = saved
+    return outcome["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        print("Sweep keys (conf/config.yaml and conf/sweep/*.yaml):")
+        print((CONF_DIR / "config.yaml").read_text())
+        return 0
+    commands = _subcommands()
+    if argv and argv[0] in commands:
+        return int(commands[argv[0]](argv[1:]) or 0)
+    return sweep_main(argv)
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""One case, measured: build, first call (compile), correctness gate, memory, timing, telemetry.
+
+``CaseRunner.run(case)`` returns a row (dict, bench.schema columns) for a case that ran to a verdict
+(``ok``, ``wrong`` or ``unsupported``); failures (exceptions, OOM) propagate to the worker, which makes
+their rows and replaces itself. Inputs and the fp32 reference are cached for the last input key, so the
+methods of one shape share them (the planner orders cases that way).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import masks
+from methods import METHODS, BuildContext, Unsupported
+from methods.exact.reference import reference_attention
+
+from . import timing as timers
+from .plan import Case
+from .rows import describe
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the gate's floor, added to 2 x the same-dtype reference's error
+ERROR_FLOOR = {"float32": 5e-5, "float16": 1e-3, "bfloat16": 2e-3}
+# dense bf16/fp16 peaks from datasheets, used only to flag impossible rows when no calibration exists
+DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = torch.linalg.vector_norm((got.float() - ref.float()).flatten())
+    denom = torch.linalg.vector_norm(ref.float().flatten())
+    return float(diff / denom) if float(denom) > 0 else float(diff)
+
+
+@dataclass
+class Inputs:
+    key: tuple
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+
+
+@dataclass
+class Reference:
+    key: tuple
+    out: torch.Tensor
+    grads: tuple | None
+    same_dtype_err: float  # max over out (and grads) of the working-dtype reference's error
+    rows_visible: torch.Tensor  # bool [seq_q]: rows with at least one visible key
+
+
+class CaseRunner:
+    def __init__(self, device: str, options: dict):
+        self.device = torch.device(device)
+        self.options = options
+        self.timing = options["timing"]
+        self.phase = "idle"
+        self.phase_hook = None  # called with each new phase (the worker reports it to the parent)
+        self._inputs: Inputs | None = None
+        self._reference: Reference | None = None
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.telemetry = None
+        if self.device.type == "cuda" and self.timing.get("telemetry", True):
+            from .telemetry import Telemetry
+
+            self.telemetry = Telemetry.open(self.device.index or 0)
+        self.peak_tflops = self._peak_tflops(options.get("calibration"))
+
+    def _peak_tflops(self, calibration) -> float | None:
+        """The rate no row may exceed: the datasheet's dense 16-bit peak, else the measured matmul rate."""
+        if self.device.type != "cuda":
+            return None
+        datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in self.device_name), None)
+        if datasheet is None and calibration and calibration.get("matmul_bf16_tflops"):
+            return float(calibration["matmul_bf16_tflops"])
+        return datasheet
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+        if self.phase_hook is not None:
+            self.phase_hook(phase)
+
+    # ---- inputs and reference ----------------------------------------------------------------------------
+    def inputs(self, case: Case) -> Inputs:
+        key = case.input_key()
+        if self._inputs is not None and self._inputs.key == key:
+            return self._inputs
+        self._inputs = self._reference = None
+        gen = torch.Generator(device=self.device).manual_seed(case.seed)
+        dtype = TORCH_DTYPES[case.dtype]
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, device=self.device, dtype=torch.float32).to(dtype)
+
+        q = randn(case.batch, case.heads_q, case.seq_q, case.head_dim)
+        k = randn(case.batch, case.heads_kv, case.seq_kv, case.head_dim)
+        v = randn(case.batch, case.heads_kv, case.seq_kv, case.head_dim)
+        dout = randn(case.batch, case.heads_q, case.seq_q, case.head_dim)
+        self._inputs = Inputs(key, q, k, v, dout)
+        return self._inputs
+
+    def reference(self, case: Case, inputs: Inputs, bound, need_grad: bool) -> Reference:
+        cached = self._reference
+        if cached is not None and cached.key == inputs.key and (cached.grads is not None or not need_grad):
+            return cached
+        chunk = self.options.get("ref_chunk_bytes", 1 << 29)
+        dout = inputs.dout if need_grad else None
+        out32, grads32 = reference_attention(inputs.q, inputs.k, inputs.v, bound, dout=dout, chunk_bytes=chunk)
+        out_lp, grads_lp = reference_attention(
+            inputs.q, inputs.k, inputs.v, bound, compute_dtype=TORCH_DTYPES[case.dtype], dout=dout,
+            chunk_bytes=chunk,
+        )
+        rows_visible = (bound.row_counts() > 0).to(self.device)
+        errs = [rel_error(out_lp[:, :, rows_visible], out32[:, :, rows_visible])]
+        if need_grad:
+            errs += [rel_error(a, b) for a, b in zip(grads_lp, grads32)]
+        del out_lp, grads_lp
+        self._reference = Reference(inputs.key, out32, grads32, max(errs), rows_visible)
+        return self._reference
+
+    # ---- the case ------------------------------------------------------------------------------------------
+    def run(self, case: Case, run_id: str = "") -> dict:
+        started = time.perf_counter()
+        self._set_phase("inputs")
+        spec = masks.make_mask(case.mask)
+        bound = spec.bind(case.seq_q, case.seq_kv).to(self.device)
+        row = describe(case, run_id, self.device_name)
+        method = METHODS[case.method]
+        caps = method.caps
+        inputs = self.inputs(case)
+        need_grad = case.needs_grad
+        bshd = caps.input_layout == "bshd"
+
+        def laid_out(t):  # the method's layout, as fresh leaves (made outside the timed region)
+            t = t.detach()
+            t = t.transpose(1, 2).contiguous() if bshd else t
+            return t.requires_grad_(need_grad)
+
+        q, k, v = laid_out(inputs.q), laid_out(inputs.k), laid_out(inputs.v)
+        dout = inputs.dout.transpose(1, 2).contiguous() if bshd else inputs.dout
+
+        self._set_phase("build")
+        t0 = time.perf_counter()
+        ctx = BuildContext(case=case, mask=bound, device=self.device, dtype=TORCH_DTYPES[case.dtype],
+                           options=self.options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fn = method.build(ctx)
+                self._set_phase("first call")
+                call, first = self._closures(case.mode, fn, q, k, v, dout)
+                out, grads = first()
+                self._sync()
+            except Unsupported as exc:
+                return self._unsupported(row, str(exc), started)
+            except Exception as exc:
+                if caps.declines and any(text in str(exc) for text in caps.declines):
+                    notes = "; ".join(dict.fromkeys(str(w.message).split("\n")[0] for w in caught))
+                    return self._unsupported(row, f"{str(exc).splitlines()[0]} {notes}".strip(), started)
+                raise
+        row["compile_s"] = time.perf_counter() - t0
+
+        self._set_phase("correctness")
+        ref = self.reference(case, inputs, bound, need_grad)
+        if bshd:
+            out = out.transpose(1, 2)
+            grads = None if grads is None else tuple(g.transpose(1, 2) for g in grads)
+        got = [out[:, :, ref.rows_visible]]
+        want = [ref.out[:, :, ref.rows_visible]]
+        names = ["out"]
+        if grads is not None:
+            got += list(grads)
+            want += list(ref.grads)
+            names += ["dq", "dk", "dv"]
+        errors = [rel_error(g, w) for g, w in zip(got, want)]
+        del got, out, grads
+        tolerance = 2.0 * ref.same_dtype_err + self.options.get("error_floor", ERROR_FLOOR)[case.dtype]
+        row["rel_err"] = max(errors) if all(math.isfinite(e) for e in errors) else math.nan
+        row["err_tol"] = tolerance
+        bad = [n for n, e in zip(names, errors) if not math.isfinite(e)]
+        if bad:
+            return self._finish(row, "wrong", f"non-finite values in {', '.join(bad)}", started)
+        if caps.exact and row["rel_err"] > tolerance:
+            worst = names[errors.index(max(errors))]
+            return self._finish(
+                row, "wrong",
+                f"{worst} rel_err {row['rel_err']:.3g} > tolerance {tolerance:.3g} "
+                f"(2 x {case.dtype} reference error {ref.same_dtype_err:.3g} + floor)",
+                started,
+            )
+
+        self._set_phase("memory")
+        row.update(self._memory(call, q, k, v))
+        self._set_phase("timing")
+        with self._no_recompile(caps.compiled):
+            result = timers.time_callable(call, self.device, self.timing, allow_graph=case.mode in ("fwd", "decode"))
+            telemetry = self._telemetry(call, result.ms_median)
+        row.update(
+            ms_median=result.ms_median, ms_p20=result.ms_p20, ms_p80=result.ms_p80, ms_min=result.ms_min,
+            reps=result.reps, timer=result.timer,
+        )
+        row.update(telemetry)
+        row["tflops"] = row["flops"] / (result.ms_median * 1e-3) / 1e12
+        row["gbps"] = row["bytes_moved"] / (result.ms_median * 1e-3) / 1e9
+        flags = []
+        if self.peak_tflops and row["tflops"] > self.peak_tflops:
+            flags.append(f"tflops_above_peak({self.peak_tflops:.0f})")
+        if self.timing.get("cuda_graph") and case.mode not in ("fwd", "decode") and self.device.type == "cuda":
+            flags.append("cuda_graph_fwd_only")
+        row["flags"] = ";".join(flags) or None
+        return self._finish(row, "ok", None, started)
+
+    # ---- pieces ----------------------------------------------------------------------------------------------
+    def _closures(self, mode, fn, q, k, v, dout):
+        """(timed call, first call returning (out, grads or None)) for a mode."""
+        if mode in ("fwd", "decode"):
+            def call():
+                with torch.no_grad():
+                    return fn(q, k, v)
+
+            return call, lambda: (call(), None)
+        if mode == "bwd":
+            out = fn(q, k, v)
+
+            def call():
+                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+            return call, lambda: (out.detach(), call())
+
+        def call():  # fwd_bwd
+            o = fn(q, k, v)
+            return o, torch.autograd.grad(o, (q, k, v), dout)
+
+        def first():
+            o, grads = call()
+            return o.detach(), grads
+
+        return lambda: call(), first
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _no_recompile(self, compiled: bool):
+        """While timing a compiled method, a recompile or an unfused fallback is an error, never a slow row."""
+        if not compiled:
+            yield
+            return
+        import torch._dynamo
+
+        with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*without torch.compile.*")
+            yield
+
+    def _memory(self, call, q, k, v) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        self._sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        call()
+        self._sync()
+        above = torch.cuda.max_memory_allocated(self.device) - before
+        input_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+        return {"mem_above_inputs_mb": above / 2**20, "peak_mem_mb": (above + input_bytes) / 2**20}
+
+    def _telemetry(self, call, ms_median: float) -> dict:
+        """Back-to-back calls for ~energy_window_ms: energy per call, mean power, SM clock, temperature."""
+        if self.telemetry is None:
+            return {}
+        window_ms = float(self.options.get("energy_window_ms", 100.0))
+        calls = max(1, int(window_ms / max(ms_median, 1e-3)))
+        self._sync()
+        before = self.telemetry.read()
+        for _ in range(calls):
+            call()
+        self._sync()
+        after = self.telemetry.read()
+        out = {"sm_clock_mhz": after.sm_clock_mhz, "temp_c": after.temp_c, "power_w": after.power_w}
+        if before.energy_mj is not None and after.energy_mj is not None and after.energy_mj > before.energy_mj:
+            joules = (after.energy_mj - before.energy_mj) / 1e3
+            out["energy_mj"] = joules * 1e3 / calls
+            out["power_w"] = joules / max(after.t - before.t, 1e-9)
+        return out
+
+    def _unsupported(self, row, reason, started):
+        return self._finish(row, "unsupported", reason, started)
+
+    def _finish(self, row, status, reason, started):
+        row["status"], row["reason"] = status, reason
+        row["wall_s"] = time.perf_counter() - started
+        self._set_phase("idle")
+        return row

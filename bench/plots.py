@@ -1,0 +1,317 @@
+"""The one style module: every figure of a report is drawn here, in one look, readable in print.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no global state, nothing to
+close) and returned as ``Figure``; ``to_png`` renders one. Lengths double along a sweep, so length axes are
+log base 2 with token labels (512, 1k, 64k, 1M); times, rates and memory are log base 10. Only measured values
+are drawn as values: a failed case is an "x" in the line's colour in a band at the bottom of the panel, with
+its status written beside it.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib import rc_context  # noqa: E402
+from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
+
+DPI = 100
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titley": 1.0,  # a fixed title position: automatic placement costs a layout pass per axis
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 1.6,
+    "lines.markersize": 4.5,
+    "savefig.facecolor": "white",
+    "figure.facecolor": "white",
+}
+# Okabe-Ito (colour-blind safe) first, then tab10's remaining hues; markers and dashes separate lines in grey.
+COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+          "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+DASHES = ("-", "--", "-.", ":")
+STATUS_COLORS = {
+    "ok": "#cfe8cf", "unsupported": "#e4e4e4", "wrong": "#f4a6a6", "oom": "#f9d19c", "error": "#d9c2ea",
+    "crashed": "#e07a7a", "timeout": "#f3e59a",
+}
+
+
+@dataclass(frozen=True)
+class LineStyle:
+    color: str
+    marker: str
+    dash: str
+
+
+class Palette:
+    """A fixed line style per series label, the same in every figure of a report."""
+
+    def __init__(self, labels):
+        combos = itertools.cycle(
+            (color, marker, dash) for dash in DASHES for color, marker in zip(COLORS, MARKERS))
+        self.styles = {label: LineStyle(*next(combos)) for label in sorted(set(labels))}
+
+    def __getitem__(self, label: str) -> LineStyle:
+        return self.styles[label]
+
+
+@dataclass
+class Series:
+    """One line: measured points (x, y) with an optional spread band (low, high), and failed x positions."""
+
+    label: str
+    x: np.ndarray
+    y: np.ndarray
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+    failed: list[tuple[float, str]] = field(default_factory=list)
+
+
+@dataclass
+class Panel:
+    """One axis. ``reference``: (y, label) draws a labelled dashed horizontal line (e.g. the measured peak)."""
+
+    title: str
+    ylabel: str
+    series: list[Series]
+    reference: tuple[float, str] | None = None
+
+
+@dataclass
+class Points:
+    """Scatter points of one label (``marker`` overrides the label's marker, e.g. to tell modes apart)."""
+
+    label: str
+    x: np.ndarray
+    y: np.ndarray
+    marker: str | None = None
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes."""
+    buffer = io.BytesIO()
+    with rc_context(STYLE):
+        fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def tokens(value: float, _pos=None) -> str:
+    """512, 1k, 64k, 1M: a length in tokens for an axis tick."""
+    if value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"{int(value) >> 20}M"
+    if value >= 1024 and value % 1024 == 0:
+        return f"{int(value) >> 10}k"
+    return f"{value:g}"
+
+
+def number(value: float, _pos=None) -> str:
+    """A tick label for a log axis of measured quantities: 0.002, 0.5, 20, 5000, 2e+05."""
+    return f"{value:g}"
+
+
+def log_axes(ax, x_base: int, x_formatter=number) -> None:
+    """Log axes with labelled ticks at 1, 2, 5 x 10^k (y) or powers of ``x_base`` (x), and no minor ticks.
+
+    Minor ticks are off on purpose: they cost most of the drawing time and add nothing in print.
+    """
+    ax.set_xscale("log", base=x_base)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=x_base, numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(x_formatter))
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
+    ax.yaxis.set_major_formatter(FuncFormatter(number))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def line_panels(title: str, panels: list[Panel], palette: Palette, xlabel: str, x_tokens: bool = True) -> Figure:
+    """Panels side by side, one line per series label, log-log, legend below.
+
+    The x axis is log base 2 (lengths and world sizes double), labelled as tokens when ``x_tokens``.
+    """
+    with rc_context(STYLE):
+        labels = sorted({s.label for panel in panels for s in panel.series})
+        legend_rows = -(-max(len(labels), 1) // 4) + 1
+        height = 3.3 + 0.22 * legend_rows
+        fig = Figure(figsize=(4.2 * len(panels), height), dpi=DPI)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, panel in zip(axes, panels):
+            _draw_panel(ax, panel, palette, xlabel, x_tokens)
+        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker,
+                          linestyle=palette[label].dash, label=label) for label in labels]
+        if any(s.failed for panel in panels for s in panel.series):
+            handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none",
+                                  label="failed case (status at the bottom)"))
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), frameon=False)
+        fig.suptitle(title, fontsize=11)
+        fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.55 / height,
+                            bottom=(0.55 + 0.22 * legend_rows) / height, wspace=0.3)
+    return fig
+
+
+def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool) -> None:
+    ax.set_title(panel.title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(panel.ylabel)
+    log_axes(ax, 2, tokens if x_tokens else number)
+    xs, ys = [], []
+    failed = [s for s in panel.series if s.failed]
+    for series in panel.series:
+        style = palette[series.label]
+        if len(series.x):
+            ax.plot(series.x, series.y, color=style.color, marker=style.marker, linestyle=style.dash)
+            if series.low is not None and series.high is not None:
+                ax.fill_between(series.x, series.low, series.high, color=style.color, alpha=0.15, linewidth=0)
+            xs.extend(series.x)
+            ys.extend(series.y)
+        xs.extend(x for x, _ in series.failed)
+    if panel.reference and ys:
+        value, label = panel.reference
+        ax.axhline(value, color="0.35", linestyle="--", linewidth=1)
+        ax.text(0.02, value, label, transform=ax.get_yaxis_transform(), fontsize=7, color="0.35", va="bottom")
+        ys.append(value)
+    blend = ax.get_xaxis_transform()
+    for band, series in enumerate(failed):
+        height = 0.04 + 0.055 * band
+        color = palette[series.label].color
+        for x, status in series.failed:
+            ax.plot([x], [height], transform=blend, marker="x", color=color, markersize=6, linestyle="none",
+                    clip_on=False)
+            ax.text(x, height, f" {status}", transform=blend, fontsize=6.5, color=color, va="center")
+    if xs:
+        lo, hi = min(xs), max(xs)
+        ax.set_xlim(lo / 1.25, hi * 1.6)
+    if ys:
+        lo, hi = min(ys), max(ys)
+        # leave the bottom band of the panel free for the failed-case markers
+        bottom_share = 0.08 + 0.055 * len(failed)
+        span = np.log10(hi / lo) if hi > lo else 1.0
+        ax.set_ylim(lo / 10 ** (span * bottom_share / (1 - bottom_share) + 0.05), hi * 10 ** (0.08 * span + 0.05))
+    else:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no measured values", transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def heatmap(title: str, values: np.ndarray, row_labels: list[str], col_labels: list[str], colorbar: str,
+            center: float | None = None) -> Figure:
+    """Annotated matrix; NaN cells show "—" (nothing measured). ``center``: diverging log colours around it."""
+    with rc_context(STYLE):
+        height = 1.4 + 0.32 * len(row_labels)
+        width = 3.2 + max(0.9 * len(col_labels), 3.0) + 0.06 * max(len(s) for s in row_labels)
+        fig = Figure(figsize=(min(width, 18), height), dpi=DPI)
+        ax = fig.subplots()
+        finite = values[np.isfinite(values) & (values > 0)]
+        if center is not None and len(finite):
+            span = max(abs(np.log10(finite / center)).max(), 0.05)
+            norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+            shown = np.log10(values / center)
+            cmap = "RdBu"
+        else:
+            norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if len(finite) else None
+            shown, cmap = values, "viridis"
+        image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm, aspect="auto")
+        ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(row_labels)), row_labels)
+        ax.grid(False)
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, "—" if not np.isfinite(value) else f"{value:.2g}", ha="center", va="center", fontsize=7)
+        bar = fig.colorbar(image, ax=ax, fraction=0.04)
+        bar.set_label(colorbar)
+        if center is not None and len(finite):
+            bar.formatter = FuncFormatter(lambda v, _pos: f"{center * 10 ** v:.2g}")
+            bar.update_ticks()
+        ax.set_title(title)
+        fig.subplots_adjust(left=min(0.45, 0.05 + 0.012 * max(len(s) for s in row_labels)),
+                            bottom=min(0.5, 0.9 / height + 0.25), top=1 - 0.45 / height, right=0.95)
+    return fig
+
+
+def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palette, peak_tflops: float,
+             bandwidth_tbps: float) -> Figure:
+    """Achieved TFLOP/s against arithmetic intensity (FLOP/byte) under the measured ceilings.
+
+    Ceiling: min(peak_tflops, intensity * bandwidth_tbps); the ridge is at peak / bandwidth FLOP/byte.
+    """
+    with rc_context(STYLE):
+        labels = sorted({p.label for _, points in panels for p in points})
+        legend_rows = -(-max(len(labels), 1) // 4) + 1
+        height = 3.6 + 0.22 * legend_rows
+        fig = Figure(figsize=(4.4 * len(panels), height), dpi=DPI)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        ridge = peak_tflops / bandwidth_tbps
+        for ax, (panel_title, points) in zip(axes, panels):
+            intensities = np.concatenate([p.x for p in points] + [np.array([ridge])])
+            lo, hi = intensities.min() / 4, max(intensities.max() * 4, ridge * 4)
+            grid = np.geomspace(lo, hi, 200)
+            ax.plot(grid, np.minimum(peak_tflops, grid * bandwidth_tbps), color="0.25", linewidth=1.2)
+            ax.annotate(f"measured peak {peak_tflops:.0f} TFLOP/s (bf16 matmul)", (hi, peak_tflops),
+                        xytext=(-4, 4), textcoords="offset points", ha="right", fontsize=7, color="0.25")
+            ax.annotate(f"copy {bandwidth_tbps:.2f} TB/s", (lo * 2, lo * 2 * bandwidth_tbps), xytext=(4, 6),
+                        textcoords="offset points", fontsize=7, color="0.25", rotation=25)
+            for p in points:
+                style = palette[p.label]
+                ax.plot(p.x, p.y, linestyle="none", marker=p.marker or style.marker, color=style.color,
+                        alpha=0.75)
+            log_axes(ax, 10)
+            ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+            ax.set_ylabel("achieved TFLOP/s")
+            ax.set_title(panel_title)
+        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker, linestyle="none",
+                          label=label) for label in labels]
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, max(len(handles), 1)), frameon=False)
+        fig.suptitle(title, fontsize=11)
+        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height,
+                            bottom=(0.55 + 0.22 * legend_rows) / height, wspace=0.3)
+    return fig
+
+
+def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], palette: Palette) -> Figure:
+    """Quality against time per panel (title, ylabel, points, front as an (n, 2) array of x, y)."""
+    with rc_context(STYLE):
+        labels = sorted({p.label for _, _, points, _ in panels for p in points})
+        legend_rows = -(-max(len(labels), 1) // 4) + 1
+        height = 3.6 + 0.22 * legend_rows
+        fig = Figure(figsize=(4.4 * len(panels), height), dpi=DPI)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (panel_title, ylabel, points, front) in zip(axes, panels):
+            for p in points:
+                style = palette[p.label]
+                ax.plot(p.x, p.y, linestyle="none", marker=style.marker, color=style.color, markersize=6)
+            if len(front):
+                ax.plot(front[:, 0], front[:, 1], color="0.3", linestyle="--", linewidth=1, drawstyle="steps-post")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
+            ax.xaxis.set_major_formatter(FuncFormatter(number))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("time per call (ms)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel_title)
+        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker, linestyle="none",
+                          label=label) for label in labels]
+        handles.append(Line2D([], [], color="0.3", linestyle="--", label="Pareto front"))
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), frameon=False)
+        fig.suptitle(title, fontsize=11)
+        fig.subplots_adjust(left=0.1, right=0.97, top=1 - 0.55 / height,
+                            bottom=(0.55 + 0.22 * legend_rows) / height, wspace=0.3)
+    return fig
+
+
+__all__ = ["STATUS_COLORS", "Palette", "Panel", "Points", "Series", "heatmap", "line_panels", "pareto", "roofline",
+           "to_png", "tokens"]

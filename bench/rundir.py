@@ -1,0 +1,164 @@
+"""Run folders: load one (rows, resolved config, environment) and merge several.
+
+A run folder ``results/<run_id>/`` holds ``rows.parquet`` (authoritative when present), ``rows.csv``, the
+crash-safe append log ``rows.jsonl``, ``config.yaml`` and ``env.json`` (DESIGN.md §2, §6). Any of them may be
+missing: a folder with no rows file loads as a run with zero rows; a missing config or environment loads as
+an empty mapping. Rows always come back typed with every column of ``bench.schema.COLUMNS`` (extra columns of
+later issues are kept after them).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from bench.schema import to_frame
+
+ROW_FILES = ("rows.parquet", "rows.jsonl", "rows.csv")
+
+
+class RunDirError(Exception):
+    """A run folder that does not exist or a file in it that cannot be read; the message names the path."""
+
+
+@dataclass
+class Run:
+    rows: pd.DataFrame
+    config: dict
+    env: dict
+    path: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def device(self) -> str:
+        """Device name from env.json, else the most common device of the rows, else "not recorded"."""
+        device = self.env.get("device")
+        if not device:
+            gpus = self.env.get("gpus") or []
+            device = gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None
+        if not device and len(self.rows) and self.rows["device"].notna().any():
+            device = self.rows["device"].mode().iloc[0]
+        return str(device) if device else "not recorded"
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when the folder holds a rows file, a config or an environment record."""
+    return path.is_dir() and any((path / name).exists() for name in (*ROW_FILES, "config.yaml", "env.json"))
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a run folder. Raises RunDirError when the folder is missing or a present file is unreadable.
+
+    Rows come from rows.parquet when present, else rows.jsonl (a truncated line, as a crash leaves it, is
+    skipped with a warning; when a case appears twice the later line wins), else rows.csv.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirError(f"run folder not found: {path}")
+    warnings: list[str] = []
+    rows = _read_rows(path, warnings)
+    if len(rows):
+        rows["run_id"] = rows["run_id"].fillna(path.name)
+    return Run(rows=rows, config=_read_config(path), env=_read_env(path), path=path, warnings=warnings)
+
+
+def merge_runs(runs: list[Run]) -> pd.DataFrame:
+    """All rows of several runs in one frame, with two added columns.
+
+    ``run_dir``: the run folder's name. ``source``: how lines from this run are labelled in a merged report:
+    empty for a single run; the device when every run has its own device; the run folder when all runs share
+    one device; "device · run" otherwise. Rows without a device get the run's device.
+    """
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise RunDirError(f"the same run folder is given twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    devices = [run.device for run in runs]
+    frames = []
+    for run, device in zip(runs, devices):
+        frame = run.rows.copy()
+        frame["device"] = frame["device"].fillna(device)
+        frame["run_dir"] = run.name
+        frame["source"] = _source_label(run.name, device, devices, len(runs))
+        frames.append(frame)
+    if not frames:
+        return to_frame([])
+    merged = pd.concat(frames, ignore_index=True)
+    return merged.astype({"run_dir": "string", "source": "string"})
+
+
+def _source_label(name: str, device: str, devices: list[str], n_runs: int) -> str:
+    if n_runs == 1:
+        return ""
+    if len(set(devices)) == n_runs:
+        return device
+    if len(set(devices)) == 1:
+        return name
+    return f"{device} · {name}"
+
+
+def _read_rows(path: Path, warnings: list[str]) -> pd.DataFrame:
+    parquet, jsonl, csv = (path / name for name in ROW_FILES)
+    try:
+        if parquet.exists():
+            return to_frame(pd.read_parquet(parquet).to_dict("records"))
+        if jsonl.exists():
+            return _read_jsonl(jsonl, warnings)
+        if csv.exists():
+            frame = pd.read_csv(csv, keep_default_na=True)
+            return to_frame(frame.astype(object).where(frame.notna(), None).to_dict("records"))
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunDirError(f"cannot read rows of {path}: {exc}") from exc
+    return to_frame([])
+
+
+def _read_jsonl(jsonl: Path, warnings: list[str]) -> pd.DataFrame:
+    rows = []
+    for number, line in enumerate(jsonl.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.append(f"{jsonl.name}:{number}: unreadable line skipped")
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    frame = to_frame(rows)
+    if len(frame) and frame["case_id"].notna().any():
+        keyed = frame["case_id"].notna()
+        latest = frame[keyed].drop_duplicates("case_id", keep="last")
+        frame = pd.concat([latest, frame[~keyed]]).sort_index().reset_index(drop=True)
+    return frame
+
+
+def _read_config(path: Path) -> dict:
+    config = path / "config.yaml"
+    if not config.exists():
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunDirError(f"cannot read {config}: {exc}") from exc
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _read_env(path: Path) -> dict:
+    env = path / "env.json"
+    if not env.exists():
+        return {}
+    try:
+        loaded = json.loads(env.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"cannot read {env}: {exc}") from exc
+    return loaded if isinstance(loaded, dict) else {}
+
+
+__all__ = ["ROW_FILES", "Run", "RunDirError", "is_run_dir", "load_run", "merge_runs"]

@@ -1,0 +1,131 @@
+"""The method registry: every attention implementation, with the capabilities it declares.
+
+A method is a *builder*: ``build(ctx) -> fn`` where ``fn(q, k, v) -> out`` runs one attention call on
+``[batch, heads, seq, head_dim]`` tensors (SDPA's layout). Everything that is not the attention itself —
+block masks, compiled functions, dense masks, parameters, workspaces — is made in the builder, outside the
+timed region. A builder that finds at run time that it cannot run the case raises ``Unsupported(reason)``.
+
+The planner reads the declared capabilities to decide, before any work, which cases a method gets; the
+correctness gate checks the declaration against an fp32 reference.
+
+    from methods import register_method, Capabilities
+
+    @register_method("my_attn", Capabilities(family="exact", masks={"full", "causal"}))
+    def build_my_attn(ctx):
+        return lambda q, k, v: my_kernel(q, k, v, causal=ctx.mask.causal)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ANY_MASK = "any"
+
+
+class Unsupported(Exception):
+    """The method cannot run this case; the message is the reason shown in the row."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares it can do. The planner gives it only cases inside this declaration.
+
+    ``masks``: mask names run natively, or ``{"any"}`` for methods that take any ``mask_mod``.
+    ``dense_mask``: runs any other mask through a dense boolean tensor (costs seq_q * seq_kv bytes; the
+    planner refuses it above the dense budget).
+    """
+
+    family: str = "exact"
+    exact: bool = True
+    masks: frozenset[str] = frozenset({"full", "causal"})
+    dense_mask: bool = False
+    cross: bool = True
+    gqa: bool = True
+    backward: bool = True
+    decode: bool = True
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    head_dims: tuple[int, ...] | None = None  # None: any
+    max_head_dim: int | None = None
+    requires: tuple[str, ...] = ()  # importable modules
+    cp_ready: bool = False
+    trainable: bool = False
+    compiled: bool = False  # uses torch.compile: compile time recorded apart, recompiles guarded
+    materializes: bool = False  # builds the [B, H, Sq, Skv] score matrix: the planner checks its size first
+    input_layout: str = "bhsd"  # "bhsd" (SDPA) or "bshd" (flash-attn); the harness lays inputs out so
+    varlen: bool = False  # runs any mask whose varlen form exists (cu_seqlens + window), natively
+    declines: tuple[str, ...] = ()  # substrings of errors that mean "this backend declined the case"
+
+    def __post_init__(self):
+        object.__setattr__(self, "masks", frozenset(self.masks))
+
+    def runs_mask(self, mask_name: str) -> bool:
+        return ANY_MASK in self.masks or mask_name in self.masks or self.dense_mask or self.varlen
+
+    def native_mask(self, mask_name: str) -> bool:
+        return ANY_MASK in self.masks or mask_name in self.masks
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    build: Callable[[Any], Callable]
+    caps: Capabilities
+    description: str = ""
+    module: str = ""
+
+    def availability(self) -> tuple[bool, str]:
+        """(available, why not): a method whose required modules don't import is listed, never run."""
+        for module in self.caps.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                return False, f"needs module {module!r}, not importable here"
+        return True, ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, caps: Capabilities | None = None, description: str = "", **cap_fields):
+    """Decorator registering ``build(ctx) -> fn`` as method ``name`` with its capabilities."""
+    if caps is None:
+        caps = Capabilities(**cap_fields)
+    elif cap_fields:
+        caps = dataclasses.replace(caps, **cap_fields)
+
+    def decorate(build):
+        if name in METHODS and METHODS[name].build is not build:
+            existing = METHODS[name].module
+            if existing != build.__module__:
+                raise ValueError(f"method {name!r} is registered twice ({existing} and {build.__module__})")
+        doc = description or (build.__doc__ or "").strip().splitlines()[0:1]
+        METHODS[name] = MethodSpec(
+            name=name,
+            build=build,
+            caps=caps,
+            description=doc if isinstance(doc, str) else (doc[0] if doc else ""),
+            module=build.__module__,
+        )
+        return build
+
+    return decorate
+
+
+@dataclass
+class BuildContext:
+    """What a builder gets: the case, its bound mask (on the case's device), the device, and options."""
+
+    case: Any  # bench.plan.Case
+    mask: Any  # masks.BoundMask, already on ``device``
+    device: Any
+    dtype: Any
+    options: dict = field(default_factory=dict)
+
+    @property
+    def native(self) -> bool:
+        return METHODS[self.case.method].caps.native_mask(self.mask.spec.name)
