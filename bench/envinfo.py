@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
@@ -54,7 +55,8 @@ def collect(run_id: str, command: str) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda_ok else None,
         "driver": gpus[0]["driver"] if gpus else None,
-        "git_sha": _git("rev-parse", "HEAD"),
+        # a copy of the tree without .git (the lent GPU machine) passes the SHA in ATTNBENCH_GIT_SHA
+        "git_sha": _git("rev-parse", "HEAD") or os.environ.get("ATTNBENCH_GIT_SHA"),
         "git_dirty": None if status is None else bool(status),
         "packages": packages,
         "gpus": gpus,

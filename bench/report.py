@@ -14,13 +14,20 @@ import argparse
 import base64
 import html
 import math
+import multiprocessing
+import os
 import re
 import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from matplotlib.figure import Figure
 
 from bench import plots
 from bench.rundir import Run, RunDirError, load_run, merge_runs
@@ -34,6 +41,9 @@ METRICS = ("ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "fl
            "comm_bytes")
 CASE_FIELDS = ("source", "mask", "pattern", "mode", "batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim",
                "dtype", "layout", "world_size", "seed")
+KERNEL_COLUMNS = (*CASE_FIELDS, "label", "method", "run_dir", "group", "shape", "x", "status", "reason", "is_exact",
+                  "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "flops", "bytes_moved",
+                  "peak_fraction")
 LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|ppl|perplexity|distance", re.IGNORECASE)
 NOT_RECORDED = "not recorded"
 
@@ -68,12 +78,16 @@ class Table:
 
 @dataclass
 class Plot:
-    """A rendered figure; ``name`` is its file stem under report_files/."""
+    """A figure: ``recipe()`` builds it (picklable, so figures render in parallel); ``png`` once rendered.
+
+    ``name`` is its file stem under report_files/.
+    """
 
     name: str
-    png: bytes
     alt: str
-    caption: str = ""
+    caption: str
+    recipe: Callable[[], Figure]
+    png: bytes | None = None
 
 
 @dataclass
@@ -85,17 +99,18 @@ class Section:
 
 @dataclass
 class Context:
-    """What every section reads. ``rows``: merged rows with derived columns (see ``prepare_rows``)."""
+    """What every section reads.
+
+    ``rows``: merged rows with derived columns (see ``prepare_rows``); ``kernel``: the single-device kernel rows
+    (no task-quality, no CP layout) with only ``KERNEL_COLUMNS``, so that the many per-figure selections stay
+    cheap; ``baseline``: the --baseline method or None; ``palette``: one line style per label.
+    """
 
     runs: list[Run]
     rows: pd.DataFrame
+    kernel: pd.DataFrame
     baseline: str | None
     palette: plots.Palette
-
-    @property
-    def kernel(self) -> pd.DataFrame:
-        """Single-device kernel rows (no task-quality, no CP layout)."""
-        return self.rows[self.rows["kind"] == "kernel"]
 
 
 # ---------------------------------------------------------------------------------------------- pure math
@@ -271,8 +286,9 @@ def status_cell(row) -> Cell:
     return Cell(row["status"], row["status"], row["reason"] or None)
 
 
-def plot(name: str, fig, alt: str, caption: str = "") -> Plot:
-    return Plot(slug(name), plots.to_png(fig), alt, caption)
+def plot(name: str, alt: str, caption: str, builder: Callable[..., Figure], *args, **kwargs) -> Plot:
+    """A figure to render later: ``builder(*args, **kwargs)`` from bench.plots."""
+    return Plot(slug(name), alt, caption, partial(builder, *args, **kwargs))
 
 
 def length_sort(values) -> list:
@@ -390,14 +406,22 @@ def section_curves(ctx: Context) -> Section:
 
 
 def _series(mine: pd.DataFrame, label: str, metric: str, spread: tuple[str, str] | None = None) -> plots.Series:
-    """One line from the rows of one label, sorted by x: ok rows with a positive metric, and failed rows."""
-    measured = mine[(mine["status"] == "ok") & (mine[metric] > 0)]
-    failed = mine[mine["status"] != "ok"]
+    """One line from the rows of one label, sorted by x: ok rows with a positive metric, and failed rows.
+
+    ``spread``: the (low, high) columns of a band, drawn only where every point has both.
+    """
+    x = mine["x"].to_numpy(dtype=float)
+    status = mine["status"].to_numpy()
+    values = mine[metric].to_numpy(dtype=float)
+    ok = status == "ok"
+    keep = ok & (values > 0)
     low = high = None
-    if spread and measured[list(spread)].notna().all().all():
-        low, high = measured[spread[0]].to_numpy(), measured[spread[1]].to_numpy()
-    return plots.Series(label, measured["x"].to_numpy(), measured[metric].to_numpy(), low, high,
-                        [(x, s) for x, s in zip(failed["x"], failed["status"]) if pd.notna(x)])
+    if spread:
+        low, high = (mine[column].to_numpy(dtype=float)[keep] for column in spread)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            low = high = None
+    failed = [(at, why) for at, why in zip(x[~ok], status[~ok]) if np.isfinite(at)]
+    return plots.Series(label, x[keep], values[keep], low, high, failed)
 
 
 def _curve_figure(ctx: Context, group: str, rows: pd.DataFrame) -> list:
@@ -421,8 +445,8 @@ def _curve_figure(ctx: Context, group: str, rows: pd.DataFrame) -> list:
     same_q = (rows["seq_q"] == rows["seq_kv"]).fillna(False).all()
     xlabel = "sequence length (tokens)" if same_q else "key/value length (tokens)"
     caption = group + (f". Unsupported at every length: {', '.join(unsupported)}." if unsupported else "")
-    figure = plot(f"curves-{group}", plots.line_panels(group, panels, ctx.palette, xlabel), f"curves for {group}",
-                  caption)
+    figure = plot(f"curves-{group}", f"curves for {group}", caption, plots.line_panels, group, panels, ctx.palette,
+                  xlabel)
     lengths = length_sort(rows["x"])
     table = []
     for label in labels:
@@ -465,9 +489,10 @@ def section_peak(ctx: Context) -> Section:
                       for label, r in in_mode.groupby("label")]
             panels.append((mode, points))
         if panels:
-            section.blocks.append(plot(f"roofline-{run.name}", plots.roofline(
-                f"Roofline: {run.device}", panels, ctx.palette, peak, bandwidth), f"roofline of {name}",
-                "Each point is one measured case; the line is min(peak, intensity × bandwidth)."))
+            section.blocks.append(plot(
+                f"roofline-{run.name}", f"roofline of {name}",
+                "Each point is one measured case; the line is min(peak, intensity × bandwidth).",
+                plots.roofline, f"Roofline: {run.device}", panels, ctx.palette, peak, bandwidth))
         if len(ok):
             table = []
             for (label, mode), r in ok.groupby(["label", "mode"]):
@@ -498,10 +523,10 @@ def section_speedup(ctx: Context) -> Section:
     measured = measured.assign(column=measured["mask"] + " · " + measured["pattern"] + " · " + measured["mode"])
     geo = measured.groupby(["label", "column"])["speedup"].apply(lambda s: float(np.exp(np.log(s).mean())))
     matrix = geo.unstack()
-    section.blocks.append(plot("speedup-summary", plots.heatmap(
-        "Geometric-mean speed-up over the baseline (all shapes and lengths)", matrix.to_numpy(dtype=float),
-        list(matrix.index), list(matrix.columns), "speed-up (×)", center=1.0), "speed-up summary",
-        "—: no case with both the method and the baseline measured."))
+    section.blocks.append(plot(
+        "speedup-summary", "speed-up summary", "—: no case with both the method and the baseline measured.",
+        plots.heatmap, "Geometric-mean speed-up over the baseline (all shapes and lengths)",
+        matrix.to_numpy(dtype=float), list(matrix.index), list(matrix.columns), "speed-up (×)", center=1.0))
     summary = []
     for (label, column), r in measured.groupby(["label", "column"]):
         best, worst = r.loc[r["speedup"].idxmax()], r.loc[r["speedup"].idxmin()]
@@ -546,25 +571,25 @@ def section_efficiency_length(ctx: Context) -> Section:
         + (ctx.baseline if ctx.baseline else "the exact method fastest at most lengths.")))
     table = []
     kernel = ctx.kernel
-    for group in group_order(kernel):
-        for source, rows in kernel[kernel["group"] == group].groupby("source", sort=True):
-            baseline = curve_baseline(rows, ctx.baseline)
-            if baseline is None:
+    rank = {group: i for i, group in enumerate(group_order(kernel))}
+    ok = kernel[(kernel["status"] == "ok") & (kernel["ms_median"] > 0)]
+    for (group, source), rows in sorted(ok.groupby(["group", "source"]), key=lambda item: (rank[item[0][0]], item[0][1])):
+        baseline = curve_baseline(rows, ctx.baseline)
+        if baseline is None:
+            continue
+        base_label = rows.loc[rows["method"] == baseline, "label"].iloc[0]
+        times = rows.pivot_table(index="x", columns="label", values="ms_median", aggfunc="last")
+        memory = rows.pivot_table(index="x", columns="label", values="peak_mem_mb", aggfunc="last").reindex(
+            index=times.index, columns=times.columns)
+        for label in times.columns.drop(base_label):
+            common = times[[label, base_label]].dropna().index
+            if common.empty:
                 continue
-            ok = rows[rows["status"] == "ok"]
-            base = ok[ok["method"] == baseline].drop_duplicates("x").set_index("x")
-            for label, mine in ok[ok["method"] != baseline].groupby("label"):
-                mine = mine.drop_duplicates("x").set_index("x")
-                lengths = sorted(set(mine.index) & set(base.index))
-                if not lengths:
-                    continue
-                seq = np.array(lengths, dtype=float)
-                time = describe_crossing(seq, mine.loc[lengths, "ms_median"], base.loc[lengths, "ms_median"],
-                                         "faster", "slower")
-                memory = describe_crossing(seq, mine.loc[lengths, "peak_mem_mb"], base.loc[lengths, "peak_mem_mb"],
-                                           "leaner", "heavier")
-                table.append([group, source or "", label, baseline,
-                              f"{plots.tokens(seq.min())}–{plots.tokens(seq.max())}", time, memory])
+            seq = times.index.to_numpy(dtype=float)
+            time = describe_crossing(seq, times[label], times[base_label], "faster", "slower")
+            lean = describe_crossing(seq, memory[label], memory[base_label], "leaner", "heavier")
+            table.append([group, source or "", label, baseline,
+                          f"{plots.tokens(common.min())}–{plots.tokens(common.max())}", time, lean])
     if table:
         section.blocks.append(Table(["mask · pattern · mode · shape", "source", "method", "baseline",
                                      "measured range", "time: efficiency length", "memory: efficiency length"],
@@ -599,9 +624,9 @@ def section_quality(ctx: Context) -> Section | None:
                           fmt(row["ms_median"]) or "not measured", "yes" if index in on_front else ""])
     for start in range(0, len(panels), 3):
         chunk = panels[start:start + 3]
-        section.blocks.append(plot(f"quality-{start}", plots.pareto("Quality against time per call", chunk,
-                                                                     ctx.palette),
-                                   "quality against speed", "Dashed: the Pareto front (nothing is faster and better)."))
+        section.blocks.append(plot(f"quality-{start}", "quality against speed",
+                                   "Dashed: the Pareto front (nothing is faster and better).",
+                                   plots.pareto, "Quality against time per call", chunk, ctx.palette))
     section.blocks.append(Table(["task", "metric", "method", "status", "quality", "time (ms)", "on front"],
                                 table, "Task quality per method."))
     return section
@@ -631,9 +656,8 @@ def section_cp_scaling(ctx: Context) -> Section | None:
             for line, mine in at.groupby("line"):
                 series.append(_series(mine.sort_values("x"), line, "step_ms"))
             panels.append(plots.Panel(f"length {plots.tokens(x)}", "step time (ms)", series))
-        section.blocks.append(plot(f"cp-{group}", plots.line_panels(f"CP scaling: {group}", panels, line_palette,
-                                                                   "world size (GPUs)", x_tokens=False),
-                                   f"CP scaling for {group}"))
+        section.blocks.append(plot(f"cp-{group}", f"CP scaling for {group}", "", plots.line_panels,
+                                   f"CP scaling: {group}", panels, line_palette, "world size (GPUs)", x_tokens=False))
         for _, row in in_group.sort_values(["label", "layout", "x", "world_size"]).iterrows():
             one = single[(single["group"] == group) & (single["method"] == row["method"]) & (single["x"] == row["x"])
                          & (single["source"] == row["source"]) & (single["status"] == "ok")]
@@ -706,7 +730,8 @@ SECTIONS = (section_overview, section_capability, section_curves, section_peak, 
 def build_report(runs: list[Run], baseline: str | None = None) -> list[Section]:
     """Every section that applies to these runs, in report order."""
     rows = prepare_rows(runs)
-    ctx = Context(runs, rows, baseline, plots.Palette(rows["label"]))
+    kernel = rows.loc[rows["kind"] == "kernel", list(KERNEL_COLUMNS)]
+    ctx = Context(runs, rows, kernel, baseline, plots.Palette(rows["label"]))
     return [s for s in (section(ctx) for section in SECTIONS) if s is not None]
 
 
@@ -818,8 +843,39 @@ def render_html(title: str, sections: list[Section]) -> str:
     return "\n".join(out)
 
 
-def write_report(sections: list[Section], out_dir: Path, title: str) -> tuple[Path, Path]:
-    """Write report.md, report_files/*.png and report.html into ``out_dir``; returns the two report paths."""
+def _render(recipe: Callable[[], Figure]) -> bytes:
+    return plots.to_png(recipe())
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def render_plots(sections: list[Section], jobs: int) -> None:
+    """Render every figure not yet rendered, in ``jobs`` worker processes (1: in this process).
+
+    Workers come from a fork server with bench.plots preloaded: no fork of this (possibly multi-threaded)
+    process, and no second import of matplotlib per figure.
+    """
+    pending = [block for section in sections for block in section.blocks if isinstance(block, Plot) and block.png is None]
+    if jobs > 1 and len(pending) > 2:
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if context.get_start_method() == "forkserver":
+            context.set_forkserver_preload(["bench.plots"])
+        workers = min(jobs, len(pending))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            pngs = list(pool.map(_render, [p.recipe for p in pending], chunksize=max(1, len(pending) // (4 * workers))))
+    else:
+        pngs = [_render(p.recipe) for p in pending]
+    for block, png in zip(pending, pngs):
+        block.png = png
+
+
+def write_report(sections: list[Section], out_dir: Path, title: str, jobs: int = 1) -> tuple[Path, Path]:
+    """Render the figures (``jobs`` processes), then write report.md, report_files/*.png and report.html into
+    ``out_dir``; returns the paths of report.md and report.html."""
+    render_plots(sections, jobs)
     files = out_dir / "report_files"
     files.mkdir(parents=True, exist_ok=True)
     for stale in files.glob("*.png"):
@@ -882,6 +938,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline", metavar="METHOD",
                         help="method to compare against (default: the fastest exact method per case)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where run ids are looked up")
+    parser.add_argument("--jobs", type=int, default=usable_cpus(), help="processes that render figures")
     args = parse(parser, argv)
     if isinstance(args, int):
         return args
@@ -895,7 +952,7 @@ def main(argv: list[str]) -> int:
                              f"(methods: {', '.join(methods)})")
         sections = build_report(runs, args.baseline)
         title = "attnbench report: " + ", ".join(run.name for run in runs)
-        markdown, page = write_report(sections, args.out or runs[0].path, title)
+        markdown, page = write_report(sections, args.out or runs[0].path, title, max(1, args.jobs))
     except UsageError as exc:
         print(f"attnbench report: error: {exc}", file=sys.stderr)
         return 2

@@ -161,7 +161,7 @@ def worker_options(cfg: dict) -> dict:
     options = {
         "timing": validate_timing(cfg),
         "ref_chunk_bytes": int(correctness.get("ref_chunk_mb", 512)) * 2**20,
-        "energy_window_ms": float((cfg.get("timing") or {}).get("energy_window_ms", 100.0)),
+        "energy_window_ms": float((cfg.get("timing") or {}).get("energy_window_ms", 250.0)),
         "flex_block_size": int(cfg.get("flex_block_size", 128)),
     }
     if correctness.get("floor"):

@@ -41,8 +41,17 @@ class RowStore:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "rows.jsonl"
         self._lock = threading.Lock()
+        self._drop_partial_line()
         self.rows = read_jsonl(self.path)
         self.done = {row["case_id"] for row in self.rows if row.get("case_id")}
+
+    def _drop_partial_line(self) -> None:
+        """A crash mid-write leaves a last line without its newline: cut it, so the next row starts clean."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
 
     def append(self, row: dict) -> None:
         row = {key: _clean(value) for key, value in row.items()}

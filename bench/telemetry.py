@@ -49,6 +49,10 @@ class Telemetry:
         handle = _try(nvml.nvmlDeviceGetHandleByIndex, device_index)
         return None if handle is None else cls(nvml, handle)
 
+    def power_limit_w(self) -> float | None:
+        limit = _try(self.nvml.nvmlDeviceGetPowerManagementLimit, self.handle)
+        return None if limit is None else limit / 1000.0
+
     def read(self) -> Reading:
         n, h = self.nvml, self.handle
         power = _try(n.nvmlDeviceGetPowerUsage, h)

@@ -1,47 +1,78 @@
 """Closed-form implementations shared by most masks: every representation from a compact row description.
 
-* ``IntervalMask`` — each query row sees the union of at most two half-open key intervals (causal, windows,
-  documents, prefixes, global tokens, ...). Row counts in O(Sq); tile counts in O(Sq + tiles) by scattering
-  interval ends into per-tile prefix sums.
-* ``CountedMask`` — rows given by ``count_below(q, x)``, the number of visible keys ``j < x`` (periodic masks:
-  dilated windows, Sparse Transformer). Row counts in O(Sq); tile counts in O(Sq * kv-blocks).
+* ``PrefixTermsMask`` — each row's visible keys below ``x`` are ``sum_t sign_t * g_t(min(bound_t(row), x))``
+  for a few per-row bounds and shared column-prefix functions ``g_t``. Row counts in O(Sq); tile counts in
+  O(Sq + tiles), by scattering the bounds into per-tile prefix sums.
+* ``IntervalMask`` — the common case: each row sees the union of at most two key intervals (causal, windows,
+  documents, prefixes, global tokens, ...); ``g`` is the identity.
+* ``RelativeMask`` — visibility depends only on the distance ``(q + offset) - kv`` (Toeplitz: dilated windows,
+  Sparse Transformer strided). Row and tile counts from double prefix sums over distances, O(Sq + Skv + tiles).
 * ``BlockTableMask`` — a boolean table over fixed-size mask blocks (BigBird, random block-sparse). Counts in
   O(table + Sq / block * kv-blocks).
 
-Each subclass still writes its own ``mask_mod``; the tests check that it agrees with the closed forms.
+Each subclass of the first two writes its own ``mask_mod`` and the tests check it against the closed forms;
+the last two derive ``mask_mod`` from their single definition.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
-from .base import BoundMask, ROW_CHUNK_ELEMENTS, block_edges, block_extents
+from .base import BoundMask, block_edges, block_extents
 
 Intervals = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+PrefixTerm = tuple[torch.Tensor, int, Callable[[torch.Tensor], torch.Tensor] | None]
 
 
-def ceil_div(numerator: torch.Tensor, divisor: int) -> torch.Tensor:
-    """Elementwise ceil(numerator / divisor) for integer tensors and a positive divisor."""
-    return -torch.div(-numerator, divisor, rounding_mode="floor")
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-def count_congruent(start: torch.Tensor, end: torch.Tensor, residue: torch.Tensor, modulus: int) -> torch.Tensor:
-    """How many integers j in [start, end) have j ≡ residue (mod modulus); 0 where end <= start."""
-    counts = ceil_div(end - residue, modulus) - ceil_div(start - residue, modulus)
-    return torch.where(end > start, counts, torch.zeros_like(counts)).clamp(min=0)
+class PrefixTermsMask(BoundMask):
+    """Rows described by ``prefix_terms``: the visible keys ``j < x`` of row ``q`` are
+    ``sum_t sign_t * g_t(min(bound_t[q], x))`` for every ``x`` in [0, seq_kv]."""
+
+    def prefix_terms(self, q: torch.Tensor) -> list[PrefixTerm]:  # pragma: no cover - abstract
+        """For int64 query indices ``q`` [n]: (bound [n] in [0, seq_kv], sign ±1, g) triples; ``g`` maps
+        int64 key bounds to the count of some column set below them (None = identity), elementwise."""
+        raise NotImplementedError
+
+    def _all_rows(self) -> torch.Tensor:
+        return torch.arange(self.seq_q, device=self.device)
+
+    def row_counts(self) -> torch.Tensor:
+        total = torch.zeros(self.seq_q, dtype=torch.int64, device=self.device)
+        for bound, sign, g in self.prefix_terms(self._all_rows()):
+            total += sign * (g or _identity)(bound)
+        return total
+
+    def block_counts(self, block_q: int = 128, block_kv: int = 128) -> torch.Tensor:
+        # Per q-block and kv-block edge x_k: sum_rows g(min(v, x_k)) = g(x_k) * #{v >= x_k} + sum_{v < x_k} g(v).
+        # Scatter each bound v into bin v // block_kv + 1 (the first edge above it), then prefix-sum the bins.
+        nq, nkv = math.ceil(self.seq_q / block_q), math.ceil(self.seq_kv / block_kv)
+        nbins = nkv + 2  # edges 0..nkv, plus one bin for bounds at seq_kv that no edge exceeds
+        edges = block_edges(self.seq_kv, block_kv, self.device)
+        rows = self._all_rows()
+        q_block = rows // block_q
+        rows_per_block = block_extents(self.seq_q, block_q, self.device)
+        total = torch.zeros(nq, nkv + 1, dtype=torch.int64, device=self.device)
+        for bound, sign, g in self.prefix_terms(rows):
+            g = g or _identity
+            bound = bound.expand_as(rows)
+            flat = q_block * nbins + bound // block_kv + 1
+            below = torch.zeros(nq * nbins, dtype=torch.int64, device=self.device)
+            below_sum = torch.zeros_like(below)
+            below.index_add_(0, flat, torch.ones_like(bound))
+            below_sum.index_add_(0, flat, g(bound))
+            below = below.view(nq, nbins)[:, : nkv + 1].cumsum(dim=1)
+            below_sum = below_sum.view(nq, nbins)[:, : nkv + 1].cumsum(dim=1)
+            total += sign * (g(edges)[None, :] * (rows_per_block[:, None] - below) + below_sum)
+        return total.diff(dim=1)
 
 
-def _sum_rows_into_q_blocks(values: torch.Tensor, row_start: int, block_q: int) -> torch.Tensor:
-    """Sum the rows of ``values`` ([n, m], rows ``row_start..``, ``row_start`` a multiple of ``block_q``)
-    into q-blocks: ``[ceil(n / block_q), m]``."""
-    n, m = values.shape
-    nblocks = math.ceil(n / block_q)
-    padded = torch.nn.functional.pad(values, (0, 0, 0, nblocks * block_q - n))
-    return padded.view(nblocks, block_q, m).sum(dim=1)
-
-
-class IntervalMask(BoundMask):
+class IntervalMask(PrefixTermsMask):
     """Query row ``i`` sees the keys in at most two half-open intervals ``[start, end)`` given by
     ``row_intervals``. Intervals may overlap, touch, be empty or stick out of ``[0, seq_kv)``."""
 
@@ -75,32 +106,9 @@ class IntervalMask(BoundMask):
         s2, e2 = torch.where(empty2, zero, s2), torch.where(empty2, zero, e2)
         return s1, e1, s2, e2
 
-    def _all_rows(self) -> torch.Tensor:
-        return torch.arange(self.seq_q, device=self.device)
-
-    def row_counts(self) -> torch.Tensor:
-        s1, e1, s2, e2 = self.normalised_intervals(self._all_rows())
-        return (e1 - s1) + (e2 - s2)
-
-    def block_counts(self, block_q: int = 128, block_kv: int = 128) -> torch.Tensor:
-        # A row's visible keys below x are sum over its intervals of (x - start)+ - (x - end)+. Summed over a
-        # q-block and evaluated at the kv-block edges x_k, each term is x_k * #{v < x_k} - sum{v < x_k}: scatter
-        # every interval end v into bin v // block_kv + 1 (the first edge above it), then prefix-sum the bins.
-        nq, nkv = math.ceil(self.seq_q / block_q), math.ceil(self.seq_kv / block_kv)
-        s1, e1, s2, e2 = self.normalised_intervals(self._all_rows())
-        ends = torch.stack([s1, e1, s2, e2])  # [4, Sq]
-        signs = torch.tensor([1, -1, 1, -1], device=self.device)[:, None].expand_as(ends)
-        q_block = (torch.arange(self.seq_q, device=self.device) // block_q).expand_as(ends)
-        nbins = nkv + 2  # edges 0..nkv, plus one bin for ends at seq_kv that no edge exceeds
-        flat = (q_block * nbins + ends // block_kv + 1).reshape(-1)
-        below = torch.zeros(nq * nbins, dtype=torch.int64, device=self.device)
-        below_sum = torch.zeros_like(below)
-        below.index_add_(0, flat, signs.reshape(-1))
-        below_sum.index_add_(0, flat, (signs * ends).reshape(-1))
-        below = below.view(nq, nbins)[:, : nkv + 1].cumsum(dim=1)
-        below_sum = below_sum.view(nq, nbins)[:, : nkv + 1].cumsum(dim=1)
-        visible_below_edge = block_edges(self.seq_kv, block_kv, self.device)[None, :] * below - below_sum
-        return visible_below_edge.diff(dim=1)
+    def prefix_terms(self, q: torch.Tensor) -> list[PrefixTerm]:
+        s1, e1, s2, e2 = self.normalised_intervals(q)
+        return [(e1, 1, None), (s1, -1, None), (e2, 1, None), (s2, -1, None)]
 
     def same_rows_as(self, other: "IntervalMask") -> bool:
         """True when both masks (same lengths) have exactly the same visible pairs; O(Sq)."""
@@ -111,26 +119,43 @@ class IntervalMask(BoundMask):
         return all(torch.equal(a, b) for a, b in zip(self.normalised_intervals(rows), theirs))
 
 
-class CountedMask(BoundMask):
-    """Rows described by ``count_below``: the number of visible keys below a bound, in closed form."""
+class RelativeMask(BoundMask):
+    """Query ``i`` sees key ``j`` when ``visible_at(i + offset - j)``: a Toeplitz mask. Subclasses set
+    ``offset`` and define ``visible_at`` with broadcasting torch ops (it is also the ``mask_mod``)."""
 
-    def count_below(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """Visible keys ``j < x`` of query ``q`` (int64, broadcasting: q [n, 1], x [1, m] in [0, seq_kv])."""
+    offset: int
+
+    def visible_at(self, distance: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Bool: is a key at ``distance`` positions before the query (negative: after it) visible."""
         raise NotImplementedError
 
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return self.visible_at(q_idx + self.offset - kv_idx)
+
+    def _distance_sums(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(lowest, A, B): ``A[d - lowest]`` = visible distances <= d, ``B[d - lowest]`` = sum of A up to d, for
+        every distance d from ``lowest`` (two below the least possible) to the greatest."""
+        lowest = self.offset - self.seq_kv - 1
+        distances = torch.arange(lowest, self.offset + self.seq_q, device=self.device)
+        visible = self.visible_at(distances).to(torch.int64)
+        visible[:2] = 0  # below every real distance
+        at_most = visible.cumsum(0)
+        return lowest, at_most, at_most.cumsum(0)
+
     def row_counts(self) -> torch.Tensor:
-        q = torch.arange(self.seq_q, device=self.device)[:, None]
-        x = torch.full((1, 1), self.seq_kv, device=self.device)
-        return self.count_below(q, x)[:, 0]
+        lowest, at_most, _ = self._distance_sums()
+        position = torch.arange(self.seq_q, device=self.device) + self.offset
+        return at_most[position - lowest] - at_most[position - self.seq_kv - lowest]
 
     def block_counts(self, block_q: int = 128, block_kv: int = 128) -> torch.Tensor:
-        edges = block_edges(self.seq_kv, block_kv, self.device)[None, :]
-        rows_per_chunk = max(1, ROW_CHUNK_ELEMENTS // 8 // edges.shape[1] // block_q) * block_q
-        out = []
-        for start in range(0, self.seq_q, rows_per_chunk):
-            q = torch.arange(start, min(self.seq_q, start + rows_per_chunk), device=self.device)[:, None]
-            out.append(_sum_rows_into_q_blocks(self.count_below(q, edges), start, block_q).diff(dim=1))
-        return torch.cat(out)
+        # tile [P0, P1) x [c0, c1): sum_p A(p - c0) - A(p - c1), and sum_{p in [P0, P1)} A(p - c) = B(P1-1-c) - B(P0-1-c)
+        lowest, _, summed = self._distance_sums()
+        positions = block_edges(self.seq_q, block_q, self.device) + self.offset - 1 - lowest
+        columns = block_edges(self.seq_kv, block_kv, self.device)
+        rows_end, rows_start = positions[1:, None], positions[:-1, None]
+        col_start, col_end = columns[None, :-1], columns[None, 1:]
+        return (summed[rows_end - col_start] - summed[rows_start - col_start]
+                - summed[rows_end - col_end] + summed[rows_start - col_end])
 
 
 class BlockTableMask(BoundMask):

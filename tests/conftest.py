@@ -1,0 +1,47 @@
+"""Shared fixtures: a small CPU sweep config and the faulty-method plugin."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+FAULTY = str(TESTS / "plugins" / "faulty_methods.py")
+
+os.environ.setdefault("ATTNBENCH_CACHE", str(TESTS.parent / ".pytest_cache" / "attnbench"))
+
+BASE = {
+    "methods": ["reference", "sdpa_math"],
+    "masks": ["full", "causal"],
+    "seq_lens": [32],
+    "cross_lens": [],
+    "batch": 1,
+    "tokens": None,
+    "heads_q": 2,
+    "heads_kv": None,
+    "head_dim": 16,
+    "dtype": "float32",
+    "modes": ["fwd"],
+    "decode_queries": 1,
+    "seed": 0,
+    "device": "cpu",
+    "plugins": [],
+    "case_timeout_s": 120,
+    "timing": {"budget_ms": 2, "warmup_ms": 0, "min_reps": 2, "max_reps": 3},
+}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """A fresh, small, valid sweep config writing under tmp_path."""
+    config = copy.deepcopy(BASE)
+    config["results_dir"] = str(tmp_path / "results")
+    config["run_id"] = "test"
+    return config
+
+
+@pytest.fixture
+def faulty():
+    return FAULTY

@@ -1,0 +1,112 @@
+"""Methods that misbehave on purpose, for the worker and gate tests (loaded as a plugin by path)."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from methods import Capabilities, register_method
+from methods.exact.reference import reference_attention
+
+CPU = dict(devices=("cpu", "cuda"), masks={"any"})
+
+
+def _good(ctx):
+    mask = ctx.mask
+
+    def attend(q, k, v):
+        out, _ = reference_attention(q, k, v, mask)
+        return out.to(q.dtype)
+
+    return attend
+
+
+@register_method("t_good", Capabilities(backward=False, **CPU))
+def build_good(ctx):
+    """Correct, uses the reference (forward only)."""
+    return _good(ctx)
+
+
+@register_method("t_wrong", Capabilities(backward=False, **CPU))
+def build_wrong(ctx):
+    """Forgets the softmax scale: exact but wrong."""
+    mask = ctx.mask
+
+    def attend(q, k, v):
+        out, _ = reference_attention(q * 2.0, k, v, mask)
+        return out.to(q.dtype)
+
+    return attend
+
+
+@register_method("t_approx", Capabilities(backward=False, exact=False, family="approx", **CPU))
+def build_approx(ctx):
+    """The same error as t_wrong, but declared approximate: recorded, not gated."""
+    return build_wrong(ctx)
+
+
+@register_method("t_raises", Capabilities(backward=False, **CPU))
+def build_raises(ctx):
+    """Raises on the first call."""
+
+    def attend(q, k, v):
+        raise ValueError("deliberate failure")
+
+    return attend
+
+
+@register_method("t_hangs", Capabilities(backward=False, **CPU))
+def build_hangs(ctx):
+    """Never returns."""
+
+    def attend(q, k, v):
+        while True:
+            time.sleep(1)
+
+    return attend
+
+
+@register_method("t_kills", Capabilities(backward=False, **CPU))
+def build_kills(ctx):
+    """Ends its own process, as a segfault or illegal memory access would."""
+
+    def attend(q, k, v):
+        os._exit(139)
+
+    return attend
+
+
+@register_method("t_oom", Capabilities(backward=False, **CPU))
+def build_oom(ctx):
+    """Runs out of memory."""
+
+    def attend(q, k, v):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 TiB")
+
+    return attend
+
+
+@register_method("t_declines", Capabilities(backward=False, **CPU))
+def build_declines(ctx):
+    """Declines at build time."""
+    from methods import Unsupported
+
+    raise Unsupported("t_declines never runs")
+
+
+@register_method("t_recompiles", Capabilities(backward=False, compiled=True, **CPU))
+def build_recompiles(ctx):
+    """A compiled function whose input shape changes while it is timed: must be an error, never a slow row."""
+    compiled = torch.compile(lambda x: x * 2.0, dynamic=False)
+    state = {"calls": 0}
+    mask = ctx.mask
+
+    def attend(q, k, v):
+        state["calls"] += 1
+        width = 4 if state["calls"] == 1 else 4 + state["calls"] % 3
+        compiled(torch.ones(width))
+        out, _ = reference_attention(q, k, v, mask)
+        return out.to(q.dtype)
+
+    return attend

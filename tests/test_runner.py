@@ -1,0 +1,134 @@
+"""Workers: every failure mode yields its row and the sweep completes the rest; resume; plugins; the gate."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import schema
+from bench.runner import run_sweep
+from bench.store import read_jsonl
+
+
+def _rows(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "rows.parquet")
+
+
+def _status(frame, method):
+    rows = frame.loc[frame.method == method]
+    return set(rows["status"]) if len(rows) else {"<no row>"}
+
+
+def _explain(frame):
+    return frame[["method", "status", "reason"]].to_string()
+
+
+def test_every_failure_mode_gets_its_status_and_the_sweep_goes_on(cfg, faulty):
+    cfg.update(plugins=[faulty], case_timeout_s=8, masks=["causal"],
+               methods=["t_good", "t_raises", "t_hangs", "t_kills", "t_oom", "t_wrong", "t_declines", "sdpa_math"])
+    frame = _rows(run_sweep(cfg, "test", show_progress=False))
+    assert len(frame) == 8, _explain(frame)
+    assert _status(frame, "t_kills") == {"crashed"}, _explain(frame)
+    assert _status(frame, "t_good") == {"ok"}
+    assert _status(frame, "sdpa_math") == {"ok"}
+    assert _status(frame, "t_raises") == {"error"}
+    assert _status(frame, "t_hangs") == {"timeout"}
+    assert _status(frame, "t_kills") == {"crashed"}
+    assert _status(frame, "t_oom") == {"oom"}
+    assert _status(frame, "t_wrong") == {"wrong"}
+    assert _status(frame, "t_declines") == {"unsupported"}
+    reasons = frame.set_index("method")["reason"]
+    assert "deliberate failure" in reasons["t_raises"]
+    assert "exit code 139" in reasons["t_kills"]
+    assert "8 s" in reasons["t_hangs"] and "first call" in reasons["t_hangs"]
+    assert "rel_err" in reasons["t_wrong"]
+    assert "never runs" in reasons["t_declines"]
+    # no sentinel numbers: failed cases have no timings
+    failed = frame[frame.status != "ok"]
+    assert failed["ms_median"].isna().all() and failed["tflops"].isna().all()
+    assert frame.loc[frame.status != "ok", "reason"].str.len().gt(0).all()
+    # a wrong method is caught before timing; its error and tolerance are recorded
+    wrong = frame[frame.method == "t_wrong"].iloc[0]
+    assert wrong.rel_err > wrong.err_tol
+
+
+def test_approximate_method_records_error_without_wrong_status(cfg, faulty):
+    cfg.update(plugins=[faulty], methods=["t_approx"], masks=["full"])
+    row = _rows(run_sweep(cfg, "test", show_progress=False)).iloc[0]
+    assert row.status == "ok"
+    assert row.rel_err > row.err_tol and row.exact == False  # noqa: E712
+
+
+def test_recompile_while_timing_is_an_error_not_a_slow_row(cfg, faulty):
+    cfg.update(plugins=[faulty], methods=["t_recompiles"], masks=["full"],
+               timing={"budget_ms": 5, "warmup_ms": 0, "min_reps": 4, "max_reps": 5})
+    row = _rows(run_sweep(cfg, "test", show_progress=False)).iloc[0]
+    assert row.status == "error"
+    assert "timing" in row.reason and "ecompil" in row.reason
+
+
+def test_resume_skips_finished_cases(cfg, tmp_path):
+    cfg.update(methods=["reference", "sdpa_math", "eager"], seq_lens=[16, 32])
+    run_dir = run_sweep(cfg, "test", show_progress=False)
+    first = read_jsonl(run_dir / "rows.jsonl")
+    assert len(first) == 12
+    # interrupt: keep the first 5 rows, and a line cut short mid-write
+    lines = (run_dir / "rows.jsonl").read_text().splitlines()
+    (run_dir / "rows.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    (run_dir / "rows.parquet").unlink()
+    run_sweep(cfg, "test", show_progress=False)
+    again = read_jsonl(run_dir / "rows.jsonl")
+    kept = {r["case_id"]: r["started_at"] for r in first[:5]}
+    assert len(again) == 12  # 5 kept + 7 re-run; the cut line is skipped
+    assert {r["case_id"] for r in again} == {r["case_id"] for r in first}
+    assert [r["wall_s"] for r in again[:5]] == [r["wall_s"] for r in first[:5]]
+    assert len(kept) == 5
+    frame = _rows(run_dir)
+    assert len(frame) == 12 and frame.case_id.is_unique
+
+
+def test_plugin_module_outside_the_repo_shows_up_in_a_sweep(cfg, tmp_path, monkeypatch):
+    plugin_dir = tmp_path / "elsewhere"
+    plugin_dir.mkdir()
+    (plugin_dir / "my_attention.py").write_text(textwrap.dedent('''
+        import torch.nn.functional as F
+        from methods import Capabilities, register_method
+
+        @register_method("my_attention", Capabilities(family="exact", masks={"full", "causal"}))
+        def build(ctx):
+            """SDPA under another name."""
+            causal = ctx.mask.spec.name == "causal"
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    '''))
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    monkeypatch.setenv("PYTHONPATH", str(plugin_dir))
+    cfg.update(plugins=["my_attention"], methods=["my_attention"], modes=["fwd", "fwd_bwd"])
+    frame = _rows(run_sweep(cfg, "test", show_progress=False))
+    assert len(frame) == 4
+    assert set(frame.status) == {"ok"}, frame[["status", "reason"]]
+
+
+def test_run_folder_is_complete_and_tidy(cfg):
+    cfg.update(methods=["reference", "sdpa_math", "sdpa_cudnn"], modes=["fwd", "bwd", "fwd_bwd", "decode"],
+               heads_q=4, heads_kv=2, cross_lens=[[8, 32]])
+    run_dir = run_sweep(cfg, "attnbench test", show_progress=False)
+    for name in ("rows.parquet", "rows.csv", "rows.jsonl", "config.yaml", "env.json"):
+        assert (run_dir / name).is_file(), name
+    frame = _rows(run_dir)
+    assert list(frame.columns[: len(schema.COLUMNS)]) == list(schema.COLUMNS)
+    csv = pd.read_csv(run_dir / "rows.csv")
+    assert len(csv) == len(frame)
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["command"] == "attnbench test" and env["torch"] and env["finished_at"]
+    ok = frame[frame.status == "ok"]
+    assert set(ok.method) == {"reference", "sdpa_math"}
+    assert (ok.ms_p20 <= ok.ms_median).all() and (ok.ms_median <= ok.ms_p80).all()
+    assert ok.tflops.gt(0).all() and ok.rel_err.lt(ok.err_tol).all()
+    cudnn = frame[frame.method == "sdpa_cudnn"]
+    assert set(cudnn.status) == {"unsupported"} and cudnn.reason.str.contains("cuda").all()
+    assert set(frame.pattern) == {"noncausal_self", "causal_self", "noncausal_cross", "causal_cross"}
+    decode = frame[frame["mode"] == "decode"]
+    assert set(decode.seq_q) == {1}
