@@ -182,7 +182,7 @@ def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, prog
             break
         for case in group:
             progress.set_postfix_str(f"{case.method} {case.mask} {case.seq_q}x{case.seq_kv} {case.mode}", refresh=False)
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), envinfo.now()
             try:
                 if worker is None:
                     worker = Worker(device, init, log_path)
@@ -202,6 +202,7 @@ def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, prog
                 except Exception:
                     row = base_row(case, run_id)
                 row.update(status=died.status, reason=died.reason, wall_s=time.perf_counter() - started)
+            row["started_at"] = started_at
             store.append(row)
             progress.update(1)
     if worker is not None:
@@ -226,7 +227,7 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
     for case, reason in plan.unsupported:
         if case.case_id not in store.done:
             row = describe(case, run_id)
-            row.update(status="unsupported", reason=reason, wall_s=0.0)
+            row.update(status="unsupported", reason=reason, wall_s=0.0, started_at=envinfo.now())
             store.append(row)
     todo = [c for c in plan.runnable if c.case_id not in store.done]
     groups: queue.Queue = queue.Queue()

@@ -133,13 +133,12 @@ class RelativeMask(BoundMask):
         return self.visible_at(q_idx + self.offset - kv_idx)
 
     def _distance_sums(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(lowest, A, B): ``A[d - lowest]`` = visible distances <= d, ``B[d - lowest]`` = sum of A up to d, for
-        every distance d from ``lowest`` (two below the least possible) to the greatest."""
+        """(lowest, A, B): ``A[d - lowest]`` = visible distances in [lowest, d], ``B[d - lowest]`` = sum of A over
+        [lowest, d], for d from ``lowest`` (two below the least real distance, so every index the count formulas
+        use is >= 0) to the greatest. The formulas take differences in which the start of the sums cancels."""
         lowest = self.offset - self.seq_kv - 1
         distances = torch.arange(lowest, self.offset + self.seq_q, device=self.device)
-        visible = self.visible_at(distances).to(torch.int64)
-        visible[:2] = 0  # below every real distance
-        at_most = visible.cumsum(0)
+        at_most = self.visible_at(distances).to(torch.int64).cumsum(0)
         return lowest, at_most, at_most.cumsum(0)
 
     def row_counts(self) -> torch.Tensor:

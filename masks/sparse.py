@@ -132,7 +132,7 @@ class BoundFixed(PrefixTermsMask):
     def summaries_below(self, bound: torch.Tensor) -> torch.Tensor:
         """Keys j < bound in the last ``summary`` positions of their chunk."""
         stride, summary = self.spec.stride, self.spec.summary
-        return (bound // stride) * summary + (bound % stride - (stride - summary))
+        return (bound // stride) * summary + (bound % stride - (stride - summary)).clamp(min=0)
 
     def prefix_terms(self, q):
         # the own chunk up to the query: [chunk_start, position]; before it, the summary keys

@@ -1,0 +1,62 @@
+"""The CLI end to end: Hydra sweeps (single and multirun), list, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["methods=[reference,eager,sdpa_math,sdpa_cudnn]", "seq_lens=[32]", "cross_lens=[[8,32]]",
+         "timing.budget_ms=2", "timing.min_reps=2", "timing.max_reps=3"]
+
+
+def attnbench(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_smoke_sweep_writes_a_complete_run_folder(tmp_path):
+    done = attnbench("sweep=smoke", f"results_dir={tmp_path}", "run_id=smoke", *SMALL, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "smoke"
+    frame = pd.read_parquet(run / "rows.parquet")
+    # 4 methods x 2 masks x (self + cross) x 3 modes, and decode, where self and cross are one shape (1x32)
+    assert len(frame) == 4 * 2 * 2 * 3 + 4 * 2 * 1
+    assert frame.started_at.notna().all()
+    assert set(frame.status) == {"ok", "unsupported"}
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["methods"] == ["reference", "eager", "sdpa_math", "sdpa_cudnn"] and config["seq_lens"] == [32]
+    env = json.loads((run / "env.json").read_text())
+    assert env["command"].startswith("attnbench sweep=smoke") and "run_id=smoke" in env["command"]
+    assert "cases: ok" in done.stdout and "median ms per call" in done.stdout
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()  # no Hydra litter
+
+
+def test_multirun_makes_one_run_per_job(tmp_path):
+    done = attnbench("-m", "sweep=smoke", f"results_dir={tmp_path}", "dtype=float32,bfloat16",
+                     "methods=[reference,sdpa_math]", "masks=[causal]", "modes=[fwd]", "seq_lens=[16]",
+                     "cross_lens=[]", "timing.budget_ms=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = sorted(p for p in tmp_path.iterdir() if (p / "rows.parquet").is_file())
+    assert len(runs) == 2
+    dtypes = {pd.read_parquet(r / "rows.parquet").dtype.iloc[0] for r in runs}
+    assert dtypes == {"float32", "bfloat16"}
+
+
+def test_bad_input_exits_2_naming_the_field(tmp_path):
+    done = attnbench("sweep=smoke", f"results_dir={tmp_path}", "heads_q=8", "heads_kv=3", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "'heads_kv'" in done.stderr and "does not divide" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_list_methods_shows_unavailable_with_why(tmp_path):
+    done = attnbench("list", "methods", cwd=tmp_path)
+    assert done.returncode == 0
+    line = next(line for line in done.stdout.splitlines() if line.startswith("flash_attn "))
+    assert " no " in line and "flash_attn" in line.split(" no ", 1)[1]
+    assert any(line.startswith("sdpa_cudnn") for line in done.stdout.splitlines())

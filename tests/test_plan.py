@@ -1,0 +1,130 @@
+"""Planner: validation names the field before any work; capability filtering; FLOP formula."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from bench.plan import Case, ConfigError, build_plan
+from bench.rows import case_bytes, case_flops, describe
+from bench.runner import run_sweep
+from conftest import BASE
+
+
+def _cfg(**changes):
+    cfg = copy.deepcopy(BASE)
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changes, field, words",
+    [
+        ({"methods": ["nope"]}, "methods", "unknown method 'nope'"),
+        ({"methods": []}, "methods", "empty"),
+        ({"masks": ["nope"]}, "masks", "unknown mask"),
+        ({"masks": ["causal(align='sideways')"]}, "masks", "align"),
+        ({"masks": ["causal(bogus=1)"]}, "masks", "unknown parameter"),
+        ({"seq_lens": [0]}, "seq_lens", "positive integers"),
+        ({"seq_lens": ["1k"]}, "seq_lens", "positive integers"),
+        ({"seq_lens": [-4]}, "seq_lens", "positive integers"),
+        ({"cross_lens": [[8]]}, "cross_lens", "[seq_q, seq_kv]"),
+        ({"heads_q": 8, "heads_kv": 3}, "heads_kv", "does not divide heads_q=8"),
+        ({"head_dim": 0}, "head_dim", "positive"),
+        ({"batch": 1.5}, "batch", "positive integers"),
+        ({"batch": None, "tokens": -1}, "tokens", "positive integer"),
+        ({"dtype": "float8"}, "dtype", "float32, float16, bfloat16"),
+        ({"modes": ["sideways"]}, "modes", "fwd, bwd, fwd_bwd, decode"),
+        ({"seed": -1}, "seed", "non-negative"),
+        ({"device": "tpu"}, "device", "auto, cpu, cuda"),
+        ({"timing": {"budget_ms": 0}}, "budget_ms", ">= 1"),
+        ({"timing": {"bogus": 1}}, "timing", "unknown keys"),
+        ({"timing": {"min_reps": 10, "max_reps": 2}}, "timing.min_reps", "exceeds"),
+        ({"case_timeout_s": 0}, "case_timeout_s", ">= 1"),
+        ({"layout": "ring"}, "layout", "single"),
+    ],
+)
+def test_invalid_input_is_rejected_naming_the_field(changes, field, words):
+    with pytest.raises(ConfigError) as info:
+        build_plan(_cfg(**changes))
+    assert f"'{field}'" in str(info.value)
+    assert words in str(info.value)
+
+
+def test_invalid_input_fails_before_any_work(tmp_path):
+    cfg = _cfg(results_dir=str(tmp_path / "r"), run_id="x", heads_q=8, heads_kv=3)
+    with pytest.raises(ConfigError):
+        run_sweep(cfg, "test", show_progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cuda_device_without_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        build_plan(_cfg(device="cuda"))
+
+
+def test_capability_filtering_gives_reasons():
+    plan = build_plan(_cfg(methods=["sdpa_cudnn", "flash_attn", "sdpa_math", "flex"], modes=["fwd", "bwd"],
+                           dtype=["float32"]))
+    reasons = {(c.method, c.mode): r for c, r in plan.unsupported}
+    assert "cuda" in reasons[("sdpa_cudnn", "fwd")]
+    assert "flash_attn" in reasons[("flash_attn", "fwd")] and "unavailable" in reasons[("flash_attn", "fwd")]
+    runnable = {(c.method, c.mode) for c in plan.runnable}
+    assert ("sdpa_math", "bwd") in runnable and ("flex", "fwd") in runnable
+    assert plan.total == 2 * 2 * 4  # masks x modes x methods
+
+
+def test_materialising_methods_refuse_over_budget():
+    plan = build_plan(_cfg(methods=["eager"], seq_lens=[4096], heads_q=16, materialize_budget_mb=64))
+    (case, reason), = [u for u in plan.unsupported if u[0].mask == "full"]
+    assert "materialises" in reason and "GiB" in reason
+
+
+def test_dense_mask_budget_refuses_with_the_size_needed():
+    import masks
+
+    if "t_checker" not in masks.MASKS:
+        masks.register_mask_mod("t_checker", lambda b, h, q, kv: ((q + kv) % 2) == 0)
+    plan = build_plan(_cfg(methods=["sdpa_math"], masks=["t_checker"], seq_lens=[4096], dense_mask_budget_mb=1))
+    (case, reason), = plan.unsupported
+    assert "dense mask would need 16 MiB" in reason
+
+
+def test_cases_sharing_inputs_run_together():
+    plan = build_plan(_cfg(methods=["reference", "sdpa_math", "eager"], seq_lens=[16, 32], modes=["fwd", "fwd_bwd"]))
+    keys = [c.input_key() for c in plan.runnable]
+    changes = sum(1 for a, b in zip(keys, keys[1:]) if a != b)
+    assert changes == len(set(keys)) - 1
+
+
+def _case(**kw):
+    base = dict(method="sdpa_math", mask="full", mask_name="full", batch=2, heads_q=4, heads_kv=2, seq_q=64,
+                seq_kv=64, head_dim=32, dtype="bfloat16", mode="fwd")
+    base.update(kw)
+    return Case(**base)
+
+
+def test_flops_from_exact_visible_pairs():
+    full = describe(_case())
+    assert full["visible_pairs"] == 64 * 64
+    assert full["flops"] == 4 * 2 * 4 * 64 * 64 * 32
+    causal = describe(_case(mask="causal", mask_name="causal"))
+    assert causal["visible_pairs"] == 64 * 65 // 2
+    assert causal["flops"] == 4 * 2 * 4 * (64 * 65 // 2) * 32
+    cross = describe(_case(mask="causal", mask_name="causal", seq_q=16, seq_kv=64))
+    assert cross["visible_pairs"] == sum(range(64 - 16 + 1, 65))  # bottom-right aligned
+    assert cross["pattern"] == "causal_cross"
+    for mode, factor in (("bwd", 2.5), ("fwd_bwd", 3.5), ("decode", 1.0)):
+        assert case_flops(_case(mode=mode), 100) == factor * case_flops(_case(), 100)
+
+
+def test_bytes_moved_counts_each_tensor_once():
+    case = _case()
+    q = 2 * 4 * 64 * 32 * 2
+    kv = 2 * 2 * 64 * 32 * 2
+    assert case_bytes(case) == 2 * q + 2 * kv
+    assert case_bytes(_case(mode="fwd_bwd")) == 6 * q + 6 * kv
