@@ -16,12 +16,13 @@ help:
 	@echo "make test    # create .venv, install, run the test suite"
 
 $(STAMP): pyproject.toml Makefile
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || $(PY) -m venv --without-pip $(VENV)
-	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PY) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 11))" 2>/dev/null; then \
+	    echo "using the system torch"; $(PY) -m venv --system-site-packages $(VENV); \
+	  else $(PY) -m venv $(VENV); fi; \
+	fi
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
-	  echo "torch already present: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
-	elif $(PY) -c "import torch, sys; sys.exit(0 if torch.__version__ >= '2.11' else 1)" 2>/dev/null; then \
-	  echo "using the system torch"; $(PY) -m venv --system-site-packages $(VENV); \
+	  echo "torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') already present"; \
 	else \
 	  $(BIN)/python -m pip install -q "$(TORCH_CPU)" || \
 	  $(BIN)/python -m pip install -q "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX); \

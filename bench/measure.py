@@ -31,6 +31,7 @@ DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, 
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach(), ref.detach()
     diff = torch.linalg.vector_norm((got.float() - ref.float()).flatten())
     denom = torch.linalg.vector_norm(ref.float().flatten())
     return float(diff / denom) if float(denom) > 0 else float(diff)

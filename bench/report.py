@@ -578,9 +578,9 @@ def section_efficiency_length(ctx: Context) -> Section:
         if baseline is None:
             continue
         base_label = rows.loc[rows["method"] == baseline, "label"].iloc[0]
-        times = rows.pivot_table(index="x", columns="label", values="ms_median", aggfunc="last")
-        memory = rows.pivot_table(index="x", columns="label", values="peak_mem_mb", aggfunc="last").reindex(
-            index=times.index, columns=times.columns)
+        wide = rows.drop_duplicates(["x", "label"], keep="last").pivot(
+            index="x", columns="label", values=["ms_median", "peak_mem_mb"]).sort_index()
+        times, memory = wide["ms_median"], wide["peak_mem_mb"]
         for label in times.columns.drop(base_label):
             common = times[[label, base_label]].dropna().index
             if common.empty:

@@ -1,0 +1,97 @@
+"""Measurement pieces: timer statistics, the reference, SDPA on GQA/cross, flex compiled, flash-attn adapter."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import masks
+from bench.measure import CaseRunner, rel_error
+from bench.plan import Case
+from bench.timing import summarize, time_callable
+from methods.exact.reference import reference_attention
+
+TIMING = {"budget_ms": 2, "warmup_ms": 0, "min_reps": 3, "max_reps": 5, "flush_l2": True, "cuda_graph": False}
+
+
+def test_summary_statistics():
+    t = summarize([5.0, 1.0, 3.0, 2.0, 4.0], "perf_counter")
+    assert (t.ms_median, t.ms_min, t.reps) == (3.0, 1.0, 5)
+    assert t.ms_p20 == pytest.approx(1.8) and t.ms_p80 == pytest.approx(4.2)
+
+
+def test_cpu_timer_respects_rep_bounds():
+    calls = []
+    result = time_callable(lambda: calls.append(1), "cpu", {**TIMING, "budget_ms": 1000, "max_reps": 7})
+    assert result.reps == 7 and result.timer == "perf_counter" and len(calls) >= 8
+
+
+@pytest.mark.parametrize("heads_kv, seq_q, seq_kv", [(4, 24, 24), (2, 24, 24), (1, 8, 40)])
+def test_reference_matches_sdpa_math_with_gqa_cross_and_grads(heads_kv, seq_q, seq_kv):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, seq_q, 16, dtype=torch.float64)
+    k = torch.randn(2, heads_kv, seq_kv, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, heads_kv, seq_kv, 16, dtype=torch.float64, requires_grad=True)
+    q.requires_grad_(True)
+    dout = torch.randn(2, 4, seq_q, 16, dtype=torch.float64)
+    bound = masks.make_mask("causal").bind(seq_q, seq_kv)
+    out, (dq, dk, dv) = reference_attention(q, k, v, bound, compute_dtype=torch.float64, dout=dout, chunk_bytes=4096)
+    visible = bound.dense()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=heads_kv != 4)
+    want.backward(dout)
+    assert rel_error(out, want) < 1e-12
+    for got, exp in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        assert rel_error(got, exp) < 1e-12
+
+
+def _case(method, mode="fwd", mask="causal", **kw):
+    spec = masks.make_mask(mask)
+    base = dict(method=method, mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=1, seq_q=64,
+                seq_kv=64, head_dim=16, dtype="float32", mode=mode)
+    base.update(kw)
+    return Case(**base)
+
+
+def _runner():
+    return CaseRunner("cpu", {"timing": TIMING, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 32})
+
+
+def test_exact_methods_pass_the_gate_in_every_mode():
+    runner = _runner()
+    for method in ("reference", "eager", "sdpa_math", "sdpa_flash"):
+        for mode in ("fwd", "bwd", "fwd_bwd"):
+            row = runner.run(_case(method, mode))
+            assert row["status"] == "ok", (method, mode, row["reason"])
+            assert row["rel_err"] < row["err_tol"] < 1e-3
+
+
+def test_flex_compiled_runs_on_cpu_and_declines_backward():
+    runner = _runner()
+    row = runner.run(_case("flex", "fwd", mask="causal", seq_q=128, seq_kv=128))
+    assert row["status"] == "ok", row["reason"]
+    assert row["compile_s"] > row["ms_median"] / 1e3  # compile time is recorded apart from the kernel time
+    row = runner.run(_case("flex", "fwd_bwd"))
+    assert row["status"] == "unsupported" and "backward on CPU" in row["reason"]
+
+
+def test_flash_attn_adapter_with_a_stub_module(monkeypatch):
+    """The flash-attn method's layout and varlen plumbing, against a stub with flash-attn's signatures."""
+    import methods
+
+    def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+        assert q.shape[1] == 64 and q.shape[2] == 2  # [B, S, H, D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    stub = types.SimpleNamespace(flash_attn_func=flash_attn_func)
+    monkeypatch.setitem(sys.modules, "flash_attn", stub)
+    spec = methods.METHODS["flash_attn"]
+    cpu_caps = spec.caps.__class__(**{**spec.caps.__dict__, "devices": ("cpu",), "dtypes": ("float32",),
+                                      "requires": ()})
+    monkeypatch.setattr(spec, "caps", cpu_caps)
+    row = _runner().run(_case("flash_attn"))
+    assert row["status"] == "ok", row["reason"]
