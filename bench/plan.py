@@ -290,6 +290,10 @@ def build_plan(cfg: dict) -> Plan:
     decode_queries = _number(cfg, "decode_queries", 1, minimum=1, integer=True)
     validate_timing(cfg)
     _number(cfg, "case_timeout_s", 300, minimum=1)
+    for status in cfg.get("retry") or ():
+        if status not in schema.STATUSES or status == "ok":
+            raise ConfigError("retry", f"{status!r} is not a failure status; allowed: "
+                              f"{', '.join(s for s in schema.STATUSES if s != 'ok')}")
     options = plan_options(cfg)
     for hq, hkv in itertools.product(heads_q, heads_kv):
         if hkv is not None and hq % hkv:

@@ -43,7 +43,7 @@ STYLE = {
     "figure.facecolor": "white",
 }
 # Okabe-Ito (colour-blind safe) first, then tab10's remaining hues; markers and dashes separate lines in grey.
-COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#999933", "#000000",
           "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 DASHES = ("-", "--", "-.", ":")
@@ -74,7 +74,10 @@ class Palette:
 
 @dataclass
 class Series:
-    """One line: measured points (x, y) with an optional spread band (low, high), and failed x positions."""
+    """One line: measured points (x, y) with an optional spread band (low, high), and failed x positions.
+
+    ``ideal``: a derived reference curve (e.g. ideal scaling), not a measurement: dotted, without markers.
+    """
 
     label: str
     x: np.ndarray
@@ -82,6 +85,7 @@ class Series:
     low: np.ndarray | None = None
     high: np.ndarray | None = None
     failed: list[tuple[float, str]] = field(default_factory=list)
+    ideal: bool = False
 
 
 @dataclass
@@ -133,12 +137,32 @@ def log_axes(ax, x_base: int, x_formatter=number) -> None:
     """
     ax.set_xscale("log", base=x_base)
     ax.set_yscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=x_base, numticks=12))
+    ax.xaxis.set_major_locator(LogLocator(base=x_base, numticks=7))
     ax.xaxis.set_major_formatter(FuncFormatter(x_formatter))
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
     ax.yaxis.set_major_formatter(FuncFormatter(number))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _panel_figure(n_panels: int, n_legend: int, title: str) -> tuple[Figure, list]:
+    """A figure of ``n_panels`` axes side by side with room for the title and a legend of ``n_legend`` entries
+    below; margins are fixed in inches so that labels fit whatever the panel count."""
+    legend_rows = -(-max(n_legend, 1) // 4)
+    left, right, gap, panel, top = 0.85, 0.2, 0.85, 3.5, 0.6
+    bottom = 0.65 + 0.2 * legend_rows
+    width = max(left + n_panels * panel + (n_panels - 1) * gap + right, 0.5 + 0.085 * len(title))
+    height = top + 2.7 + bottom
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=gap / panel)
+    fig.suptitle(title, fontsize=11)
+    return fig, list(axes)
+
+
+def _legend(fig: Figure, handles: list) -> None:
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, max(len(handles), 1)), frameon=False)
 
 
 def line_panels(title: str, panels: list[Panel], palette: Palette, xlabel: str, x_tokens: bool = True) -> Figure:
@@ -147,22 +171,18 @@ def line_panels(title: str, panels: list[Panel], palette: Palette, xlabel: str, 
     The x axis is log base 2 (lengths and world sizes double), labelled as tokens when ``x_tokens``.
     """
     with rc_context(STYLE):
-        labels = sorted({s.label for panel in panels for s in panel.series})
-        legend_rows = -(-max(len(labels), 1) // 4) + 1
-        height = 3.3 + 0.22 * legend_rows
-        fig = Figure(figsize=(4.2 * len(panels), height), dpi=DPI)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        ideal = {s.label: s.ideal for panel in panels for s in panel.series}
+        labels = sorted(ideal)
+        any_failed = any(s.failed for panel in panels for s in panel.series)
+        fig, axes = _panel_figure(len(panels), len(labels) + any_failed, title)
         for ax, panel in zip(axes, panels):
             _draw_panel(ax, panel, palette, xlabel, x_tokens)
-        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker,
-                          linestyle=palette[label].dash, label=label) for label in labels]
-        if any(s.failed for panel in panels for s in panel.series):
+        handles = [Line2D([], [], color=palette[label].color, marker=None if ideal[label] else palette[label].marker,
+                          linestyle=":" if ideal[label] else palette[label].dash, label=label) for label in labels]
+        if any_failed:
             handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none",
                                   label="failed case (status at the bottom)"))
-        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), frameon=False)
-        fig.suptitle(title, fontsize=11)
-        fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.55 / height,
-                            bottom=(0.55 + 0.22 * legend_rows) / height, wspace=0.3)
+        _legend(fig, handles)
     return fig
 
 
@@ -175,10 +195,13 @@ def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool)
     failed = [s for s in panel.series if s.failed]
     for series in panel.series:
         style = palette[series.label]
-        if len(series.x):
+        if len(series.x) and series.ideal:
+            ax.plot(series.x, series.y, color=style.color, linestyle=":", linewidth=1.2)
+        elif len(series.x):
             ax.plot(series.x, series.y, color=style.color, marker=style.marker, linestyle=style.dash)
             if series.low is not None and series.high is not None:
-                ax.fill_between(series.x, series.low, series.high, color=style.color, alpha=0.15, linewidth=0)
+                ax.fill(np.r_[series.x, series.x[::-1]], np.r_[series.low, series.high[::-1]], color=style.color,
+                        alpha=0.15, linewidth=0)
             xs.extend(series.x)
             ys.extend(series.y)
         xs.extend(x for x, _ in series.failed)
@@ -194,7 +217,8 @@ def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool)
         for x, status in series.failed:
             ax.plot([x], [height], transform=blend, marker="x", color=color, markersize=6, linestyle="none",
                     clip_on=False)
-            ax.text(x, height, f" {status}", transform=blend, fontsize=6.5, color=color, va="center")
+            ax.annotate(status, (x, height), xycoords=blend, xytext=(4, 0), textcoords="offset points",
+                        fontsize=6.5, color=color, va="center")
     if xs:
         lo, hi = min(xs), max(xs)
         ax.set_xlim(lo / 1.25, hi * 1.6)
@@ -203,7 +227,11 @@ def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool)
         # leave the bottom band of the panel free for the failed-case markers
         bottom_share = 0.08 + 0.055 * len(failed)
         span = np.log10(hi / lo) if hi > lo else 1.0
-        ax.set_ylim(lo / 10 ** (span * bottom_share / (1 - bottom_share) + 0.05), hi * 10 ** (0.08 * span + 0.05))
+        bottom, top = lo / 10 ** (span * bottom_share / (1 - bottom_share) + 0.05), hi * 10 ** (0.08 * span + 0.05)
+        ax.set_ylim(bottom, top)
+        # 1-2-5 ticks over a short range, decades over a long one: about 4 to 8 labels either way
+        subs = (1.0, 2.0, 5.0) if np.log10(top / bottom) <= 2.5 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=8))
     else:
         ax.set_yticks([])
         ax.text(0.5, 0.5, "no measured values", transform=ax.transAxes, ha="center", va="center", color="0.4")
@@ -213,16 +241,18 @@ def heatmap(title: str, values: np.ndarray, row_labels: list[str], col_labels: l
             center: float | None = None) -> Figure:
     """Annotated matrix; NaN cells show "—" (nothing measured). ``center``: diverging log colours around it."""
     with rc_context(STYLE):
-        height = 1.4 + 0.32 * len(row_labels)
-        width = 3.2 + max(0.9 * len(col_labels), 3.0) + 0.06 * max(len(s) for s in row_labels)
-        fig = Figure(figsize=(min(width, 18), height), dpi=DPI)
+        longest_col = max((len(s) for s in col_labels), default=1)
+        longest_row = max((len(s) for s in row_labels), default=1)
+        bottom_in, left_in = 0.35 + 0.04 * longest_col, 0.3 + 0.065 * longest_row
+        height = 0.9 + bottom_in + 0.34 * len(row_labels)
+        width = min(left_in + 1.0 + max(0.95 * len(col_labels), 3.0), 18)
+        fig = Figure(figsize=(width, height), dpi=DPI)
         ax = fig.subplots()
         finite = values[np.isfinite(values) & (values > 0)]
         if center is not None and len(finite):
             span = max(abs(np.log10(finite / center)).max(), 0.05)
             norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
-            shown = np.log10(values / center)
-            cmap = "RdBu"
+            shown, cmap = np.log10(values / center), "RdBu"
         else:
             norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if len(finite) else None
             shown, cmap = values, "viridis"
@@ -231,15 +261,19 @@ def heatmap(title: str, values: np.ndarray, row_labels: list[str], col_labels: l
         ax.set_yticks(range(len(row_labels)), row_labels)
         ax.grid(False)
         for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, "—" if not np.isfinite(value) else f"{value:.2g}", ha="center", va="center", fontsize=7)
+            if not np.isfinite(value) or norm is None:
+                ax.text(j, i, "—", ha="center", va="center", fontsize=8)
+                continue
+            level = float(norm(shown[i, j]))
+            dark = level < 0.2 or level > 0.8 if center is not None else level < 0.5
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
         bar = fig.colorbar(image, ax=ax, fraction=0.04)
         bar.set_label(colorbar)
         if center is not None and len(finite):
             bar.formatter = FuncFormatter(lambda v, _pos: f"{center * 10 ** v:.2g}")
             bar.update_ticks()
         ax.set_title(title)
-        fig.subplots_adjust(left=min(0.45, 0.05 + 0.012 * max(len(s) for s in row_labels)),
-                            bottom=min(0.5, 0.9 / height + 0.25), top=1 - 0.45 / height, right=0.95)
+        fig.subplots_adjust(left=left_in / width, bottom=bottom_in / height, top=1 - 0.45 / height, right=0.97)
     return fig
 
 
@@ -251,10 +285,7 @@ def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palett
     """
     with rc_context(STYLE):
         labels = sorted({p.label for _, points in panels for p in points})
-        legend_rows = -(-max(len(labels), 1) // 4) + 1
-        height = 3.6 + 0.22 * legend_rows
-        fig = Figure(figsize=(4.4 * len(panels), height), dpi=DPI)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        fig, axes = _panel_figure(len(panels), len(labels), title)
         ridge = peak_tflops / bandwidth_tbps
         for ax, (panel_title, points) in zip(axes, panels):
             intensities = np.concatenate([p.x for p in points] + [np.array([ridge])])
@@ -263,8 +294,8 @@ def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palett
             ax.plot(grid, np.minimum(peak_tflops, grid * bandwidth_tbps), color="0.25", linewidth=1.2)
             ax.annotate(f"measured peak {peak_tflops:.0f} TFLOP/s (bf16 matmul)", (hi, peak_tflops),
                         xytext=(-4, 4), textcoords="offset points", ha="right", fontsize=7, color="0.25")
-            ax.annotate(f"copy {bandwidth_tbps:.2f} TB/s", (lo * 2, lo * 2 * bandwidth_tbps), xytext=(4, 6),
-                        textcoords="offset points", fontsize=7, color="0.25", rotation=25)
+            ax.annotate(f"copy {bandwidth_tbps:.2f} TB/s", (lo * 1.5, lo * 1.5 * bandwidth_tbps), xytext=(6, -2),
+                        textcoords="offset points", fontsize=7, color="0.25")
             for p in points:
                 style = palette[p.label]
                 ax.plot(p.x, p.y, linestyle="none", marker=p.marker or style.marker, color=style.color,
@@ -273,12 +304,8 @@ def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palett
             ax.set_xlabel("arithmetic intensity (FLOP/byte)")
             ax.set_ylabel("achieved TFLOP/s")
             ax.set_title(panel_title)
-        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker, linestyle="none",
-                          label=label) for label in labels]
-        fig.legend(handles=handles, loc="lower center", ncol=min(4, max(len(handles), 1)), frameon=False)
-        fig.suptitle(title, fontsize=11)
-        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height,
-                            bottom=(0.55 + 0.22 * legend_rows) / height, wspace=0.3)
+        _legend(fig, [Line2D([], [], color=palette[label].color, marker=palette[label].marker, linestyle="none",
+                             label=label) for label in labels])
     return fig
 
 
@@ -286,10 +313,7 @@ def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], 
     """Quality against time per panel (title, ylabel, points, front as an (n, 2) array of x, y)."""
     with rc_context(STYLE):
         labels = sorted({p.label for _, _, points, _ in panels for p in points})
-        legend_rows = -(-max(len(labels), 1) // 4) + 1
-        height = 3.6 + 0.22 * legend_rows
-        fig = Figure(figsize=(4.4 * len(panels), height), dpi=DPI)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        fig, axes = _panel_figure(len(panels), len(labels) + 1, title)
         for ax, (panel_title, ylabel, points, front) in zip(axes, panels):
             for p in points:
                 style = palette[p.label]
@@ -306,10 +330,7 @@ def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], 
         handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker, linestyle="none",
                           label=label) for label in labels]
         handles.append(Line2D([], [], color="0.3", linestyle="--", label="Pareto front"))
-        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), frameon=False)
-        fig.suptitle(title, fontsize=11)
-        fig.subplots_adjust(left=0.1, right=0.97, top=1 - 0.55 / height,
-                            bottom=(0.55 + 0.22 * legend_rows) / height, wspace=0.3)
+        _legend(fig, handles)
     return fig
 
 

@@ -14,23 +14,18 @@ import argparse
 import base64
 import html
 import math
-import multiprocessing
-import os
 import re
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from matplotlib.figure import Figure
 
 from bench import plots
-from bench.rundir import Run, RunDirError, load_run, merge_runs
+from bench.rundir import Run, UsageError, load_runs, merge_runs, parse_args
 from bench.schema import STATUSES
 
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
@@ -51,11 +46,15 @@ NOT_RECORDED = "not recorded"
 # ---------------------------------------------------------------------------------------------- report model
 @dataclass
 class Text:
+    """A paragraph of plain text."""
+
     text: str
 
 
 @dataclass
 class Code:
+    """Preformatted text, shown verbatim (e.g. the command of a run)."""
+
     text: str
 
 
@@ -70,6 +69,8 @@ class Cell:
 
 @dataclass
 class Table:
+    """Rows of cells (str or Cell) under ``header``; ``collapsed`` folds it behind its caption (<details>)."""
+
     header: list[str]
     rows: list[list]
     caption: str = ""
@@ -78,20 +79,18 @@ class Table:
 
 @dataclass
 class Plot:
-    """A figure: ``recipe()`` builds it (picklable, so figures render in parallel); ``png`` once rendered.
-
-    ``name`` is its file stem under report_files/.
-    """
+    """A rendered figure; ``name`` is its file stem under report_files/."""
 
     name: str
     alt: str
     caption: str
-    recipe: Callable[[], Figure]
-    png: bytes | None = None
+    png: bytes
 
 
 @dataclass
 class Section:
+    """One report section: ``anchor`` is its id in both reports (and the table of contents)."""
+
     anchor: str
     title: str
     blocks: list = field(default_factory=list)
@@ -226,6 +225,12 @@ def group_order(rows: pd.DataFrame) -> list[str]:
     return keys.sort_values(["mask", "pattern", "mode_rank", "shape"])["group"].tolist()
 
 
+def in_group_order(rows: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    """The rows split by (figure group, source), in ``group_order`` and then by source."""
+    rank = {group: i for i, group in enumerate(group_order(rows))}
+    return sorted(rows.groupby(["group", "source"]), key=lambda item: (rank[item[0][0]], item[0][1]))
+
+
 def with_baseline(kernel: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """Kernel rows with ``baseline_method``, ``baseline_ms`` and ``speedup`` (baseline time / own time).
 
@@ -233,7 +238,7 @@ def with_baseline(kernel: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     exact method with status ok. Cases without such a row get NaN.
     """
     frame = kernel.copy()
-    frame["case_key"] = frame[list(CASE_FIELDS)].astype("string").fillna("?").agg("|".join, axis=1)
+    frame["case_key"] = frame.groupby(list(CASE_FIELDS), dropna=False, sort=False).ngroup()
     ok = frame[(frame["status"] == "ok") & frame["ms_median"].notna()]
     candidates = ok[ok["method"] == baseline] if baseline else ok[ok["is_exact"]]
     best = candidates.sort_values("ms_median").drop_duplicates("case_key")
@@ -254,8 +259,11 @@ def curve_baseline(group_rows: pd.DataFrame, baseline: str | None) -> str | None
     if exact.empty:
         return None
     winners = exact.sort_values("ms_median").drop_duplicates("x")
-    wins = winners.groupby("method").agg(count=("x", "size"), longest=("x", "max"))
-    return wins.sort_values(["count", "longest"], ascending=False).index[0]
+    wins: dict[str, tuple[int, float]] = {}
+    for method, x in zip(winners["method"], winners["x"]):
+        count, longest = wins.get(method, (0, 0.0))
+        wins[method] = (count + 1, max(longest, x))
+    return max(wins, key=wins.get)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -287,12 +295,31 @@ def status_cell(row) -> Cell:
 
 
 def plot(name: str, alt: str, caption: str, builder: Callable[..., Figure], *args, **kwargs) -> Plot:
-    """A figure to render later: ``builder(*args, **kwargs)`` from bench.plots."""
-    return Plot(slug(name), alt, caption, partial(builder, *args, **kwargs))
+    """Render ``builder(*args, **kwargs)`` (a figure of bench.plots) to a Plot."""
+    return Plot(slug(name), alt, caption, plots.to_png(builder(*args, **kwargs)))
 
 
 def length_sort(values) -> list:
     return sorted(v for v in set(values) if pd.notna(v))
+
+
+def without_blank(header: list[str], rows: list[list], name: str) -> tuple[list[str], list[list]]:
+    """Drop column ``name`` when every row leaves it blank (e.g. "source" in a single-run report)."""
+    index = header.index(name)
+    if any(row[index] not in ("", None) for row in rows):
+        return header, rows
+    return header[:index] + header[index + 1:], [row[:index] + row[index + 1:] for row in rows]
+
+
+def length_table(rows: pd.DataFrame, column: str, show: Callable[[float], str]) -> tuple[list[str], list[list]]:
+    """Header and rows of a method × length table: ``show(value)`` for ok cases, the status (with the reason
+    on hover) for the others, empty where the case was not planned. The last row of a (label, length) wins."""
+    lengths = length_sort(rows["x"])
+    cells: dict[str, dict[float, object]] = {}
+    for label, x, status, value, reason in zip(rows["label"], rows["x"], rows["status"], rows[column], rows["reason"]):
+        cells.setdefault(label, {})[x] = show(value) if status == "ok" else Cell(status, status, reason or None)
+    table = [[label, *[cells[label].get(x, "") for x in lengths]] for label in sorted(cells)]
+    return ["method", *[plots.tokens(x) for x in lengths]], table
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -309,41 +336,41 @@ def section_overview(ctx: Context) -> Section:
     for run in ctx.runs:
         for warning in run.warnings:
             section.blocks.append(Text(f"Warning ({run.name}): {warning}"))
-    kernel = ctx.kernel
     answers = []
-    for group in group_order(kernel):
-        for source, rows in kernel[kernel["group"] == group].groupby("source", sort=True):
-            ok = rows[(rows["status"] == "ok") & rows["ms_median"].notna()]
-            if ok.empty:
-                answers.append([group, source or "", "", Cell("no method measured", "error"), "", "", ""])
-                continue
-            longest = ok["x"].max()
-            at = ok[ok["x"] == longest]
-            exact = at[at["is_exact"]].sort_values("ms_median")
-            fastest = at.sort_values("ms_median").iloc[0]
-            lean = at.dropna(subset=["peak_mem_mb"]).sort_values("peak_mem_mb")
-            failed = rows[(rows["x"] >= longest) & (rows["status"] != "ok") & (rows["status"] != "unsupported")]
-            failed_text = ", ".join(sorted({f"{m} ({s})" for m, s in zip(failed["method"], failed["status"])}))
-            answers.append([
-                group, source or "", plots.tokens(longest),
-                f"{exact.iloc[0]['method']} ({fmt(exact.iloc[0]['ms_median'])} ms)" if len(exact) else "none ok",
-                f"{fastest['method']} ({fmt(fastest['ms_median'])} ms"
-                + ("" if fastest["is_exact"] else ", approximate") + ")",
-                f"{lean.iloc[0]['method']} ({fmt(lean.iloc[0]['peak_mem_mb'])} MiB)" if len(lean) else "",
-                failed_text,
-            ])
+    for (group, source), rows in in_group_order(ctx.kernel):
+        ok = rows[(rows["status"] == "ok") & rows["ms_median"].notna()]
+        if ok.empty:
+            answers.append([group, source, "", Cell("no method measured", "error"), "", "", ""])
+            continue
+        longest = ok["x"].max()
+        at = ok[ok["x"] == longest]
+        exact = at[at["is_exact"]].sort_values("ms_median")
+        fastest = at.sort_values("ms_median").iloc[0]
+        lean = at.dropna(subset=["peak_mem_mb"]).sort_values("peak_mem_mb")
+        failed = rows[(rows["x"] >= longest) & (rows["status"] != "ok") & (rows["status"] != "unsupported")]
+        failed_text = ", ".join(sorted({f"{m} ({s})" for m, s in zip(failed["method"], failed["status"])}))
+        answers.append([
+            group, source, plots.tokens(longest),
+            f"{exact.iloc[0]['method']} ({fmt(exact.iloc[0]['ms_median'])} ms)" if len(exact) else "none ok",
+            f"{fastest['method']} ({fmt(fastest['ms_median'])} ms" + ("" if fastest["is_exact"] else ", approximate")
+            + ")",
+            f"{lean.iloc[0]['method']} ({fmt(lean.iloc[0]['peak_mem_mb'])} MiB)" if len(lean) else "",
+            failed_text,
+        ])
     if answers:
-        section.blocks.append(Table(
+        header, answers = without_blank(
             ["mask · pattern · mode · shape", "source", "longest length", "fastest exact", "fastest",
-             "leanest (peak memory)", "failed at ≥ that length"],
-            answers, "At the longest length where any method ran: who is fastest and leanest."))
+             "leanest (peak memory)", "failed at ≥ that length"], answers, "source")
+        section.blocks.append(Table(header, answers,
+                                    "At the longest length where any method ran: who is fastest and leanest."))
     flagged = ctx.rows[ctx.rows["flags"].notna() & (ctx.rows["flags"].astype(str) != "")]
     if len(flagged):
         section.blocks.append(Table(
             ["method", "mask", "mode", "length", "flags"],
             [[r["label"], r["mask"], r["mode"], plots.tokens(r["x"]) if pd.notna(r["x"]) else "", r["flags"]]
              for _, r in flagged.iterrows()],
-            "Sanity flags raised while measuring (check these rows before trusting them).", collapsed=len(flagged) > 10))
+            "Sanity flags raised while measuring (check these rows before trusting them).",
+            collapsed=len(flagged) > 10))
     return section
 
 
@@ -392,11 +419,13 @@ def section_curves(ctx: Context) -> Section:
     """Per mask, pattern, mode and head shape: time, TFLOP/s and peak memory against length, one line per method."""
     section = Section("curves", "Latency, throughput and memory against sequence length")
     kernel = ctx.kernel
+    calibrated = any(calibration_of(run.env) for run in ctx.runs)
     section.blocks.append(Text(
         "Log-log; one line per method; shaded band: p20 to p80 of the repetitions. A case that did not produce a "
         "measurement is an × at the bottom of the panel with its status; methods unsupported at every length of "
-        "a figure are named under it. The dashed line in the throughput panel, when shown, is the device's "
-        "measured bf16 matmul peak (see the fraction-of-peak section)."))
+        "a figure are named under it."
+        + (" The dashed line in the throughput panel is the device's measured bf16 matmul peak (figures that mix "
+           "devices omit it)." if calibrated else "")))
     by_group = dict(tuple(kernel.groupby("group")))
     for group in group_order(kernel):
         section.blocks.extend(_curve_figure(ctx, group, by_group[group]))
@@ -447,21 +476,8 @@ def _curve_figure(ctx: Context, group: str, rows: pd.DataFrame) -> list:
     caption = group + (f". Unsupported at every length: {', '.join(unsupported)}." if unsupported else "")
     figure = plot(f"curves-{group}", f"curves for {group}", caption, plots.line_panels, group, panels, ctx.palette,
                   xlabel)
-    lengths = length_sort(rows["x"])
-    table = []
-    for label in labels:
-        mine = rows[rows["label"] == label].drop_duplicates("x", keep="last").set_index("x")
-        row = [label]
-        for x in lengths:
-            if x not in mine.index:
-                row.append("")
-            elif mine.at[x, "status"] == "ok":
-                row.append(fmt(mine.at[x, "ms_median"]))
-            else:
-                row.append(Cell(mine.at[x, "status"], mine.at[x, "status"], mine.at[x, "reason"] or None))
-        table.append(row)
-    return [figure, Table(["method", *[plots.tokens(x) for x in lengths]], table,
-                          f"Median time per call (ms), {group}.", collapsed=True)]
+    header, table = length_table(rows[rows["label"].isin(labels)], "ms_median", lambda v: fmt(v))
+    return [figure, Table(header, table, f"Median time per call (ms), {group}.", collapsed=True)]
 
 
 def section_peak(ctx: Context) -> Section:
@@ -497,12 +513,14 @@ def section_peak(ctx: Context) -> Section:
             table = []
             for (label, mode), r in ok.groupby(["label", "mode"]):
                 best = r.loc[r["peak_fraction"].idxmax()]
-                above = (r["peak_fraction"] > 1).sum()
+                above = ((r["peak_fraction"] > 1) & r["is_exact"]).sum()
+                check = Cell(f"{above} cases above the peak", "wrong") if above else \
+                    ("" if r["is_exact"].all() else "approximate: attention-equivalent rate")
                 table.append([label, mode, fmt(r["peak_fraction"].median(), 2), fmt(best["peak_fraction"], 2),
-                              f"{best['mask']} at {plots.tokens(best['x'])}",
-                              Cell(f"{above} above peak", "wrong") if above else ""])
+                              f"{best['mask']} at {plots.tokens(best['x'])}", check])
             section.blocks.append(Table(["method", "mode", "median fraction", "best fraction", "best at", "check"],
-                                        table, f"Achieved TFLOP/s over the measured peak, {name}."))
+                                        table, f"Achieved TFLOP/s over the measured peak, {name}. An exact method "
+                                        "above 1 means a wrong FLOP count or timing; check those rows."))
     return section
 
 
@@ -537,23 +555,9 @@ def section_speedup(ctx: Context) -> Section:
                                 summary, "Speed-up over the baseline, summarised over shapes and lengths."))
     for group in group_order(frame):
         rows = frame[frame["group"] == group]
-        lengths = length_sort(rows["x"])
-        table = []
-        for label, mine in rows.groupby("label"):
-            mine = mine.drop_duplicates("x", keep="last").set_index("x")
-            line = [label]
-            for x in lengths:
-                if x not in mine.index:
-                    line.append("")
-                elif mine.at[x, "status"] != "ok":
-                    line.append(Cell(mine.at[x, "status"], mine.at[x, "status"], mine.at[x, "reason"] or None))
-                elif pd.isna(mine.at[x, "speedup"]):
-                    line.append("no baseline")
-                else:
-                    line.append(f"{fmt(mine.at[x, 'speedup'])}×")
-            table.append(line)
+        header, table = length_table(rows, "speedup", lambda v: "no baseline" if pd.isna(v) else f"{fmt(v)}×")
         base_names = sorted(set(rows["baseline_method"].dropna()))
-        section.blocks.append(Table(["method", *[plots.tokens(x) for x in lengths]], table,
+        section.blocks.append(Table(header, table,
                                     f"Speed-up, {group} (baseline: {', '.join(base_names) or 'none'}).",
                                     collapsed=True))
     return section
@@ -571,9 +575,7 @@ def section_efficiency_length(ctx: Context) -> Section:
         + (ctx.baseline if ctx.baseline else "the exact method fastest at most lengths.")))
     table = []
     kernel = ctx.kernel
-    rank = {group: i for i, group in enumerate(group_order(kernel))}
-    ok = kernel[(kernel["status"] == "ok") & (kernel["ms_median"] > 0)]
-    for (group, source), rows in sorted(ok.groupby(["group", "source"]), key=lambda item: (rank[item[0][0]], item[0][1])):
+    for (group, source), rows in in_group_order(kernel[(kernel["status"] == "ok") & (kernel["ms_median"] > 0)]):
         baseline = curve_baseline(rows, ctx.baseline)
         if baseline is None:
             continue
@@ -586,14 +588,15 @@ def section_efficiency_length(ctx: Context) -> Section:
             if common.empty:
                 continue
             seq = times.index.to_numpy(dtype=float)
-            time = describe_crossing(seq, times[label], times[base_label], "faster", "slower")
-            lean = describe_crossing(seq, memory[label], memory[base_label], "leaner", "heavier")
-            table.append([group, source or "", label, baseline,
+            time = describe_crossing(seq, times[label], times[base_label], "at least as fast", "slower")
+            lean = describe_crossing(seq, memory[label], memory[base_label], "at most as much memory", "more memory")
+            table.append([group, source, label, baseline,
                           f"{plots.tokens(common.min())}–{plots.tokens(common.max())}", time, lean])
     if table:
-        section.blocks.append(Table(["mask · pattern · mode · shape", "source", "method", "baseline",
-                                     "measured range", "time: efficiency length", "memory: efficiency length"],
-                                    table, "Efficiency length of each method against the baseline."))
+        header, table = without_blank(["mask · pattern · mode · shape", "source", "method", "baseline",
+                                       "measured range", "time: efficiency length", "memory: efficiency length"],
+                                      table, "source")
+        section.blocks.append(Table(header, table, "Efficiency length of each method against the baseline."))
     else:
         section.blocks.append(Text("No figure has a measured baseline and another measured method."))
     return section
@@ -640,28 +643,33 @@ def section_cp_scaling(ctx: Context) -> Section | None:
     section = Section("cp-scaling", "Context-parallel scaling")
     step = rows["ms_rank_max"] if "ms_rank_max" in rows else rows["ms_median"]
     rows = rows.assign(step_ms=step.fillna(rows["ms_median"]), line=rows["label"] + " · " + rows["layout"])
-    single = ctx.kernel.assign(step_ms=ctx.kernel["ms_median"])
+    ok_single = ctx.kernel[(ctx.kernel["status"] == "ok") & (ctx.kernel["ms_median"] > 0)]
+    one_gpu = {(group, label, x): ms for group, label, x, ms in zip(ok_single["group"], ok_single["label"],
+                                                                   ok_single["x"], ok_single["ms_median"])}
     section.blocks.append(Text(
-        "Step time is the slowest rank's time (ms_rank_max) when recorded, else the median. Speed-up is over the "
-        "same method on one GPU at the same length, when that was measured; efficiency = speed-up / world size."))
-    line_palette = plots.Palette(rows["line"])
+        "Step time is the slowest rank's time (ms_rank_max) when recorded, else the median. Dotted: ideal scaling "
+        "from the same method measured on one GPU at the same length (its time / world size), when measured. "
+        "Speed-up is over that one-GPU time; efficiency = speed-up / world size."))
+    ideal_name = "{} · ideal from 1 GPU"
+    line_palette = plots.Palette([*rows["line"], *[ideal_name.format(label) for label in rows["label"]]])
     table = []
     for group in group_order(rows):
         in_group = rows[rows["group"] == group]
-        lengths = length_sort(in_group["x"])[-3:]
         panels = []
-        for x in lengths:
+        for x in length_sort(in_group["x"])[-3:]:
             at = in_group[in_group["x"] == x].assign(x=in_group["world_size"].astype(float))
-            series = []
-            for line, mine in at.groupby("line"):
-                series.append(_series(mine.sort_values("x"), line, "step_ms"))
+            series = [_series(mine.sort_values("x"), line, "step_ms") for line, mine in at.groupby("line")]
+            worlds = np.array([1.0, *length_sort(at["x"])])
+            for label in sorted(set(at["label"])):
+                if (group, label, x) in one_gpu:
+                    series.append(plots.Series(ideal_name.format(label), worlds, one_gpu[(group, label, x)] / worlds,
+                                               ideal=True))
             panels.append(plots.Panel(f"length {plots.tokens(x)}", "step time (ms)", series))
         section.blocks.append(plot(f"cp-{group}", f"CP scaling for {group}", "", plots.line_panels,
                                    f"CP scaling: {group}", panels, line_palette, "world size (GPUs)", x_tokens=False))
         for _, row in in_group.sort_values(["label", "layout", "x", "world_size"]).iterrows():
-            one = single[(single["group"] == group) & (single["method"] == row["method"]) & (single["x"] == row["x"])
-                         & (single["source"] == row["source"]) & (single["status"] == "ok")]
-            speedup = one["step_ms"].iloc[0] / row["step_ms"] if len(one) and row["step_ms"] > 0 else np.nan
+            single_ms = one_gpu.get((group, row["label"], row["x"]), np.nan)
+            speedup = single_ms / row["step_ms"] if row["step_ms"] > 0 else np.nan
             world = row["world_size"]
             table.append([row["label"], row["layout"], plots.tokens(row["x"]), shown(world), status_cell(row),
                           fmt(row["step_ms"]), fmt(row.get("ms_rank_mean", np.nan)), fmt(row.get("imbalance", np.nan)),
@@ -683,13 +691,11 @@ def section_environment(ctx: Context) -> Section:
         git = shown(env.get("git_sha"))
         if env.get("git_dirty"):
             git += " (uncommitted changes)"
-        timing = run.rows
         clocks = []
         for column, unit in (("sm_clock_mhz", "MHz SM clock"), ("power_w", "W"), ("temp_c", "°C")):
-            values = pd.to_numeric(timing[column], errors="coerce").dropna() if len(timing) else pd.Series(dtype=float)
+            values = pd.to_numeric(run.rows[column], errors="coerce").dropna()
             if len(values):
                 clocks.append(f"{fmt(values.median())} {unit}")
-        config = run.config
         fields = [
             ("run", run.name), ("device", run.device), ("host", shown(env.get("host"))),
             ("started", shown(env.get("started_at"))), ("finished", shown(env.get("finished_at"))),
@@ -697,13 +703,10 @@ def section_environment(ctx: Context) -> Section:
             ("torch", shown(env.get("torch"))), ("triton", shown(env.get("triton"))),
             ("python", shown(env.get("python"))), ("git SHA", git),
             ("calibration", f"bf16 matmul {fmt(calibration.get('matmul_bf16_tflops'))} TFLOP/s, copy "
-                            f"{fmt(calibration.get('copy_tbps'))} TB/s, measured {shown(calibration.get('measured_at'))}"
-             if calibration else NOT_RECORDED),
+                            f"{fmt(calibration.get('copy_tbps'))} TB/s, "
+                            f"measured {shown(calibration.get('measured_at'))}" if calibration else NOT_RECORDED),
             ("clocks while timing (median)", ", ".join(clocks) or NOT_RECORDED),
         ]
-        for key in ("methods", "masks", "modes", "seq_lens", "dtype", "layout"):
-            if key in config:
-                fields.append((f"config: {key}", shown(config[key])))
         section.blocks.append(Table(["field", run.name], [[k, v] for k, v in fields], f"Environment of {run.name}."))
         if gpus:
             section.blocks.append(Table(
@@ -715,6 +718,11 @@ def section_environment(ctx: Context) -> Section:
             section.blocks.append(Text(f"GPUs of {run.name}: {NOT_RECORDED}."))
         section.blocks.append(Text(f"Command that produced {run.name}:"))
         section.blocks.append(Code(shown(env.get("command"))))
+        if run.config:
+            section.blocks.append(Table(["key", "value"], [[k, shown(v)] for k, v in run.config.items()],
+                                        f"Resolved configuration of {run.name} (config.yaml).", collapsed=True))
+        else:
+            section.blocks.append(Text(f"Configuration of {run.name}: {NOT_RECORDED}."))
         packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
         if packages:
             section.blocks.append(Table(["package", "version"], [[k, shown(v)] for k, v in sorted(packages.items())],
@@ -731,6 +739,8 @@ def build_report(runs: list[Run], baseline: str | None = None) -> list[Section]:
     """Every section that applies to these runs, in report order."""
     rows = prepare_rows(runs)
     kernel = rows.loc[rows["kind"] == "kernel", list(KERNEL_COLUMNS)]
+    # object columns: element access on Arrow-backed strings is slow in the per-figure loops
+    kernel = kernel.astype({c: object for c in kernel.columns if pd.api.types.is_string_dtype(kernel[c])})
     ctx = Context(runs, rows, kernel, baseline, plots.Palette(rows["label"]))
     return [s for s in (section(ctx) for section in SECTIONS) if s is not None]
 
@@ -843,39 +853,8 @@ def render_html(title: str, sections: list[Section]) -> str:
     return "\n".join(out)
 
 
-def _render(recipe: Callable[[], Figure]) -> bytes:
-    return plots.to_png(recipe())
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def render_plots(sections: list[Section], jobs: int) -> None:
-    """Render every figure not yet rendered, in ``jobs`` worker processes (1: in this process).
-
-    Workers come from a fork server with bench.plots preloaded: no fork of this (possibly multi-threaded)
-    process, and no second import of matplotlib per figure.
-    """
-    pending = [block for section in sections for block in section.blocks if isinstance(block, Plot) and block.png is None]
-    if jobs > 1 and len(pending) > 2:
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if context.get_start_method() == "forkserver":
-            context.set_forkserver_preload(["bench.plots"])
-        workers = min(jobs, len(pending))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pngs = list(pool.map(_render, [p.recipe for p in pending], chunksize=max(1, len(pending) // (4 * workers))))
-    else:
-        pngs = [_render(p.recipe) for p in pending]
-    for block, png in zip(pending, pngs):
-        block.png = png
-
-
-def write_report(sections: list[Section], out_dir: Path, title: str, jobs: int = 1) -> tuple[Path, Path]:
-    """Render the figures (``jobs`` processes), then write report.md, report_files/*.png and report.html into
-    ``out_dir``; returns the paths of report.md and report.html."""
-    render_plots(sections, jobs)
+def write_report(sections: list[Section], out_dir: Path, title: str) -> tuple[Path, Path]:
+    """Write report.md, report_files/*.png and report.html into ``out_dir``; returns the two report paths."""
     files = out_dir / "report_files"
     files.mkdir(parents=True, exist_ok=True)
     for stale in files.glob("*.png"):
@@ -898,39 +877,6 @@ def write_report(sections: list[Section], out_dir: Path, title: str, jobs: int =
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-class UsageError(Exception):
-    """A bad argument; the message names it. Exit code 2."""
-
-
-def resolve_run(arg: str, results_dir: Path) -> Path:
-    """A run argument as a folder: the path itself, else ``results_dir/arg``."""
-    path = Path(arg)
-    if path.is_dir():
-        return path
-    if (results_dir / arg).is_dir():
-        return results_dir / arg
-    raise UsageError(f"RUN {arg!r}: run folder not found (looked at {path} and {results_dir / arg})")
-
-
-def load_runs(args: list[str], results_dir: Path) -> list[Run]:
-    """Load run folders; raises UsageError naming the first missing or unreadable one."""
-    runs = []
-    for arg in args:
-        try:
-            runs.append(load_run(resolve_run(arg, results_dir)))
-        except RunDirError as exc:
-            raise UsageError(f"RUN {arg!r}: {exc}") from exc
-    return runs
-
-
-def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
-    """argparse without exiting: the namespace, or the exit code argparse asked for (2 on a bad argument)."""
-    try:
-        return parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="attnbench report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder, or run id under --results-dir")
@@ -938,8 +884,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline", metavar="METHOD",
                         help="method to compare against (default: the fastest exact method per case)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where run ids are looked up")
-    parser.add_argument("--jobs", type=int, default=usable_cpus(), help="processes that render figures")
-    args = parse(parser, argv)
+    args = parse_args(parser, argv)
     if isinstance(args, int):
         return args
     try:
@@ -952,7 +897,7 @@ def main(argv: list[str]) -> int:
                              f"(methods: {', '.join(methods)})")
         sections = build_report(runs, args.baseline)
         title = "attnbench report: " + ", ".join(run.name for run in runs)
-        markdown, page = write_report(sections, args.out or runs[0].path, title, max(1, args.jobs))
+        markdown, page = write_report(sections, args.out or runs[0].path, title)
     except UsageError as exc:
         print(f"attnbench report: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ later issues are kept after them).
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ ROW_FILES = ("rows.parquet", "rows.jsonl", "rows.csv")
 
 class RunDirError(Exception):
     """A run folder that does not exist or a file in it that cannot be read; the message names the path."""
+
+
+class UsageError(Exception):
+    """A bad command-line argument; the message names it (the CLIs exit with code 2)."""
 
 
 @dataclass
@@ -161,4 +166,34 @@ def _read_env(path: Path) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-__all__ = ["ROW_FILES", "Run", "RunDirError", "is_run_dir", "load_run", "merge_runs"]
+def resolve_run(arg: str, results_dir: Path, name: str = "RUN") -> Path:
+    """A run argument as a folder: the path itself, else ``results_dir/arg``; UsageError naming ``name``."""
+    path = Path(arg)
+    if path.is_dir():
+        return path
+    if (results_dir / arg).is_dir():
+        return results_dir / arg
+    raise UsageError(f"{name} {arg!r}: run folder not found (looked at {path} and {results_dir / arg})")
+
+
+def load_runs(args: list[str], results_dir: Path, names: list[str] | None = None) -> list[Run]:
+    """Load run folders named on a command line; UsageError names the first missing or unreadable one."""
+    runs = []
+    for arg, name in zip(args, names or ["RUN"] * len(args)):
+        try:
+            runs.append(load_run(resolve_run(arg, results_dir, name)))
+        except RunDirError as exc:
+            raise UsageError(f"{name} {arg!r}: {exc}") from exc
+    return runs
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """argparse without exiting: the namespace, or the exit code argparse asked for (2 on a bad argument)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+__all__ = ["ROW_FILES", "Run", "RunDirError", "UsageError", "is_run_dir", "load_run", "load_runs", "merge_runs",
+           "parse_args", "resolve_run"]

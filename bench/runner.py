@@ -216,7 +216,7 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    store = RowStore(run_dir)
+    store = RowStore(run_dir, retry=tuple(cfg.get("retry") or ()))
     env_path = run_dir / "env.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else envinfo.collect(run_id, command)
     env.setdefault("commands", [])

@@ -37,13 +37,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class RowStore:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, retry: tuple[str, ...] = ()):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "rows.jsonl"
         self._lock = threading.Lock()
         self._drop_partial_line()
         self.rows = read_jsonl(self.path)
-        self.done = {row["case_id"] for row in self.rows if row.get("case_id")}
+        # cases whose latest row has a status in ``retry`` run again on resume
+        latest = {row["case_id"]: row["status"] for row in self.rows if row.get("case_id")}
+        self.done = {case_id for case_id, status in latest.items() if status not in retry}
 
     def _drop_partial_line(self) -> None:
         """A crash mid-write leaves a last line without its newline: cut it, so the next row starts clean."""

@@ -6,9 +6,8 @@ import inspect
 from typing import Any
 
 from .base import MaskSpec
-from .basic import Causal
+from .basic import Causal, Full
 from .families import IntervalMask
-from .registry import MASKS
 
 
 def causal_kind(cls: type[MaskSpec]) -> str:
@@ -54,7 +53,7 @@ def describe(spec: MaskSpec, seq_q: int | None = None, seq_kv: int | None = None
 
 def _same_as(bound, pairs: int) -> str | None:
     if pairs == bound.seq_q * bound.seq_kv:
-        return MASKS["full"]().label
+        return Full().label
     if not isinstance(bound, IntervalMask):
         return None
     for align in ("bottom_right", "top_left"):

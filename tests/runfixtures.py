@@ -101,15 +101,16 @@ def write_run(root: Path, run_id: str, rows: list[dict], env: dict | None = None
     return folder
 
 
-def fixture_rows(run_id: str, device: str = H200, quality: bool = True, cp: bool = True) -> list[dict]:
-    """Rows holding every status, plus task-quality and CP rows when asked.
+def fixture_rows(run_id: str, device: str = H200, quality: bool = True, cp: bool = True, masks=tuple(MASKS),
+                 modes=("fwd", "bwd")) -> list[dict]:
+    """Rows holding every status (with the default masks and modes), plus task-quality and CP rows when asked.
 
     ok: sdpa, flex, linear_attn nearly everywhere; unsupported: linear_attn on sliding_window; wrong: buggy;
     oom: eager at 16k; timeout: eager bwd at 8k; error: flex at 16k on full; crashed: linear_attn fwd at 16k causal.
     """
     rows = []
-    for mask in MASKS:
-        for mode in ("fwd", "bwd"):
+    for mask in masks:
+        for mode in modes:
             for length in LENGTHS:
                 for method in METHODS:
                     status, reason = "ok", None

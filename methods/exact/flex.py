@@ -39,6 +39,12 @@ def build_flex(ctx):
     block_size = int(ctx.options.get("flex_block_size", 128))
     block_mask = ctx.mask.block_mask(ctx.device, block_size=block_size)
     enable_gqa = ctx.case.heads_kv != ctx.case.heads_q
+    if ctx.case.mode == "bwd":
+        # timing the backward alone replays one graph (retain_graph=True), which AOTAutograd refuses while it
+        # donates the forward's buffers to the backward; the kernels are the same either way
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
     compiled = fresh_compile(flex_attention)
 
     def flex(q, k, v):

@@ -1,0 +1,21 @@
+"""The issue's performance target: `attnbench report` on a 5,000-row run in under 30 s on the CPU machine.
+
+Not marked slow on purpose: it is a target of the issue and runs in CI.
+"""
+import time
+
+from runfixtures import env_for, large_rows, write_run
+
+from bench import report
+
+
+def test_report_of_5000_rows_under_30_seconds(tmp_path):
+    rows = large_rows("large")
+    assert len(rows) >= 5000
+    folder = write_run(tmp_path, "large", rows, env_for("large"), {"methods": [f"m{i}" for i in range(8)]})
+    start = time.perf_counter()
+    assert report.main([str(folder)]) == 0
+    elapsed = time.perf_counter() - start
+    # 4 masks x 4 modes x 4 head shapes = 64 curve figures, the roofline and the speed-up summary
+    assert len(list((folder / "report_files").glob("*.png"))) == 66
+    assert elapsed < 30, f"report of {len(rows)} rows took {elapsed:.1f} s"
