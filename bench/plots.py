@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -21,7 +22,7 @@ from matplotlib import rc_context  # noqa: E402
 from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
 DPI = 100
 STYLE = {
@@ -130,6 +131,25 @@ def number(value: float, _pos=None) -> str:
     return f"{value:g}"
 
 
+def log_ticks(low: float, high: float, base: int, subs: tuple[float, ...] = (1.0,), most: int = 7) -> list[float]:
+    """Tick positions sub x base^k inside [low, high], at most ``most``.
+
+    Too many 1-2-5 ticks fall back to powers of ``base``; too many of those keep every n-th, counted from the
+    top. A range holding no such value gets three ticks spread geometrically, rounded to 2 digits.
+    """
+    first, last = math.floor(math.log(low, base)), math.ceil(math.log(high, base))
+    candidates = (sub * float(base) ** k for k in range(first, last + 1) for sub in subs)
+    ticks = [tick for tick in candidates if low <= tick <= high]
+    if len(ticks) > most and len(subs) > 1:
+        return log_ticks(low, high, base, (1.0,), most)
+    if len(ticks) > most:
+        stride = -(-len(ticks) // most)
+        return ticks[::-1][::stride][::-1]
+    if not ticks:
+        return [float(f"{t:.2g}") for t in np.geomspace(low, high, 5)[1:4]]
+    return ticks
+
+
 def log_axes(ax, x_base: int, x_formatter=number) -> None:
     """Log axes with labelled ticks at 1, 2, 5 x 10^k (y) or powers of ``x_base`` (x), and no minor ticks.
 
@@ -145,38 +165,50 @@ def log_axes(ax, x_base: int, x_formatter=number) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
 
 
-def _panel_figure(n_panels: int, n_legend: int, title: str) -> tuple[Figure, list]:
-    """A figure of ``n_panels`` axes side by side with room for the title and a legend of ``n_legend`` entries
-    below; margins are fixed in inches so that labels fit whatever the panel count."""
+def _panel_figure(n_rows: int, n_cols: int, n_legend: int, title: str,
+                  row_titles: list[str] | None = None) -> tuple[Figure, np.ndarray]:
+    """A grid of ``n_rows`` x ``n_cols`` axes with room for the title, a bold heading above each row (when
+    ``row_titles``) and a legend of ``n_legend`` entries below; margins are fixed in inches so that labels fit
+    whatever the grid."""
     legend_rows = -(-max(n_legend, 1) // 4)
-    left, right, gap, panel, top = 0.85, 0.2, 0.85, 3.5, 0.6
+    left, right, gap, panel_width, panel_height, top = 0.85, 0.2, 0.85, 3.5, 2.7, 0.6
+    row_gap = 1.05 if row_titles else 0.8
     bottom = 0.65 + 0.2 * legend_rows
-    width = max(left + n_panels * panel + (n_panels - 1) * gap + right, 0.5 + 0.085 * len(title))
-    height = top + 2.7 + bottom
+    width = max(left + n_cols * panel_width + (n_cols - 1) * gap + right, 0.5 + 0.085 * len(title))
+    height = top + (0.3 if row_titles else 0) + n_rows * panel_height + (n_rows - 1) * row_gap + bottom
     fig = Figure(figsize=(width, height), dpi=DPI)
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
-    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
-                        wspace=gap / panel)
-    fig.suptitle(title, fontsize=11)
-    return fig, list(axes)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - (top + (0.3 if row_titles else 0)) / height,
+                        bottom=bottom / height, wspace=gap / panel_width, hspace=row_gap / panel_height)
+    fig.suptitle(title, fontsize=11, y=1 - 0.15 / height, va="top")
+    for row, row_title in enumerate(row_titles or []):
+        y = 1 - (top + (0.3 if row_titles else 0) + row * (panel_height + row_gap) - 0.32) / height
+        fig.text(left / width, y, row_title, fontsize=9.5, fontweight="bold", va="bottom")
+    return fig, axes
 
 
 def _legend(fig: Figure, handles: list) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=min(4, max(len(handles), 1)), frameon=False)
 
 
-def line_panels(title: str, panels: list[Panel], palette: Palette, xlabel: str, x_tokens: bool = True) -> Figure:
-    """Panels side by side, one line per series label, log-log, legend below.
+def line_panels(title: str, rows: list[tuple[str, list[Panel]]], palette: Palette, xlabel: str,
+                x_tokens: bool = True) -> Figure:
+    """A grid of panels: one row per (heading, panels) (e.g. one head shape), one line per series label,
+    log-log, one legend below. Rows must have the same number of panels; an empty heading draws none.
 
     The x axis is log base 2 (lengths and world sizes double), labelled as tokens when ``x_tokens``.
     """
     with rc_context(STYLE):
+        panels = [panel for _, row in rows for panel in row]
         ideal = {s.label: s.ideal for panel in panels for s in panel.series}
         labels = sorted(ideal)
         any_failed = any(s.failed for panel in panels for s in panel.series)
-        fig, axes = _panel_figure(len(panels), len(labels) + any_failed, title)
-        for ax, panel in zip(axes, panels):
-            _draw_panel(ax, panel, palette, xlabel, x_tokens)
+        headings = [heading for heading, _ in rows]
+        fig, axes = _panel_figure(len(rows), len(rows[0][1]), len(labels) + any_failed, title,
+                                  headings if any(headings) else None)
+        for axes_row, (_, row) in zip(axes, rows):
+            for ax, panel in zip(axes_row, row):
+                _draw_panel(ax, panel, palette, xlabel, x_tokens)
         handles = [Line2D([], [], color=palette[label].color, marker=None if ideal[label] else palette[label].marker,
                           linestyle=":" if ideal[label] else palette[label].dash, label=label) for label in labels]
         if any_failed:
@@ -222,6 +254,7 @@ def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool)
     if xs:
         lo, hi = min(xs), max(xs)
         ax.set_xlim(lo / 1.25, hi * 1.6)
+        ax.xaxis.set_major_locator(FixedLocator(log_ticks(lo, hi, 2)))
     if ys:
         lo, hi = min(ys), max(ys)
         # leave the bottom band of the panel free for the failed-case markers
@@ -229,9 +262,8 @@ def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool)
         span = np.log10(hi / lo) if hi > lo else 1.0
         bottom, top = lo / 10 ** (span * bottom_share / (1 - bottom_share) + 0.05), hi * 10 ** (0.08 * span + 0.05)
         ax.set_ylim(bottom, top)
-        # 1-2-5 ticks over a short range, decades over a long one: about 4 to 8 labels either way
-        subs = (1.0, 2.0, 5.0) if np.log10(top / bottom) <= 2.5 else (1.0,)
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=8))
+        # fixed ticks inside the view: a locator's ticks beyond the limits cost drawing time for nothing
+        ax.yaxis.set_major_locator(FixedLocator(log_ticks(bottom, top, 10, (1.0, 2.0, 5.0), most=8)))
     else:
         ax.set_yticks([])
         ax.text(0.5, 0.5, "no measured values", transform=ax.transAxes, ha="center", va="center", color="0.4")
@@ -285,7 +317,8 @@ def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palett
     """
     with rc_context(STYLE):
         labels = sorted({p.label for _, points in panels for p in points})
-        fig, axes = _panel_figure(len(panels), len(labels), title)
+        fig, grid = _panel_figure(1, len(panels), len(labels), title)
+        axes = grid[0]
         ridge = peak_tflops / bandwidth_tbps
         for ax, (panel_title, points) in zip(axes, panels):
             intensities = np.concatenate([p.x for p in points] + [np.array([ridge])])
@@ -313,7 +346,8 @@ def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], 
     """Quality against time per panel (title, ylabel, points, front as an (n, 2) array of x, y)."""
     with rc_context(STYLE):
         labels = sorted({p.label for _, _, points, _ in panels for p in points})
-        fig, axes = _panel_figure(len(panels), len(labels) + 1, title)
+        fig, grid = _panel_figure(1, len(panels), len(labels) + 1, title)
+        axes = grid[0]
         for ax, (panel_title, ylabel, points, front) in zip(axes, panels):
             for p in points:
                 style = palette[p.label]

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from runfixtures import H200, LENGTHS, env_for, fixture_rows, model_ms, write_fixture_run, write_run
+from runfixtures import H200, LENGTHS, env_for, fixture_rows, make_row, model_ms, write_fixture_run, write_run
 
 from bench import report
 from bench.report import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
@@ -278,3 +278,26 @@ def test_plots_are_plot_blocks_per_section(fixture_sections):
     assert len(plots_by_section["curves"]) == 6
     assert [p.name for p in plots_by_section["peak"]] == ["roofline-fixture-run"]
     assert len(plots_by_section["quality"]) == 1 and len(plots_by_section["cp-scaling"]) == 1
+
+
+def test_plot_series_carry_failed_cases_as_markers_not_values(fixture_report):
+    rows = report.prepare_rows([load_run(fixture_report)])
+    group = "full · noncausal_self · bwd · b1 · h16/16 · d128 · bf16"
+    eager = rows[(rows["label"] == "eager") & (rows["group"] == group)]
+    series = report._series(eager.sort_values("x"), "eager", "ms_median", ("ms_p20", "ms_p80"))
+    assert series.x.tolist() == [1024, 2048, 4096]
+    assert series.failed == [(8192, "timeout"), (16384, "oom")]
+    assert series.y.tolist() == [model_ms("eager", L, "bwd") for L in (1024, 2048, 4096)]
+    assert series.low is not None and (series.low < series.y).all()
+
+
+def test_a_run_where_nothing_was_measured(tmp_path):
+    rows = [make_row("failed", m, "causal", "fwd", L, "error", reason="boom") for m in ("sdpa", "flex")
+            for L in (1024, 2048)]
+    folder = write_run(tmp_path, "failed", rows, {"gpus": "not a list", "calibration": "bogus", "device": None})
+    assert report.main([str(folder)]) == 0
+    markdown = (folder / "report.md").read_text()
+    assert "No case has both a measured baseline and a measured method." in markdown
+    assert "No figure has a measured baseline and another measured method." in markdown
+    assert "| sdpa | error | error |" in markdown and "no calibration recorded" in markdown
+    assert len(list((folder / "report_files").glob("*.png"))) == 1
