@@ -6,7 +6,8 @@ device, so two machines or two commits can be compared. For a case measured (sta
 - **regression** when NEW is slower by more than the threshold (ratio > 1 + threshold) *and* beyond both
   runs' recorded spread: NEW's p20 is above BASE's p80, so the two p20–p80 intervals do not overlap;
 - **improvement** symmetrically: ratio < 1 - threshold and NEW's p80 below BASE's p20;
-- **within spread** when the ratio passes the threshold but the intervals overlap; **unchanged** otherwise.
+- **within spread** when the ratio passes the threshold but the intervals overlap; **unchanged** otherwise
+  (**not timed** if a side has no median time).
 
 A case ok in BASE and failed in NEW is a regression too (``ok → oom`` ...); failed → ok is ``fixed``. Cases in one
 run only are listed, never called regressions. ``--fail-on-regression`` exits 1 when any regression is found.
@@ -24,8 +25,8 @@ import pandas as pd
 from bench.rundir import UsageError, load_runs, parse_args
 from bench.schema import KEY_FIELDS
 
-VERDICTS = ("regression", "new failure", "improvement", "fixed", "within spread", "unchanged", "still failing",
-            "only in BASE", "only in NEW")
+VERDICTS = ("regression", "new failure", "improvement", "fixed", "within spread", "unchanged", "not timed",
+            "still failing", "only in BASE", "only in NEW")
 REGRESSIONS = ("regression", "new failure")
 
 
@@ -66,7 +67,7 @@ def verdict(row, threshold: float) -> str:
         return "still failing"
     ratio = row["ratio"]
     if not math.isfinite(ratio):
-        return "unchanged"
+        return "not timed"  # ok in both, but a median time is missing on one side
     base_low, base_high = _spread(row, "base")
     new_low, new_high = _spread(row, "new")
     if ratio > 1 + threshold:

@@ -1,7 +1,7 @@
 """The one style module: every figure of a report is drawn here, in one look, readable in print.
 
-Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no global state, nothing to
-close) and returned as ``Figure``; ``to_png`` renders one. Lengths double along a sweep, so length axes are
+Figures are built with matplotlib's object API (no pyplot, so no backend switch, no global state and nothing
+to close) and returned as ``Figure``; ``to_png`` renders one with Agg. Lengths double along a sweep, so length axes are
 log base 2 with token labels (512, 1k, 64k, 1M); times, rates and memory are log base 10. Only measured values
 are drawn as values: a failed case is an "x" in the line's colour in a band at the bottom of the panel, with
 its status written beside it.
@@ -13,16 +13,12 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-from matplotlib import rc_context  # noqa: E402
-from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator  # noqa: E402
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.colors import LogNorm, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
 DPI = 100
 STYLE = {
@@ -43,11 +39,13 @@ STYLE = {
     "savefig.facecolor": "white",
     "figure.facecolor": "white",
 }
-# Okabe-Ito (colour-blind safe) first, then tab10's remaining hues; markers and dashes separate lines in grey.
+# Okabe-Ito (colour-blind safe; its yellow swapped for a darker olive that reads on white), then more hues;
+# markers and dashes keep lines apart in grey print.
 COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#999933", "#000000",
           "#8c564b", "#7f7f7f", "#bcbd22", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 DASHES = ("-", "--", "-.", ":")
+STATUS_SHORT = {"unsupported": "unsup."}  # status words under the curves; the others are short already
 STATUS_COLORS = {
     "ok": "#cfe8cf", "unsupported": "#e4e4e4", "wrong": "#f4a6a6", "oom": "#f9d19c", "error": "#d9c2ea",
     "crashed": "#e07a7a", "timeout": "#f3e59a",
@@ -101,12 +99,11 @@ class Panel:
 
 @dataclass
 class Points:
-    """Scatter points of one label (``marker`` overrides the label's marker, e.g. to tell modes apart)."""
+    """Scatter points of one label."""
 
     label: str
     x: np.ndarray
     y: np.ndarray
-    marker: str | None = None
 
 
 def to_png(fig: Figure) -> bytes:
@@ -246,11 +243,15 @@ def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool)
     for band, series in enumerate(failed):
         height = 0.04 + 0.055 * band
         color = palette[series.label].color
-        for x, status in series.failed:
-            ax.plot([x], [height], transform=blend, marker="x", color=color, markersize=6, linestyle="none",
-                    clip_on=False)
-            ax.annotate(status, (x, height), xycoords=blend, xytext=(4, 0), textcoords="offset points",
-                        fontsize=6.5, color=color, va="center")
+        xs_failed = [x for x, _ in series.failed]
+        ax.plot(xs_failed, [height] * len(xs_failed), transform=blend, marker="x", color=color, markersize=6,
+                linestyle="none", clip_on=False)
+        previous = None
+        for x, status in series.failed:  # the status is written where it starts, not at every repeat
+            if status != previous:
+                ax.annotate(STATUS_SHORT.get(status, status), (x, height), xycoords=blend, xytext=(4, 0),
+                            textcoords="offset points", fontsize=6.5, color=color, va="center")
+            previous = status
     if xs:
         lo, hi = min(xs), max(xs)
         ax.set_xlim(lo / 1.25, hi * 1.6)
@@ -323,16 +324,15 @@ def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palett
         for ax, (panel_title, points) in zip(axes, panels):
             intensities = np.concatenate([p.x for p in points] + [np.array([ridge])])
             lo, hi = intensities.min() / 4, max(intensities.max() * 4, ridge * 4)
-            grid = np.geomspace(lo, hi, 200)
-            ax.plot(grid, np.minimum(peak_tflops, grid * bandwidth_tbps), color="0.25", linewidth=1.2)
+            intensity = np.geomspace(lo, hi, 200)
+            ax.plot(intensity, np.minimum(peak_tflops, intensity * bandwidth_tbps), color="0.25", linewidth=1.2)
             ax.annotate(f"measured peak {peak_tflops:.0f} TFLOP/s (bf16 matmul)", (hi, peak_tflops),
                         xytext=(-4, 4), textcoords="offset points", ha="right", fontsize=7, color="0.25")
             ax.annotate(f"copy {bandwidth_tbps:.2f} TB/s", (lo * 1.5, lo * 1.5 * bandwidth_tbps), xytext=(6, -2),
                         textcoords="offset points", fontsize=7, color="0.25")
             for p in points:
                 style = palette[p.label]
-                ax.plot(p.x, p.y, linestyle="none", marker=p.marker or style.marker, color=style.color,
-                        alpha=0.75)
+                ax.plot(p.x, p.y, linestyle="none", marker=style.marker, color=style.color, alpha=0.75)
             log_axes(ax, 10)
             ax.set_xlabel("arithmetic intensity (FLOP/byte)")
             ax.set_ylabel("achieved TFLOP/s")
@@ -368,5 +368,5 @@ def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], 
     return fig
 
 
-__all__ = ["STATUS_COLORS", "Palette", "Panel", "Points", "Series", "heatmap", "line_panels", "pareto", "roofline",
-           "to_png", "tokens"]
+__all__ = ["STATUS_COLORS", "Palette", "Panel", "Points", "Series", "heatmap", "line_panels", "log_ticks", "number",
+           "pareto", "roofline", "to_png", "tokens"]

@@ -36,9 +36,10 @@ METRICS = ("ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "fl
            "comm_bytes")
 CASE_FIELDS = ("source", "mask", "pattern", "mode", "batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim",
                "dtype", "layout", "world_size", "seed")
-KERNEL_COLUMNS = (*CASE_FIELDS, "label", "method", "run_dir", "group", "shape", "x", "status", "reason", "is_exact",
-                  "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "flops", "bytes_moved",
+KERNEL_COLUMNS = (*CASE_FIELDS, "label", "method", "run_dir", "figure", "group", "shape", "x", "status", "reason",
+                  "is_exact", "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "flops", "bytes_moved",
                   "peak_fraction")
+ROWS_PER_FIGURE = 4  # head shapes per curve figure; more shapes continue in the next figure
 LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|ppl|perplexity|distance", re.IGNORECASE)
 NOT_RECORDED = "not recorded"
 
@@ -181,9 +182,10 @@ def calibration_of(env: dict) -> tuple[float, float] | None:
 def prepare_rows(runs: list[Run]) -> pd.DataFrame:
     """Merged rows plus derived columns.
 
-    ``label`` (method, and source when merged), ``is_exact``, ``kind`` (kernel, cp or task), ``shape`` (batch,
-    heads, head dim, dtype; plus seq_q where a figure would otherwise hold two query lengths per key length),
-    ``group`` (mask · pattern · mode · shape: one figure), ``x`` (key/value length, tokens), ``peak_fraction``
+    ``label`` (method, and source when merged), ``is_exact``, ``kind`` (kernel, cp or task), ``shape`` (see
+    ``shape_labels``),
+    ``figure`` (mask · pattern · mode: one curve figure), ``group`` (figure · shape: one row of it, one table,
+    one efficiency-length comparison), ``x`` (key/value length, tokens), ``peak_fraction``
     (TFLOP/s over the run's measured bf16 matmul peak), metric columns as float64 with NaN when not measured.
     """
     rows = merge_runs(runs)
@@ -206,16 +208,40 @@ def prepare_rows(runs: list[Run]) -> pd.DataFrame:
     def text(column):
         return rows[column].astype("string").fillna("?").astype(str)
 
-    rows["shape"] = ("b" + text("batch") + " · h" + text("heads_q") + "/" + text("heads_kv") + " · d"
-                     + text("head_dim") + " · " + rows["dtype"])
-    base_group = rows["mask"] + " · " + rows["pattern"] + " · " + rows["mode"] + " · " + rows["shape"]
-    two_q = rows.groupby([base_group, rows["label"], rows["kind"], text("seq_kv")])["seq_q"].transform("nunique") > 1
-    split = base_group.isin(set(base_group[two_q]))
-    rows.loc[split, "shape"] = rows.loc[split, "shape"] + " · seq_q " + text("seq_q")[split]
-    rows["group"] = rows["mask"] + " · " + rows["pattern"] + " · " + rows["mode"] + " · " + rows["shape"]
+    rows["shape"] = shape_labels(rows, text)
+    rows["figure"] = rows["mask"] + " · " + rows["pattern"] + " · " + rows["mode"]
+    rows["group"] = rows["figure"] + " · " + rows["shape"]
     peaks = {run.name: (calibration_of(run.env) or (np.nan, np.nan))[0] for run in runs}
     rows["peak_fraction"] = rows["tflops"] / rows["run_dir"].map(peaks).astype(float)
     return rows
+
+
+def shape_labels(rows: pd.DataFrame, text: Callable[[str], pd.Series]) -> pd.Series:
+    """The head shape of each row, as it names one curve (one row of a figure).
+
+    Heads, head dim and dtype always; the batch as "b4" when it is constant along the curve, or the tokens per
+    call ("b×seq_q = 16,384") when the sweep scales the batch against the length (constant-token sweeps), or
+    "batch varies with length". When one method has several batches (or several query lengths) at the same
+    key/value length, the batch (or "seq_q N" / "seq_q = seq_kv") becomes part of the shape so that each curve
+    keeps one point per length.
+    """
+    base = "h" + text("heads_q") + "/" + text("heads_kv") + " · d" + text("head_dim") + " · " + rows["dtype"]
+    key = rows["mask"] + "|" + rows["pattern"] + "|" + rows["mode"] + "|" + rows["kind"] + "|" + base
+    per_length = rows.groupby([key, rows["label"], text("seq_kv"), text("seq_q")])["batch"].transform("nunique")
+    batch_split = key.isin(set(key[per_length > 1]))
+    batches = rows.groupby(key)["batch"].transform("nunique")
+    tokens = rows["batch"].astype("Float64") * rows["seq_q"].astype("Float64")
+    constant_tokens = tokens.groupby(key).transform("nunique") == 1
+    token_text = tokens.map(lambda t: "?" if pd.isna(t) else f"{t:,.0f}", na_action=None)
+    shape = pd.Series(np.where(
+        batch_split | (batches <= 1), "b" + text("batch") + " · " + base,
+        np.where(constant_tokens, base + " · b×seq_q = " + token_text, base + " · batch varies with length")),
+        index=rows.index)
+    key = key + "|" + shape
+    per_length = rows.groupby([key, rows["label"], text("seq_kv")])["seq_q"].transform("nunique")
+    query_split = key.isin(set(key[per_length > 1]))
+    query = np.where(rows["seq_q"] == rows["seq_kv"], "seq_q = seq_kv", "seq_q " + text("seq_q"))
+    return shape.where(~query_split, shape + " · " + pd.Series(query, index=rows.index))
 
 
 def group_order(rows: pd.DataFrame) -> list[str]:
@@ -319,7 +345,11 @@ def length_table(rows: pd.DataFrame, column: str, show: Callable[[float], str]) 
     for label, x, status, value, reason in zip(rows["label"], rows["x"], rows["status"], rows[column], rows["reason"]):
         cells.setdefault(label, {})[x] = show(value) if status == "ok" else Cell(status, status, reason or None)
     table = [[label, *[cells[label].get(x, "") for x in lengths]] for label in sorted(cells)]
-    return ["method", *[plots.tokens(x) for x in lengths]], table
+    header = [plots.tokens(x) for x in lengths]
+    if rows["batch"].nunique() > 1:  # batch scaled with length: name it under each length
+        batch = rows.drop_duplicates("x").set_index("x")["batch"]
+        header = [f"{name} (b{batch[x]})" for name, x in zip(header, lengths)]
+    return ["method", *header], table
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -416,19 +446,25 @@ def section_capability(ctx: Context) -> Section:
 
 
 def section_curves(ctx: Context) -> Section:
-    """Per mask, pattern, mode and head shape: time, TFLOP/s and peak memory against length, one line per method."""
+    """Per mask, pattern and mode, one figure with a row per head shape: time, TFLOP/s and peak memory (and
+    GB/s for decode) against length, one line per method; each shape's times as a table below."""
     section = Section("curves", "Latency, throughput and memory against sequence length")
     kernel = ctx.kernel
     calibrated = any(calibration_of(run.env) for run in ctx.runs)
     section.blocks.append(Text(
         "Log-log; one line per method; shaded band: p20 to p80 of the repetitions. A case that did not produce a "
         "measurement is an × at the bottom of the panel with its status; methods unsupported at every length of "
-        "a figure are named under it."
+        "a shape are named under the figure."
         + (" The dashed line in the throughput panel is the device's measured bf16 matmul peak (figures that mix "
            "devices omit it)." if calibrated else "")))
     by_group = dict(tuple(kernel.groupby("group")))
+    figures: dict[str, list[str]] = {}
     for group in group_order(kernel):
-        section.blocks.extend(_curve_figure(ctx, group, by_group[group]))
+        figures.setdefault(by_group[group]["figure"].iloc[0], []).append(group)
+    for figure, groups in figures.items():
+        for start in range(0, len(groups), ROWS_PER_FIGURE):
+            chunk = groups[start:start + ROWS_PER_FIGURE]
+            section.blocks.extend(_curve_figure(ctx, figure, [(g, by_group[g]) for g in chunk]))
     if kernel.empty:
         section.blocks.append(Text("No single-device kernel rows in these runs."))
     return section
@@ -453,31 +489,42 @@ def _series(mine: pd.DataFrame, label: str, metric: str, spread: tuple[str, str]
     return plots.Series(label, x[keep], values[keep], low, high, failed)
 
 
-def _curve_figure(ctx: Context, group: str, rows: pd.DataFrame) -> list:
-    statuses = rows.groupby("label")["status"].agg(set)
-    unsupported = sorted(label for label, s in statuses.items() if s == {"unsupported"})
-    labels = sorted(label for label in statuses.index if label not in unsupported)
-    if not labels:
-        return [Text(f"{group}: every method unsupported ({', '.join(unsupported)}).")]
-    calibrations = {calibration_of(run.env) for run in ctx.runs if run.name in set(rows["run_dir"])}
-    peak = next(iter(calibrations)) if len(calibrations) == 1 else None
-    reference = (peak[0], f"measured bf16 matmul peak {fmt(peak[0])} TFLOP/s") if peak else None
-    by_label = {label: mine.sort_values("x") for label, mine in rows.groupby("label") if label in labels}
-    panels = [
-        plots.Panel("time per call", "time (ms)",
-                    [_series(m, lb, "ms_median", ("ms_p20", "ms_p80")) for lb, m in by_label.items()]),
-        plots.Panel("throughput", "TFLOP/s", [_series(m, lb, "tflops") for lb, m in by_label.items()], reference),
-        plots.Panel("peak memory", "peak memory (MiB)", [_series(m, lb, "peak_mem_mb") for lb, m in by_label.items()]),
-    ]
-    if (rows["mode"] == "decode").all():
-        panels.append(plots.Panel("bandwidth", "GB/s", [_series(m, lb, "gbps") for lb, m in by_label.items()]))
-    same_q = (rows["seq_q"] == rows["seq_kv"]).fillna(False).all()
+def _curve_figure(ctx: Context, figure: str, groups: list[tuple[str, pd.DataFrame]]) -> list:
+    """The figure of one mask, pattern and mode (a row per shape group) and a time table per group."""
+    rows_of_panels, notes, tables = [], [], []
+    for group, rows in groups:
+        shape = rows["shape"].iloc[0]
+        statuses = rows.groupby("label")["status"].agg(set)
+        unsupported = sorted(label for label, s in statuses.items() if s == {"unsupported"})
+        labels = sorted(label for label in statuses.index if label not in unsupported)
+        if unsupported:
+            notes.append(f"{shape}: unsupported at every length: {', '.join(unsupported)}.")
+        if not labels:
+            continue
+        calibrations = {calibration_of(run.env) for run in ctx.runs if run.name in set(rows["run_dir"])}
+        peak = next(iter(calibrations)) if len(calibrations) == 1 else None
+        reference = (peak[0], f"measured bf16 matmul peak {fmt(peak[0])} TFLOP/s") if peak else None
+        by_label = {label: mine.sort_values("x") for label, mine in rows.groupby("label") if label in labels}
+        panels = [
+            plots.Panel("time per call", "time (ms)",
+                        [_series(m, lb, "ms_median", ("ms_p20", "ms_p80")) for lb, m in by_label.items()]),
+            plots.Panel("throughput", "TFLOP/s", [_series(m, lb, "tflops") for lb, m in by_label.items()], reference),
+            plots.Panel("peak memory", "peak memory (MiB)",
+                        [_series(m, lb, "peak_mem_mb") for lb, m in by_label.items()]),
+        ]
+        if (rows["mode"] == "decode").all():
+            panels.append(plots.Panel("bandwidth", "GB/s", [_series(m, lb, "gbps") for lb, m in by_label.items()]))
+        rows_of_panels.append((shape, panels))
+        header, table = length_table(rows[rows["label"].isin(labels)], "ms_median", lambda v: fmt(v))
+        tables.append(Table(header, table, f"Median time per call (ms), {group}.", collapsed=True))
+    if not rows_of_panels:
+        return [Text(f"{figure}: every method unsupported. " + " ".join(notes))]
+    every = pd.concat([rows for _, rows in groups])
+    same_q = (every["seq_q"] == every["seq_kv"]).fillna(False).all()
     xlabel = "sequence length (tokens)" if same_q else "key/value length (tokens)"
-    caption = group + (f". Unsupported at every length: {', '.join(unsupported)}." if unsupported else "")
-    figure = plot(f"curves-{group}", f"curves for {group}", caption, plots.line_panels, group, panels, ctx.palette,
-                  xlabel)
-    header, table = length_table(rows[rows["label"].isin(labels)], "ms_median", lambda v: fmt(v))
-    return [figure, Table(header, table, f"Median time per call (ms), {group}.", collapsed=True)]
+    drawing = plot(f"curves-{figure}", f"curves for {figure}", " ".join([figure + ".", *notes]),
+                   plots.line_panels, figure, rows_of_panels, ctx.palette, xlabel)
+    return [drawing, *tables]
 
 
 def section_peak(ctx: Context) -> Section:
@@ -666,7 +713,8 @@ def section_cp_scaling(ctx: Context) -> Section | None:
                                                ideal=True))
             panels.append(plots.Panel(f"length {plots.tokens(x)}", "step time (ms)", series))
         section.blocks.append(plot(f"cp-{group}", f"CP scaling for {group}", "", plots.line_panels,
-                                   f"CP scaling: {group}", panels, line_palette, "world size (GPUs)", x_tokens=False))
+                                   f"CP scaling: {group}", [("", panels)], line_palette, "world size (GPUs)",
+                                   x_tokens=False))
         for _, row in in_group.sort_values(["label", "layout", "x", "world_size"]).iterrows():
             single_ms = one_gpu.get((group, row["label"], row["x"]), np.nan)
             speedup = single_ms / row["step_ms"] if row["step_ms"] > 0 else np.nan

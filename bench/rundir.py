@@ -70,7 +70,27 @@ def load_run(path: str | Path) -> Run:
     rows = _read_rows(path, warnings)
     if len(rows):
         rows["run_id"] = rows["run_id"].fillna(path.name)
+    _check_plan(path, rows, warnings)
     return Run(rows=rows, config=_read_config(path), env=_read_env(path), path=path, warnings=warnings)
+
+
+def _check_plan(path: Path, rows: pd.DataFrame, warnings: list[str]) -> None:
+    """Warn when planned cases have no row (an interrupted run): they are missing, never filled in."""
+    plan_path = path / "plan.json"
+    if not plan_path.is_file():
+        return
+    try:
+        planned = set(json.loads(plan_path.read_text()).get("case_ids") or [])
+    except (OSError, ValueError):
+        warnings.append("plan.json is unreadable")
+        return
+    recorded = set(rows["case_id"].dropna()) if len(rows) else set()
+    missing = planned - recorded
+    if missing:
+        warnings.append(
+            f"{len(missing)} of {len(planned)} planned cases have no row: the run was interrupted; running the "
+            f"same command with run_id={path.name} resumes it"
+        )
 
 
 def merge_runs(runs: list[Run]) -> pd.DataFrame:

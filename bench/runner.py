@@ -217,6 +217,7 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     store = RowStore(run_dir, retry=tuple(cfg.get("retry") or ()))
+    write_plan(run_dir, plan)
     env_path = run_dir / "env.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else envinfo.collect(run_id, command)
     env.setdefault("commands", [])
@@ -277,6 +278,19 @@ def run_sweep(cfg: dict, command: str, show_progress: bool = True) -> Path:
     run_dir = Path(cfg.get("results_dir") or "results") / str(run_id)
     write_config(run_dir, cfg)
     return run_plan(plan, cfg, run_dir, str(run_id), command, show_progress)
+
+
+def write_plan(run_dir: Path, plan: Plan) -> None:
+    """plan.json: every planned case id, so a report can tell an interrupted run from a complete one."""
+    path = run_dir / "plan.json"
+    planned = set()
+    if path.is_file():  # a resumed run with other axes plans more cases: keep the union
+        try:
+            planned = set(json.loads(path.read_text()).get("case_ids") or [])
+        except ValueError:
+            planned = set()
+    planned |= {c.case_id for c in plan.runnable} | {c.case_id for c, _ in plan.unsupported}
+    path.write_text(json.dumps({"planned": len(planned), "case_ids": sorted(planned)}))
 
 
 def write_config(run_dir: Path, cfg: dict) -> None:
