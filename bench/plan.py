@@ -331,10 +331,11 @@ def build_plan(cfg: dict) -> Plan:
                 runnable.append(case)
             else:
                 unsupported.append((case, reason))
-    # dedupe (decode collapses self/cross pairs) and order: shared inputs together, grad modes first
+    # dedupe (decode collapses self/cross pairs) and order: small problems first, so an interrupted run still
+    # covers every mask and method at the short lengths; shared inputs together; grad modes first
     runnable = list({c.case_id: c for c in runnable}.values())
     unsupported = list({c.case_id: (c, r) for c, r in unsupported}.values())
     mode_rank = {"fwd_bwd": 0, "bwd": 1, "fwd": 2, "decode": 3}
-    runnable.sort(key=lambda c: (c.input_key(), mode_rank[c.mode], c.method))
+    runnable.sort(key=lambda c: (c.batch * c.seq_q * c.seq_kv, c.input_key(), mode_rank[c.mode], c.method))
     return Plan(runnable=runnable, unsupported=unsupported, devices=devices)
 

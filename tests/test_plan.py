@@ -128,3 +128,11 @@ def test_bytes_moved_counts_each_tensor_once():
     kv = 2 * 2 * 64 * 32 * 2
     assert case_bytes(case) == 2 * q + 2 * kv
     assert case_bytes(_case(mode="fwd_bwd")) == 6 * q + 6 * kv
+
+
+def test_small_problems_run_first_so_an_interrupted_run_covers_every_mask():
+    plan = build_plan(_cfg(methods=["reference"], masks=["causal", "full"], seq_lens=[64, 16, 32]))
+    sizes = [c.seq_q * c.seq_kv for c in plan.runnable]
+    assert sizes == sorted(sizes)
+    first_two = {c.mask for c in plan.runnable[:2]}
+    assert first_two == {"causal", "full"}
