@@ -146,6 +146,11 @@ def resolve_masks(cfg: dict):
     import masks
 
     entries = _as_list(cfg, "masks", ["full", "causal"])
+    preset = cfg.get("mask")
+    if preset is not None:  # `+mask=NAME` (conf/mask/NAME.yaml, fields editable as mask.FIELD=...) runs alone
+        if not isinstance(preset, dict) or "name" not in preset:
+            raise ConfigError("mask", f"expected a mask preset mapping with a 'name' key, got {preset!r}")
+        entries = [preset]
     specs = []
     for entry in entries:
         if entry is None:

@@ -71,3 +71,19 @@ def test_sweep_presets_override_the_base_config_and_the_command_line_overrides_b
         assert masks_cfg.case_timeout_s == 300  # base values the preset leaves alone stay
         cli = compose(config_name="config", overrides=["sweep=masks", "dense_mask_budget_mb=64"])
         assert cli.dense_mask_budget_mb == 64
+
+
+def test_method_and_mask_config_groups_select_what_runs():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bench.plan import build_plan
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "sweep=smoke", "+method=materialized", "+mask=sliding_window", "mask.left=8", "device=cpu"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert plain["methods"] == ["reference", "eager", "sdpa_math"]
+    plan = build_plan(plain)
+    assert {c.mask for c in plan.runnable} == {"sliding_window(left=8)"}
+    assert {c.method for c in plan.runnable} == {"reference", "eager", "sdpa_math"}
