@@ -95,3 +95,12 @@ def test_flash_attn_adapter_with_a_stub_module(monkeypatch):
     monkeypatch.setattr(spec, "caps", cpu_caps)
     row = _runner().run(_case("flash_attn"))
     assert row["status"] == "ok", row["reason"]
+
+
+def test_rows_above_the_device_peak_are_flagged():
+    runner = _runner()
+    runner.peak_tflops = 1e-9  # any measured rate is above this "peak"
+    row = runner.run(_case("sdpa_math"))
+    assert row["status"] == "ok" and row["flags"].startswith("tflops_above_peak")
+    runner.peak_tflops = 1e9
+    assert runner.run(_case("sdpa_math"))["flags"] is None
