@@ -132,3 +132,27 @@ def test_run_folder_is_complete_and_tidy(cfg):
     assert set(frame.pattern) == {"noncausal_self", "causal_self", "noncausal_cross", "causal_cross"}
     decode = frame[frame["mode"] == "decode"]
     assert set(decode.seq_q) == {1}
+
+
+def test_several_devices_share_the_cases_without_losing_or_repeating_one(cfg, tmp_path, monkeypatch):
+    """One worker per device pulls groups of cases from a shared queue (two CPU 'devices' stand in for GPUs)."""
+    from bench import runner
+    from bench.plan import build_plan
+    from bench.runner import run_plan
+
+    started = []
+    original_start = runner.Worker.start
+
+    def counting_start(self):
+        started.append(self.device)
+        return original_start(self)
+
+    monkeypatch.setattr(runner.Worker, "start", counting_start)
+    cfg.update(methods=["reference", "sdpa_math", "eager"], seq_lens=[8, 16, 24, 32])
+    plan = build_plan(cfg)
+    plan.devices = ["cpu", "cpu"]
+    run_dir = run_plan(plan, cfg, tmp_path / "multi", "multi", "test", show_progress=False)
+    frame = _rows(run_dir)
+    assert len(frame) == plan.total == 24 and frame.case_id.is_unique
+    assert set(frame.status) == {"ok"}
+    assert len(started) == 2  # both device threads ran a worker
