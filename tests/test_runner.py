@@ -156,3 +156,16 @@ def test_several_devices_share_the_cases_without_losing_or_repeating_one(cfg, tm
     assert len(frame) == plan.total == 24 and frame.case_id.is_unique
     assert set(frame.status) == {"ok"}
     assert len(started) == 2  # both device threads ran a worker
+
+
+def test_an_interrupted_run_is_reported_as_such(cfg):
+    from bench.rundir import load_run
+
+    cfg.update(methods=["reference", "sdpa_math"])
+    run_dir = run_sweep(cfg, "test", show_progress=False)
+    assert not load_run(run_dir).warnings
+    lines = (run_dir / "rows.jsonl").read_text().splitlines()
+    (run_dir / "rows.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (run_dir / "rows.parquet").unlink()
+    warnings = load_run(run_dir).warnings
+    assert any("1 of 4 planned cases have no row" in w for w in warnings), warnings
