@@ -26,7 +26,7 @@ from .rows import describe
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # the gate's floor, added to 2 x the same-dtype reference's error
 ERROR_FLOOR = {"float32": 5e-5, "float16": 1e-3, "bfloat16": 2e-3}
-# dense bf16/fp16 peaks from datasheets, used only to flag impossible rows when no calibration exists
+# dense bf16/fp16 datasheet peaks: a row above its device's peak is flagged as impossible
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
 
 
@@ -55,6 +55,22 @@ class Reference:
     rows_visible: torch.Tensor  # bool [seq_q]: rows with at least one visible key
 
 
+@contextlib.contextmanager
+def _compiler_config_restored():
+    """Snapshot dynamo's and AOTAutograd's settings and put them back, so no case changes a later one."""
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    saved = [(module, module.save_config()) for module in (dynamo_config, functorch_config)]
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # restoring deprecated no-op keys warns; nothing to report
+            warnings.simplefilter("ignore", FutureWarning)
+            for module, state in saved:
+                module.load_config(state)
+
+
 class CaseRunner:
     def __init__(self, device: str, options: dict):
         self.device = torch.device(device)
@@ -66,7 +82,6 @@ class CaseRunner:
         self._reference: Reference | None = None
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.telemetry = None
-        self.power_limit_w = None
         if self.device.type == "cuda" and self.timing.get("telemetry", True):
             from .telemetry import Telemetry
 
@@ -128,6 +143,11 @@ class CaseRunner:
 
     # ---- the case ------------------------------------------------------------------------------------------
     def run(self, case: Case, run_id: str = "") -> dict:
+        """Measure ``case``; compiler settings a builder changes are restored afterwards (DESIGN.md §7)."""
+        with _compiler_config_restored():
+            return self._run(case, run_id)
+
+    def _run(self, case: Case, run_id: str) -> dict:
         started = time.perf_counter()
         self._set_phase("inputs")
         spec = masks.make_mask(case.mask)
@@ -243,7 +263,7 @@ class CaseRunner:
             o, grads = call()
             return o.detach(), grads
 
-        return lambda: call(), first
+        return call, first
 
     def _sync(self):
         if self.device.type == "cuda":

@@ -241,7 +241,6 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
         bound = spec.bind(case.seq_q, case.seq_kv)
         if bound.varlen() is None:
             return f"mask {case.mask} has no varlen form, the only non-native path of this method"
-    elem = DTYPE_BYTES[case.dtype]
     if not caps.native_mask(spec.name) and caps.dense_mask and not caps.varlen:
         needed = case.seq_q * case.seq_kv
         budget = options["dense_mask_bytes"]
@@ -249,16 +248,13 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
             return (f"dense mask would need {needed / 2**20:.0f} MiB, over dense_mask_budget_mb="
                     f"{budget / 2**20:.0f}")
     if caps.materializes:
-        # scores and probabilities, fp32 for the reference method, plus their gradients with backward
-        per = 4 if case.method == "reference" else elem
-        needed = case.batch * case.heads_q * case.seq_q * case.seq_kv * per * (4 if case.needs_grad else 2)
+        # scores and probabilities in the working dtype, and their gradients with backward
+        needed = (case.batch * case.heads_q * case.seq_q * case.seq_kv * DTYPE_BYTES[case.dtype]
+                  * (4 if case.needs_grad else 2))
         budget = options["materialize_bytes"]
-        if needed > budget and case.method != "reference":
+        if needed > budget:
             return (f"materialises the score matrix: ~{needed / 2**30:.1f} GiB, over "
                     f"materialize_budget_mb={budget / 2**20:.0f}")
-        if case.method == "reference" and needed > budget:
-            return (f"fp32 reference materialises ~{needed / 2**30:.1f} GiB, over materialize_budget_mb="
-                    f"{budget / 2**20:.0f}")
     return None
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import functools
 
 from . import schema
-from .plan import Case, pattern_of
+from .plan import DTYPE_BYTES, Case, pattern_of
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 

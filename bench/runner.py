@@ -212,8 +212,6 @@ def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, prog
 def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, show_progress: bool = True) -> Path:
     from tqdm import tqdm
 
-    from .plugins import load_plugins  # noqa: F401  (already loaded by the caller)
-
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     store = RowStore(run_dir, retry=tuple(cfg.get("retry") or ()))

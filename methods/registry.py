@@ -125,7 +125,3 @@ class BuildContext:
     device: Any
     dtype: Any
     options: dict = field(default_factory=dict)
-
-    @property
-    def native(self) -> bool:
-        return METHODS[self.case.method].caps.native_mask(self.mask.spec.name)

@@ -104,3 +104,25 @@ def test_rows_above_the_device_peak_are_flagged():
     assert row["status"] == "ok" and row["flags"].startswith("tflops_above_peak")
     runner.peak_tflops = 1e9
     assert runner.run(_case("sdpa_math"))["flags"] is None
+
+
+def test_compiler_settings_a_builder_changes_do_not_reach_the_next_case():
+    import torch._functorch.config as functorch_config
+
+    import methods
+
+    before = functorch_config.donated_buffer
+
+    @methods.register_method("t_flips_config", methods.Capabilities(backward=False, masks={"any"}))
+    def build(ctx):
+        """Changes a global compiler setting, as the flex builder does for bwd timing."""
+        functorch_config.donated_buffer = not before
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+
+    try:
+        row = _runner().run(_case("t_flips_config", mask="full"))
+        assert row["status"] == "ok", row["reason"]
+        assert functorch_config.donated_buffer == before
+    finally:
+        methods.METHODS.pop("t_flips_config")
+        functorch_config.donated_buffer = before

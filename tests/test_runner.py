@@ -81,11 +81,9 @@ def test_resume_skips_finished_cases(cfg, tmp_path):
     (run_dir / "rows.parquet").unlink()
     run_sweep(cfg, "test", show_progress=False)
     again = read_jsonl(run_dir / "rows.jsonl")
-    kept = {r["case_id"]: r["started_at"] for r in first[:5]}
     assert len(again) == 12  # 5 kept + 7 re-run; the cut line is skipped
     assert {r["case_id"] for r in again} == {r["case_id"] for r in first}
-    assert [r["wall_s"] for r in again[:5]] == [r["wall_s"] for r in first[:5]]
-    assert len(kept) == 5
+    assert again[:5] == first[:5]  # finished cases were kept as they were, not re-run
     frame = _rows(run_dir)
     assert len(frame) == 12 and frame.case_id.is_unique
 

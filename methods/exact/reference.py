@@ -85,8 +85,8 @@ def reference_attention(q, k, v, mask, *, compute_dtype=torch.float32, dout=None
 
 @register_method(
     "reference",
-    Capabilities(family="exact", masks={"any"}, materializes=True),
-    description="fp32 materialised softmax, chunked over query rows: the correctness spec",
+    Capabilities(family="exact", masks={"any"}),
+    description="fp32 materialised softmax, chunked over query rows (bounded memory): the correctness spec",
 )
 def build_reference(ctx):
     """fp32 materialised softmax attention (the spec), cast back to the working dtype."""
