@@ -5,7 +5,7 @@
     attnbench report RUN [RUN ...]              report.md + report.html in the run folder
     attnbench compare BASE NEW                  per-case ratios, regressions beyond spread + threshold
     attnbench runs                              runs with date, device and case counts by status
-    attnbench masks list|show NAME [k=v ...]    mask catalogue and pictures
+    attnbench masks list|show|time ...          mask catalogue, pictures, build times
     attnbench selfcheck                         the harness's timer against triton.testing.do_bench
 """
 from __future__ import annotations

@@ -145,3 +145,51 @@ def test_every_mask_has_a_preset_that_loads_to_its_defaults():
     for stem, entry in presets.items():
         spec = make_mask(entry)
         assert spec.name == stem and spec == MASKS[stem]()
+
+
+# ---- attnbench masks time ---------------------------------------------------------------------------------
+def test_masks_time_writes_a_row_per_mask_with_exact_counts(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "build.json"
+    entries = ["causal", "sliding_window(left=100,right=20)", "document(num_docs=3,causal=True)"]
+    assert main(["time", *entries, "--seq", "300", "--repeats", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["device_name"] == "cpu"
+    rows = data["rows"]
+    assert [r["mask"] for r in rows] == [make_mask(e).label for e in entries]
+    for entry, row in zip(entries, rows):
+        dense = make_mask(entry).bind(300, 300).dense()
+        blocks = block_counts_from_dense(dense, 128, 128)
+        assert row["status"] == "ok" and row["repeats"] == 2
+        assert row["visible_pairs"] == int(dense.sum())
+        assert row["density"] == pytest.approx(float(dense.float().mean()))
+        assert row["computed_blocks"] == int((blocks > 0).sum()) and row["total_blocks"] == blocks.numel()
+        for stage in ("visible_pairs", "block_layout", "block_mask"):
+            assert 0 < row[f"{stage}_ms_min"] <= row[f"{stage}_ms_median"]
+    assert "sliding_window(left=100,right=20)" in capsys.readouterr().out
+
+
+def test_masks_time_gives_a_mask_it_cannot_build_an_error_row(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "build.csv"
+    assert main(["time", "causal", "prefix_lm(prefix=500)", "--seq", "200", "--repeats", "1", "--out", str(out)]) == 1
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table["status"]) == ["ok", "error"]
+    assert "prefix" in table["reason"][1]
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["time", "--seq", "0"], "--seq"),
+    (["time", "--repeats", "0"], "--repeats"),
+    (["time", "--device", "cuda:7"], "--device"),
+    (["time", "--device", "tpu"], "--device"),
+])
+def test_masks_time_refuses_bad_options_before_any_work(argv, field, capsys):
+    assert main(argv) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_masks_time_refuses_an_unknown_mask():
+    assert main(["time", "no_such_mask", "--seq", "64"]) == 2
