@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the 4-GPU kind that completes the committed runs (results/README.md):
 #   GPU 0: re-run the 11 stale flex-bwd error rows of h200x2-gpu, time every mask's BlockMask / block layout /
-#          visible-pair count at 128K tokens (results/h200-mask-build), then a clean interleaved self-check;
+#          visible-pair count at 128K tokens (results/h200-mask-build), a clean interleaved self-check, then
+#          the GPU-only tests;
 #   GPU 1: resume mask half A;   GPUs 2-3: resume mask half B (one process, two workers sharing its queue).
 # Smallest cases run first; the tables are finalized here; everything comes back as $OUT/runs.tgz.
 set -u
@@ -16,8 +17,10 @@ mapfile -t MASKS_ALL < <(sed -n '/^masks:/,/^[a-z_]*: /p' conf/sweep/masks.yaml 
   mkdir -p $R/h200-mask-build
   timeout 120 scripts/device_run.sh masks time --device cuda:0 --repeats 5 --out $R/h200-mask-build/defaults-128k.json > $OUT/build.txt 2>&1
   timeout 90 scripts/device_run.sh masks time "${MASKS_ALL[@]}" --device cuda:0 --repeats 5 --out $R/h200-mask-build/sweep-128k.json >> $OUT/build.txt 2>&1
-  timeout 120 scripts/device_run.sh selfcheck --rounds 3 --out $R/selfcheck-h200.json > $OUT/selfcheck.txt 2>&1 ) &
+  timeout 120 scripts/device_run.sh selfcheck --rounds 3 --out $R/selfcheck-h200.json > $OUT/selfcheck.txt 2>&1
+  PYTHONPATH=/tmp/site:$PWD timeout $((540 - SECONDS)) python3 -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_masks_gpu.py tests/test_masks_perf.py tests/test_measure.py tests/test_runner.py > $OUT/gpu-tests.txt 2>&1 ) &
 wait
 PYTHONPATH=$PWD python3 -c "from bench.store import RowStore; [RowStore('$R/'+r).finalize() for r in ('h200x2-gpu', 'h200-masks-a', 'h200-masks-b')]"
 tar czf $OUT/runs.tgz $R/h200x2-gpu $R/h200-masks-a $R/h200-masks-b $R/h200-mask-build $R/selfcheck-h200.json
-tail -n 3 $OUT/gpu.txt $OUT/a.txt $OUT/b.txt $OUT/selfcheck.txt; cat $OUT/build.txt
+tail -n 3 $OUT/gpu.txt $OUT/a.txt $OUT/b.txt $OUT/selfcheck.txt $OUT/gpu-tests.txt; cat $OUT/build.txt
