@@ -7,6 +7,9 @@
 # Smallest cases run first; the tables are finalized here; everything comes back as $OUT/runs.tgz.
 set -u
 eval "$(grep '^MASKS_' scripts/device_final.sh)"
+# install the wheels once, before the parallel runs (device_run.sh then finds hydra and skips it)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
 R=results
 M="dense_mask_budget_mb=4096"
 mapfile -t MASKS_ALL < <(sed -n '/^masks:/,/^[a-z_]*: /p' conf/sweep/masks.yaml | sed -n 's/^  - //p')
