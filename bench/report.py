@@ -353,6 +353,19 @@ def length_table(rows: pd.DataFrame, column: str, show: Callable[[float], str]) 
 
 
 # ---------------------------------------------------------------------------------------------- sections
+def margin_text(ranked: pd.DataFrame) -> str:
+    """How far the fastest of ``ranked`` (sorted by median) is ahead of the next: '2.31× over flex', or
+    'within spread of flex' when the winner's p80 reaches the runner-up's p20."""
+    if len(ranked) < 2:
+        return "only one"
+    first, second = ranked.iloc[0], ranked.iloc[1]
+    ratio = second["ms_median"] / first["ms_median"]
+    p80, p20 = first.get("ms_p80"), second.get("ms_p20")
+    if pd.notna(p80) and pd.notna(p20) and p80 >= p20:
+        return f"within spread of {second['method']} ({ratio:.2f}×)"
+    return f"{ratio:.2f}× over {second['method']}"
+
+
 def section_overview(ctx: Context) -> Section:
     """Runs, status counts, and the answer per figure group at its longest measured length."""
     section = Section("overview", "Overview")
@@ -370,7 +383,7 @@ def section_overview(ctx: Context) -> Section:
     for (group, source), rows in in_group_order(ctx.kernel):
         ok = rows[(rows["status"] == "ok") & rows["ms_median"].notna()]
         if ok.empty:
-            answers.append([group, source, "", Cell("no method measured", "error"), "", "", ""])
+            answers.append([group, source, "", Cell("no method measured", "error"), "", "", "", ""])
             continue
         longest = ok["x"].max()
         at = ok[ok["x"] == longest]
@@ -382,6 +395,7 @@ def section_overview(ctx: Context) -> Section:
         answers.append([
             group, source, plots.tokens(longest),
             f"{exact.iloc[0]['method']} ({fmt(exact.iloc[0]['ms_median'])} ms)" if len(exact) else "none ok",
+            margin_text(exact),
             f"{fastest['method']} ({fmt(fastest['ms_median'])} ms" + ("" if fastest["is_exact"] else ", approximate")
             + ")",
             f"{lean.iloc[0]['method']} ({fmt(lean.iloc[0]['peak_mem_mb'])} MiB)" if len(lean) else "",
@@ -389,10 +403,12 @@ def section_overview(ctx: Context) -> Section:
         ])
     if answers:
         header, answers = without_blank(
-            ["mask · pattern · mode · shape", "source", "longest length", "fastest exact", "fastest",
-             "leanest (peak memory)", "failed at ≥ that length"], answers, "source")
+            ["mask · pattern · mode · shape", "source", "longest length", "fastest exact", "ahead of the next exact",
+             "fastest", "leanest (peak memory)", "failed at ≥ that length"], answers, "source")
         section.blocks.append(Table(header, answers,
-                                    "At the longest length where any method ran: who is fastest and leanest."))
+                                    "At the longest length where any method ran: who is fastest and leanest. The "
+                                    "margin is the next exact method's median over the winner's; 'within spread' "
+                                    "when their p20–p80 ranges overlap."))
     flagged = ctx.rows[ctx.rows["flags"].notna() & (ctx.rows["flags"].astype(str) != "")]
     if len(flagged):
         section.blocks.append(Table(

@@ -2,6 +2,7 @@
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 from runfixtures import H200, LENGTHS, env_for, fixture_rows, make_row, model_ms, write_fixture_run, write_run
@@ -185,8 +186,20 @@ def test_overview_answers_who_is_fastest(fixture_sections):
     answers = {r[0]: r for r in tables(sections["overview"], "who is fastest")[0].rows}
     full_fwd = answers["full · noncausal_self · fwd · b1 · h16/16 · d128 · bf16"]
     assert full_fwd[1] == "16k" and full_fwd[2].startswith("sdpa")
-    assert full_fwd[3].startswith("linear_attn") and "approximate" in full_fwd[3]
-    assert "flex (error)" in full_fwd[5] and "eager (oom)" in full_fwd[5]
+    assert full_fwd[3] == "only one"  # flex errs, eager runs out of memory, buggy is wrong at 16K
+    assert full_fwd[4].startswith("linear_attn") and "approximate" in full_fwd[4]
+    assert "flex (error)" in full_fwd[6] and "eager (oom)" in full_fwd[6]
+
+
+def test_margin_over_the_runner_up_respects_the_spread():
+    def ranked(*rows):
+        return pd.DataFrame(rows, columns=["method", "ms_median", "ms_p20", "ms_p80"]).sort_values("ms_median")
+
+    clear = ranked(("flex", 2.0, 1.9, 2.1), ("sdpa_cudnn", 5.0, 4.9, 5.2), ("eager", 9.0, 8.0, 10.0))
+    assert report.margin_text(clear) == "2.50× over sdpa_cudnn"
+    close = ranked(("flex", 2.0, 1.9, 2.2), ("sdpa_cudnn", 2.1, 2.15, 2.3))
+    assert report.margin_text(close) == "within spread of sdpa_cudnn (1.05×)"
+    assert report.margin_text(ranked(("flex", 2.0, 1.9, 2.1))) == "only one"
 
 
 def small_rows(run_id, device=H200):
