@@ -21,6 +21,16 @@ def _varlen_args(ctx):
     return form
 
 
+def batched_cu_seqlens(form, batch: int, seq_q: int, seq_kv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cu_seqlens`` for ``batch`` elements packed end to end, each with the mask's segments: the offsets
+    repeat with a stride of the sequence length. int32 on ``device``."""
+    base_q = form.cu_seqlens_q.to(device, torch.int32)
+    base_k = form.cu_seqlens_k.to(device, torch.int32)
+    cu_q = torch.cat([base_q[:-1] + b * seq_q for b in range(batch)] + [base_q[-1:] + (batch - 1) * seq_q])
+    cu_k = torch.cat([base_k[:-1] + b * seq_kv for b in range(batch)] + [base_k[-1:] + (batch - 1) * seq_kv])
+    return cu_q, cu_k
+
+
 def _unwrap(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -38,13 +48,8 @@ def _make_flash(module_name: str):
                 return _unwrap(module.flash_attn_func(q, k, v, causal=form.causal, window_size=window))
 
             return flash
-        # the same packing for every batch element: offsets repeat with a stride of the sequence length
         seq_q, seq_kv = ctx.case.seq_q, ctx.case.seq_kv
-        dev = ctx.device
-        base_q = form.cu_seqlens_q.to(dev, torch.int32)
-        base_k = form.cu_seqlens_k.to(dev, torch.int32)
-        cu_q = torch.cat([base_q[:-1] + b * seq_q for b in range(batch)] + [base_q[-1:] + (batch - 1) * seq_q])
-        cu_k = torch.cat([base_k[:-1] + b * seq_kv for b in range(batch)] + [base_k[-1:] + (batch - 1) * seq_kv])
+        cu_q, cu_k = batched_cu_seqlens(form, batch, seq_q, seq_kv, ctx.device)
 
         def flash_varlen(q, k, v):
             out = module.flash_attn_varlen_func(
