@@ -28,6 +28,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 ERROR_FLOOR = {"float32": 5e-5, "float16": 1e-3, "bfloat16": 2e-3}
 # dense bf16/fp16 datasheet peaks: a row above its device's peak is flagged as impossible
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
+# HBM datasheet bandwidth, GB/s: bytes_moved is a floor, so a row above it read from a cache (or is wrong)
+DATASHEET_GBPS = {"H100": 3350.0, "H200": 4800.0, "H800": 3350.0, "A100": 2039.0, "B200": 8000.0}
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -88,6 +90,7 @@ class CaseRunner:
             self.telemetry = Telemetry.open(self.device.index or 0)
         self.power_limit_w = self.telemetry.power_limit_w() if self.telemetry else None
         self.peak_tflops = self._peak_tflops(options.get("calibration"))
+        self.peak_gbps = self._peak_gbps(options.get("calibration"))
 
     def _peak_tflops(self, calibration) -> float | None:
         """The rate no row may exceed: the datasheet's dense 16-bit peak, else the measured matmul rate."""
@@ -96,6 +99,15 @@ class CaseRunner:
         datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in self.device_name), None)
         if datasheet is None and calibration and calibration.get("matmul_bf16_tflops"):
             return float(calibration["matmul_bf16_tflops"])
+        return datasheet
+
+    def _peak_gbps(self, calibration) -> float | None:
+        """The bandwidth no row's minimum traffic may exceed: the datasheet's HBM rate, else the measured copy."""
+        if self.device.type != "cuda":
+            return None
+        datasheet = next((v for k, v in DATASHEET_GBPS.items() if k in self.device_name), None)
+        if datasheet is None and calibration and calibration.get("copy_tbps"):
+            return 1e3 * float(calibration["copy_tbps"])
         return datasheet
 
     def _set_phase(self, phase: str) -> None:
@@ -233,6 +245,8 @@ class CaseRunner:
         flags = []
         if self.peak_tflops and row["tflops"] > self.peak_tflops:
             flags.append(f"tflops_above_peak({self.peak_tflops:.0f})")
+        if self.peak_gbps and row["gbps"] > self.peak_gbps:
+            flags.append(f"gbps_above_peak({self.peak_gbps:.0f})")
         if self.timing.get("cuda_graph") and case.mode not in ("fwd", "decode") and self.device.type == "cuda":
             flags.append("cuda_graph_fwd_only")
         row["flags"] = ";".join(flags) or None

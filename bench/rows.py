@@ -22,11 +22,12 @@ def case_flops(case: Case, visible_pairs: int) -> float:
     return MODE_FLOP_FACTOR[case.mode] * fwd_flops(case, visible_pairs)
 
 
-def case_bytes(case: Case) -> float:
-    """Fewest bytes one call must move: each input read once, each output written once."""
+def case_bytes(case: Case, kv_read: int | None = None) -> float:
+    """Fewest bytes one call must move: each input read once, each output written once. ``kv_read``: the key
+    positions some query sees (decode with a window reads only those); default all ``seq_kv``."""
     elem = DTYPE_BYTES[case.dtype]
     q_like = case.batch * case.heads_q * case.seq_q * case.head_dim * elem
-    kv_like = case.batch * case.heads_kv * case.seq_kv * case.head_dim * elem
+    kv_like = case.batch * case.heads_kv * (case.seq_kv if kv_read is None else kv_read) * case.head_dim * elem
     fwd = 2 * q_like + 2 * kv_like  # q, k, v in; out
     bwd = 4 * q_like + 4 * kv_like  # q, k, v, out, dout in; dq, dk, dv out
     return {"fwd": fwd, "decode": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[case.mode]
@@ -39,6 +40,16 @@ def mask_facts(mask_label: str, seq_q: int, seq_kv: int) -> tuple[bool, int]:
 
     bound = masks.make_mask(mask_label).bind(seq_q, seq_kv)
     return bound.causal, bound.visible_pairs()
+
+
+@functools.lru_cache(maxsize=256)
+def keys_read(mask_label: str, seq_q: int, seq_kv: int) -> int:
+    """Key positions that some query sees: what a decode step must read (a windowed cache: the window).
+    Evaluates the mask's rows, so use it for few queries (decode) only."""
+    import masks
+
+    bound = masks.make_mask(mask_label).bind(seq_q, seq_kv)
+    return int(bound.dense_rows(0, seq_q).any(dim=0).sum())
 
 
 def base_row(case: Case, run_id: str = "") -> dict:
@@ -57,12 +68,13 @@ def describe(case: Case, run_id: str = "", device_name: str | None = None) -> di
     if method is not None:
         row.update(family=method.caps.family, exact=method.caps.exact)
     causal, pairs = mask_facts(case.mask, case.seq_q, case.seq_kv)
+    kv_read = keys_read(case.mask, case.seq_q, case.seq_kv) if case.mode == "decode" else None
     row.update(
         pattern=pattern_of(causal, case.seq_q, case.seq_kv),
         visible_pairs=pairs,
         density=pairs / float(case.seq_q * case.seq_kv),
         flops=case_flops(case, pairs),
-        bytes_moved=case_bytes(case),
+        bytes_moved=case_bytes(case, kv_read),
         device=device_name,
     )
     return row

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +88,22 @@ def test_method_and_mask_config_groups_select_what_runs():
     plan = build_plan(plain)
     assert {c.mask for c in plan.runnable} == {"sliding_window(left=8)"}
     assert {c.method for c in plan.runnable} == {"reference", "eager", "sdpa_math"}
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))
+def test_every_sweep_preset_composes_and_plans(preset, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import bench.plan
+    from bench.plan import build_plan
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="config", overrides=[f"sweep={preset}"]), resolve=True)
+    monkeypatch.setattr(bench.plan, "resolve_devices", lambda cfg: ["cuda:0"])  # plan as on a GPU machine
+    plan = build_plan(cfg)
+    assert plan.runnable and plan.total == len({c.case_id for c in plan.runnable} |
+                                               {c.case_id for c, _ in plan.unsupported})
+    if preset == "decode":
+        assert {c.mode for c in plan.runnable} == {"decode"} and {c.seq_q for c in plan.runnable} == {1}
+        assert {(c.seq_kv, c.batch) for c in plan.runnable} == {(4096, 128), (16384, 32), (65536, 8), (262144, 2)}

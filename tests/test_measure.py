@@ -104,6 +104,10 @@ def test_rows_above_the_device_peak_are_flagged():
     assert row["status"] == "ok" and row["flags"].startswith("tflops_above_peak")
     runner.peak_tflops = 1e9
     assert runner.run(_case("sdpa_math"))["flags"] is None
+    runner.peak_gbps = 1e-9
+    assert runner.run(_case("sdpa_math"))["flags"].startswith("gbps_above_peak")
+    runner.peak_gbps = 1e9
+    assert runner.run(_case("sdpa_math"))["flags"] is None
 
 
 def test_compiler_settings_a_builder_changes_do_not_reach_the_next_case():

@@ -130,6 +130,16 @@ def test_bytes_moved_counts_each_tensor_once():
     assert case_bytes(_case(mode="fwd_bwd")) == 6 * q + 6 * kv
 
 
+def test_a_decode_step_reads_only_the_keys_its_mask_shows():
+    def decode(mask):
+        return _case(mode="decode", mask=mask, mask_name=mask.split("(")[0], seq_q=1, seq_kv=64)
+
+    q = 2 * 4 * 1 * 32 * 2
+    per_key = 2 * 2 * 32 * 2
+    assert describe(decode("causal"))["bytes_moved"] == 2 * q + 2 * 64 * per_key
+    assert describe(decode("sliding_window(left=9)"))["bytes_moved"] == 2 * q + 2 * 10 * per_key
+
+
 def test_small_problems_run_first_so_an_interrupted_run_covers_every_mask():
     plan = build_plan(_cfg(methods=["reference"], masks=["causal", "full"], seq_lens=[64, 16, 32]))
     sizes = [c.seq_q * c.seq_kv for c in plan.runnable]

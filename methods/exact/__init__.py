@@ -1,2 +1,2 @@
 """Exact attention: the fp32 reference, eager, PyTorch SDPA backends, FlexAttention, flash-attn."""
-from . import eager, flash_attn, flex, flex_split, reference, sdpa, torch_varlen  # noqa: F401
+from . import eager, flash_attn, flex, flex_split, reference, sdpa, sdpa_split, torch_varlen  # noqa: F401
