@@ -8,6 +8,7 @@ prints can corrupt it. Parent → worker: ``init`` then ``case`` messages. Worke
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 import time
@@ -23,9 +24,19 @@ def _classify(exc: BaseException) -> str:
     return "error"
 
 
+ROOT_CAUSE = re.compile(r"^\s*[\w.]*(Error|Exception)\b\s*[(:]")
+
+
 def _reason(exc: BaseException, phase: str) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__} during {phase}: {first}"[:2000]
+    """The exception's first line and, when its message is a long report (Inductor, Triton), the innermost
+    ``SomethingError: ...`` line in it: the cause a reader needs, not the first frame of a trace."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    cause = next((line for line in reversed(lines[1:]) if ROOT_CAUSE.match(line)), None)
+    text = f"{type(exc).__name__} during {phase}: {first}"
+    if cause and cause not in first:
+        text += f" [cause: {cause}]"
+    return text[:2000]
 
 
 def main(argv: list[str]) -> int:

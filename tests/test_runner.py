@@ -167,3 +167,17 @@ def test_an_interrupted_run_is_reported_as_such(cfg):
     (run_dir / "rows.parquet").unlink()
     warnings = load_run(run_dir).warnings
     assert any("1 of 4 planned cases have no row" in w for w in warnings), warnings
+
+
+def test_a_long_compiler_report_is_reduced_to_its_first_line_and_its_cause():
+    from bench.worker import _reason
+
+    report = RuntimeError(
+        "CompilationError: at 194:23:\n    acc, l_i, m_i = forward_inner(\n                       ^\n"
+        "AssertionError('Ternary expression with dynamic condition has inconsistent types int64 and int32')\n"
+        "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+    reason = _reason(report, "first call")
+    assert reason.startswith("RuntimeError during first call: CompilationError: at 194:23:")
+    assert reason.endswith("[cause: AssertionError('Ternary expression with dynamic condition has inconsistent "
+                           "types int64 and int32')]")
+    assert _reason(ValueError("plain"), "build") == "ValueError during build: plain"
