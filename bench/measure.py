@@ -24,6 +24,8 @@ from .plan import Case
 from .rows import describe
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# approximate methods: queries whose hidden keys the leak probe perturbs
+LEAK_PROBE_QUERIES = 64
 # the gate's floor, added to 2 x the same-dtype reference's error
 ERROR_FLOOR = {"float32": 5e-5, "float16": 1e-3, "bfloat16": 2e-3}
 # dense bf16/fp16 datasheet peaks: a row above its device's peak is flagged as impossible
@@ -229,6 +231,12 @@ class CaseRunner:
                 started,
             )
 
+        if not caps.exact:
+            self._set_phase("leak check")
+            leak = self._leak(fn, bound, q, k, v, bshd)
+            if leak:
+                return self._finish(row, "wrong", leak, started)
+
         self._set_phase("memory")
         row.update(self._memory(call, q, k, v))
         self._set_phase("timing")
@@ -253,6 +261,38 @@ class CaseRunner:
         return self._finish(row, "ok", None, started)
 
     # ---- pieces ----------------------------------------------------------------------------------------------
+    def _leak(self, fn, bound, q, k, v, bshd: bool) -> str | None:
+        """Does an approximate method respect its mask? (CAB's lesson: test it, don't trust the declaration.)
+        Replace the keys and values that the first queries (up to ``LEAK_PROBE_QUERIES``, at most half) cannot
+        see; their outputs must not move by more than two identical calls differ (random-feature methods may
+        redraw). The reason of a leak, or None. Exact methods need no probe: the gate against the reference
+        already sees a leak."""
+        rows = max(1, min(LEAK_PROBE_QUERIES, bound.seq_q // 2))  # at most half: a causal mask hides the rest
+        hidden = ~bound.dense_rows(0, rows, self.device).any(dim=0)
+        if not bool(hidden.any()):
+            return None
+        seq_dim = 1 if bshd else 2
+        index = [slice(None)] * 4
+        index[seq_dim] = hidden
+        generator = torch.Generator(device=self.device).manual_seed(1234)
+        k2, v2 = k.detach().clone(), v.detach().clone()
+        for t in (k2, v2):
+            t[tuple(index)] = torch.randn(t[tuple(index)].shape, generator=generator, device=self.device,
+                                          dtype=t.dtype) * 3.0
+        first = [slice(None)] * 4
+        first[seq_dim] = slice(0, rows)
+        with torch.no_grad():
+            base = fn(q.detach(), k.detach(), v.detach())[tuple(first)].float()
+            again = fn(q.detach(), k.detach(), v.detach())[tuple(first)].float()
+            moved = fn(q.detach(), k2, v2)[tuple(first)].float()
+        noise = float((again - base).abs().max())
+        delta = float((moved - base).abs().max())
+        scale = float(base.abs().max()) or 1.0
+        if delta > max(4.0 * noise, 1e-3 * scale):
+            return (f"mask leak: the outputs of queries 0..{rows - 1} moved by {delta:.3g} (run-to-run {noise:.3g}) "
+                    f"when only keys and values they cannot see changed")
+        return None
+
     def _closures(self, mode, fn, q, k, v, dout):
         """(timed call, first call returning (out, grads or None)) for a mode."""
         if mode in ("fwd", "decode"):

@@ -62,6 +62,20 @@ def test_approximate_method_records_error_without_wrong_status(cfg, faulty):
     assert row.rel_err > row.err_tol and row.exact == False  # noqa: E712
 
 
+def test_an_approximate_method_that_ignores_its_mask_is_wrong_for_the_leak(cfg, faulty):
+    cfg.update(plugins=[faulty], methods=["t_leaky", "t_noisy", "t_approx"],
+               masks=["causal", "sliding_window(left=4)", "full"])
+    frame = _rows(run_sweep(cfg, "test", show_progress=False)).set_index(["method", "mask"])
+    for mask in ("causal", "sliding_window(left=4)"):
+        leaky = frame.loc[("t_leaky", mask)]
+        assert leaky.status == "wrong" and leaky.reason.startswith("mask leak: the outputs of queries 0..15")
+        assert pd.isna(leaky.ms_median)
+        # run-to-run noise is not a leak; a wrong scale under the right mask is not a leak
+        assert frame.loc[("t_noisy", mask)].status == "ok" and frame.loc[("t_approx", mask)].status == "ok"
+    # under the full mask every key is visible: nothing to leak
+    assert frame.loc[("t_leaky", "full")].status == "ok"
+
+
 def test_recompile_while_timing_is_an_error_not_a_slow_row(cfg, faulty):
     cfg.update(plugins=[faulty], methods=["t_recompiles"], masks=["full"],
                timing={"budget_ms": 5, "warmup_ms": 0, "min_reps": 4, "max_reps": 5})

@@ -46,6 +46,29 @@ def build_approx(ctx):
     return build_wrong(ctx)
 
 
+@register_method("t_leaky", Capabilities(backward=False, exact=False, family="approx", **CPU))
+def build_leaky(ctx):
+    """Approximate, and ignores the mask: every query sees every key (a noncausal kernel under a causal mask)."""
+
+    def attend(q, k, v):
+        scores = (q @ k.transpose(-1, -2).repeat_interleave(q.shape[1] // k.shape[1], dim=1)) / q.shape[-1] ** 0.5
+        return torch.softmax(scores, dim=-1) @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+    return attend
+
+
+@register_method("t_noisy", Capabilities(backward=False, exact=False, family="approx", **CPU))
+def build_noisy(ctx):
+    """Approximate, respects the mask, and differs from call to call (as random features redrawn would)."""
+    good = _good(ctx)
+
+    def attend(q, k, v):
+        out = good(q, k, v)
+        return out + 1e-2 * torch.randn_like(out)
+
+    return attend
+
+
 @register_method("t_raises", Capabilities(backward=False, **CPU))
 def build_raises(ctx):
     """Raises on the first call."""
