@@ -370,3 +370,35 @@ def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], 
 
 __all__ = ["STATUS_COLORS", "Palette", "Panel", "Points", "Series", "heatmap", "line_panels", "log_ticks", "number",
            "pareto", "roofline", "to_png", "tokens"]
+
+
+@dataclass
+class Tile:
+    """One mask picture: the fraction of visible pairs per pixel, and its caption."""
+
+    title: str
+    image: np.ndarray
+    caption: str
+
+
+def mask_gallery(title: str, tiles: list[Tile], columns: int = 4) -> Figure:
+    """A grid of mask pictures (query rows down, key columns across; darker = more pairs visible)."""
+    import textwrap
+
+    columns = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(3.3 * columns, 3.6 * rows + 0.5), dpi=DPI)
+        axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+        for ax, tile in zip(axes, tiles):
+            ax.imshow(tile.image, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            ax.set_title("\n".join(textwrap.wrap(tile.title, 34)[:3]), fontsize=8)
+            ax.set_xlabel(tile.caption, fontsize=8)
+        for ax in axes[len(tiles):]:
+            ax.set_visible(False)
+        fig.suptitle(title)
+        fig.tight_layout()
+    return fig

@@ -420,6 +420,43 @@ def section_overview(ctx: Context) -> Section:
     return section
 
 
+MASK_PICTURE_PIXELS = 128
+
+
+def section_masks(ctx: Context) -> Section | None:
+    """What each mask looks like, at the largest shape it was measured at (block-averaged pictures, exact
+    fractions of visible pairs per pixel), so a reader sees the pattern behind every figure."""
+    import masks
+
+    kernel = ctx.kernel
+    if kernel.empty:
+        return None
+    tiles, missing = [], []
+    for label, rows in kernel.groupby("mask", sort=True):
+        largest = rows.assign(area=rows["seq_q"].astype(float) * rows["seq_kv"].astype(float)).sort_values(
+            "area").iloc[-1]
+        seq_q, seq_kv = int(largest["seq_q"]), int(largest["seq_kv"])
+        try:
+            bound = masks.make_mask(label).bind(seq_q, seq_kv)
+            image = masks.picture.mask_image(bound, MASK_PICTURE_PIXELS).numpy()
+            density = bound.visible_pairs() / float(seq_q * seq_kv)
+        except Exception as exc:  # noqa: BLE001 - a mask this install cannot rebuild is named, not drawn
+            missing.append(f"{label} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            continue
+        tiles.append(plots.Tile(label, image, f"{plots.tokens(seq_q)} × {plots.tokens(seq_kv)}, "
+                                              f"density {density:.2%}"))
+    section = Section("masks", "Masks")
+    section.blocks.append(Text(
+        "Each mask at the largest shape it was measured at: query rows down, key columns across; a pixel's "
+        "shade is the exact fraction of its pairs that are visible."))
+    if tiles:
+        section.blocks.append(plot("masks", "Pictures of the masks in this report",
+                                   "The masks of this report.", plots.mask_gallery, "Masks", tiles))
+    if missing:
+        section.blocks.append(Text("Not drawn (this install cannot rebuild them): " + "; ".join(missing) + "."))
+    return section
+
+
 def section_capability(ctx: Context) -> Section:
     """Method × (mask · pattern [· layout]) matrix of statuses; reasons on hover and as numbered footnotes."""
     section = Section("capability", "Capability matrix")
@@ -794,7 +831,7 @@ def section_environment(ctx: Context) -> Section:
     return section
 
 
-SECTIONS = (section_overview, section_capability, section_curves, section_peak, section_speedup,
+SECTIONS = (section_overview, section_masks, section_capability, section_curves, section_peak, section_speedup,
             section_efficiency_length, section_quality, section_cp_scaling, section_environment)
 
 

@@ -16,8 +16,8 @@ def test_report_of_5000_rows_under_30_seconds(tmp_path):
     start = time.perf_counter()
     assert report.main([str(folder)]) == 0
     elapsed = time.perf_counter() - start
-    # 4 masks x 4 modes = 16 curve figures (a row per head shape), the roofline and the speed-up summary
-    assert len(list((folder / "report_files").glob("*.png"))) == 18
+    # 4 masks x 4 modes = 16 curve figures (a row per head shape), the roofline, the speed-up summary, the masks
+    assert len(list((folder / "report_files").glob("*.png"))) == 19
     markdown = (folder / "report.md").read_text()
     assert markdown.count("<summary>Median time per call (ms)") == 64  # one table per mask, mode and shape
     assert elapsed < 30, f"report of {len(rows)} rows took {elapsed:.1f} s"
