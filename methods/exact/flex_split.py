@@ -69,13 +69,13 @@ def strided_parts(length: int, stride: int, device):
         batch, heads, _, dim = q.shape
 
         def by_residue(t):  # [B, h, L, D] -> [B * s, h, L / s, D]: group r holds positions r, r + s, r + 2s, ...
-            return t.view(batch, t.shape[1], groups, stride, dim).permute(0, 3, 1, 2, 4).reshape(
+            return t.reshape(batch, t.shape[1], groups, stride, dim).permute(0, 3, 1, 2, 4).reshape(
                 batch * stride, t.shape[1], groups, dim)
 
         out_local, lse_local = ATTEND(q, k, v, local, gqa)
         out_far, lse_far = ATTEND(by_residue(q), by_residue(k), by_residue(v), strict, gqa)
-        out_far = out_far.view(batch, stride, heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(q.shape)
-        lse_far = lse_far.view(batch, stride, heads, groups).permute(0, 2, 3, 1).reshape(q.shape[:-1])
+        out_far = out_far.reshape(batch, stride, heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(q.shape)
+        lse_far = lse_far.reshape(batch, stride, heads, groups).permute(0, 2, 3, 1).reshape(q.shape[:-1])
         return merge([(out_local, lse_local), (out_far, lse_far)])
 
     return run
@@ -93,7 +93,7 @@ def fixed_parts(length: int, stride: int, summary: int, device):
     def run(q, k, v, gqa):
         def summaries(t):  # the last `summary` keys of every chunk: [B, h, (L / s) * c, D]
             b, h, _, d = t.shape
-            return t.view(b, h, chunks, stride, d)[:, :, :, stride - summary:, :].reshape(b, h, chunks * summary, d)
+            return t.reshape(b, h, chunks, stride, d)[:, :, :, stride - summary:, :].reshape(b, h, chunks * summary, d)
 
         out_local, lse_local = ATTEND(q, k, v, local, gqa)
         out_summary, lse_summary = ATTEND(q, summaries(k), summaries(v), earlier, gqa)
