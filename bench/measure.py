@@ -91,26 +91,19 @@ class CaseRunner:
 
             self.telemetry = Telemetry.open(self.device.index or 0)
         self.power_limit_w = self.telemetry.power_limit_w() if self.telemetry else None
-        self.peak_tflops = self._peak_tflops(options.get("calibration"))
-        self.peak_gbps = self._peak_gbps(options.get("calibration"))
+        calibration = options.get("calibration") or {}
+        # the rates no row may exceed: the datasheet's dense 16-bit peak and HBM bandwidth, else the measured
+        # matmul rate and copy bandwidth (bytes_moved is a floor, so GB/s above the peak means a cache or a bug)
+        self.peak_tflops = self._peak(DATASHEET_TFLOPS, calibration.get("matmul_bf16_tflops"), 1.0)
+        self.peak_gbps = self._peak(DATASHEET_GBPS, calibration.get("copy_tbps"), 1e3)
 
-    def _peak_tflops(self, calibration) -> float | None:
-        """The rate no row may exceed: the datasheet's dense 16-bit peak, else the measured matmul rate."""
+    def _peak(self, datasheet: dict, measured, scale: float) -> float | None:
         if self.device.type != "cuda":
             return None
-        datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if k in self.device_name), None)
-        if datasheet is None and calibration and calibration.get("matmul_bf16_tflops"):
-            return float(calibration["matmul_bf16_tflops"])
-        return datasheet
-
-    def _peak_gbps(self, calibration) -> float | None:
-        """The bandwidth no row's minimum traffic may exceed: the datasheet's HBM rate, else the measured copy."""
-        if self.device.type != "cuda":
-            return None
-        datasheet = next((v for k, v in DATASHEET_GBPS.items() if k in self.device_name), None)
-        if datasheet is None and calibration and calibration.get("copy_tbps"):
-            return 1e3 * float(calibration["copy_tbps"])
-        return datasheet
+        listed = next((v for k, v in datasheet.items() if k in self.device_name), None)
+        if listed is None and measured:
+            return scale * float(measured)
+        return listed
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase

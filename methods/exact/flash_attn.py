@@ -14,7 +14,8 @@ import torch
 from ..registry import Capabilities, Unsupported, register_method
 
 
-def _varlen_args(ctx):
+def varlen_form(ctx):
+    """The case mask's varlen form; ``Unsupported`` where the mask has none."""
     form = ctx.mask.varlen()
     if form is None:
         raise Unsupported(f"mask {ctx.mask.label} has no varlen form (cu_seqlens + window)")
@@ -38,7 +39,7 @@ def _unwrap(out):
 def _make_flash(module_name: str):
     def build(ctx):
         module = importlib.import_module(module_name)
-        form = _varlen_args(ctx)
+        form = varlen_form(ctx)
         batch = ctx.case.batch
         window = tuple(int(w) for w in form.window)
         segments = int(form.cu_seqlens_q.numel()) - 1

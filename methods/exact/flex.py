@@ -25,6 +25,16 @@ def fresh_compile(fn, **kwargs):
     return torch.compile(fn, fullgraph=True, dynamic=False, **kwargs)
 
 
+def allow_backward_replay(case) -> None:
+    """For ``bwd`` cases: timing the backward alone replays one graph (retain_graph=True), which AOTAutograd
+    refuses while it donates the forward's buffers to the backward; the kernels are the same either way. The
+    harness restores the setting after the case."""
+    if case.mode == "bwd":
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
+
+
 @register_method(
     "flex",
     Capabilities(family="exact", masks={"any"}, compiled=True),
@@ -39,12 +49,7 @@ def build_flex(ctx):
     block_size = int(ctx.options.get("flex_block_size", 128))
     block_mask = ctx.mask.block_mask(ctx.device, block_size=block_size)
     enable_gqa = ctx.case.heads_kv != ctx.case.heads_q
-    if ctx.case.mode == "bwd":
-        # timing the backward alone replays one graph (retain_graph=True), which AOTAutograd refuses while it
-        # donates the forward's buffers to the backward; the kernels are the same either way
-        import torch._functorch.config
-
-        torch._functorch.config.donated_buffer = False
+    allow_backward_replay(ctx.case)
     compiled = fresh_compile(flex_attention)
 
     def flex(q, k, v):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import Capabilities, Unsupported, register_method
-from .flex import fresh_compile
+from .flex import allow_backward_replay, fresh_compile
 
 
 def flex_attend(q, k, v, block_mask, enable_gqa):
@@ -124,10 +124,7 @@ def build_flex_split(ctx):
     else:
         raise Unsupported(f"mask {spec.name} has no split here")
     gqa = case.heads_kv != case.heads_q
-    if case.mode == "bwd":  # as for flex: timing the backward alone replays one graph (see methods.exact.flex)
-        import torch._functorch.config
-
-        torch._functorch.config.donated_buffer = False
+    allow_backward_replay(case)
     fn = fresh_compile(run) if compiled else run
 
     def flex_split(q, k, v):

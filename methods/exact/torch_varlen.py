@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..registry import Capabilities, Unsupported, register_method
-from .flash_attn import batched_cu_seqlens
+from .flash_attn import batched_cu_seqlens, varlen_form
 
 MODULE = "torch.nn.attention.varlen"
 
@@ -68,7 +68,9 @@ def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, win
     for start_q, end_q, start_k, end_k in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(),
                                               cu_seq_k[:-1].tolist(), cu_seq_k[1:].tolist()):
         q, k, v = (t.transpose(0, 1) for t in (query[start_q:end_q], key[start_k:end_k], value[start_k:end_k]))
-        if enable_gqa and k.shape[0] != q.shape[0]:
+        if k.shape[0] != q.shape[0]:
+            if not enable_gqa:  # as the kernel: fewer key heads only with enable_gqa, never by broadcasting
+                raise RuntimeError(f"{q.shape[0]} query heads, {k.shape[0]} key heads, enable_gqa=False")
             k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
         position = torch.arange(end_q - start_q)[:, None] + (end_k - start_k) - (end_q - start_q)
         keys = torch.arange(end_k - start_k)[None, :]
@@ -90,9 +92,7 @@ def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, win
     description="torch.nn.attention.varlen.varlen_attn (FlashAttention-2 in torch; documents, chunks, windows)",
 )
 def build(ctx):
-    form = ctx.mask.varlen()
-    if form is None:
-        raise Unsupported(f"mask {ctx.mask.label} has no varlen form (cu_seqlens + window)")
+    form = varlen_form(ctx)
     kernel = _kernel()
     case = ctx.case
     kwargs = varlen_arguments(kernel, torch_window(form), gqa=case.heads_kv != case.heads_q)
