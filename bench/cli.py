@@ -14,7 +14,9 @@ import shlex
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from attnbench import conf as _conf
+
+CONF_DIR = Path(_conf.__file__).resolve().parent  # shipped as package data: works installed and editable
 
 
 def _gpu_present() -> bool:
@@ -37,14 +39,14 @@ def cmd_list(argv: list[str]) -> int:
 
     load_plugins(args.plugins)
     if args.what == "masks":
-        from masks import MASKS
+        from attnbench.masks import MASKS
 
         for name in sorted(MASKS):
             cls = MASKS[name]
             kind = "causal" if cls.causal else "noncausal"
             print(f"{name:24s} {kind:10s} {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}")
         return 0
-    from methods import METHODS
+    from attnbench.methods import METHODS
 
     print(f"{'method':16s} {'family':8s} {'available':10s} {'masks':28s} description / why unavailable")
     for name in sorted(METHODS):
@@ -71,11 +73,11 @@ def _subcommands():
 
     return {
         "list": cmd_list,
-        "report": lazy("bench.report"),
-        "compare": lazy("bench.compare"),
-        "runs": lazy("bench.runs"),
-        "masks": lazy("masks.cli"),
-        "selfcheck": lazy("bench.selfcheck"),
+        "report": lazy("attnbench.report"),
+        "compare": lazy("attnbench.compare"),
+        "runs": lazy("attnbench.runs"),
+        "masks": lazy("attnbench.masks.cli"),
+        "selfcheck": lazy("attnbench.selfcheck"),
     }
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-import masks
-from methods import METHODS, BuildContext, Unsupported
-from methods.exact.reference import reference_attention
+from attnbench import masks
+from attnbench.methods import METHODS, BuildContext, Unsupported
+from attnbench.methods.exact.reference import reference_attention
 
 from . import timing as timers
 from .plan import Case

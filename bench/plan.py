@@ -131,7 +131,7 @@ def _number(cfg: dict, field: str, default, minimum=0.0, integer=False):
 
 
 def resolve_methods(cfg: dict) -> list[str]:
-    from methods import METHODS
+    from attnbench.methods import METHODS
 
     names = _as_list(cfg, "methods", "all")
     if names == ["all"]:
@@ -143,7 +143,7 @@ def resolve_methods(cfg: dict) -> list[str]:
 
 
 def resolve_masks(cfg: dict):
-    import masks
+    from attnbench import masks
 
     entries = _as_list(cfg, "masks", ["full", "causal"])
     preset = cfg.get("mask")
@@ -267,7 +267,7 @@ def plan_options(cfg: dict) -> dict:
 
 def build_plan(cfg: dict) -> Plan:
     """Validate ``cfg`` (a plain dict) and expand it; raises ``ConfigError`` before any work."""
-    from methods import METHODS
+    from attnbench.methods import METHODS
 
     method_names = resolve_methods(cfg)
     specs = resolve_masks(cfg)

@@ -32,10 +32,16 @@ def _import_path(path: Path):
     return module
 
 
+def resolve_plugin_paths(plugins) -> list:
+    """Plugin file paths made absolute against the directory the user ran from (workers get these)."""
+    return [str(Path(p).expanduser().resolve()) if isinstance(p, str) and (p.endswith(".py") or "/" in p) else p
+            for p in plugins or ()]
+
+
 def load_plugins(plugins=()) -> list[str]:
     """Import the built-ins, entry points and ``plugins``; returns what was loaded. Errors name the plugin."""
-    import masks  # noqa: F401
-    import methods  # noqa: F401
+    from attnbench import masks  # noqa: F401
+    from attnbench import methods  # noqa: F401
 
     loaded = []
     for group in ENTRY_POINT_GROUPS:

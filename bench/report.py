@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bench import plots
-from bench.rundir import Run, UsageError, load_runs, merge_runs, parse_args
-from bench.schema import STATUSES
+from attnbench import plots
+from attnbench.rundir import Run, UsageError, load_runs, merge_runs, parse_args
+from attnbench.schema import STATUSES
 
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
 # worst first: the colour of a capability cell is that of its worst status
@@ -426,7 +426,7 @@ MASK_PICTURE_PIXELS = 128
 def section_masks(ctx: Context) -> Section | None:
     """What each mask looks like, at the largest shape it was measured at (block-averaged pictures, exact
     fractions of visible pairs per pixel), so a reader sees the pattern behind every figure."""
-    import masks
+    from attnbench import masks
 
     kernel = ctx.kernel
     if kernel.empty:

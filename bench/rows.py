@@ -36,7 +36,7 @@ def case_bytes(case: Case, kv_read: int | None = None) -> float:
 @functools.lru_cache(maxsize=256)
 def mask_facts(mask_label: str, seq_q: int, seq_kv: int) -> tuple[bool, int]:
     """(causal, visible pairs) of a mask at given lengths."""
-    import masks
+    from attnbench import masks
 
     bound = masks.make_mask(mask_label).bind(seq_q, seq_kv)
     return bound.causal, bound.visible_pairs()
@@ -46,7 +46,7 @@ def mask_facts(mask_label: str, seq_q: int, seq_kv: int) -> tuple[bool, int]:
 def keys_read(mask_label: str, seq_q: int, seq_kv: int) -> int:
     """Key positions that some query sees: what a decode step must read (a windowed cache: the window).
     Evaluates the mask's rows, so use it for few queries (decode) only."""
-    import masks
+    from attnbench import masks
 
     bound = masks.make_mask(mask_label).bind(seq_q, seq_kv)
     return int(bound.dense_rows(0, seq_q).any(dim=0).sum())
@@ -61,7 +61,7 @@ def base_row(case: Case, run_id: str = "") -> dict:
 
 def describe(case: Case, run_id: str = "", device_name: str | None = None) -> dict:
     """A row with every column that does not need the case to run."""
-    from methods import METHODS
+    from attnbench.methods import METHODS
 
     row = base_row(case, run_id)
     method = METHODS.get(case.method)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import envinfo
 from .plan import Case, Plan, build_plan, plan_options, validate_timing
+from .plugins import resolve_plugin_paths
 from .rows import base_row, describe
 from .store import RowStore
 
@@ -49,10 +50,10 @@ class Worker:
         self.log = open(self.log_path, "ab")
         self.log_start = self.log.tell()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", str(to_child_r), str(from_child_w)],
+            [sys.executable, "-m", "attnbench.worker", str(to_child_r), str(from_child_w)],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            cwd=str(Path(__file__).resolve().parents[1]), env=env, start_new_session=True,
+            cwd=os.getcwd(), env=env, start_new_session=True,  # the user's directory: plugins resolve there
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -247,7 +248,7 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
     timeout_s = float(cfg.get("case_timeout_s", 300))
     threads = []
     for device in plan.devices:
-        init = {"type": "init", "device": device, "options": options, "plugins": list(cfg.get("plugins") or []),
+        init = {"type": "init", "device": device, "options": options, "plugins": resolve_plugin_paths(cfg.get("plugins") or []),
                 "calibrate": calibrate}
         thread = threading.Thread(target=_device_thread, daemon=True,
                                   args=(device, groups, init, run_dir, run_id, timeout_s, store, progress, stats))

@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
         return 2
     import triton.testing
 
-    import masks
-    from methods import METHODS, BuildContext
+    from attnbench import masks
+    from attnbench.methods import METHODS, BuildContext
 
     from .plan import Case
     from .timing import time_callable

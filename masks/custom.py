@@ -3,7 +3,7 @@
 A plugin module (named in the config key ``plugins``) registers its masks on import::
 
     # my_masks.py
-    import masks
+    from attnbench import masks
 
     def checkerboard(b, h, q_idx, kv_idx):
         # broadcasting torch ops only: no Python `if` on tensor values, no in-place ops

@@ -8,7 +8,7 @@ timed region. A builder that finds at run time that it cannot run the case raise
 The planner reads the declared capabilities to decide, before any work, which cases a method gets; the
 correctness gate checks the declaration against an fp32 reference.
 
-    from methods import register_method, Capabilities
+    from attnbench.methods import register_method, Capabilities
 
     @register_method("my_attn", Capabilities(family="exact", masks={"full", "causal"}))
     def build_my_attn(ctx):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-import masks
+from attnbench import masks
 
 
 def attempt(name, heads_kv, block_mask):

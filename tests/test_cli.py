@@ -16,7 +16,7 @@ SMALL = ["methods=[reference,eager,sdpa_math,sdpa_cudnn]", "seq_lens=[32]", "cro
 
 
 def attnbench(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "attnbench.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
@@ -78,7 +78,7 @@ def test_method_and_mask_config_groups_select_what_runs():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from bench.plan import build_plan
+    from attnbench.plan import build_plan
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
@@ -95,12 +95,12 @@ def test_every_sweep_preset_composes_and_plans(preset, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import bench.plan
-    from bench.plan import build_plan
+    import attnbench.plan
+    from attnbench.plan import build_plan
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="config", overrides=[f"sweep={preset}"]), resolve=True)
-    monkeypatch.setattr(bench.plan, "resolve_devices", lambda cfg: ["cuda:0"])  # plan as on a GPU machine
+    monkeypatch.setattr(attnbench.plan, "resolve_devices", lambda cfg: ["cuda:0"])  # plan as on a GPU machine
     plan = build_plan(cfg)
     assert plan.runnable and plan.total == len({c.case_id for c in plan.runnable} |
                                                {c.case_id for c, _ in plan.unsupported})

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-import masks
-from bench.measure import CaseRunner
-from bench.plan import Case
-from methods.exact import flex_split
+from attnbench import masks
+from attnbench.measure import CaseRunner
+from attnbench.plan import Case
+from attnbench.methods.exact import flex_split
 
 TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 2, "flush_l2": False}
 ENTRIES = ["sparse_strided(stride=8)", "sparse_strided(stride=16)", "sparse_fixed(stride=8,summary=2)",
@@ -89,7 +89,7 @@ def test_lengths_the_split_cannot_take_are_unsupported(dense, entry, seq, why):
 
 
 def test_the_planner_gives_it_only_the_sparse_transformer_masks():
-    from methods import METHODS
+    from attnbench.methods import METHODS
 
     caps = METHODS["flex_split"].caps
     assert caps.masks == {"sparse_strided", "sparse_fixed"} and not caps.cross and caps.compiled

@@ -12,11 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import masks
-from masks import make_mask
-from masks.basic import query_offset
-from masks.document import DISTRIBUTIONS
-from masks.reference import block_counts_from_dense, dense_from_varlen, layout_flags
+from attnbench import masks
+from attnbench.masks import make_mask
+from attnbench.masks.basic import query_offset
+from attnbench.masks.document import DISTRIBUTIONS
+from attnbench.masks.reference import block_counts_from_dense, dense_from_varlen, layout_flags
 
 MAX_SEQ = 300
 BLOCK_SIZES = st.sampled_from([16, 32, 64, 128])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import masks
-from masks import make_mask
+from attnbench import masks
+from attnbench.masks import make_mask
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

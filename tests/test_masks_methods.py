@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-import masks
-from bench.measure import CaseRunner
-from bench.plan import Case
+from attnbench import masks
+from attnbench.measure import CaseRunner
+from attnbench.plan import Case
 
 SMALL = {
     "full": "full", "causal": "causal", "decode": "decode",
@@ -28,7 +28,7 @@ TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 2, "flush_l
 
 
 def test_every_registered_mask_has_a_small_entry_here():
-    builtin = {name for name, cls in masks.MASKS.items() if cls.__module__.startswith("masks.")}
+    builtin = {name for name, cls in masks.MASKS.items() if cls.__module__.startswith("attnbench.masks.")}
     assert builtin <= set(SMALL), f"add a small entry for {sorted(builtin - set(SMALL))}"
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from masks import make_mask
+from attnbench.masks import make_mask
 
 MILLION = 1 << 20
 LONG = 128 * 1024

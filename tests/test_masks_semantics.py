@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-import masks
-from masks import MaskParamError, MaskTooLarge, make_mask
+from attnbench import masks
+from attnbench.masks import MaskParamError, MaskTooLarge, make_mask
 
 
 def grid(text: str) -> torch.Tensor:

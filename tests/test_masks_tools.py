@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
-import masks
-from masks import make_mask
-from masks.cli import main
-from masks.describe import describe
-from masks.picture import mask_image, save_mask_png
-from masks.reference import block_counts_from_dense
-from masks.registry import MASKS
+from attnbench import masks
+from attnbench.masks import make_mask
+from attnbench.masks.cli import main
+from attnbench.masks.describe import describe
+from attnbench.masks.picture import mask_image, save_mask_png
+from attnbench.masks.reference import block_counts_from_dense
+from attnbench.masks.registry import MASKS
 
 from test_masks import check_block_forms, check_block_mask, check_dense_forms
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import masks
-from bench.measure import CaseRunner, rel_error
-from bench.plan import Case
-from bench.timing import summarize, time_callable
-from methods.exact.reference import reference_attention
+from attnbench import masks
+from attnbench.measure import CaseRunner, rel_error
+from attnbench.plan import Case
+from attnbench.timing import summarize, time_callable
+from attnbench.methods.exact.reference import reference_attention
 
 TIMING = {"budget_ms": 2, "warmup_ms": 0, "min_reps": 3, "max_reps": 5, "flush_l2": True, "cuda_graph": False}
 
@@ -79,7 +79,7 @@ def test_flex_compiled_runs_on_cpu_and_declines_backward():
 
 def test_flash_attn_adapter_with_a_stub_module(monkeypatch):
     """The flash-attn method's layout and varlen plumbing, against a stub with flash-attn's signatures."""
-    import methods
+    from attnbench import methods
 
     def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
         assert q.shape[1] == 64 and q.shape[2] == 2  # [B, S, H, D]
@@ -113,7 +113,7 @@ def test_rows_above_the_device_peak_are_flagged():
 def test_compiler_settings_a_builder_changes_do_not_reach_the_next_case():
     import torch._functorch.config as functorch_config
 
-    import methods
+    from attnbench import methods
 
     before = functorch_config.donated_buffer
 

@@ -5,9 +5,9 @@ import copy
 
 import pytest
 
-from bench.plan import Case, ConfigError, build_plan
-from bench.rows import case_bytes, case_flops, describe
-from bench.runner import run_sweep
+from attnbench.plan import Case, ConfigError, build_plan
+from attnbench.rows import case_bytes, case_flops, describe
+from attnbench.runner import run_sweep
 from conftest import BASE
 
 
@@ -85,7 +85,7 @@ def test_materialising_methods_refuse_over_budget():
 
 
 def test_dense_mask_budget_refuses_with_the_size_needed():
-    import masks
+    from attnbench import masks
 
     if "t_checker" not in masks.MASKS:
         masks.register_mask_mod("t_checker", lambda b, h, q, kv: ((q + kv) % 2) == 0)

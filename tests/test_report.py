@@ -7,10 +7,10 @@ import pytest
 from matplotlib.image import imread
 from runfixtures import H200, LENGTHS, env_for, fixture_rows, make_row, model_ms, write_fixture_run, write_run
 
-from bench import report
-from bench.report import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
-from bench.rundir import load_run
-from bench.schema import STATUSES
+from attnbench import report
+from attnbench.report import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
+from attnbench.rundir import load_run
+from attnbench.schema import STATUSES
 
 ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "quality", "cp-scaling",
                 "environment"]
@@ -201,7 +201,7 @@ def test_masks_section_draws_every_mask_it_can_rebuild_and_names_the_rest(fixtur
 
 
 def test_mask_pictures_are_exact_fractions_at_the_largest_measured_shape(tmp_path, monkeypatch):
-    import masks as mask_library
+    from attnbench import masks as mask_library
 
     rows = [make_row("r", "sdpa", "causal", "fwd", n) for n in (256, 1024)]
     folder = write_run(tmp_path, "r", rows, env_for("r", H200, True))

@@ -4,8 +4,8 @@ import json
 import pytest
 from runfixtures import H200, env_for, make_row, write_run
 
-from bench.rundir import RunDirError, load_run, merge_runs
-from bench.schema import COLUMNS
+from attnbench.rundir import RunDirError, load_run, merge_runs
+from attnbench.schema import COLUMNS
 
 
 def rows_for(run_id, n=3, **extra):

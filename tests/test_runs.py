@@ -1,7 +1,7 @@
 """`attnbench runs`: run folders with date, device and case counts by status."""
 from runfixtures import env_for, fixture_rows, write_run
 
-from bench import runs
+from attnbench import runs
 
 
 def small(run_id, device="NVIDIA H200"):

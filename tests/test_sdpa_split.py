@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-import masks
-from bench.measure import CaseRunner
-from bench.plan import Case
-from methods.exact import sdpa_split
+from attnbench import masks
+from attnbench.measure import CaseRunner
+from attnbench.plan import Case
+from attnbench.methods.exact import sdpa_split
 
 TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 2, "flush_l2": False}
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import masks
-from bench.measure import CaseRunner
-from bench.plan import Case
-from methods import METHODS, Unsupported
-from methods.exact import torch_varlen
+from attnbench import masks
+from attnbench.measure import CaseRunner
+from attnbench.plan import Case
+from attnbench.methods import METHODS, Unsupported
+from attnbench.methods.exact import torch_varlen
 
 TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 2, "flush_l2": False}
 VARLEN_MASKS = [
@@ -88,7 +88,7 @@ def test_the_planner_gives_it_only_cuda_and_half_precision():
 
 def test_batched_offsets_repeat_each_elements_segments():
     form = masks.make_mask("document(lengths=[5,3])").bind(8).varlen()
-    from methods.exact.flash_attn import batched_cu_seqlens
+    from attnbench.methods.exact.flash_attn import batched_cu_seqlens
 
     cu_q, cu_k = batched_cu_seqlens(form, 3, 8, 8, "cpu")
     assert cu_q.tolist() == cu_k.tolist() == [0, 5, 8, 13, 16, 21, 24]

@@ -59,7 +59,7 @@ def _block_mask(mask_mod, seq_q: int, seq_kv: int, device):
 
 def strided_parts(length: int, stride: int, device):
     """Block masks of the two parts of ``sparse_strided`` and the function that runs and merges them."""
-    from masks import make_mask
+    from attnbench.masks import make_mask
 
     groups = length // stride
     local = make_mask(f"sliding_window(left={stride - 1})").bind(length).block_mask(device)
@@ -83,7 +83,7 @@ def strided_parts(length: int, stride: int, device):
 
 def fixed_parts(length: int, stride: int, summary: int, device):
     """Block masks of the two parts of ``sparse_fixed`` and the function that runs and merges them."""
-    from masks import make_mask
+    from attnbench.masks import make_mask
 
     chunks = length // stride
     local = make_mask(f"chunked_local(chunk={stride})").bind(length).block_mask(device)

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from methods import Capabilities, register_method
-from methods.exact.reference import reference_attention
+from attnbench.methods import Capabilities, register_method
+from attnbench.methods.exact.reference import reference_attention
 
 CPU = dict(devices=("cpu", "cuda"), masks={"any"})
 
@@ -113,7 +113,7 @@ def build_oom(ctx):
 @register_method("t_declines", Capabilities(backward=False, **CPU))
 def build_declines(ctx):
     """Declines at build time."""
-    from methods import Unsupported
+    from attnbench.methods import Unsupported
 
     raise Unsupported("t_declines never runs")
 

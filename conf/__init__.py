@@ -1,0 +1,1 @@
+"""The Hydra configuration, shipped inside the package (loaded from this folder)."""
