@@ -35,7 +35,7 @@ def cmd_list(argv: list[str]) -> int:
     parser.add_argument("what", choices=["methods", "masks"])
     parser.add_argument("--plugins", nargs="*", default=[], help="modules or .py files to load first")
     args = parser.parse_args(argv)
-    from .plugins import load_plugins
+    from attnbench.config.plugins import load_plugins
 
     load_plugins(args.plugins)
     if args.what == "masks":
@@ -73,11 +73,11 @@ def _subcommands():
 
     return {
         "list": cmd_list,
-        "report": lazy("attnbench.report"),
-        "compare": lazy("attnbench.compare"),
-        "runs": lazy("attnbench.runs"),
+        "report": lazy("attnbench.report.document"),
+        "compare": lazy("attnbench.report.compare"),
+        "runs": lazy("attnbench.record.runs"),
         "masks": lazy("attnbench.masks.cli"),
-        "selfcheck": lazy("attnbench.selfcheck"),
+        "selfcheck": lazy("attnbench.measure.selfcheck"),
     }
 
 
@@ -86,8 +86,8 @@ def sweep_main(argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
-    from .plan import ConfigError
-    from .plugins import PluginError
+    from attnbench.config.plan import ConfigError
+    from attnbench.config.plugins import PluginError
 
     if not any(a.split("=", 1)[0].lstrip("+~") == "sweep" for a in argv):
         argv = [f"sweep={'gpu' if _gpu_present() else 'smoke'}", *argv]
@@ -98,8 +98,8 @@ def sweep_main(argv: list[str]) -> int:
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from .runner import run_sweep
-        from .summary import print_summary
+        from attnbench.execute.runner import run_sweep
+        from attnbench.report.summary import print_summary
 
         plain = OmegaConf.to_container(cfg, resolve=True)
         job_command = command
@@ -107,7 +107,7 @@ def sweep_main(argv: list[str]) -> int:
         if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
             job_command = "attnbench " + " ".join(shlex.quote(a) for a in hydra_cfg.overrides.task)
             if not plain.get("run_id"):
-                from .runner import default_run_id
+                from attnbench.execute.runner import default_run_id
 
                 plain["run_id"] = f"{default_run_id()}-job{hydra_cfg.job.num}"
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from attnbench.schema import to_frame
+from attnbench.record.schema import to_frame
 
 H200 = "NVIDIA H200"
 LENGTHS = (1024, 2048, 4096, 8192, 16384)

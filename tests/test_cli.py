@@ -78,7 +78,7 @@ def test_method_and_mask_config_groups_select_what_runs():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from attnbench.plan import build_plan
+    from attnbench.config.plan import build_plan
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
@@ -95,12 +95,12 @@ def test_every_sweep_preset_composes_and_plans(preset, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import attnbench.plan
-    from attnbench.plan import build_plan
+    import attnbench.config.plan
+    from attnbench.config.plan import build_plan
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="config", overrides=[f"sweep={preset}"]), resolve=True)
-    monkeypatch.setattr(attnbench.plan, "resolve_devices", lambda cfg: ["cuda:0"])  # plan as on a GPU machine
+    monkeypatch.setattr(attnbench.config.plan, "resolve_devices", lambda cfg: ["cuda:0"])  # plan as on a GPU machine
     plan = build_plan(cfg)
     assert plan.runnable and plan.total == len({c.case_id for c in plan.runnable} |
                                                {c.case_id for c, _ in plan.unsupported})

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from runfixtures import env_for, fixture_rows, write_run
 
-from attnbench import compare
-from attnbench.rundir import load_run
+from attnbench.report import compare as compare
+from attnbench.record.rundir import load_run
 
 SDPA_4K = {"method": "sdpa", "mask": "causal", "mode": "fwd", "seq_kv": 4096}
 FLEX_4K = {"method": "flex", "mask": "causal", "mode": "fwd", "seq_kv": 4096}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attnbench import masks
-from attnbench.measure import CaseRunner
-from attnbench.plan import Case
+from attnbench.execute.case import CaseRunner
+from attnbench.config.plan import Case
 from attnbench.methods.exact import flex_split
 
 TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 2, "flush_l2": False}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from attnbench import masks
-from attnbench.measure import CaseRunner
-from attnbench.plan import Case
+from attnbench.execute.case import CaseRunner
+from attnbench.config.plan import Case
 
 SMALL = {
     "full": "full", "causal": "causal", "decode": "decode",

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from attnbench import masks
-from attnbench.measure import CaseRunner, rel_error
-from attnbench.plan import Case
-from attnbench.timing import summarize, time_callable
+from attnbench.execute.case import CaseRunner, rel_error
+from attnbench.config.plan import Case
+from attnbench.measure.timing import summarize, time_callable
 from attnbench.methods.exact.reference import reference_attention
 
 TIMING = {"budget_ms": 2, "warmup_ms": 0, "min_reps": 3, "max_reps": 5, "flush_l2": True, "cuda_graph": False}

@@ -5,9 +5,9 @@ import copy
 
 import pytest
 
-from attnbench.plan import Case, ConfigError, build_plan
-from attnbench.rows import case_bytes, case_flops, describe
-from attnbench.runner import run_sweep
+from attnbench.config.plan import Case, ConfigError, build_plan
+from attnbench.record.rows import case_bytes, case_flops, describe
+from attnbench.execute.runner import run_sweep
 from conftest import BASE
 
 

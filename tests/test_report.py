@@ -7,10 +7,10 @@ import pytest
 from matplotlib.image import imread
 from runfixtures import H200, LENGTHS, env_for, fixture_rows, make_row, model_ms, write_fixture_run, write_run
 
-from attnbench import report
-from attnbench.report import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
-from attnbench.rundir import load_run
-from attnbench.schema import STATUSES
+from attnbench.report import document as report
+from attnbench.report.document import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
+from attnbench.record.rundir import load_run
+from attnbench.record.schema import STATUSES
 
 ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "quality", "cp-scaling",
                 "environment"]

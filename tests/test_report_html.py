@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from runfixtures import write_fixture_run
 
-from attnbench import report
+from attnbench.report import document as report
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

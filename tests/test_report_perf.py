@@ -6,7 +6,7 @@ import time
 
 from runfixtures import env_for, large_rows, write_run
 
-from attnbench import report
+from attnbench.report import document as report
 
 
 def test_report_of_5000_rows_under_30_seconds(tmp_path):

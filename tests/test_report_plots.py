@@ -2,8 +2,8 @@
 import pytest
 from runfixtures import make_row, write_run
 
-from attnbench import plots, report
-from attnbench.rundir import load_run
+from attnbench.report import document as report, plots
+from attnbench.record.rundir import load_run
 
 
 @pytest.mark.parametrize("low, high, base, subs, most, expected", [

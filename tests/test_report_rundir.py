@@ -4,8 +4,8 @@ import json
 import pytest
 from runfixtures import H200, env_for, make_row, write_run
 
-from attnbench.rundir import RunDirError, load_run, merge_runs
-from attnbench.schema import COLUMNS
+from attnbench.record.rundir import RunDirError, load_run, merge_runs
+from attnbench.record.schema import COLUMNS
 
 
 def rows_for(run_id, n=3, **extra):

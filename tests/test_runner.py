@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from attnbench import schema
-from attnbench.runner import run_sweep
-from attnbench.store import read_jsonl
+from attnbench.record import schema as schema
+from attnbench.execute.runner import run_sweep
+from attnbench.record.store import read_jsonl
 
 
 def _rows(run_dir: Path) -> pd.DataFrame:
@@ -148,9 +148,9 @@ def test_run_folder_is_complete_and_tidy(cfg):
 
 def test_several_devices_share_the_cases_without_losing_or_repeating_one(cfg, tmp_path, monkeypatch):
     """One worker per device pulls groups of cases from a shared queue (two CPU 'devices' stand in for GPUs)."""
-    from attnbench import runner
-    from attnbench.plan import build_plan
-    from attnbench.runner import run_plan
+    from attnbench.execute import runner as runner
+    from attnbench.config.plan import build_plan
+    from attnbench.execute.runner import run_plan
 
     started = []
     original_start = runner.Worker.start
@@ -171,7 +171,7 @@ def test_several_devices_share_the_cases_without_losing_or_repeating_one(cfg, tm
 
 
 def test_an_interrupted_run_is_reported_as_such(cfg):
-    from attnbench.rundir import load_run
+    from attnbench.record.rundir import load_run
 
     cfg.update(methods=["reference", "sdpa_math"])
     run_dir = run_sweep(cfg, "test", show_progress=False)
@@ -184,7 +184,7 @@ def test_an_interrupted_run_is_reported_as_such(cfg):
 
 
 def test_a_long_compiler_report_is_reduced_to_its_first_line_and_its_cause():
-    from attnbench.worker import _reason
+    from attnbench.execute.worker import _reason
 
     report = RuntimeError(
         "CompilationError: at 194:23:\n    acc, l_i, m_i = forward_inner(\n                       ^\n"

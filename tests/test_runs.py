@@ -1,7 +1,7 @@
 """`attnbench runs`: run folders with date, device and case counts by status."""
 from runfixtures import env_for, fixture_rows, write_run
 
-from attnbench import runs
+from attnbench.record import runs as runs
 
 
 def small(run_id, device="NVIDIA H200"):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from attnbench import masks
-from attnbench.measure import CaseRunner
-from attnbench.plan import Case
+from attnbench.execute.case import CaseRunner
+from attnbench.config.plan import Case
 from attnbench.methods import METHODS, Unsupported
 from attnbench.methods.exact import torch_varlen
 

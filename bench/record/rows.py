@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 
-from . import schema
-from .plan import DTYPE_BYTES, Case, pattern_of
+from attnbench.record import schema as schema
+from attnbench.config.plan import DTYPE_BYTES, Case, pattern_of
 
 MODE_FLOP_FACTOR = {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 

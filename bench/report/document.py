@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from attnbench import plots
-from attnbench.rundir import Run, UsageError, load_runs, merge_runs, parse_args
-from attnbench.schema import STATUSES
+from attnbench.report import plots as plots
+from attnbench.record.rundir import Run, UsageError, load_runs, merge_runs, parse_args
+from attnbench.record.schema import STATUSES
 
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
 # worst first: the colour of a capability cell is that of its worst status

@@ -6,8 +6,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from attnbench.rundir import RunDirError, is_run_dir, load_run, parse_args
-from attnbench.schema import STATUSES
+from attnbench.record.rundir import RunDirError, is_run_dir, load_run, parse_args
+from attnbench.record.schema import STATUSES
 
 
 def run_summaries(results_dir: Path) -> list[dict]:

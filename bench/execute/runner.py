@@ -18,11 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import envinfo
-from .plan import Case, Plan, build_plan, plan_options, validate_timing
-from .plugins import resolve_plugin_paths
-from .rows import base_row, describe
-from .store import RowStore
+from attnbench.record import envinfo as envinfo
+from attnbench.config.plan import Case, Plan, build_plan, plan_options, validate_timing
+from attnbench.config.plugins import resolve_plugin_paths
+from attnbench.record.rows import base_row, describe
+from attnbench.record.store import RowStore
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -50,7 +50,7 @@ class Worker:
         self.log = open(self.log_path, "ab")
         self.log_start = self.log.tell()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "attnbench.worker", str(to_child_r), str(from_child_w)],
+            [sys.executable, "-m", "attnbench.execute.worker", str(to_child_r), str(from_child_w)],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             cwd=os.getcwd(), env=env, start_new_session=True,  # the user's directory: plugins resolve there
@@ -166,7 +166,7 @@ def worker_options(cfg: dict) -> dict:
         "flex_block_size": int(cfg.get("flex_block_size", 128)),
     }
     if correctness.get("floor"):
-        from .measure import ERROR_FLOOR
+        from attnbench.execute.case import ERROR_FLOOR
 
         options["error_floor"] = {**ERROR_FLOOR, **correctness["floor"]}
     options.update(plan_options(cfg))
@@ -269,7 +269,7 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
 
 def run_sweep(cfg: dict, command: str, show_progress: bool = True) -> Path:
     """Validate, plan and run ``cfg`` (a plain dict); returns the run folder."""
-    from .plugins import load_plugins
+    from attnbench.config.plugins import load_plugins
 
     load_plugins(cfg.get("plugins") or [])
     plan = build_plan(cfg)

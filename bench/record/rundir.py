@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.schema import to_frame
+from attnbench.record.schema import to_frame
 
 ROW_FILES = ("rows.parquet", "rows.jsonl", "rows.csv")
 

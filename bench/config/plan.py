@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import schema
+from attnbench.record import schema as schema
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

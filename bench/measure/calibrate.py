@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .envinfo import now
-from .timing import time_cuda
+from attnbench.record.envinfo import now
+from attnbench.measure.timing import time_cuda
 
 CACHE = Path(os.environ.get("ATTNBENCH_CACHE", Path.home() / ".cache" / "attnbench")) / "calibration.json"
 TIMING = {"budget_ms": 300.0, "warmup_ms": 50.0, "min_reps": 10, "max_reps": 200, "flush_l2": True}

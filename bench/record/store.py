@@ -11,7 +11,7 @@ import os
 import threading
 from pathlib import Path
 
-from . import schema
+from attnbench.record import schema as schema
 
 
 def _clean(value):

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attnbench.rundir import UsageError, load_runs, parse_args
-from attnbench.schema import KEY_FIELDS
+from attnbench.record.rundir import UsageError, load_runs, parse_args
+from attnbench.record.schema import KEY_FIELDS
 
 VERDICTS = ("regression", "new failure", "improvement", "fixed", "within spread", "unchanged", "not timed",
             "still failing", "only in BASE", "only in NEW")

@@ -19,9 +19,9 @@ from attnbench import masks
 from attnbench.methods import METHODS, BuildContext, Unsupported
 from attnbench.methods.exact.reference import reference_attention
 
-from . import timing as timers
-from .plan import Case
-from .rows import describe
+from attnbench.measure import timing as timers
+from attnbench.config.plan import Case
+from attnbench.record.rows import describe
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # approximate methods: queries whose hidden keys the leak probe perturbs
@@ -87,7 +87,7 @@ class CaseRunner:
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.telemetry = None
         if self.device.type == "cuda" and self.timing.get("telemetry", True):
-            from .telemetry import Telemetry
+            from attnbench.measure.telemetry import Telemetry
 
             self.telemetry = Telemetry.open(self.device.index or 0)
         self.power_limit_w = self.telemetry.power_limit_w() if self.telemetry else None

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     init = json.loads(inbox.readline())
     try:
-        from .plugins import load_plugins
+        from attnbench.config.plugins import load_plugins
 
         load_plugins(init.get("plugins") or [])
         options = init["options"]
@@ -60,10 +60,10 @@ def main(argv: list[str]) -> int:
 
             torch.cuda.set_device(device)
             if init.get("calibrate"):
-                from .calibrate import calibration
+                from attnbench.measure.calibrate import calibration
 
                 options["calibration"] = calibration(torch.device(device))
-        from .measure import CaseRunner
+        from attnbench.execute.case import CaseRunner
 
         runner = CaseRunner(device, options)
         runner.phase_hook = lambda phase: send({"type": "phase", "phase": phase})
@@ -72,8 +72,8 @@ def main(argv: list[str]) -> int:
         return 1
     send({"type": "ready", "calibration": options.get("calibration")})
 
-    from .plan import Case
-    from .rows import base_row, describe
+    from attnbench.config.plan import Case
+    from attnbench.record.rows import base_row, describe
 
     for line in inbox:
         message = json.loads(line)

@@ -35,8 +35,8 @@ def main(argv: list[str]) -> int:
     from attnbench import masks
     from attnbench.methods import METHODS, BuildContext
 
-    from .plan import Case
-    from .timing import time_callable
+    from attnbench.config.plan import Case
+    from attnbench.measure.timing import time_callable
 
     device = torch.device("cuda:0")
     timing = {"budget_ms": 300.0, "warmup_ms": 50.0, "min_reps": 20, "max_reps": 500, "flush_l2": True}

@@ -30,7 +30,7 @@ def _git(*args) -> str | None:
 def collect(run_id: str, command: str) -> dict:
     import torch
 
-    from .telemetry import gpu_inventory
+    from attnbench.measure.telemetry import gpu_inventory
 
     packages = {}
     for name in PACKAGES:

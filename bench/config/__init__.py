@@ -1,0 +1,1 @@
+"""Stage 1, configuration: validate the sweep, expand the grid into cases, load plugins."""

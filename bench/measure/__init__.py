@@ -1,0 +1,1 @@
+"""Stage 3, measurement: timers, memory, telemetry, the correctness gate, calibration, self-check."""

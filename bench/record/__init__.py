@@ -1,0 +1,1 @@
+"""Stage 4, records: the row schema, rows, the crash-safe store, run folders, provenance."""

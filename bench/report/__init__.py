@@ -1,0 +1,1 @@
+"""Stage 5, reports: report.md/html, plots, comparison of runs, the console summary."""
