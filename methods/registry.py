@@ -1,9 +1,13 @@
 """The method registry: every attention implementation, with the capabilities it declares.
 
-A method is a *builder*: ``build(ctx) -> fn`` where ``fn(q, k, v) -> out`` runs one attention call on
-``[batch, heads, seq, head_dim]`` tensors (SDPA's layout). Everything that is not the attention itself —
-block masks, compiled functions, dense masks, parameters, workspaces — is made in the builder, outside the
-timed region. A builder that finds at run time that it cannot run the case raises ``Unsupported(reason)``.
+A method is a *builder*: ``build(ctx) -> Prepared`` (or the timed ``fn(q, k, v) -> out`` alone, for a plain
+exact kernel); the contract — own reference, untimed preparation, parameters, extra inputs, recurrent decode,
+attended pairs, layer form — is in ``methods.contract``. Everything that is not the attention itself — block
+masks, compiled functions, dense masks, parameters, workspaces — is made in the builder, outside the timed
+region. A builder that finds at run time that it cannot run the case raises ``Unsupported(reason)``.
+
+Capabilities are opt-in: a method declared with no more than a family runs full and causal self-attention,
+forward only; cross-attention, GQA, backward and decode are each declared.
 
 The planner reads the declared capabilities to decide, before any work, which cases a method gets; the
 correctness gate checks the declaration against an fp32 reference.
@@ -20,6 +24,8 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from .contract import MaskInfo
 
 ANY_MASK = "any"
 
@@ -41,10 +47,10 @@ class Capabilities:
     exact: bool = True
     masks: frozenset[str] = frozenset({"full", "causal"})
     dense_mask: bool = False
-    cross: bool = True
-    gqa: bool = True
-    backward: bool = True
-    decode: bool = True
+    cross: bool = False  # seq_q != seq_kv (encoder memory, bottom-right causal)
+    gqa: bool = False  # heads_kv < heads_q
+    backward: bool = False  # bwd and fwd_bwd modes
+    decode: bool = False  # decode mode (one query against a cache; Prepared.decode for a recurrent state)
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     devices: tuple[str, ...] = ("cpu", "cuda")
     head_dims: tuple[int, ...] | None = None  # None: any
@@ -57,9 +63,13 @@ class Capabilities:
     input_layout: str = "bhsd"  # "bhsd" (SDPA) or "bshd" (flash-attn); the harness lays inputs out so
     varlen: bool = False  # runs any mask whose varlen form exists (cu_seqlens + window), natively
     declines: tuple[str, ...] = ()  # substrings of errors that mean "this backend declined the case"
+    form: str = "qkv"  # "qkv": fn(q, k, v); "layer": a module fn(x) over [batch, seq, heads_q * head_dim]
+    causal_only: bool = False  # runs causal masks only (recurrences, scans): noncausal cases are unsupported
 
     def __post_init__(self):
         object.__setattr__(self, "masks", frozenset(self.masks))
+        if self.form not in ("qkv", "layer"):
+            raise ValueError(f"Capabilities.form must be 'qkv' or 'layer', got {self.form!r}")
 
     def runs_mask(self, mask_name: str) -> bool:
         return ANY_MASK in self.masks or mask_name in self.masks or self.dense_mask or self.varlen
@@ -118,10 +128,17 @@ def register_method(name: str, caps: Capabilities | None = None, description: st
 
 @dataclass
 class BuildContext:
-    """What a builder gets: the case, its bound mask (on the case's device), the device, and options."""
+    """What a builder gets: the case, the typed mask description, the bound mask (on the case's device),
+    the device, the working dtype, the method's own hyper-parameters and the harness options."""
 
-    case: Any  # bench.plan.Case
-    mask: Any  # masks.BoundMask, already on ``device``
+    case: Any  # attnbench.config.plan.Case
+    mask: MaskInfo  # typed: causal, offset (bottom-right), window, varlen form (documents), params
+    bound: Any  # masks.BoundMask, already on ``device``: mask_mod, dense rows, block layouts
     device: Any
     dtype: Any
     options: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # method_options[method]: the method's hyper-parameters
+
+    def param(self, name: str, default):
+        """A hyper-parameter from ``method_options`` (config), else ``default``."""
+        return self.params.get(name, default)

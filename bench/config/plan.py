@@ -235,6 +235,8 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
         return "no backward pass"
     if case.mode == "decode" and not caps.decode:
         return "no decode mode"
+    if caps.causal_only and not spec.causal:
+        return f"causal masks only (a recurrence or scan), and {spec.name} is not causal"
     if not caps.runs_mask(spec.name):
         return f"mask {spec.name} not supported natively and no dense-mask path"
     if not caps.native_mask(spec.name) and not caps.dense_mask and caps.varlen:

@@ -1,44 +1,43 @@
-"""One case, measured: build, first call (compile), correctness gate, memory, timing, telemetry.
+"""One case, measured: build, preparation, first call (compile), correctness gate, memory, timing, telemetry.
 
-``CaseRunner.run(case)`` returns a row (dict, bench.schema columns) for a case that ran to a verdict
-(``ok``, ``wrong`` or ``unsupported``); failures (exceptions, OOM) propagate to the worker, which makes
-their rows and replaces itself. Inputs and the fp32 reference are cached for the last input key, so the
-methods of one shape share them (the planner orders cases that way).
+``CaseRunner.run(case)`` returns a row (dict, ``attnbench.record.schema`` columns) for a case that ran to a
+verdict (``ok``, ``wrong`` or ``unsupported``); failures (exceptions, OOM) propagate to the worker, which
+makes their rows and replaces itself. Inputs and the fp32 reference are cached for the last input key, so the
+methods of one shape share them (the planner orders cases that way). The method contract the runner serves
+(own reference, untimed preparation, extras, parameters, recurrent decode, layer form) is
+``attnbench.methods.contract``.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 import torch
 
 from attnbench import masks
-from attnbench.methods import METHODS, BuildContext, Unsupported
-from attnbench.methods.exact.reference import reference_attention
-
-from attnbench.measure import timing as timers
 from attnbench.config.plan import Case
+from attnbench.measure import gate
+from attnbench.measure import timing as timers
+from attnbench.measure.gate import rel_error  # noqa: F401  (re-exported: tests and scripts use it from here)
+from attnbench.methods import METHODS, BuildContext, MaskInfo, Unsupported, as_prepared, tensor_bytes
+from attnbench.methods.exact.reference import reference_attention
 from attnbench.record.rows import describe
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # approximate methods: queries whose hidden keys the leak probe perturbs
 LEAK_PROBE_QUERIES = 64
-# the gate's floor, added to 2 x the same-dtype reference's error
-ERROR_FLOOR = {"float32": 5e-5, "float16": 1e-3, "bfloat16": 2e-3}
 # dense bf16/fp16 datasheet peaks: a row above its device's peak is flagged as impossible
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
 # HBM datasheet bandwidth, GB/s: bytes_moved is a floor, so a row above it read from a cache (or is wrong)
 DATASHEET_GBPS = {"H100": 3350.0, "H200": 4800.0, "H800": 3350.0, "A100": 2039.0, "B200": 8000.0}
-
-
-def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach(), ref.detach()
-    diff = torch.linalg.vector_norm((got.float() - ref.float()).flatten())
-    denom = torch.linalg.vector_norm(ref.float().flatten())
-    return float(diff / denom) if float(denom) > 0 else float(diff)
+# above this many (query, key) pairs the gate samples query rows (forward only); see correctness.ref_full_pairs
+REF_FULL_PAIRS = 1 << 32
+GATE_SAMPLE_ROWS = 512
 
 
 @dataclass
@@ -53,10 +52,20 @@ class Inputs:
 @dataclass
 class Reference:
     key: tuple
-    out: torch.Tensor
+    out: torch.Tensor  # fp32, [B, H, rows, D]: every row, or the sampled rows
     grads: tuple | None
-    same_dtype_err: float  # max over out (and grads) of the working-dtype reference's error
+    rows: torch.Tensor | None  # sampled query rows (None: all rows)
     rows_visible: torch.Tensor  # bool [seq_q]: rows with at least one visible key
+
+
+@dataclass
+class Call:
+    """The tensors of one case in the method's layout, and the calls the runner makes with them."""
+
+    args: tuple  # positional inputs: (q, k, v) or (x,)
+    kwargs: dict  # extras and what ``prepare`` returned
+    grad_targets: list = field(default_factory=list)  # (name, tensor) pairs that get gradients
+    dout: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -73,6 +82,29 @@ def _compiler_config_restored():
             warnings.simplefilter("ignore", FutureWarning)
             for module, state in saved:
                 module.load_config(state)
+
+
+class _Verdict(Exception):
+    """Raised inside a case to end it with a row status (wrong/unsupported) and a reason."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _seed(case: Case, name: str) -> int:
+    return (case.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _float_copy(t: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    return t.detach().float().requires_grad_(need_grad and t.requires_grad)
 
 
 class CaseRunner:
@@ -110,7 +142,7 @@ class CaseRunner:
         if self.phase_hook is not None:
             self.phase_hook(phase)
 
-    # ---- inputs and reference ----------------------------------------------------------------------------
+    # ---- inputs and the exact reference --------------------------------------------------------------------
     def inputs(self, case: Case) -> Inputs:
         key = case.input_key()
         if self._inputs is not None and self._inputs.key == key:
@@ -129,137 +161,387 @@ class CaseRunner:
         self._inputs = Inputs(key, q, k, v, dout)
         return self._inputs
 
+    def _gate_rows(self, case: Case) -> torch.Tensor | None:
+        """Query rows the gate checks: all (None) up to ``ref_full_pairs``, else a strided sample with the
+        first and last rows (the reference then costs rows x seq_kv, whatever the length)."""
+        limit = int(self.options.get("ref_full_pairs", REF_FULL_PAIRS))
+        if case.seq_q * case.seq_kv <= limit:
+            return None
+        count = min(case.seq_q, GATE_SAMPLE_ROWS)
+        rows = torch.linspace(0, case.seq_q - 1, count, device=self.device).round().long().unique()
+        return rows
+
     def reference(self, case: Case, inputs: Inputs, bound, need_grad: bool) -> Reference:
+        """fp32 softmax attention on the case's inputs (cached per input key; with gradients when asked)."""
         cached = self._reference
         if cached is not None and cached.key == inputs.key and (cached.grads is not None or not need_grad):
             return cached
         chunk = self.options.get("ref_chunk_bytes", 1 << 29)
-        dout = inputs.dout if need_grad else None
-        out32, grads32 = reference_attention(inputs.q, inputs.k, inputs.v, bound, dout=dout, chunk_bytes=chunk)
-        out_lp, grads_lp = reference_attention(
-            inputs.q, inputs.k, inputs.v, bound, compute_dtype=TORCH_DTYPES[case.dtype], dout=dout,
-            chunk_bytes=chunk,
-        )
+        rows = self._gate_rows(case)
         rows_visible = (bound.row_counts() > 0).to(self.device)
-        errs = [rel_error(out_lp[:, :, rows_visible], out32[:, :, rows_visible])]
-        if need_grad:
-            errs += [rel_error(a, b) for a, b in zip(grads_lp, grads32)]
-        del out_lp, grads_lp
-        self._reference = Reference(inputs.key, out32, grads32, max(errs), rows_visible)
+        if rows is None:
+            dout = inputs.dout if need_grad else None
+            out32, grads32 = reference_attention(inputs.q, inputs.k, inputs.v, bound, dout=dout, chunk_bytes=chunk)
+        else:
+            out32 = _sampled_reference(inputs.q, inputs.k, inputs.v, bound, rows, chunk)
+            grads32 = None
+        self._reference = Reference(inputs.key, out32, grads32, rows, rows_visible)
         return self._reference
 
     # ---- the case ------------------------------------------------------------------------------------------
     def run(self, case: Case, run_id: str = "") -> dict:
         """Measure ``case``; compiler settings a builder changes are restored afterwards (DESIGN.md §7)."""
         with _compiler_config_restored():
-            return self._run(case, run_id)
+            started = time.perf_counter()
+            row = describe(case, run_id, self.device_name)
+            try:
+                return self._run(case, row, started)
+            except _Verdict as verdict:
+                return self._finish(row, verdict.status, verdict.reason, started)
 
-    def _run(self, case: Case, run_id: str) -> dict:
-        started = time.perf_counter()
+    def _run(self, case: Case, row: dict, started: float) -> dict:
         self._set_phase("inputs")
         spec = masks.make_mask(case.mask)
         bound = spec.bind(case.seq_q, case.seq_kv).to(self.device)
-        row = describe(case, run_id, self.device_name)
         method = METHODS[case.method]
         caps = method.caps
-        inputs = self.inputs(case)
-        need_grad = case.needs_grad
-        bshd = caps.input_layout == "bshd"
-
-        def laid_out(t):  # the method's layout, as fresh leaves (made outside the timed region)
-            t = t.detach()
-            t = t.transpose(1, 2).contiguous() if bshd else t
-            return t.requires_grad_(need_grad)
-
-        q, k, v = laid_out(inputs.q), laid_out(inputs.k), laid_out(inputs.v)
-        dout = inputs.dout.transpose(1, 2).contiguous() if bshd else inputs.dout
+        ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=self.device,
+                           dtype=TORCH_DTYPES[case.dtype], options=self.options,
+                           params=dict((self.options.get("method_options") or {}).get(case.method) or {}))
 
         self._set_phase("build")
         t0 = time.perf_counter()
-        ctx = BuildContext(case=case, mask=bound, device=self.device, dtype=TORCH_DTYPES[case.dtype],
-                           options=self.options)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                fn = method.build(ctx)
-                self._set_phase("first call")
-                call, first = self._closures(case.mode, fn, q, k, v, dout)
-                out, grads = first()
-                self._sync()
-            except Unsupported as exc:
-                return self._unsupported(row, str(exc), started)
-            except Exception as exc:
-                if caps.declines and any(text in str(exc) for text in caps.declines):
-                    notes = "; ".join(dict.fromkeys(str(w.message).split("\n")[0] for w in caught))
-                    return self._unsupported(row, f"{str(exc).splitlines()[0]} {notes}".strip(), started)
-                raise
+        prepared = self._declined(caps, lambda: as_prepared(method.build(ctx)))
+        if not caps.exact and prepared.reference is None:
+            raise _Verdict("error", f"approximate method {case.method!r} gives no reference (Prepared.reference): "
+                                    "its fast path cannot be gated")
+        recurrent = case.mode == "decode" and prepared.decode is not None
+        call = self._call(case, caps, prepared, recurrent)
+
+        self._set_phase("first call")
+        timed, first = self._closures(case.mode, prepared, call, recurrent)
+        out, grads = self._declined(caps, first)
+        self._sync()
         row["compile_s"] = time.perf_counter() - t0
 
         self._set_phase("correctness")
-        ref = self.reference(case, inputs, bound, need_grad)
-        if bshd:
-            out = out.transpose(1, 2)
-            grads = None if grads is None else tuple(g.transpose(1, 2) for g in grads)
-        got = [out[:, :, ref.rows_visible]]
-        want = [ref.out[:, :, ref.rows_visible]]
-        names = ["out"]
-        if grads is not None:
-            got += list(grads)
-            want += list(ref.grads)
-            names += ["dq", "dk", "dv"]
-        errors = [rel_error(g, w) for g, w in zip(got, want)]
-        del got, out, grads
-        tolerance = 2.0 * ref.same_dtype_err + self.options.get("error_floor", ERROR_FLOOR)[case.dtype]
-        row["rel_err"] = max(errors) if all(math.isfinite(e) for e in errors) else math.nan
-        row["err_tol"] = tolerance
-        bad = [n for n, e in zip(names, errors) if not math.isfinite(e)]
-        if bad:
-            return self._finish(row, "wrong", f"non-finite values in {', '.join(bad)}", started)
-        if caps.exact and row["rel_err"] > tolerance:
-            worst = names[errors.index(max(errors))]
-            return self._finish(
-                row, "wrong",
-                f"{worst} rel_err {row['rel_err']:.3g} > tolerance {tolerance:.3g} "
-                f"(2 x {case.dtype} reference error {ref.same_dtype_err:.3g} + floor)",
-                started,
-            )
+        self._gate(case, caps, prepared, call, bound, out, grads, row, recurrent)
+        del out, grads
 
-        if not caps.exact:
+        if not caps.exact and caps.form == "qkv" and not recurrent:
             self._set_phase("leak check")
-            leak = self._leak(fn, bound, q, k, v, bshd)
+            leak = self._leak(prepared, call, bound, caps.input_layout == "bshd")
             if leak:
-                return self._finish(row, "wrong", leak, started)
+                raise _Verdict("wrong", leak)
+        if recurrent:
+            self._set_phase("decode check")
+            self._check_step_is_recurrent(prepared, call)
+            state = call.kwargs["_state"]
+            measured = prepared.decode.state_bytes(state) if prepared.decode.state_bytes else None
+            row["state_bytes"] = measured if measured is not None else tensor_bytes(state) // max(1, case.batch)
+        if prepared.attended_pairs is not None:
+            with torch.no_grad():
+                pairs = int(prepared.attended_pairs(*call.args, **call.kwargs))
+            row["attended_pairs"] = pairs
 
         self._set_phase("memory")
-        row.update(self._memory(call, q, k, v))
+        row.update(self._memory(case, prepared, timed, call))
         self._set_phase("timing")
         with self._no_recompile(caps.compiled):
-            result = timers.time_callable(call, self.device, self.timing, allow_graph=case.mode in ("fwd", "decode"))
-            telemetry = self._telemetry(call, result.ms_median)
+            result = timers.time_callable(timed, self.device, self.timing,
+                                          allow_graph=case.mode in ("fwd", "decode"))
+            telemetry = self._telemetry(timed, result.ms_median)
+            phases = self._phases(prepared, call, result.ms_median)
         row.update(
             ms_median=result.ms_median, ms_p20=result.ms_p20, ms_p80=result.ms_p80, ms_min=result.ms_min,
             reps=result.reps, timer=result.timer,
         )
         row.update(telemetry)
-        row["tflops"] = row["flops"] / (result.ms_median * 1e-3) / 1e12
-        row["gbps"] = row["bytes_moved"] / (result.ms_median * 1e-3) / 1e9
-        flags = []
+        row.update(phases)
+        self._rates(case, prepared, row, result.ms_median)
+        return self._finish(row, "ok", None, started)
+
+    # ---- building the call -----------------------------------------------------------------------------------
+    def _declined(self, caps, thunk):
+        """Run ``thunk``; ``Unsupported`` (or a backend's declining error) ends the case as unsupported."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return thunk()
+            except Unsupported as exc:
+                raise _Verdict("unsupported", str(exc)) from None
+            except Exception as exc:
+                if caps.declines and any(text in str(exc) for text in caps.declines):
+                    notes = "; ".join(dict.fromkeys(str(w.message).split("\n")[0] for w in caught))
+                    raise _Verdict("unsupported", f"{str(exc).splitlines()[0]} {notes}".strip()) from None
+                raise
+
+    def _call(self, case: Case, caps, prepared, recurrent: bool) -> Call:
+        """Fresh leaves in the method's layout, the extras, and the untimed preparation."""
+        need_grad = case.needs_grad
+        inputs = self.inputs(case)
+        dtype = TORCH_DTYPES[case.dtype]
+        if caps.form == "layer":
+            gen = torch.Generator(device=self.device).manual_seed(_seed(case, "x"))
+            width = case.heads_q * case.head_dim
+            x = torch.randn(case.batch, case.seq_q, width, generator=gen, device=self.device).to(dtype)
+            dout = torch.randn(case.batch, case.seq_q, width, generator=gen, device=self.device).to(dtype)
+            call = Call((x.requires_grad_(need_grad),), {}, [("dx", x)] if need_grad else [], dout)
+        else:
+            bshd = caps.input_layout == "bshd"
+
+            def laid_out(t):  # the method's layout, as fresh leaves (made outside the timed region)
+                t = t.detach()
+                t = t.transpose(1, 2).contiguous() if bshd else t
+                return t.requires_grad_(need_grad)
+
+            q, k, v = laid_out(inputs.q), laid_out(inputs.k), laid_out(inputs.v)
+            dout = inputs.dout.transpose(1, 2).contiguous() if bshd else inputs.dout
+            targets = [("dq", q), ("dk", k), ("dv", v)] if need_grad else []
+            call = Call((q, k, v), {}, targets, dout)
+        for name, extra in prepared.extras.items():
+            gen = torch.Generator(device=self.device).manual_seed(_seed(case, name))
+            tensor = extra.make(gen, self.device, dtype).requires_grad_(need_grad and extra.grad)
+            call.kwargs[name] = tensor
+            if need_grad and extra.grad:
+                call.grad_targets.append((f"d{name}", tensor))
+        if need_grad:
+            for index, param in enumerate(prepared.parameters):
+                if param.requires_grad:
+                    call.grad_targets.append((f"dparam{index}", param))
+        if prepared.prepare is not None:
+            self._set_phase("prepare")
+            with torch.no_grad():
+                extra_kwargs = prepared.prepare(*call.args, **call.kwargs) or {}
+            if not isinstance(extra_kwargs, dict):
+                raise TypeError("Prepared.prepare must return a dict of keyword arguments")
+            call.kwargs.update(extra_kwargs)
+        if recurrent:
+            with torch.no_grad():
+                call.kwargs["_state"] = prepared.decode.prefill(*call.args, **call.kwargs)
+        return call
+
+    def _closures(self, mode, prepared, call: Call, recurrent: bool):
+        """(timed call, first call returning (out, grads or None)) for a mode."""
+        fn = prepared.fn
+        args, kwargs = call.args, call.kwargs
+        if recurrent:
+            state = kwargs["_state"]
+            step_kwargs = {k: v for k, v in kwargs.items() if k != "_state"}
+
+            def step():
+                with torch.no_grad():
+                    return prepared.decode.step(state, *args, **step_kwargs)
+
+            return step, lambda: (step(), None)
+        if mode in ("fwd", "decode"):
+            def call_fwd():
+                with torch.no_grad():
+                    return fn(*args, **kwargs)
+
+            return call_fwd, lambda: (call_fwd(), None)
+        targets = [t for _, t in call.grad_targets]
+        names = [n for n, _ in call.grad_targets]
+
+        def grads_of(out):
+            if not out.requires_grad:
+                raise _Verdict("wrong", "the output does not depend on the inputs (no gradient path from "
+                                        f"{', '.join(names)}): it cannot be a function of q, k, v")
+            grads = torch.autograd.grad(out, targets, call.dout, retain_graph=mode == "bwd", allow_unused=True)
+            unused = [n for n, g in zip(names, grads) if g is None]
+            if unused:
+                raise _Verdict("wrong", f"the output does not depend on {', '.join(unused)} (no gradient)")
+            return grads
+
+        if mode == "bwd":
+            out = fn(*args, **kwargs)
+
+            def call_bwd():
+                return torch.autograd.grad(out, targets, call.dout, retain_graph=True)
+
+            return call_bwd, lambda: (out.detach(), grads_of(out))
+
+        def call_fwd_bwd():
+            o = fn(*args, **kwargs)
+            return o, torch.autograd.grad(o, targets, call.dout)
+
+        def first():
+            o = fn(*args, **kwargs)
+            return o.detach(), grads_of(o)
+
+        return call_fwd_bwd, first
+
+    # ---- the gate --------------------------------------------------------------------------------------------
+    def _gate(self, case, caps, prepared, call: Call, bound, out, grads, row, recurrent: bool) -> None:
+        """Compare with the reference (exact: harness fp32 softmax; approximate: the method's own, in fp32);
+        record ``rel_err``, ``err_tol`` and, for approximate methods, ``approx_err``. Raises a verdict."""
+        bshd = caps.input_layout == "bshd" and caps.form == "qkv"
+        if bshd:
+            out = out.transpose(1, 2)
+            grads = None if grads is None else tuple(g.transpose(1, 2) if g.dim() == 4 else g for g in grads)
+        names = [n for n, _ in call.grad_targets]
+        tolerance = self.options.get("tolerance")
+        exact_ref = None
+        if caps.form == "qkv" and (caps.exact or prepared.softmax_comparable):
+            exact_ref = self.reference(case, self.inputs(case), bound, case.needs_grad and caps.exact)
+        if caps.exact:
+            pairs = [("out", self._rows(out, exact_ref), self._rows(exact_ref.out, exact_ref, sampled=True))]
+            if grads is not None and exact_ref.grads is not None:
+                pairs += [(n, g, w) for n, g, w in zip(names, grads, exact_ref.grads)]
+            elif grads is not None:
+                row["flags"] = _add_flag(row.get("flags"), "grads_not_gated(seq_q*seq_kv>ref_full_pairs)")
+            verdict = gate.compare(pairs, case.dtype, tolerance)
+            if verdict.failure is None and caps.form == "qkv":
+                empty = ~exact_ref.rows_visible
+                verdict.failure = gate.empty_rows_failure(out, grads[0] if grads else None, empty, seq_dim=2)
+        else:
+            want_out, want_grads = self._own_reference(case, caps, prepared, call, bshd, recurrent)
+            pairs = [("out", out, want_out)]
+            if grads is not None:
+                pairs += [(n, g, w) for n, g, w in zip(names, grads, want_grads)]
+            verdict = gate.compare(pairs, case.dtype, tolerance)
+            if exact_ref is not None and not recurrent:
+                row["approx_err"] = rel_error(self._rows(out, exact_ref)[:, :, self._visible(exact_ref)],
+                                              self._rows(exact_ref.out, exact_ref, sampled=True)[:, :, self._visible(exact_ref)])
+            elif exact_ref is not None and recurrent:
+                row["approx_err"] = rel_error(out, exact_ref.out)
+            else:
+                row["flags"] = _add_flag(row.get("flags"), "approx_err_na(different_operator)")
+        row["rel_err"], row["err_tol"] = verdict.rel_err, verdict.err_tol
+        if verdict.failure:
+            raise _Verdict("wrong", verdict.failure)
+
+    @staticmethod
+    def _rows(t: torch.Tensor, ref: Reference, sampled: bool = False) -> torch.Tensor:
+        """The gated query rows of ``t`` ([B, H, S, D]); a reference tensor already holds only those."""
+        if ref.rows is None or sampled:
+            return t
+        return t[:, :, ref.rows]
+
+    @staticmethod
+    def _visible(ref: Reference) -> torch.Tensor:
+        return ref.rows_visible if ref.rows is None else ref.rows_visible[ref.rows]
+
+    def _own_reference(self, case, caps, prepared, call: Call, bshd: bool, recurrent: bool):
+        """The method's own reference in fp32 on fp32 copies of the inputs (and its gradients)."""
+        need_grad = case.needs_grad
+        args = tuple(_float_copy(a, need_grad) for a in call.args)
+        kwargs = {k: (_float_copy(v, need_grad) if isinstance(v, torch.Tensor) else v)
+                  for k, v in call.kwargs.items() if k != "_state"}
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            out = prepared.reference(*args, **kwargs)
+            if bshd:
+                out = out.transpose(1, 2)
+            grads = None
+            if need_grad:
+                lookup = {**{n: a for n, a in zip(("dq", "dk", "dv") if caps.form == "qkv" else ("dx",), args)},
+                          **{f"d{k}": v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}}
+                targets = []
+                for name, original in call.grad_targets:
+                    targets.append(lookup.get(name, original))  # parameters: the same leaves, cast inside
+                dout = call.dout.float()
+                grads = torch.autograd.grad(out, targets, dout, allow_unused=True)
+                grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets))
+                if bshd:
+                    grads = tuple(g.transpose(1, 2) if g.dim() == 4 and i < 3 else g for i, g in enumerate(grads))
+        return out.detach(), grads
+
+    def _check_step_is_recurrent(self, prepared, call: Call) -> None:
+        """A recurrent decode step reads its state and the newest token only: changing older cache entries
+        must not move its output (else the 'state' is not what the step uses)."""
+        q, k, v = call.args
+        state = call.kwargs["_state"]
+        step_kwargs = {key: val for key, val in call.kwargs.items() if key != "_state"}
+        seq_dim = 2
+        if k.shape[seq_dim] < 2:
+            return
+        k2, v2 = k.detach().clone(), v.detach().clone()
+        k2.narrow(seq_dim, 0, k.shape[seq_dim] - 1).mul_(-3.0)
+        v2.narrow(seq_dim, 0, v.shape[seq_dim] - 1).mul_(-3.0)
+        with torch.no_grad():
+            base = prepared.decode.step(state, q, k, v, **step_kwargs).float()
+            moved = prepared.decode.step(state, q, k2, v2, **step_kwargs).float()
+        if not torch.equal(base, moved):
+            raise _Verdict("wrong", "recurrent decode step reads cache entries other than the newest token")
+
+    # ---- memory, phases and rates ------------------------------------------------------------------------------
+    def _memory(self, case: Case, prepared, timed, call: Call) -> dict:
+        """The allocator's peak while the case's work runs from its inputs (for ``bwd``, the forward whose
+        graph the backward needs is included), counted from the case's own tensors: ``peak_mem_mb`` =
+        inputs (q, k, v or x, dout, extras, parameters, a decode state) + everything allocated above them;
+        ``mem_above_inputs_mb`` = the part above the inputs. Tensors the harness keeps for other purposes
+        (cached reference, L2-flush buffer) are excluded because they exist before and after."""
+        if self.device.type != "cuda":
+            return {}
+        tensors = list(call.args) + [t for t in call.kwargs.values() if isinstance(t, torch.Tensor)]
+        input_bytes = sum(tensor_bytes(t) for t in tensors) + tensor_bytes(call.kwargs.get("_state"))
+        input_bytes += sum(t.numel() * t.element_size() for _, t in call.grad_targets
+                           if not any(t is a for a in tensors))  # parameters
+        if case.needs_grad and call.dout is not None:
+            input_bytes += tensor_bytes(call.dout)
+        self._sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        if case.mode == "bwd":  # the forward's graph is part of what a backward needs
+            out = prepared.fn(*call.args, **call.kwargs)
+            torch.autograd.grad(out, [t for _, t in call.grad_targets], call.dout)
+            del out
+        else:
+            timed()
+        self._sync()
+        above = torch.cuda.max_memory_allocated(self.device) - before
+        return {"mem_above_inputs_mb": above / 2**20, "peak_mem_mb": (above + input_bytes) / 2**20}
+
+    def _phases(self, prepared, call: Call, ms_total: float) -> dict:
+        """Time each declared phase alone (e.g. routing) and give its share of the whole call."""
+        if not prepared.phases:
+            return {}
+        shares = {}
+        for name, phase in prepared.phases.items():
+            def run_phase(phase=phase):
+                with torch.no_grad():
+                    return phase(*call.args, **{k: v for k, v in call.kwargs.items() if k != "_state"})
+
+            result = timers.time_callable(run_phase, self.device, self.timing, allow_graph=False)
+            shares[name] = result.ms_median
+        main = max(shares, key=shares.get)
+        return {"phase_ms": ";".join(f"{k}={v:.4g}" for k, v in shares.items()),
+                "routing_share": (shares.get("routing", shares[main]) / ms_total) if ms_total > 0 else None}
+
+    def _rates(self, case: Case, prepared, row: dict, ms: float) -> None:
+        seconds = ms * 1e-3
+        if prepared.flops is not None:
+            from attnbench.record.rows import MODE_FLOP_FACTOR
+
+            row["flops"] = float(prepared.flops) * MODE_FLOP_FACTOR[case.mode]
+        row["tflops"] = row["flops"] / seconds / 1e12
+        row["gbps"] = row["bytes_moved"] / seconds / 1e9
+        if row.get("attended_pairs") is not None:
+            from attnbench.record.rows import MODE_FLOP_FACTOR
+
+            attended = 4.0 * row["attended_pairs"] * case.head_dim * MODE_FLOP_FACTOR[case.mode]
+            row["tflops_attended"] = attended / seconds / 1e12
+        flags = [f for f in (row.get("flags") or "").split(";") if f]
         if self.peak_tflops and row["tflops"] > self.peak_tflops:
             flags.append(f"tflops_above_peak({self.peak_tflops:.0f})")
+        if self.peak_tflops and (row.get("tflops_attended") or 0) > self.peak_tflops:
+            flags.append(f"tflops_attended_above_peak({self.peak_tflops:.0f})")
         if self.peak_gbps and row["gbps"] > self.peak_gbps:
             flags.append(f"gbps_above_peak({self.peak_gbps:.0f})")
         if self.timing.get("cuda_graph") and case.mode not in ("fwd", "decode") and self.device.type == "cuda":
             flags.append("cuda_graph_fwd_only")
         row["flags"] = ";".join(flags) or None
-        return self._finish(row, "ok", None, started)
 
     # ---- pieces ----------------------------------------------------------------------------------------------
-    def _leak(self, fn, bound, q, k, v, bshd: bool) -> str | None:
+    def _leak(self, prepared, call: Call, bound, bshd: bool) -> str | None:
         """Does an approximate method respect its mask? (CAB's lesson: test it, don't trust the declaration.)
         Replace the keys and values that the first queries (up to ``LEAK_PROBE_QUERIES``, at most half) cannot
         see; their outputs must not move by more than two identical calls differ (random-feature methods may
         redraw). The reason of a leak, or None. Exact methods need no probe: the gate against the reference
         already sees a leak."""
+        q, k, v = call.args
+        fn = prepared.fn
+        kwargs = call.kwargs
         rows = max(1, min(LEAK_PROBE_QUERIES, bound.seq_q // 2))  # at most half: a causal mask hides the rest
         hidden = ~bound.dense_rows(0, rows, self.device).any(dim=0)
         if not bool(hidden.any()):
@@ -275,9 +557,9 @@ class CaseRunner:
         first = [slice(None)] * 4
         first[seq_dim] = slice(0, rows)
         with torch.no_grad():
-            base = fn(q.detach(), k.detach(), v.detach())[tuple(first)].float()
-            again = fn(q.detach(), k.detach(), v.detach())[tuple(first)].float()
-            moved = fn(q.detach(), k2, v2)[tuple(first)].float()
+            base = fn(q.detach(), k.detach(), v.detach(), **kwargs)[tuple(first)].float()
+            again = fn(q.detach(), k.detach(), v.detach(), **kwargs)[tuple(first)].float()
+            moved = fn(q.detach(), k2, v2, **kwargs)[tuple(first)].float()
         noise = float((again - base).abs().max())
         delta = float((moved - base).abs().max())
         scale = float(base.abs().max()) or 1.0
@@ -285,32 +567,6 @@ class CaseRunner:
             return (f"mask leak: the outputs of queries 0..{rows - 1} moved by {delta:.3g} (run-to-run {noise:.3g}) "
                     f"when only keys and values they cannot see changed")
         return None
-
-    def _closures(self, mode, fn, q, k, v, dout):
-        """(timed call, first call returning (out, grads or None)) for a mode."""
-        if mode in ("fwd", "decode"):
-            def call():
-                with torch.no_grad():
-                    return fn(q, k, v)
-
-            return call, lambda: (call(), None)
-        if mode == "bwd":
-            out = fn(q, k, v)
-
-            def call():
-                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-
-            return call, lambda: (out.detach(), call())
-
-        def call():  # fwd_bwd
-            o = fn(q, k, v)
-            return o, torch.autograd.grad(o, (q, k, v), dout)
-
-        def first():
-            o, grads = call()
-            return o.detach(), grads
-
-        return call, first
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -327,18 +583,6 @@ class CaseRunner:
         with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*without torch.compile.*")
             yield
-
-    def _memory(self, call, q, k, v) -> dict:
-        if self.device.type != "cuda":
-            return {}
-        self._sync()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        call()
-        self._sync()
-        above = torch.cuda.max_memory_allocated(self.device) - before
-        input_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
-        return {"mem_above_inputs_mb": above / 2**20, "peak_mem_mb": (above + input_bytes) / 2**20}
 
     def _telemetry(self, call, ms_median: float) -> dict:
         """Back-to-back calls for ~energy_window_ms: energy per call, mean power, SM clock, temperature."""
@@ -371,3 +615,14 @@ class CaseRunner:
         row["wall_s"] = time.perf_counter() - started
         self._set_phase("idle")
         return row
+
+
+def _add_flag(flags: str | None, flag: str) -> str:
+    return ";".join([f for f in (flags or "").split(";") if f] + [flag])
+
+
+def _sampled_reference(q, k, v, bound, rows: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """fp32 reference outputs of the query rows ``rows`` only (each row is independent of the others)."""
+    from attnbench.methods.exact.reference import attend_rows
+
+    return attend_rows(q, k, v, bound, rows, chunk_bytes=chunk_bytes)

@@ -165,10 +165,11 @@ def worker_options(cfg: dict) -> dict:
         "energy_window_ms": float((cfg.get("timing") or {}).get("energy_window_ms", 250.0)),
         "flex_block_size": int(cfg.get("flex_block_size", 128)),
     }
-    if correctness.get("floor"):
-        from attnbench.execute.case import ERROR_FLOOR
-
-        options["error_floor"] = {**ERROR_FLOOR, **correctness["floor"]}
+    if correctness.get("tolerance"):
+        options["tolerance"] = dict(correctness["tolerance"])
+    if correctness.get("ref_full_pairs"):
+        options["ref_full_pairs"] = int(correctness["ref_full_pairs"])
+    options["method_options"] = dict(cfg.get("method_options") or {})
     options.update(plan_options(cfg))
     return options
 

@@ -48,7 +48,16 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "peak_mem_mb": ("Float64", "allocator peak during one call, MiB"),
     "mem_above_inputs_mb": ("Float64", "peak minus the inputs' bytes, MiB"),
     "rel_err": ("Float64", "||out - ref_fp32|| / ||ref_fp32|| (max over out and grads)"),
-    "err_tol": ("Float64", "tolerance of the gate: 2 x same-dtype reference error + floor"),
+    "err_tol": ("Float64", "tolerance of the gate for the tensor that came closest to failing: a constant per dtype "
+                           "(output and gradients apart; bench/measure/gate.py TOLERANCE), never widened with length"),
+    "approx_err": ("Float64", "approximate methods: ||out - softmax_ref_fp32|| / ||softmax_ref_fp32|| over query rows "
+                              "that see a key (distance from exact attention; recorded, never gated)"),
+    "attended_pairs": ("Int64", "(query, key) pairs the method attended, summed over batch and query heads (methods "
+                                "that report it: routed and sparse ones)"),
+    "tflops_attended": ("Float64", "TFLOP/s on attended pairs: 4 * attended_pairs * head_dim * mode factor / time"),
+    "phase_ms": ("string", "median ms of phases the method declares, timed alone ('routing=0.41;...')"),
+    "routing_share": ("Float64", "routing phase median / whole call median (methods that declare a routing phase)"),
+    "state_bytes": ("Int64", "recurrent decode: bytes of the state per sequence (batch element)"),
     "sm_clock_mhz": ("Float64", "median SM clock while timing, MHz"),
     "power_w": ("Float64", "mean board power while timing, W"),
     "temp_c": ("Float64", "GPU temperature after timing, C"),

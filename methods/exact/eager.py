@@ -10,12 +10,12 @@ from ..registry import Capabilities, register_method
 
 @register_method(
     "eager",
-    Capabilities(family="exact", masks={"any"}, materializes=True),
+    Capabilities(family="exact", masks={"any"}, materializes=True, cross=True, gqa=True, backward=True, decode=True),
     description="materialised softmax in the working dtype (CAB's vanilla attention)",
 )
 def build_eager(ctx):
     """Scores, mask, softmax and weighted sum as separate PyTorch ops, in the working dtype."""
-    visible = ctx.mask.dense(ctx.device, max_bytes=ctx.options.get("dense_mask_bytes", 1 << 31))
+    visible = ctx.bound.dense(ctx.device, max_bytes=ctx.options.get("dense_mask_bytes", 1 << 31))
     full = bool(visible.all())
     heads_q, heads_kv = ctx.case.heads_q, ctx.case.heads_kv
     group = heads_q // heads_kv

@@ -16,9 +16,9 @@ from ..registry import Capabilities, Unsupported, register_method
 
 def varlen_form(ctx):
     """The case mask's varlen form; ``Unsupported`` where the mask has none."""
-    form = ctx.mask.varlen()
+    form = ctx.bound.varlen()
     if form is None:
-        raise Unsupported(f"mask {ctx.mask.label} has no varlen form (cu_seqlens + window)")
+        raise Unsupported(f"mask {ctx.bound.label} has no varlen form (cu_seqlens + window)")
     return form
 
 
@@ -69,7 +69,7 @@ def _make_flash(module_name: str):
 
 _FLASH_CAPS = dict(
     family="exact", masks=set(), varlen=True, devices=("cuda",), dtypes=("float16", "bfloat16"),
-    max_head_dim=256, input_layout="bshd",
+    max_head_dim=256, input_layout="bshd", cross=True, gqa=True, backward=True, decode=True,
 )
 
 register_method(

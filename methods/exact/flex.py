@@ -37,7 +37,7 @@ def allow_backward_replay(case) -> None:
 
 @register_method(
     "flex",
-    Capabilities(family="exact", masks={"any"}, compiled=True),
+    Capabilities(family="exact", masks={"any"}, compiled=True, cross=True, gqa=True, backward=True, decode=True),
     description="torch.compile'd FlexAttention with a BlockMask from the mask's block layout",
 )
 def build_flex(ctx):
@@ -47,7 +47,7 @@ def build_flex(ctx):
     if ctx.device.type == "cpu" and ctx.case.needs_grad:
         raise Unsupported("FlexAttention has no backward on CPU (PyTorch raises NotImplementedError)")
     block_size = int(ctx.options.get("flex_block_size", 128))
-    block_mask = ctx.mask.block_mask(ctx.device, block_size=block_size)
+    block_mask = ctx.bound.block_mask(ctx.device, block_size=block_size)
     enable_gqa = ctx.case.heads_kv != ctx.case.heads_q
     allow_backward_replay(ctx.case)
     compiled = fresh_compile(flex_attention)

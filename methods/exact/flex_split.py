@@ -105,11 +105,11 @@ def fixed_parts(length: int, stride: int, summary: int, device):
 @register_method(
     "flex_split",
     Capabilities(family="exact", masks={"sparse_strided", "sparse_fixed"}, cross=False, decode=False,
-                 compiled=True),
+                 compiled=True, gqa=True, backward=True),
     description="FlexAttention on Sparse Transformer masks split into dense-tile parts, merged by log-sum-exp",
 )
 def build_flex_split(ctx):
-    case, spec = ctx.case, ctx.mask.spec
+    case, spec = ctx.case, ctx.bound.spec
     if case.seq_q != case.seq_kv:
         raise Unsupported(f"self attention only (seq_q={case.seq_q} != seq_kv={case.seq_kv})")
     if case.seq_q % spec.stride:

@@ -43,6 +43,7 @@ def reference_attention(q, k, v, mask, *, compute_dtype=torch.float32, dout=None
     Returns ``(out, grads)``: ``out`` like ``q`` in ``compute_dtype``; ``grads = (dq, dk, dv)`` when ``dout``
     is given (same shapes as the inputs), else None. ``mask`` is a ``masks.BoundMask`` (any device).
     """
+    mask = getattr(mask, "bound", mask)  # a MaskInfo (ctx.mask) or a BoundMask (ctx.bound)
     batch, heads_q, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
@@ -83,14 +84,33 @@ def reference_attention(q, k, v, mask, *, compute_dtype=torch.float32, dout=None
     return out, (dq, fold(kc.grad), fold(vc.grad))
 
 
+def attend_rows(q, k, v, mask, rows: torch.Tensor, *, chunk_bytes=1 << 29) -> torch.Tensor:
+    """fp32 outputs of the query rows ``rows`` (int64 indices) only, ``[B, Hq, len(rows), D]``: what the gate
+    checks at lengths where the whole reference would cost too much (each row is independent)."""
+    mask = getattr(mask, "bound", mask).to(q.device)
+    batch, heads_q, _, head_dim = q.shape
+    seq_kv = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim)
+    kc = _expand_kv(k.detach().float(), heads_q)
+    vc = _expand_kv(v.detach().float(), heads_q)
+    out = torch.empty(batch, heads_q, rows.numel(), v.shape[-1], dtype=torch.float32, device=q.device)
+    step = _chunk_rows(batch, heads_q, seq_kv, 4, chunk_bytes)
+    with torch.no_grad():
+        for start in range(0, rows.numel(), step):
+            picked = rows[start:start + step]
+            visible = torch.cat([mask.dense_rows(int(r), int(r) + 1, q.device) for r in picked.tolist()])
+            out[:, :, start:start + picked.numel()] = _attend_rows(q.detach()[:, :, picked].float(), kc, vc, visible, scale)
+    return out
+
+
 @register_method(
     "reference",
-    Capabilities(family="exact", masks={"any"}),
+    Capabilities(family="exact", masks={"any"}, cross=True, gqa=True, backward=True, decode=True),
     description="fp32 materialised softmax, chunked over query rows (bounded memory): the correctness spec",
 )
 def build_reference(ctx):
     """fp32 materialised softmax attention (the spec), cast back to the working dtype."""
-    mask = ctx.mask
+    mask = ctx.bound
     chunk = ctx.options.get("ref_chunk_bytes", 1 << 29)
 
     class _Reference(torch.autograd.Function):

@@ -24,8 +24,8 @@ def causal_offset(mask) -> int | None:
 
 
 def sdpa_mask_args(ctx, allow_dense: bool) -> dict:
-    """Keyword arguments expressing ``ctx.mask`` for SDPA: nothing, is_causal, a causal bias, or a dense mask."""
-    mask = ctx.mask
+    """Keyword arguments expressing ``ctx.bound`` for SDPA: nothing, is_causal, a causal bias, or a dense mask."""
+    mask = ctx.bound
     if mask.spec.name == "full":
         return {}
     offset = causal_offset(mask)
@@ -56,7 +56,8 @@ def _make_sdpa(backend, allow_dense: bool):
     return build
 
 
-_COMMON = dict(family="exact", masks={"full", "causal", "decode"}, declines=DECLINES)
+_COMMON = dict(family="exact", masks={"full", "causal", "decode"}, declines=DECLINES, cross=True, gqa=True,
+               backward=True, decode=True)
 
 register_method(
     "sdpa_math",

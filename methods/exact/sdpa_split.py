@@ -33,14 +33,14 @@ def prefix_rows(mask, seq: int) -> int:
 @register_method(
     "cudnn_split",
     Capabilities(family="exact", masks={"prefix_lm"}, cross=False, decode=False, devices=("cuda",),
-                 dtypes=("float16", "bfloat16"), declines=DECLINES),
+                 dtypes=("float16", "bfloat16"), declines=DECLINES, gqa=True, backward=True),
     description="prefix-LM split by rows into cuDNN full (prefix) and causal (rest) attention",
 )
 def build_cudnn_split(ctx):
     case = ctx.case
     if case.seq_q != case.seq_kv:
         raise Unsupported(f"self attention only (seq_q={case.seq_q} != seq_kv={case.seq_kv})")
-    prefix = prefix_rows(ctx.mask, case.seq_q)
+    prefix = prefix_rows(ctx.bound, case.seq_q)
     gqa = {"enable_gqa": True} if case.heads_kv != case.heads_q else {}
     backends = list(BACKENDS)
 

@@ -88,7 +88,8 @@ def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, win
 @register_method(
     "torch_varlen",
     Capabilities(family="exact", masks=set(), varlen=True, devices=("cuda",), dtypes=("float16", "bfloat16"),
-                 max_head_dim=256, input_layout="bshd", requires=(MODULE,)),
+                 max_head_dim=256, input_layout="bshd", requires=(MODULE,), cross=True, gqa=True,
+                 backward=True, decode=True),
     description="torch.nn.attention.varlen.varlen_attn (FlashAttention-2 in torch; documents, chunks, windows)",
 )
 def build(ctx):
