@@ -156,16 +156,19 @@ def write_fixture_run(root: Path, run_id: str = "fixture-run", device: str = H20
                      config)
 
 
-def large_rows(run_id: str) -> list[dict]:
-    """5,120 rows: 8 methods x 4 masks x 4 modes x 10 lengths x 4 head shapes, several statuses."""
-    methods = [f"m{i}" for i in range(8)]
-    masks = ["causal", "full", "sliding_window(w=256)", "document(n=4)"]
+LARGE_MASKS = ("causal", "full", "sliding_window(w=256)", "document(n=4)")
+LARGE_MODES = ("fwd", "bwd", "fwd_bwd", "decode")
+
+
+def large_rows(run_id: str, methods: int = 8, lengths: int = 10, masks=LARGE_MASKS, modes=LARGE_MODES) -> list[dict]:
+    """5,120 rows by default: 8 methods x 4 masks x 4 modes x 10 lengths x 4 head shapes, several statuses."""
+    methods = [f"m{i}" for i in range(methods)]
     shapes = [(1, 16, 64), (1, 16, 128), (2, 32, 128), (4, 8, 256)]
-    lengths = [256 * 2**i for i in range(10)]
+    lengths = [256 * 2**i for i in range(lengths)]
     rows = []
     for i, method in enumerate(methods):
         for mask in masks:
-            for mode in ("fwd", "bwd", "fwd_bwd", "decode"):
+            for mode in modes:
                 for shape_index, (batch, heads, head_dim) in enumerate(shapes):
                     for length in lengths:
                         status = "ok"
