@@ -1,4 +1,4 @@
-"""Shared fixtures: a small CPU sweep config and the faulty-method plugin."""
+"""Shared fixtures: a small CPU sweep config and the faulty-method plugin; benchmarks off by default."""
 from __future__ import annotations
 
 import copy
@@ -45,3 +45,23 @@ def cfg(tmp_path):
 @pytest.fixture
 def faulty():
     return FAULTY
+
+
+def benchmarks_enabled(config) -> bool:
+    """True when pytest-benchmark is installed and asked to time (``--benchmark-enable``, or no
+    ``--benchmark-disable``; pyproject's addopts disables it)."""
+    try:
+        return bool(config.getoption("benchmark_enable")) or not config.getoption("benchmark_disable")
+    except ValueError:  # pytest-benchmark not installed: its options do not exist
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip every test that uses the ``benchmark`` fixture unless benchmarks are enabled: timings are read,
+    never asserted, and never gate CI (run them with ``--benchmark-enable``)."""
+    if benchmarks_enabled(config):
+        return
+    skip = pytest.mark.skip(reason="benchmark: run with --benchmark-enable")
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)

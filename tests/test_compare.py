@@ -13,7 +13,7 @@ FLEX_4K = {"method": "flex", "mask": "causal", "mode": "fwd", "seq_kv": 4096}
 
 
 def rows(run_id, device="NVIDIA H200"):
-    return fixture_rows(run_id, device, quality=False, cp=False, masks=("causal",), modes=("fwd",))
+    return fixture_rows(run_id, device, cp=False, masks=("causal",), modes=("fwd",))
 
 
 def matches(row, case):

@@ -7,18 +7,23 @@ import pytest
 from matplotlib.image import imread
 from runfixtures import H200, LENGTHS, env_for, fixture_rows, make_row, model_ms, write_fixture_run, write_run
 
-from attnbench.report import document as report
-from attnbench.report.document import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
 from attnbench.record.rundir import load_run
 from attnbench.record.schema import STATUSES
+from attnbench.report import document as report
+from attnbench.report import plots
+from attnbench.report.context import build_context, prepare_rows
+from attnbench.report.document import Cell, Plot, Table, describe_crossing, efficiency_length, pareto_front
+from attnbench.report.model import Text
+from attnbench.report.sections.curves import series_of
+from attnbench.report.sections.overview import margin_text
 
-ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "quality", "cp-scaling",
-                "environment"]
+# every section but "pareto", which needs approx_err (tests/test_report_pareto.py)
+ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "environment"]
 
 
 @pytest.fixture(scope="module")
 def fixture_report(tmp_path_factory):
-    """The standard fixture run (every status, quality and CP rows) with its report written."""
+    """The standard fixture run (every status, and CP rows) with its report written."""
     folder = write_fixture_run(tmp_path_factory.mktemp("runs"))
     assert report.main([str(folder)]) == 0
     return folder
@@ -101,6 +106,7 @@ def test_every_section_is_in_both_reports(fixture_report):
         assert f'<a id="{anchor}"></a>' in markdown
         assert f'<section id="{anchor}">' in page
         assert f'href="#{anchor}"' in page  # table of contents
+    assert 'id="pareto"' not in markdown and 'id="pareto"' not in page  # no approx_err in the fixture
 
 
 def test_plots_are_written_non_empty_and_referenced(fixture_report):
@@ -110,8 +116,8 @@ def test_plots_are_written_non_empty_and_referenced(fixture_report):
     referenced = re.findall(r"!\[[^\]]*\]\(report_files/([^)]+\.png)\)", markdown)
     assert sorted(referenced) == [p.name for p in pngs]
     assert page.count('<img class="plot"') == len(pngs)
-    # the mask gallery, 6 (mask, mode) curve figures, roofline, speed-up summary, quality, CP scaling
-    assert len(pngs) == 11
+    # the mask gallery, 6 (mask, mode) curve figures, roofline, speed-up summary
+    assert len(pngs) == 9
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = imread(png)
@@ -195,7 +201,7 @@ def test_masks_section_draws_every_mask_it_can_rebuild_and_names_the_rest(fixtur
     section = fixture_sections["masks"]
     pictures = [b for b in section.blocks if isinstance(b, Plot)]
     assert len(pictures) == 1 and pictures[0].png.startswith(b"\x89PNG")
-    notes = " ".join(b.text for b in section.blocks if isinstance(b, report.Text))
+    notes = " ".join(b.text for b in section.blocks if isinstance(b, Text))
     # the fixture's "sliding_window(w=256)" has no field w: named with the reason, never drawn
     assert "Not drawn" in notes and "sliding_window(w=256)" in notes and "MaskParamError" in notes
 
@@ -206,13 +212,13 @@ def test_mask_pictures_are_exact_fractions_at_the_largest_measured_shape(tmp_pat
     rows = [make_row("r", "sdpa", "causal", "fwd", n) for n in (256, 1024)]
     folder = write_run(tmp_path, "r", rows, env_for("r", H200, True))
     drawn = {}
-    gallery = report.plots.mask_gallery
+    gallery = plots.mask_gallery
 
     def capture(title, tiles, columns=4):
         drawn.update({t.title: t for t in tiles})
         return gallery(title, tiles, columns)
 
-    monkeypatch.setattr(report.plots, "mask_gallery", capture)
+    monkeypatch.setattr(plots, "mask_gallery", capture)
     sections_of(folder)
     tile = drawn["causal"]
     expected = mask_library.picture.mask_image(mask_library.make_mask("causal").bind(1024, 1024), 128).numpy()
@@ -225,15 +231,15 @@ def test_margin_over_the_runner_up_respects_the_spread():
         return pd.DataFrame(rows, columns=["method", "ms_median", "ms_p20", "ms_p80"]).sort_values("ms_median")
 
     clear = ranked(("flex", 2.0, 1.9, 2.1), ("sdpa_cudnn", 5.0, 4.9, 5.2), ("eager", 9.0, 8.0, 10.0))
-    assert report.margin_text(clear) == "2.50× over sdpa_cudnn"
+    assert margin_text(clear) == "2.50× over sdpa_cudnn"
     close = ranked(("flex", 2.0, 1.9, 2.2), ("sdpa_cudnn", 2.1, 2.15, 2.3))
-    assert report.margin_text(close) == "within spread of sdpa_cudnn (1.05×)"
-    assert report.margin_text(ranked(("flex", 2.0, 1.9, 2.1))) == "only one"
+    assert margin_text(close) == "within spread of sdpa_cudnn (1.05×)"
+    assert margin_text(ranked(("flex", 2.0, 1.9, 2.1))) == "only one"
 
 
 def small_rows(run_id, device=H200):
-    """One mask and mode of the fixture (one curve figure), without quality and CP rows."""
-    return fixture_rows(run_id, device, quality=False, cp=False, masks=("full",), modes=("fwd",))
+    """One mask and mode of the fixture (one curve figure), without CP rows."""
+    return fixture_rows(run_id, device, cp=False, masks=("full",), modes=("fwd",))
 
 
 def write_small_run(root, run_id, device=H200, calibration=True):
@@ -248,7 +254,7 @@ def test_without_calibration_or_environment_nothing_is_invented(tmp_path):
     assert not list((folder / "report_files").glob("roofline*"))
     assert "measured bf16 matmul peak" not in markdown
     assert "| torch | not recorded |" in markdown and "| GPU" not in markdown
-    assert "Quality against speed" not in markdown and "Context-parallel scaling" not in markdown
+    assert "Approximation error against speed" not in markdown and "context-parallel layout" not in markdown
     environment = markdown[markdown.index('<a id="environment">'):]
     assert "```\nnot recorded\n```" in environment  # the command
 
@@ -319,14 +325,26 @@ def test_plots_are_plot_blocks_per_section(fixture_sections):
     plots_by_section = {a: [b for b in s.blocks if isinstance(b, Plot)] for a, s in sections.items()}
     assert len(plots_by_section["curves"]) == 6
     assert [p.name for p in plots_by_section["peak"]] == ["roofline-fixture-run"]
-    assert len(plots_by_section["quality"]) == 1 and len(plots_by_section["cp-scaling"]) == 1
+    assert len(plots_by_section["masks"]) == len(plots_by_section["speedup"]) == 1
+
+
+def test_context_parallel_rows_are_named_and_kept_out_of_the_single_device_curves(fixture_report, fixture_sections):
+    overview = " ".join(b.text for b in fixture_sections["overview"].blocks if isinstance(b, Text))
+    assert "6 case(s) ran on a context-parallel layout (ring, ulysses)" in overview
+    ctx = build_context([load_run(fixture_report)])
+    assert (ctx.rows["layout"] != "single").sum() == 6
+    assert (ctx.kernel["layout"] == "single").all() and (ctx.kernel["world_size"] == 1).all()
+    at_64k = ctx.kernel[ctx.kernel["x"] == 65536]
+    assert at_64k["ms_median"].tolist() == [model_ms("sdpa", 65536)]  # the one single-device row at 64k
+    matrix = tables(fixture_sections["capability"], "Status of every case")[0]
+    assert "causal · causal_self · ring" in matrix.header and "causal · causal_self · ulysses" in matrix.header
 
 
 def test_plot_series_carry_failed_cases_as_markers_not_values(fixture_report):
-    rows = report.prepare_rows([load_run(fixture_report)])
+    rows = prepare_rows([load_run(fixture_report)])
     group = "full · noncausal_self · bwd · b1 · h16/16 · d128 · bf16"
     eager = rows[(rows["label"] == "eager") & (rows["group"] == group)]
-    series = report._series(eager.sort_values("x"), "eager", "ms_median", ("ms_p20", "ms_p80"))
+    series = series_of(eager.sort_values("x"), "eager", "ms_median", ("ms_p20", "ms_p80"))
     assert series.x.tolist() == [1024, 2048, 4096]
     assert series.failed == [(8192, "timeout"), (16384, "oom")]
     assert series.y.tolist() == [model_ms("eager", L, "bwd") for L in (1024, 2048, 4096)]
@@ -344,3 +362,23 @@ def test_a_run_where_nothing_was_measured(tmp_path):
     assert "| sdpa | error | error |" in markdown and "no calibration recorded" in markdown
     # the mask gallery and the curves (failed cases as markers): nothing measured, still the pattern
     assert sorted(p.stem for p in (folder / "report_files").glob("*.png")) == ["curves-causal-causal-self-fwd", "masks"]
+
+
+def test_html_escapes_every_value_from_the_rows(tmp_path):
+    reason = 'RuntimeError: <script>alert("x")</script> & more'
+    rows = [make_row("esc", "sdpa", "causal", "fwd", 1024), make_row("esc", "flex<b>", "causal", "fwd", 1024,
+                                                                     "error", reason=reason)]
+    folder = write_run(tmp_path, "esc", rows, env_for("esc"))
+    assert report.main([str(folder)]) == 0
+    page = (folder / "report.html").read_text()
+    assert "<script>alert" not in page and "flex<b>" not in page
+    assert "RuntimeError: &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in page
+    assert "flex&lt;b&gt;" in page
+
+
+def test_html_refuses_a_block_it_cannot_draw():
+    from attnbench.report.model import Section
+    from attnbench.report.render_html import render_html
+
+    with pytest.raises(TypeError, match="unknown kind"):
+        render_html("t", [Section("s", "S", [object()])])

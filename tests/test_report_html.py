@@ -58,22 +58,22 @@ def console_messages(stderr):
 
 
 def test_report_renders_every_plot_without_errors(chromium, tmp_path):
-    folder = write_fixture_run(tmp_path)
+    folder = write_fixture_run(tmp_path, approx=True)  # every section, the Pareto of approx_err included
     assert report.main([str(folder)]) == 0
     dom, stderr = render(chromium, folder / "report.html", tmp_path)
     attributes = body_attributes(dom)
     figures = len(list((folder / "report_files").glob("*.png")))
-    assert attributes.get("data-plots") == attributes.get("data-plots-expected") == str(figures) == "11"
+    assert attributes.get("data-plots") == attributes.get("data-plots-expected") == str(figures) == "11"  # 9 + 2 Pareto
     assert "data-js-errors" not in attributes
     assert console_messages(stderr) == []
     assert dom.count('<img class="plot"') == figures
     assert len(re.findall(r'<td class="st-(?:oom|crashed|timeout|error|wrong|unsupported)" title="', dom)) >= 7
-    assert '<nav id="toc">' in dom and dom.count('<section id="') == 10
+    assert '<nav id="toc">' in dom and dom.count('<section id="') == 9
 
 
 def test_the_checks_catch_a_broken_page(chromium, tmp_path):
     """The same checks on a page with a script error and a broken image: they must fail."""
-    folder = write_fixture_run(tmp_path, quality=False, cp=False)
+    folder = write_fixture_run(tmp_path, cp=False)
     assert report.main([str(folder)]) == 0
     page = (folder / "report.html").read_text()
     page = page.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)

@@ -2,8 +2,11 @@
 import pytest
 from runfixtures import make_row, write_run
 
-from attnbench.report import document as report, plots
 from attnbench.record.rundir import load_run
+from attnbench.report import plots
+from attnbench.report.context import prepare_rows
+from attnbench.report.formatting import fmt
+from attnbench.report.tables import length_table
 
 
 @pytest.mark.parametrize("low, high, base, subs, most, expected", [
@@ -36,7 +39,7 @@ def test_two_query_lengths_per_key_length_split_the_figure_rows(tmp_path):
     rows = [make_row("r", "sdpa", "causal", "fwd", 4096), make_row("r", "sdpa", "causal", "fwd", 8192)]
     short_q = make_row("r", "sdpa", "causal", "fwd", 4096, seq_q=512, case_id="q512")
     folder = write_run(tmp_path, "r", [*rows, short_q])
-    prepared = report.prepare_rows([load_run(folder)])
+    prepared = prepare_rows([load_run(folder)])
     # the self-attention curve stays one row; the fixed query length gets its own
     assert sorted(set(prepared["shape"])) == ["b1 · h16/16 · d128 · bf16 · seq_q 512",
                                               "b1 · h16/16 · d128 · bf16 · seq_q = seq_kv"]
@@ -45,7 +48,7 @@ def test_two_query_lengths_per_key_length_split_the_figure_rows(tmp_path):
 
 
 def shapes_of(tmp_path, rows):
-    prepared = report.prepare_rows([load_run(write_run(tmp_path, "r", rows))])
+    prepared = prepare_rows([load_run(write_run(tmp_path, "r", rows))])
     return prepared.groupby("shape")["seq_kv"].apply(sorted).to_dict()
 
 
@@ -57,8 +60,8 @@ def test_a_constant_token_sweep_is_one_curve_per_method(tmp_path):
 def test_a_batch_that_varies_otherwise_is_named_and_shown_per_length(tmp_path):
     rows = [make_row("r", "sdpa", "causal", "fwd", length, batch=batch) for length, batch in ((1024, 8), (4096, 1))]
     assert shapes_of(tmp_path, rows) == {"h16/16 · d128 · bf16 · batch varies with length": [1024, 4096]}
-    prepared = report.prepare_rows([load_run(tmp_path / "r")])
-    header, _ = report.length_table(prepared, "ms_median", report.fmt)
+    prepared = prepare_rows([load_run(tmp_path / "r")])
+    header, _ = length_table(prepared, "ms_median", fmt)
     assert header == ["method", "1k (b8)", "4k (b1)"]
 
 

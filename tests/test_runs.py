@@ -5,7 +5,7 @@ from attnbench.record import runs as runs
 
 
 def small(run_id, device="NVIDIA H200"):
-    return fixture_rows(run_id, device, quality=False, cp=False, masks=("full",), modes=("fwd",))
+    return fixture_rows(run_id, device, cp=False, masks=("full",), modes=("fwd",))
 
 
 def test_lists_runs_newest_first_with_counts(tmp_path, capsys):

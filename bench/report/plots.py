@@ -73,10 +73,7 @@ class Palette:
 
 @dataclass
 class Series:
-    """One line: measured points (x, y) with an optional spread band (low, high), and failed x positions.
-
-    ``ideal``: a derived reference curve (e.g. ideal scaling), not a measurement: dotted, without markers.
-    """
+    """One line: measured points (x, y) with an optional spread band (low, high), and failed x positions."""
 
     label: str
     x: np.ndarray
@@ -84,7 +81,6 @@ class Series:
     low: np.ndarray | None = None
     high: np.ndarray | None = None
     failed: list[tuple[float, str]] = field(default_factory=list)
-    ideal: bool = False
 
 
 @dataclass
@@ -188,26 +184,24 @@ def _legend(fig: Figure, handles: list) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=min(4, max(len(handles), 1)), frameon=False)
 
 
-def line_panels(title: str, rows: list[tuple[str, list[Panel]]], palette: Palette, xlabel: str,
-                x_tokens: bool = True) -> Figure:
+def line_panels(title: str, rows: list[tuple[str, list[Panel]]], palette: Palette, xlabel: str) -> Figure:
     """A grid of panels: one row per (heading, panels) (e.g. one head shape), one line per series label,
     log-log, one legend below. Rows must have the same number of panels; an empty heading draws none.
 
-    The x axis is log base 2 (lengths and world sizes double), labelled as tokens when ``x_tokens``.
+    The x axis is log base 2 (lengths double), labelled as tokens.
     """
     with rc_context(STYLE):
         panels = [panel for _, row in rows for panel in row]
-        ideal = {s.label: s.ideal for panel in panels for s in panel.series}
-        labels = sorted(ideal)
+        labels = sorted({s.label for panel in panels for s in panel.series})
         any_failed = any(s.failed for panel in panels for s in panel.series)
         headings = [heading for heading, _ in rows]
         fig, axes = _panel_figure(len(rows), len(rows[0][1]), len(labels) + any_failed, title,
                                   headings if any(headings) else None)
         for axes_row, (_, row) in zip(axes, rows):
             for ax, panel in zip(axes_row, row):
-                _draw_panel(ax, panel, palette, xlabel, x_tokens)
-        handles = [Line2D([], [], color=palette[label].color, marker=None if ideal[label] else palette[label].marker,
-                          linestyle=":" if ideal[label] else palette[label].dash, label=label) for label in labels]
+                _draw_panel(ax, panel, palette, xlabel)
+        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker,
+                          linestyle=palette[label].dash, label=label) for label in labels]
         if any_failed:
             handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none",
                                   label="failed case (status at the bottom)"))
@@ -215,18 +209,16 @@ def line_panels(title: str, rows: list[tuple[str, list[Panel]]], palette: Palett
     return fig
 
 
-def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str, x_tokens: bool) -> None:
+def _draw_panel(ax, panel: Panel, palette: Palette, xlabel: str) -> None:
     ax.set_title(panel.title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(panel.ylabel)
-    log_axes(ax, 2, tokens if x_tokens else number)
+    log_axes(ax, 2, tokens)
     xs, ys = [], []
     failed = [s for s in panel.series if s.failed]
     for series in panel.series:
         style = palette[series.label]
-        if len(series.x) and series.ideal:
-            ax.plot(series.x, series.y, color=style.color, linestyle=":", linewidth=1.2)
-        elif len(series.x):
+        if len(series.x):
             ax.plot(series.x, series.y, color=style.color, marker=style.marker, linestyle=style.dash)
             if series.low is not None and series.high is not None:
                 ax.fill(np.r_[series.x, series.x[::-1]], np.r_[series.low, series.high[::-1]], color=style.color,
@@ -342,25 +334,57 @@ def roofline(title: str, panels: list[tuple[str, list[Points]]], palette: Palett
     return fig
 
 
-def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], palette: Palette) -> Figure:
-    """Quality against time per panel (title, ylabel, points, front as an (n, 2) array of x, y)."""
+@dataclass
+class ParetoPanel:
+    """One axis of a Pareto figure: points of y (lower or higher is better) against time per call.
+
+    ``front``: the Pareto front as an (n, 2) array of (x, y), sorted by x; ``reference``: (x, label) draws a
+    labelled dotted vertical line (e.g. the baseline's time). The y axis is logarithmic when every y is positive.
+    """
+
+    title: str
+    ylabel: str
+    points: list[Points]
+    front: np.ndarray
+    reference: tuple[float, str] | None = None
+
+
+def pareto(title: str, panels: list[ParetoPanel], palette: Palette) -> Figure:
+    """A measure (e.g. the distance from exact attention) against time per call, one panel per case, with
+    the Pareto front dashed."""
     with rc_context(STYLE):
-        labels = sorted({p.label for _, _, points, _ in panels for p in points})
+        labels = sorted({p.label for panel in panels for p in panel.points})
         fig, grid = _panel_figure(1, len(panels), len(labels) + 1, title)
+        extra_lines = max(panel.title.count("\n") for panel in panels)
+        if extra_lines:  # room for panel titles of several lines under the figure title
+            height = fig.get_figheight()
+            fig.subplots_adjust(top=fig.subplotpars.top - 0.17 * extra_lines / height)
         axes = grid[0]
-        for ax, (panel_title, ylabel, points, front) in zip(axes, panels):
-            for p in points:
+        for ax, panel in zip(axes, panels):
+            for p in panel.points:
                 style = palette[p.label]
                 ax.plot(p.x, p.y, linestyle="none", marker=style.marker, color=style.color, markersize=6)
-            if len(front):
-                ax.plot(front[:, 0], front[:, 1], color="0.3", linestyle="--", linewidth=1, drawstyle="steps-post")
+            if len(panel.front):
+                ax.plot(panel.front[:, 0], panel.front[:, 1], color="0.3", linestyle="--", linewidth=1,
+                        drawstyle="steps-post")
+            if panel.reference:
+                value, label = panel.reference
+                ax.axvline(value, color="0.35", linestyle=":", linewidth=1)
+                ax.text(value, 0.98, label, transform=ax.get_xaxis_transform(), rotation=90, fontsize=7,
+                        color="0.35", ha="right", va="top")
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
             ax.xaxis.set_major_formatter(FuncFormatter(number))
             ax.xaxis.set_minor_locator(NullLocator())
+            ys = np.concatenate([p.y for p in panel.points]) if panel.points else np.array([])
+            if len(ys) and (ys > 0).all():
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
+                ax.yaxis.set_major_formatter(FuncFormatter(number))
+                ax.yaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("time per call (ms)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(panel_title)
+            ax.set_ylabel(panel.ylabel)
+            ax.set_title(panel.title)
         handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker, linestyle="none",
                           label=label) for label in labels]
         handles.append(Line2D([], [], color="0.3", linestyle="--", label="Pareto front"))
@@ -368,8 +392,8 @@ def pareto(title: str, panels: list[tuple[str, str, list[Points], np.ndarray]], 
     return fig
 
 
-__all__ = ["STATUS_COLORS", "Palette", "Panel", "Points", "Series", "heatmap", "line_panels", "log_ticks", "number",
-           "pareto", "roofline", "to_png", "tokens"]
+__all__ = ["STATUS_COLORS", "Palette", "Panel", "ParetoPanel", "Points", "Series", "Tile", "heatmap", "line_panels",
+           "log_ticks", "mask_gallery", "number", "pareto", "roofline", "to_png", "tokens"]
 
 
 @dataclass
