@@ -236,14 +236,11 @@ class CaseRunner:
         with self._no_recompile(caps.compiled):
             result = timers.time_callable(call, self.device, self.timing, allow_graph=case.mode in ("fwd", "decode"))
             telemetry = self._telemetry(call, result.ms_median)
-        row.update(
-            ms_median=result.ms_median, ms_p20=result.ms_p20, ms_p80=result.ms_p80, ms_min=result.ms_min,
-            reps=result.reps, timer=result.timer,
-        )
+        row.update(result.columns())  # medians, spread, every repetition's time (ms_samples)
         row.update(telemetry)
         row["tflops"] = row["flops"] / (result.ms_median * 1e-3) / 1e12
         row["gbps"] = row["bytes_moved"] / (result.ms_median * 1e-3) / 1e9
-        flags = []
+        flags = list(result.flags)  # e.g. cpu_interference(...) from the timer
         if self.peak_tflops and row["tflops"] > self.peak_tflops:
             flags.append(f"tflops_above_peak({self.peak_tflops:.0f})")
         if self.peak_gbps and row["gbps"] > self.peak_gbps:
