@@ -48,7 +48,7 @@ class Timing:
 
 def format_samples(samples_ms) -> str | None:
     """Repetition times (ms, run order) as the ``ms_samples`` text: ';'-separated, ``SAMPLE_DIGITS`` digits."""
-    if not samples_ms:
+    if samples_ms is None or len(samples_ms) == 0:
         return None
     return ";".join(f"{float(x):.{SAMPLE_DIGITS}g}" for x in samples_ms)
 
