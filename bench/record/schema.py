@@ -61,8 +61,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
                                "CPU)"),
     "mem_above_inputs_mb": ("Float64", "allocator peak during one untimed call minus what was allocated just "
                                        "before it (outputs, gradients, workspace), MiB (empty on CPU)"),
-    "rel_err": ("Float64", "max over out (rows with a visible key), dq, dk, dv of ||got - ref|| / ||ref|| "
-                           "(Frobenius norms) against the fp32 reference; NaN when got is non-finite"),
+    "rel_err": ("Float64", "max over out (query rows with a visible key) and, in backward modes, dq, dk, dv of "
+                           "||got - ref|| / ||ref|| (Frobenius norms) against the fp32 reference; NaN when got is "
+                           "non-finite"),
     "err_tol": ("Float64", "the gate's tolerance: 2 x the same-dtype reference's rel_err against fp32 + the dtype's "
                            "floor (applied to exact methods only)"),
     "sm_clock_mhz": ("Float64", "SM clock read once at the end of the telemetry window (back-to-back calls "
@@ -75,8 +76,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
                              "(empty when the counter did not tick or implies more than 1.1 x the power limit)"),
     "flags": ("string", "sanity flags, ';'-separated: tflops_above_peak(P), gbps_above_peak(P), "
                         "cuda_graph_fwd_only, cpu_interference(...) (the process waited for a CPU during timing)"),
-    "device": ("string", "device name as torch reports it (torch.cuda.get_device_name, or cpu); empty for rows "
-                         "the parent made without a worker"),
+    "device": ("string", "device name as torch reports it (torch.cuda.get_device_name, or cpu); empty where no "
+                         "worker reported it (cases the planner marked unsupported, a worker that never started)"),
     "gpu_uuid": ("string", "UUID of the GPU the case ran on, lower-case, without NVML's GPU- prefix (torch's "
                            "device properties); empty on CPU and for rows made before a worker reported it"),
     "gpu_pci_bus_id": ("string", "PCI bus id of that GPU, NVML's DDDDDDDD:BB:DD.0 form; empty where torch and "
