@@ -75,7 +75,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "energy_mj": ("Float64", "energy counter difference over the telemetry window / the calls in it, mJ per call "
                              "(empty when the counter did not tick or implies more than 1.1 x the power limit)"),
     "flags": ("string", "sanity flags, ';'-separated: tflops_above_peak(P), gbps_above_peak(P), "
-                        "cuda_graph_fwd_only, cpu_interference(...) (the process waited for a CPU during timing)"),
+                        "cuda_graph_fwd_only, cpu_interference(...) (during the timed repetitions the process's threads "
+                        "waited for a CPU, summed over threads, more than 10 % of the wall time)"),
     "device": ("string", "device name as torch reports it (torch.cuda.get_device_name, or cpu); empty where no "
                          "worker reported it (cases the planner marked unsupported, a worker that never started)"),
     "gpu_uuid": ("string", "UUID of the GPU the case ran on, lower-case, without NVML's GPU- prefix (torch's "
