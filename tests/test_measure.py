@@ -97,17 +97,22 @@ def test_flash_attn_adapter_with_a_stub_module(monkeypatch):
     assert row["status"] == "ok", row["reason"]
 
 
+def _peak_flags(row) -> list[str]:
+    """The row's peak flags (a busy test machine may add cpu_interference(...), which is not judged here)."""
+    return [f for f in (row["flags"] or "").split(";") if "above_peak" in f]
+
+
 def test_rows_above_the_device_peak_are_flagged():
     runner = _runner()
     runner.peak_tflops = 1e-9  # any measured rate is above this "peak"
     row = runner.run(_case("sdpa_math"))
-    assert row["status"] == "ok" and row["flags"].startswith("tflops_above_peak")
+    assert row["status"] == "ok" and _peak_flags(row)[0].startswith("tflops_above_peak")
     runner.peak_tflops = 1e9
-    assert runner.run(_case("sdpa_math"))["flags"] is None
+    assert _peak_flags(runner.run(_case("sdpa_math"))) == []
     runner.peak_gbps = 1e-9
-    assert runner.run(_case("sdpa_math"))["flags"].startswith("gbps_above_peak")
+    assert _peak_flags(runner.run(_case("sdpa_math")))[0].startswith("gbps_above_peak")
     runner.peak_gbps = 1e9
-    assert runner.run(_case("sdpa_math"))["flags"] is None
+    assert _peak_flags(runner.run(_case("sdpa_math"))) == []
 
 
 def test_compiler_settings_a_builder_changes_do_not_reach_the_next_case():

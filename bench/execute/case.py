@@ -252,10 +252,9 @@ class CaseRunner:
                                           allow_graph=case.mode in ("fwd", "decode"))
             telemetry = self._telemetry(timed, result.ms_median)
             phases = self._phases(prepared, call, result.ms_median)
-        row.update(
-            ms_median=result.ms_median, ms_p20=result.ms_p20, ms_p80=result.ms_p80, ms_min=result.ms_min,
-            reps=result.reps, timer=result.timer,
-        )
+        row.update(result.columns())  # medians, spread, every repetition's time (ms_samples)
+        if result.flags:  # e.g. cpu_interference(...) from the timer
+            row["flags"] = ";".join([f for f in (row.get("flags") or "").split(";") if f] + list(result.flags))
         row.update(telemetry)
         row.update(phases)
         self._rates(case, prepared, row, result.ms_median)

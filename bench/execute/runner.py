@@ -22,6 +22,7 @@ from attnbench.record import envinfo as envinfo
 from attnbench.config.plan import Case, Plan, build_plan, plan_options, validate_timing
 from attnbench.config.plugins import resolve_plugin_paths
 from attnbench.record.rows import base_row, describe
+from attnbench.record.rundir import write_config
 from attnbench.record.store import RowStore
 
 STARTUP_TIMEOUT_S = 600.0
@@ -177,6 +178,7 @@ def worker_options(cfg: dict) -> dict:
 def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, progress, stats):
     log_path = run_dir / "logs" / f"worker-{device.replace(':', '')}.log"
     worker = None
+    identity: dict = {}  # the device as the worker saw it (name, GPU UUID, PCI bus id), kept across restarts
     while True:
         try:
             group = groups.get_nowait()
@@ -191,6 +193,8 @@ def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, prog
                     ready = worker.start()
                     if ready.get("calibration"):
                         stats["calibration"] = ready["calibration"]
+                    identity = ready.get("identity") or identity
+                    stats["devices"][device] = {**identity, "calibration": ready.get("calibration")}
                 row, usable = worker.run(case, run_id, timeout_s)
                 if not usable:
                     worker.kill()
@@ -205,7 +209,10 @@ def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, prog
                     row = base_row(case, run_id)
                 row.update(status=died.status, reason=died.reason, wall_s=time.perf_counter() - started)
             row["started_at"] = started_at
-            store.append(row)
+            if row.get("device") is None:
+                row["device"] = identity.get("name")
+            store.append({**row, **stats["stamp"], "gpu_uuid": identity.get("uuid"),
+                          "gpu_pci_bus_id": identity.get("pci_bus_id")})
             progress.update(1)
     if worker is not None:
         worker.stop()
@@ -217,18 +224,17 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     store = RowStore(run_dir, retry=tuple(cfg.get("retry") or ()))
+    rows_before = len(store.rows)
     write_plan(run_dir, plan)
-    env_path = run_dir / "env.json"
-    env = json.loads(env_path.read_text()) if env_path.is_file() else envinfo.collect(run_id, command)
-    env.setdefault("commands", [])
-    env["commands"].append(command)
-    env["command"] = env.get("command") or command
-    env_path.write_text(json.dumps(env, indent=1, default=str))
+    invocation, facts = envinfo.begin_invocation(run_dir, run_id, command)  # env.json: one entry per invocation
+    write_config(run_dir, cfg, invocation)
+    stamp = {"host": facts["host"], "git_sha": facts["git_sha"], "git_dirty": facts["git_dirty"],
+             "invocation": invocation}
 
     for case, reason in plan.unsupported:
         if case.case_id not in store.done:
             row = describe(case, run_id)
-            row.update(status="unsupported", reason=reason, wall_s=0.0, started_at=envinfo.now())
+            row.update(status="unsupported", reason=reason, wall_s=0.0, started_at=envinfo.now(), **stamp)
             store.append(row)
     todo = [c for c in plan.runnable if c.case_id not in store.done]
     groups: queue.Queue = queue.Queue()
@@ -243,7 +249,7 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
 
     options = worker_options(cfg)
     calibrate = bool(cfg.get("calibrate", True)) and plan.devices[0].startswith("cuda")
-    stats: dict = {}
+    stats: dict = {"stamp": stamp, "devices": {}}
     progress = tqdm(total=plan.total, initial=plan.total - len(todo), desc=run_id, unit="case",
                     disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
     timeout_s = float(cfg.get("case_timeout_s", 300))
@@ -259,11 +265,8 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
         thread.join()
     progress.close()
 
-    env = json.loads(env_path.read_text())
-    env["finished_at"] = envinfo.now()
-    if stats.get("calibration"):
-        env["calibration"] = stats["calibration"]
-    env_path.write_text(json.dumps(env, indent=1, default=str))
+    envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before, stats["devices"],
+                           stats.get("calibration"))
     store.finalize()
     return run_dir
 
@@ -276,7 +279,6 @@ def run_sweep(cfg: dict, command: str, show_progress: bool = True) -> Path:
     plan = build_plan(cfg)
     run_id = cfg.get("run_id") or default_run_id()
     run_dir = Path(cfg.get("results_dir") or "results") / str(run_id)
-    write_config(run_dir, cfg)
     return run_plan(plan, cfg, run_dir, str(run_id), command, show_progress)
 
 
@@ -291,17 +293,3 @@ def write_plan(run_dir: Path, plan: Plan) -> None:
             planned = set()
     planned |= {c.case_id for c in plan.runnable} | {c.case_id for c, _ in plan.unsupported}
     path.write_text(json.dumps({"planned": len(planned), "case_ids": sorted(planned)}))
-
-
-def write_config(run_dir: Path, cfg: dict) -> None:
-    import yaml
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        previous = yaml.safe_load(path.read_text()) or {}
-        if {k: v for k, v in previous.items() if k != "run_id"} != {k: v for k, v in cfg.items() if k != "run_id"}:
-            # a resumed run with other settings keeps both: the earlier config is never overwritten silently
-            stamp = default_run_id()
-            path.rename(run_dir / f"config.{stamp}.yaml")
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -70,7 +70,9 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         send({"type": "fatal", "reason": _reason(exc, "worker start"), "traceback": traceback.format_exc()})
         return 1
-    send({"type": "ready", "calibration": options.get("calibration")})
+    from attnbench.measure.telemetry import device_identity
+
+    send({"type": "ready", "calibration": options.get("calibration"), "identity": device_identity(device)})
 
     from attnbench.config.plan import Case
     from attnbench.record.rows import base_row, describe

@@ -1,8 +1,18 @@
-"""The environment of a run, for env.json: versions, GPUs, driver, git SHA, host, the command."""
+"""The environment of a run, for env.json: versions, GPUs, driver, git SHA, host, the command.
+
+A run folder may be written by several invocations (a resume, a resume with more axes, a retry on another
+machine). env.json keeps one entry per invocation in ``invocations`` (its command, start and finish, host,
+versions, git SHA and dirty flag, GPUs, the identity of each worker device, calibration and the rows it
+wrote); every row's ``invocation`` column is its index there. The top-level keys describe the run as a whole:
+``started_at`` of the first invocation, ``finished_at`` of the last, ``command`` the first command and
+``commands`` all of them; the other facts (host, versions, git SHA, devices, calibration) are those of the
+latest invocation that wrote rows, and ``mixed`` lists the facts on which the invocations differ.
+"""
 from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -63,3 +73,77 @@ def collect(run_id: str, command: str) -> dict:
         "device": torch.cuda.get_device_name(0) if cuda_ok else "cpu",
         "calibration": None,
     }
+
+
+# per-invocation facts copied to the top level from the latest invocation that wrote rows
+FACTS = ("host", "platform", "cpu", "python", "torch", "triton", "cuda", "cudnn", "driver", "git_sha", "git_dirty",
+         "packages", "gpus", "device")
+MIXED_CHECK = ("host", "python", "torch", "triton", "cuda", "cudnn", "driver", "git_sha", "git_dirty", "device")
+LEGACY_NOTE = ("recorded before env.json kept one entry per invocation: host, versions and git SHA are the "
+               "first invocation's, the calibration the last one's")
+
+
+def read_env(run_dir: Path) -> dict:
+    path = Path(run_dir) / "env.json"
+    if not path.is_file():
+        return {}
+    loaded = json.loads(path.read_text())
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _write_env(run_dir: Path, env: dict) -> None:
+    (Path(run_dir) / "env.json").write_text(json.dumps(env, indent=1, default=str))
+
+
+def _legacy_invocations(env: dict) -> list[dict]:
+    """An env.json of an older attnbench as invocation entries: its facts for the first command, and an entry
+    with the command only for each later one (their facts were not recorded)."""
+    if not env:
+        return []
+    commands = list(env.get("commands") or [env.get("command")])
+    first = {key: env.get(key) for key in ("command", "started_at", "finished_at", *FACTS, "calibration")}
+    first["command"] = commands[0] if commands else env.get("command")
+    first["note"] = LEGACY_NOTE
+    later = [{"command": command, "note": "its facts were not recorded (older attnbench)"} for command in commands[1:]]
+    return [first, *later]
+
+
+def begin_invocation(run_dir: Path, run_id: str, command: str) -> tuple[int, dict]:
+    """Add this invocation to ``run_dir/env.json`` (created when missing); returns (its index, its entry)."""
+    env = read_env(run_dir)
+    if env and "invocations" not in env:
+        env["invocations"] = _legacy_invocations(env)
+    facts = collect(run_id, command)
+    entry = {key: facts[key] for key in ("command", "started_at", "finished_at", *FACTS, "calibration")}
+    entry.update(devices={}, rows_written=None)
+    if not env:
+        env = dict(facts)
+        env["invocations"] = []
+        env["commands"] = []
+    env["invocations"].append(entry)
+    env["commands"] = [*(env.get("commands") or []), command]
+    env["command"] = env.get("command") or command
+    env["run_id"] = run_id
+    _write_env(run_dir, env)
+    return len(env["invocations"]) - 1, entry
+
+
+def end_invocation(run_dir: Path, index: int, rows_written: int, devices: dict | None = None,
+                   calibration: dict | None = None) -> dict:
+    """Close invocation ``index``: its finish time, rows written, worker devices and calibration; the
+    top-level facts follow the latest invocation that wrote rows (module docstring)."""
+    env = read_env(run_dir)
+    entry = env["invocations"][index]
+    entry.update(finished_at=now(), rows_written=rows_written, devices=devices or {})
+    if calibration:
+        entry["calibration"] = calibration
+    env["finished_at"] = entry["finished_at"]
+    if rows_written or index == 0:
+        env.update({key: entry.get(key) for key in FACTS if key in entry})
+    if calibration:
+        env["calibration"] = calibration
+    recorded = [e for e in env["invocations"] if "host" in e]
+    mixed = {key: sorted({json.dumps(e.get(key)) for e in recorded}) for key in MIXED_CHECK}
+    env["mixed"] = {key: [json.loads(v) for v in values] for key, values in mixed.items() if len(values) > 1}
+    _write_env(run_dir, env)
+    return env

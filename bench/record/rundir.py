@@ -186,6 +186,77 @@ def _read_env(path: Path) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
+# config keys whose values span the cases: a resumed run's merged config.yaml holds the union of their values
+AXES = ("methods", "masks", "seq_lens", "cross_lens", "batch", "tokens", "heads_q", "heads_kv", "head_dim", "dtype",
+        "modes", "layout", "seed", "decode_queries")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def merge_configs(earlier: dict, later: dict) -> tuple[dict, list[str]]:
+    """The config of a run written by two invocations: axis keys (``AXES``) hold the ordered union of both
+    values (a scalar becomes a list when they differ), so the merged view covers every case either planned;
+    any other key that differs keeps the later value. Returns (merged, notes on each key that differed)."""
+    merged = dict(earlier)
+    notes = []
+    for key, value in later.items():
+        if key not in earlier or earlier[key] == value or key == "run_id":
+            merged[key] = value
+            continue
+        if key in AXES:
+            union, seen = [], set()
+            for item in _as_list(earlier[key]) + _as_list(value):
+                marker = json.dumps(item, sort_keys=True, default=str)
+                if marker not in seen:
+                    seen.add(marker)
+                    union.append(item)
+            if union != _as_list(earlier[key]) or not isinstance(earlier[key], (list, tuple)):
+                merged[key] = union
+                notes.append(f"{key}: union of {earlier[key]!r} and {value!r}")
+        else:
+            merged[key] = value
+            notes.append(f"{key}: {earlier[key]!r} then {value!r} (latest kept)")
+    return merged, notes
+
+
+MERGED_HEADER = "# merged view of"
+
+
+def write_config(run_dir: Path, cfg: dict, invocation: int) -> None:
+    """``config.<invocation>.yaml``: this invocation's resolved config, as given; ``config.yaml``: the merged
+    view of every invocation's config (``merge_configs``), with a header naming the keys that differed.
+
+    A folder of an older attnbench (``config.yaml`` of its last invocation, ``config.<timestamp>.yaml`` of
+    earlier ones) keeps them: its ``config.yaml`` becomes ``config.legacy.yaml`` and all join the merge."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    merged_path = run_dir / "config.yaml"
+    if merged_path.is_file() and not merged_path.read_text().startswith(MERGED_HEADER):
+        merged_path.rename(run_dir / "config.legacy.yaml")
+    (run_dir / f"config.{invocation}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    parts = [(path, path.name[len("config."):-len(".yaml")]) for path in run_dir.glob("config.*.yaml")]
+    older = sorted(path for path, middle in parts if not middle.isdigit())  # timestamps, then legacy
+    numbered = [path for path, middle in sorted((p for p in parts if p[1].isdigit()), key=lambda p: int(p[1]))]
+    merged, notes = None, []
+    for path in older + numbered:
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if merged is None:
+            merged = loaded
+            continue
+        merged, changed = merge_configs(merged, loaded)
+        notes += [f"{path.name}: {note}" for note in changed]
+    header = [f"{MERGED_HEADER} {', '.join(p.name for p in older + numbered)}:",
+              "# axis keys hold the union of every invocation's values (so a value here may not be one that a",
+              "# single invocation could be given); other keys hold the latest value."]
+    header += [f"#   {note}" for note in notes]
+    merged_path.write_text("\n".join(header) + "\n" + yaml.safe_dump(merged, sort_keys=False))
+
+
 def resolve_run(arg: str, results_dir: Path, name: str = "RUN") -> Path:
     """A run argument as a folder: the path itself, else ``results_dir/arg``; UsageError naming ``name``."""
     path = Path(arg)
@@ -215,5 +286,5 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         return int(exc.code or 0)
 
 
-__all__ = ["ROW_FILES", "Run", "RunDirError", "UsageError", "is_run_dir", "load_run", "load_runs", "merge_runs",
-           "parse_args", "resolve_run"]
+__all__ = ["ROW_FILES", "Run", "RunDirError", "UsageError", "is_run_dir", "load_run", "load_runs", "merge_configs",
+           "merge_runs", "parse_args", "resolve_run", "write_config"]

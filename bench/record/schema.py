@@ -9,47 +9,66 @@ STATUSES = ("ok", "unsupported", "wrong", "oom", "error", "crashed", "timeout")
 MODES = ("fwd", "bwd", "fwd_bwd", "decode")
 PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
 
-# name -> (pandas dtype, description with unit)
+# name -> (pandas dtype, description: what is counted, and the unit). "MiB" = 2**20 bytes, "GB" = 1e9 bytes.
 COLUMNS: dict[str, tuple[str, str]] = {
-    "run_id": ("string", "run folder name"),
-    "case_id": ("string", "stable hash of the case's key fields"),
-    "method": ("string", "registered method name"),
-    "family": ("string", "method family: exact, sparse, linear, ..."),
-    "exact": ("boolean", "method computes exact attention (gated as wrong when off)"),
-    "mask": ("string", "canonical mask label with parameters"),
-    "mask_name": ("string", "registered mask name"),
-    "pattern": ("string", "CAB pattern: (non)causal x self/cross"),
-    "batch": ("Int64", "batch size"),
+    "run_id": ("string", "name of the run folder results/<run_id>/ that holds the row"),
+    "case_id": ("string", "first 16 hex digits of the SHA-1 of the JSON list of the KEY_FIELDS values; equal cases "
+                          "get equal ids in every run"),
+    "method": ("string", "registered method name (attnbench list methods)"),
+    "family": ("string", "the method's declared family: exact, sparse, linear, hybrid, ..."),
+    "exact": ("boolean", "the method declares exact attention: it is gated against the fp32 reference and marked "
+                         "wrong above err_tol; approximate methods get a mask-leak probe instead"),
+    "mask": ("string", "canonical mask label with every parameter, e.g. sliding_window(left=4096)"),
+    "mask_name": ("string", "registered mask name without parameters"),
+    "pattern": ("string", "CAB pattern: causal or noncausal (the mask) x self (seq_q == seq_kv) or cross"),
+    "batch": ("Int64", "sequences per call"),
     "heads_q": ("Int64", "query heads"),
-    "heads_kv": ("Int64", "key/value heads (GQA when < heads_q)"),
-    "seq_q": ("Int64", "query length, tokens"),
-    "seq_kv": ("Int64", "key/value length, tokens"),
-    "head_dim": ("Int64", "head dimension"),
-    "dtype": ("string", "working dtype"),
-    "mode": ("string", "fwd, bwd, fwd_bwd or decode"),
-    "layout": ("string", "single, or CP strategy"),
-    "world_size": ("Int64", "GPUs in the layout"),
-    "seed": ("Int64", "input seed"),
-    "status": ("string", "ok, unsupported, wrong, oom, error, crashed, timeout"),
-    "reason": ("string", "why, for every status but ok"),
-    "ms_median": ("Float64", "median time per call, ms"),
-    "ms_p20": ("Float64", "20th percentile, ms"),
-    "ms_p80": ("Float64", "80th percentile, ms"),
+    "heads_kv": ("Int64", "key/value heads (GQA when fewer than heads_q; heads_q is a multiple of it)"),
+    "seq_q": ("Int64", "query length per sequence, tokens (decode: the queries of one step, decode_queries)"),
+    "seq_kv": ("Int64", "key/value length per sequence, tokens (decode: the cache length)"),
+    "head_dim": ("Int64", "head dimension of q, k and v, elements"),
+    "dtype": ("string", "dtype of q, k, v, dout and the output: float32, float16 or bfloat16"),
+    "mode": ("string", "what one timed call runs: fwd (forward, no grad), bwd (backward of a retained forward), "
+                       "fwd_bwd (forward + backward), decode (one step against a prefilled cache)"),
+    "layout": ("string", "single (one device), or the context-parallel strategy"),
+    "world_size": ("Int64", "devices the layout spans (1 for single)"),
+    "seed": ("Int64", "seed of the generator that draws q, k, v and dout"),
+    "status": ("string", "ok, unsupported, wrong, oom, error, crashed or timeout (DESIGN.md section 6)"),
+    "reason": ("string", "why, in words, for every status but ok (empty for ok)"),
+    "ms_median": ("Float64", "median over the timed repetitions of one call's time, ms"),
+    "ms_p20": ("Float64", "20th percentile of the repetition times (linear interpolation), ms"),
+    "ms_p80": ("Float64", "80th percentile of the repetition times (linear interpolation), ms"),
     "ms_min": ("Float64", "fastest repetition, ms"),
-    "reps": ("Int64", "timed repetitions"),
-    "timer": ("string", "cuda_events, cuda_graph or perf_counter"),
-    "compile_s": ("Float64", "build + compile + first call, s (never inside ms_*)"),
-    "visible_pairs": ("Int64", "visible (q, kv) pairs per batch element and head"),
-    "density": ("Float64", "visible_pairs / (seq_q * seq_kv)"),
-    "flops": ("Float64", "FLOPs of one call from the exact visible pairs"),
-    "tflops": ("Float64", "flops / ms_median, TFLOP/s (attention-equivalent for approximate methods)"),
-    "bytes_moved": ("Float64", "minimum bytes read + written by one call (q, k, v, out, grads)"),
-    "gbps": ("Float64", "bytes_moved / ms_median, GB/s"),
-    "peak_mem_mb": ("Float64", "allocator peak during one call, MiB"),
-    "mem_above_inputs_mb": ("Float64", "peak minus the inputs' bytes, MiB"),
-    "rel_err": ("Float64", "||out - ref_fp32|| / ||ref_fp32|| (max over out and grads)"),
-    "err_tol": ("Float64", "tolerance of the gate for the tensor that came closest to failing: a constant per dtype "
-                           "(output and gradients apart; bench/measure/gate.py TOLERANCE), never widened with length"),
+    "ms_samples": ("string", "every timed repetition's time in run order, ms, 5 significant digits, ';'-separated "
+                             "(reps values; attnbench compare tests significance on them)"),
+    "reps": ("Int64", "timed repetitions (after warm-up), sized to the timing budget within min_reps..max_reps"),
+    "timer": ("string", "cuda_events (CUDA events per call, L2 flushed before each), cuda_graph (replays of a "
+                        "captured graph, timed the same way) or perf_counter (CPU wall clock per call)"),
+    "compile_s": ("Float64", "wall time of the method's build plus its first call and a synchronize, s (never "
+                             "inside ms_*)"),
+    "visible_pairs": ("Int64", "(query, key) pairs the mask lets attend, per batch element and head, counted "
+                               "exactly"),
+    "density": ("Float64", "visible_pairs / (seq_q * seq_kv), in [0, 1]"),
+    "flops": ("Float64", "FLOPs of one call: 4 * batch * heads_q * visible_pairs * head_dim, times 1 (fwd, decode), "
+                         "2.5 (bwd) or 3.5 (fwd_bwd)"),
+    "tflops": ("Float64", "flops / ms_median, TFLOP/s (1e12 FLOP/s; attention-equivalent for approximate "
+                          "methods: the exact method's FLOPs over their time)"),
+    "bytes_moved": ("Float64", "fewest bytes one call must move, each tensor read or written once: fwd/decode q, "
+                               "k, v in and out written; bwd q, k, v, out, dout in and dq, dk, dv written; fwd_bwd "
+                               "both; decode counts only the key positions the mask lets the step read; bytes"),
+    "gbps": ("Float64", "bytes_moved / ms_median, GB/s (1e9 bytes/s)"),
+    "peak_mem_mb": ("Float64", "mem_above_inputs_mb plus the bytes of the case's own inputs (q, k, v or x; dout in "
+                               "backward modes; extras, parameters, a decode state), MiB (CUDA allocator; empty on CPU)"),
+    "mem_above_inputs_mb": ("Float64", "allocator peak while the mode's work runs once from its inputs (bwd: the "
+                                       "forward whose graph it needs, then the backward) minus what was allocated "
+                                       "just before (outputs, activations, gradients, workspace), MiB (empty on CPU)"),
+    "rel_err": ("Float64", "max over out (query rows with a visible key; a strided sample of rows above "
+                           "correctness.ref_full_pairs) and, in backward modes, every gradient (dq, dk, dv, extras, "
+                           "parameters) of ||got - ref|| / ||ref|| (Frobenius norms) against the fp32 reference (the "
+                           "method's own for approximate methods); NaN when got is non-finite"),
+    "err_tol": ("Float64", "tolerance of the gate for the tensor that came closest to failing: a constant per dtype, "
+                           "output and gradients apart (bench/measure/gate.py TOLERANCE), never widened with length; "
+                           "exact methods against the fp32 softmax reference, approximate ones against their own"),
     "approx_err": ("Float64", "approximate methods: ||out - softmax_ref_fp32|| / ||softmax_ref_fp32|| over query rows "
                               "that see a key (distance from exact attention; recorded, never gated)"),
     "attended_pairs": ("Int64", "(query, key) pairs the method attended, summed over batch and query heads (methods "
@@ -58,14 +77,33 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "phase_ms": ("string", "median ms of phases the method declares, timed alone ('routing=0.41;...')"),
     "routing_share": ("Float64", "routing phase median / whole call median (methods that declare a routing phase)"),
     "state_bytes": ("Int64", "recurrent decode: bytes of the state per sequence (batch element)"),
-    "sm_clock_mhz": ("Float64", "median SM clock while timing, MHz"),
-    "power_w": ("Float64", "mean board power while timing, W"),
-    "temp_c": ("Float64", "GPU temperature after timing, C"),
-    "energy_mj": ("Float64", "energy per call, mJ"),
-    "flags": ("string", "sanity flags, ';'-separated (e.g. tflops_above_peak)"),
-    "device": ("string", "device name"),
-    "wall_s": ("Float64", "wall time the case took in the worker, s"),
-    "started_at": ("string", "UTC time the case started"),
+    "sm_clock_mhz": ("Float64", "SM clock read once at the end of the telemetry window (back-to-back calls "
+                                "for energy_window_ms after timing), MHz (NVML)"),
+    "power_w": ("Float64", "mean board power over the telemetry window from the energy counter, W; where the "
+                           "counter is missing, did not tick or is implausible, NVML's power reading at the "
+                           "window's end"),
+    "temp_c": ("Float64", "GPU temperature at the end of the telemetry window, degrees C"),
+    "energy_mj": ("Float64", "energy counter difference over the telemetry window / the calls in it, mJ per call "
+                             "(empty when the counter did not tick or implies more than 1.1 x the power limit)"),
+    "flags": ("string", "sanity flags, ';'-separated: tflops_above_peak(P), gbps_above_peak(P), "
+                        "cuda_graph_fwd_only, cpu_interference(...) (during the timed repetitions the process's threads "
+                        "waited for a CPU, summed over threads, more than 10 % of the wall time)"),
+    "device": ("string", "device name as torch reports it (torch.cuda.get_device_name, or cpu); empty where no "
+                         "worker reported it (cases the planner marked unsupported, a worker that never started)"),
+    "gpu_uuid": ("string", "UUID of the GPU the case ran on, lower-case, without NVML's GPU- prefix (torch's "
+                           "device properties); empty on CPU and for rows made before a worker reported it"),
+    "gpu_pci_bus_id": ("string", "PCI bus id of that GPU, NVML's DDDDDDDD:BB:DD.0 form; empty where torch and "
+                                 "NVML do not give it"),
+    "host": ("string", "host name (socket.gethostname) of the machine whose invocation wrote the row"),
+    "git_sha": ("string", "commit (HEAD) of the attnbench checkout when the invocation that wrote the row "
+                          "started, or ATTNBENCH_GIT_SHA where the checkout has no .git; empty when unknown"),
+    "git_dirty": ("boolean", "tracked files differed from that commit when the invocation started (untracked "
+                             "files ignored); empty when unknown"),
+    "invocation": ("Int64", "0-based index into env.json's invocations of the command that wrote the row"),
+    "wall_s": ("Float64", "wall time of the case: in the worker from its start to its row; for a worker that "
+                          "died or hung, from handing it the case to noticing; 0 for cases the planner marked unsupported; s"),
+    "started_at": ("string", "UTC time (ISO 8601, seconds) when the parent handed the case to a worker, or "
+                             "recorded it as unsupported"),
 }
 
 KEY_FIELDS = (

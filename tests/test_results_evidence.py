@@ -1,0 +1,83 @@
+"""Every results file that README.md or results/README.md links or names is committed (git ls-files)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# a backticked word in results/README.md is a file when it has one of these endings, a folder when it ends in /
+FILE_ENDINGS = (".json", ".txt", ".md", ".png", ".csv", ".parquet", ".jsonl", ".yaml", ".html", ".log")
+# first path parts that are repository folders, not results (results/README.md also names scripts)
+REPO_FOLDERS = {"scripts", "bench", "methods", "masks", "tasks", "conf", "tests"}
+
+
+def tracked_results() -> list[str]:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def _words(text: str):
+    """Markdown link targets and the whitespace-separated words of every `code span`."""
+    yield from re.findall(r"\]\(([^)\s]+)\)", text)
+    for span in re.findall(r"`([^`\n]+)`", text):
+        yield from span.split()
+
+
+def cited_paths(readme: Path) -> set[str]:
+    """Paths under results/ that ``readme`` links or names, as 'results/...' (a folder keeps its final /), and
+    bare names (one part: a run folder, or a file or folder inside the run folders it lists) as '*/name'."""
+    in_results = readme.parent.name == "results"
+    cited = set()
+    for word in _words(readme.read_text()):
+        word = word.strip(".,;:()")
+        if "://" in word or "<" in word or word.startswith(("-", ".", "#")):
+            continue
+        if word.startswith("results/"):
+            cited.add(word)
+        elif in_results and re.fullmatch(r"[\w.-]+(/[\w.-]+)*/?", word):
+            is_path = word.endswith("/") or word.endswith(FILE_ENDINGS)
+            if is_path and word.split("/")[0] not in REPO_FOLDERS:
+                cited.add(f"results/{word}" if "/" in word.rstrip("/") else f"*/{word}")
+    return cited
+
+
+def is_tracked(path: str, tracked: list[str]) -> bool:
+    if path.startswith("*/"):  # a bare name: some tracked results file or folder of that name
+        name = path[2:]
+        return any(f.endswith("/" + name) or f"/{name.rstrip('/')}/" in f for f in tracked)
+    if path.endswith("/") or path == "results":
+        return any(f.startswith(path.rstrip("/") + "/") for f in tracked)
+    return path in tracked or any(f.startswith(path + "/") for f in tracked)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "results/README.md"])
+def test_every_cited_results_path_is_committed(readme):
+    tracked = tracked_results()
+    cited = cited_paths(REPO / readme)
+    assert cited, f"{readme} names no results path: the parser is broken"
+    missing = sorted(p for p in cited if not is_tracked(p, tracked))
+    assert not missing, f"{readme} cites results files that are not in git: {missing}"
+
+
+def test_the_parser_finds_what_the_readmes_cite(tmp_path):
+    """Negative control: the shapes the READMEs use are found, and a path that is not in git is caught."""
+    text = ("![x](results/run/a.png) see `results/run` and `attnbench report results/other --out results/third`;\n"
+            "| `h200-probe/` | `selfcheck-first.json`, `h200-decode/flex-decode-probe.txt`, `scripts/run.sh`, "
+            "`results/<run_id>/`, `python`, `runs.tgz` |")
+    fake = tmp_path / "results" / "README.md"
+    fake.parent.mkdir()
+    fake.write_text(text)
+    cited = cited_paths(fake)
+    assert cited == {"results/run/a.png", "results/run", "results/other", "results/third", "*/h200-probe/",
+                     "*/selfcheck-first.json", "results/h200-decode/flex-decode-probe.txt"}
+    tracked = ["results/h200-probe/selfcheck-first.json", "results/run/a.png"]
+    assert is_tracked("*/selfcheck-first.json", tracked) and is_tracked("*/h200-probe/", tracked)
+    assert is_tracked("results/run", tracked) and not is_tracked("results/other", tracked)
+    assert not is_tracked("*/selfcheck-h200.json", tracked) and not is_tracked("*/gpu-tests/", tracked)
+    assert not is_tracked("*/h200", tracked)  # a prefix of a folder name is not that folder
