@@ -56,8 +56,9 @@ def test_masks_without_a_closed_form_are_refused_over_the_bound_before_binding(m
     from attnbench import masks
     from attnbench.config import plan as plan_module
 
-    if "t_stripes" not in masks.MASKS:
-        masks.register_mask_mod("t_stripes", lambda b, h, q, kv: (kv % 3) == 0)
+    stripes = masks.register_mask_mod("t_stripes", lambda b, h, q, kv: (kv % 3) == 0)
+    monkeypatch.setitem(masks.MASKS, "t_stripes", masks.MASKS.pop("t_stripes"))  # unregistered after the test
+    assert stripes is masks.MASKS["t_stripes"]
     spec = masks.make_mask("t_stripes")
     assert plan_module.mask_size_problem(spec, 64, 64) is None
     problem = plan_module.mask_size_problem(spec, 1 << 20, 1 << 20)

@@ -90,6 +90,13 @@ def text(path, value):
     return value
 
 
+def folder(path, value):
+    """A folder path (a number from the command line, results_dir=2025, is its text)."""
+    if _is_int(value):
+        value = str(value)
+    return text(path, value)
+
+
 def anything(path, value):
     return value
 
@@ -220,7 +227,7 @@ class Field:
 FIELDS: dict[str, Field] = {f.path: f for f in [
     # the run
     Field("run_id", optional(run_name), None, "folder name under results_dir; the same run_id again resumes"),
-    Field("results_dir", text, "results", "folder of run folders"),
+    Field("results_dir", folder, "results", "folder of run folders"),
     Field("plugins", one_or_list(text, "module names or .py paths", allow_empty=True), [],
           "modules (or .py paths) that register methods or masks before planning"),
     Field("device", device_name, "auto", "auto | cpu | cuda | cuda:N"),
