@@ -115,18 +115,6 @@ def optional(kind: Kind) -> Kind:
     return lambda path, value: None if value is None else kind(path, value)
 
 
-def any_of(*kinds: Kind, what: str) -> Kind:
-    def check(path, value):
-        for kind in kinds:
-            try:
-                return kind(path, value)
-            except ConfigError:
-                continue
-        raise ConfigError(path, f"must be {what}, got {value!r}")
-
-    return check
-
-
 def one_or_list(kind: Kind, what: str, allow_empty: bool = False) -> Kind:
     """One value or a list of them; normalised to a list. Item errors name the field and say ``what``."""
 
