@@ -98,9 +98,11 @@ def sweep_main(argv: list[str]) -> int:
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from attnbench.execute.runner import run_sweep
+        from attnbench.execute.runner import SweepInterrupted, run_sweep
         from attnbench.report.summary import print_summary
 
+        if outcome.get("interrupted"):  # Ctrl-C / SIGTERM ends a multirun too: no later job starts
+            return
         plain = OmegaConf.to_container(cfg, resolve=True)
         job_command = command
         hydra_cfg = HydraConfig.get()
@@ -115,6 +117,11 @@ def sweep_main(argv: list[str]) -> int:
         except (ConfigError, PluginError) as exc:
             print(f"attnbench: {exc}", file=sys.stderr)
             outcome["code"] = 2
+            return
+        except SweepInterrupted as exc:
+            print(f"attnbench: {exc}", file=sys.stderr)
+            outcome["code"] = exc.exit_code
+            outcome["interrupted"] = True
             return
         outcome["runs"].append(run_dir)
         print_summary(run_dir)
@@ -132,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
         print(__doc__)
-        print("Sweep keys (conf/config.yaml and conf/sweep/*.yaml):")
-        print((CONF_DIR / "config.yaml").read_text())
+        from attnbench.config.schema import describe_fields
+
+        print("Sweep keys (conf/config.yaml and conf/sweep/*.yaml), with their defaults:")
+        print(describe_fields())
         return 0
     commands = _subcommands()
     if argv and argv[0] in commands:

@@ -58,6 +58,9 @@ class BoundFull(IntervalMask):
     def varlen(self) -> VarlenForm:
         return single_segment(self.seq_q, self.seq_kv, causal=False)
 
+    def visible_pairs(self) -> int:
+        return self.seq_q * self.seq_kv  # O(1) at any length
+
 
 @register_mask
 @dataclass(frozen=True)
@@ -81,6 +84,17 @@ class BoundCausal(AlignedMask):
         if not self.varlen_alignment_ok():
             return None
         return single_segment(self.seq_q, self.seq_kv, causal=True)
+
+    def visible_pairs(self) -> int:
+        """O(1): row i sees clamp(i + offset + 1, 0, seq_kv) keys; clamp(x, 0, S) = relu(x) - relu(x - S)."""
+        def relu_sum(low: int, high: int) -> int:  # sum of max(x, 0) for x in [low, high]
+            def up_to(n: int) -> int:
+                return n * (n + 1) // 2 if n > 0 else 0
+
+            return up_to(high) - up_to(low - 1)
+
+        low, high = self.offset + 1, self.offset + self.seq_q
+        return relu_sum(low, high) - relu_sum(low - self.seq_kv, high - self.seq_kv)
 
 
 @register_mask

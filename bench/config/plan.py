@@ -11,22 +11,16 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import os
 from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import field as dataclass_field
 
+from attnbench.config.schema import (DTYPES, FIELDS, LAYOUTS, ConfigError, validate_config,  # noqa: F401
+                                     validate_section)
 from attnbench.record import schema as schema
 
-DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-LAYOUTS = ("single",)
-
-
-class ConfigError(ValueError):
-    """Invalid sweep input. The message names the field and the allowed values."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"config field {field!r}: {message}")
 
 
 @dataclass(frozen=True)
@@ -82,58 +76,18 @@ class Plan:
     runnable: list[Case]
     unsupported: list[tuple[Case, str]]
     devices: list[str]
+    notes: list[str] = dataclass_field(default_factory=list)  # what the planner decided that the user should know
 
     @property
     def total(self) -> int:
         return len(self.runnable) + len(self.unsupported)
 
 
-# ---- validation helpers ------------------------------------------------------------------------------------
-def _as_list(cfg: dict, field: str, default=None) -> list:
-    value = cfg.get(field, default)
-    if value is None:
-        return [None]
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ConfigError(field, "is an empty list; give at least one value")
-        return list(value)
-    return [value]
-
-
-def _positive_ints(cfg: dict, field: str, default=None, allow_none=False) -> list:
-    values = _as_list(cfg, field, default)
-    for value in values:
-        if value is None and allow_none:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(field, f"must be positive integers, got {value!r}")
-    return values
-
-
-def _choices(cfg: dict, field: str, allowed: Iterable[str], default=None) -> list:
-    allowed = tuple(allowed)
-    values = _as_list(cfg, field, default)
-    for value in values:
-        if value not in allowed:
-            raise ConfigError(field, f"{value!r} is not one of: {', '.join(allowed)}")
-    return values
-
-
-def _number(cfg: dict, field: str, default, minimum=0.0, integer=False):
-    value = cfg.get(field, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if not ok or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(field, f"must be {kind} >= {minimum}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
+# ---- validation (types and unknown keys: config/schema.py; names, divisibility, devices: here) ---------------
 def resolve_methods(cfg: dict) -> list[str]:
     from attnbench.methods import METHODS
 
-    names = _as_list(cfg, "methods", "all")
+    names = cfg["methods"] if "methods" in cfg else FIELDS["methods"].kind("methods", "all")
     if names == ["all"]:
         return sorted(METHODS)
     for name in names:
@@ -145,7 +99,7 @@ def resolve_methods(cfg: dict) -> list[str]:
 def resolve_masks(cfg: dict):
     from attnbench import masks
 
-    entries = _as_list(cfg, "masks", ["full", "causal"])
+    entries = cfg["masks"]
     preset = cfg.get("mask")
     if preset is not None:  # `+mask=NAME` (conf/mask/NAME.yaml, fields editable as mask.FIELD=...) runs alone
         if not isinstance(preset, dict) or "name" not in preset:
@@ -153,43 +107,31 @@ def resolve_masks(cfg: dict):
         entries = [preset]
     specs = []
     for entry in entries:
-        if entry is None:
-            raise ConfigError("masks", "contains an empty entry")
         try:
             specs.append(masks.make_mask(entry))
         except masks.MaskParamError as exc:
-            raise ConfigError("masks", str(exc)) from None
+            raise ConfigError("mask" if preset is not None else "masks", str(exc)) from None
     return list({spec.label: spec for spec in specs}.values())
 
 
 def length_pairs(cfg: dict) -> list[tuple[int, int]]:
-    """(seq_q, seq_kv) pairs: self lengths from ``seq_lens``, cross pairs from ``cross_lens``."""
-    pairs = [(n, n) for n in _positive_ints(cfg, "seq_lens", [1024])]
-    for index, pair in enumerate(cfg.get("cross_lens") or []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
-                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair)):
-            raise ConfigError("cross_lens", f"entry {index} must be [seq_q, seq_kv] positive integers, got {pair!r}")
-        pairs.append((int(pair[0]), int(pair[1])))
-    return pairs
+    """(seq_q, seq_kv) pairs: self lengths from ``seq_lens``, cross pairs from ``cross_lens`` (validated cfg)."""
+    return [(n, n) for n in cfg["seq_lens"]] + [(int(q), int(kv)) for q, kv in cfg["cross_lens"]]
 
 
 def validate_timing(cfg: dict) -> dict:
-    timing = dict(cfg.get("timing") or {})
-    out = {
-        "budget_ms": _number(timing, "budget_ms", 300.0, minimum=1.0),
-        "warmup_ms": _number(timing, "warmup_ms", 50.0),
-        "min_reps": _number(timing, "min_reps", 5, minimum=1, integer=True),
-        "max_reps": _number(timing, "max_reps", 1000, minimum=1, integer=True),
-        "flush_l2": bool(timing.get("flush_l2", True)),
-        "cuda_graph": bool(timing.get("cuda_graph", False)),
-        "telemetry": bool(timing.get("telemetry", True)),
-    }
-    if out["min_reps"] > out["max_reps"]:
-        raise ConfigError("timing.min_reps", f"{out['min_reps']} exceeds timing.max_reps={out['max_reps']}")
-    unknown = set(timing) - set(out)
-    if unknown:
-        raise ConfigError("timing", f"unknown keys {sorted(unknown)}; allowed: {', '.join(out)}")
-    return out
+    """The ``timing`` section, validated, defaults filled."""
+    return validate_section(cfg, "timing")
+
+
+def check_method_options(cfg: dict) -> None:
+    """``method_options``: {registered method: {param: value}} (types checked by the schema)."""
+    from attnbench.methods import METHODS
+
+    for name in cfg["method_options"]:
+        if name not in METHODS:
+            raise ConfigError(f"method_options.{name}", f"{name!r} is not a registered method; registered: "
+                                                        f"{', '.join(sorted(METHODS))}")
 
 
 def resolve_devices(cfg: dict) -> list[str]:
@@ -210,6 +152,65 @@ def resolve_devices(cfg: dict) -> list[str]:
             raise ConfigError("device", f"{device} asked for, but {gpus} CUDA GPU(s) are visible")
         return [device]
     raise ConfigError("device", f"{device!r} is not one of: auto, cpu, cuda, cuda:N")
+
+
+# ---- size bounds: nothing the planner or the parent computes grows without bound -----------------------------
+MAX_ROWS = 1 << 24
+"""Longest sequence whose mask the parent counts with an O(seq) closed form (row counts of interval and relative
+masks, document ids): ~2 GB and a few seconds at the bound. Full and causal masks count in O(1) at any length."""
+MAX_TABLE = 1 << 26
+"""Most entries of a block table (BigBird, random block-sparse) the parent builds to count a mask."""
+MAX_PAIRS = 1 << 34
+"""Most (q, kv) pairs a mask with no closed form (a plugin ``mask_mod``) is evaluated on, in bounded memory."""
+
+
+def mask_count_work(spec, seq_q: int, seq_kv: int) -> tuple[int, int, str]:
+    """(work, bound, how) of counting ``spec``'s visible pairs at these lengths, from the mask's family alone
+    (nothing is bound or allocated)."""
+    from attnbench.masks.basic import BoundCausal, BoundFull
+    from attnbench.masks.families import BlockTableMask, PrefixTermsMask, RelativeMask
+
+    cls = spec.bound_cls
+    if issubclass(cls, (BoundFull, BoundCausal)):
+        return 1, 1, "a closed form"
+    if issubclass(cls, BlockTableMask):
+        block = getattr(spec, "block", None)
+        if isinstance(block, int) and block > 0:
+            table = math.ceil(seq_q / block) * math.ceil(seq_kv / block)
+            if table > MAX_TABLE:
+                return table, MAX_TABLE, f"a block table of {table:,} entries"
+            return seq_q + seq_kv, 2 * MAX_ROWS, f"an O(seq) closed form over {seq_q + seq_kv:,} positions"
+    elif issubclass(cls, (PrefixTermsMask, RelativeMask)):
+        return seq_q + seq_kv, 2 * MAX_ROWS, f"an O(seq) closed form over {seq_q + seq_kv:,} positions"
+    return seq_q * seq_kv, MAX_PAIRS, f"evaluating its mask_mod on {seq_q * seq_kv:,} (q, kv) pairs"
+
+
+def mask_size_problem(spec, seq_q: int, seq_kv: int) -> str | None:
+    """Why the parent refuses to count ``spec`` at these lengths (too large), or None."""
+    work, bound, how = mask_count_work(spec, seq_q, seq_kv)
+    if work <= bound:
+        return None
+    return (f"mask {spec.label} at {seq_q}x{seq_kv} is too large to plan: counting its visible pairs needs {how}, "
+            f"over the bound of {bound:,} (attnbench.config.plan)")
+
+
+def input_bytes(case: Case) -> int:
+    """Bytes of the case's inputs alone: q, k, v (and the output gradient with backward)."""
+    q_like = case.batch * case.heads_q * case.seq_q * case.head_dim
+    kv_like = case.batch * case.heads_kv * case.seq_kv * case.head_dim
+    return (q_like * (2 if case.needs_grad else 1) + 2 * kv_like) * DTYPE_BYTES[case.dtype]
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Total memory of ``device`` (physical RAM for the CPU), or None where it cannot be read."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AssertionError):
+        return None
 
 
 # ---- capability filtering ----------------------------------------------------------------------------------
@@ -239,6 +240,13 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
         return f"causal masks only (a recurrence or scan), and {spec.name} is not causal"
     if not caps.runs_mask(spec.name):
         return f"mask {spec.name} not supported natively and no dense-mask path"
+    too_large = mask_size_problem(spec, case.seq_q, case.seq_kv)
+    if too_large:
+        return too_large
+    memory = options.get("device_memory_bytes")
+    if memory and input_bytes(case) > memory:
+        return (f"the inputs alone need {input_bytes(case) / 2**30:,.1f} GiB, over the device's "
+                f"{memory / 2**30:,.1f} GiB of memory")
     if not caps.native_mask(spec.name) and not caps.dense_mask and caps.varlen:
         bound = spec.bind(case.seq_q, case.seq_kv)
         if bound.varlen() is None:
@@ -261,9 +269,11 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
 
 
 def plan_options(cfg: dict) -> dict:
+    budgets = {key: FIELDS[key].kind(key, cfg.get(key, FIELDS[key].default))
+               for key in ("dense_mask_budget_mb", "materialize_budget_mb")}
     return {
-        "dense_mask_bytes": int(_number(cfg, "dense_mask_budget_mb", 4096, minimum=1) * 2**20),
-        "materialize_bytes": int(_number(cfg, "materialize_budget_mb", 32768, minimum=1) * 2**20),
+        "dense_mask_bytes": int(budgets["dense_mask_budget_mb"] * 2**20),
+        "materialize_bytes": int(budgets["materialize_budget_mb"] * 2**20),
     }
 
 
@@ -271,32 +281,23 @@ def build_plan(cfg: dict) -> Plan:
     """Validate ``cfg`` (a plain dict) and expand it; raises ``ConfigError`` before any work."""
     from attnbench.methods import METHODS
 
+    cfg = validate_config(cfg)
     method_names = resolve_methods(cfg)
+    check_method_options(cfg)
     specs = resolve_masks(cfg)
     pairs = length_pairs(cfg)
-    batches = _positive_ints(cfg, "batch", None, allow_none=True)
-    tokens = cfg.get("tokens")
-    if batches == [None]:
-        if tokens is None:
-            batches = [1]
-        elif isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ConfigError("tokens", f"must be a positive integer (batch = max(1, tokens // seq_q)), got {tokens!r}")
-    heads_q = _positive_ints(cfg, "heads_q", [8])
-    heads_kv = _positive_ints(cfg, "heads_kv", None, allow_none=True)
-    head_dims = _positive_ints(cfg, "head_dim", [64])
-    dtypes = _choices(cfg, "dtype", DTYPES, ["float32"])
-    modes = _choices(cfg, "modes", schema.MODES, ["fwd"])
-    layouts = _choices(cfg, "layout", LAYOUTS, ["single"])
-    seed = cfg.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError("seed", f"must be a non-negative integer, got {seed!r}")
-    decode_queries = _number(cfg, "decode_queries", 1, minimum=1, integer=True)
-    validate_timing(cfg)
-    _number(cfg, "case_timeout_s", 300, minimum=1)
-    for status in cfg.get("retry") or ():
-        if status not in schema.STATUSES or status == "ok":
-            raise ConfigError("retry", f"{status!r} is not a failure status; allowed: "
-                              f"{', '.join(s for s in schema.STATUSES if s != 'ok')}")
+    batches = cfg["batch"] if cfg["batch"] is not None else [None]
+    tokens = cfg["tokens"]
+    if None in batches and tokens is None:
+        batches = [1 if b is None else b for b in batches]
+    heads_q = cfg["heads_q"]
+    heads_kv = cfg["heads_kv"] if cfg["heads_kv"] is not None else [None]
+    head_dims = cfg["head_dim"]
+    dtypes = cfg["dtype"]
+    modes = cfg["modes"]
+    layouts = cfg["layout"]
+    seed = cfg["seed"]
+    decode_queries = cfg["decode_queries"]
     options = plan_options(cfg)
     for hq, hkv in itertools.product(heads_q, heads_kv):
         if hkv is not None and hq % hkv:
@@ -314,6 +315,7 @@ def build_plan(cfg: dict) -> Plan:
                 raise ConfigError("decode_queries", f"{exc} (decode: seq_q={decode_queries}, seq_kv={skv})") from None
     devices = resolve_devices(cfg)
     device_kind = devices[0]
+    options["device_memory_bytes"] = device_memory_bytes(device_kind)
 
     runnable, unsupported = [], []
     grid = itertools.product(specs, pairs, batches, heads_q, heads_kv, head_dims, dtypes, modes, layouts)
@@ -340,5 +342,13 @@ def build_plan(cfg: dict) -> Plan:
     unsupported = list({c.case_id: (c, r) for c, r in unsupported}.values())
     mode_rank = {"fwd_bwd": 0, "bwd": 1, "fwd": 2, "decode": 3}
     runnable.sort(key=lambda c: (c.batch * c.seq_q * c.seq_kv, c.input_key(), mode_rank[c.mode], c.method))
-    return Plan(runnable=runnable, unsupported=unsupported, devices=devices)
+    notes = []
+    if None in batches:
+        used = {sq for sq, _ in pairs} if any(m != "decode" for m in modes) else set()
+        used |= {max(decode_queries, skv) for _, skv in pairs} if "decode" in modes else set()
+        above = sorted(n for n in used if n > tokens)
+        if above:
+            notes.append(f"tokens={tokens} is below the length(s) {', '.join(map(str, above))}: those cases run "
+                         f"batch 1 (batch = max(1, tokens // seq))")
+    return Plan(runnable=runnable, unsupported=unsupported, devices=devices, notes=notes)
 

@@ -3,9 +3,14 @@
 A case whose worker raises, runs out of memory, hangs past ``case_timeout_s`` or dies (segfault, illegal
 memory access, ``os._exit``) still yields its row; the sweep goes on with a fresh worker. Rows are appended
 to ``rows.jsonl`` as cases finish; running the same ``run_id`` again resumes and skips finished cases.
+
+Ctrl-C or SIGTERM ends a sweep cleanly: the workers are killed, the cases in flight get no row (they run on
+resume), the rows so far are kept and the tidy tables written, and ``SweepInterrupted`` is raised. Workers
+die with the parent however it ends (``worker.py``: parent-death signal and a watchdog).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -19,13 +24,28 @@ import time
 from pathlib import Path
 
 from attnbench.record import envinfo as envinfo
-from attnbench.config.plan import Case, Plan, build_plan, plan_options, validate_timing
+from attnbench.config.plan import Case, ConfigError, Plan, build_plan, plan_options, validate_timing
+from attnbench.config.schema import validate_config, validate_section
 from attnbench.config.plugins import resolve_plugin_paths
 from attnbench.record.rows import base_row, describe
 from attnbench.record.rundir import write_config
 from attnbench.record.store import RowStore
 
 STARTUP_TIMEOUT_S = 600.0
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C or SIGTERM ended the sweep; finished rows are kept and the same run_id resumes it."""
+
+    def __init__(self, signum: int, run_dir: Path, recorded: int, planned: int):
+        self.signum, self.run_dir = signum, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}: {recorded} of {planned} cases recorded in {run_dir}; run the same "
+                         f"command with run_id={run_dir.name} to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class WorkerDied(Exception):
@@ -51,7 +71,7 @@ class Worker:
         self.log = open(self.log_path, "ab")
         self.log_start = self.log.tell()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "attnbench.execute.worker", str(to_child_r), str(from_child_w)],
+            [sys.executable, "-m", "attnbench.execute.worker", str(to_child_r), str(from_child_w), str(os.getpid())],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             cwd=os.getcwd(), env=env, start_new_session=True,  # the user's directory: plugins resolve there
@@ -159,71 +179,140 @@ def default_run_id() -> str:
 
 
 def worker_options(cfg: dict) -> dict:
-    correctness = dict(cfg.get("correctness") or {})
+    correctness = validate_section(cfg, "correctness")
+    timing = validate_timing(cfg)
     options = {
-        "timing": validate_timing(cfg),
-        "ref_chunk_bytes": int(correctness.get("ref_chunk_mb", 512)) * 2**20,
-        "energy_window_ms": float((cfg.get("timing") or {}).get("energy_window_ms", 250.0)),
+        "timing": timing,
+        "ref_chunk_bytes": int(correctness["ref_chunk_mb"] * 2**20),
+        "energy_window_ms": float(timing["energy_window_ms"]),
         "flex_block_size": int(cfg.get("flex_block_size", 128)),
+        "method_options": dict(cfg.get("method_options") or {}),
     }
     if correctness.get("tolerance"):
         options["tolerance"] = dict(correctness["tolerance"])
     if correctness.get("ref_full_pairs"):
         options["ref_full_pairs"] = int(correctness["ref_full_pairs"])
-    options["method_options"] = dict(cfg.get("method_options") or {})
     options.update(plan_options(cfg))
     return options
 
 
-def _device_thread(device, groups, init, run_dir, run_id, timeout_s, store, progress, stats):
-    log_path = run_dir / "logs" / f"worker-{device.replace(':', '')}.log"
+class _Sweep:
+    """What the device threads share: the case queue, the store, the stop flag and the live workers."""
+
+    def __init__(self, groups, run_dir, run_id, timeout_s, store, progress, stats):
+        self.groups, self.run_dir, self.run_id, self.timeout_s = groups, run_dir, run_id, timeout_s
+        self.store, self.progress, self.stats = store, progress, stats
+        self.stop = threading.Event()
+        self.workers: dict[str, Worker] = {}
+        self.lock = threading.Lock()
+
+    def kill_workers(self) -> None:
+        with self.lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            proc = worker.proc
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+def _device_thread(device: str, init: dict, sweep: _Sweep) -> None:
+    log_path = sweep.run_dir / "logs" / f"worker-{device.replace(':', '')}.log"
     worker = None
     identity: dict = {}  # the device as the worker saw it (name, GPU UUID, PCI bus id), kept across restarts
-    while True:
+
+    def track(current):
+        with sweep.lock:
+            if current is None:
+                sweep.workers.pop(device, None)
+            else:
+                sweep.workers[device] = current
+
+    while not sweep.stop.is_set():
         try:
-            group = groups.get_nowait()
+            group = sweep.groups.get_nowait()
         except queue.Empty:
             break
         for case in group:
-            progress.set_postfix_str(f"{case.method} {case.mask} {case.seq_q}x{case.seq_kv} {case.mode}", refresh=False)
+            if sweep.stop.is_set():
+                break
+            sweep.progress.set_postfix_str(f"{case.method} {case.mask} {case.seq_q}x{case.seq_kv} {case.mode}",
+                                           refresh=False)
             started, started_at = time.perf_counter(), envinfo.now()
             try:
                 if worker is None:
                     worker = Worker(device, init, log_path)
+                    track(worker)
                     ready = worker.start()
+                    if sweep.stop.is_set():  # interrupted while it started
+                        break
                     if ready.get("calibration"):
-                        stats["calibration"] = ready["calibration"]
+                        sweep.stats["calibration"] = ready["calibration"]
                     identity = ready.get("identity") or identity
-                    stats["devices"][device] = {**identity, "calibration": ready.get("calibration")}
-                row, usable = worker.run(case, run_id, timeout_s)
+                    sweep.stats["devices"][device] = {**identity, "calibration": ready.get("calibration")}
+                row, usable = worker.run(case, sweep.run_id, sweep.timeout_s)
                 if not usable:
                     worker.kill()
                     worker = None
+                    track(None)
             except WorkerDied as died:
                 if worker is not None:
                     worker.kill()
                 worker = None
+                track(None)
+                if sweep.stop.is_set():  # killed by the interrupt: the case has no verdict, it runs on resume
+                    break
                 try:
-                    row = describe(case, run_id)
+                    row = describe(case, sweep.run_id)
                 except Exception:
-                    row = base_row(case, run_id)
+                    row = base_row(case, sweep.run_id)
                 row.update(status=died.status, reason=died.reason, wall_s=time.perf_counter() - started)
             row["started_at"] = started_at
             if row.get("device") is None:
                 row["device"] = identity.get("name")
-            store.append({**row, **stats["stamp"], "gpu_uuid": identity.get("uuid"),
-                          "gpu_pci_bus_id": identity.get("pci_bus_id")})
-            progress.update(1)
+            sweep.store.append({**row, **sweep.stats["stamp"], "gpu_uuid": identity.get("uuid"),
+                                "gpu_pci_bus_id": identity.get("pci_bus_id")})
+            sweep.progress.update(1)
     if worker is not None:
-        worker.stop()
+        if sweep.stop.is_set():
+            worker.kill()
+        else:
+            worker.stop()
+        track(None)
+
+
+@contextlib.contextmanager
+def _interrupts_stop(sweep: _Sweep):
+    """While the sweep runs, SIGINT and SIGTERM set the stop flag and kill the workers (main thread only)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        caught.append(signum)
+        sweep.stop.set()
+        sweep.kill_workers()
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
 
 
 def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, show_progress: bool = True) -> Path:
     from tqdm import tqdm
 
+    checked = validate_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    store = RowStore(run_dir, retry=tuple(cfg.get("retry") or ()))
+    store = RowStore(run_dir, retry=tuple(checked["retry"]))
+    for warning in store.warnings:
+        print(f"attnbench: warning: {warning}", file=sys.stderr)
     rows_before = len(store.rows)
     write_plan(run_dir, plan)
     invocation, facts = envinfo.begin_invocation(run_dir, run_id, command)  # env.json: one entry per invocation
@@ -248,38 +337,79 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
         groups.put(current)
 
     options = worker_options(cfg)
-    calibrate = bool(cfg.get("calibrate", True)) and plan.devices[0].startswith("cuda")
+    calibrate = checked["calibrate"] and plan.devices[0].startswith("cuda")
     stats: dict = {"stamp": stamp, "devices": {}}
     progress = tqdm(total=plan.total, initial=plan.total - len(todo), desc=run_id, unit="case",
                     disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
-    timeout_s = float(cfg.get("case_timeout_s", 300))
+    timeout_s = float(checked["case_timeout_s"])
+    sweep = _Sweep(groups, run_dir, run_id, timeout_s, store, progress, stats)
     threads = []
-    for device in plan.devices:
-        init = {"type": "init", "device": device, "options": options, "plugins": resolve_plugin_paths(cfg.get("plugins") or []),
-                "calibrate": calibrate}
-        thread = threading.Thread(target=_device_thread, daemon=True,
-                                  args=(device, groups, init, run_dir, run_id, timeout_s, store, progress, stats))
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
+    with _interrupts_stop(sweep) as caught:
+        for device in plan.devices:
+            init = {"type": "init", "device": device, "options": options,
+                    "plugins": resolve_plugin_paths(checked["plugins"]), "calibrate": calibrate}
+            thread = threading.Thread(target=_device_thread, daemon=True, args=(device, init, sweep))
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)  # short waits: a signal is handled at once
     progress.close()
 
-    envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before, stats["devices"],
-                           stats.get("calibration"))
+    env = envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before, stats["devices"],
+                                 stats.get("calibration"))
+    if caught:
+        env["interrupted_at"] = envinfo.now()
+        env["interrupted_by"] = signal.Signals(caught[0]).name
+        env["invocations"][invocation]["interrupted_by"] = env["interrupted_by"]
+        (run_dir / "env.json").write_text(json.dumps(env, indent=1, default=str))
     store.finalize()
+    if caught:
+        recorded = len({row["case_id"] for row in store.rows})
+        raise SweepInterrupted(caught[0], run_dir, recorded, plan.total)
     return run_dir
 
 
 def run_sweep(cfg: dict, command: str, show_progress: bool = True) -> Path:
-    """Validate, plan and run ``cfg`` (a plain dict); returns the run folder."""
+    """Validate, plan and run ``cfg`` (a plain dict); returns the run folder. Every check (types, unknown keys,
+    the results folder, plugins, the plan) comes before anything is written."""
     from attnbench.config.plugins import load_plugins
 
-    load_plugins(cfg.get("plugins") or [])
+    checked = validate_config(cfg)
+    run_id = checked["run_id"] or default_run_id()
+    run_dir = check_results_dir(Path(checked["results_dir"]), run_id)
+    load_plugins(checked["plugins"])
     plan = build_plan(cfg)
-    run_id = cfg.get("run_id") or default_run_id()
-    run_dir = Path(cfg.get("results_dir") or "results") / str(run_id)
+    for note in plan.notes:
+        print(f"attnbench: note: {note}", file=sys.stderr)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("results_dir", f"cannot write the run folder {run_dir}: {exc}") from None
     return run_plan(plan, cfg, run_dir, str(run_id), command, show_progress)
+
+
+def check_results_dir(results_dir: Path, run_id: str) -> Path:
+    """The run folder ``results_dir/run_id``, after checking (writing nothing) that it can be made there;
+    ``ConfigError`` naming ``results_dir`` (or ``run_id``) otherwise."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ConfigError("results_dir", f"{str(results_dir)!r} exists and is not a folder")
+    existing = results_dir
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigError("results_dir", f"{str(existing)!r} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("results_dir", f"{str(results_dir)!r} cannot be made: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("results_dir", f"{str(results_dir)!r} is not writable (no write permission on "
+                                         f"{str(existing)!r})")
+    run_dir = results_dir / run_id
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run_id", f"{str(run_dir)!r} exists and is not a folder")
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError("results_dir", f"the run folder {str(run_dir)!r} is not writable")
+    return run_dir
 
 
 def write_plan(run_dir: Path, plan: Plan) -> None:
@@ -292,4 +422,7 @@ def write_plan(run_dir: Path, plan: Plan) -> None:
         except ValueError:
             planned = set()
     planned |= {c.case_id for c in plan.runnable} | {c.case_id for c, _ in plan.unsupported}
-    path.write_text(json.dumps({"planned": len(planned), "case_ids": sorted(planned)}))
+    record = {"planned": len(planned), "case_ids": sorted(planned)}
+    if plan.notes:
+        record["notes"] = plan.notes
+    path.write_text(json.dumps(record))

@@ -34,21 +34,36 @@ def case_bytes(case: Case, kv_read: int | None = None) -> float:
 
 
 @functools.lru_cache(maxsize=256)
-def mask_facts(mask_label: str, seq_q: int, seq_kv: int) -> tuple[bool, int]:
-    """(causal, visible pairs) of a mask at given lengths."""
+def mask_facts(mask_label: str, seq_q: int, seq_kv: int) -> tuple[bool, int | None]:
+    """(causal, visible pairs) of a mask at given lengths; pairs None (not counted) where counting would exceed
+    the planner's size bounds (such a case is refused, ``plan.mask_size_problem``)."""
     from attnbench import masks
+    from attnbench.config.plan import mask_size_problem
 
-    bound = masks.make_mask(mask_label).bind(seq_q, seq_kv)
+    spec = masks.make_mask(mask_label)
+    if mask_size_problem(spec, seq_q, seq_kv):
+        return spec.causal, None
+    bound = spec.bind(seq_q, seq_kv)
     return bound.causal, bound.visible_pairs()
 
 
 @functools.lru_cache(maxsize=256)
-def keys_read(mask_label: str, seq_q: int, seq_kv: int) -> int:
+def keys_read(mask_label: str, seq_q: int, seq_kv: int) -> int | None:
     """Key positions that some query sees: what a decode step must read (a windowed cache: the window).
-    Evaluates the mask's rows, so use it for few queries (decode) only."""
+    Full and causal masks in O(1); others evaluate the mask's rows (few queries: decode), None past the bound."""
     from attnbench import masks
+    from attnbench.config.plan import MAX_ROWS, mask_size_problem
+    from attnbench.masks.basic import BoundCausal, BoundFull
 
-    bound = masks.make_mask(mask_label).bind(seq_q, seq_kv)
+    spec = masks.make_mask(mask_label)
+    if spec.bound_cls is BoundFull:
+        return seq_kv
+    if spec.bound_cls is BoundCausal:  # the last query sees the most: keys up to its aligned position
+        bound = spec.bind(seq_q, seq_kv)
+        return max(0, min(seq_kv, seq_q + bound.offset))
+    if seq_q * seq_kv > MAX_ROWS or mask_size_problem(spec, seq_q, seq_kv):
+        return None
+    bound = spec.bind(seq_q, seq_kv)
     return int(bound.dense_rows(0, seq_q).any(dim=0).sum())
 
 
@@ -69,12 +84,9 @@ def describe(case: Case, run_id: str = "", device_name: str | None = None) -> di
         row.update(family=method.caps.family, exact=method.caps.exact)
     causal, pairs = mask_facts(case.mask, case.seq_q, case.seq_kv)
     kv_read = keys_read(case.mask, case.seq_q, case.seq_kv) if case.mode == "decode" else None
-    row.update(
-        pattern=pattern_of(causal, case.seq_q, case.seq_kv),
-        visible_pairs=pairs,
-        density=pairs / float(case.seq_q * case.seq_kv),
-        flops=case_flops(case, pairs),
-        bytes_moved=case_bytes(case, kv_read),
-        device=device_name,
-    )
+    row.update(pattern=pattern_of(causal, case.seq_q, case.seq_kv), device=device_name)
+    if pairs is not None:  # not counted past the size bounds: left empty, never estimated
+        row.update(visible_pairs=pairs, density=pairs / float(case.seq_q * case.seq_kv), flops=case_flops(case, pairs))
+    if case.mode != "decode" or kv_read is not None:
+        row["bytes_moved"] = case_bytes(case, kv_read)
     return row

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from attnbench.record.schema import to_frame
+from attnbench.record.store import read_jsonl
 
 ROW_FILES = ("rows.parquet", "rows.jsonl", "rows.csv")
 
@@ -131,7 +132,13 @@ def _read_rows(path: Path, warnings: list[str]) -> pd.DataFrame:
     parquet, jsonl, csv = (path / name for name in ROW_FILES)
     try:
         if parquet.exists():
-            return to_frame(pd.read_parquet(parquet).to_dict("records"))
+            try:
+                return to_frame(pd.read_parquet(parquet).to_dict("records"))
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types on a damaged file
+                if not jsonl.exists():
+                    raise RunDirError(f"cannot read rows of {path}: {parquet.name}: {exc}") from exc
+                warnings.append(f"{parquet.name} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); rows read "
+                                f"from {jsonl.name}")
         if jsonl.exists():
             return _read_jsonl(jsonl, warnings)
         if csv.exists():
@@ -143,22 +150,11 @@ def _read_rows(path: Path, warnings: list[str]) -> pd.DataFrame:
 
 
 def _read_jsonl(jsonl: Path, warnings: list[str]) -> pd.DataFrame:
-    rows = []
-    for number, line in enumerate(jsonl.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.append(f"{jsonl.name}:{number}: unreadable line skipped")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    frame = to_frame(rows)
-    if len(frame) and frame["case_id"].notna().any():
-        keyed = frame["case_id"].notna()
-        latest = frame[keyed].drop_duplicates("case_id", keep="last")
-        frame = pd.concat([latest, frame[~keyed]]).sort_index().reset_index(drop=True)
+    """Rows of rows.jsonl: lines that are unreadable or not rows are skipped with a warning naming the line; when
+    a case appears twice the later line wins."""
+    frame = to_frame(read_jsonl(jsonl, warnings))
+    if len(frame):
+        frame = frame.drop_duplicates("case_id", keep="last").sort_index().reset_index(drop=True)
     return frame
 
 

@@ -20,19 +20,53 @@ def _clean(value):
     return value
 
 
-def read_jsonl(path: Path) -> list[dict]:
+_COLUMN_TYPES = {"string": (str,), "Int64": (int,), "Float64": (int, float), "boolean": (bool,)}
+
+
+def row_problem(obj) -> str | None:
+    """Why a parsed JSON line is not a row, or None: a row is an object with a string ``case_id``, a known
+    ``status``, and every schema column it holds empty or of the column's type."""
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object"
+    if not isinstance(obj.get("case_id"), str) or not obj["case_id"]:
+        return "no case_id"
+    if obj.get("status") not in schema.STATUSES:
+        return f"status {obj.get('status')!r} is not one of {', '.join(schema.STATUSES)}"
+    for name, (dtype, _) in schema.COLUMNS.items():
+        value = obj.get(name)
+        if value is None:
+            continue
+        types = _COLUMN_TYPES.get(dtype, (object,))
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"column {name} holds {value!r}, not a {dtype} value"
+        if dtype == "Int64" and not -(2**63) <= value < 2**63:
+            return f"column {name} holds {value!r}, beyond 64-bit integers"
+    return None
+
+
+def read_jsonl(path: Path, warnings: list[str] | None = None) -> list[dict]:
+    """The rows of a ``rows.jsonl``. A line cut short by a crash, or a line that is valid JSON but not a row,
+    is skipped; ``warnings`` (when given) gets one line per skipped line, naming it (``rows.jsonl:7: ...``)."""
     rows = []
     if not path.is_file():
         return rows
     with open(path) as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash mid-write: its case runs again
+                if warnings is not None:  # a line cut short by a crash mid-write: its case runs again
+                    warnings.append(f"{path.name}:{number}: unreadable line skipped")
+                continue
+            problem = row_problem(obj)
+            if problem:
+                if warnings is not None:
+                    warnings.append(f"{path.name}:{number}: not a row ({problem}); line skipped")
+                continue
+            rows.append(obj)
     return rows
 
 
@@ -42,7 +76,8 @@ class RowStore:
         self.path = self.run_dir / "rows.jsonl"
         self._lock = threading.Lock()
         self._drop_partial_line()
-        self.rows = read_jsonl(self.path)
+        self.warnings: list[str] = []  # lines of rows.jsonl skipped, by line number
+        self.rows = read_jsonl(self.path, self.warnings)
         # cases whose latest row has a status in ``retry`` run again on resume
         latest = {row["case_id"]: row["status"] for row in self.rows if row.get("case_id")}
         self.done = {case_id for case_id, status in latest.items() if status not in retry}

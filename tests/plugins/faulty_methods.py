@@ -150,9 +150,14 @@ def build_raises(ctx):
 
 @register_method("t_hangs", Capabilities(backward=False, **CPU))
 def build_hangs(ctx):
-    """Never returns."""
+    """Never returns. With ATTNBENCH_TEST_HANG_MARKER set, first writes its pid to that file (so a test knows
+    the worker is stuck in the call)."""
 
     def attend(q, k, v):
+        marker = os.environ.get("ATTNBENCH_TEST_HANG_MARKER")
+        if marker:
+            with open(marker, "w") as handle:
+                handle.write(str(os.getpid()))
         while True:
             time.sleep(1)
 
@@ -175,6 +180,28 @@ def build_oom(ctx):
 
     def attend(q, k, v):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 TiB")
+
+    return attend
+
+
+@register_method("t_cpu_oom", Capabilities(backward=False, **CPU))
+def build_cpu_oom(ctx):
+    """A real allocation failure of the CPU allocator: 1 PiB, beyond any machine's memory and address space."""
+
+    def attend(q, k, v):
+        torch.empty(2**50, dtype=torch.uint8)
+        return q
+
+    return attend
+
+
+@register_method("t_memory_error", Capabilities(backward=False, **CPU))
+def build_memory_error(ctx):
+    """Python's own allocation failure (MemoryError)."""
+
+    def attend(q, k, v):
+        bytearray(2**50)
+        return q
 
     return attend
 
