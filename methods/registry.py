@@ -25,6 +25,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .case import Case
 from .contract import MaskInfo
 
 ANY_MASK = "any"
@@ -131,7 +132,7 @@ class BuildContext:
     """What a builder gets: the case, the typed mask description, the bound mask (on the case's device),
     the device, the working dtype, the method's own hyper-parameters and the harness options."""
 
-    case: Any  # attnbench.config.plan.Case
+    case: Case  # the point of the grid: shapes, dtype, mode, seed
     mask: MaskInfo  # typed: causal, offset (bottom-right), window, varlen form (documents), params
     bound: Any  # masks.BoundMask, already on ``device``: mask_mod, dense rows, block layouts
     device: Any

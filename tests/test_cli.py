@@ -68,7 +68,7 @@ def test_sweep_presets_override_the_base_config_and_the_command_line_overrides_b
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         masks_cfg = compose(config_name="config", overrides=["sweep=masks"])
-        assert masks_cfg.dense_mask_budget_mb == 2048  # the preset wins over conf/config.yaml
+        assert masks_cfg.dense_mask_budget_mb == 8192  # the preset wins over conf/config.yaml
         assert masks_cfg.case_timeout_s == 300  # base values the preset leaves alone stay
         cli = compose(config_name="config", overrides=["sweep=masks", "dense_mask_budget_mb=64"])
         assert cli.dense_mask_budget_mb == 64

@@ -18,57 +18,10 @@ from dataclasses import field as dataclass_field
 
 from attnbench.config.schema import (DTYPES, FIELDS, LAYOUTS, ConfigError, validate_config,  # noqa: F401
                                      validate_section)
+from attnbench.methods.case import Case, pattern_of  # noqa: F401  (the typed case lives beside the methods)
 from attnbench.record import schema as schema
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-@dataclass(frozen=True)
-class Case:
-    """One point of the grid (DESIGN.md §2)."""
-
-    method: str
-    mask: str  # canonical label; masks.make_mask(mask) rebuilds the spec
-    mask_name: str
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seq_q: int
-    seq_kv: int
-    head_dim: int
-    dtype: str
-    mode: str
-    layout: str = "single"
-    world_size: int = 1
-    seed: int = 0
-    device: str = "cpu"
-
-    @property
-    def case_id(self) -> str:
-        key = json.dumps([getattr(self, f) for f in schema.KEY_FIELDS], sort_keys=True)
-        return hashlib.sha1(key.encode()).hexdigest()[:16]
-
-    @property
-    def needs_grad(self) -> bool:
-        return self.mode in ("bwd", "fwd_bwd")
-
-    def input_key(self) -> tuple:
-        """Cases with equal keys share inputs and the fp32 reference."""
-        return (self.mask, self.batch, self.heads_q, self.heads_kv, self.seq_q, self.seq_kv, self.head_dim,
-                self.dtype, self.seed)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Case":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-
-
-def pattern_of(causal: bool, seq_q: int, seq_kv: int) -> str:
-    """CAB's pattern name: (non)causal x self/cross (cross when the lengths differ: decode, encoder memory)."""
-    kind = "cross" if seq_q != seq_kv else "self"
-    return f"{'causal' if causal else 'noncausal'}_{kind}"
 
 
 @dataclass
@@ -252,7 +205,7 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
         if bound.varlen() is None:
             return f"mask {case.mask} has no varlen form, the only non-native path of this method"
     if not caps.native_mask(spec.name) and caps.dense_mask and not caps.varlen:
-        needed = case.seq_q * case.seq_kv
+        needed = case.seq_q * case.seq_kv * DTYPE_BYTES[case.dtype]  # an additive bias in the working dtype
         budget = options["dense_mask_bytes"]
         if needed > budget:
             return (f"dense mask would need {needed / 2**20:.0f} MiB, over dense_mask_budget_mb="

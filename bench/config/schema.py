@@ -260,7 +260,7 @@ FIELDS: dict[str, Field] = {f.path: f for f in [
                                     what="a mapping {method: {param: value}}"), {},
           "per-method hyper-parameters {method_name: {param: value}}"),
     # budgets and method settings
-    Field("dense_mask_budget_mb", number(1), 4096, "dense-mask methods refuse masks larger than this"),
+    Field("dense_mask_budget_mb", number(1), 16384, "dense-mask methods refuse masks larger than this"),
     Field("materialize_budget_mb", number(1), 32768, "materialising methods refuse score matrices larger than this"),
     Field("flex_block_size", power_of_two(16), 128, "FlexAttention BlockMask block size"),
     # the correctness gate

@@ -106,10 +106,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
                              "recorded it as unsupported"),
 }
 
-KEY_FIELDS = (
-    "method", "mask", "batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "dtype", "mode",
-    "layout", "world_size", "seed",
-)
+from attnbench.methods.case import KEY_FIELDS  # noqa: E402,F401  (defined beside the typed Case)
 
 
 def empty_row() -> dict:

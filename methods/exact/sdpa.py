@@ -26,7 +26,7 @@ def causal_offset(mask) -> int | None:
 def sdpa_mask_args(ctx, allow_dense: bool) -> dict:
     """Keyword arguments expressing ``ctx.bound`` for SDPA: nothing, is_causal, a causal bias, or a dense mask."""
     mask = ctx.bound
-    if mask.spec.name == "full":
+    if ctx.mask.full:
         return {}
     offset = causal_offset(mask)
     if offset == 0:
@@ -37,8 +37,21 @@ def sdpa_mask_args(ctx, allow_dense: bool) -> dict:
         return {"attn_mask": causal_lower_right(mask.seq_q, mask.seq_kv)}
     if not allow_dense:
         raise Unsupported(f"{ctx.case.method} takes no attn_mask, and mask {mask.label} is neither full nor causal")
-    dense = mask.dense(ctx.device, max_bytes=ctx.options.get("dense_mask_bytes", 1 << 31))
-    return {"attn_mask": dense}
+    return {"attn_mask": dense_bias(ctx)}
+
+
+def dense_bias(ctx):
+    """The mask in the form SDPA's backends run fastest, built once outside the timed region: an additive
+    bias in the working dtype (0 visible, -inf hidden; cuDNN at 64K with a causal window: 119 ms against 128
+    ms from a boolean mask). A mask with a query that sees no key stays boolean: an all -inf row would give
+    NaN where the reference's rule is 0."""
+    dense = ctx.bound.dense(ctx.device, max_bytes=ctx.options.get("dense_mask_bytes", 1 << 31))
+    if not bool(dense.any(dim=-1).all()):
+        return dense
+    bias = torch.zeros(dense.shape, dtype=ctx.dtype, device=ctx.device)
+    bias.masked_fill_(~dense, float("-inf"))
+    del dense
+    return bias
 
 
 def _make_sdpa(backend, allow_dense: bool):
