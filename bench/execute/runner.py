@@ -230,6 +230,8 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
             row.update(status="unsupported", reason=reason, wall_s=0.0, started_at=envinfo.now())
             store.append(row)
     todo = [c for c in plan.runnable if c.case_id not in store.done]
+    cp_todo = [c for c in todo if c.layout != "single"]  # CP hook: gangs run these after the single cases
+    todo = [c for c in todo if c.layout == "single"]
     groups: queue.Queue = queue.Queue()
     current: list[Case] = []
     for case in todo:
@@ -256,6 +258,11 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
         threads.append(thread)
     for thread in threads:
         thread.join()
+    if cp_todo:
+        from attnbench.cp.gang import run_cp_cases
+
+        run_cp_cases(cp_todo, plan.devices, options, resolve_plugin_paths(cfg.get("plugins") or []), run_dir,
+                     run_id, timeout_s, store, progress)
     progress.close()
 
     env = json.loads(env_path.read_text())
