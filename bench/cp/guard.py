@@ -137,18 +137,18 @@ def build_torch_cp(ctx: CPContext) -> BuiltLayout:
     # torch shards its buffers itself; we give it a placeholder of the sequence's length (not restored) and
     # call SDPA on our own shards, which hold the chunks its balancer expects
     placeholder = torch.zeros(1, 1, case.seq_q, 1, device=ctx.device)
-    failing = ctx.options.get("cp_fail_inside")  # tests: raise inside the context after the first call
+    failing = ctx.options.get("cp_fail_inside")  # tests: raise inside the context, where SDPA is patched
 
     def context():
         return guarded_context_parallel(mesh, [placeholder], [2], no_restore=[placeholder],
                                         load_balance=spec.balance == "zigzag")
 
-    calls = {"n": 0}
+    unpatched = F.scaled_dot_product_attention
 
     def fn(q, k, v):
-        calls["n"] += 1
-        if failing and calls["n"] > 1:
-            raise RuntimeError("deliberate failure inside context_parallel (test)")
+        if failing:
+            patched = F.scaled_dot_product_attention is not unpatched
+            raise RuntimeError(f"deliberate failure inside context_parallel (SDPA patched: {patched})")
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
 

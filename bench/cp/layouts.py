@@ -389,7 +389,9 @@ def build_usp(ctx: CPContext, degree: int, drop_chunk: int | None = None) -> Bui
 
 
 def build_ring(ctx: CPContext) -> BuiltLayout:
-    return build_usp(ctx, 1, drop_chunk=ctx.options.get("cp_drop_chunk"))
+    # negative control for the tests: cases with seed ``cp_drop_chunk_seed`` skip the keys of ring step 1
+    drop = 1 if ctx.options.get("cp_drop_chunk_seed") == ctx.case.seed else None
+    return build_usp(ctx, 1, drop_chunk=drop)
 
 
 def build_allgather(ctx: CPContext) -> BuiltLayout:
