@@ -6,6 +6,8 @@
 #   2 weak scaling, 32K tokens per GPU: 64K full (contiguous) and causal (zigzag, contiguous), every layout
 #   3 strong scaling: 128K full, every layout
 #   4 a 512K causal row (zigzag, heads_q=8), every layout
+#   5 with the time left: pytest -m gpu tests/test_cp_gpu.py (CUDA chunk kernels vs the math kernel; every
+#     layout on a 2-GPU NCCL gang)
 # Carry the wheels first:  mkdir -p .whl && cp ../shared/device/wheels/*.whl .whl/
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -35,6 +37,10 @@ ab 90 "${CP[@]}" masks=[full] cp_balance=[contiguous] seq_lens=[131072] > "$OUT/
 left=$(( 465 - (SECONDS - start) ))
 if [ $left -gt 30 ]; then
   ab $left "${CP[@]}" masks=[causal] cp_balance=[zigzag] seq_lens=[524288] heads_q=8 > "$OUT/step4.txt" 2>&1
+fi
+left=$(( 470 - (SECONDS - start) ))
+if [ $left -gt 60 ]; then  # what time is left: the GPU tests of the CP kernels and layouts
+  timeout $left python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cp_gpu.py > "$OUT/gpu-tests.txt" 2>&1
 fi
 python3 -c "from attnbench.record.store import RowStore; RowStore('$R/$RUN').finalize()"
 python3 - "$R/$RUN" <<'PY' > "$OUT/summary.txt" 2>&1

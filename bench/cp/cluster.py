@@ -127,11 +127,9 @@ def run_external(cfg: dict, command: str, ranks: RankEnv, show_progress: bool = 
                             timeout=datetime.timedelta(hours=6))  # ranks > 0 wait while rank 0 runs singles
     try:
         plan = build_plan(cfg)
-        run_id = cfg.get("run_id")
-        if not run_id:  # every rank must agree on the folder
-            box = [default_run_id() if ranks.rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
-            run_id = box[0]
+        box = [cfg.get("run_id") or default_run_id()]  # every rank takes rank 0's folder (multirun names differ)
+        dist.broadcast_object_list(box, src=0)
+        run_id = box[0]
         run_dir = Path(cfg.get("results_dir") or "results") / str(run_id)
         singles = [c for c in plan.runnable if c.layout == "single"]
         cp_cases = [c for c in plan.runnable if c.layout != "single"]

@@ -35,7 +35,11 @@ def _list(cfg: dict, field: str, default: list) -> list:
 def layout_axis(cfg: dict) -> list[tuple[str, int]]:
     """(layout label, world size) pairs of the sweep; ``ConfigError`` naming the field on bad input."""
     ConfigError = _config_error()
-    names = _list(cfg, "layouts", [cfg.get("layout") or "single"])
+    legacy = cfg.get("layout")
+    if legacy is not None and legacy != "single":
+        raise ConfigError("layout", f"{legacy!r} is not one of: single (CP layouts go in `layouts`, e.g. "
+                          f"layouts=[single,{legacy}])")
+    names = _list(cfg, "layouts", ["single"])
     for name in names:
         if name not in LAYOUT_NAMES:
             raise ConfigError("layouts", f"{name!r} is not one of: {', '.join(LAYOUT_NAMES)}")
