@@ -306,3 +306,40 @@ def test_layout_labels():
     for bad in ("spiral", "ring(balance=diagonal)", "usp(ulysses=0)", "ring(speed=2)"):
         with pytest.raises(ValueError):
             layouts.parse_layout(bad)
+
+
+def test_device_script_steps_compose_and_plan_on_two_gpus(monkeypatch):
+    """Every attnbench invocation of scripts/device_cp2.sh composes (sweep=cp + its overrides) and plans on a
+    2-GPU machine: CP cases runnable, single rows at the lengths the speed-ups need."""
+    import re
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import attnbench.config.plan
+
+    script = (TESTS.parent / "scripts" / "device_cp2.sh").read_text()
+    cp_args = shlex.split(re.search(r"^CP=\((.*)\)$", script, re.M).group(1))
+    steps = []
+    for line in script.splitlines():
+        match = re.match(r"^\s*\{?\s*ab \S+ (.*?)(?:>.*)?;?\s*\}?\s*$", line)
+        if match and "()" not in line:
+            args = shlex.split(match.group(1).replace('"${CP[@]}"', " ".join(cp_args)).rstrip("; }"))
+            steps.append([a for a in args if "=" in a])
+    assert len(steps) == 5, steps
+    monkeypatch.setattr(attnbench.config.plan, "resolve_devices", lambda cfg: ["cuda:0", "cuda:1"])
+    planned = []
+    for overrides in steps:
+        with initialize_config_dir(config_dir=str(TESTS.parent / "conf"), version_base="1.3"):
+            cfg = OmegaConf.to_container(compose(config_name="config", overrides=["sweep=cp", *overrides]), resolve=True)
+        plan = build_plan(cfg)
+        planned.append(plan)
+        assert plan.runnable, overrides
+    singles = {(c.mask, c.seq_q) for c in planned[0].runnable}
+    assert {("full", 65536), ("causal", 65536), ("full", 131072)} <= singles
+    cp_runnable = [c for plan in planned[1:] for c in plan.runnable]
+    assert {c.world_size for c in cp_runnable} == {2}
+    assert {c.layout for c in cp_runnable} >= {"ring", "ring_allgather", "ulysses", "usp(ulysses=2)", "torch_cp",
+                                               "ring(balance=zigzag)", "torch_cp(balance=zigzag)"}
+    assert {c.seq_q for c in cp_runnable} == {65536, 131072, 524288}
