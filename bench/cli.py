@@ -112,8 +112,11 @@ def sweep_main(argv: list[str]) -> int:
                 from attnbench.execute.runner import default_run_id
 
                 plain["run_id"] = f"{default_run_id()}-job{hydra_cfg.job.num}"
+        from attnbench.cp.cluster import discover, run_external  # CP hook: ranks started by srun / torchrun
+
+        ranks = discover()
         try:
-            run_dir = run_sweep(plain, job_command)
+            run_dir = run_external(plain, job_command, ranks) if ranks else run_sweep(plain, job_command)
         except (ConfigError, PluginError) as exc:
             print(f"attnbench: {exc}", file=sys.stderr)
             outcome["code"] = 2
@@ -122,6 +125,8 @@ def sweep_main(argv: list[str]) -> int:
             print(f"attnbench: {exc}", file=sys.stderr)
             outcome["code"] = exc.exit_code
             outcome["interrupted"] = True
+            return
+        if ranks and ranks.rank != 0:
             return
         outcome["runs"].append(run_dir)
         print_summary(run_dir)

@@ -248,7 +248,9 @@ def build_plan(cfg: dict) -> Plan:
     head_dims = cfg["head_dim"]
     dtypes = cfg["dtype"]
     modes = cfg["modes"]
-    layouts = cfg["layout"]
+    from attnbench.cp import plan as cp_plan  # CP hook: layouts x cp world sizes x cp_balance
+
+    layouts = cp_plan.layout_axis(cfg)
     seed = cfg["seed"]
     decode_queries = cfg["decode_queries"]
     options = plan_options(cfg)
@@ -266,13 +268,14 @@ def build_plan(cfg: dict) -> Plan:
                 spec.validate_lengths(decode_queries, skv)
             except ValueError as exc:
                 raise ConfigError("decode_queries", f"{exc} (decode: seq_q={decode_queries}, seq_kv={skv})") from None
+    cp_plan.validate_lengths(layouts, pairs)
     devices = resolve_devices(cfg)
     device_kind = devices[0]
     options["device_memory_bytes"] = device_memory_bytes(device_kind)
 
     runnable, unsupported = [], []
     grid = itertools.product(specs, pairs, batches, heads_q, heads_kv, head_dims, dtypes, modes, layouts)
-    for spec, (sq, skv), batch, hq, hkv, dim, dtype, mode, layout in grid:
+    for spec, (sq, skv), batch, hq, hkv, dim, dtype, mode, (layout, world_size) in grid:
         if mode == "decode":
             sq = decode_queries
         if batch is None:
@@ -281,10 +284,11 @@ def build_plan(cfg: dict) -> Plan:
             case = Case(
                 method=name, mask=spec.label, mask_name=spec.name, batch=batch, heads_q=hq,
                 heads_kv=hq if hkv is None else hkv, seq_q=sq, seq_kv=skv, head_dim=dim, dtype=dtype,
-                mode=mode, layout=layout, seed=seed, device=device_kind,
+                mode=mode, layout=layout, world_size=world_size, seed=seed, device=device_kind,
             )
             method = METHODS[name]
-            reason = unsupported_reason(case, spec, method.caps, method.availability(), options)
+            reason = (cp_plan.unsupported_reason(case, spec, devices)
+                      or unsupported_reason(case, spec, method.caps, method.availability(), options))
             if reason is None:
                 runnable.append(case)
             else:

@@ -146,6 +146,18 @@ def list_of(kind: Kind, what: str) -> Kind:
     return check
 
 
+def _cp_layouts() -> tuple[str, ...]:
+    from attnbench.cp.layouts import LAYOUT_NAMES
+
+    return LAYOUT_NAMES
+
+
+def _cp_balances() -> tuple[str, ...]:
+    from attnbench.cp.shard import BALANCES
+
+    return BALANCES
+
+
 def tolerance_value(path, value):
     """A gate tolerance: a positive number (output and gradients) or [out, grads]."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
@@ -255,6 +267,14 @@ FIELDS: dict[str, Field] = {f.path: f for f in [
     Field("modes", one_or_list(choice(*row_schema.MODES), ", ".join(row_schema.MODES)), ["fwd"], "modes"),
     Field("layout", one_or_list(choice(*LAYOUTS), ", ".join(LAYOUTS)), ["single"], "GPU layouts"),
     Field("decode_queries", length, 1, "queries per decode step"),
+    # context parallelism (values checked by attnbench.cp.plan.layout_axis, which names the field)
+    Field("layouts", one_or_list(choice(*_cp_layouts()), "layout names"), ["single"],
+          "single | ring | ring_allgather | ulysses | usp | torch_cp (adapters where importable)"),
+    Field("cp", positive_ints, [2], "world sizes of the CP layouts"),
+    Field("cp_balance", one_or_list(choice(*_cp_balances()), "balancers"), ["contiguous"],
+          "contiguous | zigzag | per_document"),
+    Field("cp_ulysses", optional(one_or_list(non_negative_int, "Ulysses degrees")), None,
+          "usp: ranks per Ulysses group; null = automatic"),
     Field("seed", non_negative_int, 0, "input seed"),
     Field("method_options", mapping(text, mapping(what="a mapping {param: value}"),
                                     what="a mapping {method: {param: value}}"), {},

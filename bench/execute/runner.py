@@ -326,6 +326,8 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
             row.update(status="unsupported", reason=reason, wall_s=0.0, started_at=envinfo.now(), **stamp)
             store.append(row)
     todo = [c for c in plan.runnable if c.case_id not in store.done]
+    cp_todo = [c for c in todo if c.layout != "single"]  # CP hook: gangs run these after the single cases
+    todo = [c for c in todo if c.layout == "single"]
     groups: queue.Queue = queue.Queue()
     current: list[Case] = []
     for case in todo:
@@ -354,6 +356,11 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)  # short waits: a signal is handled at once
+    if cp_todo and not sweep.stop.is_set():
+        from attnbench.cp.gang import run_cp_cases
+
+        run_cp_cases(cp_todo, plan.devices, options, resolve_plugin_paths(checked["plugins"]), run_dir,
+                     run_id, timeout_s, store, progress)
     progress.close()
 
     env = envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before, stats["devices"],

@@ -104,6 +104,21 @@ COLUMNS: dict[str, tuple[str, str]] = {
                           "died or hung, from handing it the case to noticing; 0 for cases the planner marked unsupported; s"),
     "started_at": ("string", "UTC time (ISO 8601, seconds) when the parent handed the case to a worker, or "
                              "recorded it as unsupported"),
+    # context-parallel cases (layout != single); empty for single-device rows
+    "cp_balance": ("string", "CP load balancing: contiguous, zigzag (head-tail) or per_document"),
+    "cp_kernel": ("string", "CP inner kernel per (query shard, KV chunk): math, flash, cudnn, efficient, flex; "
+                            "the method itself for ulysses; 'torch METHOD' for torch_cp"),
+    "ms_rank_max": ("Float64", "slowest rank's median time per call, ms (CP)"),
+    "ms_rank_mean": ("Float64", "mean over ranks of each rank's median time per call, ms (CP)"),
+    "imbalance": ("Float64", "ms_rank_max / ms_rank_mean (1 = balanced; CP)"),
+    "rank_ms": ("string", "each rank's median time per call, ms, ';'-separated in rank order (CP)"),
+    "comm_bytes": ("Float64", "bytes one rank sends per timed call as its algorithm prescribes, max over "
+                              "ranks (p2p payloads; all-to-all to other ranks; (n-1) x shard for all-gather and "
+                              "reduce-scatter) (CP)"),
+    "comm_gbps": ("Float64", "comm_bytes / ms_median, GB/s per rank (CP)"),
+    "single_ms": ("Float64", "ms_median of the same case on one device in this run, when measured (CP)"),
+    "speedup": ("Float64", "single_ms / ms_median (CP; flagged when above world_size)"),
+    "efficiency": ("Float64", "speedup / world_size (CP)"),
 }
 
 from attnbench.methods.case import KEY_FIELDS  # noqa: E402,F401  (defined beside the typed Case)

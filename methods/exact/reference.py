@@ -18,6 +18,13 @@ import torch
 from ..registry import Capabilities, register_method
 
 
+def _bound_of(mask):
+    """A MaskInfo (``ctx.mask``) unwrapped to its BoundMask; anything else (a BoundMask, a row slice of one) as is."""
+    from ..contract import MaskInfo
+
+    return mask.bound if isinstance(mask, MaskInfo) else mask
+
+
 def _expand_kv(t: torch.Tensor, heads_q: int) -> torch.Tensor:
     group = heads_q // t.shape[1]
     return t if group == 1 else t.repeat_interleave(group, dim=1)
@@ -43,7 +50,7 @@ def reference_attention(q, k, v, mask, *, compute_dtype=torch.float32, dout=None
     Returns ``(out, grads)``: ``out`` like ``q`` in ``compute_dtype``; ``grads = (dq, dk, dv)`` when ``dout``
     is given (same shapes as the inputs), else None. ``mask`` is a ``masks.BoundMask`` (any device).
     """
-    mask = getattr(mask, "bound", mask)  # a MaskInfo (ctx.mask) or a BoundMask (ctx.bound)
+    mask = _bound_of(mask)
     batch, heads_q, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
@@ -87,7 +94,7 @@ def reference_attention(q, k, v, mask, *, compute_dtype=torch.float32, dout=None
 def attend_rows(q, k, v, mask, rows: torch.Tensor, *, chunk_bytes=1 << 29) -> torch.Tensor:
     """fp32 outputs of the query rows ``rows`` (int64 indices) only, ``[B, Hq, len(rows), D]``: what the gate
     checks at lengths where the whole reference would cost too much (each row is independent)."""
-    mask = getattr(mask, "bound", mask).to(q.device)
+    mask = _bound_of(mask).to(q.device)
     batch, heads_q, _, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
