@@ -7,3 +7,4 @@ are made by one function from fp32 scores, shared by fast path and reference, so
 routing. Shared pieces: ``common``.
 """
 from . import biformer  # noqa: F401
+from . import halo  # noqa: F401
