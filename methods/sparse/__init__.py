@@ -9,3 +9,4 @@ routing. Shared pieces: ``common``.
 from . import biformer  # noqa: F401
 from . import halo  # noqa: F401
 from . import routing  # noqa: F401
+from . import combiner  # noqa: F401

@@ -248,3 +248,44 @@ def to_tiles(t: torch.Tensor, size: int) -> torch.Tensor:
 def from_tiles(t: torch.Tensor, heads: int) -> torch.Tensor:
     b, tiles, size, d = t.shape
     return t.reshape(b, heads, tiles // heads * size, d)
+
+
+# ---- FlexAttention paths -------------------------------------------------------------------------------------
+ATTEND = flex_attend  # the CPU tests swap in dense_attend (the same contract, written out)
+
+
+def flex_path(ctx):
+    """The attention primitive of a FlexAttention fast path: ``attend(q, k, v, block_mask, return_lse)``,
+    compiled from a fresh dynamo cache; on a device without a usable compiled FlexAttention (the CPU has no
+    backward and no log-sum-exp there) the case is ``Unsupported`` - unless ``ATTEND`` was swapped (tests)."""
+    from ..registry import Unsupported
+
+    if ATTEND is not flex_attend:
+        return ATTEND
+    if ctx.device.type != "cuda":
+        raise Unsupported("the FlexAttention fast path runs on CUDA (compiled FlexAttention on the CPU has no "
+                          "backward and no log-sum-exp)")
+    from ..exact.flex import allow_backward_replay, fresh_compile
+
+    allow_backward_replay(ctx.case)
+    return fresh_compile(flex_attend)
+
+
+def static_block_mask(mask_mod, batch, heads, seq_q, seq_kv, device):
+    """A BlockMask built once per case (outside the timed region); the mask_mod alone for a swapped primitive."""
+    if ATTEND is not flex_attend:
+        return DenseBlockMask(mask_mod)
+    return block_mask_from_mod(mask_mod, batch, heads, seq_q, seq_kv, device)
+
+
+def dynamic_block_mask(touched, mask_mod, seq_q, seq_kv, block: int = 128):
+    """A BlockMask from data-dependent block flags (timed: part of the method); the mask_mod alone for a
+    swapped primitive."""
+    if ATTEND is not flex_attend:
+        return DenseBlockMask(mask_mod)
+    return block_mask_from_flags(touched, mask_mod, seq_q, seq_kv, block)
+
+
+def pow2_near_sqrt(length: int) -> int:
+    """``2^round(log2(L) / 2)``: the ~sqrt(L) default of segment sizes and cluster counts."""
+    return 2 ** round(math.log2(max(length, 1)) / 2)
