@@ -104,6 +104,8 @@ def _accepts(fn, name: str) -> bool:
 
 
 def _float_copy(t: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    if not t.is_floating_point():  # indices (e.g. a prepared random draw of positions) stay integers
+        return t.detach()
     return t.detach().float().requires_grad_(need_grad and t.requires_grad)
 
 

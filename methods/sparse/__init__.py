@@ -10,3 +10,4 @@ from . import biformer  # noqa: F401
 from . import halo  # noqa: F401
 from . import routing  # noqa: F401
 from . import combiner  # noqa: F401
+from . import long_short, probsparse, sparsifiner  # noqa: F401
