@@ -11,3 +11,4 @@ from . import halo  # noqa: F401
 from . import routing  # noqa: F401
 from . import combiner  # noqa: F401
 from . import long_short, probsparse, sparsifiner  # noqa: F401
+from . import superlinear  # noqa: F401
