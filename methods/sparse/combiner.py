@@ -137,9 +137,14 @@ def axial_visible(q_idx, kv_idx, length: int, segment: int, causal: bool):
     return direct | span
 
 
-def _dense_rows(q, k, v):
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return torch.softmax(scores, dim=-1) @ v
+def _dense_rows(q, k, v, tiles_per_chunk: int = 1024):
+    """Full softmax attention inside each row tile, written out (tiles in chunks to bound memory)."""
+    outs = []
+    for start in range(0, q.shape[1], tiles_per_chunk):
+        sl = slice(start, start + tiles_per_chunk)
+        scores = torch.matmul(q[:, sl], k[:, sl].transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        outs.append(torch.softmax(scores, dim=-1) @ v[:, sl])
+    return torch.cat(outs, dim=1)
 
 
 @register_method(
