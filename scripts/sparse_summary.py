@@ -32,7 +32,10 @@ def load(run_dir: Path) -> pd.DataFrame:
 
 
 def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    """ok rows of self attention (cross rows, seq_q != seq_kv, have their own length axis: left out)."""
     frame = frame[frame.status == "ok"].copy()
+    if "seq_kv" in frame:
+        frame = frame[frame.seq_kv.isna() | (frame.seq_kv == frame.seq_q)]
     for column in ("tflops_attended", "approx_err", "routing_share"):
         if column not in frame:
             frame[column] = float("nan")
@@ -129,7 +132,7 @@ def render(frame: pd.DataFrame, baseline: str = "sdpa_cudnn") -> str:
     counts = frame.groupby("status").size().to_dict()
     parts = [f"# Sparse methods: {len(frame)} rows ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})\n",
              f"## Rate (fwd): TFLOP/s on attended pairs, share of {baseline} dense fwd at the same length\n",
-             _table(rates(frame, baseline), {"ms": ".3g", "tflops_attended": ".0f", "of_dense": ".0%"}),
+             _table(rates(frame, baseline), {"ms": ".3g", "tflops_attended": ".3g", "of_dense": ".0%"}),
              f"## Efficiency length: shortest length where fwd_bwd beats {baseline} (causal; full where the method "
              "has no causal form)\n",
              _table(efficiency_lengths(frame, baseline), {"speedup_at_longest": ".2f"}),

@@ -33,7 +33,11 @@ def frame():
         ]
     rows.append(dict(method="routed", mask="causal", mode="fwd", seq_q=262144, ms_median=None, status="oom",
                      reason="CUDA out of memory"))
-    return pd.DataFrame(rows)
+    rows.append(dict(method="routed", mask="causal", mode="fwd", seq_q=1024, seq_kv=4096, ms_median=99.0,
+                     status="ok", tflops_attended=1.0))  # a cross row: not on the self-attention length axis
+    frame = pd.DataFrame(rows)
+    frame["seq_kv"] = frame.seq_kv.fillna(frame.seq_q)
+    return frame
 
 
 def test_slopes_are_measured_from_the_rows(summary):

@@ -130,19 +130,24 @@ def pattern_reference(q, k, v, allowed_rows: Callable[[torch.Tensor], torch.Tens
 
 
 # ---- fast-path primitives ------------------------------------------------------------------------------------
-MAX_TILE_HEADS = 16384  # heads per SDPA launch: kernels put batch and heads on grid axes limited to 65535
+MAX_TILES = 32768  # tiles per SDPA launch: kernels put the batch on a grid axis limited to 65535
 
 
 def sdpa_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str | None = None) -> torch.Tensor:
-    """SDPA over tiles laid out ``[B, T, tq, D]`` x ``[B, T, tk, D]`` (T tiles in the heads axis), in launches of
-    at most ``MAX_TILE_HEADS`` tiles. ``causal``: None, ``"square"`` (tq == tk, top-left = bottom-right) or
-    ``"lower_right"`` (query i of a tile sees keys up to i + tk - tq). On CUDA cuDNN is tried first, then
-    flash, then memory-efficient (``lower_right`` runs flash or memory-efficient: cuDNN has no such bias in
-    PyTorch's API)."""
+    """SDPA over tiles laid out ``[B, T, tq, D]`` x ``[B, T, tk, D]``: each tile is one batch entry of one head
+    (``[B * T, 1, t, D]``, a free view for contiguous inputs), in launches of at most ``MAX_TILES`` tiles.
+    ``causal``: None, ``"square"`` (tq == tk, top-left = bottom-right) or ``"lower_right"`` (query i of a tile
+    sees keys up to i + tk - tq). On CUDA cuDNN is tried first, then flash, then memory-efficient
+    (``lower_right`` runs flash or memory-efficient: PyTorch's API gives cuDNN no bottom-right alignment)."""
+    batch, tiles = q.shape[:2]
+    per = max(1, MAX_TILES // batch)
     parts = []
-    for start in range(0, q.shape[1], MAX_TILE_HEADS):
-        sl = slice(start, start + MAX_TILE_HEADS)
-        parts.append(_sdpa(q[:, sl], k[:, sl], v[:, sl], causal))
+    for start in range(0, tiles, per):
+        sl = slice(start, start + per)
+        qs, ks, vs = q[:, sl], k[:, sl], v[:, sl]
+        n = qs.shape[1]
+        out = _sdpa(*(t.reshape(batch * n, 1, t.shape[-2], t.shape[-1]) for t in (qs, ks, vs)), causal)
+        parts.append(out.reshape(batch, n, q.shape[-2], v.shape[-1]))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
