@@ -104,6 +104,8 @@ def _accepts(fn, name: str) -> bool:
 
 
 def _float_copy(t: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    if not t.is_floating_point():  # indices (e.g. a prepared random draw of positions) stay integers
+        return t.detach()
     return t.detach().float().requires_grad_(need_grad and t.requires_grad)
 
 
@@ -394,8 +396,15 @@ class CaseRunner:
                 empty = ~exact_ref.rows_visible
                 verdict.failure = gate.empty_rows_failure(out, grads[0] if grads else None, empty, seq_dim=2)
         else:
-            want_out, want_grads = self._own_reference(case, caps, prepared, call, bshd, recurrent)
-            pairs = [("out", out, want_out)]
+            rows = self._own_reference_rows(case, caps, prepared, recurrent)
+            want_out, want_grads = self._own_reference(case, caps, prepared, call, bshd, recurrent, rows)
+            if rows is None:
+                pairs = [("out", out, want_out)]
+            else:  # a long case: the own reference ran on a sample of query rows, forward only
+                pairs = [("out", out[:, :, rows], want_out)]
+                if grads is not None:
+                    row["flags"] = _add_flag(row.get("flags"), "grads_not_gated(seq_q*seq_kv>ref_full_pairs)")
+                    grads = None
             if grads is not None:
                 pairs += [(n, g, w) for n, g, w in zip(names, grads, want_grads)]
             verdict = gate.compare(pairs, case.dtype, tolerance)
@@ -421,8 +430,23 @@ class CaseRunner:
     def _visible(ref: Reference) -> torch.Tensor:
         return ref.rows_visible if ref.rows is None else ref.rows_visible[ref.rows]
 
-    def _own_reference(self, case, caps, prepared, call: Call, bshd: bool, recurrent: bool):
-        """The method's own reference in fp32 on fp32 copies of the inputs (and its gradients)."""
+    def _own_reference_rows(self, case, caps, prepared, recurrent: bool):
+        """Query rows on which a long case's own reference is computed: like the exact reference, above
+        ``ref_full_pairs`` a strided sample of rows, where the reference takes ``rows=`` (a keyword that
+        returns only those rows, ``[B, H, len(rows), D]``); else None (every row)."""
+        if recurrent or caps.form != "qkv" or caps.input_layout == "bshd" or not _accepts(prepared.reference, "rows"):
+            return None
+        return self._gate_rows(case)
+
+    def _own_reference(self, case, caps, prepared, call: Call, bshd: bool, recurrent: bool, rows=None):
+        """The method's own reference in fp32 on fp32 copies of the inputs (and its gradients); on the query
+        rows ``rows`` only, without gradients, when given."""
+        if rows is not None:
+            args = tuple(_float_copy(a, False) for a in call.args)
+            kwargs = {k: (_float_copy(v, False) if isinstance(v, torch.Tensor) else v)
+                      for k, v in call.kwargs.items() if k != "_state"}
+            with torch.no_grad():
+                return prepared.reference(*args, rows=rows, **kwargs).detach(), None
         need_grad = case.needs_grad
         args = tuple(_float_copy(a, need_grad) for a in call.args)
         kwargs = {k: (_float_copy(v, need_grad) if isinstance(v, torch.Tensor) else v)

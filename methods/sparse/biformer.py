@@ -1,0 +1,327 @@
+"""BiFormer bi-level routing attention (BRA; Zhu et al., CVPR 2023, arXiv:2303.08810; spec: methods-spec §2).
+
+Bi-level: (1) *region routing* - the sequence is cut into regions of ``region`` tokens; region descriptors are
+the means of q and k over each region, over all heads' channels (the paper routes before the head split);
+the region affinity ``A = (q_bar k_bar^T) / sqrt(H * D)`` keeps the ``topk`` key regions of every query
+region; (2) *token attention* - every query of a region attends, per head, to all tokens of its routed
+regions (softmax over the gathered ``topk * region`` keys).
+
+Three registrations:
+
+- ``biformer``: the 1-D sequence form (q, k, v). Non-causal (``full``) and our causal adaptation (``causal``,
+  methods-spec §2): key regions after the query region are masked out of the affinity, the own region is
+  always taken (token-causal inside it) plus the ``topk - 1`` best earlier ones; query regions with fewer
+  than ``topk`` earlier-or-own regions take them all (so the first ``topk`` regions are plain causal
+  attention). Cross attention (``seq_q != seq_kv``, non-causal): query regions from q, key regions from k.
+  Note: in the causal form a region's routing uses the mean of *all* its queries, later ones included - the
+  paper's region-level routing has no token-causal form; the harness's leak probe changes keys only.
+- ``biformer_2d``: the 2-D image-grid form on a flattened square grid (``seq = side^2``): regions are
+  ``regions_per_side^2`` rectangles. Tokens are permuted region-major, which turns it into the 1-D form.
+- ``biformer_layer``: the layer form over ``x [B, side^2, H * D]``: q, k, v projections, 2-D BRA, the local
+  context enhancement ``LCE = depthwise conv 5x5 of V`` (option ``lce``, default on), output projection.
+  Its routing runs on region means of ``x`` projected by ``W_q``/``W_k`` in fp32 (the mean commutes with the
+  projection), so fast path and reference route identically whatever the working dtype.
+
+Fast path (gather-dense): the routed key regions are gathered with ``index_select`` into tiles laid out
+``[B, H * n_regions, topk * region, D]`` (tiles in the heads axis, no permute) and run through SDPA (cuDNN
+first); the causal form runs the first ``topk`` regions as one causal SDPA call and the rest with a
+bottom-right causal tile mask (own region last in the gathered keys). Lengths not divisible by the region
+size are refused (``Unsupported``), never padded.
+
+Options (``method_options.<name>.*``): ``region`` (tokens per region, 1-D, default 256), ``topk`` (default 4;
+must not exceed the number of key regions), ``regions_per_side`` (2-D, default 8), ``lce`` (layer, default
+true), ``lce_kernel`` (default 5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..contract import Prepared
+from ..registry import Capabilities, Unsupported, register_method
+from .common import Options, from_tiles, masked_attention, parameter, row_chunks, sdpa_tiles, to_tiles
+
+
+# ---- routing (shared by fast path and reference: the same fp32 decisions) -----------------------------------
+def region_means(t: torch.Tensor, region: int) -> torch.Tensor:
+    """``[B, H, L, D]`` -> fp32 region descriptors over all heads' channels ``[B, L / region, H * D]``."""
+    b, h, length, d = t.shape
+    means = t.float().reshape(b, h, length // region, region, d).mean(dim=3)
+    return means.permute(0, 2, 1, 3).reshape(b, length // region, h * d)
+
+
+def route_regions(q_bar: torch.Tensor, k_bar: torch.Tensor, topk: int, causal: bool):
+    """Region routing from fp32 descriptors ``[B, n_q, C]``, ``[B, n_k, C]``.
+
+    Returns ``(selected, index)``: ``selected`` bool ``[B, n_q, n_k]`` (the routed key regions of each query
+    region); ``index`` long ``[B, n_q, topk]`` (non-causal: the ``topk`` best, ascending; causal: for query
+    regions ``r >= topk`` the ``topk - 1`` best earlier regions, ascending, then ``r``; rows ``r < topk`` are
+    unused by the fast path and hold ``0 .. topk - 1``)."""
+    affinity = torch.matmul(q_bar, k_bar.transpose(-1, -2)) / math.sqrt(q_bar.shape[-1])
+    batch, n_q, n_k = affinity.shape
+    if not causal:
+        index = affinity.topk(topk, dim=-1).indices.sort(dim=-1).values
+        selected = torch.zeros_like(affinity, dtype=torch.bool).scatter_(-1, index, True)
+        return selected, index
+    regions = torch.arange(n_q, device=affinity.device)
+    earlier = regions[None, :] < regions[:, None]  # [n_q, n_k]: r' < r
+    selected = regions[None, :] <= regions[:, None]  # rows r < topk: every region up to r
+    selected = selected.expand(batch, n_q, n_k).clone()
+    index = regions[:topk].expand(batch, n_q, topk).clone()
+    if n_q > topk:
+        masked = affinity.masked_fill(~earlier, float("-inf"))[:, topk:]
+        best = masked.topk(topk - 1, dim=-1).indices.sort(dim=-1).values if topk > 1 else \
+            masked.new_zeros((batch, n_q - topk, 0), dtype=torch.long)
+        own = regions[topk:].expand(batch, n_q - topk)[..., None]
+        index[:, topk:] = torch.cat([best, own], dim=-1)
+        rows = torch.zeros(batch, n_q - topk, n_k, dtype=torch.bool, device=affinity.device)
+        selected[:, topk:] = rows.scatter_(-1, index[:, topk:], True)
+    return selected, index
+
+
+# ---- the readable reference -----------------------------------------------------------------------------------
+def bra_reference(q, k, v, selected: torch.Tensor, region: int, causal: bool, rows=None,
+                  region_of_q=None, region_of_k=None):
+    """Masked softmax over the routed pattern: query ``i`` sees key ``j`` iff region(j) is routed for
+    region(i) (and ``j <= i`` when causal). ``region_of_q/k`` map tokens to regions (default ``i // region``)."""
+    batch, heads, seq_q, dim = q.shape
+    seq_kv = k.shape[2]
+    device = q.device
+    region_q = torch.arange(seq_q, device=device) // region if region_of_q is None else region_of_q
+    region_k = torch.arange(seq_kv, device=device) // region if region_of_k is None else region_of_k
+    idx = torch.arange(seq_q, device=device) if rows is None else rows.to(device)
+    outs = []
+    for chunk in row_chunks(idx, batch * heads * seq_kv * 3):
+        allowed = selected[:, region_q[chunk]][:, :, region_k]  # [B, R, Lk]
+        if causal:
+            allowed = allowed & (torch.arange(seq_kv, device=device)[None, None, :] <= chunk[None, :, None])
+        outs.append(masked_attention(q[:, :, chunk], k, v, allowed[:, None], 1.0 / math.sqrt(dim)))
+    return torch.cat(outs, dim=2)
+
+
+def bra_pairs(selected: torch.Tensor, region: int, heads: int, causal: bool) -> int:
+    """(query, key) pairs attended, summed over batch and heads."""
+    per_region = selected.sum(dim=-1).long()  # [B, n_q] routed regions per query region
+    if not causal:
+        return int(per_region.sum()) * region * region * heads
+    full_regions = (per_region - 1).clamp_min(0)
+    return int((full_regions * region * region + region * (region + 1) // 2).sum()) * heads
+
+
+# ---- the fast path ----------------------------------------------------------------------------------------
+def gather_regions(t: torch.Tensor, index: torch.Tensor, region: int) -> torch.Tensor:
+    """Key/value regions ``index [B, n, topk]`` of ``t [B, H, L, D]`` as tiles ``[B, H * n, topk * region, D]``
+    (one ``index_select`` per batch row: heads stay in front, so the tiles need no permute)."""
+    b, h, length, d = t.shape
+    n, topk = index.shape[1], index.shape[2]
+    regions = t.reshape(b, h, length // region, region, d)
+    tiles = [regions[i:i + 1].index_select(2, index[i].reshape(-1)) for i in range(b)]
+    tiles = tiles[0] if b == 1 else torch.cat(tiles, dim=0)
+    return tiles.reshape(b, h * n, topk * region, d)
+
+
+def bra_fast(q, k, v, index: torch.Tensor, region: int, topk: int, causal: bool) -> torch.Tensor:
+    heads = q.shape[1]
+    if not causal:
+        out = sdpa_tiles(to_tiles(q, region), gather_regions(k, index, region), gather_regions(v, index, region))
+        return from_tiles(out, heads)
+    n = q.shape[2] // region
+    prefix = min(topk, n) * region
+    head = sdpa_tiles(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], causal="square")
+    if n <= topk:
+        return head
+    rest = index[:, topk:]
+    tail = sdpa_tiles(to_tiles(q[:, :, prefix:], region), gather_regions(k, rest, region),
+                      gather_regions(v, rest, region), causal="lower_right")
+    return torch.cat([head, from_tiles(tail, heads)], dim=2)
+
+
+def _region_option(opts: Options, name: str, default: int, seq: int, what: str) -> int:
+    region = opts.int(name, default, minimum=1)
+    if region > seq:
+        opts.fail(name, f"must be <= the {what} length {seq}, got {region}")
+    return region
+
+
+def _topk_option(opts: Options, default: int, regions: int) -> int:
+    topk = opts.int("topk", default, minimum=1)
+    if topk > regions:
+        opts.fail("topk", f"must be <= the number of key regions ({regions}), got {topk}")
+    return topk
+
+
+@register_method(
+    "biformer",
+    Capabilities(family="sparse", exact=False, masks={"full", "causal"}, cross=True, backward=True),
+    description="BiFormer bi-level routing attention, 1-D: region top-k routing, token attention on gathered "
+                "regions (SDPA tiles)",
+)
+def build_biformer(ctx):
+    case, causal = ctx.case, ctx.mask.causal
+    opts = Options(ctx, "biformer", ("region", "topk"))
+    region = _region_option(opts, "region", 256, min(case.seq_q, case.seq_kv), "sequence")
+    if causal and case.seq_q != case.seq_kv:
+        raise Unsupported("causal cross attention is not defined for region routing (seq_q != seq_kv)")
+    for name, length in (("seq_q", case.seq_q), ("seq_kv", case.seq_kv)):
+        if length % region:
+            raise Unsupported(f"{name}={length} is not a multiple of method_options.biformer.region={region} "
+                              "(lengths are not padded)")
+    topk = _topk_option(opts, 4, case.seq_kv // region)
+
+    def routing(q, k, v):
+        return route_regions(region_means(q, region), region_means(k, region), topk, causal)
+
+    def fn(q, k, v):
+        _, index = routing(q, k, v)
+        return bra_fast(q, k, v, index, region, topk, causal)
+
+    def reference(q, k, v, rows=None):
+        selected, _ = routing(q, k, v)
+        return bra_reference(q, k, v, selected, region, causal, rows)
+
+    def pairs(q, k, v):
+        return bra_pairs(routing(q, k, v)[0], region, q.shape[1], causal)
+
+    return Prepared(fn=fn, reference=reference, attended_pairs=pairs, phases={"routing": routing})
+
+
+# ---- 2-D image grid ---------------------------------------------------------------------------------------
+def grid_side(seq: int, per_side: int, name: str) -> int:
+    side = math.isqrt(seq)
+    if side * side != seq:
+        raise Unsupported(f"the 2-D form needs a square grid: seq={seq} is not a square")
+    if side % per_side:
+        raise Unsupported(f"grid side {side} is not a multiple of method_options.{name}.regions_per_side={per_side}")
+    return side
+
+
+def region_major(side: int, per_side: int, device) -> torch.Tensor:
+    """Permutation: position p of the region-major order holds grid token ``order[p]``."""
+    cell = side // per_side
+    grid = torch.arange(side * side, device=device).reshape(per_side, cell, per_side, cell)
+    return grid.permute(0, 2, 1, 3).reshape(-1)
+
+
+def grid_regions(side: int, per_side: int, device) -> torch.Tensor:
+    """Region of every grid token (row-major), for the reference."""
+    cell = side // per_side
+    yx = torch.arange(side * side, device=device)
+    return (yx // side // cell) * per_side + (yx % side) // cell
+
+
+def bra_2d(per_side: int, topk: int, side: int, device):
+    """(routing, fast, reference) of 2-D BRA on ``[B, H, side^2, D]`` tensors."""
+    region = (side // per_side) ** 2
+    order = region_major(side, per_side, device)
+    inverse = torch.argsort(order)
+    regions = grid_regions(side, per_side, device)
+
+    def routing(q, k):
+        return route_regions(region_means(q[:, :, order], region), region_means(k[:, :, order], region), topk, False)
+
+    def fast(q, k, v):
+        _, index = routing(q, k)
+        out = bra_fast(q[:, :, order], k[:, :, order], v[:, :, order], index, region, topk, False)
+        return out[:, :, inverse]
+
+    def reference(q, k, v, rows=None):
+        selected, _ = routing(q, k)
+        return bra_reference(q, k, v, selected, region, False, rows, region_of_q=regions, region_of_k=regions)
+
+    return routing, fast, reference, region
+
+
+@register_method(
+    "biformer_2d",
+    Capabilities(family="sparse", exact=False, masks={"full"}, backward=True),
+    description="BiFormer bi-level routing attention on a square image grid (seq = side^2), SDPA tiles",
+)
+def build_biformer_2d(ctx):
+    case = ctx.case
+    opts = Options(ctx, "biformer_2d", ("regions_per_side", "topk"))
+    per_side = opts.int("regions_per_side", 8, minimum=1)
+    side = grid_side(case.seq_q, per_side, "biformer_2d")
+    topk = _topk_option(opts, 4, per_side * per_side)
+    routing, fast, reference, region = bra_2d(per_side, topk, side, ctx.device)
+
+    def pairs(q, k, v):
+        return bra_pairs(routing(q, k)[0], region, q.shape[1], False)
+
+    return Prepared(fn=fast, reference=reference, attended_pairs=pairs,
+                    phases={"routing": lambda q, k, v: routing(q, k)})
+
+
+@register_method(
+    "biformer_layer",
+    Capabilities(family="sparse", exact=False, masks={"full"}, backward=True, form="layer", trainable=True),
+    description="BiFormer layer: q/k/v projections, 2-D bi-level routing attention, LCE (depthwise conv of V), "
+                "output projection",
+)
+def build_biformer_layer(ctx):
+    case = ctx.case
+    opts = Options(ctx, "biformer_layer", ("regions_per_side", "topk", "lce", "lce_kernel"))
+    per_side = opts.int("regions_per_side", 8, minimum=1)
+    side = grid_side(case.seq_q, per_side, "biformer_layer")
+    topk = _topk_option(opts, 4, per_side * per_side)
+    lce = opts.bool("lce", True)
+    kernel = opts.int("lce_kernel", 5, minimum=1)
+    if kernel % 2 == 0:
+        opts.fail("lce_kernel", f"must be odd (same-size depthwise conv), got {kernel}")
+    heads, dim = case.heads_q, case.head_dim
+    width = heads * dim
+    w_qkv = parameter(ctx, "biformer.qkv", (width, 3 * width), width ** -0.5)
+    w_out = parameter(ctx, "biformer.out", (width, width), width ** -0.5)
+    conv_w = parameter(ctx, "biformer.lce.w", (width, 1, kernel, kernel), 1.0 / kernel)
+    conv_b = parameter(ctx, "biformer.lce.b", (width,), 0.02)
+    _, fast_attn, ref_attn, region = bra_2d(per_side, topk, side, ctx.device)
+    cell = side // per_side
+    params = [w_qkv, w_out] + ([conv_w, conv_b] if lce else [])
+
+    def split(x, w):
+        qkv = x @ w.to(x.dtype)  # [B, L, 3C]
+        b, length, _ = qkv.shape
+        q, k, v = qkv.reshape(b, length, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def route_from_x(x):
+        """Region means of x (fp32), projected: the routing both paths share."""
+        b, length, _ = x.shape
+        cells = x.float().reshape(b, per_side, cell, per_side, cell, width).mean(dim=(2, 4)).reshape(b, -1, width)
+        w = w_qkv.detach().float()
+        q_bar, k_bar = cells @ w[:, :width], cells @ w[:, width:2 * width]
+        return route_regions(q_bar, k_bar, topk, False)
+
+    def tail(x, out, v, w_o, cw, cb):
+        b, length, _ = x.shape
+        out = out.transpose(1, 2).reshape(b, length, width)
+        if lce:
+            image = v.transpose(1, 2).reshape(b, side, side, width).permute(0, 3, 1, 2)
+            local = F.conv2d(image, cw.to(x.dtype), cb.to(x.dtype), padding=kernel // 2, groups=width)
+            out = out + local.permute(0, 2, 3, 1).reshape(b, length, width)
+        return out @ w_o.to(x.dtype)
+
+    order = region_major(side, per_side, ctx.device)
+    inverse = torch.argsort(order)
+    regions = grid_regions(side, per_side, ctx.device)
+
+    def fn(x):
+        _, index = route_from_x(x)
+        q, k, v = split(x, w_qkv)
+        out = bra_fast(q[:, :, order], k[:, :, order], v[:, :, order], index, region, topk, False)[:, :, inverse]
+        return tail(x, out, v, w_out, conv_w, conv_b)
+
+    def reference(x):
+        selected, _ = route_from_x(x)
+        q, k, v = split(x, w_qkv.float())
+        out = bra_reference(q, k, v, selected, region, False, region_of_q=regions, region_of_k=regions)
+        return tail(x, out, v, w_out.float(), conv_w.float(), conv_b.float())
+
+    tokens = case.batch * case.seq_q
+    flops = 2.0 * tokens * width * 4 * width + 4.0 * tokens * topk * region * width
+    if lce:
+        flops += 2.0 * tokens * width * kernel * kernel
+    return Prepared(fn=fn, reference=reference, parameters=params, flops=flops,
+                    phases={"routing": route_from_x},
+                    attended_pairs=lambda x: case.batch * heads * case.seq_q * topk * region)

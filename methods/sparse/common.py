@@ -1,0 +1,296 @@
+"""Shared pieces of the routed, sparse and local methods (``methods/sparse``).
+
+- **Options**: hyper-parameters come from ``method_options.<method>.<field>`` (``ctx.param``); every reader
+  here validates its value and raises ``ValueError`` naming that path, so a bad config fails at build with the
+  field in the message. Unknown fields are refused too (a typo must not silently use a default).
+- **Reference helpers**: :func:`masked_attention` is the readable masked softmax (fp32, in the dtype of its
+  inputs) every method's reference ends in; :func:`row_chunks` keeps its memory bounded; references take an
+  optional ``rows`` (query rows to compute) so the gate can check long cases on a sample of rows.
+- **Fast-path primitives**: :func:`sdpa_tiles` runs SDPA (cuDNN first on CUDA) over gathered dense tiles in
+  chunks the kernels' grid limits allow; :data:`FLEX` / :func:`flex_attend` runs compiled FlexAttention with a
+  ``BlockMask`` and returns the log-sum-exp. ``dense_attend`` is the readable contract of the latter (used
+  by the CPU tests in place of the compiled kernel, exactly as ``tests/test_flex_split.py`` does).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+# ---- options ------------------------------------------------------------------------------------------------
+class Options:
+    """Reads and validates ``method_options.<method>.*`` for one builder."""
+
+    def __init__(self, ctx, method: str, known: Iterable[str]):
+        self.ctx, self.method = ctx, method
+        self.known = set(known)
+        unknown = sorted(set(ctx.params) - self.known)
+        if unknown:
+            raise ValueError(f"method_options.{method}: unknown field(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(self.known))}")
+
+    def field(self, name: str) -> str:
+        return f"method_options.{self.method}.{name}"
+
+    def fail(self, name: str, message: str):
+        raise ValueError(f"{self.field(name)}: {message}")
+
+    def int(self, name: str, default, minimum: int | None = None, maximum: int | None = None,
+            allow_none: bool = False):
+        value = self.ctx.param(name, default)
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(name, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(name, f"must be <= {maximum}, got {value}")
+        return value
+
+    def float(self, name: str, default, minimum: float | None = None, maximum: float | None = None,
+              exclusive_min: bool = False):
+        value = self.ctx.param(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(name, f"must be a finite number, got {value!r}")
+        if minimum is not None and (value < minimum or (exclusive_min and value == minimum)):
+            self.fail(name, f"must be {'>' if exclusive_min else '>='} {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(name, f"must be <= {maximum}, got {value}")
+        return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.ctx.param(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.ctx.param(name, default)
+        if value not in choices:
+            self.fail(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+
+def seeded(ctx, salt: str) -> torch.Generator:
+    """A CPU generator seeded from the case's seed and a name (parameters are drawn on the CPU, then moved,
+    so they are the same on every device)."""
+    import zlib
+
+    return torch.Generator().manual_seed((int(ctx.case.seed) * 1_000_003 + zlib.crc32(salt.encode())) % 2**63)
+
+
+def parameter(ctx, salt: str, shape, scale: float, grad: bool = True) -> torch.Tensor:
+    """A learnable parameter in fp32 on the case's device, drawn from N(0, scale^2) with a seeded generator."""
+    t = torch.randn(tuple(shape), generator=seeded(ctx, salt)) * scale
+    return t.to(ctx.device).requires_grad_(grad)
+
+
+# ---- the readable reference --------------------------------------------------------------------------------
+def row_chunks(rows: torch.Tensor, per_row_elems: int, budget_elems: int = 1 << 27):
+    """Split the query-row index tensor ``rows`` into chunks of at most ``budget_elems / per_row_elems`` rows."""
+    step = max(1, budget_elems // max(1, per_row_elems))
+    for start in range(0, rows.numel(), step):
+        yield rows[start:start + step]
+
+
+def all_rows(seq_q: int, rows, device) -> torch.Tensor:
+    return torch.arange(seq_q, device=device) if rows is None else rows.to(device)
+
+
+def masked_attention(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention of ``q_rows [B, H, R, D]`` over the keys ``allowed [.., R, Lk]`` (bool) lets each row
+    see, written out: scores, masked, normalised, times values. A row that sees no key gives 0 (and no NaN in
+    either direction). Computes in the dtype of its inputs."""
+    scores = torch.matmul(q_rows, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, NEG_INF)
+    top = scores.amax(dim=-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.matmul(weights, v) / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def pattern_reference(q, k, v, allowed_rows: Callable[[torch.Tensor], torch.Tensor], rows=None,
+                      scale: float | None = None) -> torch.Tensor:
+    """``masked_attention`` over the rows ``rows`` (all when None), chunked; ``allowed_rows(idx)`` gives the
+    boolean pattern ``[B|1, H|1, len(idx), Lk]`` of the query rows ``idx``."""
+    batch, heads, seq_q, dim = q.shape
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    idx = all_rows(seq_q, rows, q.device)
+    outs = [masked_attention(q[:, :, chunk], k, v, allowed_rows(chunk), scale)
+            for chunk in row_chunks(idx, batch * heads * k.shape[2] * 3)]
+    return torch.cat(outs, dim=2)
+
+
+# ---- fast-path primitives ------------------------------------------------------------------------------------
+MAX_TILES = 32768  # tiles per SDPA launch: kernels put the batch on a grid axis limited to 65535
+
+
+def sdpa_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str | None = None) -> torch.Tensor:
+    """SDPA over tiles laid out ``[B, T, tq, D]`` x ``[B, T, tk, D]``: each tile is one batch entry of one head
+    (``[B * T, 1, t, D]``, a free view for contiguous inputs), in launches of at most ``MAX_TILES`` tiles.
+    ``causal``: None, ``"square"`` (tq == tk, top-left = bottom-right) or ``"lower_right"`` (query i of a tile
+    sees keys up to i + tk - tq). On CUDA cuDNN is tried first, then flash, then memory-efficient
+    (``lower_right`` runs flash or memory-efficient: PyTorch's API gives cuDNN no bottom-right alignment)."""
+    batch, tiles = q.shape[:2]
+    per = max(1, MAX_TILES // batch)
+    parts = []
+    for start in range(0, tiles, per):
+        sl = slice(start, start + per)
+        qs, ks, vs = q[:, sl], k[:, sl], v[:, sl]
+        n = qs.shape[1]
+        out = _sdpa(*(t.reshape(batch * n, 1, t.shape[-2], t.shape[-1]) for t in (qs, ks, vs)), causal)
+        parts.append(out.reshape(batch, n, q.shape[-2], v.shape[-1]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _sdpa(q, k, v, causal):
+    kwargs = {}
+    if causal == "square":
+        kwargs["is_causal"] = True
+    elif causal == "lower_right":
+        from torch.nn.attention.bias import causal_lower_right
+
+        kwargs["attn_mask"] = causal_lower_right(q.shape[-2], k.shape[-2])
+    elif causal is not None:
+        raise ValueError(f"causal must be None, 'square' or 'lower_right', got {causal!r}")
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def flex_attend(q, k, v, block_mask, return_lse: bool = False):
+    """FlexAttention (call it compiled): ``(out, lse)`` with ``return_lse`` (natural log, -inf on empty rows)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, return_lse=return_lse)
+
+
+def dense_attend(q, k, v, block_mask, return_lse: bool = False):
+    """The contract of :func:`flex_attend`, written out: masked softmax over ``block_mask.mask_mod``
+    evaluated on every (batch, head, query, key) - for CPU tests and as documentation."""
+    b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
+    h = torch.arange(q.shape[1], device=q.device)[None, :, None, None]
+    qi = torch.arange(q.shape[2], device=q.device)[None, None, :, None]
+    ki = torch.arange(k.shape[2], device=q.device)[None, None, None, :]
+    visible = block_mask.mask_mod(b, h, qi, ki).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = masked_attention(q, k, v, visible, scale)
+    if not return_lse:
+        return out
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, NEG_INF)
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+class DenseBlockMask:
+    """What :func:`dense_attend` needs of a BlockMask: its ``mask_mod``."""
+
+    def __init__(self, mask_mod):
+        self.mask_mod = mask_mod
+
+
+def merge_parts(parts) -> torch.Tensor:
+    """Exact union of disjoint parts ``[(out, lse), ...]`` of one softmax (log-sum-exp weights, fp32)."""
+    from ..exact.flex_split import merge
+
+    return merge(parts)
+
+
+def block_mask_from_mod(mask_mod, batch, heads, seq_q, seq_kv, device, block: int = 128):
+    """A static ``BlockMask`` (built once per case, outside the timed region)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, batch, heads, seq_q, seq_kv, device=device, BLOCK_SIZE=block)
+
+
+def block_mask_from_flags(touched: torch.Tensor, mask_mod, seq_q: int, seq_kv: int, block: int = 128):
+    """A data-dependent ``BlockMask`` from a boolean ``touched [B, H, q_blocks, kv_blocks]`` (every touched
+    block partial: the mask_mod decides inside it), through ``BlockMask.from_kv_blocks``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts = touched.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~touched).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(seq_q, seq_kv))
+
+
+def ranges_to_blocks(starts: torch.Tensor, ends: torch.Tensor, seq_kv: int, block: int, q_block: int = 128):
+    """Union per query block of the inclusive key ranges ``[starts, ends]`` (``[B, H, Lq, n]``; empty when
+    start > end) as block flags ``[B, H, ceil(Lq / q_block), ceil(Lk / block)]`` (a difference array)."""
+    batch, heads, seq_q, n = starts.shape
+    kv_blocks = -(-seq_kv // block)
+    q_blocks = -(-seq_q // q_block)
+    valid = starts <= ends
+    first = torch.where(valid, starts // block, 0).long()
+    last = torch.where(valid, ends // block + 1, 0).long()
+    pad = q_blocks * q_block - seq_q
+    if pad:
+        first = F.pad(first, (0, 0, 0, pad))
+        last = F.pad(last, (0, 0, 0, pad))
+    diff = torch.zeros(batch, heads, q_blocks, kv_blocks + 1, dtype=torch.int32, device=starts.device)
+    ones = torch.ones_like(first, dtype=torch.int32).view(batch, heads, q_blocks, q_block * n)
+    diff.scatter_add_(3, first.view(batch, heads, q_blocks, q_block * n), ones)
+    diff.scatter_add_(3, last.view(batch, heads, q_blocks, q_block * n), -ones)
+    return diff.cumsum(dim=-1)[..., :kv_blocks] > 0
+
+
+def to_tiles(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B, H * (L / size), size, D]`` (a view: tiles in the heads axis)."""
+    b, h, length, d = t.shape
+    return t.reshape(b, h * (length // size), size, d)
+
+
+def from_tiles(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, tiles, size, d = t.shape
+    return t.reshape(b, heads, tiles // heads * size, d)
+
+
+# ---- FlexAttention paths -------------------------------------------------------------------------------------
+ATTEND = flex_attend  # the CPU tests swap in dense_attend (the same contract, written out)
+
+
+def flex_path(ctx):
+    """The attention primitive of a FlexAttention fast path: ``attend(q, k, v, block_mask, return_lse)``,
+    compiled from a fresh dynamo cache; on a device without a usable compiled FlexAttention (the CPU has no
+    backward and no log-sum-exp there) the case is ``Unsupported`` - unless ``ATTEND`` was swapped (tests)."""
+    from ..registry import Unsupported
+
+    if ATTEND is not flex_attend:
+        return ATTEND
+    if ctx.device.type != "cuda":
+        raise Unsupported("the FlexAttention fast path runs on CUDA (compiled FlexAttention on the CPU has no "
+                          "backward and no log-sum-exp)")
+    from ..exact.flex import allow_backward_replay, fresh_compile
+
+    allow_backward_replay(ctx.case)
+    return fresh_compile(flex_attend)
+
+
+def static_block_mask(mask_mod, batch, heads, seq_q, seq_kv, device):
+    """A BlockMask built once per case (outside the timed region); the mask_mod alone for a swapped primitive."""
+    if ATTEND is not flex_attend:
+        return DenseBlockMask(mask_mod)
+    return block_mask_from_mod(mask_mod, batch, heads, seq_q, seq_kv, device)
+
+
+def dynamic_block_mask(touched, mask_mod, seq_q, seq_kv, block: int = 128):
+    """A BlockMask from data-dependent block flags (timed: part of the method); the mask_mod alone for a
+    swapped primitive."""
+    if ATTEND is not flex_attend:
+        return DenseBlockMask(mask_mod)
+    return block_mask_from_flags(touched, mask_mod, seq_q, seq_kv, block)
+
+
+def pow2_near_sqrt(length: int) -> int:
+    """``2^round(log2(L) / 2)``: the ~sqrt(L) default of segment sizes and cluster counts."""
+    return 2 ** round(math.log2(max(length, 1)) / 2)

@@ -1,0 +1,106 @@
+"""Long-Short Transformer (Zhu et al., NeurIPS 2021, arXiv:2107.02192), from CAB's efficient set
+(``AttentionLS`` / ``CausalLS``).
+
+Each query takes one softmax over a *short-term* part (keys of a local window) and a *long-term* part
+(``rank`` keys made by a dynamic low-rank projection of the whole sequence):
+
+- long-term: ``P = softmax over positions of (K W_p)`` (``W_p [D, rank]``, learned), ``K_bar = P^T K``,
+  ``V_bar = P^T V`` - ``rank`` global keys and values that depend on the input;
+- short-term, non-causal: the sequence in segments of ``window`` tokens; a segment's queries see their
+  segment widened by ``window / 2`` on each side;
+- causal (``CausalLS``, our reading of the paper's segment-wise form): the dynamic projection is made per
+  segment (``rank`` keys from each segment's own tokens), a query sees the projected keys of strictly earlier
+  segments only, and the keys of its own segment up to itself plus the whole previous segment.
+
+Both are exact softmax attention over augmented keys ``[K ; K_bar]`` with a static pattern: the reference
+writes the pattern out (masked softmax), the fast path is one compiled FlexAttention call with a static
+BlockMask (a band plus a narrow column block). The paper's DualLN (separate LayerNorms on the two key sets)
+belongs to the layer and is left out. Lengths must be a multiple of ``window``.
+
+Options: ``window`` (default 256, even), ``rank`` (default 64).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..contract import Prepared
+from ..registry import Capabilities, Unsupported, register_method
+from .common import Options, flex_path, parameter, pattern_reference, static_block_mask
+
+
+def projected(k, v, w_p, segment: int | None):
+    """Dynamic projection: ``rank`` keys/values per sequence (``segment=None``) or per segment."""
+    b, h, length, d = k.shape
+    rank = w_p.shape[-1]
+    if segment is None:
+        p = torch.softmax(k @ w_p.to(k.dtype), dim=2)  # [B, H, L, r]: a distribution over positions
+        return p.transpose(-1, -2) @ k, p.transpose(-1, -2) @ v
+    n = length // segment
+    ks, vs = k.reshape(b, h, n, segment, d), v.reshape(b, h, n, segment, v.shape[-1])
+    p = torch.softmax(ks @ w_p.to(k.dtype), dim=3)  # [B, H, n, s, r]
+    k_bar = (p.transpose(-1, -2) @ ks).reshape(b, h, n * rank, d)
+    v_bar = (p.transpose(-1, -2) @ vs).reshape(b, h, n * rank, v.shape[-1])
+    return k_bar, v_bar
+
+
+def ls_visible(q_idx, kv_idx, length: int, window: int, rank: int, causal: bool):
+    seg = q_idx // window
+    local, glob = kv_idx < length, kv_idx >= length
+    if causal:
+        near = local & (kv_idx <= q_idx) & (kv_idx >= (seg - 1) * window)
+        far = glob & ((kv_idx - length) // rank < seg)
+    else:
+        half = window // 2
+        near = local & (kv_idx >= seg * window - half) & (kv_idx < (seg + 1) * window + half)
+        far = glob
+    return near | far
+
+
+@register_method(
+    "long_short",
+    Capabilities(family="sparse", exact=False, masks={"full", "causal"}, backward=True, compiled=True,
+                 trainable=True),
+    description="Long-Short Transformer: local window + dynamic low-rank projection keys in one softmax "
+                "(FlexAttention over augmented keys)",
+)
+def build_long_short(ctx):
+    case, causal = ctx.case, ctx.mask.causal
+    opts = Options(ctx, "long_short", ("window", "rank"))
+    window = opts.int("window", 256, minimum=2)
+    rank = opts.int("rank", 64, minimum=1)
+    length, dim = case.seq_q, case.head_dim
+    if window % 2:
+        opts.fail("window", f"must be even (half a window on each side), got {window}")
+    if window > length:
+        opts.fail("window", f"must be <= seq {length}, got {window}")
+    if length % window:
+        raise Unsupported(f"seq {length} is not a multiple of method_options.long_short.window={window} "
+                          "(lengths are not padded)")
+    if causal and rank > window:
+        opts.fail("rank", f"must be <= window ({window}) in the causal form (rank keys per segment), got {rank}")
+    segment = window if causal else None
+    extra = (length // window) * rank if causal else rank
+    w_p = parameter(ctx, "long_short.wp", (dim, rank), dim ** -0.5)
+    attend = flex_path(ctx)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ls_visible(q_idx, kv_idx, length, window, rank, causal)
+
+    block_mask = static_block_mask(mask_mod, None, None, length, length + extra, ctx.device)
+
+    def fn(q, k, v):
+        k_bar, v_bar = projected(k, v, w_p, segment)
+        return attend(q, torch.cat([k, k_bar], 2), torch.cat([v, v_bar], 2), block_mask, False)
+
+    def reference(q, k, v, rows=None):
+        k_bar, v_bar = projected(k, v, w_p.float(), segment)
+        keys = torch.arange(length + extra, device=q.device)
+        return pattern_reference(q, torch.cat([k, k_bar], 2), torch.cat([v, v_bar], 2),
+                                 lambda idx: ls_visible(idx[:, None], keys[None, :], length, window, rank,
+                                                        causal)[None, None], rows)
+
+    keys = torch.arange(length + extra)
+    pairs = sum(int(ls_visible(chunk[:, None], keys[None, :], length, window, rank, causal).sum())
+                for chunk in torch.arange(length).split(max(1, (1 << 24) // (length + extra))))
+    pairs *= case.batch * case.heads_q
+    return Prepared(fn=fn, reference=reference, parameters=[w_p], attended_pairs=lambda q, k, v: pairs)

@@ -1,0 +1,204 @@
+"""Superlinear multi-step attention, N = 2: span search, then span attention (Huang, arXiv:2601.18401;
+methods-spec §1). Causal only (the paper defines no other form).
+
+For the query at position t (T = t + 1 visible tokens), one head:
+
+1. *candidate anchors*: stripes ``i = s+1, s+2, ...`` while ``f(i) = floor(i^(1/p)) <= T``; anchor
+   ``a_i = t - f(i) + 1`` (p = 1/2: distances 0, 3, 8, 15, ... - about sqrt(T) anchors);
+2. *search*: ``u_i = q1_t . k_{a_i}`` (raw dot product, as the reference code) with a separate search query
+   ``q1`` (an extra input); keep the ``num_spans`` best anchors;
+3. *spans*: ``[max(a - ceil(b_back T^sigma), 0), min(a + ceil(b_fwd T^sigma), t, sw_start - 1)]`` with the
+   local window ``[sw_start, t]``, ``sw_start = t - W + 1``, ``W = floor((s+1)^(1/p)) - 1`` (no window when 0);
+4. *span attention*: ``O_j = softmax(tau q_t K_S) V_S`` over ``S = span_j U window``, one softmax per span;
+5. *combine*: ``O_t = sum_j g_j O_j``, ``g = softmax(u of the selected anchors)`` (invalid anchors weigh 0;
+   all invalid: 1 / num_spans). Gradients reach q, k, v through the span attentions and q1, k through ``g``;
+   the top-k selection itself is not differentiated.
+
+The search (the ``routing`` phase) is one function shared by fast path and reference, computed in fp32 from
+diagonal bands of ``q1 . k`` stripe by stripe (no gather; O(L^1.5 d) multiply-adds, memory-bound) with a
+running top-k. Fast path: one compiled FlexAttention call per span index j with a ``mask_mod`` reading the
+per-query span bounds and a ``BlockMask`` built per call from the bounds (``BlockMask.from_kv_blocks``:
+per query block, the union of its queries' spans and windows). Reference: the per-span boolean patterns
+written out, masked softmax, the gated sum. The ``superlinear`` package (Triton) is not used here.
+
+Options: ``num_spans`` (3), ``sw_index`` (s, 0), ``search_power`` (p, 0.5, in (0, 1]), ``backward_factor``
+(2.0), ``forward_factor`` (0.0), ``span_power`` (sigma, 0.5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..contract import Extra, Prepared
+from ..registry import Capabilities, Unsupported, register_method
+from .common import Options, dynamic_block_mask, flex_path, masked_attention, ranges_to_blocks, row_chunks
+
+STRIPE_GROUP = 16  # stripes scored before each running top-k
+
+
+def stripe_distances(length: int, search_power: float, sw_index: int) -> list[int]:
+    """Anchor distances ``f(i) - 1`` of every stripe ``i > sw_index`` with ``f(i) <= length``."""
+    out, i = [], sw_index + 1
+    while True:
+        f = math.floor(i ** (1.0 / search_power) + 1e-9)
+        if f > length:
+            return out
+        if not out or f - 1 != out[-1]:
+            out.append(f - 1)
+        i += 1
+
+
+def window_size(search_power: float, sw_index: int) -> int:
+    return max(0, math.floor((sw_index + 1) ** (1.0 / search_power) + 1e-9) - 1)
+
+
+def search(q1, k, distances: list[int], num_spans: int):
+    """Top ``num_spans`` anchors per query from fp32 raw dot products: ``(anchors [B, H, L, n] long, -1 when
+    invalid)``, best first. Stripe by stripe over diagonal bands (no gather), running top-k every group."""
+    batch, heads, length, _ = q1.shape
+    q1f, kf = q1.detach().float(), k.detach().float()
+    t = torch.arange(length, device=q1.device)
+    best_score = torch.full((batch, heads, length, num_spans), float("-inf"), device=q1.device)
+    best_anchor = torch.full((batch, heads, length, num_spans), -1, dtype=torch.long, device=q1.device)
+    for g0 in range(0, len(distances), STRIPE_GROUP):
+        group = distances[g0:g0 + STRIPE_GROUP]
+        scores = torch.full((batch, heads, length, len(group)), float("-inf"), device=q1.device)
+        anchors = torch.full((length, len(group)), -1, dtype=torch.long, device=q1.device)
+        for g, d in enumerate(group):
+            scores[:, :, d:, g] = (q1f[:, :, d:] * kf[:, :, :length - d]).sum(dim=-1)
+            anchors[d:, g] = t[d:] - d
+        all_scores = torch.cat([best_score, scores], dim=-1)
+        all_anchors = torch.cat([best_anchor, anchors.expand(batch, heads, length, len(group))], dim=-1)
+        top = all_scores.topk(num_spans, dim=-1)
+        best_score = top.values
+        best_anchor = all_anchors.gather(-1, top.indices)
+    return torch.where(torch.isfinite(best_score), best_anchor, torch.full_like(best_anchor, -1))
+
+
+def span_bounds(anchors: torch.Tensor, window: int, back: float, fwd: float, sigma: float):
+    """Inclusive span bounds ``(start, end) [B, H, L, n]`` (empty: start > end) and the window start ``[L]``."""
+    length = anchors.shape[2]
+    t = torch.arange(length, device=anchors.device)
+    visible = (t + 1).double() ** sigma
+    reach_back = torch.ceil(back * visible).long()
+    reach_fwd = torch.ceil(fwd * visible).long()
+    sw_start = (t - window + 1).clamp_min(0) if window > 0 else t + 1  # no window: empty [t + 1, t]
+    start = (anchors - reach_back[:, None]).clamp_min(0)
+    end = torch.minimum(anchors + reach_fwd[:, None], t[:, None])
+    if window > 0:
+        end = torch.minimum(end, (sw_start - 1)[:, None])
+    valid = anchors >= 0
+    start = torch.where(valid, start, torch.full_like(start, length))
+    end = torch.where(valid, end, torch.full_like(end, -1))
+    return start, end, sw_start
+
+
+def gates(q1, k, anchors: torch.Tensor) -> torch.Tensor:
+    """``g = softmax(u)`` over the selected anchors (fp32, differentiable in q1 and k; invalid -> 0, all
+    invalid -> uniform)."""
+    batch, heads, length, n = anchors.shape
+    safe = anchors.clamp_min(0)
+    keys = k.gather(2, safe.reshape(batch, heads, length * n, 1).expand(-1, -1, -1, k.shape[-1]))
+    u = (q1.float()[:, :, :, None, :] * keys.float().reshape(batch, heads, length, n, -1)).sum(-1)
+    valid = anchors >= 0
+    u = u.masked_fill(~valid, float("-inf"))
+    none = ~valid.any(dim=-1, keepdim=True)
+    u = torch.where(none, torch.zeros_like(u), u)
+    return torch.softmax(u, dim=-1)
+
+
+def superlinear_reference(q, k, v, q1, routing, rows=None):
+    """The per-span patterns written out: O_j = masked softmax over span_j U window; O = sum_j g_j O_j."""
+    anchors, start, end, sw_start = routing(q1, k)
+    g = gates(q1, k, anchors)
+    batch, heads, length, dim = q.shape
+    idx = torch.arange(length, device=q.device) if rows is None else rows.to(q.device)
+    keys = torch.arange(length, device=q.device)
+    outs = []
+    for chunk in row_chunks(idx, batch * heads * length * 3):
+        window = (keys[None, :] >= sw_start[chunk][:, None]) & (keys[None, :] <= chunk[:, None])  # [R, L]
+        total = 0
+        for j in range(anchors.shape[-1]):
+            s, e = start[:, :, chunk, j, None], end[:, :, chunk, j, None]
+            allowed = ((keys >= s) & (keys <= e)) | window[None, None]
+            o_j = masked_attention(q[:, :, chunk], k, v, allowed, 1.0 / math.sqrt(dim))
+            total = total + g[:, :, chunk, j, None] * o_j
+        outs.append(total)
+    return torch.cat(outs, dim=2)
+
+
+@register_method(
+    "superlinear",
+    Capabilities(family="sparse", exact=False, masks={"causal"}, causal_only=True, backward=True, compiled=True),
+    description="Superlinear multi-step attention (N=2): span search over ~sqrt(t) anchors, then attention on "
+                "the top spans (FlexAttention with per-call BlockMasks), gated by the search scores",
+)
+def build_superlinear(ctx):
+    case = ctx.case
+    opts = Options(ctx, "superlinear", ("num_spans", "sw_index", "search_power", "backward_factor",
+                                        "forward_factor", "span_power"))
+    num_spans = opts.int("num_spans", 3, minimum=1)
+    sw_index = opts.int("sw_index", 0, minimum=0)
+    power = opts.float("search_power", 0.5, minimum=0.0, maximum=1.0, exclusive_min=True)
+    back = opts.float("backward_factor", 2.0, minimum=0.0)
+    fwd = opts.float("forward_factor", 0.0, minimum=0.0)
+    sigma = opts.float("span_power", 0.5, minimum=0.0, maximum=1.0)
+    if not ctx.mask.causal or case.seq_q != case.seq_kv:
+        raise Unsupported("Superlinear attention is defined for causal self attention only")
+    length = case.seq_q
+    distances = stripe_distances(length, power, sw_index)
+    window = window_size(power, sw_index)
+    if not distances:
+        opts.fail("sw_index", f"leaves no search stripe at seq {length} (f(sw_index + 1) > seq)")
+    if num_spans > len(distances):
+        opts.fail("num_spans", f"must be <= the number of search stripes at seq {length} ({len(distances)}), "
+                               f"got {num_spans}")
+    attend = flex_path(ctx)
+    batch, heads, device = case.batch, case.heads_q, ctx.device
+    # span bounds live in fixed buffers that the per-span mask_mods read: the same functions every call
+    starts = torch.zeros(num_spans, batch, heads, length, dtype=torch.int32, device=device)
+    ends = torch.zeros_like(starts)
+    sw_buf = torch.zeros(length, dtype=torch.int32, device=device)
+
+    def span_mod(j):
+        def mask_mod(b, h, q_idx, kv_idx):
+            in_span = (kv_idx >= starts[j, b, h, q_idx]) & (kv_idx <= ends[j, b, h, q_idx])
+            return in_span | ((kv_idx >= sw_buf[q_idx]) & (kv_idx <= q_idx))
+        return mask_mod
+
+    mods = [span_mod(j) for j in range(num_spans)]
+
+    def routing(q1, k):
+        anchors = search(q1, k, distances, num_spans)
+        start, end, sw_start = span_bounds(anchors, window, back, fwd, sigma)
+        return anchors, start, end, sw_start
+
+    def fn(q, k, v, q1):
+        anchors, start, end, sw_start = routing(q1, k)
+        g = gates(q1, k, anchors)
+        sw_buf.copy_(sw_start)
+        window_lo = sw_start[None, None, :, None].expand(batch, heads, length, 1)
+        window_hi = torch.arange(length, device=q.device)[None, None, :, None].expand(batch, heads, length, 1)
+        out = 0
+        for j in range(num_spans):
+            starts[j].copy_(start[..., j])
+            ends[j].copy_(end[..., j])
+            touched = ranges_to_blocks(torch.cat([start[..., j:j + 1], window_lo], -1),
+                                       torch.cat([end[..., j:j + 1], window_hi], -1), length, 128)
+            block_mask = dynamic_block_mask(touched, mods[j], length, length)
+            out = out + g[..., j:j + 1] * attend(q, k, v, block_mask, False).float()
+        return out.to(q.dtype)
+
+    def reference(q, k, v, q1, rows=None):
+        return superlinear_reference(q, k, v, q1, routing, rows)
+
+    def pairs(q, k, v, q1):
+        _, start, end, sw_start = routing(q1, k)
+        span = (end - start + 1).clamp_min(0).sum()
+        t = torch.arange(length, device=q.device)
+        win = (t - sw_start + 1).clamp_min(0).sum() * batch * heads * num_spans
+        return int(span + win)
+
+    return Prepared(fn=fn, reference=reference, extras={"q1": Extra(shape=(batch, heads, length, case.head_dim))},
+                    attended_pairs=pairs, phases={"routing": lambda q, k, v, q1: routing(q1, k)})

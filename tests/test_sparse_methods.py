@@ -1,0 +1,402 @@
+"""Routed, sparse and local methods (methods/sparse): each fast path against its own readable reference
+(values and gradients) through the harness's case runner, for self, cross and causal where declared; the
+harness's causal leak probe on every causal form plus a direct probe; routing deterministic for a seed;
+options validated with the field named; the pieces (search, spans, patterns, EMA, block flags) against
+brute force; negative controls that each check can fail. FlexAttention fast paths run on the CPU with the
+primitive's readable contract (``common.dense_attend``) swapped in, as tests/test_flex_split.py does; the
+compiled kernels are exercised by tests/test_sparse_gpu.py."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from attnbench import masks
+from attnbench.config.plan import Case
+from attnbench.execute.case import CaseRunner
+from attnbench.execute.runner import run_sweep
+from attnbench.methods import METHODS, BuildContext, MaskInfo
+from attnbench.methods.sparse import biformer, combiner, common, halo, routing, superlinear
+
+TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False}
+
+
+@pytest.fixture
+def dense(monkeypatch):
+    monkeypatch.setattr(common, "ATTEND", common.dense_attend)
+
+
+def run_case(method, mask, mode, seq=128, seq_kv=None, opts=None, batch=2, heads=2, dim=16, ref_full_pairs=None,
+             seed=0):
+    spec = masks.make_mask(mask)
+    options = {"timing": TIMING, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 32,
+               "method_options": {method: dict(opts or {})}}
+    if ref_full_pairs:
+        options["ref_full_pairs"] = ref_full_pairs
+    case = Case(method=method, mask=spec.label, mask_name=spec.name, batch=batch, heads_q=heads, heads_kv=heads,
+                seq_q=seq, seq_kv=seq_kv or seq, head_dim=dim, dtype="float32", mode=mode, seed=seed)
+    return CaseRunner("cpu", options).run(case)
+
+
+# method, masks, options (tiny shapes: seq 128 unless a method needs a square grid or a power of two)
+SELF = [
+    ("biformer", ("full", "causal"), {"region": 16, "topk": 3}),
+    ("biformer_2d", ("full",), {"regions_per_side": 4, "topk": 5}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 24, "mask_padding": False}),
+    ("halo_2d", ("full",), {"block": 4, "halo": 2}),
+    ("routing", ("full", "causal"), {"clusters": 8}),
+    ("routing", ("full",), {"clusters": 4, "share_qk": False}),
+    ("combiner_fixed", ("full", "causal"), {"segment": 16}),
+    ("combiner_axial", ("full", "causal"), {"segment": 16}),
+    ("combiner_logsparse", ("causal",), {}),
+    ("sparsifiner", ("full",), {"keep_rate": 0.3}),
+    ("probsparse", ("full",), {"factor": 2}),
+    ("long_short", ("full", "causal"), {"window": 16, "rank": 4}),
+    ("superlinear", ("causal",), {}),
+    ("superlinear", ("causal",), {"sw_index": 4, "num_spans": 2, "forward_factor": 1.0}),
+]
+SELF_CASES = [(m, mask, o) for m, masks_, o in SELF for mask in masks_]
+GRID = {"biformer_2d", "halo_2d"}  # seq = 144 = 12^2 for these
+
+
+def _seq(method):
+    return 144 if method in GRID else 128
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("method, mask, opts", SELF_CASES, ids=[f"{m}-{k}-{i}" for i, (m, k, _) in enumerate(SELF_CASES)])
+def test_fast_path_matches_its_reference_with_gradients(dense, method, mask, opts, mode):
+    seq = _seq(method)
+    if method in GRID:
+        opts = {**opts, **({"regions_per_side": 4} if method == "biformer_2d" else {"block": 4})}
+    row = run_case(method, mask, mode, seq=seq, opts=opts)
+    assert row["status"] == "ok", row["reason"]
+    assert row["rel_err"] < 2e-5  # fp32: fast path and reference agree; the leak probe passed (causal)
+    assert row["attended_pairs"] > 0 and row["approx_err"] is not None
+
+
+@pytest.mark.parametrize("method, opts", [
+    ("biformer", {"region": 16, "topk": 2}),
+    ("routing", {"clusters": 4, "share_qk": False}),
+    ("sparsifiner", {}),
+    ("probsparse", {"factor": 2}),
+])
+def test_cross_attention_matches_its_reference(method, opts):
+    row = run_case(method, "full", "fwd_bwd", seq=64, seq_kv=128, opts=opts)
+    assert row["status"] == "ok", row["reason"]
+    assert row["rel_err"] < 2e-5
+
+
+def test_biformer_layer_with_and_without_lce():
+    for lce in (True, False):
+        row = run_case("biformer_layer", "full", "fwd_bwd", seq=144, opts={"regions_per_side": 4, "topk": 4, "lce": lce})
+        assert row["status"] == "ok", row["reason"]
+        assert row["rel_err"] < 2e-5 and row["flops"] > 0
+
+
+def test_long_cases_gate_on_sampled_rows_and_still_catch_a_bug(monkeypatch):
+    """Above ref_full_pairs the own reference runs on a sample of query rows (forward only): a correct fast
+    path passes, one that is 1 % off on every row is ``wrong``."""
+    row = run_case("routing", "causal", "fwd_bwd", opts={"clusters": 8}, ref_full_pairs=1000)
+    assert row["status"] == "ok", row["reason"]
+    assert "grads_not_gated" in (row["flags"] or "")
+    fast = routing.routing_fast
+    monkeypatch.setattr(routing, "routing_fast", lambda *a: fast(*a) * 1.01)
+    row = run_case("routing", "causal", "fwd", opts={"clusters": 8}, ref_full_pairs=1000)
+    assert row["status"] == "wrong" and "rel_err" in row["reason"]
+
+
+# ---- negative controls: each check above can fail --------------------------------------------------------------
+def test_a_fast_path_that_forgets_the_cluster_mean_is_wrong(monkeypatch):
+    def no_mean(q, k, v, members_q, members_k, causal):
+        out = routing_fast_original(q, k, v, members_q, members_k, causal)
+        count = torch.zeros(q.shape[0] * q.shape[1] * q.shape[2]).index_add_(
+            0, routing.flat_rows(members_q, q.shape[2]), torch.ones(members_q.numel()))
+        return out * count.clamp_min(1).reshape(q.shape[:3])[..., None]
+
+    routing_fast_original = routing.routing_fast
+    monkeypatch.setattr(routing, "routing_fast", no_mean)
+    row = run_case("routing", "full", "fwd", opts={"clusters": 16})
+    assert row["status"] == "wrong"
+
+
+def test_causal_routing_that_sees_future_regions_is_caught(monkeypatch):
+    """BiFormer's causal routing with the future-region mask removed: the fast path then attends to future
+    tokens - the gate (against the causal pattern) or the leak probe must reject it."""
+    original = biformer.route_regions
+
+    def leaky(q_bar, k_bar, topk, causal):
+        selected, index = original(q_bar, k_bar, topk, causal)
+        if causal and index.shape[1] > topk:
+            index[:, topk:, 0] = index.shape[1] - 1  # a future region instead of the best earlier one
+        return selected, index
+
+    monkeypatch.setattr(biformer, "route_regions", leaky)
+    row = run_case("biformer", "causal", "fwd", opts={"region": 16, "topk": 3})
+    assert row["status"] == "wrong"
+
+
+def test_a_dense_primitive_that_ignores_the_mask_is_caught(monkeypatch):
+    def unmasked(q, k, v, block_mask, return_lse=False):
+        everything = common.DenseBlockMask(lambda b, h, q_idx, kv_idx: kv_idx >= 0)
+        return common.dense_attend(q, k, v, everything, return_lse)
+
+    monkeypatch.setattr(common, "ATTEND", unmasked)
+    row = run_case("long_short", "causal", "fwd", opts={"window": 16, "rank": 4})
+    assert row["status"] == "wrong"
+
+
+# ---- causal leak probe, directly -------------------------------------------------------------------------------
+def build(method, mask, seq=128, opts=None, seed=0, batch=1, heads=2, dim=16):
+    spec = masks.make_mask(mask)
+    bound = spec.bind(seq, seq)
+    case = Case(method=method, mask=spec.label, mask_name=spec.name, batch=batch, heads_q=heads, heads_kv=heads,
+                seq_q=seq, seq_kv=seq, head_dim=dim, dtype="float32", mode="fwd", seed=seed)
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cpu"),
+                       dtype=torch.float32, options={}, params=dict(opts or {}))
+    return METHODS[method].build(ctx), case
+
+
+def inputs(case, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (case.batch, case.heads_q, case.seq_q, case.head_dim)
+    return [torch.randn(shape, generator=gen) for _ in range(4)]
+
+
+CAUSAL = [(m, o) for m, masks_, o in SELF if "causal" in masks_]
+
+
+@pytest.mark.parametrize("method, opts", CAUSAL, ids=[m for m, _ in CAUSAL])
+def test_changing_future_keys_leaves_past_outputs(dense, method, opts):
+    prepared, case = build(method, "causal", opts=opts)
+    q, k, v, q1 = inputs(case)
+    extras = {"q1": q1} if prepared.extras else {}
+    kwargs = {**extras, **(prepared.prepare(q, k, v, **extras) if prepared.prepare else {})}
+    cut = 77
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, cut:] = torch.randn_like(k2[:, :, cut:]) * 3
+    v2[:, :, cut:] = torch.randn_like(v2[:, :, cut:]) * 3
+    base = prepared.fn(q, k, v, **kwargs)
+    moved = prepared.fn(q, k2, v2, **kwargs)
+    torch.testing.assert_close(moved[:, :, :cut], base[:, :, :cut], rtol=0, atol=1e-6)
+    assert not torch.allclose(moved[:, :, cut:], base[:, :, cut:])  # the probe changes what it should
+
+
+# ---- routing deterministic for a seed ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method, opts", [("routing", {"clusters": 8}), ("probsparse", {"factor": 2}),
+                                          ("sparsifiner", {}), ("biformer", {"region": 16, "topk": 3}),
+                                          ("superlinear", {})])
+def test_routing_is_deterministic_for_a_seed(dense, method, opts):
+    def once(seed):
+        prepared, case = build(method, "causal" if method in ("superlinear",) else "full", opts=opts, seed=seed)
+        q, k, v, q1 = inputs(case)
+        extras = {"q1": q1} if prepared.extras else {}
+        kwargs = {**extras, **(prepared.prepare(q, k, v, **extras) if prepared.prepare else {})}
+        route = next(iter(prepared.phases.values()))(q, k, v, **kwargs)
+        return prepared.fn(q, k, v, **kwargs), route
+
+    (a, route_a), (b, route_b) = once(0), once(0)
+    assert torch.equal(a, b)
+    for x, y in zip(route_a if isinstance(route_a, tuple) else [route_a], route_b if isinstance(route_b, tuple) else [route_b]):
+        assert torch.equal(x, y)
+    if method in ("routing", "probsparse", "sparsifiner"):  # seeded draws: another seed routes differently
+        c, _ = once(1)
+        assert not torch.equal(a, c)
+
+
+# ---- options: bad values name the field ------------------------------------------------------------------------
+@pytest.mark.parametrize("method, mask, opts, words", [
+    ("routing", "full", {"clusters": 1000}, "method_options.routing.clusters: must be <= the sequence length"),
+    ("biformer", "full", {"region": 16, "topk": 9}, "method_options.biformer.topk: must be <= the number of key regions (8)"),
+    ("halo", "full", {"halo": -1}, "method_options.halo.halo: must be >= 0"),
+    ("long_short", "full", {"window": 15}, "method_options.long_short.window: must be even"),
+    ("sparsifiner", "full", {"keep_rate": 0}, "method_options.sparsifiner.keep_rate: must be > 0"),
+    ("superlinear", "causal", {"num_spans": 99}, "method_options.superlinear.num_spans"),
+    ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed: unknown field(s) segmnt"),
+])
+def test_bad_options_fail_naming_the_field(dense, method, mask, opts, words):
+    with pytest.raises(ValueError) as info:
+        build(method, mask, opts=opts)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("method, opts, words", [
+    ("biformer", {"region": 24}, "not a multiple of method_options.biformer.region=24"),
+    ("halo", {"block": 48}, "not a multiple of method_options.halo.block=48"),
+    ("routing", {"clusters": 24}, "not a multiple of method_options.routing.clusters=24"),
+    ("biformer_2d", {}, "not a square"),
+])
+def test_lengths_a_block_does_not_divide_are_refused_with_the_reason(method, opts, words):
+    row = run_case(method, "full", "fwd", opts=opts)
+    assert row["status"] == "unsupported" and words in row["reason"]
+
+
+# ---- the pieces against brute force ----------------------------------------------------------------------------
+def test_superlinear_search_and_spans_match_a_per_query_loop():
+    torch.manual_seed(0)
+    length, num_spans = 60, 3
+    q1, k = torch.randn(1, 1, length, 8), torch.randn(1, 1, length, 8)
+    distances = superlinear.stripe_distances(length, 0.5, 0)
+    assert distances[:4] == [0, 3, 8, 15]
+    anchors = superlinear.search(q1, k, distances, num_spans)
+    start, end, sw = superlinear.span_bounds(anchors, 0, 2.0, 0.0, 0.5)
+    for t in range(length):
+        cands = [t - d for d in distances if t - d >= 0]
+        scores = torch.stack([q1[0, 0, t] @ k[0, 0, a] for a in cands])
+        best = [cands[i] for i in scores.topk(min(num_spans, len(cands))).indices.tolist()]
+        got = [a for a in anchors[0, 0, t].tolist() if a >= 0]
+        assert got == best
+        for j, a in enumerate(got):
+            reach = math.ceil(2.0 * (t + 1) ** 0.5)
+            assert (start[0, 0, t, j].item(), end[0, 0, t, j].item()) == (max(a - reach, 0), min(a, t))
+
+
+def test_superlinear_window_and_forward_reach():
+    assert superlinear.window_size(0.5, 0) == 0 and superlinear.window_size(0.5, 3) == 15
+    anchors = torch.tensor([[[[5, -1]]]]).expand(1, 1, 1, 2)
+    anchors = torch.cat([torch.full((1, 1, 20, 2), -1), anchors.expand(1, 1, 1, 2)], dim=2)  # query t = 20
+    anchors[0, 0, 20] = torch.tensor([5, -1])
+    start, end, sw = superlinear.span_bounds(anchors, 4, 1.0, 1.0, 0.5)
+    reach = math.ceil(21 ** 0.5)
+    assert sw[20].item() == 17
+    assert (start[0, 0, 20, 0].item(), end[0, 0, 20, 0].item()) == (5 - reach, min(5 + reach, 16))
+    assert start[0, 0, 20, 1].item() > end[0, 0, 20, 1].item()  # invalid anchor: empty span
+
+
+def test_logsparse_spans_partition_the_prefix():
+    length = 64
+    for i in range(length):
+        covered = []
+        for level in range(combiner.dyadic_levels(length)):
+            c = i // 2 ** level - 1
+            if c >= 0 and c % 2 == 0:
+                covered += list(range(c * 2 ** level, (c + 1) * 2 ** level))
+        assert sorted(covered) == list(range(i)), i
+
+
+def test_combiner_fixed_pattern_is_the_papers():
+    length, seg = 32, 8
+    q_idx = torch.arange(length)[:, None]
+    kv = torch.arange(length + length // seg)[None, :]
+    causal = combiner.fixed_visible(q_idx, kv, length, seg, True)
+    full = combiner.fixed_visible(q_idx, kv, length, seg, False)
+    for i, j in itertools.product(range(length), range(length + length // seg)):
+        if j < length:
+            same = j // seg == i // seg
+            assert causal[i, j] == (same and j <= i) and full[i, j] == same
+        else:
+            assert causal[i, j] == (j - length < i // seg) and full[i, j]
+
+
+def test_combiner_axial_pattern_sees_previous_rows_at_its_column():
+    length, seg = 16, 4
+    q_idx = torch.arange(length)[:, None]
+    kv = torch.arange(2 * length)[None, :]
+    vis = combiner.axial_visible(q_idx, kv, length, seg, True)
+    i = 2 * seg + 1  # row 2, column 1
+    assert vis[i, :length].nonzero().squeeze(-1).tolist() == [8, 9]
+    assert (vis[i, length:].nonzero().squeeze(-1)).tolist() == [1, 5]  # key_row of rows 0 and 1, column 1
+
+
+def test_routing_members_are_balanced_sorted_and_nearest():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 64, 8)
+    centroids = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
+    members, assign = routing.route(x, centroids, 16)
+    assert members.shape == (1, 2, 4, 16)
+    assert torch.equal(members, members.sort(dim=-1).values)
+    sim = torch.einsum("hcd,hld->hcl", centroids, torch.nn.functional.normalize(x[0], dim=-1))
+    for h, c in itertools.product(range(2), range(4)):
+        assert set(members[0, h, c].tolist()) == set(sim[h, c].topk(16).indices.tolist())
+    assert torch.equal(assign[0], sim.argmax(dim=1))
+
+
+def test_routing_centroids_move_towards_their_tokens_by_ema():
+    torch.manual_seed(0)
+    heads, clusters, dim = 1, 2, 4
+    mu = torch.nn.functional.normalize(torch.randn(heads, clusters, dim), dim=-1)
+    state = {"sum": mu.clone(), "count": torch.ones(heads, clusters)}
+    x = torch.randn(1, heads, 32, dim)
+    assign = torch.zeros(1, heads, 32, dtype=torch.long)  # every token won by centroid 0
+    target = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1).sum(dim=2), dim=-1)[0]
+    before = (mu[:, 0] * target).sum()
+    for _ in range(50):
+        new = routing.ema_update(state, x, assign, 0.9)
+    assert (new[:, 0] * target).sum() > before
+    torch.testing.assert_close(new[:, 1], mu[:, 1])  # a centroid that won nothing keeps its direction
+    expected_count = 0.9 ** 50 * 1 + (1 - 0.9 ** 50) * 32
+    assert abs(state["count"][0, 0].item() - expected_count) < 1e-3
+
+
+def test_routing_keeps_its_centroid_state_updated_by_the_call():
+    prepared, case = build("routing", "full", opts={"clusters": 8})
+    q, k, v, _ = inputs(case)
+    kwargs = prepared.prepare(q, k, v)
+    prepared.fn(q, k, v, **kwargs)
+    first = prepared.state["centroids"].clone()
+    assert not torch.equal(first, kwargs["centroids"])
+    prepared.fn(q, k, v, **kwargs)
+    assert not torch.equal(prepared.state["centroids"], first)
+
+
+def test_block_flags_are_the_union_of_ranges():
+    torch.manual_seed(0)
+    starts = torch.randint(0, 300, (1, 2, 200, 2))
+    ends = starts + torch.randint(-20, 90, starts.shape)
+    flags = common.ranges_to_blocks(starts, ends, 400, block=32, q_block=64)
+    want = torch.zeros_like(flags)
+    for b, h, t, n in itertools.product(range(1), range(2), range(200), range(2)):
+        s, e = starts[b, h, t, n].item(), min(ends[b, h, t, n].item(), 399)
+        if s <= e:
+            want[b, h, t // 64, s // 32:e // 32 + 1] = True
+    assert torch.equal(flags, want)
+
+
+def test_masked_attention_gives_zero_for_rows_that_see_nothing():
+    q, k, v = torch.randn(1, 1, 3, 4, requires_grad=True), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    allowed = torch.tensor([[True] * 5, [False] * 5, [True, False, False, False, False]])[None, None]
+    out = common.masked_attention(q, k, v, allowed, 0.5)
+    assert torch.equal(out[0, 0, 1], torch.zeros(4))
+    torch.testing.assert_close(out[0, 0, 2], v[0, 0, 0])
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[0, 0, 1], torch.zeros(4))
+
+
+def test_halo_pairs_count_the_reference_pattern():
+    for opts, mask in [({"block": 16, "halo": 8}, "causal"), ({"block": 16, "halo": 24}, "full"),
+                       ({"block": 16, "halo": 8, "mask_padding": False}, "full")]:
+        prepared, case = build("halo", mask, opts=opts, batch=1, heads=1)
+        causal = mask == "causal"
+        rows = torch.arange(case.seq_q)
+        lo, hi = halo.window_1d(rows, opts["block"], opts["halo"], causal, case.seq_q)
+        if opts.get("mask_padding", True):
+            lo, hi = lo.clamp_min(0), hi.clamp_max(case.seq_q)
+        assert prepared.attended_pairs(None, None, None) == int((hi - lo).sum())
+
+
+# ---- through the planner ------------------------------------------------------------------------------------
+def test_sweep_rows_for_every_method_say_what_ran_and_why_not(cfg):
+    names = ["biformer", "halo", "routing", "combiner_fixed", "combiner_logsparse", "probsparse", "superlinear"]
+    cfg.update(methods=names, masks=["full", "causal"], seq_lens=[64], heads_q=2, head_dim=8,
+               method_options={"biformer": {"region": 16, "topk": 2}, "halo": {"block": 16, "halo": 8},
+                               "routing": {"clusters": 4}})
+    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet").set_index(["method", "mask"])
+    assert len(frame) == 2 * len(names)
+    for name in ("biformer", "halo", "routing", "combiner_logsparse", "superlinear", "probsparse"):
+        for mask in ("full", "causal"):
+            row = frame.loc[(name, mask)]
+            declared = METHODS[name].caps.masks
+            if mask not in declared:
+                assert row.status == "unsupported" and "mask" in row.reason
+    for name in ("biformer", "halo", "routing"):
+        assert set(frame.loc[name].status) == {"ok"}, frame.loc[name][["status", "reason"]]
+        assert frame.loc[name].attended_pairs.notna().all()
+    assert frame.loc[("superlinear", "full")].status == "unsupported"
+    assert "CUDA" in frame.loc[("superlinear", "causal")].reason  # compiled FlexAttention is CUDA-only here
+    assert frame.loc[("combiner_fixed", "causal")].status == "unsupported"
+    routed = frame.loc[("routing", "causal")]
+    assert routed.routing_share > 0 and "routing=" in routed.phase_ms

@@ -1,0 +1,73 @@
+"""scripts/sparse_summary.py: rate against the dense baseline, efficiency length, log-log slope, fidelity."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sparse_summary.py"
+
+
+@pytest.fixture(scope="module")
+def summary():
+    spec = importlib.util.spec_from_file_location("sparse_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def frame():
+    rows = []
+    for seq in (4096, 16384, 65536):
+        scale = seq / 4096
+        rows += [  # baseline: quadratic; method: L^1.5 from a higher start, so it wins from 64K only
+            dict(method="sdpa_cudnn", mask="causal", mode="fwd_bwd", seq_q=seq, ms_median=1.0 * scale ** 2, status="ok"),
+            dict(method="sdpa_cudnn", mask="full", mode="fwd", seq_q=seq, ms_median=0.5 * scale ** 2, status="ok",
+                 tflops=600.0),
+            dict(method="routed", mask="causal", mode="fwd_bwd", seq_q=seq, ms_median=5.0 * scale ** 1.5, status="ok"),
+            dict(method="routed", mask="causal", mode="fwd", seq_q=seq, ms_median=2.0 * scale ** 1.5, status="ok",
+                 tflops_attended=300.0, approx_err=0.1 * scale, routing_share=0.25),
+            dict(method="local", mask="full", mode="fwd_bwd", seq_q=seq, ms_median=3.0 * scale, status="ok"),
+        ]
+    rows.append(dict(method="routed", mask="causal", mode="fwd", seq_q=262144, ms_median=None, status="oom",
+                     reason="CUDA out of memory"))
+    rows.append(dict(method="routed", mask="causal", mode="fwd", seq_q=1024, seq_kv=4096, ms_median=99.0,
+                     status="ok", tflops_attended=1.0))  # a cross row: not on the self-attention length axis
+    frame = pd.DataFrame(rows)
+    frame["seq_kv"] = frame.seq_kv.fillna(frame.seq_q)
+    return frame
+
+
+def test_slopes_are_measured_from_the_rows(summary):
+    table = summary.slopes(frame()).set_index(["method", "mask", "mode"])
+    assert table.loc[("routed", "causal", "fwd"), "slope"] == pytest.approx(1.5)
+    assert table.loc[("sdpa_cudnn", "causal", "fwd_bwd"), "slope"] == pytest.approx(2.0)
+    assert table.loc[("local", "full", "fwd_bwd"), "slope"] == pytest.approx(1.0)
+
+
+def test_efficiency_length_is_the_first_length_that_beats_the_baseline(summary):
+    table = summary.efficiency_lengths(frame(), "sdpa_cudnn").set_index("method")
+    # routed 5, 40, 320 ms against the baseline's 1, 16, 256 ms: never below
+    assert table.loc["routed", "efficiency_length"] == "none <= 64K"
+    # local has no causal rows: compared on full, where the baseline has no fwd_bwd rows -> not listed
+    assert "local" not in table.index
+    faster = frame()
+    faster.loc[faster.method == "routed", "ms_median"] /= 4
+    table = summary.efficiency_lengths(faster, "sdpa_cudnn").set_index("method")
+    assert table.loc["routed", "efficiency_length"] == "16K"  # 1.25 > 1 at 4K, 10 < 16 at 16K
+
+
+def test_rate_is_a_share_of_the_dense_forward_and_fidelity_takes_the_longest_length(summary):
+    table = summary.rates(frame(), "sdpa_cudnn")
+    assert set(table.method) == {"routed"} and (table.of_dense == 0.5).all()
+    fid = summary.fidelity(frame()).set_index("method")
+    assert fid.loc["routed", "seq"] == 65536 and fid.loc["routed", "approx_err"] == pytest.approx(1.6)
+
+
+def test_render_lists_every_section_and_the_failed_rows(summary):
+    text = summary.render(frame())
+    for title in ("## Rate", "## Efficiency length", "## Log-log slope", "## approx_err", "## Rows not ok"):
+        assert title in text
+    assert "CUDA out of memory" in text and "| routed | causal | 64K |" in text
