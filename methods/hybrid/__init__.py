@@ -1,0 +1,1 @@
+"""Hybrid layers and token mixers (methods-spec §7, §13, §14): NAtS-L, MetaMixer, LaMamba."""
