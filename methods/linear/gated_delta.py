@@ -60,9 +60,9 @@ def _align(q, k):
 
 
 def naive_recurrence(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, state0=None,
-                     return_state=False):
-    """The token loop in fp32 (readable; O(L) Python steps)."""
-    scale = q.shape[-1] ** -0.5
+                     return_state=False, scale=None):
+    """The token loop in fp32 (readable; O(L) Python steps). ``scale`` defaults to 1/√d."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, lead = _align(q, k)
     q, k, v, g, beta = _inputs(q, k, v, g, beta, gated, delta, normalize)
     batch, heads, length, dk = k.shape
@@ -80,9 +80,9 @@ def naive_recurrence(q, k, v, g=None, beta=None, *, gated=True, delta=True, norm
 
 
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False):
-    """The WY chunked form (fp32), see the module docstring."""
-    scale = q.shape[-1] ** -0.5
+            return_state=False, scale=None):
+    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = v.dtype
     q, lead = _align(q, k)
     q, k, v, g, beta = _inputs(q, k, v, g, beta, gated, delta, normalize)
