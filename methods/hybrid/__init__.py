@@ -1,1 +1,2 @@
 """Hybrid layers and token mixers (methods-spec §7, §13, §14): NAtS-L, MetaMixer, LaMamba."""
+from . import metamixer  # noqa: F401

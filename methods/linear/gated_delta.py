@@ -79,20 +79,13 @@ def naive_recurrence(q, k, v, g=None, beta=None, *, gated=True, delta=True, norm
     return (out, S) if return_state else out
 
 
-def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False, scale=None):
-    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out_dtype = v.dtype
-    q, lead = _align(q, k)
-    q, k, v, g, beta = _inputs(q, k, v, g, beta, gated, delta, normalize)
+def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int):
+    """Per-chunk quantities of the WY form, for all chunks at once (inputs already fp32, normalised, padded
+    to a multiple of ``chunk``): ``qg``, ``attn``, ``U``, ``W`` (None without the delta term), ``kd``,
+    ``last`` (see the module docstring)."""
     batch, heads, length, dk = k.shape
     dv = v.shape[-1]
-    n = -(-length // chunk)
-    pad = n * chunk - length
-    if pad:  # padded tokens: k = v = 0, g = 0, beta = 0 -> no write, no decay
-        q, k, v = (torch.cat([t, t.new_zeros(batch, heads, pad, t.shape[-1])], 2) for t in (q, k, v))
-        g, beta = (torch.cat([t, t.new_zeros(batch, heads, pad)], 2) for t in (g, beta))
+    n = length // chunk
     qc, kc, vc = (t.view(batch, heads, n, chunk, t.shape[-1]) for t in (q, k, v))
     gam = g.view(batch, heads, n, chunk).cumsum(-1)  # γ_r within each chunk
     bc = beta.view(batch, heads, n, chunk)
@@ -110,15 +103,50 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
         sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
         U, W = sol[..., :dv], sol[..., dv:]
     else:
-        U, W = vc, None
-    S = q.new_zeros(batch, heads, dk, dv) if state0 is None else state0.float()
-    outs = []
-    for c in range(n):
+        U, W = vc * bc[..., None], None
+    return qg, attn, U, W, kd, last
+
+
+def chunk_states(U, W, kd, last, state0):
+    """The loop over chunks: the state entering each chunk [B, H, N, dk, dv] and the final state."""
+    S = state0
+    states = []
+    for c in range(U.shape[2]):
+        states.append(S)
         new = U[:, :, c] if W is None else U[:, :, c] - W[:, :, c] @ S
-        outs.append(qg[:, :, c] @ S + attn[:, :, c] @ new)
         S = last[:, :, c, None, None] * S + kd[:, :, c].transpose(-1, -2) @ new
-    out = (scale * torch.cat(outs, dim=2))[:, :, lead:length]
-    out = out.to(out_dtype)
+    return torch.stack(states, dim=2), S
+
+
+def chunk_outputs(qg, attn, U, W, states):
+    """Every chunk's outputs from the state entering it, all chunks at once: [B, H, N, C, dv]."""
+    new = U if W is None else U - W @ states
+    return qg @ states + attn @ new
+
+
+def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
+    q, lead = _align(q, k)
+    q, k, v, g, beta = _inputs(q, k, v, g, beta, gated, delta, normalize)
+    batch, heads, length, _ = k.shape
+    pad = -length % chunk
+    if pad:  # padded tokens: k = v = 0, g = 0, beta = 0 -> no write, no decay
+        q, k, v = (torch.cat([t, t.new_zeros(batch, heads, pad, t.shape[-1])], 2) for t in (q, k, v))
+        g, beta = (torch.cat([t, t.new_zeros(batch, heads, pad)], 2) for t in (g, beta))
+    return q, k, v, g, beta, lead, length
+
+
+def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
+            return_state=False, scale=None):
+    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
+    batch, heads, _, dk = k.shape
+    qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk)
+    S0 = q.new_zeros(batch, heads, dk, v.shape[-1]) if state0 is None else state0.float()
+    states, S = chunk_states(U, W, kd, last, S0)
+    out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
+    out = (scale * out[:, :, lead:length]).to(out_dtype)
     return (out, S) if return_state else out
 
 
