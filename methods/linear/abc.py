@@ -7,7 +7,7 @@ slot), then ``o_i = softmax_slots(K̃_i q_i / √d) · Ṽ_i``. Causal: prefix s
 Both reads are unnormalised linear attentions, so the chunked form is two passes of the kernelised skeleton:
 ``logits = LA(q, k; values e) / LA(1, 1; e)``, then ``o = LA(p / Z, e; v)``; the reference materialises
 ``K̃_i, Ṽ_i`` (``[B, H, Lq, n, d]``) up to ``reference_naive_max`` elements, else runs the chunked form in
-fp32 with another chunk. ``s`` is shifted by its global per-slot maximum (it cancels exactly: no ε).
+fp32 with half the chunk. ``s`` is shifted by its global per-slot maximum (it cancels exactly: no ε).
 Recurrent decode: state ``(Σ e⊗k, Σ e⊗v, Σ e)``, O(n·d) per head. A different operator (class N): no
 approx_err. Hyper-parameters: ``slots`` (n, default 64), ``chunk`` (default 128), ``reference_naive_max``.
 """
@@ -99,7 +99,7 @@ def build_abc(ctx):
     def reference(q, k, v, s):
         if q.shape[1] * q.shape[2] * slots * q.shape[-1] <= naive_max:
             return abc_reference(q, k, v, s, causal=causal, offset=offset)
-        return abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=2 * chunk)
+        return abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=max(1, chunk // 2))
 
     return Prepared(fn=lambda q, k, v, s: abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=chunk),
                     reference=reference,

@@ -61,7 +61,7 @@ def build_fla_linear_attn(ctx):
         from .common import linear_reference
 
         fq, fk, vv = elu_features(_bhsd(q), _bhsd(k), _bhsd(v))
-        out = linear_reference(naive_max, 128)(fq, fk, vv, causal=True, offset=0, eps=eps)
+        out = linear_reference(naive_max, 128)(fq, fk, vv, causal=True, offset=0, eps=eps)  # chunk 64 above
         return _bhsd(out)
 
     return Prepared(fn=fn, reference=reference, softmax_comparable=False)
@@ -90,7 +90,7 @@ def _fla_variant(ctx, name: str, call):
         if k.shape[2] <= naive_max:
             out = gated_delta.naive_recurrence(q, k, v, g, beta, **kw)
         else:
-            out = gated_delta.chunked(q, k, v, g, beta, chunk=128, **kw)
+            out = gated_delta.chunked(q, k, v, g, beta, chunk=32, **kw)
         return _bhsd(out)
 
     return Prepared(fn=call, reference=reference, extras=_gate_extras(ctx.case, gated, delta),

@@ -11,7 +11,7 @@ The gate ``g`` (log space, [B, H, L], ``Extra(init="logsigmoid")``) and the writ
 states); both get gradients.
 
 Forms: :func:`naive_recurrence` (the token loop, fp32: the reference up to ``reference_naive_max_len``
-tokens; above that the reference is the chunked form in fp32 with twice the chunk), :func:`chunked` (the
+tokens; above that the reference is the chunked form in fp32 with half the chunk), :func:`chunked` (the
 WY form: per chunk of C tokens, with cumulative log-decays γ, the unit lower-triangular system
 ``(I + diag(β)(exp(γ_r−γ_i) k_r·k_i)_{i<r}) [U | W] = diag(β) [V | diag(e^γ) K]`` is solved for all chunks
 at once; a loop over chunks then carries the state: ``N = U − W S``, ``O = diag(e^γ) Q S + (e^(γ_r−γ_i) q_r·k_i)_{i≤r} N``,
@@ -203,7 +203,7 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     def reference(q, k, v, g=None, beta=None):
         if k.shape[2] <= naive_max:
             return naive_recurrence(q, k, v, g, beta, **kw).to(q.dtype)
-        return chunked(q, k, v, g, beta, chunk=2 * chunk, **kw)
+        return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), **kw)
 
     return Prepared(fn=fn, reference=reference, extras=gate_extras(ctx.case, gated, delta),
                     decode=recurrent_decode(gated, delta, normalize, chunk), softmax_comparable=False)
