@@ -1,6 +1,6 @@
 """flash-linear-attention (``fla-core``) kernels as backends: the production baseline of the linear family.
 
-Registered like SDPA's backends, one method per operator, each with ``requires=("fla", "triton")`` (listed
+Registered like SDPA's backends, one method per operator, each with ``requires=("fla", "triton", "einops")`` (listed
 as unavailable where fla does not import) and CUDA only (fla's Triton kernels need a GPU driver; they do not
 run under ``TRITON_INTERPRET`` on the CPU). Each computes the *same operator* as an own method and is gated
 against that method's reference:
@@ -30,7 +30,8 @@ from .linear_attn import elu_features
 
 DECLINES = ("produces incorrect results", "Triton is not supported")
 CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, backward=True, devices=("cuda",),
-            requires=("fla", "triton"), input_layout="bshd", declines=DECLINES)
+            dtypes=("float16", "bfloat16"),
+            requires=("fla", "triton", "einops"), input_layout="bshd", declines=DECLINES)
 
 
 def _bhsd(t):
