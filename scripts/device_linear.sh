@@ -12,7 +12,11 @@
 #   6. scripts/linear_summary.py over both runs                            -> $OUT/linear-summary.md
 # Each step has its own time limit (~7.5 minutes if every step ran to its limit; ~5-6 expected).
 set -u
-WHEELS=$(ls .whl/*.whl shared/device/wheels/*.whl 2>/dev/null | sort -u)
+# one wheel per file name (.whl/ first, then shared/device/wheels/): pip refuses a package given twice
+declare -A SEEN; WHEELS=""
+for w in .whl/*.whl shared/device/wheels/*.whl; do
+  [ -f "$w" ] || continue; n=$(basename "$w"); [ -n "${SEEN[$n]:-}" ] && continue; SEEN[$n]=1; WHEELS="$WHEELS $w"
+done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS || exit 1
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 python3 -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.txt 2>&1 || { tail $OUT/pip.txt; exit 1; }
