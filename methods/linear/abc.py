@@ -1,0 +1,107 @@
+"""ABC, Attention with Bounded-memory Control (Peng et al., ACL 2022, arXiv:2110.02488), control by slot
+scores given as an extra input (in a layer they come from the hidden states: ABC-MLP).
+
+n memory slots; per key j a control vector ``e_j = exp(s_j)`` (``s`` [B, H, Lk, n], ``Extra(randn)``).
+Query i reads the memory built from the keys it sees: ``K̃_i = Σ_j e_j ⊗ k_j / Σ_j e_j`` and ``Ṽ_i`` alike (per
+slot), then ``o_i = softmax_slots(K̃_i q_i / √d) · Ṽ_i``. Causal: prefix sums; full: all keys.
+Both reads are unnormalised linear attentions, so the chunked form is two passes of the kernelised skeleton:
+``logits = LA(q, k; values e) / LA(1, 1; e)``, then ``o = LA(p / Z, e; v)``; the reference materialises
+``K̃_i, Ṽ_i`` (``[B, H, Lq, n, d]``) up to ``reference_naive_max`` elements, else runs the chunked form in
+fp32 with half the chunk. ``s`` is shifted by its global per-slot maximum (it cancels exactly: no ε).
+Recurrent decode: state ``(Σ e⊗k, Σ e⊗v, Σ e)``, O(n·d) per head. A different operator (class N): no
+approx_err. Hyper-parameters: ``slots`` (n, default 64), ``chunk`` (default 128), ``reference_naive_max``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..contract import Extra, Prepared, RecurrentDecode
+from ..registry import Capabilities, register_method
+from .common import LINEAR_MASKS, causal_visible, chunked_linear, expand_heads, mask_mode, param_int
+
+
+def _controls(s):
+    return torch.exp(s.float() - s.float().amax(dim=2, keepdim=True).detach())
+
+
+def abc_chunked(q, k, v, s, *, causal, offset, chunk):
+    dtype = q.dtype
+    heads = q.shape[1]
+    qf, kf, vf = q.float(), expand_heads(k, heads).float(), expand_heads(v, heads).float()
+    e = _controls(s)
+    kw = dict(causal=causal, offset=offset, eps=0.0, chunk=chunk, normalize=False)
+    ones_q, ones_k = qf.new_ones(*qf.shape[:3], 1), kf.new_ones(*kf.shape[:3], 1)
+    Z = chunked_linear(ones_q, ones_k, e, **kw)  # Σ_j e_j  [B, H, Lq, n]
+    seen = Z > 0
+    Zs = torch.where(seen, Z, torch.ones_like(Z))
+    logits = chunked_linear(qf, kf, e, **kw) / Zs / math.sqrt(q.shape[-1])
+    p = torch.softmax(logits, dim=-1)
+    read = torch.where(seen, p / Zs, torch.zeros_like(p))
+    return chunked_linear(read, e, vf, **kw).to(dtype)
+
+
+def abc_reference(q, k, v, s, *, causal, offset):
+    heads = q.shape[1]
+    k, v = expand_heads(k, heads), expand_heads(v, heads)
+    e = _controls(s).to(q.dtype)
+    if causal:
+        visible = causal_visible(q.shape[2], k.shape[2], offset, q.device).to(q.dtype)
+    else:
+        visible = q.new_ones(q.shape[2], k.shape[2])
+    mem_k = torch.einsum("ij,bhjn,bhjd->bhind", visible, e, k)  # Σ_j e_j ⊗ k_j over the visible keys
+    mem_v = torch.einsum("ij,bhjn,bhjd->bhind", visible, e, v)
+    Z = torch.einsum("ij,bhjn->bhin", visible, e)[..., None]
+    seen = Z > 0
+    Zs = torch.where(seen, Z, torch.ones_like(Z))
+    mem_k, mem_v = mem_k / Zs, mem_v / Zs
+    p = torch.softmax((mem_k @ q[..., None])[..., 0] / math.sqrt(q.shape[-1]), dim=-1)
+    out = (p[..., None] * mem_v).sum(-2)
+    return torch.where(seen.any(-2), out, torch.zeros_like(out))
+
+
+def abc_decode() -> RecurrentDecode:
+    def prefill(q, k, v, s):
+        past = k.shape[2] - 1
+        heads = q.shape[1]
+        e = _controls(s)[:, :, :past]
+        kf, vf = expand_heads(k, heads)[:, :, :past].float(), expand_heads(v, heads)[:, :, :past].float()
+        return (e.transpose(-1, -2) @ kf, e.transpose(-1, -2) @ vf, e.sum(2))
+
+    def step(state, q, k, v, s):
+        mem_k, mem_v, z = state
+        last = k.shape[2] - 1
+        heads = q.shape[1]
+        e = _controls(s)[:, :, last]  # [B, H, n]
+        kt, vt = expand_heads(k, heads)[:, :, last].float(), expand_heads(v, heads)[:, :, last].float()
+        mem_k = mem_k + e[..., None] * kt[:, :, None, :]
+        mem_v = mem_v + e[..., None] * vt[:, :, None, :]
+        z = z + e
+        logits = (mem_k @ q[:, :, -1].float()[..., None])[..., 0] / z / math.sqrt(q.shape[-1])
+        p = torch.softmax(logits, dim=-1)
+        return ((p / z)[:, :, None, :] @ mem_v).to(v.dtype)
+
+    return RecurrentDecode(prefill=prefill, step=step,
+                           state_bytes=lambda st: sum(t[0].numel() * t.element_size() for t in st))
+
+
+@register_method("abc", Capabilities(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True,
+                                      backward=True, decode=True))
+def build_abc(ctx):
+    """ABC: n bounded memory slots written under control scores, read by softmax over slots (chunked)."""
+    causal, offset = mask_mode(ctx)
+    case = ctx.case
+    slots = param_int(ctx, "slots", 64, minimum=1, maximum=4096)
+    chunk = param_int(ctx, "chunk", 128, minimum=1, maximum=4096)
+    naive_max = param_int(ctx, "reference_naive_max", 1 << 26)
+
+    def reference(q, k, v, s):
+        if q.shape[1] * q.shape[2] * slots * q.shape[-1] <= naive_max:
+            return abc_reference(q, k, v, s, causal=causal, offset=offset)
+        return abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=max(1, chunk // 2))
+
+    return Prepared(fn=lambda q, k, v, s: abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=chunk),
+                    reference=reference,
+                    extras={"s": Extra(shape=(case.batch, case.heads_q, case.seq_kv, slots), dtype="float32")},
+                    decode=abc_decode() if causal else None, softmax_comparable=False)

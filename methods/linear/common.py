@@ -1,0 +1,283 @@
+"""Shared pieces of the linear-time family: the kernelised linear-attention skeleton in three forms, the
+mask rule, hyper-parameter validation and the recurrent decode state.
+
+The skeleton (methods-spec §12): with feature maps ``fq = φ_q(q)`` ``[B, H, Sq, m]`` and ``fk = φ_k(k)``
+``[B, H, Skv, m]``,
+
+    out_i = fq_i · S_i / (fq_i · z_i + eps),   S_i = Σ_{j ∈ C_i} fk_j v_jᵀ,   z_i = Σ_{j ∈ C_i} fk_j
+
+with ``C_i`` every key (full mask) or the keys ``j <= i + offset`` (causal, bottom-right ``offset =
+seq_kv - seq_q``, or the mask's own offset). ``normalize=False`` drops the denominator.
+
+Forms: :func:`naive_linear` (the quadratic masked form, readable, any dtype: the reference),
+:func:`chunked_linear` (intra-chunk quadratic + inter-chunk prefix states by ``cumsum``; states in fp32),
+and :class:`LinearState` (the recurrent state ``(S, z)`` for decode: O(m · dv) per head, whatever the
+context). Features are computed by the methods; this module never draws random numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..contract import RecurrentDecode
+from ..registry import Unsupported
+
+# masks the kernelised family runs: full (noncausal, also cross) and causal-aligned (causal, decode)
+LINEAR_MASKS = frozenset({"full", "causal", "decode"})
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- hyper-parameters -------------------------------------------------------------------------------------
+def param_int(ctx, name: str, default: int, minimum: int = 1, maximum: int | None = None, power_of_two=False):
+    """An integer hyper-parameter from ``method_options.<method>.<name>``, validated (ValueError naming it)."""
+    value = ctx.param(name, default)
+    field = f"method_options.{ctx.case.method}.{name}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{field}: must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{field}: must be <= {maximum}, got {value}")
+    if power_of_two and value & (value - 1):
+        raise ValueError(f"{field}: must be a power of two, got {value}")
+    return value
+
+
+def param_float(ctx, name: str, default: float, minimum: float | None = None, maximum: float | None = None,
+                strict_min: bool = False):
+    value = ctx.param(name, default)
+    field = f"method_options.{ctx.case.method}.{name}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{field}: must be a finite number, got {value!r}")
+    value = float(value)
+    if minimum is not None and (value <= minimum if strict_min else value < minimum):
+        raise ValueError(f"{field}: must be {'>' if strict_min else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{field}: must be <= {maximum}, got {value}")
+    return value
+
+
+def param_choice(ctx, name: str, default: str, choices):
+    value = ctx.param(name, default)
+    if value not in choices:
+        raise ValueError(f"method_options.{ctx.case.method}.{name}: must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def compute_dtype(ctx, default: str = "float32") -> torch.dtype:
+    """``method_options.<m>.compute_dtype``: the dtype the chunked form computes in (states stay fp32)."""
+    return COMPUTE_DTYPES[param_choice(ctx, "compute_dtype", default, COMPUTE_DTYPES)]
+
+
+def mask_mode(ctx) -> tuple[bool, int]:
+    """(causal, offset) for the case's mask; Unsupported for masks the family cannot express."""
+    mask = ctx.mask
+    if mask.full:
+        return False, 0
+    if mask.name in ("causal", "decode"):
+        return True, int(mask.offset)
+    raise Unsupported(f"{ctx.case.method} runs full and causal masks only, not {mask.label}")
+
+
+def expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: repeat kv heads to the query heads (head h uses kv head h // group)."""
+    group = heads // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+# ---- the three forms --------------------------------------------------------------------------------------
+def causal_visible(seq_q: int, seq_kv: int, offset: int, device) -> torch.Tensor:
+    """bool [seq_q, seq_kv]: key j visible from query i when j <= i + offset."""
+    rows = torch.arange(seq_q, device=device)[:, None]
+    cols = torch.arange(seq_kv, device=device)[None, :]
+    return cols <= rows + offset
+
+
+def _den(den, eps, floor):
+    return (den if floor is None else den.clamp_min(floor)) + eps
+
+
+def naive_linear(fq, fk, v, *, causal: bool, offset: int, eps: float, normalize: bool = True, weights=None,
+                 floor=None):
+    """Quadratic masked form, in the dtype of its inputs: ``A = fq fkᵀ`` (times ``weights`` [Sq, Skv] if
+    given), masked, ``out = A v / (A 1 + eps)`` (the sum clamped at ``floor`` first when given)."""
+    scores = fq @ fk.transpose(-1, -2)
+    if weights is not None:
+        scores = scores * weights
+    if causal:
+        scores = scores.masked_fill(~causal_visible(fq.shape[2], fk.shape[2], offset, fq.device), 0.0)
+    out = scores @ v
+    if normalize:
+        out = out / _den(scores.sum(-1, keepdim=True), eps, floor)
+    return out
+
+
+def _pad_to(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    extra = length - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def chunked_linear(fq, fk, v, *, causal: bool, offset: int, eps: float, chunk: int, normalize: bool = True,
+                   dtype: torch.dtype = torch.float32, state0=None, floor=None):
+    """The chunked parallel form. Matmuls in ``dtype``; the prefix states and the normaliser in fp32.
+
+    Causal: queries are aligned to keys ``offset ..`` (keys before that form an initial state; queries with
+    ``i + offset < 0`` see nothing and give 0). ``state0``: an extra initial ``(S [B,H,m,dv], z [B,H,m])``.
+    Returns ``[B, H, Sq, dv]`` in ``v``'s dtype.
+    """
+    out_dtype = v.dtype
+    fq, fk, v = fq.to(dtype), fk.to(dtype), v.to(dtype)
+    if not causal:
+        kv = (fk.transpose(-1, -2) @ v).float()
+        num = (fq @ kv.to(dtype)).float()
+        if state0 is not None:
+            num = num + fq.float() @ state0[0]
+        if not normalize:
+            return num.to(out_dtype)
+        z = fk.float().sum(2)
+        if state0 is not None:
+            z = z + state0[1]
+        den = (fq.float() * z[:, :, None, :]).sum(-1, keepdim=True)
+        return (num / _den(den, eps, floor)).to(out_dtype)
+    batch, heads, seq_q, m = fq.shape
+    seq_kv, dv = fk.shape[2], v.shape[-1]
+    out = fq.new_zeros(batch, heads, seq_q, dv, dtype=torch.float32)
+    s0 = None if state0 is None else state0[0].float()
+    z0 = None if state0 is None else state0[1].float()
+    if offset > 0:  # keys before the first query's position: an initial state
+        pre_s = (fk[:, :, :offset].transpose(-1, -2) @ v[:, :, :offset]).float()
+        pre_z = fk[:, :, :offset].float().sum(2)
+        s0 = pre_s if s0 is None else s0 + pre_s
+        z0 = pre_z if z0 is None else z0 + pre_z
+        fk, v = fk[:, :, offset:], v[:, :, offset:]
+        first = 0
+    else:
+        first = -offset  # queries 0 .. -offset-1 see no key
+        fq = fq[:, :, first:]
+    n = fq.shape[2]
+    if n <= 0:
+        return out.to(out_dtype)
+    fk, v = fk[:, :, :n], v[:, :, :n]
+    chunks = -(-n // chunk)
+    length = chunks * chunk
+    qc = _pad_to(fq, length).view(batch, heads, chunks, chunk, m)
+    kc = _pad_to(fk, length).view(batch, heads, chunks, chunk, m)
+    vc = _pad_to(v, length).view(batch, heads, chunks, chunk, dv)
+    kv = (kc.transpose(-1, -2) @ vc).float()  # [B, H, N, m, dv]
+    states = torch.cumsum(kv, dim=2) - kv  # exclusive prefix: the state entering each chunk
+    if s0 is not None:
+        states = states + s0[:, :, None]
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~tri, 0.0)
+    num = (qc @ states.to(dtype)).float() + (scores @ vc).float()
+    if normalize:
+        zk = kc.float().sum(3)  # [B, H, N, m]
+        zs = torch.cumsum(zk, dim=2) - zk
+        if z0 is not None:
+            zs = zs + z0[:, :, None]
+        den = (qc.float() * zs[:, :, :, None, :]).sum(-1, keepdim=True) + scores.float().sum(-1, keepdim=True)
+        num = num / _den(den, eps, floor)
+    result = num.reshape(batch, heads, length, dv)[:, :, :n]
+    if first:
+        result = torch.cat([out[:, :, :first], result], dim=2)
+    return result.to(out_dtype)
+
+
+def linear_reference(naive_max_pairs: int, chunk: int):
+    """Choose the reference form by size: the quadratic :func:`naive_linear` up to ``naive_max_pairs``
+    (query, key) pairs per head, else :func:`chunked_linear` in fp32 with half the chunk (a different
+    chunking, and less memory than the fast path: the CPU tests tie the chunked form to the naive one; at 1M
+    tokens the quadratic form does not fit)."""
+
+    def attend(fq, fk, v, *, causal, offset, eps, normalize=True, floor=None):
+        if fq.shape[2] * fk.shape[2] <= naive_max_pairs:
+            return naive_linear(fq, fk, v, causal=causal, offset=offset, eps=eps, normalize=normalize, floor=floor)
+        return chunked_linear(fq, fk, v, causal=causal, offset=offset, eps=eps, chunk=max(1, chunk // 2),
+                              normalize=normalize, dtype=torch.float32, floor=floor)
+
+    return attend
+
+
+# ---- recurrent decode -------------------------------------------------------------------------------------
+@dataclass
+class LinearState:
+    """``S`` [B, H, m, dv] and ``z`` [B, H, m], fp32: the whole past, whatever its length."""
+
+    S: torch.Tensor
+    z: torch.Tensor
+
+
+def linear_decode(features, eps: float, normalize: bool = True, floor=None) -> RecurrentDecode:
+    """A RecurrentDecode from ``features(q, k, v, q_pos, k_pos, **kw) -> (fq, fk, v)`` (positions are the
+    absolute key positions of the tokens given, for position-dependent maps such as cosFormer's)."""
+
+    def prefill(q, k, v, **kw):
+        past = k.shape[2] - 1
+        kpos = torch.arange(past, device=k.device)
+        qpos = torch.arange(q.shape[2], device=q.device) + (k.shape[2] - q.shape[2])
+        _, fk, vv = features(q, k[:, :, :past], v[:, :, :past], qpos, kpos, **kw)
+        S = (fk.float().transpose(-1, -2) @ vv.float())
+        return LinearState(S=S, z=fk.float().sum(2))
+
+    def step(state: LinearState, q, k, v, **kw):
+        last = k.shape[2] - 1
+        pos = torch.tensor([last], device=k.device)
+        fq, fk, vv = features(q[:, :, -1:], k[:, :, last:], v[:, :, last:], pos, pos, **kw)
+        fq, fk, vv = fq.float(), fk.float(), vv.float()
+        S = state.S + fk.transpose(-1, -2) @ vv
+        num = fq @ S
+        if normalize:
+            z = state.z + fk[:, :, 0]
+            num = num / _den((fq * z[:, :, None, :]).sum(-1, keepdim=True), eps, floor)
+        return num.to(v.dtype)
+
+    return RecurrentDecode(prefill=prefill, step=step,
+                           state_bytes=lambda s: (s.S[0].numel() + s.z[0].numel()) * s.S.element_size())
+
+
+# ---- a builder for feature-map methods ----------------------------------------------------------------------
+def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = True, prepare=None, extras=None,
+               parameters=(), default_chunk: int = 128, eps_default: float = 1e-6, floor=None):
+    """``Prepared`` for a method given by its feature maps.
+
+    ``features(q, k, v, q_pos, k_pos, **kw) -> (fq, fk, v)`` with GQA expanded; ``q_pos``/``k_pos`` are
+    absolute positions (keys 0..Skv-1, query i at i + offset), used by position-dependent maps (cosFormer). Hyper-parameters read here:
+    ``chunk`` (chunk length of the parallel form), ``eps`` (denominator), ``compute_dtype`` (matmul dtype of
+    the chunked form), ``reference_naive_max_pairs`` (above, the reference is the chunked form in fp32).
+    """
+    from ..contract import Prepared
+
+    causal, offset = mask_mode(ctx)
+    chunk = param_int(ctx, "chunk", default_chunk, minimum=1, maximum=4096)
+    eps = param_float(ctx, "eps", eps_default, minimum=0.0)
+    dtype = compute_dtype(ctx)
+    naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
+    reference_form = linear_reference(naive_max, chunk)
+
+    def positions(q, k):  # absolute positions: keys 0..Skv-1, query i at i + offset (0 for the full mask)
+        return torch.arange(q.shape[2], device=q.device) + offset, torch.arange(k.shape[2], device=k.device)
+
+    def fn(q, k, v, **kw):
+        qpos, kpos = positions(q, k)
+        fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
+        return chunked_linear(fq, fk, vv, causal=causal, offset=offset, eps=eps, chunk=chunk,
+                              normalize=normalize, dtype=dtype, floor=floor)
+
+    def reference(q, k, v, **kw):
+        qpos, kpos = positions(q, k)
+        fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
+        return reference_form(fq, fk, vv, causal=causal, offset=offset, eps=eps, normalize=normalize, floor=floor)
+
+    decode = linear_decode(features, eps, normalize, floor) if causal else None
+    return Prepared(fn=fn, reference=reference, prepare=prepare, extras=dict(extras or {}),
+                    parameters=tuple(parameters), decode=decode, softmax_comparable=softmax_comparable)
+
+
+KERNELIZED_CAPS = dict(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True, backward=True,
+                       decode=True)

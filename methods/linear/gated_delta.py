@@ -1,0 +1,231 @@
+"""Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv:2412.06464) and its special cases, own implementation:
+
+    S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,   o_t = scale · S_tᵀ q_t,   α_t = exp(g_t)
+
+with the state ``S`` [d_k, d_v], q and k ℓ2-normalised inside the method (as ``use_qk_l2norm``), scale
+1/√d. ``delta_rule``: α = 1 (no gate). ``simple_gla``: no delta term (``S_t = α_t S_{t−1} + k_t v_tᵀ``,
+q and k not normalised), the scalar-gated linear attention of fla's ``chunk_simple_gla``.
+
+The gate ``g`` (log space, [B, H, L], ``Extra(init="logsigmoid")``) and the write strength ``beta``
+([B, H, L] in (0, 1), ``Extra(init="uniform")``) are extra inputs (in a layer they come from the hidden
+states); both get gradients.
+
+Forms: :func:`naive_recurrence` (the token loop, fp32: the reference up to ``reference_naive_max_len``
+tokens; above that the reference is the chunked form in fp32 with half the chunk), :func:`chunked` (the
+WY form: per chunk of C tokens, with cumulative log-decays γ, the unit lower-triangular system
+``(I + diag(β)(exp(γ_r−γ_i) k_r·k_i)_{i<r}) [U | W] = diag(β) [V | diag(e^γ) K]`` is solved for all chunks
+at once; a loop over chunks then carries the state: ``N = U − W S``, ``O = diag(e^γ) Q S + (e^(γ_r−γ_i) q_r·k_i)_{i≤r} N``,
+``S ← e^(γ_C) S + (e^(γ_C−γ) ⊙ K)ᵀ N``), and a recurrent decode step with an O(d_k · d_v) fp32 state.
+Every exponent is a difference ``γ_r − γ_i ≤ 0``, so no decay underflows into a ratio of tiny numbers.
+The chunked form computes in fp32; its inter-chunk loop makes it launch-bound at short lengths.
+
+Causal only (a recurrence); queries aligned bottom-right (decode: one query after the cache).
+Class N (a different operator): no ``approx_err``. Hyper-parameters: ``chunk`` (default 64),
+``reference_naive_max_len`` (default 4096).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..contract import Extra, Prepared, RecurrentDecode
+from ..registry import Capabilities, Unsupported, register_method
+from .common import mask_mode, param_int
+
+VARIANTS = {
+    # name: (gated, delta, normalise q/k)
+    "gated_delta_rule": (True, True, True),
+    "delta_rule": (False, True, True),
+    "simple_gla": (True, False, False),
+}
+
+
+def _inputs(q, k, v, g, beta, gated: bool, delta: bool, normalize: bool):
+    q, k, v = q.float(), k.float(), v.float()
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    g = g.float() if (gated and g is not None) else torch.zeros(k.shape[:3], device=k.device)
+    beta = beta.float() if (delta and beta is not None) else torch.ones(k.shape[:3], device=k.device)
+    return q, k, v, g, beta
+
+
+def _align(q, k):
+    """Queries bottom-right: pad q with zeros in front to the key length (outputs sliced back after)."""
+    lead = k.shape[2] - q.shape[2]
+    if lead < 0:
+        raise Unsupported("seq_q > seq_kv: queries before the first key (top-left causal) are not supported")
+    if lead:
+        q = torch.cat([q.new_zeros(*q.shape[:2], lead, q.shape[-1]), q], dim=2)
+    return q, lead
+
+
+def naive_recurrence(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, state0=None,
+                     return_state=False, scale=None):
+    """The token loop in fp32 (readable; O(L) Python steps). ``scale`` defaults to 1/√d."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, lead = _align(q, k)
+    q, k, v, g, beta = _inputs(q, k, v, g, beta, gated, delta, normalize)
+    batch, heads, length, dk = k.shape
+    S = q.new_zeros(batch, heads, dk, v.shape[-1]) if state0 is None else state0.float()
+    outs = []
+    for t in range(length):
+        kt, vt = k[:, :, t], v[:, :, t]
+        S = torch.exp(g[:, :, t])[..., None, None] * S
+        if delta:
+            S = S - beta[:, :, t, None, None] * kt[..., :, None] * (kt[..., None, :] @ S)
+        S = S + beta[:, :, t, None, None] * kt[..., :, None] * vt[..., None, :]
+        outs.append(scale * (q[:, :, t, None, :] @ S)[:, :, 0])
+    out = torch.stack(outs, dim=2)[:, :, lead:]
+    return (out, S) if return_state else out
+
+
+def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int):
+    """Per-chunk quantities of the WY form, for all chunks at once (inputs already fp32, normalised, padded
+    to a multiple of ``chunk``): ``qg``, ``attn``, ``U``, ``W`` (None without the delta term), ``kd``,
+    ``last`` (see the module docstring)."""
+    batch, heads, length, dk = k.shape
+    dv = v.shape[-1]
+    n = length // chunk
+    qc, kc, vc = (t.view(batch, heads, n, chunk, t.shape[-1]) for t in (q, k, v))
+    gam = g.view(batch, heads, n, chunk).cumsum(-1)  # γ_r within each chunk
+    bc = beta.view(batch, heads, n, chunk)
+    diff = gam[..., :, None] - gam[..., None, :]  # γ_r − γ_i
+    incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    decay = torch.exp(diff.masked_fill(~incl, float("-inf")))  # e^(γ_r−γ_i) for i <= r, else 0
+    attn = (qc @ kc.transpose(-1, -2)) * decay
+    qg = qc * torch.exp(gam)[..., None]
+    kd = kc * torch.exp(gam[..., -1:] - gam)[..., None]
+    last = torch.exp(gam[..., -1])  # [B, H, N]
+    if delta:
+        strict = decay.masked_fill(torch.eye(chunk, dtype=torch.bool, device=k.device), 0.0)
+        lower = torch.eye(chunk, device=k.device) + bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * strict
+        rhs = bc[..., None] * torch.cat([vc, kc * torch.exp(gam)[..., None]], dim=-1)
+        sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        U, W = sol[..., :dv], sol[..., dv:]
+    else:
+        U, W = vc * bc[..., None], None
+    return qg, attn, U, W, kd, last
+
+
+def chunk_states(U, W, kd, last, state0):
+    """The loop over chunks: the state entering each chunk [B, H, N, dk, dv] and the final state."""
+    S = state0
+    states = []
+    for c in range(U.shape[2]):
+        states.append(S)
+        new = U[:, :, c] if W is None else U[:, :, c] - W[:, :, c] @ S
+        S = last[:, :, c, None, None] * S + kd[:, :, c].transpose(-1, -2) @ new
+    return torch.stack(states, dim=2), S
+
+
+def chunk_outputs(qg, attn, U, W, states):
+    """Every chunk's outputs from the state entering it, all chunks at once: [B, H, N, C, dv]."""
+    new = U if W is None else U - W @ states
+    return qg @ states + attn @ new
+
+
+def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
+    q, lead = _align(q, k)
+    q, k, v, g, beta = _inputs(q, k, v, g, beta, gated, delta, normalize)
+    batch, heads, length, _ = k.shape
+    pad = -length % chunk
+    if pad:  # padded tokens: k = v = 0, g = 0, beta = 0 -> no write, no decay
+        q, k, v = (torch.cat([t, t.new_zeros(batch, heads, pad, t.shape[-1])], 2) for t in (q, k, v))
+        g, beta = (torch.cat([t, t.new_zeros(batch, heads, pad)], 2) for t in (g, beta))
+    return q, k, v, g, beta, lead, length
+
+
+def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
+            return_state=False, scale=None):
+    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
+    batch, heads, _, dk = k.shape
+    qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk)
+    S0 = q.new_zeros(batch, heads, dk, v.shape[-1]) if state0 is None else state0.float()
+    states, S = chunk_states(U, W, kd, last, S0)
+    out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
+    out = (scale * out[:, :, lead:length]).to(out_dtype)
+    return (out, S) if return_state else out
+
+
+def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int) -> RecurrentDecode:
+    def prefill(q, k, v, g=None, beta=None):
+        past = k.shape[2] - 1
+        gp = g[..., :past] if g is not None else None
+        bp = beta[..., :past] if beta is not None else None
+        _, S = chunked(k[:, :, :past], k[:, :, :past], v[:, :, :past], gp, bp, gated=gated, delta=delta,
+                       normalize=normalize, chunk=chunk, return_state=True)
+        return S
+
+    def step(S, q, k, v, g=None, beta=None):
+        last = k.shape[2] - 1
+        qt, kt, vt = q[:, :, -1].float(), k[:, :, last].float(), v[:, :, last].float()
+        if normalize:
+            qt, kt = F.normalize(qt, dim=-1), F.normalize(kt, dim=-1)
+        state = S * torch.exp(g[:, :, last].float())[..., None, None] if gated else S
+        b = beta[:, :, last].float()[..., None, None] if delta else 1.0
+        if delta:
+            state = state - b * kt[..., :, None] * (kt[..., None, :] @ state)
+        state = state + b * kt[..., :, None] * vt[..., None, :]
+        out = (q.shape[-1] ** -0.5) * (qt[:, :, None, :] @ state)
+        return out.to(v.dtype)
+
+    return RecurrentDecode(prefill=prefill, step=step, state_bytes=lambda S: S[0].numel() * S.element_size())
+
+
+def gate_extras(case, gated: bool, delta: bool) -> dict:
+    shape = (case.batch, case.heads_q, case.seq_kv)
+    extras = {}
+    if gated:
+        extras["g"] = Extra(shape=shape, init="logsigmoid", dtype="float32")
+    if delta:
+        extras["beta"] = Extra(shape=shape, init="uniform", dtype="float32")
+    return extras
+
+
+def build_variant(ctx, name: str, fast=None) -> Prepared:
+    """Prepared for one variant; ``fast`` replaces the own chunked form (the fla adapters)."""
+    gated, delta, normalize = VARIANTS[name]
+    causal, offset = mask_mode(ctx)
+    if not causal or offset != ctx.case.seq_kv - ctx.case.seq_q:
+        raise Unsupported(f"{ctx.case.method} is a causal recurrence aligned bottom-right only")
+    chunk = param_int(ctx, "chunk", 64, minimum=1, maximum=1024)
+    naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
+    kw = dict(gated=gated, delta=delta, normalize=normalize)
+
+    def fn(q, k, v, g=None, beta=None):
+        if fast is not None:
+            return fast(q, k, v, g, beta)
+        return chunked(q, k, v, g, beta, chunk=chunk, **kw)
+
+    def reference(q, k, v, g=None, beta=None):
+        if k.shape[2] <= naive_max:
+            return naive_recurrence(q, k, v, g, beta, **kw).to(q.dtype)
+        return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), **kw)
+
+    return Prepared(fn=fn, reference=reference, extras=gate_extras(ctx.case, gated, delta),
+                    decode=recurrent_decode(gated, delta, normalize, chunk), softmax_comparable=False)
+
+
+CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
+            backward=True, decode=True)
+
+
+@register_method("gated_delta_rule", Capabilities(**CAPS))
+def build_gated_delta_rule(ctx):
+    """Gated DeltaNet, own chunked WY form (PyTorch, fp32) with O(dk·dv) recurrent decode."""
+    return build_variant(ctx, "gated_delta_rule")
+
+
+@register_method("delta_rule", Capabilities(**CAPS))
+def build_delta_rule(ctx):
+    """DeltaNet (no gate), own chunked WY form with recurrent decode."""
+    return build_variant(ctx, "delta_rule")
+
+
+@register_method("simple_gla", Capabilities(**CAPS))
+def build_simple_gla(ctx):
+    """Scalar-gated linear attention (no delta, no normalisation), own chunked form with recurrent decode."""
+    return build_variant(ctx, "simple_gla")

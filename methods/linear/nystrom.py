@@ -1,0 +1,78 @@
+"""Nyströmformer (Xiong et al., AAAI 2021, arXiv:2102.03902): softmax attention through m landmarks.
+
+Landmarks are segment means of q and of k (``m`` contiguous segments, ``torch.tensor_split``: uneven
+lengths allowed). ``F = softmax(Q K̃ᵀ/√d)``, ``A = softmax(Q̃ K̃ᵀ/√d)``, ``B = softmax(Q̃ Kᵀ/√d)``,
+``out = F · A⁺ · (B V)`` with A⁺ from the paper's iterative Newton–Schulz pseudo-inverse
+(``Z₀ = Aᵀ/(‖A‖₁‖A‖∞)``, ``Z ← ¼ Z(13I − AZ(15I − AZ(7I − AZ)))``, ``iters`` times). Class A:
+``approx_err`` recorded. Noncausal only (landmarks pool the whole sequence); cross attention works (q and k
+landmarks are taken separately). The fast path is batched; the reference builds the segment-mean operator
+as an explicit averaging matrix. fp32 inside. Hyper-parameters: ``landmarks`` (default 64; at most the
+sequence length), ``iters`` (default 6). The paper's depthwise-conv skip on V is not included.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..contract import Prepared
+from ..registry import Capabilities, Unsupported, register_method
+from .common import expand_heads, param_int
+
+
+def iterative_pinv(A, iters: int):
+    eye = torch.eye(A.shape[-1], device=A.device, dtype=A.dtype)
+    col = A.abs().sum(-2).amax(-1, keepdim=True)[..., None]
+    row = A.abs().sum(-1).amax(-1, keepdim=True)[..., None]
+    Z = A.transpose(-1, -2) / (col * row)
+    for _ in range(iters):
+        AZ = A @ Z
+        Z = 0.25 * Z @ (13 * eye - AZ @ (15 * eye - AZ @ (7 * eye - AZ)))
+    return Z
+
+
+def nystrom_fast(q, k, v, landmarks: int, iters: int):
+    dtype = q.dtype
+    qf, kf, vf = q.float(), expand_heads(k, q.shape[1]).float(), expand_heads(v, q.shape[1]).float()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    ql = torch.stack([seg.mean(2) for seg in torch.tensor_split(qf, landmarks, dim=2)], dim=2)
+    kl = torch.stack([seg.mean(2) for seg in torch.tensor_split(kf, landmarks, dim=2)], dim=2)
+    F_ = torch.softmax(qf @ kl.transpose(-1, -2) * scale, -1)
+    A = torch.softmax(ql @ kl.transpose(-1, -2) * scale, -1)
+    B = torch.softmax(ql @ kf.transpose(-1, -2) * scale, -1)
+    return (F_ @ (iterative_pinv(A, iters) @ (B @ vf))).to(dtype)
+
+
+def averaging_matrix(length: int, segments: int, device) -> torch.Tensor:
+    """[segments, length]: row s averages the tokens of segment s (tensor_split's segment sizes)."""
+    sizes = [len(part) for part in torch.tensor_split(torch.arange(length), segments)]
+    rows = torch.zeros(segments, length, device=device)
+    start = 0
+    for index, size in enumerate(sizes):
+        rows[index, start:start + size] = 1.0 / size
+        start += size
+    return rows
+
+
+def nystrom_reference(q, k, v, landmarks: int, iters: int):
+    k, v = expand_heads(k, q.shape[1]), expand_heads(v, q.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q_land = averaging_matrix(q.shape[2], landmarks, q.device).to(q.dtype) @ q
+    k_land = averaging_matrix(k.shape[2], landmarks, k.device).to(k.dtype) @ k
+    kernel_q = torch.softmax(q @ k_land.transpose(-1, -2) * scale, -1)
+    kernel_a = torch.softmax(q_land @ k_land.transpose(-1, -2) * scale, -1)
+    kernel_k = torch.softmax(q_land @ k.transpose(-1, -2) * scale, -1)
+    return kernel_q @ iterative_pinv(kernel_a, iters) @ kernel_k @ v
+
+
+@register_method("nystromformer", Capabilities(family="linear", exact=False, masks={"full"}, cross=True, gqa=True,
+                                                backward=True))
+def build_nystromformer(ctx):
+    """Nystromformer: landmark (segment-mean) approximation with an iterative pseudo-inverse (full mask)."""
+    landmarks = param_int(ctx, "landmarks", 64, minimum=1)
+    iters = param_int(ctx, "iters", 6, minimum=0, maximum=100)
+    shortest = min(ctx.case.seq_q, ctx.case.seq_kv)
+    if landmarks > shortest:
+        raise Unsupported(f"method_options.nystromformer.landmarks={landmarks} exceeds the sequence length {shortest}")
+    return Prepared(fn=lambda q, k, v: nystrom_fast(q, k, v, landmarks, iters),
+                    reference=lambda q, k, v: nystrom_reference(q, k, v, landmarks, iters))

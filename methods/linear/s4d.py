@@ -1,0 +1,129 @@
+"""S4D, the diagonal structured state space (Gu, Gupta, Goel, Ré, NeurIPS 2022, arXiv:2206.11893), layer form.
+
+Per channel c of x ``[B, L, C]`` (C = heads·head_dim), N/2 complex modes with S4D-Lin initialisation
+``A_n = −½ + iπn``, step ``Δ_c = exp(log_dt_c)``, ZOH discretisation (B = 1):
+``h_t = e^{ΔA} h_{t−1} + (e^{ΔA} − 1)/A · x_t``, ``y_t = 2 Re(Σ_n C_n h_{t,n}) + D x_t``, then an output
+projection ``W_o``. Equivalently a causal convolution with the kernel ``K_l = 2 Re Σ_n C_n (e^{ΔA}−1)/A e^{lΔA}``.
+
+Forms: the fast path builds K (Vandermonde) and convolves by FFT, O(L log L) (fp32/complex64); the reference
+is the recurrence, a loop over tokens, up to ``reference_loop_max_len`` (default 1024) and above that the FFT
+convolution in float64/complex128; :func:`s4d_step` is the O(N) per-channel decode
+step (tested on the CPU; the harness's decode mode serves q/k/v methods only). Causal only; a different operator
+(class N). Hyper-parameters: ``state_size`` (N, even, default 64).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..contract import Prepared
+from ..registry import Capabilities, Unsupported, register_method
+from .common import mask_mode, param_int
+
+
+def _modes(params):
+    dt = torch.exp(params["log_dt"])  # [C]
+    A = torch.complex(-torch.exp(params["log_a_re"]), params["a_im"])  # [C, N/2]
+    dtA = dt[:, None] * A
+    Cc = torch.complex(params["c_re"], params["c_im"])
+    return dtA, Cc * (torch.exp(dtA) - 1) / A  # decay exponent, input-side coefficient C·B̄
+
+
+def s4d_kernel(params, length: int, dtype=torch.complex64):
+    dtA, coef = _modes(params)
+    dtA, coef = dtA.to(dtype), coef.to(dtype)
+    powers = torch.exp(dtA[..., None] * torch.arange(length, device=dtA.device))  # [C, N/2, L]
+    return 2 * torch.einsum("cn,cnl->cl", coef, powers).real  # [C, L]
+
+
+def s4d_fft(x, params):
+    """x [B, L, C] fp32 -> y [B, L, C] (the SSM part, before D and W_o)."""
+    length = x.shape[1]
+    K = s4d_kernel(params, length)
+    n = 2 * length
+    xf = torch.fft.rfft(x.transpose(1, 2), n=n)
+    kf = torch.fft.rfft(K, n=n)
+    return torch.fft.irfft(xf * kf, n=n)[..., :length].transpose(1, 2)
+
+
+def s4d_loop(x, params):
+    dtA, coef = _modes(params)
+    decay = torch.exp(dtA)  # [C, N/2]
+    Bbar = (torch.exp(dtA) - 1) / torch.complex(-torch.exp(params["log_a_re"]), params["a_im"])
+    Cc = torch.complex(params["c_re"], params["c_im"])
+    h = torch.zeros(x.shape[0], *decay.shape, dtype=torch.complex64, device=x.device)
+    outs = []
+    for t in range(x.shape[1]):
+        h = decay * h + Bbar * x[:, t, :, None]
+        outs.append(2 * (Cc * h).sum(-1).real)
+    return torch.stack(outs, dim=1)
+
+
+def s4d_fft64(x, params):
+    """The FFT convolution with the kernel and transforms in float64/complex128 (the reference above the loop
+    length: the same algebra as the fast path at twice the precision, with autograd memory O(C·L))."""
+    length = x.shape[1]
+    K = s4d_kernel({k: v.double() for k, v in params.items()}, length, torch.complex128)
+    n = 2 * length
+    y = torch.fft.irfft(torch.fft.rfft(x.double().transpose(1, 2), n=n) * torch.fft.rfft(K, n=n), n=n)
+    return y[..., :length].transpose(1, 2).to(x.dtype)
+
+
+def s4d_step(state, x_t, params):
+    """Decode: state [B, C, N/2] complex, x_t [B, C] -> (state, y_t) (SSM part)."""
+    dtA, _ = _modes(params)
+    A = torch.complex(-torch.exp(params["log_a_re"]), params["a_im"])
+    state = torch.exp(dtA) * state + ((torch.exp(dtA) - 1) / A) * x_t[..., None]
+    return state, 2 * (torch.complex(params["c_re"], params["c_im"]) * state).sum(-1).real
+
+
+def init_parameters(width: int, state: int, generator, device):
+    half = state // 2
+
+    def keep(t):
+        return t.requires_grad_(True)
+
+    log_dt = torch.rand(width, generator=generator, device=device) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+    return {
+        "log_dt": keep(log_dt),
+        "log_a_re": keep(torch.full((width, half), math.log(0.5), device=device)),
+        "a_im": keep(math.pi * torch.arange(half, device=device, dtype=torch.float32).repeat(width, 1)),
+        "c_re": keep(torch.randn(width, half, generator=generator, device=device) * math.sqrt(0.5)),
+        "c_im": keep(torch.randn(width, half, generator=generator, device=device) * math.sqrt(0.5)),
+        "d": keep(torch.randn(width, generator=generator, device=device)),
+        "w_o": keep(torch.randn(width, width, generator=generator, device=device) * width ** -0.5),
+    }
+
+
+@register_method("s4d", Capabilities(family="linear", exact=False, form="layer", masks={"causal"}, causal_only=True,
+                                      backward=True, trainable=True))
+def build_s4d(ctx):
+    """S4D layer: diagonal SSM, FFT convolution (fast) vs the token recurrence (reference)."""
+    mask_mode(ctx)
+    case = ctx.case
+    if case.seq_q != case.seq_kv:
+        raise Unsupported("s4d is a sequence layer (seq_q == seq_kv)")
+    state = param_int(ctx, "state_size", 64, minimum=2, maximum=4096)
+    if state % 2:
+        raise ValueError(f"method_options.s4d.state_size: must be even (complex-conjugate pairs), got {state}")
+    loop_max = param_int(ctx, "reference_loop_max_len", 1024)
+    width = case.heads_q * case.head_dim
+    params = init_parameters(width, state, torch.Generator(device=ctx.device).manual_seed(case.seed), ctx.device)
+    ssm = {k: v for k, v in params.items() if k not in ("d", "w_o")}
+
+    def head(x, y):
+        return (y + params["d"] * x) @ params["w_o"]
+
+    def fast(x):
+        xf = x.float()
+        return head(xf, s4d_fft(xf, ssm)).to(x.dtype)
+
+    def reference(x):
+        y = s4d_loop(x, ssm) if x.shape[1] <= loop_max else s4d_fft64(x, ssm)
+        return head(x, y)
+
+    length = case.seq_q
+    flops = case.batch * (2.0 * length * width * width + 30.0 * width * 2 * length * math.log2(2 * length))
+    return Prepared(fn=fast, reference=reference, parameters=list(params.values()), flops=flops,
+                    softmax_comparable=False)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 10 on one H200 (~6 minutes of GPU time): the linear family.
+#   1. install the wheels (.whl/ and shared/device/wheels/: hydra, omegaconf, fla-core, einops) and attnbench;
+#   2. a smoke run of every new method at 4K, fwd and fwd_bwd (causal; the full-only ones on the full mask)
+#                                                                           -> $OUT/h200-linear-smoke
+#   3. the preset conf/sweep/linear.yaml: linear-time methods 2K ... 256K, then 1M -> $OUT/h200-linear
+#      + the short-length baselines into the same run: sdpa_cudnn (the efficiency-length yardstick), rfa,
+#        delta_rule, simple_gla at 2K ... 128K, softmax_rnn (quadratic) at 2K ... 32K;
+#   4. the decode sweep: one new token against a 4K ... 1M context, recurrent steps beside sdpa_cudnn
+#                                                                           -> $OUT/h200-linear-decode
+#   5. pytest -m gpu tests/test_linear_gpu.py                              -> $OUT/gpu-tests.txt
+#   6. scripts/linear_summary.py over both runs                            -> $OUT/linear-summary.md
+# Each step has its own time limit (~7.5 minutes if every step ran to its limit; ~5-6 expected).
+set -u
+# one wheel per file name (.whl/ first, then shared/device/wheels/): pip refuses a package given twice
+declare -A SEEN; WHEELS=""
+for w in .whl/*.whl shared/device/wheels/*.whl; do
+  [ -f "$w" ] || continue; n=$(basename "$w"); [ -n "${SEEN[$n]:-}" ] && continue; SEEN[$n]=1; WHEELS="$WHEELS $w"
+done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS || exit 1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+python3 -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.txt 2>&1 || { tail $OUT/pip.txt; exit 1; }
+export PYTHONUNBUFFERED=1
+python3 -c "import fla, einops, triton; print('fla', fla.__version__, 'triton', triton.__version__)" \
+  || echo "fla does not import here: the fla_* rows will be unsupported (method unavailable)"
+AB="python3 -m attnbench.cli"
+R="results_dir=$OUT"
+CAUSAL="[linear_attn,performer,rfa,cosformer,softmax_rnn,gated_delta_rule,delta_rule,simple_gla,fla_linear_attn,fla_simple_gla,fla_delta_rule,fla_gated_delta_rule,abc,aaren,lla,tensor_attn,s4d,nats_l,metamixer,lamamba]"
+FULL="[infsa,linear_infsa,nystromformer,linear_attn,performer,metamixer]"
+timeout 60 $AB sweep=linear $R run_id=h200-linear-smoke "methods=$CAUSAL" "seq_lens=[4096]" case_timeout_s=40 > $OUT/smoke.txt 2>&1
+timeout 25 $AB sweep=linear $R run_id=h200-linear-smoke "methods=$FULL" "seq_lens=[4096]" "masks=[full]" case_timeout_s=40 \
+  >> $OUT/smoke.txt 2>&1
+# the scaling sweep: up to 256K, then 1M in its own invocation (the planner runs short cases first, so a
+# slow 256K must not starve the 1M rows)
+timeout 100 $AB sweep=linear $R run_id=h200-linear "seq_lens=[2048,8192,32768,131072,262144]" > $OUT/main.txt 2>&1
+timeout 110 $AB sweep=linear $R run_id=h200-linear "seq_lens=[1048576]" > $OUT/main1m.txt 2>&1
+timeout 45 $AB sweep=linear $R run_id=h200-linear "methods=[sdpa_cudnn,rfa,delta_rule,simple_gla,abc,aaren,lamamba]" \
+  "seq_lens=[2048,8192,32768,131072]" > $OUT/short.txt 2>&1
+timeout 20 $AB sweep=linear $R run_id=h200-linear "methods=[softmax_rnn]" "seq_lens=[2048,8192,32768]" \
+  > $OUT/rnn.txt 2>&1
+timeout 50 $AB sweep=linear $R run_id=h200-linear-decode "modes=[decode]" \
+  "methods=[linear_attn,performer,cosformer,gated_delta_rule,simple_gla,abc,sdpa_cudnn]" \
+  "seq_lens=[4096,32768,262144,1048576]" > $OUT/decode.txt 2>&1
+timeout 40 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_linear_gpu.py > $OUT/gpu-tests.txt 2>&1
+python3 -c "
+from attnbench.record.store import RowStore
+for run in ('h200-linear-smoke', 'h200-linear', 'h200-linear-decode'):
+    try: RowStore('$OUT/' + run).finalize()
+    except Exception as exc: print(run, 'not finalised:', exc)
+"
+python3 scripts/linear_summary.py $OUT/h200-linear $OUT/h200-linear-decode --smoke $OUT/h200-linear-smoke \
+  > $OUT/linear-summary.md 2>&1
+for f in smoke main main1m short rnn decode; do echo "== $f"; grep -v "case/s" $OUT/$f.txt | grep "cases:\|not ok" | tail -n 5; done
+tail -n 3 $OUT/gpu-tests.txt; cat $OUT/linear-summary.md | head -n 80

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Per-method figures of the linear-family runs (issue 10's closing note), as Markdown.
+
+    python3 scripts/linear_summary.py RUN_DIR [DECODE_RUN_DIR] [--smoke SMOKE_RUN_DIR] [--min-fit 32768]
+
+For each method and mode (fwd, fwd_bwd) over its ``ok`` rows: the log-log slope of time against length (a
+least-squares fit over lengths >= --min-fit; 1 = linear, 2 = quadratic), the 1M-token figures (ms, TFLOP/s
+attention-equivalent, peak memory) or the status and reason of the 1M row, the efficiency length against
+``sdpa_cudnn`` causal ``fwd_bwd`` (the shortest length at which the method is at least as fast, interpolated
+on the log-log curves; "<= L" when it is already faster at the shortest common length, "> L" when never),
+and the ratio to the fla-core kernel of the same operator (own ms / fla ms) at each common length >= 32K.
+Decode: per-step latency against context and its slope. Reads rows.parquet, or rows.jsonl when a run was
+cut short.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+FLA_OF = {"linear_attn": "fla_linear_attn", "simple_gla": "fla_simple_gla", "delta_rule": "fla_delta_rule",
+          "gated_delta_rule": "fla_gated_delta_rule"}
+YARDSTICK = "sdpa_cudnn"
+MILLION = 1 << 20
+
+
+def load(run_dir: Path) -> pd.DataFrame:
+    run_dir = Path(run_dir)
+    if (run_dir / "rows.parquet").exists():
+        frame = pd.read_parquet(run_dir / "rows.parquet")
+    elif (run_dir / "rows.jsonl").exists():
+        rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
+        frame = pd.DataFrame(rows)
+    else:
+        raise SystemExit(f"{run_dir}: no rows.parquet or rows.jsonl")
+    if "case_id" in frame:  # the latest row of each case (a resumed run may retry)
+        frame = frame.drop_duplicates("case_id", keep="last")
+    return frame
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log(ms) against log(length)."""
+    if len(points) < 2:
+        return None
+    xs = [math.log(x) for x, _ in points]
+    ys = [math.log(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+def curve(frame: pd.DataFrame, method: str, mode: str, length="seq_q") -> dict[int, float]:
+    rows = frame[(frame.method == method) & (frame["mode"] == mode) & (frame.status == "ok")]
+    return {int(r[length]): float(r.ms_median) for _, r in rows.iterrows()}
+
+
+def efficiency_length(own: dict[int, float], base: dict[int, float]) -> str:
+    """The shortest length at which ``own`` is at least as fast as ``base`` (log-log interpolation)."""
+    common = sorted(set(own) & set(base))
+    if not common:
+        return "n/a (no common lengths)"
+    ratio = [(n, math.log(own[n] / base[n])) for n in common]
+    if ratio[0][1] <= 0:
+        return f"<= {common[0] // 1024}K"
+    for (n0, r0), (n1, r1) in zip(ratio, ratio[1:]):
+        if r1 <= 0:
+            t = r0 / (r0 - r1)
+            cross = math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
+            return f"~{cross / 1024:.1f}K"
+    return f"> {common[-1] // 1024}K"
+
+
+def fmt(x, spec=".3g"):
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run")
+    parser.add_argument("decode_run", nargs="?")
+    parser.add_argument("--smoke")
+    parser.add_argument("--min-fit", type=int, default=32768)
+    args = parser.parse_args(argv)
+    frame = load(Path(args.run))
+    out = [f"# Linear family: {Path(args.run).name}", ""]
+    base = curve(frame, YARDSTICK, "fwd_bwd")
+    out += ["| method | mode | slope (>= %dK) | 1M ms | 1M TFLOP/s | 1M peak GiB | efficiency length vs %s fwd_bwd | own/fla at >= 32K |"
+            % (args.min_fit // 1024, YARDSTICK), "|---|---|---|---|---|---|---|---|"]
+    for method in sorted(set(frame.method)):
+        for mode in ("fwd", "fwd_bwd"):
+            rows = frame[(frame.method == method) & (frame["mode"] == mode)]
+            if rows.empty:
+                continue
+            times = curve(frame, method, mode)
+            fit = slope([(n, t) for n, t in sorted(times.items()) if n >= args.min_fit])
+            big = rows[rows.seq_q == MILLION]
+            if not big.empty and big.iloc[0].status == "ok":
+                r = big.iloc[0]
+                ms, tf, mem = fmt(r.ms_median), fmt(r.get("tflops")), fmt(r.get("peak_mem_mb", float("nan")) / 1024)
+            elif not big.empty:
+                ms, tf, mem = f"{big.iloc[0].status}: {str(big.iloc[0].reason)[:60]}", "", ""
+            else:
+                ms, tf, mem = "not run", "", ""
+            eff = efficiency_length(times, base) if mode == "fwd_bwd" and base and method != YARDSTICK else ""
+            ratio = ""
+            if method in FLA_OF:
+                fla = curve(frame, FLA_OF[method], mode)
+                common = [n for n in sorted(set(times) & set(fla)) if n >= 32768]
+                ratio = ", ".join(f"{n // 1024}K: {times[n] / fla[n]:.2f}x" for n in common)
+                if not common:
+                    fla_rows = frame[(frame.method == FLA_OF[method]) & (frame["mode"] == mode)]
+                    if not fla_rows.empty and (fla_rows.status != "ok").all():
+                        ratio = f"fla {fla_rows.iloc[0].status}: {str(fla_rows.iloc[0].reason)[:50]}"
+            out.append(f"| {method} | {mode} | {fmt(fit, '.2f')} | {ms} | {tf} | {mem} | {eff} | {ratio} |")
+    bad = frame[~frame.status.isin(["ok"])]
+    if not bad.empty:
+        out += ["", "## Rows not ok", "", "| method | mode | seq | status | reason |", "|---|---|---|---|---|"]
+        for _, r in bad.sort_values(["method", "mode", "seq_q"]).iterrows():
+            out.append(f"| {r.method} | {r['mode']} | {r.seq_q} | {r.status} | {str(r.reason)[:110]} |")
+    if args.decode_run:
+        dec = load(Path(args.decode_run))
+        dec = dec[dec["mode"] == "decode"]
+        out += ["", "## Decode: ms per step against context", ""]
+        contexts = sorted(set(dec.seq_kv))
+        out += ["| method | " + " | ".join(f"{c // 1024}K" for c in contexts) + " | slope | state bytes/seq |",
+                "|---" * (len(contexts) + 3) + "|"]
+        for method in sorted(set(dec.method)):
+            times = curve(dec, method, "decode", length="seq_kv")
+            cells = [fmt(times.get(c)) or str(dec[(dec.method == method) & (dec.seq_kv == c)].status.tolist()[:1])
+                     for c in contexts]
+            state = dec[(dec.method == method) & dec.get("state_bytes", pd.Series(dtype=float)).notna()] \
+                if "state_bytes" in dec else pd.DataFrame()
+            state_txt = fmt(float(state.state_bytes.iloc[0]), ".0f") if not state.empty else "(KV cache)"
+            out.append(f"| {method} | " + " | ".join(cells) + f" | {fmt(slope(sorted(times.items())), '.2f')} | {state_txt} |")
+    if args.smoke:
+        smoke = load(Path(args.smoke))
+        out += ["", "## Smoke (4K): status per method and mode", "", "| method | mask | mode | status | rel_err | approx_err | reason |",
+                "|---|---|---|---|---|---|---|"]
+        for _, r in smoke.sort_values(["method", "mask", "mode"]).iterrows():
+            out.append(f"| {r.method} | {r['mask']} | {r['mode']} | {r.status} | {fmt(r.get('rel_err'))} | "
+                       f"{fmt(r.get('approx_err'))} | {'' if r.status == 'ok' else str(r.reason)[:90]} |")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

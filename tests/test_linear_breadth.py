@@ -1,0 +1,151 @@
+"""Breadth methods of issue 10 (Aaren, InfSA, Nystromformer, ABC, tensor attention, LLA, S4D, MetaMixer,
+LaMamba, NAtS-L): harness rows, forms agree, causality of the layers, limits, negative controls."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnbench.execute.runner import run_sweep
+from attnbench.methods.hybrid import layers, nats_l
+from attnbench.methods.linear import aaren, common, lla, nystrom, s4d, tensor_attn
+
+from test_linear_methods import _build, _close, _grads, _rand
+
+BREADTH = ["aaren", "infsa", "linear_infsa", "nystromformer", "abc", "tensor_attn", "lla", "s4d", "metamixer",
+           "lamamba", "nats_l"]
+LAYERS = ["aaren", "s4d", "metamixer", "lamamba", "nats_l"]
+SMALL = {"nystromformer": {"landmarks": 4}, "abc": {"slots": 4, "chunk": 4}, "nats_l": {"block": 4},
+         "lamamba": {"window": 4, "chunk": 4, "state_size": 4}, "aaren": {"chunk": 4}, "s4d": {"state_size": 4},
+         "metamixer": {"k1": 3, "k2": 5}, "tensor_attn": {"block": 3}, "infsa": {"block": 5}}
+
+
+def test_harness_rows(cfg):
+    cfg.update(methods=BREADTH, masks=["full", "causal"], seq_lens=[16], modes=["fwd_bwd", "decode"], heads_q=2,
+               head_dim=8, method_options=SMALL)
+    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet")
+    ok = {(r.method, r["mask"], r["mode"]) for _, r in frame.iterrows() if r.status == "ok"}
+    for method in BREADTH:
+        causal = method not in ("infsa", "linear_infsa", "nystromformer")
+        assert (method, "causal" if causal else "full", "fwd_bwd") in ok, method
+    assert ("abc", "causal", "decode") in ok  # a recurrent decode with a state
+    bad = frame[~frame.status.isin(["ok", "unsupported"])]
+    assert bad.empty, bad[["method", "mask", "mode", "status", "reason"]].to_string()
+    # layers report their own FLOPs; q/k/v rows the attention-equivalent ones
+    layer_rows = frame[frame.method.isin(LAYERS) & (frame.status == "ok")]
+    assert (layer_rows.flops > 0).all()
+    abc = frame[(frame.method == "abc") & (frame["mode"] == "decode") & (frame["mask"] == "causal")].iloc[0]
+    assert abc.state_bytes == 2 * (4 * 8 * 2 + 4) * 4
+
+
+@pytest.mark.parametrize("method", LAYERS)
+def test_causal_layers_do_not_leak(method):
+    prepared = _build(method, "causal", 16, 16, params=SMALL.get(method))
+    x = _rand(1, 16, 16, seed=1)
+    x2 = x.clone()
+    x2[:, 9:] = _rand(1, 7, 16, seed=2) * 3
+    for form in (prepared.fn, prepared.reference):
+        assert torch.allclose(form(x)[:, :9], form(x2)[:, :9], atol=1e-6)
+        assert not torch.allclose(form(x)[:, 9:], form(x2)[:, 9:], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", LAYERS)
+def test_layer_forms_agree_with_parameter_gradients(method):
+    prepared = _build(method, "causal", 16, 16, params=SMALL.get(method))
+    x = _rand(1, 16, 16, seed=3, requires_grad=True)
+    targets = [x, *prepared.parameters]
+    got = _grads(lambda x_, *_: prepared.fn(x_), *targets)
+    want = _grads(lambda x_, *_: prepared.reference(x_), *targets)
+    assert _close(got[0], want[0], 1e-5)
+    assert all(_close(g, w, 1e-4) for g, w in zip(got[1], want[1]) if w.abs().max() > 0)
+
+
+def test_aaren_chunked_scan_step_and_loop_agree():
+    s, v = _rand(2, 3, 21, seed=1) * 4, _rand(2, 3, 21, 5, seed=2)
+    loop = aaren.scan_loop(s, v)
+    for chunk in (1, 4, 8, 64):
+        assert _close(aaren.scan_chunked(s, v, chunk), loop)
+    state = (torch.full((2, 3), float("-inf")), torch.zeros(2, 3), torch.zeros(2, 3, 5))
+    for t in range(21):
+        state, out = aaren.aaren_step(state, s[:, :, t], v[:, :, t])
+    assert _close(out, loop[:, :, -1])
+    # exact softmax of the fixed query over each prefix
+    assert _close(loop[:, :, 6], (torch.softmax(s[:, :, :7], -1)[..., None] * v[:, :, :7]).sum(2))
+
+
+def test_nystromformer_is_softmax_with_one_landmark_per_token():
+    q, k, v = _rand(1, 2, 8, 4, seed=1) * 0.5, _rand(1, 2, 8, 4, seed=2) * 0.5, _rand(1, 2, 8, 4, seed=3)
+    exact = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1) @ v
+    assert _close(nystrom.nystrom_fast(q, k, v, 8, 30), exact, 1e-3)
+    assert not _close(nystrom.nystrom_fast(q, k, v, 2, 30), exact, 1e-2)  # fewer landmarks: an approximation
+
+
+def test_lla_tends_to_softmax_with_a_large_ridge_and_forms_agree():
+    q, k, v = (_rand(1, 2, 10, 4, seed=s, requires_grad=True) for s in (1, 2, 3))
+    kw = dict(causal=True, offset=0, scale=0.5, absolute=False)
+    soft = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(
+        ~common.causal_visible(10, 10, 0, "cpu"), float("-inf")), -1) @ v
+    assert _close(lla.lla_fast(q, k, v, lam=1e7, **kw), soft, 1e-5)
+    assert not _close(lla.lla_fast(q, k, v, lam=0.1, **kw), soft, 1e-2)
+    for absolute in (False, True):
+        kw["absolute"] = absolute
+        got = _grads(lambda a, b, c: lla.lla_fast(a, b, c, lam=0.5, **kw), q, k, v)
+        want = _grads(lambda a, b, c: lla.lla_reference(a, b, c, lam=0.5, **kw), q, k, v)
+        assert _close(got[0], want[0], 1e-4) and all(_close(g, w, 1e-3) for g, w in zip(got[1], want[1]))
+
+
+def test_tensor_attention_blocked_equals_reference_and_catches_a_dropped_mask():
+    q, k1, v1, k2, v2 = (_rand(1, 2, 7, 4, seed=s, requires_grad=True) for s in range(5))
+    kw = dict(causal=True, offset=0, scale=0.5)
+    got = _grads(lambda *a: tensor_attn.tensor_blocked(*a, block=3, **kw), q, k1, v1, k2, v2)
+    want = _grads(lambda *a: tensor_attn.tensor_reference(*a, **kw), q, k1, v1, k2, v2)
+    assert _close(got[0], want[0]) and all(_close(g, w, 1e-4) for g, w in zip(got[1], want[1]))
+    leaky = tensor_attn.tensor_blocked(q, k1, v1, k2, v2, block=3, causal=False, offset=0, scale=0.5)
+    assert not _close(leaky, want[0], 1e-2)
+
+
+def test_cubic_and_direct_solve_methods_refuse_long_cases_with_the_reason():
+    from attnbench.methods import Unsupported
+
+    for method in ("tensor_attn", "lla"):
+        with pytest.raises(Unsupported, match="max_len"):
+            _build(method, "causal", 1024, 1024)
+
+
+def test_s4d_fft_fft64_and_step_match_the_recurrence():
+    params = s4d.init_parameters(3, 4, torch.Generator().manual_seed(0), "cpu")
+    ssm = {k: v.detach() for k, v in params.items() if k not in ("d", "w_o")}
+    x = _rand(2, 20, 3, seed=1)
+    loop = s4d.s4d_loop(x, ssm)
+    assert _close(s4d.s4d_fft(x, ssm), loop, 1e-4)
+    assert _close(s4d.s4d_fft64(x, ssm), loop, 1e-4)
+    state = torch.zeros(2, 3, 2, dtype=torch.complex64)
+    for t in range(20):
+        state, y = s4d.s4d_step(state, x[:, t], ssm)
+    assert _close(y, loop[:, -1], 1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("k", [1, 3, 4, 7])
+def test_depthwise_conv_forms_agree(causal, k):
+    x, w = _rand(2, 9, 5, seed=1), _rand(5, k, seed=2)
+    assert _close(layers.dwconv(x, w, causal), layers.dwconv_reference(x, w, causal))
+
+
+def test_nats_l_routes_both_ways_and_the_skip_rule_matters():
+    x = _rand(1, 32, 16, seed=5)
+    prepared = _build("nats_l", "causal", 32, 32, params={"block": 4})
+    assert _close(prepared.fn(x), prepared.reference(x))
+    heads, dim, block = 2, 8, 4
+    q, k, v = (_rand(1, heads, 32, dim, seed=s) for s in (1, 2, 3))
+    g = F.logsigmoid(_rand(1, heads, 32, seed=4))
+    beta = torch.rand(1, heads, 32, generator=torch.Generator().manual_seed(6))
+    m_lin = (torch.rand(1, heads, 8, generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    assert 0 < float(m_lin.mean()) < 1
+    fast = nats_l.gdn_branch_chunked(q, k, v, g, beta, m_lin, block)
+    assert _close(fast, nats_l.gdn_branch_loop(q, k, v, g, beta, m_lin, block))
+    # negative control: ignoring the routing (every chunk written into the carried state) disagrees
+    assert not _close(nats_l.gdn_branch_chunked(q, k, v, g, beta, torch.ones_like(m_lin), block), fast, 1e-3)

@@ -1,0 +1,50 @@
+"""scripts/linear_summary.py: slopes, efficiency length and fla ratios from synthetic rows of known shape."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_summary.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("linear_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(method, n, ms, mode="fwd_bwd", status="ok", **kw):
+    return {"case_id": f"{method}-{mode}-{n}", "method": method, "mode": mode, "seq_q": n, "seq_kv": n,
+            "ms_median": ms, "status": status, "reason": None if status == "ok" else "why", "tflops": 1.0,
+            "peak_mem_mb": 2048.0, "mask": "causal", **kw}
+
+
+def test_slope_efficiency_length_and_fla_ratio(tmp_path, capsys):
+    lengths = [2048, 8192, 32768, 131072, 1 << 20]
+    rows = []
+    for n in lengths:
+        rows.append(_row("linear_attn", n, 1e-3 * n))  # slope 1
+        rows.append(_row("fla_linear_attn", n, 0.5e-3 * n))  # half the time: ratio 2.00x
+        if n <= 131072:
+            rows.append(_row("sdpa_cudnn", n, 1e-3 * n * n / 8192))  # slope 2, equal at 8K
+    rows.append(_row("softmax_rnn", 2048, 1.0, status="oom"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert _module().main([str(run)]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if l.startswith("| linear_attn | fwd_bwd"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2] == "1.00"  # slope
+    assert cells[3] == "1.05e+03"  # 1M ms
+    assert cells[6] == "~8.0K"  # efficiency length: crossing at 8K
+    assert "1024K: 2.00x" in cells[7]
+    assert "| softmax_rnn | fwd_bwd | 2048 | oom | why |" in text
+
+
+def test_efficiency_length_bounds():
+    eff = _module().efficiency_length
+    assert eff({1: 1.0, 2: 1.0}, {1: 2.0, 2: 4.0}).startswith("<=")
+    assert eff({1024: 9.0, 2048: 9.0}, {1024: 1.0, 2048: 2.0}) == "> 2K"
