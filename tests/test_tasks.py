@@ -320,3 +320,22 @@ def test_cli_train_and_list_tasks(tmp_path, capsys, monkeypatch):
     frame = pd.read_parquet(tmp_path / "results" / "cli" / "quality.parquet")
     assert frame[["task", "method", "status", "steps"]].values.tolist() == [["sort", "sdpa_math", "ok", 2]]
     assert main(["train", "tasks=[nope]"]) == 2
+
+
+def test_report_of_a_train_run_ranks_methods_per_pattern(tmp_path):
+    from attnbench.report.document import main as report_main
+
+    cfg = _cfg(tmp_path, tasks=["mqar", "niah"], methods=["sdpa_math", "t_nomix", "t_nan"], seeds=[0, 1])
+    cfg["task_options"]["mqar"].update(steps=60, lr=1e-2, d_model=32, batch=32, seq_lens=[16, 32], eval_batches=2)
+    cfg["task_options"]["niah"] = {**TINY, "seq_lens": [24], "vocab": 64, "key_ids": 8, "value_ids": 8, "depths": 3}
+    run_dir = run_train(cfg, "test", show_progress=False)
+    assert report_main([str(run_dir)]) == 0
+    text = (run_dir / "report.md").read_text()
+    section = text[text.index("## Task quality"):]
+    assert "causal_self: lengths 16, 24, 32; 2 seed(s)." in section
+    mqar = [line for line in section.splitlines() if line.startswith("| sdpa_math") or line.startswith("| t_nomix")
+            or line.startswith("| t_nan")]
+    assert any(line.startswith("| t_nan") and "diverged ×" in line for line in mqar)
+    exact = next(line for line in mqar if line.startswith("| sdpa_math")).split("|")[2]
+    assert "(#1)" in exact  # exact attention beats the control on MQAR after 60 steps
+    assert (run_dir / "report_files").is_dir() and any((run_dir / "report_files").glob("needle-maps*.png"))
