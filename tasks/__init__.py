@@ -2,7 +2,7 @@
 train/eval loop and the task metrics (registry in ``attnbench.tasks.registry``). Importing this registers the
 built-in tasks."""
 from .registry import IGNORE, PATTERNS, TASKS, Batch, Task, TaskParamError, TaskSpec, register_task, task_params
-from . import encoder, recall, sequence, transduction  # noqa: F401
+from . import encoder, probe, recall, sequence, transduction  # noqa: F401
 
 __all__ = ["IGNORE", "PATTERNS", "TASKS", "Batch", "Task", "TaskParamError", "TaskSpec", "register_task",
            "task_params"]

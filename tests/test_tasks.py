@@ -339,3 +339,19 @@ def test_report_of_a_train_run_ranks_methods_per_pattern(tmp_path):
     exact = next(line for line in mqar if line.startswith("| sdpa_math")).split("|")[2]
     assert "(#1)" in exact  # exact attention beats the control on MQAR after 60 steps
     assert (run_dir / "report_files").is_dir() and any((run_dir / "report_files").glob("needle-maps*.png"))
+
+
+def test_probes_separate_exact_attention_from_a_mixer_that_sees_nothing(tmp_path):
+    recall = make("planted_recall", seq=128, distances=[1, 100])
+    assert recall.probe("sdpa_math").value == 1.0
+    assert recall.probe("t_nomix").value == 0.0
+    approx = make("gaussian_approx", seq=64)
+    assert approx.probe("reference").value < 1e-5
+    assert approx.probe("t_nomix").value > 0.5
+    cfg = _cfg(tmp_path, tasks=["planted_recall"], methods=["sdpa_math", "t_layer_mean"],
+               task_options={"planted_recall": {"seq_lens": [64], "distances": [1, 10]}})
+    frame = load_quality(run_train(cfg, "test", show_progress=False))
+    rows = {r.method: r for r in frame.itertuples()}
+    assert rows["sdpa_math"].kind == "probe" and rows["sdpa_math"].value == 1.0
+    assert json.loads(rows["sdpa_math"].breakdown) == {"d=1": 1.0, "d=10": 1.0}
+    assert rows["t_layer_mean"].status == "unsupported"

@@ -10,6 +10,7 @@ process (the run resumes with the same run_id) is recorded as ``crashed`` from t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -133,8 +134,10 @@ def build_train_plan(cfg: dict) -> TrainPlan:
                     if not available:
                         unsupported.append((case, f"task unavailable: {why}"))
                         continue
-                    reason = _unsupported(task, METHODS[method], attention_case(task, method, int(params["batch"]),
-                                                                                dtype, seed, device), options)
+                    attn_case = attention_case(task, method, int(params["batch"]), dtype, seed, device)
+                    if task.kind == "probe":  # forward calls only
+                        attn_case = dataclasses.replace(attn_case, mode="fwd")
+                    reason = _unsupported(task, METHODS[method], attn_case, options)
                     if reason:
                         unsupported.append((case, reason))
                     else:
