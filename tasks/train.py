@@ -152,6 +152,16 @@ def train_task(task_name: str, params: dict, seq: int, method: str, seed: int = 
                                    {"params": no_decay, "weight_decay": 0.0}], lr=float(task.params["lr"]),
                                   betas=(0.9, 0.98))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    precision = torch.get_float32_matmul_precision()
+    if device_t.type == "cuda":  # the model's float32 layers on TF32 tensor cores (the attention has its dtype)
+        torch.set_float32_matmul_precision("high")
+    try:
+        return _loop(task, model, optimizer, trainable, batch, steps, seed, device_t, max_wall_s)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _loop(task, model, optimizer, trainable, batch, steps, seed, device_t, max_wall_s) -> Outcome:
     gen = torch.Generator().manual_seed(stream_seed("train", seed))
     cuda = device_t.type == "cuda"
     if cuda:

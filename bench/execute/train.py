@@ -260,6 +260,11 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
                           "wall_s": 0.0, "started_at": envinfo.now(), **stamp})
     options = worker_options(cfg)
     timeout_s = float(cfg.get("case_timeout_s", 600))
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (e.g. `timeout`) ends like Ctrl-C
+        signal.signal(signal.SIGTERM, _stop)
     todo = [c for c in plan.runnable if c.case_id not in store.done]
     progress = tqdm(total=len(plan.runnable) + len(plan.unsupported),
                     initial=len(plan.runnable) + len(plan.unsupported) - len(todo), desc=run_id, unit="run",
@@ -270,7 +275,11 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
         marker.write_text(json.dumps({"case_id": case.case_id, "row": row}, default=str))
         started = time.perf_counter()
         method_params = dict((options.get("method_options") or {}).get(case.method) or {})
-        row.update(run_case(case, device, options, method_params, timeout_s))
+        try:
+            row.update(run_case(case, device, options, method_params, timeout_s))
+        except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, SIGTERM): no row, no marker
+            marker.unlink(missing_ok=True)
+            raise
         row["wall_s"] = time.perf_counter() - started
         store.append(row)
         marker.unlink()
@@ -279,6 +288,10 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
     envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before)
     store.finalize()
     return run_dir
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _device_name(device: str) -> str:
