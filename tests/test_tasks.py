@@ -215,7 +215,7 @@ def test_the_method_contract_is_served_in_training():
     """Prepared.parameters are trained, extras are drawn and prepare runs on every forward."""
     CONTROL.CALLS["prepare"] = 0
     params = task_params("mqar", {**TINY, "vocab": 64, "kv_pairs": 2, "steps": 5, "lr": 0.1})
-    outcome = train_task("mqar", params, 16, "t_contract", seed=0)
+    outcome = train_task("mqar", params, 16, "q_contract", seed=0)
     assert outcome.status == "ok"
     layers, forwards = 1, 5 + 1  # steps, then one evaluation batch
     assert CONTROL.CALLS["prepare"] == layers * forwards
@@ -224,14 +224,14 @@ def test_the_method_contract_is_served_in_training():
 
 def test_a_layer_form_method_is_the_mixer_itself():
     params = task_params("mqar", {**TINY, "vocab": 64, "kv_pairs": 2})
-    outcome = train_task("mqar", params, 16, "t_layer_mean", seed=0)
+    outcome = train_task("mqar", params, 16, "q_layer_mean", seed=0)
     assert outcome.status == "ok" and outcome.parameters > 0
 
 
 # ---- statuses --------------------------------------------------------------------------------------------------
 def test_nan_loss_is_diverged_with_the_step():
     params = task_params("mqar", {**TINY, "vocab": 64, "kv_pairs": 2})
-    outcome = train_task("mqar", params, 16, "t_nan", seed=0)
+    outcome = train_task("mqar", params, 16, "q_nan", seed=0)
     assert outcome.status == "diverged" and "step 0" in outcome.reason and outcome.value is None
 
 
@@ -252,16 +252,16 @@ def _cfg(tmp_path, **extra):
 
 def test_train_run_writes_a_row_for_every_case_whatever_happened(tmp_path):
     cfg = _cfg(tmp_path, tasks=["mqar", "sort"],
-               methods=["sdpa_math", "t_nan", "t_oom", "t_refuses", "t_layer_mean", "sdpa_efficient"])
+               methods=["sdpa_math", "q_nan", "q_oom", "q_refuses", "q_layer_mean", "sdpa_efficient"])
     run_dir = run_train(cfg, "test", show_progress=False)
     frame = load_quality(run_dir)
     assert list(frame.columns[:len(QUALITY_COLUMNS)]) == list(QUALITY_COLUMNS)
     status = {(r.task, r.method): r.status for r in frame.itertuples()}
     assert status[("mqar", "sdpa_math")] == "ok" and status[("sort", "sdpa_math")] == "ok"
-    assert status[("mqar", "t_nan")] == "diverged"
-    assert status[("mqar", "t_oom")] == "oom"
-    assert status[("mqar", "t_refuses")] == "unsupported"
-    assert status[("mqar", "t_layer_mean")] == "ok" and status[("sort", "t_layer_mean")] == "unsupported"
+    assert status[("mqar", "q_nan")] == "diverged"
+    assert status[("mqar", "q_oom")] == "oom"
+    assert status[("mqar", "q_refuses")] == "unsupported"
+    assert status[("mqar", "q_layer_mean")] == "ok" and status[("sort", "q_layer_mean")] == "unsupported"
     assert status[("mqar", "sdpa_efficient")] == "unsupported"  # cuda only, by its declaration
     assert set(frame["status"]) <= set(STATUSES)
     failed = frame[frame["status"] != "ok"]
@@ -325,7 +325,7 @@ def test_cli_train_and_list_tasks(tmp_path, capsys, monkeypatch):
 def test_report_of_a_train_run_ranks_methods_per_pattern(tmp_path):
     from attnbench.report.document import main as report_main
 
-    cfg = _cfg(tmp_path, tasks=["mqar", "niah"], methods=["sdpa_math", "t_nomix", "t_nan"], seeds=[0, 1])
+    cfg = _cfg(tmp_path, tasks=["mqar", "niah"], methods=["sdpa_math", "q_nomix", "q_nan"], seeds=[0, 1])
     cfg["task_options"]["mqar"].update(steps=60, lr=1e-2, d_model=32, batch=32, seq_lens=[16, 32], eval_batches=2)
     cfg["task_options"]["niah"] = {**TINY, "seq_lens": [24], "vocab": 64, "key_ids": 8, "value_ids": 8, "depths": 3}
     run_dir = run_train(cfg, "test", show_progress=False)
@@ -333,9 +333,9 @@ def test_report_of_a_train_run_ranks_methods_per_pattern(tmp_path):
     text = (run_dir / "report.md").read_text()
     section = text[text.index("## Task quality"):]
     assert "causal_self: lengths 16, 24, 32; 2 seed(s)." in section
-    mqar = [line for line in section.splitlines() if line.startswith("| sdpa_math") or line.startswith("| t_nomix")
-            or line.startswith("| t_nan")]
-    assert any(line.startswith("| t_nan") and "diverged ×" in line for line in mqar)
+    mqar = [line for line in section.splitlines() if line.startswith("| sdpa_math") or line.startswith("| q_nomix")
+            or line.startswith("| q_nan")]
+    assert any(line.startswith("| q_nan") and "diverged ×" in line for line in mqar)
     exact = next(line for line in mqar if line.startswith("| sdpa_math")).split("|")[2]
     assert "(#1)" in exact  # exact attention beats the control on MQAR after 60 steps
     assert (run_dir / "report_files").is_dir() and any((run_dir / "report_files").glob("needle-maps*.png"))
@@ -344,14 +344,14 @@ def test_report_of_a_train_run_ranks_methods_per_pattern(tmp_path):
 def test_probes_separate_exact_attention_from_a_mixer_that_sees_nothing(tmp_path):
     recall = make("planted_recall", seq=128, distances=[1, 100])
     assert recall.probe("sdpa_math").value == 1.0
-    assert recall.probe("t_nomix").value == 0.0
+    assert recall.probe("q_nomix").value == 0.0
     approx = make("gaussian_approx", seq=64)
     assert approx.probe("reference").value < 1e-5
-    assert approx.probe("t_nomix").value > 0.5
-    cfg = _cfg(tmp_path, tasks=["planted_recall"], methods=["sdpa_math", "t_layer_mean"],
+    assert approx.probe("q_nomix").value > 0.5
+    cfg = _cfg(tmp_path, tasks=["planted_recall"], methods=["sdpa_math", "q_layer_mean"],
                task_options={"planted_recall": {"seq_lens": [64], "distances": [1, 10]}})
     frame = load_quality(run_train(cfg, "test", show_progress=False))
     rows = {r.method: r for r in frame.itertuples()}
     assert rows["sdpa_math"].kind == "probe" and rows["sdpa_math"].value == 1.0
     assert json.loads(rows["sdpa_math"].breakdown) == {"d=1": 1.0, "d=10": 1.0}
-    assert rows["t_layer_mean"].status == "unsupported"
+    assert rows["q_layer_mean"].status == "unsupported"

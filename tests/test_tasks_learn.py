@@ -1,5 +1,5 @@
 """Each task measures something: exact attention learns it in seconds on the CPU with a small config, and a
-control mixer that sees no other token (tests/plugins/control_methods.py ``t_nomix``) does not. These fail if a
+control mixer that sees no other token (tests/plugins/control_methods.py ``q_nomix``) does not. These fail if a
 generator, the model, the trainer or the metric breaks (a generator whose answer is not in the input, a model
 whose attention is not wired, a metric that counts the wrong positions)."""
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_exact_attention_learns_and_a_control_does_not(task):
         pytest.skip(TASKS[task].availability()[1])
     seq, overrides, exact_floor, control_ceiling = CASES[task]
     exact = _train(task, "sdpa_math", seq, overrides)
-    control = _train(task, "t_nomix", seq, overrides)
+    control = _train(task, "q_nomix", seq, overrides)
     assert exact.value >= exact_floor, (task, exact.value, exact.extras)
     assert control.value <= control_ceiling, (task, control.value, control.extras)
     assert exact.value > control.value + 0.1
@@ -64,6 +64,6 @@ def test_char_lm_attention_beats_the_bigram_control():
     """With no mixing the model is a bigram model of the text; attention must get well below it in bpc."""
     overrides = dict(d_model=32, steps=300, heads=2)
     exact = _train("char_lm", "sdpa_math", 32, overrides)
-    control = _train("char_lm", "t_nomix", 32, overrides)
+    control = _train("char_lm", "q_nomix", 32, overrides)
     assert control.value > 2.8, control.value  # a bigram model of English text and code is above ~3 bits
     assert exact.value < control.value - 0.3, (exact.value, control.value)

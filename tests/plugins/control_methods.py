@@ -8,7 +8,7 @@ from attnbench.methods import Capabilities, register_method
 CONTROL = dict(family="control", devices=("cpu", "cuda"), masks={"any"}, cross=True, gqa=True, backward=True)
 
 
-@register_method("t_nomix", Capabilities(**CONTROL))
+@register_method("q_nomix", Capabilities(**CONTROL))
 def build_nomix(ctx):
     """Each query sees only itself: self attention returns its own value, cross attention (whose queries have no
     token of their own among the keys) returns zeros."""
@@ -22,7 +22,7 @@ def build_nomix(ctx):
     return nomix
 
 
-@register_method("t_nan", Capabilities(**CONTROL))
+@register_method("q_nan", Capabilities(**CONTROL))
 def build_nan(ctx):
     """Exact attention until its output turns NaN (every call): training must end as diverged."""
     import torch.nn.functional as F
@@ -33,7 +33,7 @@ def build_nan(ctx):
     return attend
 
 
-@register_method("t_oom", Capabilities(**CONTROL))
+@register_method("q_oom", Capabilities(**CONTROL))
 def build_oom(ctx):
     """Runs out of memory on its first call (an OOM row, and the run goes on)."""
 
@@ -43,7 +43,7 @@ def build_oom(ctx):
     return attend
 
 
-@register_method("t_refuses", Capabilities(**CONTROL))
+@register_method("q_refuses", Capabilities(**CONTROL))
 def build_refuses(ctx):
     """Declares the patterns, then refuses every case in its builder."""
     from attnbench.methods import Unsupported
@@ -54,7 +54,7 @@ def build_refuses(ctx):
 CALLS: dict = {"prepare": 0}
 
 
-@register_method("t_contract", Capabilities(**CONTROL, exact=False))
+@register_method("q_contract", Capabilities(**CONTROL, exact=False))
 def build_contract(ctx):
     """Uses the whole contract: a learnable temperature (Prepared.parameters), an extra input, and a prepare
     step that counts its calls (``CALLS``). Softmax attention with a learned scale (self patterns)."""
@@ -78,7 +78,7 @@ def build_contract(ctx):
     return prepared
 
 
-@register_method("t_layer_mean", Capabilities(**{**CONTROL, "cross": False}, form="layer"))
+@register_method("q_layer_mean", Capabilities(**{**CONTROL, "cross": False}, form="layer"))
 def build_layer_mean(ctx):
     """A layer-form mixer: the running (causal) or global mean of x, through a learned linear map."""
     from attnbench.methods import Prepared
