@@ -1,7 +1,8 @@
 """``attnbench``: sweeps through Hydra, and subcommands for everything else.
 
     attnbench [sweep=NAME] [key=value ...]      run a sweep (Hydra overrides; -m for multirun)
-    attnbench list methods|masks                every method (available or not, and why) or mask
+    attnbench list methods|masks|tasks          every method (available or not, and why), mask or task
+    attnbench train [sweep=NAME] [key=value ...] train small models on quality tasks (conf/train.yaml)
     attnbench report RUN [RUN ...]              report.md + report.html in the run folder
     attnbench compare BASE NEW                  per-case ratios, regressions beyond spread + threshold
     attnbench runs                              runs with date, device and case counts by status
@@ -31,13 +32,24 @@ def _gpu_present() -> bool:
 def cmd_list(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="attnbench list", description="list registered methods or masks")
-    parser.add_argument("what", choices=["methods", "masks"])
+    parser = argparse.ArgumentParser(prog="attnbench list", description="list registered methods, masks or tasks")
+    parser.add_argument("what", choices=["methods", "masks", "tasks"])
     parser.add_argument("--plugins", nargs="*", default=[], help="modules or .py files to load first")
     args = parser.parse_args(argv)
     from attnbench.config.plugins import load_plugins
 
     load_plugins(args.plugins)
+    if args.what == "tasks":
+        from attnbench.tasks import TASKS
+
+        print(f"{'task':16s} {'pattern':16s} {'metric':10s} {'kind':6s} {'available':10s} description / why unavailable")
+        for name in sorted(TASKS):
+            spec = TASKS[name]
+            ok, why = spec.availability()
+            cls = spec.cls
+            print(f"{name:16s} {cls.pattern:16s} {cls.metric:10s} {cls.kind:6s} {'yes' if ok else 'no':10s} "
+                  f"{spec.description if ok else why}")
+        return 0
     if args.what == "masks":
         from attnbench.masks import MASKS
 
@@ -73,12 +85,50 @@ def _subcommands():
 
     return {
         "list": cmd_list,
+        "train": train_main,
         "report": lazy("attnbench.report.document"),
         "compare": lazy("attnbench.report.compare"),
         "runs": lazy("attnbench.record.runs"),
         "masks": lazy("attnbench.masks.cli"),
         "selfcheck": lazy("attnbench.measure.selfcheck"),
     }
+
+
+def train_main(argv: list[str]) -> int:
+    """``attnbench train [sweep=NAME] [key=value ...]``: compose conf/train.yaml with Hydra's override grammar,
+    then train and evaluate every case (``attnbench.execute.train``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from attnbench.config.plan import ConfigError
+    from attnbench.config.plugins import PluginError
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(train_main.__doc__)
+        print((CONF_DIR / "train.yaml").read_text())
+        return 0
+    if not any(a.split("=", 1)[0].lstrip("+~") == "sweep" for a in argv):
+        argv = [f"sweep={'tasks_gpu' if _gpu_present() else 'tasks_cpu'}", *argv]
+    command = "attnbench train " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="attnbench_train"):
+            cfg = compose(config_name="train", overrides=argv)
+    except HydraException as exc:
+        print(f"attnbench train: {exc}", file=sys.stderr)
+        return 2
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    from attnbench.execute.train import run_train, summary_lines
+
+    try:
+        run_dir = run_train(plain, command)
+    except (ConfigError, PluginError) as exc:
+        print(f"attnbench train: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(run_dir)))
+    print(f"wrote {run_dir / 'quality.parquet'}")
+    return 0
 
 
 def sweep_main(argv: list[str]) -> int:

@@ -25,7 +25,7 @@ from attnbench.report.maths import describe_crossing, efficiency_length, pareto_
 from attnbench.report.model import Cell, Code, Plot, Section, Table, Text
 from attnbench.report.render_html import render_html
 from attnbench.report.render_md import render_markdown
-from attnbench.report.sections import SECTIONS
+from attnbench.report.sections import QUALITY_ONLY, SECTIONS
 
 # the report model and maths, importable from the command's module as before the split
 __all__ = ["Cell", "Code", "Plot", "Section", "Table", "Text", "build_report", "describe_crossing",
@@ -33,7 +33,16 @@ __all__ = ["Cell", "Code", "Plot", "Section", "Table", "Text", "build_report", "
 
 
 def build_report(runs: list[Run], baseline: str | None = None) -> list[Section]:
-    """Every section that applies to these runs, in report order."""
+    """Every section that applies to these runs, in report order (runs with quality rows only: the quality
+    section and the environment)."""
+    if not any(len(run.rows) for run in runs):
+        import pandas as pd
+
+        from attnbench.report import plots
+        from attnbench.report.context import Context
+
+        ctx = Context(runs, pd.DataFrame(), pd.DataFrame(), baseline, plots.Palette([]))
+        return [s for s in (section(ctx) for section in QUALITY_ONLY) if s is not None]
     ctx = build_context(runs, baseline)
     return [s for s in (section(ctx) for section in SECTIONS) if s is not None]
 
@@ -73,7 +82,9 @@ def main(argv: list[str]) -> int:
         return args
     try:
         runs = load_runs(args.runs, args.results_dir)
-        if not any(len(run.rows) for run in runs):
+        from attnbench.record.quality import load_quality
+
+        if not any(len(run.rows) or len(load_quality(run.path)) for run in runs):
             raise UsageError(f"RUN: no rows in {', '.join(str(run.path) for run in runs)}")
         methods = sorted(set().union(*(set(run.rows["method"].dropna()) for run in runs)))
         if args.baseline and args.baseline not in methods:

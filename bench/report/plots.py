@@ -426,3 +426,81 @@ def mask_gallery(title: str, tiles: list[Tile], columns: int = 4) -> Figure:
         fig.suptitle(title)
         fig.tight_layout()
     return fig
+
+
+@dataclass
+class QualityPanel:
+    """One task: its metric against length, one line per label (mean over seeds, band min..max)."""
+
+    title: str
+    ylabel: str
+    series: list[Series]
+    higher_is_better: bool = True
+
+
+def quality_lines(title: str, panels: list[QualityPanel], palette: Palette, columns: int = 3) -> Figure:
+    """A metric (accuracy, bits per character) against length per task: log-2 length axis, linear metric axis;
+    failed cases are x marks at the bottom with their status, as in the curve figures."""
+    with rc_context(STYLE):
+        labels = sorted({s.label for panel in panels for s in panel.series})
+        n_cols = min(columns, len(panels))
+        n_rows = -(-len(panels) // n_cols)
+        fig, axes = _panel_figure(n_rows, n_cols, len(labels), title)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes.flat, panels):
+            ax.set_title(panel.title)
+            ax.set_xlabel("length (tokens)")
+            ax.set_ylabel(panel.ylabel + (" ↑" if panel.higher_is_better else " ↓"))
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(tokens))
+            ax.xaxis.set_minor_locator(NullLocator())
+            xs = []
+            for series in panel.series:
+                style = palette[series.label]
+                if len(series.x):
+                    ax.plot(series.x, series.y, color=style.color, marker=style.marker, linestyle=style.dash)
+                    if series.low is not None and series.high is not None:
+                        ax.fill_between(series.x, series.low, series.high, color=style.color, alpha=0.15, linewidth=0)
+                xs.extend(series.x)
+                blend = ax.get_xaxis_transform()
+                for x, status in series.failed:
+                    ax.plot([x], [0.04], transform=blend, marker="x", color=style.color, linestyle="none")
+                    ax.annotate(STATUS_SHORT.get(status, status), (x, 0.04), xycoords=blend, xytext=(4, 0),
+                                textcoords="offset points", fontsize=6.5, color=style.color, va="center")
+                    xs.append(x)
+            if xs:
+                ax.set_xticks(sorted(set(xs)))
+                ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+        _legend(fig, [Line2D([], [], color=palette[label].color, marker=palette[label].marker,
+                             linestyle=palette[label].dash, label=label) for label in labels])
+    return fig
+
+
+def grid_maps(title: str, maps: list[tuple[str, np.ndarray]], row_labels: list[str], col_labels: list[str],
+              colorbar: str) -> Figure:
+    """Small linear heat maps in [0, 1] (e.g. needle accuracy by depth x length), one per panel title;
+    NaN cells (not measured) are blank with a dash."""
+    with rc_context(STYLE):
+        n_cols = min(3, len(maps))
+        n_rows = -(-len(maps) // n_cols)
+        width, height = 0.9 + 3.2 * n_cols, 0.8 + (0.45 + 0.22 * len(row_labels)) * n_rows
+        fig = Figure(figsize=(width, height), dpi=DPI)
+        axes = fig.subplots(n_rows, n_cols, squeeze=False)
+        image = None
+        for ax in axes.flat[len(maps):]:
+            ax.set_visible(False)
+        for ax, (name, values) in zip(axes.flat, maps):
+            image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_title(name)
+            ax.set_xticks(range(len(col_labels)), col_labels)
+            ax.set_yticks(range(len(row_labels)), row_labels)
+            ax.grid(False)
+            for (i, j), value in np.ndenumerate(values):
+                text = "—" if not np.isfinite(value) else f"{value:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if np.isfinite(value) and value < 0.5 else "black")
+        if image is not None:
+            fig.colorbar(image, ax=list(axes.flat[:len(maps)]), fraction=0.03).set_label(colorbar)
+        fig.suptitle(title, fontsize=11)
+    return fig

@@ -1,0 +1,315 @@
+"""`attnbench train`: plan (task x length x method x seed), train and evaluate each, write quality rows.
+
+Config: ``conf/train.yaml`` (keys below), the task group ``conf/task/`` (every built-in task's parameters, under
+``task_options.<task>``) and a preset from ``conf/sweep/`` (``sweep=tasks_cpu``, ``tasks_gpu``, ``mqar``).
+Every field is checked before any work (``ConfigError`` names it). A case whose method cannot run the task's
+attention shape (by its declared capabilities, or its builder's ``Unsupported``), whose task needs a missing
+package, or whose method is unavailable, is an ``unsupported`` row with the reason; a NaN loss is ``diverged``,
+an OOM ``oom``, an exception ``error``, a case past ``case_timeout_s`` ``timeout``. A case that killed the
+process (the run resumes with the same run_id) is recorded as ``crashed`` from the marker it left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnbench.config.plan import DTYPES, ConfigError, plan_options, resolve_devices, unsupported_reason
+
+GLOBAL_OVERRIDES = ("seq_lens", "steps", "batch", "lr", "d_model", "layers", "heads")
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    task: str
+    method: str
+    seq: int
+    seed: int
+    dtype: str
+    params_json: str  # the task's full parameters, canonical JSON
+
+    @property
+    def params(self) -> dict:
+        return json.loads(self.params_json)
+
+    @property
+    def case_id(self) -> str:
+        key = json.dumps([self.task, self.method, self.seq, self.seed, self.dtype, self.params_json])
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainPlan:
+    runnable: list[TrainCase]
+    unsupported: list[tuple[TrainCase, str]]
+    device: str
+
+
+def _list(cfg: dict, field: str) -> list:
+    value = cfg.get(field)
+    if value is None:
+        raise ConfigError(field, "is required")
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError(field, "is an empty list; give at least one value")
+    return values
+
+
+def resolve_tasks(cfg: dict) -> list[str]:
+    from attnbench.tasks import TASKS
+
+    names = _list(cfg, "tasks")
+    if names == ["all"]:
+        return sorted(TASKS)
+    for name in names:
+        if name not in TASKS:
+            raise ConfigError("tasks", f"unknown task {name!r}; registered: {', '.join(sorted(TASKS))}")
+    return list(dict.fromkeys(names))
+
+
+def task_parameters(cfg: dict, name: str) -> dict:
+    """The task's defaults, then ``task_options.<name>``, then the global overrides (``steps``, ...)."""
+    from attnbench.tasks import TaskParamError, task_params
+
+    options = (cfg.get("task_options") or {}).get(name) or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"task_options.{name}", f"must be a mapping, got {options!r}")
+    try:
+        params = task_params(name, options)
+    except TaskParamError as exc:
+        raise ConfigError(f"task_options.{name}", str(exc)) from None
+    for key in GLOBAL_OVERRIDES:
+        if cfg.get(key) is not None and key in params:
+            params[key] = cfg[key]
+    if not isinstance(params["seq_lens"], (list, tuple)):
+        params["seq_lens"] = [params["seq_lens"]]
+    return params
+
+
+def build_train_plan(cfg: dict) -> TrainPlan:
+    """Validate ``cfg`` and expand it into cases; ``ConfigError`` before any work."""
+    from attnbench.methods import METHODS
+    from attnbench.tasks import TASKS, TaskParamError
+    from attnbench.tasks.train import attention_case
+
+    from attnbench.config.plan import resolve_methods
+
+    tasks = resolve_tasks(cfg)
+    methods = resolve_methods(cfg)
+    seeds = _list(cfg, "seeds")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError("seeds", f"must be non-negative integers, got {seed!r}")
+    dtype = cfg.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"{dtype!r} is not one of: {', '.join(DTYPES)}")
+    timeout = cfg.get("case_timeout_s", 600)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError("case_timeout_s", f"must be a positive number, got {timeout!r}")
+    unknown = set(cfg.get("task_options") or {}) - set(TASKS)
+    if unknown:
+        raise ConfigError("task_options", f"unknown task(s) {sorted(unknown)}; registered: {', '.join(sorted(TASKS))}")
+    device = resolve_devices(cfg)[0]
+    options = plan_options(cfg)
+    runnable, unsupported = [], []
+    for name in tasks:
+        spec = TASKS[name]
+        params = task_parameters(cfg, name)
+        available, why = spec.availability()
+        for seq in params["seq_lens"]:
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+                raise ConfigError(f"task_options.{name}.seq_lens", f"must be positive integers, got {seq!r}")
+            task = None
+            if available:
+                try:
+                    task = spec.make(params, seq)
+                except TaskParamError as exc:
+                    raise ConfigError(f"task_options.{name}", f"{exc} (length {seq})") from None
+            for method in methods:
+                for seed in seeds:
+                    case = TrainCase(name, method, seq, seed, dtype, json.dumps(params, sort_keys=True))
+                    if not available:
+                        unsupported.append((case, f"task unavailable: {why}"))
+                        continue
+                    attn_case = attention_case(task, method, int(params["batch"]), dtype, seed, device)
+                    if task.kind == "probe":  # forward calls only
+                        attn_case = dataclasses.replace(attn_case, mode="fwd")
+                    reason = _unsupported(task, METHODS[method], attn_case, options)
+                    if reason:
+                        unsupported.append((case, reason))
+                    else:
+                        runnable.append(case)
+    return TrainPlan(runnable, unsupported, device)
+
+
+def _unsupported(task, method, attn_case, options: dict) -> str | None:
+    from attnbench import masks
+
+    caps = method.caps
+    if task.kind == "probe" and caps.form == "layer":
+        return "a probe calls the method on q, k, v; a layer-form method takes x"
+    if caps.form == "layer" and task.arch == "cross":
+        return "a layer-form method has no cross-attention form (queries and keys from one sequence)"
+    spec = masks.make_mask(attn_case.mask)
+    return unsupported_reason(attn_case, spec, caps, method.availability(), options)
+
+
+def _reason(exc: BaseException) -> str:
+    from attnbench.execute.worker import _reason as worker_reason
+
+    return worker_reason(exc, "training")
+
+
+def _describe(case: TrainCase, run_id: str, device_name: str) -> dict:
+    from attnbench.methods import METHODS
+    from attnbench.record.quality import empty_row
+    from attnbench.tasks import TASKS
+
+    spec = TASKS[case.task]
+    params = case.params
+    method = METHODS.get(case.method)
+    row = empty_row()
+    row.update(run_id=run_id, case_id=case.case_id, kind=spec.cls.kind, method=case.method, task=case.task,
+               pattern=spec.cls.pattern, seq=case.seq, d_model=params.get("d_model"), layers=params.get("layers"),
+               heads=params.get("heads"), steps=params.get("steps"), batch=params.get("batch"), lr=params.get("lr"),
+               seed=case.seed, dtype=case.dtype, metric=spec.cls.metric, higher_is_better=spec.cls.higher_is_better,
+               device=device_name)
+    if method is not None:
+        row.update(family=method.caps.family, exact=method.caps.exact)
+    return row
+
+
+def run_case(case: TrainCase, device: str, options: dict, method_params: dict, timeout_s: float) -> dict:
+    """Train/probe one case in this process -> the row's measured columns (status, reason, value, ...)."""
+    import torch
+
+    from attnbench.execute.case import _compiler_config_restored
+    from attnbench.execute.worker import _classify
+    from attnbench.methods import Unsupported
+    from attnbench.tasks import TASKS
+    from attnbench.tasks.train import train_task
+
+    spec = TASKS[case.task]
+    task = spec.make(case.params, case.seq)
+    measured = {"seq_q": task.seq_q, "seq_kv": task.seq_kv}
+    try:
+        with _compiler_config_restored():
+            if spec.cls.kind == "probe":
+                outcome = task.probe(case.method, seed=case.seed, dtype=case.dtype, device=device, options=options,
+                                     method_params=method_params)
+            else:
+                outcome = train_task(case.task, case.params, case.seq, case.method, seed=case.seed, dtype=case.dtype,
+                                     device=device, options=options, method_params=method_params,
+                                     max_wall_s=timeout_s)
+    except Unsupported as exc:
+        return {**measured, "status": "unsupported", "reason": str(exc)}
+    except Exception as exc:  # OOM and everything else: a row, and the run goes on
+        status = _classify(exc)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return {**measured, "status": status, "reason": _reason(exc)}
+    measured.update(status=outcome.status, reason=outcome.reason, value=outcome.value, breakdown=outcome.breakdown,
+                    extras=outcome.extras, final_loss=outcome.final_loss, steps_done=outcome.steps_done,
+                    train_wall_s=outcome.train_wall_s, tokens_per_s=outcome.tokens_per_s,
+                    peak_mem_mb=outcome.peak_mem_mb, parameters=outcome.parameters)
+    return measured
+
+
+def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
+    """Validate, plan and run ``cfg``; returns the run folder."""
+    from tqdm import tqdm
+
+    from attnbench.config.plugins import load_plugins
+    from attnbench.execute.runner import default_run_id, worker_options
+    from attnbench.record import envinfo
+    from attnbench.record.quality import QualityStore
+
+    load_plugins(cfg.get("plugins") or [])
+    import attnbench.tasks  # noqa: F401  (the built-in tasks)
+
+    plan = build_train_plan(cfg)
+    run_id = str(cfg.get("run_id") or default_run_id())
+    run_dir = Path(cfg.get("results_dir") or "results") / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = QualityStore(run_dir, retry=tuple(cfg.get("retry") or ()))
+    invocation, facts = envinfo.begin_invocation(run_dir, run_id, command)
+    import yaml
+
+    (run_dir / f"train_config.{invocation}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    stamp = {"host": facts["host"], "git_sha": facts["git_sha"], "git_dirty": facts["git_dirty"]}
+    device = plan.device
+    device_name = _device_name(device)
+    marker = run_dir / "quality.inflight.json"
+    if marker.is_file():  # the previous invocation died inside this case
+        try:
+            died = json.loads(marker.read_text())
+        except ValueError:
+            died = None
+        if died and died.get("case_id") not in store.done:
+            row = {**died["row"], "status": "crashed", "reason": "the process died during this case (a previous "
+                   "invocation left its marker); not retried, run with retry=[crashed] to try again", **stamp}
+            store.append(row)
+        marker.unlink()
+    rows_before = len(store.rows)
+    for case, reason in plan.unsupported:
+        if case.case_id not in store.done:
+            store.append({**_describe(case, run_id, device_name), "status": "unsupported", "reason": reason,
+                          "wall_s": 0.0, "started_at": envinfo.now(), **stamp})
+    options = worker_options(cfg)
+    timeout_s = float(cfg.get("case_timeout_s", 600))
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (e.g. `timeout`) ends like Ctrl-C
+        signal.signal(signal.SIGTERM, _stop)
+    todo = [c for c in plan.runnable if c.case_id not in store.done]
+    progress = tqdm(total=len(plan.runnable) + len(plan.unsupported),
+                    initial=len(plan.runnable) + len(plan.unsupported) - len(todo), desc=run_id, unit="run",
+                    disable=not show_progress, dynamic_ncols=True)
+    for case in todo:
+        progress.set_postfix_str(f"{case.task} {case.method} {case.seq} s{case.seed}", refresh=False)
+        row = {**_describe(case, run_id, device_name), "started_at": envinfo.now(), **stamp}
+        marker.write_text(json.dumps({"case_id": case.case_id, "row": row}, default=str))
+        started = time.perf_counter()
+        method_params = dict((options.get("method_options") or {}).get(case.method) or {})
+        try:
+            row.update(run_case(case, device, options, method_params, timeout_s))
+        except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, SIGTERM): no row, no marker
+            marker.unlink(missing_ok=True)
+            raise
+        row["wall_s"] = time.perf_counter() - started
+        store.append(row)
+        marker.unlink()
+        progress.update(1)
+    progress.close()
+    envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before)
+    store.finalize()
+    return run_dir
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def summary_lines(run_dir: Path) -> list[str]:
+    """One line per row: task, length, method, seed, status and value (what the CLI prints at the end)."""
+    from attnbench.record.quality import load_quality
+
+    import pandas as pd
+
+    frame = load_quality(run_dir)
+    lines = []
+    for row in frame.sort_values(["task", "seq", "method", "seed"]).itertuples():
+        value = "" if pd.isna(row.value) else f"{row.metric}={row.value:.4f}"
+        reason = "" if row.status == "ok" else f" ({str(row.reason)[:100]})"
+        lines.append(f"{row.task:16s} {row.seq!s:>6} {row.method:16s} s{row.seed} {row.status:11s} {value}{reason}")
+    return lines
