@@ -2,7 +2,7 @@
 
     attnbench [sweep=NAME] [key=value ...]      run a sweep (Hydra overrides; -m for multirun)
     attnbench list methods|masks|tasks          every method (available or not, and why), mask or task
-    attnbench train [sweep=NAME] [key=value ...] train small models on quality tasks (conf/train.yaml)
+    attnbench train [suite=NAME] [key=value ...] train small models on quality tasks (conf/train.yaml)
     attnbench report RUN [RUN ...]              report.md + report.html in the run folder
     attnbench compare BASE NEW                  per-case ratios, regressions beyond spread + threshold
     attnbench runs                              runs with date, device and case counts by status
@@ -95,7 +95,7 @@ def _subcommands():
 
 
 def train_main(argv: list[str]) -> int:
-    """``attnbench train [sweep=NAME] [key=value ...]``: compose conf/train.yaml with Hydra's override grammar,
+    """``attnbench train [suite=NAME] [key=value ...]``: compose conf/train.yaml with Hydra's override grammar,
     then train and evaluate every case (``attnbench.execute.train``)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -108,8 +108,8 @@ def train_main(argv: list[str]) -> int:
         print(train_main.__doc__)
         print((CONF_DIR / "train.yaml").read_text())
         return 0
-    if not any(a.split("=", 1)[0].lstrip("+~") == "sweep" for a in argv):
-        argv = [f"sweep={'tasks_gpu' if _gpu_present() else 'tasks_cpu'}", *argv]
+    if not any(a.split("=", 1)[0].lstrip("+~") == "suite" for a in argv):
+        argv = [f"suite={'tasks_gpu' if _gpu_present() else 'tasks_cpu'}", *argv]
     command = "attnbench train " + " ".join(shlex.quote(a) for a in argv)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="attnbench_train"):

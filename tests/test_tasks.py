@@ -313,7 +313,7 @@ def test_cli_train_and_list_tasks(tmp_path, capsys, monkeypatch):
     listed = capsys.readouterr().out
     assert all(name in listed for name in TASKS)
     monkeypatch.chdir(tmp_path)
-    code = main(["train", "sweep=tasks_cpu", "tasks=[sort]", "methods=[sdpa_math]", "task_options.sort.steps=2",
+    code = main(["train", "suite=tasks_cpu", "tasks=[sort]", "methods=[sdpa_math]", "task_options.sort.steps=2",
                  "task_options.sort.seq_lens=[8]", "task_options.sort.batch=4", "task_options.sort.eval_batches=1",
                  "task_options.sort.d_model=16", "run_id=cli", "steps=null"])
     assert code == 0

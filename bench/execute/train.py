@@ -1,7 +1,7 @@
 """`attnbench train`: plan (task x length x method x seed), train and evaluate each, write quality rows.
 
 Config: ``conf/train.yaml`` (keys below), the task group ``conf/task/`` (every built-in task's parameters, under
-``task_options.<task>``) and a preset from ``conf/sweep/`` (``sweep=tasks_cpu``, ``tasks_gpu``, ``mqar``).
+``task_options.<task>``) and a preset from ``conf/suite/`` (``suite=tasks_cpu``, ``tasks_gpu``, ``mqar``).
 Every field is checked before any work (``ConfigError`` names it). A case whose method cannot run the task's
 attention shape (by its declared capabilities, or its builder's ``Unsupported``), whose task needs a missing
 package, or whose method is unavailable, is an ``unsupported`` row with the reason; a NaN loss is ``diverged``,
