@@ -19,7 +19,8 @@ for w in .whl/*.whl shared/device/wheels/*.whl; do
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS || exit 1
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-python3 -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.txt 2>&1 || { tail $OUT/pip.txt; exit 1; }
+# attnbench itself comes as a wheel in .whl/ (pip wheel --no-deps -w .whl .): no build on the device
+python3 -c "import attnbench" || { echo "attnbench wheel missing from .whl/"; exit 1; }
 export PYTHONUNBUFFERED=1
 python3 -c "import fla, einops, triton; print('fla', fla.__version__, 'triton', triton.__version__)" \
   || echo "fla does not import here: the fla_* rows will be unsupported (method unavailable)"

@@ -10,9 +10,8 @@ set -u
 OUT=${OUT:-$PWD/results}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target /tmp/attnbench . \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/attnbench:/tmp/site:${PYTHONPATH:-}
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}  # attnbench itself is a wheel in .whl/ (pip wheel --no-deps -w .whl .)
+python3 -c "import attnbench" || { echo "attnbench wheel missing from .whl/"; exit 1; }
 export PYTHONUNBUFFERED=1
 RUN=h200-sparse
 ONE_D="sdpa_cudnn,flex,biformer,halo,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,long_short,superlinear"

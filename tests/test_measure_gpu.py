@@ -65,7 +65,7 @@ def test_peak_memory_telemetry_and_calibration_on_a_real_case(tmp_path):
     # telemetry reads the GPU the case ran on: a plausible clock and power under load
     assert (frame.sm_clock_mhz > 500).all() and (frame.power_w > 100).all(), frame[["sm_clock_mhz", "power_w"]]
     assert frame.gpu_uuid.notna().all()
-    assert (frame.tflops > 100).all() and frame.flags.isna().all(), frame[["tflops", "flags"]]
+    assert (frame.tflops > 100).all() and frame["flags"].isna().all(), frame[["tflops", "flags"]]
 
 
 @pytest.mark.parametrize("seq", [4096, 65536])

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     import triton.testing
 
     from attnbench import masks
-    from attnbench.methods import METHODS, BuildContext
+    from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
 
     from attnbench.config.plan import Case
     from attnbench.measure.timing import time_callable
@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
             bound = spec.bind(seq, seq).to(device)
             shape = (case.batch, case.heads_q, seq, case.head_dim)
             q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(3))
-            fn = METHODS[name].build(BuildContext(case=case, mask=bound, device=device, dtype=torch.bfloat16))
+            ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=device, dtype=torch.bfloat16)
+            fn = as_prepared(METHODS[name].build(ctx)).fn
 
             def call():
                 with torch.no_grad():

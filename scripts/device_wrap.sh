@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run a device script with its outputs in a scratch folder, then pack them: the device tool returns at most 8 files
+# two folders deep, so everything comes back as $OUT/<name>.tgz plus the script's console log.
+#   bash scripts/device_wrap.sh NAME scripts/device_NAME.sh [pre-step script ...]
+set -u
+NAME=$1; shift
+REAL_OUT=${OUT:?}
+SCRATCH=/tmp/out-$NAME
+mkdir -p "$SCRATCH"
+for script in "$@"; do OUT=$SCRATCH bash "$script"; done > "$REAL_OUT/$NAME-console.txt" 2>&1
+tar -czf "$REAL_OUT/$NAME.tgz" -C "$SCRATCH" .
+tail -n 60 "$REAL_OUT/$NAME-console.txt"
