@@ -7,6 +7,9 @@ NAME=$1; shift
 REAL_OUT=${OUT:?}
 SCRATCH=/tmp/out-$NAME
 mkdir -p "$SCRATCH"
-for script in "$@"; do OUT=$SCRATCH bash "$script"; done > "$REAL_OUT/$NAME-console.txt" 2>&1
+export SCRATCH
+# a wall-clock cap for all the scripts together, so the packing below always runs inside the call's limit
+timeout -k 5 "${WRAP_S:-540}" bash -c 'for script in "$@"; do OUT=$SCRATCH bash "$script"; done' _ "$@" \
+  > "$REAL_OUT/$NAME-console.txt" 2>&1
 tar -czf "$REAL_OUT/$NAME.tgz" -C "$SCRATCH" .
 tail -n 60 "$REAL_OUT/$NAME-console.txt"
