@@ -202,3 +202,78 @@ def test_no_generic_top_level_name_is_installed(installed, name):
                             cwd=installed["cwd"], env=installed["env"], timeout=60)
     assert result.returncode != 0 and f"No module named '{name}'" in result.stderr, result.stderr
     assert not (installed["target"] / name).exists()
+
+
+# ---- the Makefile's torch choice -------------------------------------------------------------------------------
+STUB_PYTHON = """#!{bash}
+# a stand-in for the venv's python: logs every call; imports torch only when HAS_TORCH is set; pip fails
+# without --index-url when FIRST_PIP_FAILS is set (an index with no +cpu wheel, as PyPI)
+echo "$*" >> "$CALLS"
+if [ "$1" = "-c" ]; then [ -n "${{HAS_TORCH:-}}" ] && {{ echo 2.11.0; exit 0; }}; exit 1; fi
+case "$*" in *--index-url*) exit 0;; esac
+[ -n "${{FIRST_PIP_FAILS:-}}" ] && [ "$3" = "install" ] && [ "$5" != "-e" ] && exit 1
+exit 0
+"""
+NVIDIA_SMI = {
+    "gpu": "#!{bash}\necho 'GPU 0: NVIDIA H200 (UUID: GPU-00000000-0000-0000-0000-000000000000)'\n",
+    "no_driver": "#!{bash}\necho 'NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.'\nexit 9\n",
+}
+
+
+def _make_install(tmp_path: Path, nvidia_smi: str | None, has_torch=False, first_pip_fails=False) -> list[str]:
+    """Run the Makefile's real install recipe with a stub python (the venv's) and a stub nvidia-smi (or none)
+    on a PATH holding nothing else; returns the stub python's calls, in order."""
+    bash = shutil.which("bash")
+    if shutil.which("make") is None or bash is None:
+        pytest.skip("needs make and bash")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(STUB_PYTHON.format(bash=bash))
+    python.chmod(0o755)
+    stubs = tmp_path / "path"
+    stubs.mkdir()
+    for tool in ("bash", "grep", "touch"):  # what the recipe and the script use besides shell builtins
+        (stubs / tool).symlink_to(shutil.which(tool))
+    if nvidia_smi is not None:
+        (stubs / "nvidia-smi").write_text(NVIDIA_SMI[nvidia_smi].format(bash=bash))
+        (stubs / "nvidia-smi").chmod(0o755)
+    calls = tmp_path / "calls.log"
+    env = {"PATH": str(stubs), "CALLS": str(calls), "HOME": str(tmp_path)}
+    if has_torch:
+        env["HAS_TORCH"] = "1"
+    if first_pip_fails:
+        env["FIRST_PIP_FAILS"] = "1"
+    make = subprocess.run([shutil.which("make"), "-C", str(ROOT), "install", f"VENV={venv}"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert make.returncode == 0, make.stdout + make.stderr
+    assert (venv / ".installed").is_file()
+    return [line.strip() for line in calls.read_text().splitlines()]
+
+
+def _pip_installs(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("-m pip install")]
+
+
+def test_make_install_takes_the_cuda_build_where_nvidia_smi_lists_a_gpu(tmp_path):
+    installs = _pip_installs(_make_install(tmp_path, "gpu"))
+    assert installs == ["-m pip install -q torch>=2.11", '-m pip install -q -e .[test]'], installs
+
+
+@pytest.mark.parametrize("nvidia_smi", [None, "no_driver"])
+def test_make_install_takes_the_cpu_build_without_a_gpu(tmp_path, nvidia_smi):
+    installs = _pip_installs(_make_install(tmp_path, nvidia_smi))
+    assert installs == ["-m pip install -q torch==2.13.0+cpu", "-m pip install -q -e .[test]"], installs
+
+
+def test_make_install_falls_back_to_the_pytorch_cpu_index(tmp_path):
+    installs = _pip_installs(_make_install(tmp_path, None, first_pip_fails=True))
+    assert installs == ["-m pip install -q torch==2.13.0+cpu",
+                        "-m pip install -q torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu",
+                        "-m pip install -q -e .[test]"], installs
+
+
+@pytest.mark.parametrize("nvidia_smi", [None, "gpu"])
+def test_make_install_keeps_a_torch_that_is_there(tmp_path, nvidia_smi):
+    calls = _make_install(tmp_path, nvidia_smi, has_torch=True)
+    assert _pip_installs(calls) == ["-m pip install -q -e .[test]"], calls
