@@ -3,9 +3,11 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch: keep a torch that is already there (the GPU image's 2.11); otherwise take the CPU build, so that no
-# plain requirement pulls a multi-GB CUDA build onto a CPU machine.
-TORCH_CPU ?= torch==2.13.0
+# torch (scripts/torch_choice.sh): keep a torch that is already there (the GPU image's 2.11); else, with an
+# NVIDIA GPU (nvidia-smi lists one), the CUDA build from the default index; else the CPU build (the +cpu
+# local version, from the configured indexes, then the PyTorch CPU index).
+TORCH_CUDA ?= torch>=2.11
+TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 
@@ -15,18 +17,14 @@ help:
 	@echo "make bench   # create .venv, install, run the default sweep (GPU sweep with a GPU, else the CPU smoke sweep)"
 	@echo "make test    # create .venv, install, run the test suite"
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/torch_choice.sh
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PY) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 11))" 2>/dev/null; then \
 	    echo "using the system torch"; $(PY) -m venv --system-site-packages $(VENV); \
 	  else $(PY) -m venv $(VENV); fi; \
 	fi
-	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
-	  echo "torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') already present"; \
-	else \
-	  $(BIN)/python -m pip install -q "$(TORCH_CPU)" || \
-	  $(BIN)/python -m pip install -q "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX); \
-	fi
+	TORCH_CUDA="$(TORCH_CUDA)" TORCH_CPU="$(TORCH_CPU)" TORCH_CPU_INDEX="$(TORCH_CPU_INDEX)" \
+	  bash scripts/torch_choice.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 

@@ -183,12 +183,12 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
         return f"head_dim {case.head_dim} over the maximum {caps.max_head_dim}"
     if case.heads_kv != case.heads_q and not caps.gqa:
         return "no grouped-query attention (heads_kv < heads_q)"
+    if case.mode == "decode" and not caps.decode:  # before cross: a decode case has seq_q != seq_kv too
+        return "no decode mode"
     if case.seq_q != case.seq_kv and not caps.cross:
         return "no cross attention (seq_q != seq_kv)"
     if case.needs_grad and not caps.backward:
         return "no backward pass"
-    if case.mode == "decode" and not caps.decode:
-        return "no decode mode"
     if caps.causal_only and not spec.causal:
         return f"causal masks only (a recurrence or scan), and {spec.name} is not causal"
     if not caps.runs_mask(spec.name):

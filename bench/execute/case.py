@@ -217,6 +217,9 @@ class CaseRunner:
         if not caps.exact and prepared.reference is None:
             raise _Verdict("error", f"approximate method {case.method!r} gives no reference (Prepared.reference): "
                                     "its fast path cannot be gated")
+        if caps.form == "layer" and prepared.reference is None:
+            raise _Verdict("error", f"layer-form method {case.method!r} gives no reference (Prepared.reference): "
+                                    "a layer is gated against its own reference only")
         recurrent = case.mode == "decode" and prepared.decode is not None
         call = self._call(case, caps, prepared, recurrent)
 
@@ -385,7 +388,7 @@ class CaseRunner:
         exact_ref = None
         if caps.form == "qkv" and (caps.exact or prepared.softmax_comparable):
             exact_ref = self.reference(case, self.inputs(case), bound, case.needs_grad and caps.exact)
-        if caps.exact:
+        if caps.exact and caps.form == "qkv":  # a layer is not a function of q, k, v: own reference only
             pairs = [("out", self._rows(out, exact_ref), self._rows(exact_ref.out, exact_ref, sampled=True))]
             if grads is not None and exact_ref.grads is not None:
                 pairs += [(n, g, w) for n, g, w in zip(names, grads, exact_ref.grads)]
