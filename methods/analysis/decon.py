@@ -55,9 +55,9 @@ def build_decon_mlp(ctx):
         return F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down).to(x.dtype)
 
     def reference(x):
-        gate = torch.einsum("bld,hd->blh", x, w_gate.float())
-        up = torch.einsum("bld,hd->blh", x, w_up.float())
-        return torch.einsum("blh,dh->bld", gate * torch.sigmoid(gate) * up, w_down.float())
+        gate = torch.einsum("bld,hd->blh", x, w_gate.to(x.dtype))
+        up = torch.einsum("bld,hd->blh", x, w_up.to(x.dtype))
+        return torch.einsum("blh,dh->bld", gate * torch.sigmoid(gate) * up, w_down.to(x.dtype))
 
     flops = case.batch * case.seq_q * 2.0 * 3 * width * hidden
     return Prepared(fn=fast, reference=reference, parameters=make.tensors, flops=flops, softmax_comparable=False)

@@ -49,7 +49,7 @@ def materialized_aggregate(q, k, x, alpha, *, temperature: float, causal: bool, 
         seen = row_visibility(r0, r1, seq_kv, causal, 0, qc.device)
         if order == "released":
             if seen is not None:
-                s = s + torch.where(seen, 0.0, torch.finfo(s.dtype).min)
+                s = s + torch.zeros_like(s).masked_fill(~seen, torch.finfo(s.dtype).min)
             logits = alpha * s
         else:
             logits = alpha * s
