@@ -384,13 +384,13 @@ class RFAttentionProbe(Task):
     metric = "mse"
     higher_is_better = False
     defaults = {"seq_lens": [8], "d": 8, "features": 256, "samples": [256, 1024], "test": 1024, "bias_mean": 0.0,
-                "targets": ["quadratic", "cubic", "control"], "lambdas": [1e-6, 1e-4, 1e-2, 1.0], "chunk": 256}
+                "targets": ["quadratic", "cubic", "control"], "lambdas": [1e-6, 1e-4, 1e-2, 1.0], "batch": 256}
 
     def setup(self):
         self.d = self.int_param("d", 2)
         self.features = self.int_param("features")
         self.int_param("test", 2)
-        self.int_param("chunk")
+        self.int_param("batch")  # examples per attention call
         self.float_param("bias_mean", -100.0, 100.0)
         samples = self.params["samples"]
         if not samples or any(isinstance(s, bool) or not isinstance(s, int) or s < 2 for s in samples):
@@ -405,7 +405,7 @@ class RFAttentionProbe(Task):
     def attention_features(self, fn, x0, xs, w, dtype, device):
         """φ = [Σ_i a_{m,i} x_i]_m, flattened ``[n, M·d]`` (the method on q = W_mᵀx₀ (× √d), k = v = x_i)."""
         parts = []
-        chunk = int(self.params["chunk"])
+        chunk = int(self.params["batch"])
         scale = math.sqrt(self.d)
         with torch.no_grad():
             for i in range(0, x0.shape[0], chunk):
@@ -424,7 +424,7 @@ class RFAttentionProbe(Task):
               max_wall_s=None) -> Outcome:
         started = time.perf_counter()
         d, count, m = self.d, self.seq, self.features
-        chunk = int(self.params["chunk"])
+        chunk = int(self.params["batch"])
         case = _case(self, method, chunk, m, 1, count, d, dtype, seed, device, mode="fwd")
         prepared, caps = build_method(case, torch.device(device), dict(options or {}), method_params or {})
         _check_plain(method, prepared, self.name)

@@ -201,7 +201,7 @@ def test_ridge_fit_is_the_regularised_least_squares_solution():
 
 
 def test_rf_probe_is_key_permutation_invariant_and_runs():
-    params = task_params("rf_attention_probe", {"features": 16, "samples": [32, 64], "test": 32, "chunk": 32})
+    params = task_params("rf_attention_probe", {"features": 16, "samples": [32, 64], "test": 32, "batch": 32})
     task = TASKS["rf_attention_probe"].make(params, 4)
     outcome = task.probe("sdpa_math", seed=0)
     assert outcome.status == "ok" and outcome.extras["checks"]["key_permutation_invariant"]
