@@ -2,7 +2,7 @@
 Importing this registers the built-ins."""
 from .contract import Extra, MaskInfo, Prepared, RecurrentDecode, as_prepared, tensor_bytes
 from .registry import METHODS, BuildContext, Capabilities, MethodSpec, Unsupported, register_method
-from . import exact, hybrid, linear, sparse  # noqa: F401
+from . import analysis, exact, hybrid, linear, sparse  # noqa: F401
 
 __all__ = ["METHODS", "BuildContext", "Capabilities", "Extra", "MaskInfo", "MethodSpec", "Prepared",
            "RecurrentDecode", "Unsupported", "as_prepared", "register_method", "tensor_bytes"]

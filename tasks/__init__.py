@@ -1,8 +1,8 @@
 """Quality tasks: seeded offline generators, the small models that host any registered attention method, the
 train/eval loop and the task metrics (registry in ``attnbench.tasks.registry``). Importing this registers the
 built-in tasks."""
-from .registry import IGNORE, PATTERNS, TASKS, Batch, Task, TaskParamError, TaskSpec, register_task, task_params
-from . import encoder, probe, recall, sequence, transduction  # noqa: F401
+from .registry import IGNORE, MODEL_OPTIONS, PATTERNS, TASKS, Batch, Task, TaskParamError, TaskSpec, register_task, task_params
+from . import analysis, encoder, probe, recall, sequence, transduction  # noqa: F401
 
-__all__ = ["IGNORE", "PATTERNS", "TASKS", "Batch", "Task", "TaskParamError", "TaskSpec", "register_task",
+__all__ = ["IGNORE", "MODEL_OPTIONS", "PATTERNS", "TASKS", "Batch", "Task", "TaskParamError", "TaskSpec", "register_task",
            "task_params"]

@@ -13,6 +13,25 @@ head per position or a class read at position 0. ``CrossModel``: an encoded sour
 short convolution) and a decoder whose blocks cross-attend to it through the method (the CAB cross patterns:
 queries from the decoder, keys and values from the source; causal cross is bottom-right aligned: decoder step
 ``t`` sees source positions ``<= t + seq_kv - seq_q``).
+
+Model options (``MODEL_OPTIONS``; ``task_options.<task>.KEY`` or the train config's global key; absent unless
+given, so they enter the case id only when set):
+
+* ``hybrid_schedule``: which layers keep standard attention (:class:`StandardAttention`, SDPA with PyTorch's
+  backend choice) while the others use the method — Deconstructing Attention's hybrids (App. P). A list of
+  1-based layer ids, or a name: ``odd`` {1,3,…}, ``even`` {2,4,…}, ``first`` {1}, ``last`` {L}, ``bilateral``
+  {1,L}, ``quarter`` (= ``25%``: L/4 evenly spaced layers ending at L, {4,8,…,24} at 24), ``top`` {1…L/2},
+  ``middle`` {1…L/4, 3L/4+1…L}, ``bottom`` {L/2+1…L} (Tbl. 11's id lists), ``all``, ``none``.
+* ``qk_source`` (self tasks, kernel-form methods, the method's layers): where Q and K come from —
+  ``current`` (the layer input), ``static_emb`` (the token embeddings: StaticEmbQK), ``random_ref`` (a fixed
+  N(0, I) reference sequence run through the same stack, its state before layer l giving layer l's Q and K, the
+  same map for every example: RndEmbQK) or ``fixed_seq`` (the same with a fixed natural text, the bytes of
+  Python's pydoc topics mod the vocabulary, embedded: FixedSeqQK; the paper's is FineWeb). V always comes from
+  the layer input.
+* ``readout`` (classification tasks): ``pool_eos``, ``pool_mean``, ``pool_latent_last``,
+  ``pool_latent_multilayer`` (``attnbench.methods.analysis.latent``) in place of reading position 0.
+* ``qk_dim``: the per-head width of Q and K (the state-size axis of ``mqar_state_sweep``); V keeps
+  ``d_model / heads``. The method's case then has ``head_dim = qk_dim``.
 """
 from __future__ import annotations
 
@@ -56,6 +75,65 @@ class AttentionCase:
                 self.dtype, self.seed)
 
 
+HYBRID_NAMES = ("odd", "even", "first", "last", "bilateral", "quarter", "25%", "top", "middle", "bottom", "all",
+                "none")
+QK_SOURCES = ("current", "static_emb", "random_ref", "fixed_seq")
+
+
+def hybrid_layers(schedule, layers: int) -> list[int]:
+    """The 1-based ids of the layers that keep standard attention under ``schedule`` (see module doc)."""
+    if schedule is None or schedule == "none":
+        return []
+    if isinstance(schedule, (list, tuple)):
+        ids = []
+        for item in schedule:
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= layers:
+                raise ValueError(f"layer ids must be integers in [1, {layers}], got {item!r}")
+            ids.append(item)
+        return sorted(set(ids))
+    if schedule not in HYBRID_NAMES:
+        raise ValueError(f"must be a list of 1-based layer ids or one of {', '.join(HYBRID_NAMES)}, got {schedule!r}")
+    all_ids = list(range(1, layers + 1))
+    half, quarter = layers // 2, layers // 4
+    named = {
+        "odd": all_ids[0::2], "even": all_ids[1::2], "first": [1], "last": [layers], "bilateral": sorted({1, layers}),
+        "top": all_ids[:half], "bottom": all_ids[half:], "all": all_ids,
+        "middle": all_ids[:quarter] + all_ids[layers - quarter:] if quarter else [],
+    }
+    if schedule in ("quarter", "25%"):
+        count = max(1, round(layers / 4))
+        return sorted({round(k * layers / count) for k in range(1, count + 1)})
+    return named[schedule]
+
+
+def check_model_options(task) -> None:
+    """Validate the model options in ``task.params`` (``TaskParamError`` naming ``task_options.<task>.KEY``)."""
+    p = task.params
+    layers = int(p.get("layers", 1))
+    if p.get("hybrid_schedule") is not None:
+        try:
+            hybrid_layers(p["hybrid_schedule"], layers)
+        except ValueError as exc:
+            raise task.error("hybrid_schedule", str(exc)) from None
+    source = p.get("qk_source")
+    if source is not None:
+        if source not in QK_SOURCES:
+            raise task.error("qk_source", f"must be one of {', '.join(QK_SOURCES)}, got {source!r}")
+        if source != "current" and task.arch != "self":
+            raise task.error("qk_source", "a fixed map needs a self-attention model (queries and keys from one sequence)")
+    readout = p.get("readout")
+    if readout is not None:
+        from attnbench.methods.analysis.latent import READOUTS
+
+        if readout not in READOUTS:
+            raise task.error("readout", f"must be one of {', '.join(READOUTS)}, got {readout!r}")
+        if task.readout != "cls" or task.arch != "self":
+            raise task.error("readout", "a pooled readout needs a classification task over one sequence")
+    qk_dim = p.get("qk_dim")
+    if qk_dim is not None and (isinstance(qk_dim, bool) or not isinstance(qk_dim, int) or qk_dim < 1):
+        raise task.error("qk_dim", f"must be a positive integer, got {qk_dim!r}")
+
+
 def build_method(case: AttentionCase, device: torch.device, options: dict, params: dict):
     """Build ``case.method`` for ``case`` -> (Prepared, caps). Raises the builder's ``Unsupported``."""
     from attnbench import masks
@@ -80,17 +158,52 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
     return out.to(x.dtype)
 
 
+class StandardAttention(nn.Module):
+    """Standard multi-head softmax attention (SDPA, PyTorch's backend choice): the layers a ``hybrid_schedule``
+    keeps. Causal self: ``is_causal``; causal cross: bottom-right aligned."""
+
+    def __init__(self, d_model: int, heads: int, causal: bool, rope: bool = False):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} is not a multiple of heads={heads}")
+        self.heads, self.head_dim, self.causal, self.rope = heads, d_model // heads, causal, rope
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+
+    def forward(self, x, memory=None, qk_input=None):
+        source = x if memory is None else memory
+        batch, seq_q, width = x.shape
+        seq_kv = source.shape[1]
+
+        def heads(t, length):
+            return t.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q(x), seq_q), heads(self.k(source), seq_kv), heads(self.v(source), seq_kv)
+        if self.rope:
+            q = rotary(q, torch.arange(seq_q, device=x.device) + (seq_kv - seq_q))
+            k = rotary(k, torch.arange(seq_kv, device=x.device))
+        kwargs = {}
+        if self.causal and seq_q == seq_kv:
+            kwargs["is_causal"] = True
+        elif self.causal:
+            from torch.nn.attention.bias import causal_lower_right
+
+            kwargs["attn_mask"] = causal_lower_right(seq_q, seq_kv)
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return self.o(out.transpose(1, 2).reshape(batch, seq_q, width))
+
+
 class MethodAttention(nn.Module):
     """Multi-head attention whose core is a registered kernel-form method (projections around it)."""
 
     def __init__(self, d_model: int, heads: int, case: AttentionCase, device, options: dict, params: dict,
-                 rope: bool = False):
+                 rope: bool = False, qk_dim: int | None = None):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model={d_model} is not a multiple of heads={heads}")
         self.heads, self.head_dim = heads, d_model // heads
-        self.q = nn.Linear(d_model, d_model, bias=False)
-        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.qk_dim = qk_dim or self.head_dim
+        self.q = nn.Linear(d_model, heads * self.qk_dim, bias=False)
+        self.k = nn.Linear(d_model, heads * self.qk_dim, bias=False)
         self.v = nn.Linear(d_model, d_model, bias=False)
         self.o = nn.Linear(d_model, d_model, bias=False)
         self.case, self.rope = case, rope
@@ -107,15 +220,21 @@ class MethodAttention(nn.Module):
             tensors[name] = extra.make(gen, device, self.dtype)
         return tensors
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                qk_input: torch.Tensor | None = None) -> torch.Tensor:
+        """``qk_input``: where Q and K come from (a fixed map: the reference's or the embeddings' states,
+        ``[1 or B, seq, d_model]``); V always from ``x`` (self) or ``memory`` (cross)."""
         source = x if memory is None else memory
         batch, seq_q, width = x.shape
         seq_kv = source.shape[1]
 
-        def heads(t, length):
-            return t.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        def heads(t, length, dim):
+            return t.reshape(batch, length, self.heads, dim).transpose(1, 2)
 
-        q, k, v = heads(self.q(x), seq_q), heads(self.k(source), seq_kv), heads(self.v(source), seq_kv)
+        qk_from, qk_kv = (x, source) if qk_input is None else (qk_input.expand(batch, -1, -1),) * 2
+        q = heads(self.q(qk_from), seq_q, self.qk_dim)
+        k = heads(self.k(qk_kv), seq_kv, self.qk_dim)
+        v = heads(self.v(source), seq_kv, self.head_dim)
         if self.rope:  # bottom-right alignment: query i sits at key position i + seq_kv - seq_q
             q = rotary(q, torch.arange(seq_q, device=x.device) + (seq_kv - seq_q))
             k = rotary(k, torch.arange(seq_kv, device=x.device))
@@ -146,9 +265,11 @@ class LayerMethod(nn.Module):
         self.method_parameters = [p for p in self.prepared.parameters if isinstance(p, torch.Tensor) and p.requires_grad]
         self.calls = 0
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, qk_input=None) -> torch.Tensor:
         if memory is not None:
             raise RuntimeError("a layer-form method cannot cross-attend")
+        if qk_input is not None:
+            raise RuntimeError("a layer-form method takes no fixed map (qk_source)")
         kwargs = {}
         for name, extra in self.prepared.extras.items():
             gen = torch.Generator(device=x.device).manual_seed(self.case.seed * 31 + 7919 * self.calls)
@@ -195,22 +316,61 @@ class Block(nn.Module):
         self.mlp = MLP(d_model) if mlp else None
         self.norm_mlp = nn.LayerNorm(d_model) if mlp else None
 
-    def forward(self, x, memory=None):
+    def forward(self, x, memory=None, qk_input=None):
         if self.conv is not None:
             x = x + self.conv(self.norm_conv(x))
-        x = x + self.mixer(self.norm_mix(x), memory)
+        if qk_input is not None and isinstance(self.mixer, MethodAttention):
+            x = x + self.mixer(self.norm_mix(x), memory, qk_input=self.norm_mix(qk_input))
+        else:
+            x = x + self.mixer(self.norm_mix(x), memory)
         if self.mlp is not None:
             x = x + self.mlp(self.norm_mlp(x))
         return x
 
 
-def make_mixer(layer: int, d_model: int, heads: int, case: AttentionCase, device, options, params, rope):
-    from attnbench.methods import METHODS
+def make_mixer(layer: int, d_model: int, heads: int, case: AttentionCase, device, options, params, rope,
+               standard: bool = False, causal: bool = False, qk_dim: int | None = None, fixed_map: bool = False):
+    """Layer ``layer``'s mixer: standard attention (a hybrid schedule's layer) or the method."""
+    from attnbench.methods import METHODS, Unsupported
 
+    if standard:
+        return StandardAttention(d_model, heads, causal, rope=rope)
     case = AttentionCase(**{**case.__dict__, "seed": case.seed * 1000 + layer})
     if METHODS[case.method].caps.form == "layer":
+        if fixed_map:
+            raise Unsupported("qk_source: a fixed map needs a kernel-form method (a layer-form method makes its own Q, K)")
+        if qk_dim is not None:
+            raise Unsupported("qk_dim: a layer-form method has no Q/K width to set")
         return LayerMethod(case, device, options, params)
-    return MethodAttention(d_model, heads, case, device, options, params, rope=rope)
+    if qk_dim is not None:
+        case = AttentionCase(**{**case.__dict__, "head_dim": qk_dim})
+    return MethodAttention(d_model, heads, case, device, options, params, rope=rope, qk_dim=qk_dim)
+
+
+def _blocks(task, case, device, options, params, conv: bool, causal: bool):
+    """The model's blocks, with the hybrid schedule's standard layers in place."""
+    p = task.params
+    d_model, layers = int(p["d_model"]), int(p["layers"])
+    standard = set(hybrid_layers(p.get("hybrid_schedule"), layers))
+    fixed_map = (p.get("qk_source") or "current") != "current"
+    return nn.ModuleList(
+        Block(d_model, make_mixer(i, d_model, int(p["heads"]), case, device, options, params, "rope" in p["pos"],
+                                  standard=(i + 1) in standard, causal=causal, qk_dim=p.get("qk_dim"),
+                                  fixed_map=fixed_map),
+              conv, causal, bool(p["mlp"]))
+        for i in range(layers))
+
+
+def fixed_text_ids(length: int, vocab: int) -> torch.Tensor:
+    """A fixed natural text as ids: the bytes of Python's pydoc topics (offline, in the standard library), mod
+    ``vocab``, repeated to ``length`` if short."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[key] for key in sorted(topics)).encode("utf-8")
+    data = torch.tensor(list(text[: max(length, 1)]), dtype=torch.long)
+    if data.numel() < length:
+        data = data.repeat(-(-length // data.numel()))
+    return data[:length] % vocab
 
 
 class SelfModel(nn.Module):
@@ -223,20 +383,48 @@ class SelfModel(nn.Module):
         self.embed = nn.Embedding(task.vocab, d_model)
         self.pos = nn.Embedding(seq, d_model) if "learned" in p["pos"] else None
         causal = task.pattern.startswith("causal")
-        self.blocks = nn.ModuleList(
-            Block(d_model, make_mixer(i, d_model, int(p["heads"]), case, device, options, params, "rope" in p["pos"]),
-                  bool(p["conv"]), causal, bool(p["mlp"]))
-            for i in range(int(p["layers"])))
+        self.blocks = _blocks(task, case, device, options, params, bool(p["conv"]), causal)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, task.classes)
         self.readout = task.readout
+        self.qk_source = p.get("qk_source") or "current"
+        if self.qk_source == "random_ref":  # fixed N(0, I) embeddings (sigma unverified in the paper: 1)
+            gen = torch.Generator().manual_seed(case.seed * 7919 + 17)
+            self.register_buffer("reference", torch.randn(1, seq, d_model, generator=gen))
+        elif self.qk_source == "fixed_seq":
+            self.register_buffer("reference_ids", fixed_text_ids(seq, task.vocab)[None])
+        self.pool = None
+        if p.get("readout"):
+            from attnbench.methods.analysis.latent import make_readout
 
-    def forward(self, batch) -> torch.Tensor:
-        x = self.embed(batch.inputs)
+            self.pool = make_readout(p["readout"], d_model, int(p["layers"]), heads=int(p["heads"]))
+
+    def _embed(self, ids=None, vectors=None):
+        x = self.embed(ids) if vectors is None else vectors
         if self.pos is not None:
             x = x + self.pos.weight[None, : x.shape[1]]
+        return x
+
+    def forward(self, batch) -> torch.Tensor:
+        x = self._embed(batch.inputs)
+        qk = None
+        if self.qk_source == "static_emb":
+            qk = x
+        elif self.qk_source == "random_ref":
+            qk = self._embed(vectors=self.reference[:, : x.shape[1]])
+        elif self.qk_source == "fixed_seq":
+            qk = self._embed(self.reference_ids[:, : x.shape[1]])
+        history = []
         for block in self.blocks:
-            x = block(x)
+            if qk is None:
+                x = block(x)
+            else:
+                x = block(x, qk_input=qk)
+                if self.qk_source != "static_emb":  # the reference goes through the same stack with its own Q, K
+                    qk = block(qk.expand(x.shape[0], -1, -1))[:1]
+            history.append(x)
+        if self.pool is not None:
+            return self.head(self.pool([self.norm(h) for h in history]))
         x = self.norm(x)
         return self.head(x[:, 0] if self.readout == "cls" else x)
 
@@ -261,10 +449,7 @@ class CrossModel(nn.Module):
         self.tgt_pos = nn.Embedding(task.seq_q, d_model) if learned else None
         self.src_conv = ShortConv(d_model, causal=task.pattern.startswith("causal")) if p.get("src_conv") else None
         self.src_norm = nn.LayerNorm(d_model)
-        self.blocks = nn.ModuleList(
-            Block(d_model, make_mixer(i, d_model, int(p["heads"]), case, device, options, params, "rope" in p["pos"]),
-                  False, True, bool(p["mlp"]))
-            for i in range(int(p["layers"])))
+        self.blocks = _blocks(task, case, device, options, params, False, task.pattern.startswith("causal"))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, task.classes)
 

@@ -28,7 +28,10 @@ from typing import Any, ClassVar
 import torch
 
 PATTERNS = ("causal_self", "noncausal_self", "noncausal_cross", "causal_cross")
-METRICS = ("accuracy", "bpc", "recall", "approx_err")
+METRICS = ("accuracy", "bpc", "recall", "approx_err", "mse")
+# options of the host model every train task accepts (task_options.<task>.KEY or the global train key), absent
+# from the parameters (and so from the case id) unless given: see attnbench.tasks.model
+MODEL_OPTIONS = ("hybrid_schedule", "qk_source", "readout", "qk_dim")
 IGNORE = -100  # target value that the loss and metric skip
 
 
@@ -60,7 +63,8 @@ class Batch:
 class Task:
     """Base class of a task. Subclasses set the class attributes and implement ``setup`` and ``sample``.
 
-    ``kind``: ``train`` (the trainer fits a model) or ``probe`` (training-free; ``probe(method, ...)`` does it).
+    ``kind``: ``train`` (the trainer fits a model), ``probe`` (training-free; ``probe(method, ...)`` does it) or
+    ``experiment`` (the task builds, trains or fits its own model around the method in ``probe(method, ...)``).
     ``arch``: ``self`` (one sequence, the method is its self-attention) or ``cross`` (the method is the decoder's
     cross-attention over the encoded source). ``readout``: ``tokens`` (a prediction per position) or ``cls``
     (one class per sequence, read at position 0). ``requires``: modules the task needs (listed, never run,
@@ -105,6 +109,10 @@ class Task:
         self.grid: tuple[int, int] | None = None
         self.group_names: list[str] | None = None
         self.setup()
+        if self.kind == "train":
+            from .model import check_model_options
+
+            check_model_options(self)
 
     # ---- to implement ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -187,7 +195,9 @@ def task_params(name: str, overrides: dict | None = None) -> dict:
     spec = TASKS[name]
     params = dict(spec.cls.defaults)
     for key, value in (overrides or {}).items():
-        if key not in params:
+        if value is None and key in MODEL_OPTIONS:
+            continue
+        if key not in params and not (key in MODEL_OPTIONS and spec.cls.kind == "train"):
             raise TaskParamError(f"task_options.{name}.{key}: unknown parameter; known: {', '.join(sorted(params))}")
         params[key] = value
     return params

@@ -20,6 +20,8 @@ from pathlib import Path
 from attnbench.config.plan import DTYPES, ConfigError, plan_options, resolve_devices, unsupported_reason
 
 GLOBAL_OVERRIDES = ("seq_lens", "steps", "batch", "lr", "d_model", "layers", "heads")
+# model options set for every train task when given globally (attnbench.tasks.model; per task: task_options)
+GLOBAL_MODEL_OPTIONS = ("hybrid_schedule", "qk_source")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ def task_parameters(cfg: dict, name: str) -> dict:
         raise ConfigError(f"task_options.{name}", str(exc)) from None
     for key in GLOBAL_OVERRIDES:
         if cfg.get(key) is not None and key in params:
+            params[key] = cfg[key]
+    from attnbench.tasks import TASKS
+
+    for key in GLOBAL_MODEL_OPTIONS:
+        if cfg.get(key) is not None and TASKS[name].cls.kind == "train":
             params[key] = cfg[key]
     if not isinstance(params["seq_lens"], (list, tuple)):
         params["seq_lens"] = [params["seq_lens"]]
@@ -149,8 +156,8 @@ def _unsupported(task, method, attn_case, options: dict) -> str | None:
     from attnbench import masks
 
     caps = method.caps
-    if task.kind == "probe" and caps.form == "layer":
-        return "a probe calls the method on q, k, v; a layer-form method takes x"
+    if task.kind in ("probe", "experiment") and caps.form == "layer":
+        return f"a {task.kind} calls the method on q, k, v; a layer-form method takes x"
     if caps.form == "layer" and task.arch == "cross":
         return "a layer-form method has no cross-attention form (queries and keys from one sequence)"
     spec = masks.make_mask(attn_case.mask)
@@ -176,10 +183,17 @@ def _describe(case: TrainCase, run_id: str, device_name: str) -> dict:
                pattern=spec.cls.pattern, seq=case.seq, d_model=params.get("d_model"), layers=params.get("layers"),
                heads=params.get("heads"), steps=params.get("steps"), batch=params.get("batch"), lr=params.get("lr"),
                seed=case.seed, dtype=case.dtype, metric=spec.cls.metric, higher_is_better=spec.cls.higher_is_better,
-               device=device_name)
+               device=device_name, model_options=_model_options(params))
     if method is not None:
         row.update(family=method.caps.family, exact=method.caps.exact)
     return row
+
+
+def _model_options(params: dict) -> str | None:
+    from attnbench.tasks import MODEL_OPTIONS
+
+    chosen = {k: params[k] for k in MODEL_OPTIONS if params.get(k) is not None}
+    return json.dumps(chosen, sort_keys=True) if chosen else None
 
 
 def run_case(case: TrainCase, device: str, options: dict, method_params: dict, timeout_s: float) -> dict:
@@ -197,9 +211,10 @@ def run_case(case: TrainCase, device: str, options: dict, method_params: dict, t
     measured = {"seq_q": task.seq_q, "seq_kv": task.seq_kv}
     try:
         with _compiler_config_restored():
-            if spec.cls.kind == "probe":
+            if spec.cls.kind in ("probe", "experiment"):  # the task runs the method itself
+                budget = {"max_wall_s": timeout_s} if spec.cls.kind == "experiment" else {}
                 outcome = task.probe(case.method, seed=case.seed, dtype=case.dtype, device=device, options=options,
-                                     method_params=method_params)
+                                     method_params=method_params, **budget)
             else:
                 outcome = train_task(case.task, case.params, case.seq, case.method, seed=case.seed, dtype=case.dtype,
                                      device=device, options=options, method_params=method_params,

@@ -22,7 +22,8 @@ QUALITY_COLUMNS: dict[str, tuple[str, str]] = {
     "run_id": ("string", "name of the run folder that holds the row"),
     "case_id": ("string", "first 16 hex digits of the SHA-1 of (task, method, seq, seed, dtype, the task's "
                           "parameters): equal runs get equal ids"),
-    "kind": ("string", "train (a model trained and evaluated) or probe (training-free, on the method alone)"),
+    "kind": ("string", "train (a model trained and evaluated), probe (training-free, on the method alone) or experiment (the "
+                     "task trains or fits its own small model around the method, e.g. icl_linreg_1layer_mh)"),
     "method": ("string", "registered attention method"),
     "family": ("string", "the method's declared family"),
     "exact": ("boolean", "the method declares exact attention"),
@@ -34,6 +35,8 @@ QUALITY_COLUMNS: dict[str, tuple[str, str]] = {
     "d_model": ("Int64", "model width"),
     "layers": ("Int64", "blocks (each: optional short convolution, the method's attention, optional MLP)"),
     "heads": ("Int64", "attention heads"),
+    "model_options": ("string", "JSON object of the host model's options that were set (hybrid_schedule, qk_source, "
+                                "readout, qk_dim); empty for the plain model"),
     "steps": ("Int64", "training steps asked for"),
     "steps_done": ("Int64", "training steps completed (fewer after a divergence or a timeout)"),
     "batch": ("Int64", "sequences per training step (and per evaluation batch)"),

@@ -1,0 +1,127 @@
+"""GIN-Attention (Buehler, arXiv:2501.02393; methods-spec-3 §1a), a layer over x ``[B, L, H·d]``, written
+from the spec's description (no code taken from lamm-mit/Graph-Aware-Transformers).
+
+Per head h: ``q = rope(x W_q^h)``, ``k = rope(x W_k^h)``, node features ``x^h`` = the head's slice of the
+input (no value projection), ``A = softmax(mask(α · q kᵀ / (T √d)))`` with a learnable sharpening scalar α
+(init ``alpha_init``, 1.0) and a fixed temperature T (1.0); aggregate ``a = A x^h``; GIN update
+``u = ε_h x^h + a`` (learnable ε_h, init 0: the code's ε·x form); ``y^h = MLP_h(u)`` with ``MLP_h`` =
+Linear(d → m·d) → RMSNorm(m·d) → SiLU → Linear(m·d → d) (dropout omitted; m = ``mult``, default 2 as the
+code); heads concatenated, no output projection (the code's default).
+
+**Mask order.** The causal mask is applied *after* the sharpening (``mask_order="after"``, the paper's
+semantics). The released code adds its finite additive mask *before* multiplying by α (``mask_order=
+"released"``, kept as a flag): when α turns negative the masked logits become the largest and the layer
+attends to the future. ``tests/test_analysis_methods.py`` checks causality with α < 0 and that the released
+order fails it.
+
+Fast path: ``SDPA(α·q, k, x^h, scale=1/(T√d))`` (α folded into q keeps its gradient; no L×L matrix) and the
+per-head MLPs as batched einsums. Reference: the materialised A per head (query-chunked). The ``released``
+order has no fused form: both paths materialise. ``mlp="identity"`` (with ε = 0) makes the layer
+``SDPA(q, k, x heads)``: the exactness anchor. Class N. Hyper-parameters: ``mult``, ``alpha_init``,
+``temperature``, ``mask_order``, ``mlp`` (``gin`` | ``identity``), ``rope`` (default true).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..contract import Prepared
+from ..registry import Capabilities, register_method
+from .common import (ParamMaker, by_query_chunks, default_chunk, mask_mode, merge_heads, param_choice, param_float,
+                     param_int, rms_norm, rope, row_visibility, self_only, split_heads)
+
+
+def gin_mlp(u, w1, b1, g, w2, b2):
+    """Per-head MLP over u ``[B, H, L, d]``: Linear -> RMSNorm -> SiLU -> Linear, weights per head."""
+    h = torch.einsum("bhld,hdm->bhlm", u, w1) + b1[None, :, None, :]
+    h = F.silu(rms_norm(h) * g[None, :, None, :])
+    return torch.einsum("bhlm,hmd->bhld", h, w2) + b2[None, :, None, :]
+
+
+def materialized_aggregate(q, k, x, alpha, *, temperature: float, causal: bool, order: str, chunk: int, rows=None):
+    """``A x`` with ``A = softmax(α·S/T)`` masked after (``order='after'``) or before the scaling (``'released'``:
+    a finite additive mask of the dtype's minimum, added to S, then multiplied by α, as the released code)."""
+    scale = 1.0 / (temperature * q.shape[-1] ** 0.5)
+    seq_kv = k.shape[2]
+
+    def rows_fn(qc, r0, r1, k, x, alpha):
+        s = qc @ k.transpose(-1, -2) * scale
+        seen = row_visibility(r0, r1, seq_kv, causal, 0, qc.device)
+        if order == "released":
+            if seen is not None:
+                s = s + torch.zeros_like(s).masked_fill(~seen, torch.finfo(s.dtype).min)
+            logits = alpha * s
+        else:
+            logits = alpha * s
+            if seen is not None:
+                logits = logits.masked_fill(~seen, float("-inf"))
+        return torch.softmax(logits, dim=-1) @ x
+
+    return by_query_chunks(rows_fn, q, chunk=chunk, rows=rows, k=k, x=x, alpha=alpha)
+
+
+@register_method("gin_attention", Capabilities(family="analysis", exact=False, form="layer", masks={"full", "causal"},
+                                                backward=True, trainable=True))
+def build_gin_attention(ctx):
+    """GIN-Attention: softmax aggregation of the input (learnable sharpening, mask after it), per-head GIN MLP."""
+    causal, _ = mask_mode(ctx)
+    self_only(ctx, "a self-attention layer")
+    case = ctx.case
+    heads, d = case.heads_q, case.head_dim
+    width = heads * d
+    mult = param_float(ctx, "mult", 2.0, minimum=0.0, strict_min=True)
+    hidden = max(1, round(mult * d))
+    alpha_init = param_float(ctx, "alpha_init", 1.0)
+    temperature = param_float(ctx, "temperature", 1.0, minimum=0.0, strict_min=True)
+    order = param_choice(ctx, "mask_order", "after", ("after", "released"))
+    mlp = param_choice(ctx, "mlp", "gin", ("gin", "identity"))
+    use_rope = bool(ctx.param("rope", True))
+    chunk = param_int(ctx, "chunk", default_chunk(case.seq_q, case.seq_kv, heads, case.batch), maximum=1 << 20)
+    ref_chunk = max(1, chunk // 2)
+    make = ParamMaker(case.seed, ctx.device)
+    w_q = make.randn(width, width, std=width ** -0.5)
+    w_k = make.randn(width, width, std=width ** -0.5)
+    alpha = make.const(1, value=alpha_init)
+    eps = make.const(heads, value=0.0)
+    mlp_params = []
+    if mlp == "gin":
+        mlp_params = [make.randn(heads, d, hidden, std=d ** -0.5), make.const(heads, hidden, value=0.0),
+                      make.const(heads, hidden, value=1.0), make.randn(heads, hidden, d, std=hidden ** -0.5),
+                      make.const(heads, d, value=0.0)]
+    positions = torch.arange(case.seq_q, device=ctx.device)
+
+    def project(x, dtype):
+        q = split_heads(x @ w_q.to(dtype), heads)
+        k = split_heads(x @ w_k.to(dtype), heads)
+        if use_rope:
+            q, k = rope(q, positions), rope(k, positions)
+        return q, k, split_heads(x, heads)
+
+    def update(xh, agg, dtype):
+        u = eps.to(dtype)[None, :, None, None] * xh + agg
+        if mlp == "gin":
+            u = gin_mlp(u, *(p.to(dtype) for p in mlp_params))
+        return merge_heads(u)
+
+    def fast(x):
+        dtype = x.dtype
+        q, k, xh = project(x, dtype)
+        if order == "after":
+            agg = F.scaled_dot_product_attention(q * alpha.to(dtype), k, xh, is_causal=causal,
+                                                 scale=1.0 / (temperature * d ** 0.5))
+        else:
+            agg = materialized_aggregate(q.float(), k.float(), xh.float(), alpha.float(), temperature=temperature,
+                                         causal=causal, order=order, chunk=chunk).to(dtype)
+        return update(xh, agg, dtype)
+
+    def reference(x):
+        q, k, xh = project(x, x.dtype)
+        agg = materialized_aggregate(q, k, xh, alpha.to(x.dtype), temperature=temperature, causal=causal,
+                                     order=order, chunk=ref_chunk)
+        return update(xh, agg, x.dtype)
+
+    seq = case.seq_q
+    pairs = seq * (seq + 1) / 2 if causal else seq * seq
+    flops = case.batch * (4.0 * seq * width * width + 4.0 * pairs * width
+                          + (4.0 * seq * heads * d * hidden if mlp == "gin" else 0.0))
+    return Prepared(fn=fast, reference=reference, parameters=make.tensors, flops=flops, softmax_comparable=False)

@@ -1,0 +1,231 @@
+"""Host-model options of issue 14 (hybrid_schedule, the fixed-map qk_source variants, pooled readouts, qk_dim) and
+the experiment tasks (icl_linreg_1layer_mh, mqar_state_sweep, rf_attention_probe): the schedules place the layers,
+the fixed maps are fixed, the mechanism checks pass on the paper's solution and fail on a perturbed one, the
+ridge fit is the least-squares solution, key-permutation invariance, and small end-to-end runs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from attnbench.execute.train import run_train
+from attnbench.tasks import TASKS, TaskParamError, task_params
+from attnbench.tasks import analysis
+from attnbench.tasks.model import MethodAttention, StandardAttention, build_model, hybrid_layers
+from attnbench.tasks.train import attention_case
+
+# Deconstructing Attention, App. P Tbl. 11: the layers that keep standard attention in a 24-layer model
+TABLE_11 = {
+    "even": list(range(2, 25, 2)), "odd": list(range(1, 24, 2)), "top": list(range(1, 13)),
+    "middle": list(range(1, 7)) + list(range(19, 25)), "bottom": list(range(13, 25)),
+    "25%": [4, 8, 12, 16, 20, 24], "first": [1], "last": [24], "bilateral": [1, 24],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(TABLE_11))
+def test_hybrid_schedules_are_the_papers_layer_ids(name):
+    assert hybrid_layers(name, 24) == TABLE_11[name]
+
+
+def _model(task_name, method="sdpa_math", seq=16, **options):
+    params = task_params(task_name, {"d_model": 16, "heads": 2, "layers": 4, **options})
+    task = TASKS[task_name].make(params, seq)
+    case = attention_case(task, method, 2, "float32", 0, "cpu")
+    return task, build_model(task, case, "cpu", {}, {})
+
+
+def test_hybrid_schedule_places_standard_attention_in_the_named_layers():
+    _, model = _model("mqar", "linear_attn", vocab=64, kv_pairs=2, hybrid_schedule="odd")
+    kinds = [type(b.mixer).__name__ for b in model.blocks]
+    assert kinds == ["StandardAttention", "MethodAttention", "StandardAttention", "MethodAttention"]
+    _, model = _model("mqar", "linear_attn", vocab=64, kv_pairs=2, hybrid_schedule=[4])
+    assert [isinstance(b.mixer, StandardAttention) for b in model.blocks] == [False, False, False, True]
+    with pytest.raises(TaskParamError, match="task_options.mqar.hybrid_schedule"):
+        _model("mqar", vocab=64, kv_pairs=2, hybrid_schedule=[5])
+    with pytest.raises(TaskParamError, match="task_options.mqar.hybrid_schedule"):
+        _model("mqar", vocab=64, kv_pairs=2, hybrid_schedule="sideways")
+
+
+def _recorded_qk(model, batch, layer):
+    """The q and k the method's kernel receives at ``layer``."""
+    mixer = model.blocks[layer].mixer
+    seen = {}
+    real = mixer.prepared.fn
+
+    def record(q, k, v, **kw):
+        seen["q"], seen["k"] = q.detach().clone(), k.detach().clone()
+        return real(q, k, v, **kw)
+
+    mixer.prepared.fn = record
+    with torch.no_grad():
+        model(batch)
+    mixer.prepared.fn = real
+    return seen["q"], seen["k"]
+
+
+@pytest.mark.parametrize("source", ["random_ref", "fixed_seq"])
+def test_reference_maps_are_the_same_for_every_input_and_move_with_the_reference(source):
+    task, model = _model("mqar", vocab=64, kv_pairs=2, qk_source=source)
+    batch = task.sample(2, torch.Generator().manual_seed(0), "train")
+    q, k = _recorded_qk(model, batch, 1)
+    assert torch.equal(q[0], q[1]) and torch.equal(k[0], k[1])  # one map for both examples
+    _, current = _model("mqar", vocab=64, kv_pairs=2)
+    current.load_state_dict(model.state_dict(), strict=False)
+    cq, _ = _recorded_qk(current, batch, 1)
+    assert not torch.equal(cq[0], cq[1])  # the plain model's q differs between the examples
+    if source == "random_ref":
+        model.reference.normal_()  # another reference (another seed): another map
+    else:
+        model.reference_ids.random_(0, 64)
+    q2, _ = _recorded_qk(model, batch, 1)
+    assert not torch.allclose(q, q2)
+
+
+def test_static_embedding_map_does_not_depend_on_lower_layers():
+    task, model = _model("mqar", vocab=64, kv_pairs=2, qk_source="static_emb")
+    batch = task.sample(2, torch.Generator().manual_seed(0), "train")
+    q, k = _recorded_qk(model, batch, 2)
+    with torch.no_grad():
+        for block in model.blocks[:2]:
+            for p in block.parameters():
+                p.add_(torch.randn_like(p))
+    q2, k2 = _recorded_qk(model, batch, 2)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    _, plain = _model("mqar", vocab=64, kv_pairs=2)  # control: with current Q/K the perturbation moves them
+    plain.load_state_dict(model.state_dict(), strict=False)
+    p1, _ = _recorded_qk(plain, batch, 2)
+    with torch.no_grad():
+        for p in plain.blocks[0].parameters():
+            p.add_(torch.randn_like(p))
+    p2, _ = _recorded_qk(plain, batch, 2)
+    assert not torch.allclose(p1, p2)
+
+
+def test_fixed_maps_refuse_layer_methods_and_cross_tasks():
+    from attnbench.methods import Unsupported
+
+    with pytest.raises(Unsupported, match="qk_source"):
+        _model("mqar", "decon_mlp", vocab=64, kv_pairs=2, qk_source="static_emb")
+    with pytest.raises(TaskParamError, match="qk_source"):
+        _model("sort", qk_source="random_ref")
+
+
+def test_pooled_readout_and_qk_dim():
+    task, model = _model("listops", readout="pool_latent_multilayer")
+    batch = task.sample(3, torch.Generator().manual_seed(0), "train")
+    assert model(batch).shape == (3, task.classes)
+    with pytest.raises(TaskParamError, match="readout"):
+        _model("mqar", vocab=64, kv_pairs=2, readout="pool_mean")
+    _, model = _model("mqar", "linear_attn", vocab=64, kv_pairs=2, qk_dim=3)
+    mixer = model.blocks[0].mixer
+    assert isinstance(mixer, MethodAttention) and mixer.q.out_features == 2 * 3 and mixer.case.head_dim == 3
+
+
+def test_train_rows_carry_the_model_options(tmp_path):
+    cfg = {"tasks": ["mqar"], "methods": ["linear_attn"], "seeds": [0], "dtype": "float32", "device": "cpu",
+           "results_dir": str(tmp_path), "run_id": "hy", "hybrid_schedule": "first", "steps": 3,
+           "task_options": {"mqar": {"vocab": 64, "kv_pairs": 2, "seq_lens": [16], "d_model": 16, "batch": 4}}}
+    run_dir = run_train(cfg, "test", show_progress=False)
+    row = pd.read_parquet(run_dir / "quality.parquet").iloc[0]
+    assert row.status == "ok" and json.loads(row.model_options) == {"hybrid_schedule": "first"}
+
+
+# ---- icl_linreg_1layer_mh ----------------------------------------------------------------------------------------
+def _paper_solution(d=4, heads=4, omega=(0.3, 0.3, -0.3, -0.3), mu=(1.0, 0.5, -1.0, -0.5)):
+    model = analysis.ICLModel(heads, d, 8, 0.0, "method", fn=None)
+    with torch.no_grad():
+        model.w_kq.zero_()
+        model.w_ov.zero_()
+        for h in range(heads):
+            model.w_kq[h, :d, :d] = omega[h] * torch.eye(d)
+            model.w_ov[h, d, d] = mu[h]
+    return model
+
+
+def _icl_check(model):
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    model.fn = lambda q, k, v: sdpa(q, k, v, is_causal=True)
+    z, _, _, _ = analysis.icl_batch(64, 16, 4, 0.1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return analysis.mechanism(model, z, model(z))
+
+
+def test_icl_mechanism_checks_pass_on_the_papers_solution_and_fail_when_perturbed():
+    good = _icl_check(_paper_solution())
+    assert all(good["checks"].values()), good
+    assert good["numbers"]["closed_form_r2"] > 0.999999
+    skewed = _paper_solution()
+    with torch.no_grad():
+        skewed.w_kq[:, 0, 1] = 0.2  # off-diagonal x-block
+        skewed.w_ov[:, 4, 0] = 0.3  # OV not last-entry-only
+    bad = _icl_check(skewed)
+    assert not bad["checks"]["kq_offdiag_ratio<0.05"] and not bad["checks"]["ov_last_entry_ratio<0.05"]
+    assert not bad["checks"]["closed_form_r2>0.99"]
+    unbalanced = _icl_check(_paper_solution(mu=(1.0, 0.5, -0.2, -0.1)))
+    assert not unbalanced["checks"]["zero_sum_ratio<0.05"]
+
+
+def test_icl_experiment_runs_and_reports_its_checks():
+    params = task_params("icl_linreg_1layer_mh", {"seq_lens": [8], "d": 3, "heads": 2, "head_dim": 4, "steps": 40,
+                                                  "batch": 32, "lr": 0.01, "eval_batches": 2})
+    task = TASKS["icl_linreg_1layer_mh"].make(params, 8)
+    outcome = task.probe("sdpa_math", seed=0)
+    assert outcome.status == "ok" and math.isfinite(outcome.value)
+    assert set(outcome.breakdown) == {"mse@1x", "mse@4x"}
+    assert {"multihead_beats_single", "degrades_less_than_linear", "zero_sum_ratio<0.05"} <= set(outcome.extras["checks"])
+    with pytest.raises(TaskParamError, match="head_dim"):
+        TASKS["icl_linreg_1layer_mh"].make({**params, "head_dim": 3}, 8)
+
+
+# ---- rf_attention_probe ------------------------------------------------------------------------------------------
+def test_ridge_fit_is_the_regularised_least_squares_solution():
+    gen = torch.Generator().manual_seed(0)
+    for n, p in ((40, 10), (10, 40)):  # primal and dual forms
+        phi = torch.randn(n, p, generator=gen, dtype=torch.float64)
+        y = torch.randn(n, generator=gen, dtype=torch.float64)
+        w = analysis.ridge_fit(phi, y, 0.1)
+        grad = 2 * phi.T @ (phi @ w - y) / n + 2 * 0.1 * w  # the objective's gradient vanishes there
+        assert grad.abs().max() < 1e-10
+
+
+def test_rf_probe_is_key_permutation_invariant_and_runs():
+    params = task_params("rf_attention_probe", {"features": 16, "samples": [32, 64], "test": 32, "batch": 32})
+    task = TASKS["rf_attention_probe"].make(params, 4)
+    outcome = task.probe("sdpa_math", seed=0)
+    assert outcome.status == "ok" and outcome.extras["checks"]["key_permutation_invariant"]
+    assert outcome.extras["permutation_rel_err"] < 1e-5
+    assert {f"quadratic/{m}/n={n}" for m in ("rfa", "rfmlp") for n in (32, 64)} <= set(outcome.breakdown)
+    x0 = analysis.sphere(5, 1, 8, torch.Generator().manual_seed(1))[:, 0]
+    xs = analysis.sphere(5, 4, 8, torch.Generator().manual_seed(2))
+    beta = torch.randn(8, dtype=torch.float64)
+    perm = torch.tensor([2, 0, 3, 1])
+    for target, invariant in (("quadratic", True), ("cubic", True), ("control", False)):
+        same = torch.allclose(analysis.rf_targets(x0, xs, beta, target), analysis.rf_targets(x0, xs[:, perm], beta, target))
+        assert same == invariant
+
+
+# ---- mqar_state_sweep --------------------------------------------------------------------------------------------
+def test_mqar_state_sweep_trains_one_model_per_width(tmp_path):
+    cfg = {"tasks": ["mqar_state_sweep"], "methods": ["linear_attn", "decon_mlp"], "seeds": [0], "dtype": "float32",
+           "device": "cpu", "results_dir": str(tmp_path), "run_id": "ss",
+           "task_options": {"mqar_state_sweep": {"vocab": 64, "kv_pairs": 2, "seq_lens": [16], "d_model": 16,
+                                                 "batch": 4, "steps": 3, "qk_dims": [2, 4], "eval_batches": 1}}}
+    frame = pd.read_parquet(run_train(cfg, "test", show_progress=False) / "quality.parquet").set_index("method")
+    row = frame.loc["linear_attn"]
+    assert row.status == "ok" and row.kind == "experiment"
+    assert set(json.loads(row.breakdown)) == {"n=2", "n=4"}
+    state = json.loads(row.extras)["state"]
+    assert state["n=4"]["linear_state_per_layer"] == 2 * 4 * 8  # heads x n x d_v
+    assert frame.loc["decon_mlp"].status == "unsupported"  # a layer-form method has no Q/K width
