@@ -167,3 +167,17 @@ def test_small_problems_run_first_so_an_interrupted_run_covers_every_mask():
     assert sizes == sorted(sizes)
     first_two = {c.mask for c in plan.runnable[:2]}
     assert first_two == {"causal", "full"}
+
+
+def test_declaring_decode_is_enough_for_decode_cases_without_declaring_cross():
+    from attnbench.methods import METHODS, Capabilities, register_method
+
+    if "t_decode_only" not in METHODS:
+        register_method("t_decode_only", Capabilities(masks={"causal"}, decode=True, cross=False))(
+            lambda ctx: (lambda q, k, v: q))
+    plan = build_plan(_cfg(methods=["t_decode_only"], masks=["causal"], seq_lens=[64],
+                           cross_lens=[[16, 64]], modes=["fwd", "decode"]))
+    runnable = {(c.mode, c.seq_q) for c in plan.runnable}
+    refused = {(c.mode, c.seq_q): reason for c, reason in plan.unsupported}
+    assert ("decode", 1) in runnable  # one query against the 64-token cache
+    assert refused[("fwd", 16)] == "no cross attention (seq_q != seq_kv)"  # plain cross still needs cross=True
