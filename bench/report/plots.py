@@ -583,6 +583,9 @@ def rank_bars(title: str, cases: list[RankBars]) -> Figure:
     """One panel per case: each rank's median time per call as a bar, the mean dashed, the slowest rank dark."""
     with rc_context(STYLE):
         fig, grid = _panel_figure(1, len(cases), 1, title)
+        extra_lines = max(case.title.count("\n") for case in cases)
+        if extra_lines:  # room for panel titles of several lines under the figure title
+            fig.subplots_adjust(top=fig.subplotpars.top - 0.2 * extra_lines / fig.get_figheight())
         for ax, case in zip(grid[0], cases):
             ms = np.asarray(case.ms, dtype=float)
             colors = [COLORS[0] if value < ms.max() else COLORS[3] for value in ms]
