@@ -141,9 +141,68 @@ def fixture_rows(run_id: str, device: str = H200, cp: bool = True, masks=tuple(M
             for layout in ("ring", "ulysses"):
                 ms = model_ms("sdpa", 65536) / world * (1.15 if layout == "ring" else 1.05)
                 rows.append(make_row(run_id, "sdpa", "causal", "fwd", 65536, ms=ms, device=device, layout=layout,
-                                     world_size=world, case_id=f"cp|{layout}|{world}"))
+                                     world_size=world, case_id=f"cp|{layout}|{world}",
+                                     **cp_columns(ms, world, 65536, model_ms("sdpa", 65536))))
         # the same case on one device: the CP rows must stay out of its curve
         rows.append(make_row(run_id, "sdpa", "causal", "fwd", 65536, device=device))
+    return rows
+
+
+def cp_columns(ms: float, world: int, length: int, single_ms: float | None, *, skew: float = 0.1,
+               heads: int = 16, head_dim: int = 128, efficiency: float | None = None) -> dict:
+    """The CP columns of an ok row taking ``ms`` on ``world`` ranks: rank times spread linearly by ``skew``
+    (the last rank is the slowest and sets ``ms``), bytes of a ring passing K and V (bf16) W-1 times, and
+    speedup/efficiency against ``single_ms`` as the runner records them (``efficiency`` overrides the recorded
+    one, to fake a runner that computed it wrong)."""
+    ranks = [ms * (1 - skew * (world - 1 - r) / max(world - 1, 1)) for r in range(world)]
+    comm = float(2 * 2 * length // world * heads * head_dim * (world - 1))
+    columns = {"ms_rank_max": max(ranks), "ms_rank_mean": sum(ranks) / world,
+               "imbalance": max(ranks) / (sum(ranks) / world), "rank_ms": ";".join(f"{t:.6g}" for t in ranks),
+               "comm_bytes": comm, "comm_gbps": comm / (ms * 1e-3) / 1e9}
+    if single_ms:
+        columns.update(single_ms=single_ms, speedup=single_ms / ms,
+                       efficiency=single_ms / ms / world if efficiency is None else efficiency)
+    return columns
+
+
+# layout -> overhead over perfect scaling (time on W devices = one-device time / W x overhead)
+CP_LAYOUTS = {"ring(balance=zigzag)": 1.08, "usp(ulysses=2)": 1.04, "ring_allgather": 1.15}
+CP_LENGTHS = (4096, 8192, 16384)
+
+
+def cp_rows(run_id: str, *, impossible: bool = False, wrong_efficiency: bool = False) -> list[dict]:
+    """A context-parallel run: one-device sdpa rows (full fwd_bwd at ``CP_LENGTHS``, causal at 16k) and per
+    layout of ``CP_LAYOUTS``: full fwd_bwd at 8k and 16k on 2 and 4 ranks (so 4k tokens per device at 8k/W=2
+    and 16k/W=4: weak scaling), causal fwd_bwd at 16k on 2 ranks; usp is unsupported on document(n=4) and
+    ring_allgather times out on causal at 4 ranks.
+
+    ``impossible``: usp's full 16k row on 2 ranks takes a third of the one-device time (speed-up 3 > 2);
+    ``wrong_efficiency``: every recorded efficiency is the speed-up (not divided by the world size).
+    """
+    rows = []
+    single = {}
+    for mask, lengths in (("full", CP_LENGTHS), ("causal", (16384,))):
+        for length in lengths:
+            single[(mask, length)] = model_ms("sdpa", length, "fwd_bwd")
+            rows.append(make_row(run_id, "sdpa", mask, "fwd_bwd", length))
+    for layout, overhead in CP_LAYOUTS.items():
+        cases = [("full", 8192, 2), ("full", 8192, 4), ("full", 16384, 2), ("full", 16384, 4), ("causal", 16384, 2)]
+        for mask, length, world in cases:
+            ms = single[(mask, length)] / world * overhead
+            if impossible and layout.startswith("usp") and mask == "full" and length == 16384 and world == 2:
+                ms = single[(mask, length)] / 3
+            columns = cp_columns(ms, world, length, single[(mask, length)], skew=0.3 if mask == "causal" else 0.05)
+            if wrong_efficiency:
+                columns["efficiency"] = columns["speedup"]
+            rows.append(make_row(run_id, "sdpa", mask, "fwd_bwd", length, ms=ms, layout=layout, world_size=world,
+                                 case_id=f"cp|{layout}|{mask}|{length}|{world}", cp_balance="zigzag", **columns))
+        if layout.startswith("usp"):
+            rows.append(make_row(run_id, "sdpa", "document(n=4)", "fwd_bwd", 16384, "unsupported", layout=layout,
+                                 world_size=2, case_id=f"cp|{layout}|document|16384|2",
+                                 reason="usp: document masks need per-document balancing (not in this layout)"))
+        if layout == "ring_allgather":
+            rows.append(make_row(run_id, "sdpa", "causal", "fwd_bwd", 16384, "timeout", layout=layout, world_size=4,
+                                 case_id=f"cp|{layout}|causal|16384|4", reason="rank 3 hung: 120 s timeout"))
     return rows
 
 

@@ -18,7 +18,8 @@ from attnbench.report.sections.curves import series_of
 from attnbench.report.sections.overview import margin_text
 
 # every section but "pareto", which needs approx_err (tests/test_report_pareto.py)
-ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "environment"]
+ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "cp",
+                "environment"]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,9 @@ def test_plots_are_written_non_empty_and_referenced(fixture_report):
     referenced = re.findall(r"!\[[^\]]*\]\(report_files/([^)]+\.png)\)", markdown)
     assert sorted(referenced) == [p.name for p in pngs]
     assert page.count('<img class="plot"') == len(pngs)
-    # the mask gallery, 6 (mask, mode) curve figures, roofline, speed-up summary
-    assert len(pngs) == 9
+    # the mask gallery, 6 (mask, mode) curve figures, roofline, speed-up summary, and of the CP rows: strong and
+    # weak scaling, per-rank bars, bytes against time
+    assert len(pngs) == 13
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = imread(png)

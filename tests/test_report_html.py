@@ -63,12 +63,12 @@ def test_report_renders_every_plot_without_errors(chromium, tmp_path):
     dom, stderr = render(chromium, folder / "report.html", tmp_path)
     attributes = body_attributes(dom)
     figures = len(list((folder / "report_files").glob("*.png")))
-    assert attributes.get("data-plots") == attributes.get("data-plots-expected") == str(figures) == "11"  # 9 + 2 Pareto
+    assert attributes.get("data-plots") == attributes.get("data-plots-expected") == str(figures) == "15"  # 9 + 4 CP + 2 Pareto
     assert "data-js-errors" not in attributes
     assert console_messages(stderr) == []
     assert dom.count('<img class="plot"') == figures
     assert len(re.findall(r'<td class="st-(?:oom|crashed|timeout|error|wrong|unsupported)" title="', dom)) >= 7
-    assert '<nav id="toc">' in dom and dom.count('<section id="') == 9
+    assert '<nav id="toc">' in dom and dom.count('<section id="') == 10  # cp included
 
 
 def test_the_checks_catch_a_broken_page(chromium, tmp_path):

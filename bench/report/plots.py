@@ -392,8 +392,9 @@ def pareto(title: str, panels: list[ParetoPanel], palette: Palette) -> Figure:
     return fig
 
 
-__all__ = ["STATUS_COLORS", "Palette", "Panel", "ParetoPanel", "Points", "Series", "Tile", "heatmap", "line_panels",
-           "log_ticks", "mask_gallery", "number", "pareto", "roofline", "to_png", "tokens"]
+__all__ = ["STATUS_COLORS", "Palette", "Panel", "ParetoPanel", "Points", "RankBars", "ScalingPanel", "Series", "Tile",
+           "heatmap", "line_panels", "log_ticks", "mask_gallery", "number", "pareto", "rank_bars", "roofline",
+           "scaling_panels", "scatter", "to_png", "tokens"]
 
 
 @dataclass
@@ -503,4 +504,117 @@ def grid_maps(title: str, maps: list[tuple[str, np.ndarray]], row_labels: list[s
         if image is not None:
             fig.colorbar(image, ax=list(axes.flat[:len(maps)]), fraction=0.03).set_label(colorbar)
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+# ------------------------------------------------------------------------------------- context-parallel figures
+@dataclass
+class ScalingPanel:
+    """One axis of a scaling figure: a figure of merit against the world size, one line per layout.
+
+    ``ideal``: "speedup" draws y = world size, "efficiency" draws y = 1 (dashed grey); ``impossible``: (world,
+    value) points above what the world size allows, drawn as large red rings and labelled.
+    """
+
+    title: str
+    ylabel: str
+    series: list[Series]
+    ideal: str | None = None
+    impossible: list[tuple[float, float]] = field(default_factory=list)
+
+
+def scaling_panels(title: str, rows: list[tuple[str, list[ScalingPanel]]], palette: Palette) -> Figure:
+    """A grid of scaling panels (one row per heading), world size on a log-2 axis, linear y from 0."""
+    with rc_context(STYLE):
+        panels = [panel for _, row in rows for panel in row]
+        labels = sorted({s.label for panel in panels for s in panel.series})
+        impossible = any(panel.impossible for panel in panels)
+        headings = [heading for heading, _ in rows]
+        fig, axes = _panel_figure(len(rows), len(rows[0][1]), len(labels) + 1 + impossible, title,
+                                  headings if any(headings) else None)
+        for axes_row, (_, row) in zip(axes, rows):
+            for ax, panel in zip(axes_row, row):
+                worlds = sorted({float(x) for s in panel.series for x in s.x} | {1.0})
+                ys = [float(y) for s in panel.series for y in s.y]
+                for series in panel.series:
+                    style = palette[series.label]
+                    ax.plot(series.x, series.y, color=style.color, marker=style.marker, linestyle=style.dash)
+                if panel.ideal == "speedup":
+                    ax.plot(worlds, worlds, color="0.45", linestyle="--", linewidth=1)
+                    ys.extend(worlds)
+                elif panel.ideal == "efficiency":
+                    ax.axhline(1.0, color="0.45", linestyle="--", linewidth=1)
+                    ys.append(1.0)
+                for x, y in panel.impossible:
+                    ax.plot([x], [y], marker="o", markersize=13, markerfacecolor="none", markeredgecolor="#D00000",
+                            markeredgewidth=2, linestyle="none")
+                    ax.annotate("impossible", (x, y), xytext=(6, 6), textcoords="offset points", fontsize=7,
+                                color="#D00000", fontweight="bold")
+                ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_locator(FixedLocator(worlds))
+                ax.xaxis.set_major_formatter(FuncFormatter(number))
+                ax.xaxis.set_minor_locator(NullLocator())
+                ax.set_xlim(min(worlds) / 1.3, max(worlds) * 1.3)
+                ax.set_ylim(0, max(ys + [1.0]) * 1.15)
+                ax.set_xlabel("world size (devices)")
+                ax.set_ylabel(panel.ylabel)
+                ax.set_title(panel.title)
+                if not ys:
+                    ax.text(0.5, 0.5, "no measured values", transform=ax.transAxes, ha="center", color="0.4")
+        handles = [Line2D([], [], color=palette[label].color, marker=palette[label].marker,
+                          linestyle=palette[label].dash, label=label) for label in labels]
+        handles.append(Line2D([], [], color="0.45", linestyle="--", label="ideal"))
+        if impossible:
+            handles.append(Line2D([], [], color="#D00000", marker="o", markerfacecolor="none", linestyle="none",
+                                  label="impossible (speed-up above world size)"))
+        _legend(fig, handles)
+    return fig
+
+
+@dataclass
+class RankBars:
+    """Per-rank times of one case (one bar per rank) with the mean as a line."""
+
+    title: str
+    ms: list[float]
+
+
+def rank_bars(title: str, cases: list[RankBars]) -> Figure:
+    """One panel per case: each rank's median time per call as a bar, the mean dashed, the slowest rank dark."""
+    with rc_context(STYLE):
+        fig, grid = _panel_figure(1, len(cases), 1, title)
+        extra_lines = max(case.title.count("\n") for case in cases)
+        if extra_lines:  # room for panel titles of several lines under the figure title
+            fig.subplots_adjust(top=fig.subplotpars.top - 0.2 * extra_lines / fig.get_figheight())
+        for ax, case in zip(grid[0], cases):
+            ms = np.asarray(case.ms, dtype=float)
+            colors = [COLORS[0] if value < ms.max() else COLORS[3] for value in ms]
+            ax.bar(np.arange(len(ms)), ms, color=colors, width=0.7)
+            ax.axhline(ms.mean(), color="0.3", linestyle="--", linewidth=1)
+            ax.set_xticks(np.arange(len(ms)))
+            ax.set_xlabel("rank")
+            ax.set_ylabel("median time per call (ms)")
+            ax.set_title(case.title, fontsize=8.5)
+            ax.grid(axis="x", visible=False)
+        _legend(fig, [Line2D([], [], color="0.3", linestyle="--", label="mean over ranks"),
+                      Line2D([], [], color=COLORS[3], linewidth=6, label="slowest rank")])
+    return fig
+
+
+def scatter(title: str, points: list[Points], palette: Palette, xlabel: str, ylabel: str) -> Figure:
+    """One log-log panel of points, one marker style per label."""
+    with rc_context(STYLE):
+        fig, grid = _panel_figure(1, 1, len(points), title)
+        ax = grid[0][0]
+        for p in points:
+            style = palette[p.label]
+            ax.plot(p.x, p.y, linestyle="none", marker=style.marker, color=style.color, markersize=6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(number))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        _legend(fig, [Line2D([], [], color=palette[p.label].color, marker=palette[p.label].marker,
+                             linestyle="none", label=p.label) for p in points])
     return fig

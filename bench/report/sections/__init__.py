@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attnbench.report.sections.capability import section_capability
+from attnbench.report.sections.cp import section_cp
 from attnbench.report.sections.curves import section_curves
 from attnbench.report.sections.efficiency import section_efficiency_length
 from attnbench.report.sections.environment import section_environment
@@ -14,7 +15,7 @@ from attnbench.report.sections.quality import section_quality
 from attnbench.report.sections.speedup import section_speedup
 
 SECTIONS = (section_overview, section_masks, section_capability, section_curves, section_peak, section_speedup,
-            section_efficiency_length, section_pareto, section_quality, section_environment)
+            section_efficiency_length, section_pareto, section_cp, section_quality, section_environment)
 
 # a run folder with quality rows only (attnbench train) has no kernel rows for the other sections to read
 QUALITY_ONLY = (section_quality, section_environment)

@@ -42,7 +42,7 @@ def section_overview(ctx: Context) -> Section:
         section.blocks.append(Text(
             f"{len(layouts)} case(s) ran on a context-parallel layout ({', '.join(sorted(set(layouts['layout'])))}); "
             "they are counted above and in the capability matrix, and left out of the single-device figures and "
-            "tables below."))
+            "tables below; the section on context-parallel layouts shows their scaling."))
     answers = []
     for (group, source), rows in in_group_order(ctx.kernel):
         ok = rows[(rows["status"] == "ok") & rows["ms_median"].notna()]
