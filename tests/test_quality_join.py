@@ -115,3 +115,68 @@ def test_report_cli_plots_quality_against_kernel_time(tmp_path):
     # the quality run alone: no kernel rows, no join (and no error)
     assert report_main([str(quality), "--out", str(tmp_path / "alone")]) == 0
     assert "kernel time per call" not in (tmp_path / "alone" / "report.md").read_text()
+
+
+def test_compare_quality_signs_the_difference_by_direction_and_flags_regressions():
+    from attnbench.report.compare_quality import compare_quality
+
+    base = to_frame([quality_row("mqar", "causal_self", "sdpa", 256, 0, 0.95),
+                     quality_row("mqar", "causal_self", "flex", 256, 0, 0.90),
+                     quality_row("char_lm", "causal_self", "sdpa", 256, 0, 2.00, metric="bpc", higher=False),
+                     quality_row("char_lm", "causal_self", "flex", 256, 0, 2.00, metric="bpc", higher=False),
+                     quality_row("mqar", "causal_self", "lin", 256, 0, 0.5),
+                     quality_row("mqar", "causal_self", "lin", 256, 1, None, status="diverged"),
+                     quality_row("mqar", "causal_self", "gone", 256, 0, 0.5)])
+    new = to_frame([quality_row("mqar", "causal_self", "sdpa", 256, 0, 0.80),  # accuracy down 0.15: regression
+                    quality_row("mqar", "causal_self", "flex", 256, 0, 0.905),  # within the threshold
+                    quality_row("char_lm", "causal_self", "sdpa", 256, 0, 2.5, metric="bpc", higher=False),  # worse
+                    quality_row("char_lm", "causal_self", "flex", 256, 0, 1.5, metric="bpc", higher=False),  # better
+                    quality_row("mqar", "causal_self", "lin", 256, 0, None, status="oom"),
+                    quality_row("mqar", "causal_self", "lin", 256, 1, 0.6),
+                    quality_row("mqar", "causal_self", "added", 256, 0, 0.5)])
+    result = compare_quality(base, new, threshold=0.01)
+    verdicts = {(r.task, r.method, r.seed): r.verdict for r in result.itertuples()}
+    assert verdicts == {
+        ("mqar", "sdpa", 0): "regression", ("mqar", "flex", 0): "unchanged",
+        ("char_lm", "sdpa", 0): "regression", ("char_lm", "flex", 0): "improvement",
+        ("mqar", "lin", 0): "new failure", ("mqar", "lin", 1): "fixed",
+        ("mqar", "gone", 0): "only in BASE", ("mqar", "added", 0): "only in NEW"}
+    rows = {(r.task, r.method, r.seed): r for r in result.itertuples()}
+    assert rows[("char_lm", "sdpa", 0)].diff == pytest.approx(0.5)  # NEW - BASE in the metric's unit
+    assert rows[("char_lm", "sdpa", 0)].gain == pytest.approx(-0.5)  # lower bpc is better: a loss
+    assert result["verdict"].iloc[0] == "regression" and result["gain"].iloc[0] == pytest.approx(-0.5)  # worst first
+    # a threshold larger than every change: no metric regression left, the failure stays one
+    loose = compare_quality(base, new, threshold=1.0)
+    assert set(loose.loc[loose["verdict"].isin(["regression", "new failure"]), "method"]) == {"lin"}
+    changed = to_frame([quality_row("mqar", "causal_self", "sdpa", 256, 0, 0.4, metric="loss", higher=False)])
+    assert compare_quality(base, changed)["verdict"].iloc[0] == "metric changed"
+
+
+def test_compare_cli_reads_quality_rows_and_fails_on_a_quality_regression(tmp_path, capsys):
+    from attnbench.report.compare import main as compare_main
+
+    base = write_quality_run(tmp_path, "base")
+    same = write_quality_run(tmp_path, "same")
+    assert compare_main([str(base), str(same), "--fail-on-regression"]) == 0
+    assert "quality regressions: 0" in capsys.readouterr().out
+    worse = [quality_row("mqar", "causal_self", m, 1024, s, v - 0.2) for s in (0, 1) for m, v in MQAR.items()]
+    new = write_quality_run(tmp_path, "worse", worse)
+    assert compare_main([str(base), str(new), "--fail-on-regression"]) == 1
+    out = capsys.readouterr().out
+    assert f"quality regressions: {len(worse)}" in out
+    frame = pd.read_csv(new / "compare_quality.csv")
+    assert (frame["verdict"] == "regression").sum() == len(worse)
+    assert "## Quality rows" in (new / "compare.md").read_text()
+    # a looser threshold lets the same drop pass; the cases only in BASE are never regressions
+    assert compare_main([str(base), str(new), "--fail-on-regression", "--quality-threshold", "0.3"]) == 0
+    assert compare_main([str(base), str(new), "--quality-threshold", "-1"]) == 2
+    # kernel rows and quality rows in both runs: both compared, one exit status
+    kernel_base, kernel_new = write_kernel_run(tmp_path, "kb"), write_kernel_run(tmp_path, "kn")
+    write_quality_run(tmp_path, "kb"), write_quality_run(tmp_path, "kn", worse)
+    capsys.readouterr()
+    assert compare_main([str(kernel_base), str(kernel_new), "--fail-on-regression"]) == 1
+    out = capsys.readouterr().out
+    assert "regressions: 0" in out and f"quality regressions: {len(worse)}" in out
+    assert (kernel_new / "compare.csv").is_file() and (kernel_new / "compare_quality.csv").is_file()
+    # kernel rows on one side, quality rows on the other: a usage error, not an empty comparison
+    assert compare_main([str(write_kernel_run(tmp_path, "k3")), str(base)]) == 2
