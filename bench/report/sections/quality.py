@@ -181,10 +181,15 @@ def section_quality(ctx: Context) -> Section | None:
         for row in probes.sort_values(["task", "x", "label", "seed"]).itertuples():
             shown = fmt(row.value) if row.status == "ok" else Cell(row.status, row.status, row.reason or None)
             breakdown = ""
-            if row.status == "ok" and isinstance(row.breakdown, str):
-                breakdown = ", ".join(f"{k} {fmt(v)}" for k, v in json.loads(row.breakdown).items())
+            if row.status == "ok":
+                shown_groups = {}
+                for text in (row.breakdown, row.extras):
+                    if isinstance(text, str) and text:
+                        shown_groups.update(json.loads(text))
+                breakdown = ", ".join(f"{k} {fmt(v)}" for k, v in shown_groups.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool))
             table.append([row.task, plots.tokens(row.x), row.label, row.metric, shown, breakdown])
-        section.blocks.append(Table(["probe", "length", "method", "metric", "value", "by group"], table,
+        section.blocks.append(Table(["probe", "length", "method", "metric", "value", "by group / secondary"], table,
                                     "Training-free probes of the attention call alone (no model)."))
     return section
 
