@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 PATTERNS = ("causal_self", "noncausal_self", "noncausal_cross", "causal_cross")
-METRICS = ("accuracy", "bpc", "recall", "approx_err", "mse")
+METRICS = ("accuracy", "bpc", "recall", "approx_err", "mse", "cosine")
 # options of the host model every train task accepts (task_options.<task>.KEY or the global train key), absent
 # from the parameters (and so from the case id) unless given: see attnbench.tasks.model
 MODEL_OPTIONS = ("hybrid_schedule", "qk_source", "readout", "qk_dim")
@@ -82,6 +82,7 @@ class Task:
     arch: ClassVar[str] = "self"
     readout: ClassVar[str] = "tokens"
     requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str] = "tasks"  # the attnbench extra that installs ``requires`` (named when unavailable)
     # model and training defaults every task has; a task adds its generator's parameters
     defaults: ClassVar[dict[str, Any]] = {
         "seq_lens": [64],  # the task's length axis (what "seq" means is the task's: tokens, pairs, pixels)
@@ -160,7 +161,7 @@ class TaskSpec:
             except (ImportError, ValueError):
                 found = False
             if not found:
-                return False, f"needs module {module!r}, not importable here (pip install 'attnbench[tasks]')"
+                return False, f"needs module {module!r}, not importable here (pip install 'attnbench[{self.cls.extra}]')"
         return True, ""
 
     def make(self, params: dict, seq: int) -> Task:

@@ -17,6 +17,11 @@ Repetitions of one run are not independent (clocks drift, caches warm), so p is 
 row flagged ``cpu_interference`` on either side is counted in the summary, since its time includes another
 process's.
 
+Quality rows (``quality.parquet``, from ``attnbench train``) are compared too when both runs hold them, per
+(task, method, length, seed): the metric difference with its direction and a regression verdict against
+``--quality-threshold`` (``attnbench.report.compare_quality``), written to compare_quality.csv and a section of
+compare.md.
+
 A case ok in BASE and failed in NEW is a regression too (``ok → oom`` ...); failed → ok is ``fixed``. Cases in one
 run only are listed, never called regressions. ``--fail-on-regression`` exits 1 when any regression is found.
 """
@@ -296,7 +301,20 @@ def write_outputs(result: pd.DataFrame, lines: list[str], out_dir: Path) -> tupl
     return csv, markdown
 
 
+def _quality_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
 def main(argv: list[str]) -> int:
+    from attnbench.record.quality import load_quality
+    from attnbench.report import compare_quality as cq
+
     parser = argparse.ArgumentParser(prog="attnbench compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("base", metavar="BASE", help="run folder (or run id under --results-dir) to compare against")
     parser.add_argument("new", metavar="NEW", help="run folder (or run id) to judge")
@@ -304,6 +322,9 @@ def main(argv: list[str]) -> int:
                         help="smallest slow-down that counts, e.g. 5%% (default) or 0.05")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, metavar="P",
                         help="significance level of the Mann-Whitney test (default 0.01)")
+    parser.add_argument("--quality-threshold", type=_quality_threshold, default=cq.DEFAULT_QUALITY_THRESHOLD,
+                        metavar="X", help="quality rows: smallest loss of the task metric, in its own unit, that "
+                                          f"counts as a regression (default {cq.DEFAULT_QUALITY_THRESHOLD:g})")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any case regressed")
     parser.add_argument("--out", type=Path, help="folder for compare.csv and compare.md (default: the NEW run)")
     parser.add_argument("--limit", type=int, default=40, help="cases printed, worst first (0: all; files hold all)")
@@ -313,27 +334,53 @@ def main(argv: list[str]) -> int:
         return args
     try:
         base, new = load_runs([args.base, args.new], args.results_dir, ["BASE", "NEW"])
-        for name, run in (("BASE", base), ("NEW", new)):
-            if not len(run.rows):
-                raise UsageError(f"{name} {run.path}: no rows")
+        quality = {"BASE": load_quality(base.path), "NEW": load_quality(new.path)}
+        kernel_both = len(base.rows) > 0 and len(new.rows) > 0
+        quality_both = len(quality["BASE"]) > 0 and len(quality["NEW"]) > 0
+        if not kernel_both and not quality_both:
+            for name, run in (("BASE", base), ("NEW", new)):
+                if not len(run.rows) and not len(quality[name]):
+                    raise UsageError(f"{name} {run.path}: no rows")
+            raise UsageError(f"BASE {base.path} and NEW {new.path}: nothing to compare (one holds kernel rows "
+                             f"only, the other quality rows only)")
     except UsageError as exc:
         print(f"attnbench compare: error: {exc}", file=sys.stderr)
         return 2
     if not 0 < args.alpha < 1:
         print(f"attnbench compare: error: --alpha {args.alpha} must be between 0 and 1", file=sys.stderr)
         return 2
-    result = compare_rows(base.rows, new.rows, args.threshold, args.alpha)
-    stats = summary(result, args.threshold, args.alpha)
-    lines = summary_lines(stats, f"{base.name} ({base.device})", f"{new.name} ({new.device})")
-    if base.device != new.device:
-        lines.append(f"note: different devices ({base.device} vs {new.device}): ratios compare machines, not code")
-    print("\n".join(format_lines(result, max(args.limit, 0))))
-    print()
-    print("\n".join(lines))
-    csv, markdown = write_outputs(result, lines, args.out or new.path)
-    print(f"wrote {csv}\nwrote {markdown}")
-    return 1 if args.fail_on_regression and stats["regressions"] else 0
-
+    out_dir = args.out or new.path
+    regressions = 0
+    lines: list[str] = []
+    if kernel_both:
+        result = compare_rows(base.rows, new.rows, args.threshold, args.alpha)
+        stats = summary(result, args.threshold, args.alpha)
+        regressions += stats["regressions"]
+        lines = summary_lines(stats, f"{base.name} ({base.device})", f"{new.name} ({new.device})")
+        if base.device != new.device:
+            lines.append(f"note: different devices ({base.device} vs {new.device}): ratios compare machines, not code")
+        print("\n".join(format_lines(result, max(args.limit, 0))))
+        print()
+        print("\n".join(lines))
+        csv, markdown = write_outputs(result, lines, out_dir)
+        print(f"wrote {csv}\nwrote {markdown}")
+    if quality_both:
+        result = cq.compare_quality(quality["BASE"], quality["NEW"], args.quality_threshold)
+        stats = cq.quality_summary(result, args.quality_threshold)
+        regressions += stats["regressions"]
+        text = cq.quality_lines(result, stats, max(args.limit, 0))
+        if lines:
+            print()
+        print("\n".join(text))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        csv, markdown = out_dir / "compare_quality.csv", out_dir / "compare.md"
+        result.to_csv(csv, index=False)
+        head = markdown.read_text() if kernel_both else \
+            f"# attnbench compare\n\nBASE {base.name}  vs  NEW {new.name}\n"
+        markdown.write_text(head + "\n## Quality rows\n\n" + "\n\n".join(text[:2]) + "\n\n"
+                            + cq.quality_markdown(result) + "\n")
+        print(f"wrote {csv}\nwrote {markdown}")
+    return 1 if args.fail_on_regression and regressions else 0
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

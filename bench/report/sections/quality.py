@@ -174,14 +174,127 @@ def section_quality(ctx: Context) -> Section | None:
                                     table, "Quality against training throughput of the task model (the same model "
                                     "for every method): on the front, no other method is both faster and better.",
                                     collapsed=True))
+    if len(trained):
+        section.blocks.extend(_kernel_pareto_blocks(trained, ctx.kernel))
     if len(probes):
         table = []
         for row in probes.sort_values(["task", "x", "label", "seed"]).itertuples():
             shown = fmt(row.value) if row.status == "ok" else Cell(row.status, row.status, row.reason or None)
             breakdown = ""
-            if row.status == "ok" and isinstance(row.breakdown, str):
-                breakdown = ", ".join(f"{k} {fmt(v)}" for k, v in json.loads(row.breakdown).items())
+            if row.status == "ok":
+                shown_groups = {}
+                for text in (row.breakdown, row.extras):
+                    if isinstance(text, str) and text:
+                        shown_groups.update(json.loads(text))
+                breakdown = ", ".join(f"{k} {fmt(v)}" for k, v in shown_groups.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool))
             table.append([row.task, plots.tokens(row.x), row.label, row.metric, shown, breakdown])
-        section.blocks.append(Table(["probe", "length", "method", "metric", "value", "by group"], table,
+        section.blocks.append(Table(["probe", "length", "method", "metric", "value", "by group / secondary"], table,
                                     "Training-free probes of the attention call alone (no model)."))
     return section
+
+
+# the kernel case a task's quality is joined to (see ``kernel_join``)
+JOIN_MODE = "fwd_bwd"
+JOIN_MASK = {"causal_self": "causal", "causal_cross": "causal", "noncausal_self": "full", "noncausal_cross": "full"}
+
+
+def kernel_join(rows: pd.DataFrame, kernel: pd.DataFrame) -> list[dict]:
+    """Per trained task: each method's task metric beside the same method's kernel time, and the Pareto front.
+
+    The kernel case joined (documented in the report): the same method name, mode ``fwd_bwd`` (training runs
+    forward and backward), the mask of the task's pattern (``causal`` for causal_self and causal_cross, ``full``
+    for the noncausal patterns), status ok, one device, no context-parallel layout. Among the kernel runs and head
+    shapes, the (source, shape) that covers the most of the task's methods is used (ties: the first by name);
+    within it the reference length is the longest key/value length that every covered method measured, preferring
+    a length the task itself ran at (``seq_kv``) when the kernel run has one. The metric is each method's mean over
+    seeds at the task's longest length (ok runs only). Methods without such a kernel row are listed with why.
+    Returns one dict per task: task, pattern, metric, higher, length, mask, shape, source, ref_len and points
+    (label, method, value, ms or NaN, note, on_front).
+    """
+    joins = []
+    if kernel is None or kernel.empty:
+        return joins
+    ok_kernel = kernel[(kernel["status"] == "ok") & np.isfinite(kernel["ms_median"].astype(float))
+                       & (kernel["mode"] == JOIN_MODE)]
+    trained = rows[(rows["kind"] == "train") & (rows["status"] == "ok") & np.isfinite(rows["value"])]
+    for task, mine in trained.groupby("task"):
+        pattern = str(mine["pattern"].iloc[0])
+        mask = JOIN_MASK.get(pattern)
+        seq_kv = pd.to_numeric(mine["seq_kv"], errors="coerce").astype(float)
+        longest = mine["x"].max()
+        at = mine[mine["x"] == longest]
+        metric_mean = at.groupby(["label", "method"])["value"].mean()
+        methods = set(at["method"])
+        candidates = ok_kernel[(ok_kernel["mask"] == mask) & ok_kernel["method"].isin(methods)]
+        if candidates.empty:
+            continue
+        best = None
+        for (source, shape), group in sorted(candidates.groupby(["source", "shape"]), key=lambda item: item[0]):
+            covered = set(group["method"])
+            per_method = [set(group.loc[group["method"] == m, "x"]) for m in covered]
+            common = set.intersection(*per_method)
+            if not common:
+                continue
+            own = common & set(seq_kv.dropna())
+            ref_len = max(own) if own else max(common)
+            if best is None or len(covered) > best[0]:
+                best = (len(covered), source, shape, ref_len, group)
+        if best is None:
+            continue
+        _, source, shape, ref_len, group = best
+        times = group[group["x"] == ref_len].groupby("method")["ms_median"].median()
+        points = []
+        for (label, method), value in metric_mean.items():
+            ms = float(times.get(method, np.nan))
+            note = "" if np.isfinite(ms) else f"no ok {JOIN_MODE} {mask} kernel row at this shape and length"
+            points.append({"label": label, "method": method, "value": float(value), "ms": ms, "note": note,
+                           "on_front": False})
+        timed = [p for p in points if np.isfinite(p["ms"])]
+        if timed:
+            higher = _direction(mine)
+            front = pareto_front([p["ms"] for p in timed], [p["value"] for p in timed], higher_is_better=higher)
+            for p, on in zip(timed, front):
+                p["on_front"] = bool(on)
+        joins.append({"task": task, "pattern": pattern, "metric": str(mine["metric"].iloc[0]),
+                      "higher": _direction(mine), "length": longest, "mask": mask, "shape": shape,
+                      "source": source, "ref_len": ref_len, "points": points})
+    return joins
+
+
+def _kernel_pareto_blocks(rows: pd.DataFrame, kernel: pd.DataFrame) -> list:
+    joins = kernel_join(rows, kernel)
+    if not joins:
+        return []
+    blocks = [Text(
+        "Task quality against kernel speed: per task, each method's metric (mean over seeds at the task's longest "
+        "length) against the same method's time per call in the kernel rows of these runs: mode fwd_bwd, the "
+        "mask of the task's pattern (causal for the causal patterns, full for the noncausal ones), the head shape "
+        "and kernel run that cover the most of the task's methods, at the longest key/value length all of them "
+        "measured (a length the task ran at when the kernel run has one). Dashed: the Pareto front (no other "
+        "method is both faster and better on the task).")]
+    panels, table = [], []
+    palette = plots.Palette(rows["label"])
+    for join in joins:
+        timed = [p for p in join["points"] if np.isfinite(p["ms"])]
+        front = np.array(sorted((p["ms"], p["value"]) for p in timed if p["on_front"])).reshape(-1, 2)
+        arrow = "higher" if join["higher"] else "lower"
+        panels.append(plots.ParetoPanel(
+            f"{join['task']} · {join['pattern']} · {plots.tokens(join['length'])}\nkernel: {join['mask']} · "
+            f"{JOIN_MODE} · {plots.tokens(join['ref_len'])}" + (f" · {join['source']}" if join["source"] else ""),
+            f"{join['metric']} ({arrow} is better)",
+            [plots.Points(p["label"], np.array([p["ms"]]), np.array([p["value"]])) for p in timed], front))
+        for p in join["points"]:
+            table.append([join["task"], plots.tokens(join["length"]), p["label"], fmt(p["value"]),
+                          f"{join['mask']} · {JOIN_MODE} · {join['shape']} · {plots.tokens(join['ref_len'])}"
+                          + (f" · {join['source']}" if join["source"] else ""),
+                          fmt(p["ms"]) if np.isfinite(p["ms"]) else Cell("no kernel row", None, p["note"]),
+                          "yes" if p["on_front"] else ""])
+    for start in range(0, len(panels), 3):
+        blocks.append(plot(f"quality-kernel-pareto-{start}", "task metric against kernel time per call",
+                           "Dashed: the Pareto front (nothing is both faster and better on the task).",
+                           plots.pareto, "Task quality against kernel time per call", panels[start:start + 3],
+                           palette))
+    blocks.append(Table(["task", "length", "method", "metric (mean)", "kernel case", "time (ms)", "on front"],
+                        table, "Task quality beside the same method's kernel time per call."))
+    return blocks
