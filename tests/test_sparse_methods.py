@@ -400,3 +400,48 @@ def test_sweep_rows_for_every_method_say_what_ran_and_why_not(cfg):
     assert frame.loc[("combiner_fixed", "causal")].status == "unsupported"
     routed = frame.loc[("routing", "causal")]
     assert routed.routing_share > 0 and "routing=" in routed.phase_ms
+
+
+# ---- tensors a mask_mod reads are saved for backward by FlexAttention: no in-place write after the call ------
+def _captured_tensors(fn, seen=None):
+    """Tensors a mask_mod closes over (directly or through nested closures)."""
+    seen = set() if seen is None else seen
+    found = []
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif callable(value) and getattr(value, "__closure__", None) and id(value) not in seen:
+            seen.add(id(value))
+            found += _captured_tensors(value, seen)
+    return found
+
+
+def _version_recorder(calls):
+    def attend(q, k, v, block_mask, return_lse=False):
+        tensors = _captured_tensors(block_mask.mask_mod)
+        calls.append([(t, t._version) for t in tensors])
+        return common.dense_attend(q, k, v, block_mask, return_lse)
+    return attend
+
+
+@pytest.mark.parametrize("method, opts", [("superlinear", {}), ("superlinear", {"sw_index": 4, "num_spans": 2})])
+def test_mask_mod_buffers_are_not_written_after_flex_saved_them(monkeypatch, method, opts):
+    """H200: superlinear fwd_bwd failed with 'IntTensor [3, 1, 16, 4096] is at version 3; expected version 2'
+    (the span-bound buffer shared by all spans was overwritten for span j + 1 after span j's FlexAttention had
+    saved it). Two calls, as the timing loop makes them: no captured tensor may change between its attend
+    call and the end of the fn call that made it."""
+    calls = []
+    monkeypatch.setattr(common, "ATTEND", _version_recorder(calls))
+    prepared, case = build(method, "causal", opts=opts)
+    q, k, v, q1 = inputs(case)
+    for _ in range(2):
+        calls.clear()
+        prepared.fn(q, k, v, q1=q1)
+        assert len(calls) >= 2 and all(calls)  # several attend calls, each reading captured tensors
+        for recorded in calls:
+            for tensor, version in recorded:
+                assert tensor._version == version, "a tensor FlexAttention saved was modified in place"
