@@ -458,3 +458,50 @@ def test_combiner_logsparse_in_bf16_stays_near_the_rounding_level():
     row = CaseRunner("cpu", options).run(case)
     assert row["status"] == "ok", row["reason"]
     assert row["rel_err"] < 0.0035, row["rel_err"]
+
+
+# ---- static BlockMasks without the [L, L] mask (256K builds ran out of memory on the H200) --------------------
+@pytest.mark.parametrize("length, segment, block, causal", [(256, 16, 16, True), (256, 16, 16, False),
+                                                           (200, 8, 32, True), (200, 8, 32, False)])
+def test_chunked_static_block_mask_equals_create_block_mask(length, segment, block, causal):
+    """combiner_fixed / long_short at 256K fwd: OOM at build ('Tried to allocate 64.12 GiB' = the dense
+    [L, L + L/segment] mask create_block_mask evaluates). The chunked builder must give the same BlockMask
+    (partial and full blocks), whatever the chunk size, also for lengths a block does not divide."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return combiner.fixed_visible(q_idx, kv_idx, length, segment, causal)
+
+    seq_kv = length + length // segment
+    want = create_block_mask(mask_mod, None, None, length, seq_kv, device="cpu", BLOCK_SIZE=block)
+    for budget in (1 << 27, 1):  # one chunk; one query block per chunk
+        got = common.block_mask_from_mod(mask_mod, None, None, length, seq_kv, "cpu", block=block,
+                                         budget_elems=budget)
+        assert torch.equal(got.to_dense(), want.to_dense())
+        assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+        assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+
+
+def test_chunked_block_flags_never_hold_the_whole_mask():
+    """The builder evaluates the mask_mod on at most budget-sized chunks (here: one query block at a time)."""
+    shapes = []
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        shapes.append(torch.broadcast_shapes(q_idx.shape, kv_idx.shape))
+        return kv_idx <= q_idx
+
+    partial, full = common.block_flags_from_mod(mask_mod, 512, 512, "cpu", block=64, budget_elems=64 * 512)
+    assert len(shapes) == 8 and all(s == (64, 512) for s in shapes)
+    assert partial.diagonal().all() and full.tril(-1)[1:, :-1].diagonal().all() and not full.triu().any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length, window, rank", [(128, 16, 4), (96, 32, 8)])
+def test_long_short_pair_count_is_the_pattern_count(length, window, rank, causal):
+    from attnbench.methods.sparse import long_short
+
+    extra = (length // window) * rank if causal else rank
+    keys = torch.arange(length + extra)
+    brute = int(long_short.ls_visible(torch.arange(length)[:, None], keys[None, :], length, window, rank,
+                                      causal).sum())
+    assert long_short.ls_pairs_per_head(length, window, rank, causal) == brute
