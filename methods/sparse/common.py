@@ -207,11 +207,57 @@ def merge_parts(parts) -> torch.Tensor:
     return merge(parts)
 
 
-def block_mask_from_mod(mask_mod, batch, heads, seq_q, seq_kv, device, block: int = 128):
-    """A static ``BlockMask`` (built once per case, outside the timed region)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def block_mask_from_mod(mask_mod, batch, heads, seq_q, seq_kv, device, block: int = 128,
+                        budget_elems: int = 1 << 27):
+    """A static ``BlockMask`` (built once per case, outside the timed region). For a mask_mod that ignores
+    batch and head (``batch = heads = None``) it is built in query-block chunks of at most ``budget_elems``
+    mask entries (:func:`block_flags_from_mod`): ``create_block_mask`` (not compiled) evaluates the whole
+    ``[seq_q, seq_kv]`` mask at once - 64 GiB at 256K, which is how combiner_fixed and long_short ran out of
+    memory at build on the H200."""
+    if batch is not None or heads is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_mod, batch, heads, seq_q, seq_kv, device=device, BLOCK_SIZE=block)
+        return create_block_mask(mask_mod, batch, heads, seq_q, seq_kv, device=device, BLOCK_SIZE=block)
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = block_flags_from_mod(mask_mod, seq_q, seq_kv, device, block, budget_elems)
+
+    def listed(flags):
+        flags = flags[None, None]
+        counts = flags.sum(dim=-1, dtype=torch.int32)
+        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts, order
+
+    counts, order = listed(partial)
+    full_counts, full_order = listed(full)
+    return BlockMask.from_kv_blocks(counts, order, full_counts, full_order, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(seq_q, seq_kv))
+
+
+def block_flags_from_mod(mask_mod, seq_q: int, seq_kv: int, device, block: int = 128,
+                         budget_elems: int = 1 << 27):
+    """``(partial, full)`` block flags ``[ceil(seq_q / block), ceil(seq_kv / block)]`` of a batch- and
+    head-independent ``mask_mod``, evaluated a few query blocks at a time (memory ~``budget_elems`` mask
+    entries plus the mask_mod's temporaries, never ``seq_q * seq_kv``). Positions past the ends are not
+    visible (a block holding them is partial, never full); the mask_mod sees clamped indices only."""
+    q_blocks, kv_blocks = -(-seq_q // block), -(-seq_kv // block)
+    keys = torch.arange(kv_blocks * block, device=device)
+    key_ok = keys < seq_kv
+    keys = keys.clamp_max(seq_kv - 1)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    step = max(1, budget_elems // (block * kv_blocks * block))
+    partial = torch.empty(q_blocks, kv_blocks, dtype=torch.bool, device=device)
+    full = torch.empty_like(partial)
+    for first in range(0, q_blocks, step):
+        last = min(q_blocks, first + step)
+        rows = torch.arange(first * block, last * block, device=device)
+        row_ok = rows < seq_q
+        seen = mask_mod(zero, zero, rows.clamp_max(seq_q - 1)[:, None], keys[None, :])
+        seen = (seen & row_ok[:, None] & key_ok[None, :]).view(last - first, block, kv_blocks, block)
+        anywhere, everywhere = seen.any(dim=3).any(dim=1), seen.all(dim=3).all(dim=1)
+        partial[first:last] = anywhere & ~everywhere
+        full[first:last] = everywhere
+    return partial, full
 
 
 def block_mask_from_flags(touched: torch.Tensor, mask_mod, seq_q: int, seq_kv: int, block: int = 128):

@@ -56,6 +56,21 @@ def ls_visible(q_idx, kv_idx, length: int, window: int, rank: int, causal: bool)
     return near | far
 
 
+def ls_pairs_per_head(length: int, window: int, rank: int, causal: bool) -> int:
+    """Visible pairs of :func:`ls_visible` for one head, counted per query row in O(L) (evaluating the
+    pattern took seconds per 1K rows at 256K)."""
+    q = torch.arange(length, dtype=torch.long)
+    seg = q // window
+    if causal:
+        near = q - ((seg - 1) * window).clamp_min(0) + 1
+        far = seg * rank
+    else:
+        half = window // 2
+        near = ((seg + 1) * window + half).clamp_max(length) - (seg * window - half).clamp_min(0)
+        far = torch.full_like(q, rank)
+    return int((near + far).sum())
+
+
 @register_method(
     "long_short",
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, backward=True, compiled=True,
@@ -99,8 +114,5 @@ def build_long_short(ctx):
                                  lambda idx: ls_visible(idx[:, None], keys[None, :], length, window, rank,
                                                         causal)[None, None], rows)
 
-    keys = torch.arange(length + extra)
-    pairs = sum(int(ls_visible(chunk[:, None], keys[None, :], length, window, rank, causal).sum())
-                for chunk in torch.arange(length).split(max(1, (1 << 24) // (length + extra))))
-    pairs *= case.batch * case.heads_q
+    pairs = ls_pairs_per_head(length, window, rank, causal) * case.batch * case.heads_q
     return Prepared(fn=fn, reference=reference, parameters=[w_p], attended_pairs=lambda q, k, v: pairs)

@@ -155,19 +155,16 @@ def build_superlinear(ctx):
         opts.fail("num_spans", f"must be <= the number of search stripes at seq {length} ({len(distances)}), "
                                f"got {num_spans}")
     attend = flex_path(ctx)
-    batch, heads, device = case.batch, case.heads_q, ctx.device
-    # span bounds live in fixed buffers that the per-span mask_mods read: the same functions every call
-    starts = torch.zeros(num_spans, batch, heads, length, dtype=torch.int32, device=device)
-    ends = torch.zeros_like(starts)
-    sw_buf = torch.zeros(length, dtype=torch.int32, device=device)
-
-    def span_mod(j):
+    batch, heads = case.batch, case.heads_q
+    # the mask_mods read the span bounds of *this* call: fresh int32 tensors made per call and never written
+    # afterwards. FlexAttention saves the tensors a mask_mod captures for its backward, so a shared buffer
+    # rewritten for the next span (or the next call, while a graph is held in the bwd mode) fails the
+    # autograd version check on CUDA ("IntTensor [spans, B, H, L] is at version 3; expected version 2").
+    def span_mod(lo, hi, sw):
         def mask_mod(b, h, q_idx, kv_idx):
-            in_span = (kv_idx >= starts[j, b, h, q_idx]) & (kv_idx <= ends[j, b, h, q_idx])
-            return in_span | ((kv_idx >= sw_buf[q_idx]) & (kv_idx <= q_idx))
+            in_span = (kv_idx >= lo[b, h, q_idx]) & (kv_idx <= hi[b, h, q_idx])
+            return in_span | ((kv_idx >= sw[q_idx]) & (kv_idx <= q_idx))
         return mask_mod
-
-    mods = [span_mod(j) for j in range(num_spans)]
 
     def routing(q1, k):
         anchors = search(q1, k, distances, num_spans)
@@ -177,16 +174,15 @@ def build_superlinear(ctx):
     def fn(q, k, v, q1):
         anchors, start, end, sw_start = routing(q1, k)
         g = gates(q1, k, anchors)
-        sw_buf.copy_(sw_start)
+        sw = sw_start.to(torch.int32)
         window_lo = sw_start[None, None, :, None].expand(batch, heads, length, 1)
         window_hi = torch.arange(length, device=q.device)[None, None, :, None].expand(batch, heads, length, 1)
         out = 0
         for j in range(num_spans):
-            starts[j].copy_(start[..., j])
-            ends[j].copy_(end[..., j])
+            mod = span_mod(start[..., j].to(torch.int32).contiguous(), end[..., j].to(torch.int32).contiguous(), sw)
             touched = ranges_to_blocks(torch.cat([start[..., j:j + 1], window_lo], -1),
                                        torch.cat([end[..., j:j + 1], window_hi], -1), length, 128)
-            block_mask = dynamic_block_mask(touched, mods[j], length, length)
+            block_mask = dynamic_block_mask(touched, mod, length, length)
             out = out + g[..., j:j + 1] * attend(q, k, v, block_mask, False).float()
         return out.to(q.dtype)
 
