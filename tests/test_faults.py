@@ -148,6 +148,29 @@ def test_an_interrupt_ends_the_sweep_cleanly_and_the_run_resumes(tmp_path, signu
         assert again[0] == rows[0] and [(r["method"], r["status"]) for r in again[1:]] == [("t_hangs", "timeout")]
 
 
+def test_a_stuck_cp_rank_dies_when_its_parent_is_killed(tmp_path):
+    """Ranks of a context-parallel gang are children of the runner like device workers, and die with it too."""
+    marker = tmp_path / "rank.pid"
+    plugin = str(Path(FAULTY).with_name("cp_faulty.py"))
+    args, kw = _cli("sweep=smoke", "device=cpu", f"plugins=[{plugin}]", "methods=[t_cp_rank1_hangs]",
+                    "masks=[causal]", "seq_lens=[32]", "cross_lens=[]", "modes=[fwd]", "heads_q=2", "heads_kv=2",
+                    "head_dim=8", "batch=1", "layouts=[ulysses]", "cp=[2]", "case_timeout_s=300", "run_id=cphang",
+                    f"results_dir={tmp_path / 'results'}", "timing.budget_ms=2", "timing.min_reps=2",
+                    "timing.max_reps=3", cwd=tmp_path, env={"ATTNBENCH_TEST_HANG_MARKER": str(marker)})
+    parent = subprocess.Popen(args, **kw, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not _wait(lambda: marker.is_file() and marker.read_text().strip(), 180):
+        parent.kill()
+        pytest.fail(f"rank 1 never reached the hanging call: {parent.communicate()[1][-2000:]}")
+    rank = int(marker.read_text())
+    try:
+        assert _alive(rank)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        assert _wait(lambda: not _alive(rank), 30), "the CP rank outlived its SIGKILLed parent"
+    finally:
+        _kill_leftover(rank)
+
+
 def test_the_watchdog_ends_a_worker_whose_parent_closed_the_pipe():
     from attnbench.execute.worker import start_watchdog
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from attnbench.config.plan import Case
+from attnbench.execute.child import ChildProcess
 from attnbench.record import envinfo
 from attnbench.record.rows import base_row, describe
 
@@ -42,87 +43,18 @@ class GangFailed(Exception):
         super().__init__(reason)
 
 
-class RankProcess:
-    """One rank subprocess, spoken to over two pipes (as ``execute.runner.Worker``)."""
+class RankProcess(ChildProcess):
+    """One rank subprocess (``cp.rank``), started and spoken to like a device worker."""
+
+    module = "attnbench.cp.rank"
 
     def __init__(self, rank: int, init: dict, log_path: Path):
-        self.rank, self.init, self.log_path = rank, init, log_path
-        self.proc = None
-        self.phase = "start"
-        self.buffer = b""
+        super().__init__(init, log_path)
+        self.rank = rank
+        self.label = f"rank {rank}"
 
     def start(self) -> None:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        self.log = open(self.log_path, "ab")
-        self.log_start = self.log.tell()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "attnbench.cp.rank", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            cwd=os.getcwd(), env=env, start_new_session=True,
-        )
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self.to_child = os.fdopen(to_child_w, "w", buffering=1)
-        self.from_child = from_child_r
-        self.send(self.init)
-
-    def send(self, message: dict) -> None:
-        self.to_child.write(json.dumps(message) + "\n")
-        self.to_child.flush()
-
-    def messages(self, chunk: bytes) -> list[dict]:
-        self.buffer += chunk
-        out = []
-        while b"\n" in self.buffer:
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            message = json.loads(line)
-            if message.get("type") == "phase":
-                self.phase = message["phase"]
-            else:
-                out.append(message)
-        return out
-
-    def death(self) -> str:
-        code = self.proc.wait()
-        if code < 0:
-            try:
-                how = f"signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"signal {-code}"
-        else:
-            how = f"exit code {code}"
-        tail = self.stderr_tail()
-        return f"rank {self.rank} died with {how} during {self.phase}" + (f"; stderr: {tail}" if tail else "")
-
-    def stderr_tail(self, limit: int = 600) -> str:
-        try:
-            self.log.flush()
-            with open(self.log_path, "rb") as handle:
-                handle.seek(self.log_start)
-                text = handle.read().decode(errors="replace")
-        except OSError:
-            return ""
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        return " | ".join(lines[-4:])[-limit:]
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.proc.kill()
-        self.proc.wait()
-        for closer in (self.to_child.close, lambda: os.close(self.from_child), self.log.close):
-            try:
-                closer()
-            except (OSError, ValueError):
-                pass
-        self.proc = None
+        self.spawn()
 
 
 class Gang:

@@ -1,4 +1,4 @@
-"""One rank of a CP gang: ``python -m attnbench.cp.rank READ_FD WRITE_FD``.
+"""One rank of a CP gang: ``python -m attnbench.cp.rank READ_FD WRITE_FD [PARENT_PID]``.
 
 Protocol (JSON lines over two pipes, as ``execute.worker``): parent -> rank ``init`` (rank, world size,
 backend, port, device, options, plugins), then ``case`` messages; rank -> parent ``ready``, ``phase``,
@@ -17,6 +17,11 @@ import traceback
 
 
 def main(argv: list[str]) -> int:
+    from attnbench.execute.worker import die_with_parent, start_watchdog
+
+    parent_pid = int(argv[2]) if len(argv) > 2 else os.getppid()
+    die_with_parent(parent_pid)  # a rank dies with the runner, however the runner ends (as a worker does)
+    start_watchdog(parent_pid, int(argv[0]))
     inbox = os.fdopen(int(argv[0]), "r", buffering=1)
     outbox = os.fdopen(int(argv[1]), "w", buffering=1)
 

@@ -27,6 +27,7 @@ from attnbench.record import envinfo as envinfo
 from attnbench.config.plan import Case, ConfigError, Plan, build_plan, plan_options, validate_timing
 from attnbench.config.schema import validate_config, validate_section
 from attnbench.config.plugins import resolve_plugin_paths
+from attnbench.execute.child import ChildProcess
 from attnbench.record.rows import base_row, describe
 from attnbench.record.rundir import write_config
 from attnbench.record.store import RowStore
@@ -54,65 +55,28 @@ class WorkerDied(Exception):
         super().__init__(reason)
 
 
-class Worker:
-    """One worker subprocess bound to a device, spoken to over two pipes."""
+class Worker(ChildProcess):
+    """One worker subprocess bound to a device (``execute.worker``)."""
+
+    module = "attnbench.execute.worker"
+    label = "worker"
 
     def __init__(self, device: str, init: dict, log_path: Path):
-        self.device, self.init, self.log_path = device, init, log_path
-        self.proc = None
-        self.phase = "start"
-        self._buffer = b""
+        super().__init__(init, log_path)
+        self.device = device
 
     def start(self) -> dict:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        self.log = open(self.log_path, "ab")
-        self.log_start = self.log.tell()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "attnbench.execute.worker", str(to_child_r), str(from_child_w), str(os.getpid())],
-            pass_fds=(to_child_r, from_child_w),
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            cwd=os.getcwd(), env=env, start_new_session=True,  # the user's directory: plugins resolve there
-        )
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self.to_child = os.fdopen(to_child_w, "w", buffering=1)
-        self.from_child = from_child_r
+        self.spawn()
         self.phase = "worker start"
-        self.send(self.init)
         message = self.receive(STARTUP_TIMEOUT_S)
         if message.get("type") != "ready":
             raise WorkerDied("error", message.get("reason", "worker failed to start"))
         return message
 
-    def send(self, message: dict) -> None:
-        self.to_child.write(json.dumps(message) + "\n")
-        self.to_child.flush()
-
-    def _stderr_tail(self, limit: int = 600) -> str:
-        try:
-            self.log.flush()
-            with open(self.log_path, "rb") as handle:
-                handle.seek(self.log_start)
-                text = handle.read().decode(errors="replace")
-        except OSError:
-            return ""
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        return " | ".join(lines[-4:])[-limit:]
-
     def receive(self, timeout_s: float) -> dict:
         """The next message other than ``phase`` (recorded), or ``WorkerDied`` on timeout or death."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                message = json.loads(line)
-                if message.get("type") == "phase":
-                    self.phase = message["phase"]
-                    continue
-                return message
+        while not self.pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.kill()
@@ -121,19 +85,10 @@ class Worker:
             if not ready:
                 continue
             chunk = os.read(self.from_child, 1 << 16)
-            if chunk:
-                self._buffer += chunk
-                continue
-            code = self.proc.wait()
-            if code < 0:
-                try:
-                    how = f"signal {signal.Signals(-code).name}"
-                except ValueError:
-                    how = f"signal {-code}"
-            else:
-                how = f"exit code {code}"
-            tail = self._stderr_tail()
-            raise WorkerDied("crashed", f"worker died with {how} during {self.phase}" + (f"; stderr: {tail}" if tail else ""))
+            if not chunk:
+                raise WorkerDied("crashed", self.death())
+            self.pending.extend(self.messages(chunk))
+        return self.pending.pop(0)
 
     def run(self, case: Case, run_id: str, timeout_s: float) -> tuple[dict, bool]:
         """(row, worker still usable)."""
@@ -143,25 +98,6 @@ class Worker:
         if message.get("type") != "row":
             raise WorkerDied("error", f"unexpected message from worker: {message}")
         return message["row"], not message.get("replace", False)
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.proc.kill()
-        self.proc.wait()
-        self.close()
-
-    def close(self) -> None:
-        for closer in (self.to_child.close, lambda: os.close(self.from_child), self.log.close):
-            try:
-                closer()
-            except (OSError, ValueError):
-                pass
-        self.proc = None
 
     def stop(self) -> None:
         if self.proc is None:

@@ -59,6 +59,10 @@ def build_rank1_hangs(ctx):
 
     def attend(q, k, v):
         if _rank() == 1:
+            marker = os.environ.get("ATTNBENCH_TEST_HANG_MARKER")
+            if marker:  # tells a test which process hangs
+                with open(marker, "w") as handle:
+                    handle.write(str(os.getpid()))
             time.sleep(3600)
         return good(q, k, v)
 
