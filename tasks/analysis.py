@@ -39,7 +39,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .model import AttentionCase, build_method
+from .model import build_method, task_case
 from .registry import Task, register_task
 from .train import Outcome, stream_seed
 
@@ -52,7 +52,7 @@ def _call(prepared, caps, q, k, v):
 
 
 def _case(task, method, batch, heads, seq_q, seq_kv, head_dim, dtype, seed, device, mode="fwd_bwd"):
-    return AttentionCase(method=method, mask=task.mask_name, mask_name=task.mask_name, batch=batch, heads_q=heads,
+    return task_case(method=method, mask=task.mask_name, mask_name=task.mask_name, batch=batch, heads_q=heads,
                          heads_kv=heads, seq_q=seq_q, seq_kv=seq_kv, head_dim=head_dim, dtype=dtype, mode=mode,
                          seed=seed, device=device)
 

@@ -202,14 +202,14 @@ class MiniLMFidelity(_Probe):
         self.params.setdefault("heads", 12)
 
     def probe(self, method, seed=0, dtype="float32", device="cpu", options=None, method_params=None) -> Outcome:
-        from attnbench.tasks.model import AttentionCase, build_method
+        from attnbench.tasks.model import build_method, task_case
 
         from .minilm_sentences import SENTENCES
 
         options, method_params = dict(options or {}), method_params or {}
 
         def method_for(batch, seq):
-            case = AttentionCase(method=method, mask="full", mask_name="full", batch=batch, heads_q=self.heads,
+            case = task_case(method=method, mask="full", mask_name="full", batch=batch, heads_q=self.heads,
                                  heads_kv=self.heads, seq_q=seq, seq_kv=seq, head_dim=self.head_dim, dtype=dtype,
                                  mode="fwd", seed=seed, device=device)
             prepared, caps = build_method(case, torch.device(device), options, method_params)

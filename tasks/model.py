@@ -37,42 +37,19 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attnbench.methods.case import Case
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class AttentionCase:
-    """The attention call a layer makes, with the fields of the harness's ``Case`` that builders read."""
-
-    method: str
-    mask: str
-    mask_name: str
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seq_q: int
-    seq_kv: int
-    head_dim: int
-    dtype: str
-    mode: str = "fwd_bwd"
-    layout: str = "single"
-    world_size: int = 1
-    seed: int = 0
-    device: str = "cpu"
-
-    @property
-    def needs_grad(self) -> bool:
-        return self.mode in ("bwd", "fwd_bwd")
-
-    def input_key(self) -> tuple:
-        return (self.mask, self.batch, self.heads_q, self.heads_kv, self.seq_q, self.seq_kv, self.head_dim,
-                self.dtype, self.seed)
+def task_case(*, mode: str = "fwd_bwd", **fields) -> Case:
+    """The harness's typed ``Case`` for the attention call a task layer makes (training: ``fwd_bwd``)."""
+    return Case(mode=mode, **fields)
 
 
 HYBRID_NAMES = ("odd", "even", "first", "last", "bilateral", "quarter", "25%", "top", "middle", "bottom", "all",
@@ -134,7 +111,7 @@ def check_model_options(task) -> None:
         raise task.error("qk_dim", f"must be a positive integer, got {qk_dim!r}")
 
 
-def build_method(case: AttentionCase, device: torch.device, options: dict, params: dict):
+def build_method(case: Case, device: torch.device, options: dict, params: dict):
     """Build ``case.method`` for ``case`` -> (Prepared, caps). Raises the builder's ``Unsupported``."""
     from attnbench import masks
     from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
@@ -195,7 +172,7 @@ class StandardAttention(nn.Module):
 class MethodAttention(nn.Module):
     """Multi-head attention whose core is a registered kernel-form method (projections around it)."""
 
-    def __init__(self, d_model: int, heads: int, case: AttentionCase, device, options: dict, params: dict,
+    def __init__(self, d_model: int, heads: int, case: Case, device, options: dict, params: dict,
                  rope: bool = False, qk_dim: int | None = None):
         super().__init__()
         if d_model % heads:
@@ -257,7 +234,7 @@ class MethodAttention(nn.Module):
 class LayerMethod(nn.Module):
     """A layer-form method used as the mixer directly (self patterns): ``fn(x)`` over ``[batch, seq, d_model]``."""
 
-    def __init__(self, case: AttentionCase, device, options: dict, params: dict):
+    def __init__(self, case: Case, device, options: dict, params: dict):
         super().__init__()
         self.case = case
         self.dtype = DTYPES[case.dtype]
@@ -328,14 +305,14 @@ class Block(nn.Module):
         return x
 
 
-def make_mixer(layer: int, d_model: int, heads: int, case: AttentionCase, device, options, params, rope,
+def make_mixer(layer: int, d_model: int, heads: int, case: Case, device, options, params, rope,
                standard: bool = False, causal: bool = False, qk_dim: int | None = None, fixed_map: bool = False):
     """Layer ``layer``'s mixer: standard attention (a hybrid schedule's layer) or the method."""
     from attnbench.methods import METHODS, Unsupported
 
     if standard:
         return StandardAttention(d_model, heads, causal, rope=rope)
-    case = AttentionCase(**{**case.__dict__, "seed": case.seed * 1000 + layer})
+    case = task_case(**{**case.__dict__, "seed": case.seed * 1000 + layer})
     if METHODS[case.method].caps.form == "layer":
         if fixed_map:
             raise Unsupported("qk_source: a fixed map needs a kernel-form method (a layer-form method makes its own Q, K)")
@@ -343,7 +320,7 @@ def make_mixer(layer: int, d_model: int, heads: int, case: AttentionCase, device
             raise Unsupported("qk_dim: a layer-form method has no Q/K width to set")
         return LayerMethod(case, device, options, params)
     if qk_dim is not None:
-        case = AttentionCase(**{**case.__dict__, "head_dim": qk_dim})
+        case = task_case(**{**case.__dict__, "head_dim": qk_dim})
     return MethodAttention(d_model, heads, case, device, options, params, rope=rope, qk_dim=qk_dim)
 
 
@@ -376,7 +353,7 @@ def fixed_text_ids(length: int, vocab: int) -> torch.Tensor:
 class SelfModel(nn.Module):
     """Embeddings, blocks with the method as self-attention, a head per position or a class at position 0."""
 
-    def __init__(self, task, case: AttentionCase, device, options: dict, params: dict):
+    def __init__(self, task, case: Case, device, options: dict, params: dict):
         super().__init__()
         p = task.params
         d_model, seq = int(p["d_model"]), task.seq_q
@@ -432,7 +409,7 @@ class SelfModel(nn.Module):
 class CrossModel(nn.Module):
     """A source encoder (embeddings, optional short convolution) and a decoder that cross-attends to it."""
 
-    def __init__(self, task, case: AttentionCase, device, options: dict, params: dict):
+    def __init__(self, task, case: Case, device, options: dict, params: dict):
         super().__init__()
         from attnbench.methods import METHODS
 
@@ -468,7 +445,7 @@ class CrossModel(nn.Module):
         return self.head(self.norm(x))
 
 
-def build_model(task, case: AttentionCase, device, options: dict, params: dict) -> nn.Module:
+def build_model(task, case: Case, device, options: dict, params: dict) -> nn.Module:
     model_cls = CrossModel if task.arch == "cross" else SelfModel
     return model_cls(task, case, device, options, params).to(device)
 

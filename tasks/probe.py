@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from .model import AttentionCase, build_method
+from .model import build_method, task_case
 from .registry import Task, register_task
 from .train import Outcome
 
@@ -32,7 +32,7 @@ class _Probe(Task):
         self.params.setdefault("d_model", self.heads * self.head_dim)
 
     def _method(self, method, seed, dtype, device, options, method_params):
-        case = AttentionCase(method=method, mask=self.mask_name, mask_name=self.mask_name, batch=self.batch,
+        case = task_case(method=method, mask=self.mask_name, mask_name=self.mask_name, batch=self.batch,
                              heads_q=self.heads, heads_kv=self.heads, seq_q=self.seq, seq_kv=self.seq,
                              head_dim=self.head_dim, dtype=dtype, mode="fwd", seed=seed, device=device)
         prepared, caps = build_method(case, torch.device(device), options, method_params)

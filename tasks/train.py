@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .model import AttentionCase, build_model, count_parameters, method_parameters
+from attnbench.methods.case import Case
+
+from .model import build_model, count_parameters, method_parameters, task_case
 from .registry import IGNORE, TASKS, Task
 
 
@@ -42,11 +44,11 @@ def stream_seed(*parts) -> int:
     return zlib.crc32("|".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
-def attention_case(task: Task, method: str, batch: int, dtype: str, seed: int, device: str) -> AttentionCase:
+def attention_case(task: Task, method: str, batch: int, dtype: str, seed: int, device: str) -> Case:
     """The attention call of the task's model, as the harness describes a case."""
     heads = int(task.params["heads"])
     d_model = int(task.params["d_model"])
-    return AttentionCase(method=method, mask=task.mask_name, mask_name=task.mask_name, batch=batch, heads_q=heads,
+    return task_case(method=method, mask=task.mask_name, mask_name=task.mask_name, batch=batch, heads_q=heads,
                          heads_kv=heads, seq_q=task.seq_q, seq_kv=task.seq_kv, head_dim=d_model // heads, dtype=dtype,
                          mode="fwd_bwd", seed=seed, device=device)
 
