@@ -76,3 +76,19 @@ def test_a_kernel_wrong_by_one_percent_is_wrong_at_4k_and_64k(tmp_path, seq):
     assert frame.loc["t_perturbed", "status"] == "wrong", frame.loc["t_perturbed", "reason"]
     assert frame.loc["sdpa_cudnn", "status"] == "ok"
     assert frame.loc["sdpa_cudnn", "rel_err"] < frame.loc["sdpa_cudnn", "err_tol"] < frame.loc["t_perturbed", "rel_err"]
+
+
+def test_a_dense_bias_built_by_the_builder_counts_in_peak_memory(tmp_path):
+    """sdpa_cudnn on a sliding window builds a [seq, seq] additive bf16 bias outside the timed call; it stays
+    resident while the call runs, so peak_mem_mb must include it (it did not before resident_mb existed)."""
+    seq = 16384
+    frame = _frame(run_sweep(_cfg(tmp_path, methods=["sdpa_cudnn", "flex"], masks=["sliding_window(left=1024)"],
+                                  seq_lens=[seq], modes=["fwd"]), "gpu test", show_progress=False)).set_index("method")
+    assert set(frame.status) == {"ok"}, frame[["status", "reason"]]
+    bias_mb = seq * seq * 2 / 2**20  # 512 MiB
+    qkv_mb = 3 * 16 * seq * 128 * 2 / 2**20
+    cudnn = frame.loc["sdpa_cudnn"]
+    assert cudnn["resident_mb"] >= bias_mb, cudnn["resident_mb"]
+    assert cudnn["peak_mem_mb"] >= bias_mb + qkv_mb, cudnn["peak_mem_mb"]
+    # flex keeps only a BlockMask (tiny beside the bias)
+    assert frame.loc["flex", "resident_mb"] < bias_mb / 8, frame.loc["flex", "resident_mb"]

@@ -113,6 +113,7 @@ class CaseRunner:
     def __init__(self, device: str, options: dict):
         self.device = torch.device(device)
         self.options = options
+        self._resident_bytes: int | None = None  # set per case by _run (see there)
         self.timing = options["timing"]
         self.phase = "idle"
         self.phase_hook = None  # called with each new phase (the worker reports it to the parent)
@@ -213,7 +214,11 @@ class CaseRunner:
 
         self._set_phase("build")
         t0 = time.perf_counter()
+        resident_before = self._allocated()
         prepared = self._declined(caps, lambda: as_prepared(method.build(ctx)))
+        # what the builder allocated and keeps for every call (a dense bias, a BlockMask, weights): it is resident
+        # while the call runs, so it counts in peak_mem_mb (measured before any input exists)
+        self._resident_bytes = max(0, self._allocated() - resident_before) if resident_before is not None else None
         if not caps.exact and prepared.reference is None:
             raise _Verdict("error", f"approximate method {case.method!r} gives no reference (Prepared.reference): "
                                     "its fast path cannot be gated")
@@ -516,7 +521,9 @@ class CaseRunner:
             timed()
         self._sync()
         above = torch.cuda.max_memory_allocated(self.device) - before
-        return {"mem_above_inputs_mb": above / 2**20, "peak_mem_mb": (above + input_bytes) / 2**20}
+        resident = self._resident_bytes or 0
+        return {"mem_above_inputs_mb": above / 2**20, "resident_mb": resident / 2**20,
+                "peak_mem_mb": (above + input_bytes + resident) / 2**20}
 
     def _phases(self, prepared, call: Call, ms_total: float) -> dict:
         """Time each declared phase alone (e.g. routing) and give its share of the whole call."""
@@ -595,6 +602,13 @@ class CaseRunner:
             return (f"mask leak: the outputs of queries 0..{rows - 1} moved by {delta:.3g} (run-to-run {noise:.3g}) "
                     f"when only keys and values they cannot see changed")
         return None
+
+    def _allocated(self) -> int | None:
+        """Bytes the CUDA allocator holds now (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        self._sync()
+        return torch.cuda.memory_allocated(self.device)
 
     def _sync(self):
         if self.device.type == "cuda":

@@ -58,7 +58,11 @@ COLUMNS: dict[str, tuple[str, str]] = {
                                "both; decode counts only the key positions the mask lets the step read; bytes"),
     "gbps": ("Float64", "bytes_moved / ms_median, GB/s (1e9 bytes/s)"),
     "peak_mem_mb": ("Float64", "mem_above_inputs_mb plus the bytes of the case's own inputs (q, k, v or x; dout in "
-                               "backward modes; extras, parameters, a decode state), MiB (CUDA allocator; empty on CPU)"),
+                               "backward modes; extras, parameters, a decode state) plus resident_mb, MiB (CUDA "
+                               "allocator; empty on CPU)"),
+    "resident_mb": ("Float64", "what the method's builder allocated and keeps across calls (a dense additive bias, "
+                               "a BlockMask, weights), measured as the allocator's growth over the build, before the "
+                               "inputs exist; part of peak_mem_mb, MiB (empty on CPU)"),
     "mem_above_inputs_mb": ("Float64", "allocator peak while the mode's work runs once from its inputs (bwd: the "
                                        "forward whose graph it needs, then the backward) minus what was allocated "
                                        "just before (outputs, activations, gradients, workspace), MiB (empty on CPU)"),
