@@ -28,6 +28,9 @@ def test_mask_winners_ranks_exact_ok_rows_and_gives_the_margin():
     ], columns=["mask", "method", "mode", "ms_median", "status", "exact"])
     rows["seq_q"], rows["density"], rows["tflops"] = 4096, 0.5, 100.0
     lines = winners(rows, 4096)
-    assert lines[2] == ("| `causal` | 0.500 | sdpa_cudnn, 2.0 ms, 100 | 1.50× over flex | "
-                        "flex, 9.0 ms, 100 | only one |")
+    assert lines[2] == ("| `causal` | 0.500 | sdpa_cudnn, 2.0 ms, 100 | 1.50× over flex | — | "
+                        "flex, 9.0 ms, 100 | only one | no cuDNN row |")
+    # the margin over cuDNN's dense-bias row when another method wins
+    rows.loc[rows["method"] == "sdpa_cudnn", "ms_median"] = 6.0
+    assert winners(rows, 4096)[2].startswith("| `causal` | 0.500 | flex, 3.0 ms, 100 | 2.00× over sdpa_cudnn | 2.00× |")
     assert winners(rows, 8192)[2:] == []
