@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from attnbench.report.maths import loglog_slope
+
 FLA_OF = {"linear_attn": "fla_linear_attn", "simple_gla": "fla_simple_gla", "delta_rule": "fla_delta_rule",
           "gated_delta_rule": "fla_gated_delta_rule"}
 YARDSTICK = "sdpa_cudnn"
@@ -43,14 +45,12 @@ def load(run_dir: Path) -> pd.DataFrame:
 
 
 def slope(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of log(ms) against log(length)."""
-    if len(points) < 2:
+    """Least-squares slope of log(ms) against log(length) (attnbench.report.maths.loglog_slope, with this
+    script's two-length minimum; the report's scaling section needs three)."""
+    if not points:
         return None
-    xs = [math.log(x) for x, _ in points]
-    ys = [math.log(y) for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+    lengths, times = zip(*points)
+    return loglog_slope(lengths, times, min_points=2)
 
 
 def curve(frame: pd.DataFrame, method: str, mode: str, length="seq_q") -> dict[int, float]:

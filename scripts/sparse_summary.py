@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from attnbench.report.maths import loglog_slope
+
 
 def load(run_dir: Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
@@ -42,21 +44,19 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def slope(lengths, times) -> float:
-    """Least-squares slope of log(time) on log(length)."""
-    xs = [math.log(x) for x in lengths]
-    ys = [math.log(y) for y in times]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+def slope(lengths, times) -> float | None:
+    """Least-squares slope of log(time) on log(length) (attnbench.report.maths.loglog_slope; this script's
+    table keeps its two-length minimum, the report's scaling section needs three)."""
+    return loglog_slope(lengths, times, min_points=2)
 
 
 def slopes(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, mask, mode), group in _ok(frame).groupby(["method", "mask", "mode"]):
         group = group.groupby("seq_q").ms_median.median()
-        if len(group) >= 2:
-            rows.append({"method": method, "mask": mask, "mode": mode, "slope": slope(group.index, group.values),
+        fitted = slope(group.index, group.values)
+        if fitted is not None:
+            rows.append({"method": method, "mask": mask, "mode": mode, "slope": fitted,
                          "lengths": f"{_k(group.index.min())}-{_k(group.index.max())} ({len(group)})"})
     return pd.DataFrame(rows, columns=["method", "mask", "mode", "slope", "lengths"])
 

@@ -18,8 +18,8 @@ from attnbench.report.sections.curves import series_of
 from attnbench.report.sections.overview import margin_text
 
 # every section but "pareto", which needs approx_err (tests/test_report_pareto.py)
-ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "cp",
-                "environment"]
+ALL_SECTIONS = ["overview", "masks", "capability", "curves", "peak", "speedup", "efficiency-length", "scaling",
+                "cp", "environment"]
 
 
 @pytest.fixture(scope="module")

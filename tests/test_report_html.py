@@ -68,7 +68,7 @@ def test_report_renders_every_plot_without_errors(chromium, tmp_path):
     assert console_messages(stderr) == []
     assert dom.count('<img class="plot"') == figures
     assert len(re.findall(r'<td class="st-(?:oom|crashed|timeout|error|wrong|unsupported)" title="', dom)) >= 7
-    assert '<nav id="toc">' in dom and dom.count('<section id="') == 10  # cp included
+    assert '<nav id="toc">' in dom and dom.count('<section id="') == 11  # cp and scaling included
 
 
 def test_the_checks_catch_a_broken_page(chromium, tmp_path):

@@ -13,15 +13,16 @@ import pandas as pd
 from attnbench.record.rundir import Run, merge_runs
 from attnbench.report import plots
 from attnbench.report.formatting import NOT_RECORDED
+from attnbench.report.maths import SLOPE_FIT_FROM
 
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
 # numeric columns the report reads; those the rows lack (e.g. approx_err before it is recorded) come back as NaN
-METRICS = ("ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "flops", "bytes_moved",
+METRICS = ("ms_median", "ms_p20", "ms_p80", "tflops", "tflops_attended", "gbps", "peak_mem_mb", "flops", "bytes_moved",
            "sm_clock_mhz", "power_w", "temp_c", "approx_err")
 CASE_FIELDS = ("source", "mask", "pattern", "mode", "batch", "heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim",
                "dtype", "layout", "world_size", "seed")
 KERNEL_COLUMNS = (*CASE_FIELDS, "label", "method", "run_dir", "figure", "group", "shape", "x", "status", "reason",
-                  "is_exact", "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb", "flops", "bytes_moved",
+                  "is_exact", "ms_median", "ms_p20", "ms_p80", "tflops", "tflops_attended", "gbps", "peak_mem_mb", "flops", "bytes_moved",
                   "peak_fraction", "approx_err")
 
 
@@ -31,7 +32,8 @@ class Context:
 
     ``rows``: merged rows with derived columns (see ``prepare_rows``); ``kernel``: the single-device kernel rows
     (no context-parallel layout) with only ``KERNEL_COLUMNS``, so that the many per-figure selections stay
-    cheap; ``baseline``: the --baseline method or None; ``palette``: one line style per label.
+    cheap; ``baseline``: the --baseline method or None; ``palette``: one line style per label; ``slope_from``:
+    the shortest length (tokens) of the scaling section's slope fits (--slope-from).
     """
 
     runs: list[Run]
@@ -39,15 +41,16 @@ class Context:
     kernel: pd.DataFrame
     baseline: str | None
     palette: plots.Palette
+    slope_from: int = SLOPE_FIT_FROM
 
 
-def build_context(runs: list[Run], baseline: str | None = None) -> Context:
+def build_context(runs: list[Run], baseline: str | None = None, slope_from: int = SLOPE_FIT_FROM) -> Context:
     """Prepare the rows of ``runs`` once for every section."""
     rows = prepare_rows(runs)
     kernel = rows.loc[rows["kind"] == "kernel", list(KERNEL_COLUMNS)]
     # object columns: element access on Arrow-backed strings is slow in the per-figure loops
     kernel = kernel.astype({c: object for c in kernel.columns if pd.api.types.is_string_dtype(kernel[c])})
-    return Context(runs, rows, kernel, baseline, plots.Palette(rows["label"]))
+    return Context(runs, rows, kernel, baseline, plots.Palette(rows["label"]), slope_from)
 
 
 def calibration_of(env: dict) -> tuple[float, float] | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from attnbench.record.rundir import Run, UsageError, load_runs, parse_args
 from attnbench.report.context import build_context
-from attnbench.report.maths import describe_crossing, efficiency_length, pareto_front
+from attnbench.report.maths import SLOPE_FIT_FROM, describe_crossing, efficiency_length, pareto_front
 from attnbench.report.model import Cell, Code, Plot, Section, Table, Text
 from attnbench.report.render_html import render_html
 from attnbench.report.render_md import render_markdown
@@ -32,9 +32,9 @@ __all__ = ["Cell", "Code", "Plot", "Section", "Table", "Text", "build_report", "
            "efficiency_length", "main", "pareto_front", "write_report"]
 
 
-def build_report(runs: list[Run], baseline: str | None = None) -> list[Section]:
+def build_report(runs: list[Run], baseline: str | None = None, slope_from: int = SLOPE_FIT_FROM) -> list[Section]:
     """Every section that applies to these runs, in report order (runs with quality rows only: the quality
-    section and the environment)."""
+    section and the environment). ``slope_from``: shortest length (tokens) of the scaling slope fits."""
     if not any(len(run.rows) for run in runs):
         import pandas as pd
 
@@ -43,7 +43,7 @@ def build_report(runs: list[Run], baseline: str | None = None) -> list[Section]:
 
         ctx = Context(runs, pd.DataFrame(), pd.DataFrame(), baseline, plots.Palette([]))
         return [s for s in (section(ctx) for section in QUALITY_ONLY) if s is not None]
-    ctx = build_context(runs, baseline)
+    ctx = build_context(runs, baseline, slope_from)
     return [s for s in (section(ctx) for section in SECTIONS) if s is not None]
 
 
@@ -76,11 +76,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="folder for the report (default: the first run folder)")
     parser.add_argument("--baseline", metavar="METHOD",
                         help="method to compare against (default: the fastest exact method per case)")
+    parser.add_argument("--slope-from", type=int, default=SLOPE_FIT_FROM, metavar="TOKENS",
+                        help="shortest length of the scaling section's slope fits (default: %(default)s; fewer "
+                             "than 3 lengths at or above it: the longest 3)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where run ids are looked up")
     args = parse_args(parser, argv)
     if isinstance(args, int):
         return args
     try:
+        if args.slope_from < 1:
+            raise UsageError(f"--slope-from {args.slope_from}: a length in tokens, at least 1")
         runs = load_runs(args.runs, args.results_dir)
         from attnbench.record.quality import load_quality
 
@@ -90,7 +95,7 @@ def main(argv: list[str]) -> int:
         if args.baseline and args.baseline not in methods:
             raise UsageError(f"--baseline {args.baseline!r}: no such method in these runs "
                              f"(methods: {', '.join(methods)})")
-        sections = build_report(runs, args.baseline)
+        sections = build_report(runs, args.baseline, args.slope_from)
         title = "attnbench report: " + ", ".join(run.name for run in runs)
         markdown, page = write_report(sections, args.out or runs[0].path, title)
     except UsageError as exc:
