@@ -1,5 +1,5 @@
-"""linear_attn_triton (methods/linear/linear_triton.py) on the CPU through Triton's interpreter: values and gradients against the readable
-reference in fp32 and bf16, lengths that are not a multiple of the chunk, GQA, the causal leak probe, negative
+"""linear_attn_triton (methods/linear/linear_triton.py) on the CPU through Triton's interpreter:
+values and gradients against the readable reference in fp32 and bf16, lengths that are not a multiple of the chunk, GQA, the causal leak probe, negative
 controls (the intra-chunk mask switched off), the harness rows and the refusal without CUDA or interpreter.
 
 bf16 bounds are looser than the harness's gate: Triton 3.6's interpreter rounds fp32 -> bf16 toward zero (the
@@ -83,7 +83,8 @@ def _errors(fn, q, k, v, seed=9):
 @pytest.mark.parametrize("seq,dim,heads,kv_heads,chunk", [(37, 16, 2, 2, 16), (40, 8, 4, 2, 16), (12, 16, 1, 1, 32)])
 def test_kernel_matches_reference_fp32_values_and_grads(seq, dim, heads, kv_heads, chunk):
     lt = _kernels()
-    q, k, v = _rand(1, heads, seq, dim, seed=1), _rand(1, kv_heads, seq, dim, seed=2), _rand(1, kv_heads, seq, dim, seed=3)
+    q = _rand(1, heads, seq, dim, seed=1)
+    k, v = _rand(1, kv_heads, seq, dim, seed=2), _rand(1, kv_heads, seq, dim, seed=3)
     errors = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=chunk, block_v=16), q, k, v)
     assert max(errors) < 1e-5, errors
 

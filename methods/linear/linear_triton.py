@@ -157,7 +157,8 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
     _kernel()[grid](a, b, c, out, den, seq, n_chunks, heads, heads // b.shape[1],
                     *a.stride(), *b.stride(), *c.stride(), *out.stride(), float(eps),
                     DK=dk, DV=dvv, BK=_block(dk), BV=bv, CH=chunk, FEATURE=int(feature), NORM=int(normalize),
-                    REVERSE=int(reverse), MASK_INTRA=int(mask_intra), PRECISION=precision, NT_INTERP=nt_interp, DOT_T=dot_t,
+                    REVERSE=int(reverse), MASK_INTRA=int(mask_intra), PRECISION=precision,
+                    NT_INTERP=nt_interp, DOT_T=dot_t,
                     num_warps=num_warps)
     return (out, den) if normalize else out
 
