@@ -36,7 +36,7 @@ AB="python3 -m attnbench.cli"
 R="results_dir=$OUT"
 OWN="[linear_attn,performer,cosformer,gated_delta_rule]"   # conf/sweep/linear.yaml's methods less the fla_* ones
 FLA="[fla_linear_attn,fla_simple_gla,fla_delta_rule,fla_gated_delta_rule]"
-CAUSAL="[linear_attn,performer,rfa,cosformer,softmax_rnn,gated_delta_rule,delta_rule,simple_gla,abc,aaren,lla,tensor_attn,s4d,nats_l,metamixer,lamamba]"
+CAUSAL="[linear_attn,linear_attn_triton,performer,rfa,cosformer,softmax_rnn,gated_delta_rule,delta_rule,simple_gla,abc,aaren,lla,tensor_attn,s4d,nats_l,metamixer,lamamba]"
 FULL="[infsa,linear_infsa,nystromformer,linear_attn,performer,metamixer]"
 timeout 40 $AB sweep=linear $R run_id=h200-linear-smoke "methods=$CAUSAL" "seq_lens=[4096]" case_timeout_s=30 > $OUT/smoke.txt 2>&1
 timeout 20 $AB sweep=linear $R run_id=h200-linear-smoke "methods=$FULL" "seq_lens=[4096]" "masks=[full]" case_timeout_s=30 \
@@ -46,6 +46,9 @@ timeout 20 $AB sweep=linear $R run_id=h200-linear-smoke "methods=$FULL" "seq_len
 timeout 95 $AB sweep=linear $R run_id=h200-linear "methods=$OWN" "seq_lens=[2048,8192,32768,131072,262144]" \
   > $OUT/main.txt 2>&1
 timeout 75 $AB sweep=linear $R run_id=h200-linear "methods=$OWN" "seq_lens=[1048576]" > $OUT/main1m.txt 2>&1
+# the own Triton kernel of linear attention (issue 10: within 1.5x of fla's chunk_linear_attn at 32K and up)
+timeout 45 $AB sweep=linear $R run_id=h200-linear "methods=[linear_attn_triton]" \
+  "seq_lens=[2048,8192,32768,131072,262144,1048576]" > $OUT/triton.txt 2>&1
 timeout 35 $AB sweep=linear $R run_id=h200-linear "methods=[sdpa_cudnn,rfa,delta_rule,simple_gla,abc,aaren,lamamba]" \
   "seq_lens=[2048,8192,32768,131072]" > $OUT/short.txt 2>&1
 timeout 15 $AB sweep=linear $R run_id=h200-linear "methods=[softmax_rnn]" "seq_lens=[2048,8192,32768]" \
@@ -67,5 +70,5 @@ for run in ('h200-linear-smoke', 'h200-linear', 'h200-linear-decode'):
 "
 python3 scripts/linear_summary.py $OUT/h200-linear $OUT/h200-linear-decode --smoke $OUT/h200-linear-smoke \
   > $OUT/linear-summary.md 2>&1
-for f in smoke main main1m short rnn decode fla; do echo "== $f"; grep -v "case/s" $OUT/$f.txt | grep "cases:\|not ok" | tail -n 5; done
+for f in smoke main main1m triton short rnn decode fla; do echo "== $f"; grep -v "case/s" $OUT/$f.txt | grep "cases:\|not ok" | tail -n 5; done
 tail -n 3 $OUT/gpu-tests.txt; cat $OUT/linear-summary.md | head -n 80

@@ -13,8 +13,8 @@ from attnbench.methods import METHODS
 
 TIMING = {"budget_ms": 5, "warmup_ms": 1, "min_reps": 2, "max_reps": 3, "flush_l2": False, "cuda_graph": False,
           "telemetry": False}
-OWN = ["linear_attn", "performer", "rfa", "cosformer", "softmax_rnn", "gated_delta_rule", "delta_rule",
-       "simple_gla"]
+OWN = ["linear_attn", "linear_attn_triton", "performer", "rfa", "cosformer", "softmax_rnn", "gated_delta_rule",
+       "delta_rule", "simple_gla"]
 FLA = ["fla_linear_attn", "fla_simple_gla", "fla_delta_rule", "fla_gated_delta_rule"]
 
 
@@ -49,3 +49,42 @@ def test_fla_backends_run_or_decline_with_fla_reason(method, mode):
         assert mode == "fwd_bwd" and method in ("fla_simple_gla", "fla_gated_delta_rule")
     else:
         assert row["status"] == "ok", row["reason"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seq", [1000, 4096])
+def test_linear_attn_triton_matches_fla_chunk_linear_attn(seq):
+    """The own Triton kernel and fla's chunk_linear_attn compute the same operator (elu+1 features,
+    normalised; fla's eps 1e-10 vs 1e-6): outputs and gradients agree within the bf16 gate, and both sit
+    within it of the fp32 reference (seq 1000: a tail chunk)."""
+    pytest.importorskip("fla")
+    import torch.nn.functional as F
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    from attnbench.measure.gate import TOLERANCE, rel_error
+    from attnbench.methods.linear import common
+    from attnbench.methods.linear.linear_triton import linear_attn
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, seq, 128, device="cuda", generator=gen).bfloat16().requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(1, 4, seq, 128, device="cuda", generator=gen).bfloat16()
+    out = linear_attn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    def fla(q, k, v):  # fla's [B, T, H, D] layout
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        return chunk_linear_attn(F.elu(qt) + 1, F.elu(kt) + 1, vt, scale=1.0, normalize=True)[0].transpose(1, 2)
+
+    fla_out = fla(q, k, v)
+    fla_grads = torch.autograd.grad(fla_out, (q, k, v), dout)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = common.naive_linear(F.elu(ref_in[0]) + 1, F.elu(ref_in[1]) + 1, ref_in[2], causal=True, offset=0,
+                              eps=1e-6)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.float())
+    out_tol, grad_tol = TOLERANCE["bfloat16"]
+    assert rel_error(out, ref) < out_tol and rel_error(out, fla_out) < out_tol
+    for name, got, theirs, want in zip("qkv", grads, fla_grads, ref_grads):
+        assert rel_error(got, want) < grad_tol, name
+        assert rel_error(got, theirs) < 2 * grad_tol, name

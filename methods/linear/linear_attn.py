@@ -6,8 +6,18 @@ comes from the tasks. Forms: quadratic masked reference, chunked parallel form (
 recurrent decode with an O(m · dv) state (m = head_dim). Hyper-parameters: ``chunk``, ``eps``,
 ``compute_dtype`` (matmul dtype of the chunked form, default float32; states are always fp32),
 ``reference_naive_max_pairs``.
+
+``linear_attn_triton`` is the same operator (same features, eps and normalisation, gated against the same
+reference) through own Triton kernels (``linear_triton.py``: chunked scan, forward and backward), a separate
+method rather than an option of ``linear_attn`` because its capabilities differ (causal self-attention only,
+CUDA or the Triton interpreter, no decode rows: the recurrent step is ``linear_attn``'s) and the sweep puts
+both, and fla's kernel, side by side. Hyper-parameters: ``chunk`` (constexpr chunk length, power of two in
+16..256, default 64), ``block_v`` (value columns per program, default 64), ``num_warps`` (default 4), ``eps``,
+``reference_naive_max_pairs``. On a CPU without ``TRITON_INTERPRET=1`` its rows are ``unsupported``.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,3 +37,50 @@ def elu_features(q, k, v, q_pos=None, k_pos=None):
 def build_linear_attn(ctx):
     """Linear attention, elu+1 features (chunked PyTorch form; O(d²) recurrent decode)."""
     return kernelized(ctx, elu_features, softmax_comparable=False)
+
+
+TRITON_CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, gqa=True, backward=True,
+                   requires=("triton",), max_head_dim=256)
+
+
+def triton_runnable(device) -> str | None:
+    """None when a Triton kernel can run on ``device`` (CUDA, or any device under ``TRITON_INTERPRET=1``),
+    else the reason it cannot (the case is then ``unsupported``: there is no silent fallback to PyTorch)."""
+    if torch.device(device).type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    return (f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter); "
+            f"device is {torch.device(device).type}")
+
+
+@register_method("linear_attn_triton", Capabilities(**TRITON_CAPS))
+def build_linear_attn_triton(ctx):
+    """Linear attention, elu+1 features: own chunked Triton kernels (forward and backward), causal self."""
+    from ..contract import Prepared
+    from ..registry import Unsupported
+    from .common import linear_reference, mask_mode, param_choice, param_float, param_int
+
+    causal, offset = mask_mode(ctx)
+    if not causal or offset != 0 or ctx.case.seq_q != ctx.case.seq_kv:
+        raise Unsupported("linear_attn_triton runs causal self-attention only")
+    chunk = param_int(ctx, "chunk", 64, minimum=16, maximum=256, power_of_two=True)
+    block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True)
+    num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
+    eps = param_float(ctx, "eps", 1e-6, minimum=0.0)
+    naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
+    why = triton_runnable(ctx.device)
+    if why:
+        raise Unsupported(f"linear_attn_triton: {why}")
+    from .linear_triton import linear_attn as kernel
+
+    reference_form = linear_reference(naive_max, chunk)
+
+    def fn(q, k, v):
+        return kernel(q, k, v, chunk=chunk, block_v=block_v, eps=eps, num_warps=num_warps)
+
+    def reference(q, k, v):
+        fq, fk, vv = elu_features(q, k, v)
+        return reference_form(fq, fk, vv, causal=True, offset=0, eps=eps)
+
+    return Prepared(fn=fn, reference=reference, softmax_comparable=False)
