@@ -1,7 +1,7 @@
 """Planning hooks for CP: the config axes ``layouts``, ``cp``, ``cp_balance``, ``cp_ulysses`` and the reasons a
 CP case cannot run (recorded as ``unsupported`` rows before any work).
 
-    layouts: [single, ring, ring_allgather, ulysses, usp, torch_cp]   # default [single]
+    layouts: [single, ring, ring_allgather, ulysses, usp, torch_cp, state_pass]   # default [single]
     cp: [2]                          # world sizes of the CP layouts
     cp_balance: [contiguous, zigzag] # load balancing (per_document for packed-document masks)
     cp_ulysses: null                 # usp: ranks per Ulysses group (list); null = automatic
@@ -109,7 +109,17 @@ def unsupported_reason(case, mask_spec, devices: list[str]) -> str | None:
             return f"cp_balance per_document needs a packed-document mask, not {case.mask}"
     if spec.name in ("ring", "ring_allgather", "usp") and case.method not in KERNEL_OF_METHOD:
         return (f"method {case.method} has no CP chunk kernel returning the log-sum-exp (CP kernels: "
-                f"{', '.join(sorted(KERNEL_OF_METHOD))}); the ulysses layout runs any method")
+                f"{', '.join(sorted(KERNEL_OF_METHOD))}); the ulysses layout runs any method, state_pass the "
+                f"methods with a recurrent state")
+    if spec.name == "state_pass":
+        from attnbench.methods import METHODS
+
+        if METHODS[case.method].caps.exact:
+            return (f"state_pass runs methods with a fixed-size recurrent state (linear family); {case.method} is "
+                    f"softmax attention (ring, ulysses or usp run it)")
+        if spec.balance != "contiguous" and mask_spec.name != "full":
+            return (f"state_pass with a {case.mask} mask needs contiguous pieces in rank order (the state flows "
+                    f"in position order), not cp_balance {spec.balance}")
     if case.method == "flex" and case.needs_grad and devices and not devices[0].startswith("cuda"):
         return "FlexAttention has no backward on CPU (PyTorch raises NotImplementedError)"
     if spec.name == "ulysses" and case.heads_q % world:
