@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,16 +31,12 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .adapters import ADAPTERS
 from .kernels import ChunkKernel, KernelUnsupported, expand_heads, make_kernel, merge_weight
 from .shard import BALANCES, Shard, concat, make_shards
 from .tiles import Tile, TileUnsupported, plan_tile
 
 STRATEGIES = ("ring", "ring_allgather", "ulysses", "usp", "torch_cp", "state_pass")
-ADAPTERS = {  # name -> (module it needs, what it would run)
-    "yunchang_ulysses": ("yunchang", "yunchang's UlyssesAttention"),
-    "yunchang_usp": ("yunchang", "yunchang's LongContextAttention (USP)"),
-    "ring_flash_attn": ("ring_flash_attn", "ring-flash-attn's zigzag ring (needs flash_attn)"),
-}
 LAYOUT_NAMES = ("single", *STRATEGIES, *ADAPTERS)
 
 
@@ -92,14 +87,10 @@ def parse_layout(label: str) -> LayoutSpec:
 
 
 def adapter_availability(name: str) -> tuple[bool, str]:
-    module, _ = ADAPTERS[name]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return False, f"layout {name} needs module {module!r}, not importable here"
-    return False, f"layout {name}: {module} imports, but its adapter is not written yet (its kernels need flash_attn)"
+    """(available, reason or what it runs): see ``adapters``."""
+    from .adapters import availability
+
+    return availability(name)
 
 
 def usp_degree(spec: LayoutSpec, world: int, heads_q: int) -> int:
@@ -516,7 +507,9 @@ def build(ctx: CPContext) -> BuiltLayout:
     """The layout of ``ctx.spec`` on this rank; ``LayoutUnsupported`` with the reason where it cannot run."""
     name = ctx.spec.name
     if name in ADAPTERS:
-        raise LayoutUnsupported(adapter_availability(name)[1])
+        from . import adapters
+
+        return adapters.build(ctx, name)
     if name == "ring":
         return build_ring(ctx)
     if name == "ring_allgather":

@@ -12,7 +12,7 @@ Each CP layout x world size x balance (x Ulysses degree for usp) is one value of
 from __future__ import annotations
 
 from .kernels import KERNEL_OF_METHOD
-from .layouts import ADAPTERS, LAYOUT_NAMES, STRATEGIES, LayoutSpec, adapter_availability, parse_layout, usp_degree
+from .layouts import ADAPTERS, LAYOUT_NAMES, STRATEGIES, LayoutSpec, parse_layout, usp_degree
 from .shard import BALANCES
 
 
@@ -93,8 +93,6 @@ def unsupported_reason(case, mask_spec, devices: list[str]) -> str | None:
         return None
     spec = parse_layout(case.layout)
     world = case.world_size
-    if spec.name in ADAPTERS:
-        return adapter_availability(spec.name)[1]
     if case.mode == "decode":
         return "CP layouts shard the query sequence; decode has a handful of queries"
     if case.seq_q != case.seq_kv:
@@ -103,6 +101,10 @@ def unsupported_reason(case, mask_spec, devices: list[str]) -> str | None:
         return f"seq {case.seq_q} is too short for {world} ranks"
     if devices and devices[0].startswith("cuda") and world > len(devices):
         return f"world size {world} needs {world} GPUs, {len(devices)} visible"
+    if spec.name in ADAPTERS:
+        from .adapters import case_reason
+
+        return case_reason(spec.name, case, mask_spec.name, devices)
     if spec.balance == "per_document":
         bound = mask_spec.bind(case.seq_q, case.seq_kv)
         if getattr(bound, "cu_seqlens", None) is None:
