@@ -87,6 +87,28 @@ class RecurrentDecode:
     state_bytes: Callable[[Any], int] | None = None
 
 
+@dataclass
+class StateScan:
+    """The method as a scan over contiguous pieces of the sequence, for context parallelism by state
+    passing (``layout=state_pass``): each rank holds one piece (self-attention, seq_q == seq_kv).
+
+    ``summary(q, k, v, positions, **kw) -> tuple of tensors``: the piece's effect on the recurrent state,
+    from a zero state (linear attention: ``(Σ φ(k) vᵀ, Σ φ(k))``; a gated recurrence ``S ↦ M S + b``:
+    ``(M, b)``). ``combine(earlier, later) -> tuple``: the effect of two pieces in sequence order
+    (associative, not necessarily commutative). ``finish(q, k, v, positions, incoming, **kw) -> out``: the
+    piece's outputs given the combined summary of the pieces its queries see besides their own (the earlier
+    pieces for a causal mask, every other piece for the full mask; ``None`` when there is none).
+    ``positions``: the absolute positions of the piece's tokens (ascending). ``token_extras``: names of the
+    extras with a token axis (dim 2), sharded like the sequence; other keyword arguments go to every rank
+    whole. Each rank calls ``summary`` and ``finish`` on its piece; the harness gathers the summaries.
+    """
+
+    summary: Callable[..., tuple]
+    combine: Callable[[tuple, tuple], tuple]
+    finish: Callable[..., torch.Tensor]
+    token_extras: tuple[str, ...] = ()
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside ``obj`` (tensors, sequences and mappings of them)."""
     if isinstance(obj, torch.Tensor):
@@ -113,7 +135,8 @@ class Prepared:
     ``phases``: name -> ``callable(q, k, v, **extras, **prepared)`` for parts of ``fn`` the harness times
     alone (e.g. ``{"routing": ...}``), reported as a share of the call. ``softmax_comparable``: False for
     methods that are a different operator, whose distance from softmax attention means nothing (their row
-    says so instead of giving ``approx_err``).
+    says so instead of giving ``approx_err``). ``state_scan``: the method as a scan over sequence pieces
+    (:class:`StateScan`), for the ``state_pass`` CP layout.
     """
 
     fn: Callable[..., torch.Tensor]
@@ -126,6 +149,7 @@ class Prepared:
     flops: float | None = None
     phases: dict[str, Callable[..., Any]] = field(default_factory=dict)
     softmax_comparable: bool = True
+    state_scan: StateScan | None = None
 
     def __post_init__(self):
         if not callable(self.fn):

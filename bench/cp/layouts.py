@@ -12,6 +12,8 @@ local shards ``[B, H, L_rank, D]`` (positions from ``shard``), differentiable in
   ring): all-to-all inside the group, then ring attention across groups;
 * ``torch_cp`` — PyTorch's ``context_parallel`` (SDPA flash / efficient / cuDNN, full or causal), entered
   through ``guard.guarded_context_parallel`` so a failure never leaves SDPA patched;
+* ``state_pass`` — methods with a recurrent state (linear attention, gated recurrences): a prefix scan of the
+  state across ranks (``statepass``);
 * ``yunchang_*`` / ``ring_flash_attn`` — adapters, registered as unavailable where the package does not import.
 
 The label of a layout is ``name`` or ``name(balance=zigzag,ulysses=2)`` (defaults omitted), the value of
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,16 +31,12 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .adapters import ADAPTERS
 from .kernels import ChunkKernel, KernelUnsupported, expand_heads, make_kernel, merge_weight
 from .shard import BALANCES, Shard, concat, make_shards
 from .tiles import Tile, TileUnsupported, plan_tile
 
-STRATEGIES = ("ring", "ring_allgather", "ulysses", "usp", "torch_cp")
-ADAPTERS = {  # name -> (module it needs, what it would run)
-    "yunchang_ulysses": ("yunchang", "yunchang's UlyssesAttention"),
-    "yunchang_usp": ("yunchang", "yunchang's LongContextAttention (USP)"),
-    "ring_flash_attn": ("ring_flash_attn", "ring-flash-attn's zigzag ring (needs flash_attn)"),
-}
+STRATEGIES = ("ring", "ring_allgather", "ulysses", "usp", "torch_cp", "state_pass")
 LAYOUT_NAMES = ("single", *STRATEGIES, *ADAPTERS)
 
 
@@ -90,14 +87,10 @@ def parse_layout(label: str) -> LayoutSpec:
 
 
 def adapter_availability(name: str) -> tuple[bool, str]:
-    module, _ = ADAPTERS[name]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return False, f"layout {name} needs module {module!r}, not importable here"
-    return False, f"layout {name}: {module} imports, but its adapter is not written yet (its kernels need flash_attn)"
+    """(available, reason or what it runs): see ``adapters``."""
+    from .adapters import availability
+
+    return availability(name)
 
 
 def usp_degree(spec: LayoutSpec, world: int, heads_q: int) -> int:
@@ -150,6 +143,11 @@ class BuiltLayout:
     context: object = contextlib.nullcontext  # entered around every call of a case (torch_cp)
     visible_pairs: int | None = None  # pairs this rank computes (its share of the work)
     notes: str = ""
+    # an approximate / recurrent method: its Prepared for the whole case (the rank runner makes its extras
+    # and gates against its own reference); ``fn`` then takes the extras as keyword arguments, those named
+    # in ``token_extras`` sharded along dim 2 like the sequence
+    prepared: object = None
+    token_extras: tuple = ()
 
 
 # ---- merging partial results ---------------------------------------------------------------------------
@@ -408,12 +406,66 @@ def build_allgather(ctx: CPContext) -> BuiltLayout:
     return BuiltLayout(lambda q, k, v: AllGatherAttention.apply(q, k, v, plan), visible_pairs=tile.visible_pairs)
 
 
+def build_prepared(ctx: CPContext, case=None):
+    """The method's Prepared for ``case`` (default: the CP case, whole sequence); LayoutUnsupported when
+    the method declines."""
+    from attnbench.methods import METHODS, BuildContext, MaskInfo, Unsupported, as_prepared
+
+    case = case or dataclasses.replace(ctx.case, layout="single", world_size=1)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[case.dtype]
+    bound = ctx.bound.to(ctx.device)
+    try:
+        built = METHODS[case.method].build(BuildContext(
+            case=case, mask=MaskInfo.of(bound), bound=bound, device=ctx.device, dtype=dtype, options=ctx.options,
+            params=dict((ctx.options.get("method_options") or {}).get(case.method) or {})))
+    except Unsupported as exc:
+        raise LayoutUnsupported(f"{case.method}: {exc}") from None
+    return as_prepared(built)
+
+
+def _own_gated(ctx: CPContext, layout: str):
+    """The whole-case Prepared of an approximate method (gated against its own reference), else None."""
+    from attnbench.methods import METHODS
+
+    if METHODS[ctx.case.method].caps.exact:
+        return None
+    prepared = build_prepared(ctx)
+    if prepared.reference is None:
+        raise LayoutUnsupported(f"approximate method {ctx.case.method} gives no reference to gate {layout} against")
+    if prepared.parameters:
+        raise LayoutUnsupported(f"{layout}: method {ctx.case.method} has learnable parameters, whose gradients the "
+                                f"CP rank runner does not reduce over ranks")
+    return prepared
+
+
+def build_state_pass_layout(ctx: CPContext) -> BuiltLayout:
+    from .statepass import build_state_pass
+
+    prepared = _own_gated(ctx, "state_pass")
+    if prepared is None:
+        raise LayoutUnsupported(f"state_pass runs methods with a fixed-size recurrent state (linear family); "
+                                f"{ctx.case.method} is softmax attention (ring, ulysses or usp run it)")
+    from attnbench.methods import MaskInfo
+
+    causal = not MaskInfo.of(ctx.bound).full  # the method's builder declined every mask but full and causal
+    # negative controls for the tests (see ``statepass``)
+    drop = ctx.options.get("cp_drop_state_seed") == ctx.case.seed
+    detach = ctx.options.get("cp_detach_state_seed") == ctx.case.seed
+    fn, token_extras = build_state_pass(ctx, prepared, causal, drop_incoming=drop, detach_incoming=detach)
+    return BuiltLayout(fn, notes="state_pass: prefix scan of the recurrent state", prepared=prepared,
+                       token_extras=token_extras)
+
+
 def build_ulysses(ctx: CPContext) -> BuiltLayout:
     """Any registered method on the whole sequence for heads/W heads (the case's mask, natural order)."""
     from attnbench.methods import METHODS, BuildContext, MaskInfo, Unsupported, as_prepared
 
     case, world, rank = ctx.case, ctx.world, ctx.rank
     expand = _expand_kv_for(world, case)
+    own = _own_gated(ctx, "ulysses")  # an approximate method: gated against its own reference
+    if own is not None and (own.extras or own.prepare is not None):
+        raise LayoutUnsupported(f"ulysses: method {case.method} takes extra inputs or prepared draws "
+                                f"({', '.join(own.extras) or 'prepare'}), which this layout does not split over heads")
     heads_kv = case.heads_q if expand else case.heads_kv
     sub_case = dataclasses.replace(case, heads_q=case.heads_q // world, heads_kv=heads_kv // world,
                                    layout="single", world_size=1)
@@ -448,14 +500,16 @@ def build_ulysses(ctx: CPContext) -> BuiltLayout:
             out = out.index_select(2, gathered)
         return comm.SeqToHeads.apply(out.contiguous(), group, lengths, rank, ctx.log)
 
-    return BuiltLayout(fn, notes="ulysses: the method runs the whole sequence on heads/W heads")
+    return BuiltLayout(fn, notes="ulysses: the method runs the whole sequence on heads/W heads", prepared=own)
 
 
 def build(ctx: CPContext) -> BuiltLayout:
     """The layout of ``ctx.spec`` on this rank; ``LayoutUnsupported`` with the reason where it cannot run."""
     name = ctx.spec.name
     if name in ADAPTERS:
-        raise LayoutUnsupported(adapter_availability(name)[1])
+        from . import adapters
+
+        return adapters.build(ctx, name)
     if name == "ring":
         return build_ring(ctx)
     if name == "ring_allgather":
@@ -464,6 +518,8 @@ def build(ctx: CPContext) -> BuiltLayout:
         return build_ulysses(ctx)
     if name == "usp":
         return build_usp(ctx, usp_degree(ctx.spec, ctx.world, ctx.case.heads_q))
+    if name == "state_pass":
+        return build_state_pass_layout(ctx)
     if name == "torch_cp":
         from .guard import build_torch_cp
 

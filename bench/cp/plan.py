@@ -1,7 +1,7 @@
 """Planning hooks for CP: the config axes ``layouts``, ``cp``, ``cp_balance``, ``cp_ulysses`` and the reasons a
 CP case cannot run (recorded as ``unsupported`` rows before any work).
 
-    layouts: [single, ring, ring_allgather, ulysses, usp, torch_cp]   # default [single]
+    layouts: [single, ring, ring_allgather, ulysses, usp, torch_cp, state_pass]   # default [single]
     cp: [2]                          # world sizes of the CP layouts
     cp_balance: [contiguous, zigzag] # load balancing (per_document for packed-document masks)
     cp_ulysses: null                 # usp: ranks per Ulysses group (list); null = automatic
@@ -12,7 +12,7 @@ Each CP layout x world size x balance (x Ulysses degree for usp) is one value of
 from __future__ import annotations
 
 from .kernels import KERNEL_OF_METHOD
-from .layouts import ADAPTERS, LAYOUT_NAMES, STRATEGIES, LayoutSpec, adapter_availability, parse_layout, usp_degree
+from .layouts import ADAPTERS, LAYOUT_NAMES, STRATEGIES, LayoutSpec, parse_layout, usp_degree
 from .shard import BALANCES
 
 
@@ -93,8 +93,6 @@ def unsupported_reason(case, mask_spec, devices: list[str]) -> str | None:
         return None
     spec = parse_layout(case.layout)
     world = case.world_size
-    if spec.name in ADAPTERS:
-        return adapter_availability(spec.name)[1]
     if case.mode == "decode":
         return "CP layouts shard the query sequence; decode has a handful of queries"
     if case.seq_q != case.seq_kv:
@@ -103,13 +101,27 @@ def unsupported_reason(case, mask_spec, devices: list[str]) -> str | None:
         return f"seq {case.seq_q} is too short for {world} ranks"
     if devices and devices[0].startswith("cuda") and world > len(devices):
         return f"world size {world} needs {world} GPUs, {len(devices)} visible"
+    if spec.name in ADAPTERS:
+        from .adapters import case_reason
+
+        return case_reason(spec.name, case, mask_spec.name, devices)
     if spec.balance == "per_document":
         bound = mask_spec.bind(case.seq_q, case.seq_kv)
         if getattr(bound, "cu_seqlens", None) is None:
             return f"cp_balance per_document needs a packed-document mask, not {case.mask}"
     if spec.name in ("ring", "ring_allgather", "usp") and case.method not in KERNEL_OF_METHOD:
         return (f"method {case.method} has no CP chunk kernel returning the log-sum-exp (CP kernels: "
-                f"{', '.join(sorted(KERNEL_OF_METHOD))}); the ulysses layout runs any method")
+                f"{', '.join(sorted(KERNEL_OF_METHOD))}); the ulysses layout runs any method, state_pass the "
+                f"methods with a recurrent state")
+    if spec.name == "state_pass":
+        from attnbench.methods import METHODS
+
+        if METHODS[case.method].caps.exact:
+            return (f"state_pass runs methods with a fixed-size recurrent state (linear family); {case.method} is "
+                    f"softmax attention (ring, ulysses or usp run it)")
+        if spec.balance != "contiguous" and mask_spec.name != "full":
+            return (f"state_pass with a {case.mask} mask needs contiguous pieces in rank order (the state flows "
+                    f"in position order), not cp_balance {spec.balance}")
     if case.method == "flex" and case.needs_grad and devices and not devices[0].startswith("cuda"):
         return "FlexAttention has no backward on CPU (PyTorch raises NotImplementedError)"
     if spec.name == "ulysses" and case.heads_q % world:

@@ -170,9 +170,12 @@ class RankRunner:
 
         q, k, v = local(inputs.q), local(inputs.k), local(inputs.v)
         dout = inputs.dout.index_select(2, positions).contiguous()
+        own = self._own_inputs(case, built, positions) if built.prepared is not None else None
+        kwargs, extra_leaves = (own[1], own[2]) if own else ({}, [])
+        fn = (lambda q_, k_, v_: built.fn(q_, k_, v_, **kwargs)) if own else built.fn
         log = ctx.log
         with built.context():
-            call, first = self._closures(case.mode, built.fn, q, k, v, dout, log)
+            call, first = self._closures(case.mode, fn, (q, k, v, *(t for _, t in extra_leaves)), dout, log)
             self._phase("first call")
             log.reset()
             out, grads = first()
@@ -181,13 +184,20 @@ class RankRunner:
             comm_bytes = log.sent["bwd"] if case.mode == "bwd" else log.total
 
             self._phase("correctness")
-            ref_out, ref_grads, visible = self.reference(case, inputs, bound, need_grad)
-            mine = visible.index_select(0, positions)
+            if own is None:
+                ref_out, ref_grads, visible = self.reference(case, inputs, bound, need_grad)
+                mine = visible.index_select(0, positions)
+                grad_names = ["dq", "dk", "dv"]
+            else:  # an approximate method: its own reference over the whole sequence, every row
+                ref_out, ref_grads = self._own_reference(case, built.prepared, own[0], need_grad)
+                mine = torch.ones(len(positions), dtype=torch.bool, device=self.device)
+                grad_names = ["dq", "dk", "dv", *(name for name, _ in extra_leaves)]
+                ref_grads = None if ref_grads is None else [ref_grads[name] for name in grad_names]
             pairs = [(out[:, :, mine], ref_out.index_select(2, positions)[:, :, mine])]
             names = ["out"]
             if grads is not None:
                 pairs += [(g, r.index_select(2, positions)) for g, r in zip(grads, ref_grads)]
-                names += ["dq", "dk", "dv"]
+                names += grad_names
             sums = []
             for got, want in pairs:
                 sums += [float(((got.float() - want.float()) ** 2).sum()), float((want.float() ** 2).sum())]
@@ -246,9 +256,36 @@ class RankRunner:
         row["flags"] = ";".join(flags) or None
         return self._finish(row, "ok", None, started)
 
+    def _own_inputs(self, case: Case, built, positions):
+        """The method's global call (the single-device inputs, extras and ``prepare`` output, as the
+        single-device runner makes them), this rank's keyword arguments (token extras sharded, the rest
+        whole) and its extra gradient leaves ``[(name, tensor)]``."""
+        from attnbench.methods import METHODS
+
+        call = self.base._call(case, METHODS[case.method].caps, built.prepared, False)
+        kwargs, leaves = {}, []
+        for name, value in call.kwargs.items():
+            if name in built.token_extras:
+                value = value.detach().index_select(2, positions).contiguous().requires_grad_(value.requires_grad)
+                if value.requires_grad:
+                    leaves.append((f"d{name}", value))
+            kwargs[name] = value
+        return call, kwargs, leaves
+
+    def _own_reference(self, case: Case, prepared, call, need_grad: bool):
+        """The method's own fp32 reference on the whole sequence (every rank computes it: the methods that
+        take this path are linear in the length) and its gradients by name."""
+        from attnbench.methods import METHODS
+
+        caps = METHODS[case.method].caps
+        out, grads = self.base._own_reference(case, caps, prepared, call, caps.input_layout == "bshd", False)
+        if not need_grad:
+            return out, None
+        return out, {name: g for (name, _), g in zip(call.grad_targets, grads)}
+
     @staticmethod
     def _kernel_name(case, spec) -> str:
-        if spec.name == "ulysses":
+        if spec.name in ("ulysses", "state_pass"):
             return case.method
         if spec.name == "torch_cp":
             return f"torch {case.method}"
@@ -259,7 +296,10 @@ class RankRunner:
         row["wall_s"] = time.perf_counter() - started
         return row
 
-    def _closures(self, mode, fn, q, k, v, dout, log):
+    def _closures(self, mode, fn, leaves, dout, log):
+        """``leaves``: (q, k, v, *extra leaves): fn takes q, k, v; gradients of all of them."""
+        q, k, v = leaves[:3]
+
         def forward():
             log.phase = "fwd"
             return fn(q, k, v)
@@ -267,7 +307,7 @@ class RankRunner:
         def backward(out, retain=False):
             log.phase = "bwd"
             try:
-                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=retain)
+                return torch.autograd.grad(out, leaves, dout, retain_graph=retain)
             finally:
                 log.phase = "fwd"
 

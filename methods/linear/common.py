@@ -275,8 +275,32 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
         return reference_form(fq, fk, vv, causal=causal, offset=offset, eps=eps, normalize=normalize, floor=floor)
 
     decode = linear_decode(features, eps, normalize, floor) if causal else None
+    scan = linear_state_scan(features, causal=causal, eps=eps, chunk=chunk, normalize=normalize, dtype=dtype,
+                             floor=floor) if offset == 0 else None
     return Prepared(fn=fn, reference=reference, prepare=prepare, extras=dict(extras or {}),
-                    parameters=tuple(parameters), decode=decode, softmax_comparable=softmax_comparable)
+                    parameters=tuple(parameters), decode=decode, softmax_comparable=softmax_comparable,
+                    state_scan=scan)
+
+
+def linear_state_scan(features, *, causal: bool, eps: float, chunk: int, normalize: bool, dtype, floor=None):
+    """The kernelised skeleton as a :class:`StateScan` (self-attention, queries at the keys' positions): a
+    piece's summary is its fp32 state ``(Σ φ(k) vᵀ, Σ φ(k))``, summaries add, and a piece finishes with the
+    chunked form started from the incoming state."""
+    from ..contract import StateScan
+
+    def summary(q, k, v, positions, **kw):
+        _, fk, vv = features(q, k, v, positions, positions, **kw)
+        return (fk.float().transpose(-1, -2) @ vv.float(), fk.float().sum(2))
+
+    def combine(earlier, later):
+        return tuple(a + b for a, b in zip(earlier, later))
+
+    def finish(q, k, v, positions, incoming, **kw):
+        fq, fk, vv = features(q, k, v, positions, positions, **kw)
+        return chunked_linear(fq, fk, vv, causal=causal, offset=0, eps=eps, chunk=chunk, normalize=normalize,
+                              dtype=dtype, state0=incoming, floor=floor)
+
+    return StateScan(summary=summary, combine=combine, finish=finish)
 
 
 KERNELIZED_CAPS = dict(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True, backward=True,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..contract import Extra, Prepared, RecurrentDecode
+from ..contract import Extra, Prepared, RecurrentDecode, StateScan
 from ..registry import Capabilities, Unsupported, register_method
 from .common import mask_mode, param_int
 
@@ -205,8 +205,36 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
             return naive_recurrence(q, k, v, g, beta, **kw).to(q.dtype)
         return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), **kw)
 
-    return Prepared(fn=fn, reference=reference, extras=gate_extras(ctx.case, gated, delta),
-                    decode=recurrent_decode(gated, delta, normalize, chunk), softmax_comparable=False)
+    extras = gate_extras(ctx.case, gated, delta)
+    scan = affine_state_scan(chunk, tuple(extras), **kw) if fast is None and offset == 0 else None
+    return Prepared(fn=fn, reference=reference, extras=extras,
+                    decode=recurrent_decode(gated, delta, normalize, chunk), softmax_comparable=False,
+                    state_scan=scan)
+
+
+def affine_state_scan(chunk: int, token_extras: tuple, **kw) -> StateScan:
+    """The recurrence as a :class:`StateScan`: over a piece, the state maps affinely, ``S ↦ M S + b``
+    (``M`` [B, H, dk, dk]: the product of the pieces' ``α_t (I − β_t k_t k_tᵀ)``; ``b``: the final state
+    from zero). ``M`` is the chunked form run on ``S0 = I`` with zero values (the same recurrence on a
+    dk x dk state), so one code path serves every variant; pieces compose as ``(M₂M₁, M₂b₁ + b₂)``."""
+
+    def summary(q, k, v, positions, g=None, beta=None):
+        batch, heads, length, dk = k.shape
+        _, b = chunked(k, k, v, g, beta, chunk=chunk, return_state=True, **kw)
+        eye = torch.eye(dk, device=k.device).expand(batch, heads, dk, dk)
+        _, M = chunked(k, k, k.new_zeros(batch, heads, length, dk), g, beta, chunk=chunk, state0=eye,
+                       return_state=True, **kw)
+        return M, b
+
+    def combine(earlier, later):
+        (m1, b1), (m2, b2) = earlier, later
+        return m2 @ m1, m2 @ b1 + b2
+
+    def finish(q, k, v, positions, incoming, g=None, beta=None):
+        state0 = None if incoming is None else incoming[1]
+        return chunked(q, k, v, g, beta, chunk=chunk, state0=state0, **kw)
+
+    return StateScan(summary=summary, combine=combine, finish=finish, token_extras=token_extras)
 
 
 CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
