@@ -47,6 +47,12 @@ SELF = [
     ("biformer_2d", ("full",), {"regions_per_side": 4, "topk": 5}),
     ("halo", ("full", "causal"), {"block": 16, "halo": 8}),
     ("halo", ("full", "causal"), {"block": 16, "halo": 24, "mask_padding": False}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 24, "impl": "strided"}),  # two edge blocks per end
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8, "impl": "strided_square"}),
+    ("halo", ("causal",), {"block": 16, "halo": 24, "mask_padding": False, "impl": "strided_square"}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8, "impl": "gather"}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8, "impl": "flex"}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 24, "mask_padding": False, "impl": "flex"}),
     ("halo_2d", ("full",), {"block": 4, "halo": 2}),
     ("routing", ("full", "causal"), {"clusters": 8}),
     ("routing", ("full",), {"clusters": 4, "share_qk": False}),
@@ -213,6 +219,8 @@ def test_routing_is_deterministic_for_a_seed(dense, method, opts):
     ("routing", "full", {"clusters": 1000}, "method_options.routing.clusters: must be <= the sequence length"),
     ("biformer", "full", {"region": 16, "topk": 9}, "method_options.biformer.topk: must be <= the number of key regions (8)"),
     ("halo", "full", {"halo": -1}, "method_options.halo.halo: must be >= 0"),
+    ("halo", "causal", {"impl": "strided2"}, "method_options.halo.impl: must be one of strided, strided_square"),
+    ("halo", "full", {"backend": "cuda"}, "method_options.halo.backend: must be one of auto, cudnn"),
     ("long_short", "full", {"window": 15}, "method_options.long_short.window: must be even"),
     ("sparsifiner", "full", {"keep_rate": 0}, "method_options.sparsifiner.keep_rate: must be > 0"),
     ("superlinear", "causal", {"num_spans": 99}, "method_options.superlinear.num_spans"),
@@ -505,3 +513,42 @@ def test_long_short_pair_count_is_the_pattern_count(length, window, rank, causal
     brute = int(long_short.ls_visible(torch.arange(length)[:, None], keys[None, :], length, window, rank,
                                       causal).sum())
     assert long_short.ls_pairs_per_head(length, window, rank, causal) == brute
+
+
+# ---- zero-copy windows (the local methods' strided fast paths) ------------------------------------------------
+def test_overlapping_windows_are_a_view_and_fold_gradients_exactly():
+    t = torch.randn(2, 3, 40, 4, dtype=torch.float64, requires_grad=True)
+    w = common.overlapping_windows(t, 2, 5, 14, 6)  # windows overlap (14 > 6), the last ends at row 40
+    assert w.shape == (6, 5, 14, 4) and w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    assert w.stride() == (160, 24, 4, 1)  # the blocks axis strides by step rows: nothing copied
+    copied = torch.stack([t.reshape(6, 40, 4)[:, 2 + 6 * j:2 + 6 * j + 14] for j in range(5)], dim=1)
+    assert torch.equal(w, copied)
+    g = torch.randn_like(copied)
+    (grad,) = torch.autograd.grad((w * g).sum(), t)
+    (want,) = torch.autograd.grad((copied * g).sum(), t)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="leave the 40 rows"):
+        common.overlapping_windows(t, 3, 5, 14, 6)
+
+
+@pytest.mark.parametrize("impl", ["strided", "strided_square"])
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_a_strided_window_off_by_one_row_is_caught(monkeypatch, impl, mask):
+    """Negative control: the strided paths with every window started one row late are ``wrong``."""
+    original = common.overlapping_windows
+    monkeypatch.setattr(halo, "overlapping_windows", lambda t, start, *a: original(t, start + 1, *a)
+                        if start + 1 + (a[0] - 1) * a[2] + a[1] <= t.shape[2] else original(t, start - 1, *a))
+    row = run_case("halo", mask, "fwd", opts={"block": 16, "halo": 8, "impl": impl})
+    assert row["status"] == "wrong", row["reason"]
+
+
+def test_halo_impls_agree_with_each_other(dense):
+    """The four implementations give the same output on one input (fp32), causal and full."""
+    for mask in ("full", "causal"):
+        outs = []
+        for impl in halo.IMPLS:
+            prepared, case = build("halo", mask, opts={"block": 16, "halo": 24, "impl": impl})
+            q, k, v, _ = inputs(case)
+            outs.append(prepared.fn(q, k, v))
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)

@@ -151,7 +151,7 @@ def sdpa_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str | 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _sdpa(q, k, v, causal):
+def _sdpa(q, k, v, causal, backend: str = "auto"):
     kwargs = {}
     if causal == "square":
         kwargs["is_causal"] = True
@@ -165,7 +165,9 @@ def _sdpa(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    order = {"auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+             "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION],
+             "efficient": [SDPBackend.EFFICIENT_ATTENTION]}[backend]
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
@@ -340,3 +342,58 @@ def dynamic_block_mask(touched, mask_mod, seq_q, seq_kv, block: int = 128):
 def pow2_near_sqrt(length: int) -> int:
     """``2^round(log2(L) / 2)``: the ~sqrt(L) default of segment sizes and cluster counts."""
     return 2 ** round(math.log2(max(length, 1)) / 2)
+
+
+# ---- zero-copy overlapping windows (local methods' "strided" fast paths) -----------------------------------
+class _Windows(torch.autograd.Function):
+    """``flat [N, L, D]`` (contiguous) -> the overlapping view ``[N, count, width, D]`` whose window ``j`` is
+    rows ``start + j * step ... + width`` (stride ``step * D`` along windows: no copy). Backward folds the
+    window gradients back in ``ceil(width / step)`` non-overlapping strided adds (autograd's generic
+    ``as_strided`` backward would scatter through index tensors over the whole storage)."""
+
+    @staticmethod
+    def forward(ctx, flat, start, count, width, step):
+        n, length, dim = flat.shape
+        ctx.meta = (n, length, dim, start, count, width, step)
+        return flat.as_strided((n, count, width, dim), (length * dim, step * dim, dim, 1),
+                               flat.storage_offset() + start * dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, length, dim, start, count, width, step = ctx.meta
+        room = start + (count + -(-width // step)) * step
+        out = grad.new_zeros(n, max(length, room), dim)
+        for c0 in range(0, width, step):
+            c1 = min(width, c0 + step)
+            out.narrow(1, start + c0, count * step).view(n, count, step, dim)[:, :, :c1 - c0].add_(grad[:, :, c0:c1])
+        return out[:, :length], None, None, None, None
+
+
+def overlapping_windows(t: torch.Tensor, start: int, count: int, width: int, step: int) -> torch.Tensor:
+    """``t [B, H, L, D]`` -> ``[B * H, count, width, D]``: ``count`` windows of ``width`` rows, the first at row
+    ``start``, one every ``step`` rows, as ONE strided view of ``t``'s storage (windows overlap when
+    ``width > step``; nothing is copied for a contiguous ``t``). Gradients fold back exactly."""
+    b, h, length, dim = t.shape
+    if start < 0 or count < 1 or start + (count - 1) * step + width > length:
+        raise ValueError(f"windows [{start} + j * {step}, + {width}) for j < {count} leave the {length} rows")
+    flat = t.reshape(b * h, length, dim)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return _Windows.apply(flat, start, count, width, step)
+
+
+def sdpa_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """SDPA over window tiles laid out ``[N, T, tq, D]`` x ``[N, T, tk, D]`` passed AS IS: the tiles are SDPA's
+    heads axis, so the overlapping strided views of :func:`overlapping_windows` reach the kernel without a
+    copy (``sdpa_tiles`` instead folds tiles into the batch axis, which a reshape of an overlapping view can
+    only do by copying). ``T`` is cut in launches of at most ``MAX_TILES``. ``causal`` as in
+    :func:`sdpa_tiles`; ``backend``: ``auto`` (cuDNN, flash, memory-efficient in that order) or one of
+    ``cudnn``, ``flash``, ``efficient`` alone (CUDA only; the CPU runs the math backend)."""
+    tiles = q.shape[1]
+    parts = [_sdpa(q[:, s:s + MAX_TILES], k[:, s:s + MAX_TILES], v[:, s:s + MAX_TILES], causal, backend)
+             for s in range(0, tiles, MAX_TILES)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient")
