@@ -19,7 +19,7 @@ from attnbench.config.plan import Case
 from attnbench.execute.case import CaseRunner
 from attnbench.execute.runner import run_sweep
 from attnbench.methods import METHODS, BuildContext, MaskInfo
-from attnbench.methods.sparse import biformer, combiner, common, halo, routing, superlinear
+from attnbench.methods.sparse import biformer, combiner, common, halo, long_short, routing, superlinear
 
 TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False}
 
@@ -47,6 +47,12 @@ SELF = [
     ("biformer_2d", ("full",), {"regions_per_side": 4, "topk": 5}),
     ("halo", ("full", "causal"), {"block": 16, "halo": 8}),
     ("halo", ("full", "causal"), {"block": 16, "halo": 24, "mask_padding": False}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 24, "impl": "strided"}),  # two edge blocks per end
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8, "impl": "strided_square"}),
+    ("halo", ("causal",), {"block": 16, "halo": 24, "mask_padding": False, "impl": "strided_square"}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8, "impl": "gather"}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 8, "impl": "flex"}),
+    ("halo", ("full", "causal"), {"block": 16, "halo": 24, "mask_padding": False, "impl": "flex"}),
     ("halo_2d", ("full",), {"block": 4, "halo": 2}),
     ("routing", ("full", "causal"), {"clusters": 8}),
     ("routing", ("full",), {"clusters": 4, "share_qk": False}),
@@ -56,6 +62,8 @@ SELF = [
     ("sparsifiner", ("full",), {"keep_rate": 0.3}),
     ("probsparse", ("full",), {"factor": 2}),
     ("long_short", ("full", "causal"), {"window": 16, "rank": 4}),
+    ("long_short", ("full",), {"window": 64, "rank": 4}),  # strided: two clipped edge segments, no interior
+    ("long_short", ("full", "causal"), {"window": 16, "rank": 4, "impl": "flex"}),
     ("superlinear", ("causal",), {}),
     ("superlinear", ("causal",), {"sw_index": 4, "num_spans": 2, "forward_factor": 1.0}),
 ]
@@ -213,7 +221,10 @@ def test_routing_is_deterministic_for_a_seed(dense, method, opts):
     ("routing", "full", {"clusters": 1000}, "method_options.routing.clusters: must be <= the sequence length"),
     ("biformer", "full", {"region": 16, "topk": 9}, "method_options.biformer.topk: must be <= the number of key regions (8)"),
     ("halo", "full", {"halo": -1}, "method_options.halo.halo: must be >= 0"),
+    ("halo", "causal", {"impl": "strided2"}, "method_options.halo.impl: must be one of strided, strided_square"),
+    ("halo", "full", {"backend": "cuda"}, "method_options.halo.backend: must be one of auto, cudnn"),
     ("long_short", "full", {"window": 15}, "method_options.long_short.window: must be even"),
+    ("long_short", "full", {"impl": "gather"}, "method_options.long_short.impl: must be one of strided, flex"),
     ("sparsifiner", "full", {"keep_rate": 0}, "method_options.sparsifiner.keep_rate: must be > 0"),
     ("superlinear", "causal", {"num_spans": 99}, "method_options.superlinear.num_spans"),
     ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed: unknown field(s) segmnt"),
@@ -505,3 +516,87 @@ def test_long_short_pair_count_is_the_pattern_count(length, window, rank, causal
     brute = int(long_short.ls_visible(torch.arange(length)[:, None], keys[None, :], length, window, rank,
                                       causal).sum())
     assert long_short.ls_pairs_per_head(length, window, rank, causal) == brute
+
+
+# ---- zero-copy windows (the local methods' strided fast paths) ------------------------------------------------
+def test_overlapping_windows_are_a_view_and_fold_gradients_exactly():
+    t = torch.randn(2, 3, 40, 4, dtype=torch.float64, requires_grad=True)
+    w = common.overlapping_windows(t, 2, 5, 14, 6)  # windows overlap (14 > 6), the last ends at row 40
+    assert w.shape == (6, 5, 14, 4) and w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    assert w.stride() == (160, 24, 4, 1)  # the blocks axis strides by step rows: nothing copied
+    copied = torch.stack([t.reshape(6, 40, 4)[:, 2 + 6 * j:2 + 6 * j + 14] for j in range(5)], dim=1)
+    assert torch.equal(w, copied)
+    g = torch.randn_like(copied)
+    (grad,) = torch.autograd.grad((w * g).sum(), t)
+    (want,) = torch.autograd.grad((copied * g).sum(), t)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="leave the 40 rows"):
+        common.overlapping_windows(t, 3, 5, 14, 6)
+
+
+@pytest.mark.parametrize("impl", ["strided", "strided_square"])
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_a_strided_window_off_by_one_row_is_caught(monkeypatch, impl, mask):
+    """Negative control: the strided paths with every window started one row late are ``wrong``."""
+    original = common.overlapping_windows
+    monkeypatch.setattr(halo, "overlapping_windows", lambda t, start, *a: original(t, start + 1, *a)
+                        if start + 1 + (a[0] - 1) * a[2] + a[1] <= t.shape[2] else original(t, start - 1, *a))
+    row = run_case("halo", mask, "fwd", opts={"block": 16, "halo": 8, "impl": impl})
+    assert row["status"] == "wrong", row["reason"]
+
+
+def test_halo_impls_agree_with_each_other(dense):
+    """The four implementations give the same output on one input (fp32), causal and full."""
+    for mask in ("full", "causal"):
+        outs = []
+        for impl in halo.IMPLS:
+            prepared, case = build("halo", mask, opts={"block": 16, "halo": 24, "impl": impl})
+            q, k, v, _ = inputs(case)
+            outs.append(prepared.fn(q, k, v))
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_kernel_contract_backward_is_autograds(causal):
+    """The readable tile kernel (the flash ops' contract): its backward, given its own out and lse, is
+    autograd's gradient of bottom-right causal (or full) softmax attention on a [tq, tk] tile."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 9, 9))
+    out, lse, state = common.tile_kernel_readable("fwd", q, k, v, causal)
+    mask = torch.ones(5, 9, dtype=torch.bool).tril(4) if causal else None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, want)
+    dout = torch.randn_like(out)
+    got = common.tile_kernel_readable("bwd", dout, q, k, v, out, lse, causal, state)
+    for g, w in zip(got, torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_merge_whose_tile_backward_uses_its_own_softmax_is_caught(dense, monkeypatch):
+    """Negative control for the log-sum-exp merge's gradients: a tile backward fed the tile's OWN out and lse
+    (not the merged ones) drops the long-term part's share - the gradient gate must reject it."""
+    def own(op, *args):
+        if op == "fwd":
+            return common.tile_kernel_readable(op, *args)
+        dout, q, k, v, _, _, causal, state = args
+        out, lse, _ = common.tile_kernel_readable("fwd", q, k, v, causal)
+        return common.tile_kernel_readable("bwd", dout, q, k, v, out, lse, causal, state)
+
+    assert run_case("long_short", "causal", "fwd_bwd", opts={"window": 16, "rank": 4})["status"] == "ok"
+    monkeypatch.setattr(common, "TILE_KERNEL", own)
+    row = run_case("long_short", "causal", "fwd_bwd", opts={"window": 16, "rank": 4})
+    assert row["status"] == "wrong", row["reason"]
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_a_long_short_window_off_by_one_row_is_caught(dense, monkeypatch, mask):
+    original = common.overlapping_windows
+
+    def late(t, start, count, width, step):  # every window starts one row late (one row shorter at the end)
+        fits = start + 1 + (count - 1) * step + width <= t.shape[2]
+        return original(t, start + 1, count, width if fits else width - 1, step)
+
+    monkeypatch.setattr(long_short, "overlapping_windows", late)
+    row = run_case("long_short", mask, "fwd", opts={"window": 16, "rank": 4})
+    assert row["status"] == "wrong", row["reason"]

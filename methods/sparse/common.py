@@ -151,7 +151,7 @@ def sdpa_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str | 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _sdpa(q, k, v, causal):
+def _sdpa(q, k, v, causal, backend: str = "auto"):
     kwargs = {}
     if causal == "square":
         kwargs["is_causal"] = True
@@ -165,7 +165,9 @@ def _sdpa(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    order = {"auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+             "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION],
+             "efficient": [SDPBackend.EFFICIENT_ATTENTION]}[backend]
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
@@ -340,3 +342,151 @@ def dynamic_block_mask(touched, mask_mod, seq_q, seq_kv, block: int = 128):
 def pow2_near_sqrt(length: int) -> int:
     """``2^round(log2(L) / 2)``: the ~sqrt(L) default of segment sizes and cluster counts."""
     return 2 ** round(math.log2(max(length, 1)) / 2)
+
+
+# ---- zero-copy overlapping windows (local methods' "strided" fast paths) -----------------------------------
+class _Windows(torch.autograd.Function):
+    """``flat [N, L, D]`` (contiguous) -> the overlapping view ``[N, count, width, D]`` whose window ``j`` is
+    rows ``start + j * step ... + width`` (stride ``step * D`` along windows: no copy). Backward folds the
+    window gradients back in ``ceil(width / step)`` non-overlapping strided adds (autograd's generic
+    ``as_strided`` backward would scatter through index tensors over the whole storage)."""
+
+    @staticmethod
+    def forward(ctx, flat, start, count, width, step):
+        n, length, dim = flat.shape
+        ctx.meta = (n, length, dim, start, count, width, step)
+        return flat.as_strided((n, count, width, dim), (length * dim, step * dim, dim, 1),
+                               flat.storage_offset() + start * dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, length, dim, start, count, width, step = ctx.meta
+        room = start + (count + -(-width // step)) * step
+        out = grad.new_zeros(n, max(length, room), dim)
+        for c0 in range(0, width, step):
+            c1 = min(width, c0 + step)
+            out.narrow(1, start + c0, count * step).view(n, count, step, dim)[:, :, :c1 - c0].add_(grad[:, :, c0:c1])
+        return out[:, :length], None, None, None, None
+
+
+def overlapping_windows(t: torch.Tensor, start: int, count: int, width: int, step: int) -> torch.Tensor:
+    """``t [B, H, L, D]`` -> ``[B * H, count, width, D]``: ``count`` windows of ``width`` rows, the first at row
+    ``start``, one every ``step`` rows, as ONE strided view of ``t``'s storage (windows overlap when
+    ``width > step``; nothing is copied for a contiguous ``t``). Gradients fold back exactly."""
+    b, h, length, dim = t.shape
+    if start < 0 or count < 1 or start + (count - 1) * step + width > length:
+        raise ValueError(f"windows [{start} + j * {step}, + {width}) for j < {count} leave the {length} rows")
+    flat = t.reshape(b * h, length, dim)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return _Windows.apply(flat, start, count, width, step)
+
+
+def sdpa_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """SDPA over window tiles laid out ``[N, T, tq, D]`` x ``[N, T, tk, D]`` passed AS IS: the tiles are SDPA's
+    heads axis, so the overlapping strided views of :func:`overlapping_windows` reach the kernel without a
+    copy (``sdpa_tiles`` instead folds tiles into the batch axis, which a reshape of an overlapping view can
+    only do by copying). ``T`` is cut in launches of at most ``MAX_TILES``. ``causal`` as in
+    :func:`sdpa_tiles`; ``backend``: ``auto`` (cuDNN, flash, memory-efficient in that order) or one of
+    ``cudnn``, ``flash``, ``efficient`` alone (CUDA only; the CPU runs the math backend)."""
+    tiles = q.shape[1]
+    parts = [_sdpa(q[:, s:s + MAX_TILES], k[:, s:s + MAX_TILES], v[:, s:s + MAX_TILES], causal, backend)
+             for s in range(0, tiles, MAX_TILES)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient")
+
+
+# ---- window tiles merged exactly with another part (log-sum-exp), gradients included -------------------------
+def tile_kernel_readable(op: str, *args):
+    """The contract of :data:`TILE_KERNEL`, written out (CPU, fp32 cases, tests).
+    ``("fwd", q, k, v, causal) -> (out, lse, state)``; ``("bwd", dout, q, k, v, out, lse, causal, state) ->
+    (dq, dk, dv)`` (``state``: what the kernel's backward needs of its forward, here None),
+    the kernels' backward: ``P = exp(S - lse)``, ``dS = P * (dout . v - rowsum(dout * out))`` - with the
+    MERGED out and lse passed in, this is each part's exact share of the merged softmax's gradient (the
+    ring-attention identity). ``causal``: bottom-right (query i of a [tq, tk] tile sees keys <= i + tk - tq)."""
+    acc = torch.promote_types(args[1].dtype, torch.float32)  # fp32 at least (fp64 in the contract's test)
+
+    def scores(q, k, causal):
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if causal:
+            tq, tk = s.shape[-2:]
+            keep = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(tk - tq)
+            s = s.masked_fill(~keep, NEG_INF)
+        return s
+
+    if op == "fwd":
+        q, k, v, causal = args
+        s = scores(q, k, causal)
+        lse = torch.logsumexp(s, dim=-1)
+        return torch.matmul(torch.exp(s - lse[..., None]), v.to(acc)).to(q.dtype), lse, None
+    dout, q, k, v, out, lse, causal, _ = args
+    p = torch.exp(scores(q, k, causal) - lse[..., None].to(acc))
+    dout = dout.to(acc)
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    ds = p * (torch.matmul(dout, v.to(acc).transpose(-1, -2)) - (dout * out.to(acc)).sum(-1, keepdim=True))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dq = torch.matmul(ds, k.to(acc)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def tile_kernel_flash(op: str, *args):
+    """:func:`tile_kernel_readable`'s contract through the flash kernels' own ops (CUDA, fp16/bf16): the
+    forward returns the log-sum-exp SDPA drops, the backward takes out/lse from the caller. Flash's causal
+    flag is bottom-right when ``tq != tk`` (what ``causal_lower_right`` relies on). Strides as in
+    :func:`sdpa_windows` (overlapping window views pass uncopied)."""
+    if op == "fwd":
+        q, k, v, causal = args
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            return tile_kernel_readable(op, *args)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
+        return res[0], res[1], (res[2], res[3], res[6], res[7])
+    dout, q, k, v, out, lse, causal, state = args
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return tile_kernel_readable(op, *args)
+    cum_q, cum_k, seed, offset = state
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.contiguous(), q, k, v, out, lse.contiguous(), cum_q, cum_k, q.shape[-2], k.shape[-2], 0.0, causal,
+        seed, offset)
+
+
+TILE_KERNEL = tile_kernel_flash
+
+
+class _TilesMerged(torch.autograd.Function):
+    """Attention of window tiles ``q [N, T, tq, D]`` x ``k, v [N, T, tk, D]`` merged with another part of the
+    same softmax, given as ``(o_other, lse_other)`` in the same tile layout (``lse_other`` fp32, ``-inf``
+    where that part sees nothing): returns the merged output. Backward: the tiles' kernel backward with the
+    merged out and lse (exact), and the other part's share ``w * dO`` (out) and ``w * dO . (o - out)`` (lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, o_other, lse_other, causal):
+        kernel = TILE_KERNEL
+        o_tile, lse_tile, state = kernel("fwd", q, k, v, causal)
+        lse_tile = lse_tile.float()
+        top = torch.maximum(lse_tile, lse_other)
+        w_tile, w_other = torch.exp(lse_tile - top), torch.exp(lse_other - top)
+        total = w_tile + w_other
+        out = ((w_tile[..., None] * o_tile.float() + w_other[..., None] * o_other.float())
+               / total[..., None]).to(q.dtype)
+        lse = top + torch.log(total)
+        ctx.save_for_backward(q, k, v, o_other, lse_other, out, lse)
+        ctx.causal, ctx.kernel, ctx.state = causal, kernel, state
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o_other, lse_other, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel("bwd", dout, q, k, v, out, lse, ctx.causal, ctx.state)
+        w_other = torch.exp(lse_other - lse)
+        d_o_other = (w_other[..., None] * dout.float()).to(o_other.dtype)
+        d_lse_other = w_other * (dout.float() * (o_other.float() - out.float())).sum(-1)
+        return dq, dk, dv, d_o_other, d_lse_other, None
+
+
+def tiles_merged(q, k, v, o_other, lse_other, causal: bool) -> torch.Tensor:
+    """See :class:`_TilesMerged` (a window part merged exactly with another part by log-sum-exp)."""
+    return _TilesMerged.apply(q, k, v, o_other, lse_other.float(), causal)

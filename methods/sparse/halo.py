@@ -31,7 +31,10 @@ import torch.nn.functional as F
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .common import Options, from_tiles, pattern_reference, sdpa_tiles, to_tiles
+from .common import (SDPA_BACKENDS, Options, flex_path, from_tiles, overlapping_windows, pattern_reference,
+                     sdpa_tiles, sdpa_windows, static_block_mask, to_tiles)
+
+IMPLS = ("strided", "strided_square", "gather", "flex")
 
 
 # ---- 1-D ------------------------------------------------------------------------------------------------------
@@ -101,6 +104,77 @@ def halo_1d_fast(q, k, v, block, halo, causal, mask_padding):
     return torch.cat([outs[key] for key in sorted(outs)], dim=2)
 
 
+def halo_1d_strided(q, k, v, block, halo, causal, mask_padding, square=False, backend="auto"):
+    """Zero-copy gather-dense: the key/value windows of all interior blocks are ONE overlapping strided view
+    each (:func:`common.overlapping_windows`: ``[B*H, n, block + halo (+ halo), D]``, stride ``block * D``
+    along blocks), the queries a plain view ``[B*H, n, block, D]``; one SDPA call sees the blocks as its heads
+    axis. Without ``mask_padding`` the keys are zero-padded once (O(L*D)) and every block is interior; with it
+    the few edge blocks whose window crosses an end (``ceil(halo / block)`` per end) run as small separate
+    calls on their clipped windows.
+
+    Causal: block ``b`` (first row ``s``) sees keys ``[s - halo, s + i]`` for its row ``i``: bottom-right
+    causal attention on the ``[block, block + halo]`` tile (``causal_lower_right``: flash or memory-efficient;
+    PyTorch gives cuDNN no bottom-right alignment). ``square=True`` instead widens the QUERY tile to the
+    window too (an overlapping view of q, left-padded when the keys are) and runs plain square causal
+    attention on ``[block + halo, block + halo]`` tiles (top-left = bottom-right, so cuDNN takes it), keeping
+    each tile's last ``block`` output rows: the first ``halo`` rows are computed and dropped (their
+    triangle, ``halo^2 / 2`` pairs per block, is wasted work; their gradient is exactly zero).
+
+    Strides (torch 2.11 source, ``aten/.../transformers/cuda/sdp_utils.cpp``, ``cudnn/MHA.cpp``, flash
+    ``mha_fwd``/``mha_bwd``, ``bias.py``): backend selection only asks the last dim to have stride 1
+    (``check_last_dim_stride_equals_1_dense``; ``check_cudnn_layout`` exists but is not among cuDNN's
+    constraints) and, for memory-efficient, storage offsets aligned to 16 bytes (ours are multiples of
+    ``D`` elements). None of the three forward paths calls ``.contiguous()`` on q/k/v: flash passes
+    batch/head/row strides to its kernel, memory-efficient likewise, cuDNN builds its graph from
+    ``q/k/v.strides()`` (cached per stride pattern). The backward allocates dq/dk/dv with ``empty_like``,
+    which for an overlapping view is a fresh contiguous tensor (never aliased), and cuDNN makes only
+    ``grad_out`` match ``out``'s layout. So no silent copy of the windows - but whether cuDNN's engines
+    ACCEPT a head stride smaller than ``seq * D`` is decided at graph build on the GPU: unverified here;
+    ``method_options.halo.backend`` pins one backend if ``auto`` errors or is slow."""
+    batch, heads, seq, dim = q.shape
+    n = seq // block
+    right = 0 if causal else halo
+    width = block + halo + right
+    rect = "lower_right" if causal else None
+    if not mask_padding:
+        k = F.pad(k, (0, 0, halo, right))
+        v = F.pad(v, (0, 0, halo, right))
+        shift, first, last = halo, 0, n
+    else:
+        shift = 0
+        edge = -(-halo // block)  # blocks whose window crosses an edge
+        first = min(edge, n)
+        last = n if causal else max(first, n - edge)
+    outs = []
+    for i in range(first):  # edge blocks (mask_padding only): clipped windows
+        outs.append(_edge_block(q, k, v, i, block, halo, causal, square, backend))
+    if last > first:
+        m = last - first
+        kw = overlapping_windows(k, first * block - halo + shift, m, width, block)
+        vw = overlapping_windows(v, first * block - halo + shift, m, width, block)
+        if causal and square and halo:
+            qp = q if mask_padding else F.pad(q, (0, 0, halo, 0))
+            qw = overlapping_windows(qp, first * block - halo + shift, m, width, block)
+            out = sdpa_windows(qw, kw, vw, "square", backend)[:, :, halo:]
+        else:
+            qw = q.reshape(batch * heads, seq, dim)[:, first * block:last * block].unflatten(1, (m, block))
+            out = sdpa_windows(qw, kw, vw, ("square" if causal else None) if halo == 0 else rect, backend)
+        outs.append(out.reshape(batch, heads, m * block, dim))
+    for i in range(last, n):
+        outs.append(_edge_block(q, k, v, i, block, halo, causal, square, backend))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _edge_block(q, k, v, i, block, halo, causal, square, backend):
+    """One block whose window crosses an end (mask_padding): SDPA on its clipped window."""
+    seq, s = q.shape[2], i * block
+    lo, hi = max(0, s - halo), (s + block if causal else min(seq, s + block + halo))
+    if causal and square:  # square causal on [lo, s + block), last `block` rows kept
+        return sdpa_windows(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], "square", backend)[:, :, s - lo:]
+    qb, kb, vb = q[:, :, s:s + block], k[:, :, lo:hi], v[:, :, lo:hi]
+    return sdpa_windows(qb, kb, vb, "lower_right" if causal else None, backend)
+
+
 def halo_1d_pairs(seq, block, halo, causal, mask_padding) -> int:
     rows = torch.arange(seq)
     lo, hi = window_1d(rows, block, halo, causal, seq)
@@ -111,23 +185,55 @@ def halo_1d_pairs(seq, block, halo, causal, mask_padding) -> int:
 
 @register_method(
     "halo",
-    Capabilities(family="local", exact=False, masks={"full", "causal"}, backward=True),
-    description="HaloNet blocked local attention with halo, 1-D (gathered windows through SDPA)",
+    Capabilities(family="local", exact=False, masks={"full", "causal"}, backward=True, compiled=True),
+    description="HaloNet blocked local attention with halo, 1-D (impl: zero-copy strided windows through "
+                "SDPA, copied windows, or FlexAttention)",
 )
 def build_halo(ctx):
+    """Options: ``block`` (256), ``halo`` (128), ``mask_padding`` (true), ``impl`` - ``strided`` (default:
+    zero-copy overlapping window views through SDPA, causal as bottom-right tiles), ``strided_square``
+    (the same, causal as square tiles that cuDNN takes, ``halo`` query rows per block wasted), ``gather``
+    (each window copied, the former path), ``flex`` (compiled FlexAttention with a static BlockMask of the
+    pattern); ``backend`` (``auto``, ``cudnn``, ``flash``, ``efficient``: the SDPA backend of the strided
+    paths)."""
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "halo", ("block", "halo", "mask_padding"))
+    opts = Options(ctx, "halo", ("block", "halo", "mask_padding", "impl", "backend"))
     block = opts.int("block", 256, minimum=1)
     halo = opts.int("halo", 128, minimum=0)
     mask_padding = opts.bool("mask_padding", True)
+    impl = opts.choice("impl", "strided", IMPLS)
+    backend = opts.choice("backend", "auto", SDPA_BACKENDS)
     if block > case.seq_q:
         opts.fail("block", f"must be <= seq {case.seq_q}, got {block}")
     if case.seq_q % block:
         raise Unsupported(f"seq {case.seq_q} is not a multiple of method_options.halo.block={block} "
                           "(lengths are not padded)")
+    seq = case.seq_q
 
-    def fn(q, k, v):
-        return halo_1d_fast(q, k, v, block, halo, causal, mask_padding)
+    if impl == "flex":
+        attend = flex_path(ctx)
+        pad = 0 if mask_padding else halo
+        right = 0 if (causal or mask_padding) else halo
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            lo, hi = window_1d(q_idx, block, halo, causal, seq)
+            pos = kv_idx - pad
+            return (pos >= lo) & (pos < hi)
+
+        block_mask = static_block_mask(mask_mod, None, None, seq, seq + pad + right, ctx.device)
+
+        def fn(q, k, v):
+            if pad:
+                k, v = F.pad(k, (0, 0, pad, right)), F.pad(v, (0, 0, pad, right))
+            return attend(q, k, v, block_mask, False)
+    elif impl == "gather":
+        def fn(q, k, v):
+            return halo_1d_fast(q, k, v, block, halo, causal, mask_padding)
+    else:
+        square = impl == "strided_square"
+
+        def fn(q, k, v):
+            return halo_1d_strided(q, k, v, block, halo, causal, mask_padding, square, backend)
 
     def reference(q, k, v, rows=None):
         return halo_1d_reference(q, k, v, block, halo, causal, mask_padding, rows)

@@ -17,7 +17,17 @@ writes the pattern out (masked softmax), the fast path is one compiled FlexAtten
 BlockMask (a band plus a narrow column block). The paper's DualLN (separate LayerNorms on the two key sets)
 belongs to the layer and is left out. Lengths must be a multiple of ``window``.
 
-Options: ``window`` (default 256, even), ``rank`` (default 64).
+Options: ``window`` (default 256, even), ``rank`` (default 64), ``impl``:
+
+- ``strided`` (default): the short-term part as window tiles - ONE zero-copy overlapping strided view of k
+  and of v (``common.overlapping_windows``: ``[B*H, segments, 2 * window, D]``, stride ``window * D``),
+  queries a plain view - through the flash kernel's own op (it returns the log-sum-exp SDPA drops; causal
+  tiles are bottom-right ``[window, 2 * window]``), the long-term part through compiled FlexAttention with
+  its log-sum-exp (non-causal: ``rank`` keys for every query; causal: the staircase over earlier segments'
+  projected keys), merged exactly by log-sum-exp (``common.tiles_merged``: the backward runs the flash
+  backward with the MERGED out and lse, the ring-attention identity, so gradients are exact too). The two
+  edge segments of the non-causal form (clipped windows) run as their own small tiles.
+- ``flex``: one compiled FlexAttention call over ``[K ; K_bar]`` with a static BlockMask (the former path).
 """
 from __future__ import annotations
 
@@ -25,7 +35,51 @@ import torch
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .common import Options, flex_path, parameter, pattern_reference, static_block_mask
+from .common import (Options, flex_path, overlapping_windows, parameter, pattern_reference, static_block_mask,
+                     tiles_merged)
+
+IMPLS = ("strided", "flex")
+
+
+def ls_strided(q, k, v, k_bar, v_bar, window, causal, attend, long_mask):
+    """The ``strided`` fast path (module docstring): window tiles merged with the long-term part."""
+    batch, heads, length, dim = q.shape
+    n, half = length // window, window // 2
+    if causal:  # segment 0 sees no projected keys; the rest see the staircase
+        o_rest, lse_rest = attend(q[:, :, window:], k_bar, v_bar, long_mask, True) if n > 1 else (None, None)
+        # zeros that stay in the graph (as they do in the flex form), so a window == seq case still has a
+        # (zero) gradient for the projection parameter
+        o_long = (v_bar[:, :, :1] * 0).expand(batch, heads, window, dim)
+        lse_long = q.new_full((batch, heads, window), float("-inf"), dtype=torch.float32)
+        if n > 1:
+            o_long, lse_long = torch.cat([o_long, o_rest], 2), torch.cat([lse_long, lse_rest.float()], 2)
+    else:
+        o_long, lse_long = attend(q, k_bar, v_bar, long_mask, True)
+    flat = lambda t: t.reshape(batch * heads, length, t.shape[-1])  # noqa: E731
+    qf, of, lf = flat(q), flat(o_long), lse_long.reshape(batch * heads, length)
+
+    def group(first, count, lo, width, causal_tile):
+        """Segments first .. first + count - 1, keys of segment s: rows lo + (s - first) * window + width."""
+        rows = slice(first * window, (first + count) * window)
+        kw = overlapping_windows(k, lo, count, width, window)
+        vw = overlapping_windows(v, lo, count, width, window)
+        qw = qf[:, rows].unflatten(1, (count, window))
+        out = tiles_merged(qw, kw, vw, of[:, rows].unflatten(1, (count, window)),
+                           lf[:, rows].unflatten(1, (count, window)), causal_tile)
+        return out.reshape(batch, heads, count * window, dim)
+
+    if causal:
+        parts = [group(0, 1, 0, window, True)]
+        if n > 1:
+            parts.append(group(1, n - 1, 0, 2 * window, True))
+    elif n == 1:
+        parts = [group(0, 1, 0, length, False)]
+    else:
+        parts = [group(0, 1, 0, min(length, window + half), False)]
+        if n > 2:
+            parts.append(group(1, n - 2, window - half, 2 * window, False))
+        parts.append(group(n - 1, 1, (n - 1) * window - half, length - (n - 1) * window + half, False))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def projected(k, v, w_p, segment: int | None):
@@ -76,13 +130,15 @@ def ls_pairs_per_head(length: int, window: int, rank: int, causal: bool) -> int:
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, backward=True, compiled=True,
                  trainable=True),
     description="Long-Short Transformer: local window + dynamic low-rank projection keys in one softmax "
-                "(FlexAttention over augmented keys)",
+                "(impl: zero-copy window tiles through flash merged with a FlexAttention long part, or one "
+                "FlexAttention call over augmented keys)",
 )
 def build_long_short(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "long_short", ("window", "rank"))
+    opts = Options(ctx, "long_short", ("window", "rank", "impl"))
     window = opts.int("window", 256, minimum=2)
     rank = opts.int("rank", 64, minimum=1)
+    impl = opts.choice("impl", "strided", IMPLS)
     length, dim = case.seq_q, case.head_dim
     if window % 2:
         opts.fail("window", f"must be even (half a window on each side), got {window}")
@@ -101,11 +157,22 @@ def build_long_short(ctx):
     def mask_mod(b, h, q_idx, kv_idx):
         return ls_visible(q_idx, kv_idx, length, window, rank, causal)
 
-    block_mask = static_block_mask(mask_mod, None, None, length, length + extra, ctx.device)
+    if impl == "flex":
+        block_mask = static_block_mask(mask_mod, None, None, length, length + extra, ctx.device)
 
-    def fn(q, k, v):
-        k_bar, v_bar = projected(k, v, w_p, segment)
-        return attend(q, torch.cat([k, k_bar], 2), torch.cat([v, v_bar], 2), block_mask, False)
+        def fn(q, k, v):
+            k_bar, v_bar = projected(k, v, w_p, segment)
+            return attend(q, torch.cat([k, k_bar], 2), torch.cat([v, v_bar], 2), block_mask, False)
+    else:
+        def long_mod(b, h, q_idx, kv_idx):  # causal: rows from segment 1 on (q_idx 0 = row `window`)
+            return (kv_idx // rank < q_idx // window + 1) if causal else (kv_idx >= 0)
+
+        rows = length - window if causal else length
+        long_mask = static_block_mask(long_mod, None, None, rows, extra, ctx.device) if rows else None
+
+        def fn(q, k, v):
+            k_bar, v_bar = projected(k, v, w_p, segment)
+            return ls_strided(q, k, v, k_bar, v_bar, window, causal, attend, long_mask)
 
     def reference(q, k, v, rows=None):
         k_bar, v_bar = projected(k, v, w_p.float(), segment)
