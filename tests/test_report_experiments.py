@@ -34,6 +34,10 @@ def _rows():
                     {"checks": {"key_permutation_invariant": True, "rfa_below_rfmlp[quadratic]": True},
                      "permutation_rel_err": 3e-7}),
         _experiment("icl_linreg_1layer_mh", "taylor_softmax", None, {}, {}, status="timeout"),
+        _experiment("sparse_gin_minilm", "sdpa", 0.833, {},
+                    {"frozen_recall": 0.917, "train_recall": 1.0, "edges_per_layer_sentence": 1.0,
+                     "self_loop_share": 1.0, "checks": {"lambda0_is_base": True, "messages_cross_tokens": False,
+                                                        "not_worse_than_frozen": False}}, metric="recall", higher=True),
     ]
     for seed, (plain, hybrid) in enumerate([(0.30, 0.85), (0.32, 0.87)]):
         rows.append(quality_row("mqar", "causal_self", "decon_mlp", 128, seed, plain))
@@ -68,6 +72,9 @@ def test_experiment_rows_and_their_checks_are_rendered(tmp_path):
     rf = _line(section, "| quadratic |", "below rfmlp")
     assert "0.52" in rf and "0.31" in rf and "✓" in rf
     assert "0.66" in _line(section, "| quadratic |", "| rfmlp |")
+    gin = _line(section, "| sdpa |", "0.833", "0.917")
+    assert "| ✓ | ✗ |" in gin  # the released self-loop graph shows as no cross-token messages
+    assert "1/3" in _line(section, "| sparse_gin_minilm |", "| recall |")
 
 
 def test_model_options_are_kept_apart_and_compared_with_the_plain_model(tmp_path):
