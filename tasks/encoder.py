@@ -79,6 +79,7 @@ class ListOps(Task):
     pattern = "noncausal_self"
     metric = "accuracy"
     readout = "cls"
+    pad_id = PAD
     defaults = {**Task.defaults, "seq_lens": [128], "max_depth": 10, "max_args": 10, "operator_p": 0.25,
                 "min_len_fraction": 0.25, "train_pool": 0, "steps": 600, "lr": 1e-3, "batch": 32, "d_model": 64, "heads": 4}
 

@@ -132,9 +132,10 @@ def exact_attention(q, k, v):
     return scores.softmax(-1) @ v
 
 
-def encode(ids: torch.Tensor, weights: dict, config: dict, attend) -> torch.Tensor:
+def encode(ids: torch.Tensor, weights: dict, config: dict, attend, adapt=None) -> torch.Tensor:
     """Sentence embeddings ``[B, 384]`` of token ids ``[B, S]`` (no padding), the attention being ``attend(q, k,
-    v)`` on ``[B, H, S, D]`` float32."""
+    v)`` on ``[B, H, S, D]`` float32. ``adapt(layer, x, q, k) -> x``, if given, runs after each attention
+    sub-layer (its LayerNorm), before the feed-forward block (the Sparse-GIN adapter's place)."""
     w = weights
     eps = config["layer_norm_eps"]
     heads = config["num_attention_heads"]
@@ -159,6 +160,8 @@ def encode(ids: torch.Tensor, weights: dict, config: dict, attend) -> torch.Tens
         q, k, v = (split(linear(x, f"{p}.attention.self.{n}")) for n in ("query", "key", "value"))
         out = attend(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
         x = norm(x + linear(out, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
+        if adapt is not None:
+            x = adapt(layer, x, q, k)
         hidden = torch.nn.functional.gelu(linear(x, f"{p}.intermediate.dense"))
         x = norm(x + linear(hidden, f"{p}.output.dense"), f"{p}.output.LayerNorm")
     return torch.nn.functional.normalize(x.mean(1), dim=-1)

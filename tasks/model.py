@@ -29,7 +29,9 @@ given, so they enter the case id only when set):
   Python's pydoc topics mod the vocabulary, embedded: FixedSeqQK; the paper's is FineWeb). V always comes from
   the layer input.
 * ``readout`` (classification tasks): ``pool_eos``, ``pool_mean``, ``pool_latent_last``,
-  ``pool_latent_multilayer`` (``attnbench.methods.analysis.latent``) in place of reading position 0.
+  ``pool_latent_multilayer``, ``histograph_readout`` (``attnbench.methods.analysis.latent``,
+  ``...analysis.histograph``) in place of reading position 0: a ``history -> vector`` readout over the block
+  outputs (each after the final LayerNorm), padding (the task's ``pad_id``) masked.
 * ``qk_dim``: the per-head width of Q and K (the state-size axis of ``mqar_state_sweep``); V keeps
   ``d_model / heads``. The method's case then has ``head_dim = qk_dim``.
 """
@@ -375,6 +377,12 @@ class SelfModel(nn.Module):
             from attnbench.methods.analysis.latent import make_readout
 
             self.pool = make_readout(p["readout"], d_model, int(p["layers"]), heads=int(p["heads"]))
+        self.pad_id = task.pad_id
+
+    def quality_extras(self) -> dict:
+        """Secondary numbers the model reports into its quality row's extras (the HISTOGRAPH guard count)."""
+        fired = getattr(self.pool, "guard_fired", None)
+        return {} if fired is None else {"histograph_guard_fired": int(fired)}
 
     def _embed(self, ids=None, vectors=None):
         x = self.embed(ids) if vectors is None else vectors
@@ -401,7 +409,8 @@ class SelfModel(nn.Module):
                     qk = block(qk.expand(x.shape[0], -1, -1))[:1]
             history.append(x)
         if self.pool is not None:
-            return self.head(self.pool([self.norm(h) for h in history]))
+            valid = None if self.pad_id is None else batch.inputs != self.pad_id
+            return self.head(self.pool([self.norm(h) for h in history], valid))
         x = self.norm(x)
         return self.head(x[:, 0] if self.readout == "cls" else x)
 

@@ -81,6 +81,7 @@ class Task:
     kind: ClassVar[str] = "train"
     arch: ClassVar[str] = "self"
     readout: ClassVar[str] = "tokens"
+    pad_id: ClassVar[int | None] = None  # an input id that marks padding (masked by the pooled readouts)
     requires: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str] = "tasks"  # the attnbench extra that installs ``requires`` (named when unavailable)
     # model and training defaults every task has; a task adds its generator's parameters

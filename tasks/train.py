@@ -208,5 +208,7 @@ def _loop(task, model, optimizer, trainable, batch, steps, seed, device_t, max_w
     if not math.isfinite(value):
         outcome.status, outcome.reason = "diverged", f"evaluation metric is {value} (non-finite outputs)"
         return outcome
+    report = getattr(model, "quality_extras", None)
+    extras = {**extras, **(report() if report is not None else {})}
     outcome.value, outcome.breakdown, outcome.extras = value, breakdown, extras
     return outcome

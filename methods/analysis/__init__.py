@@ -16,8 +16,11 @@ with its readable reference beside its fast path, in family ``analysis``.
 | ``plap_attention`` | p-adapter (§5) | kernel | N (E at p=2, μ=0) | p-Laplacian reweighted attention, Gram-matrix fast path |
 | ``contmix1d`` | OverLoCK ContMix (§3) | layer | N | neighbourhood attention with region-key logits (1-D causal/full, 2-D) |
 
-Elsewhere: the readouts ``pool_eos``, ``pool_mean``, ``pool_latent_last``, ``pool_latent_multilayer``
-(``latent.make_readout``, the model option ``readout``); the fixed-map variants ``decon_rndembqk``,
+Elsewhere: the readouts ``pool_eos``, ``pool_mean``, ``pool_latent_last``, ``pool_latent_multilayer`` and
+``histograph_readout`` (HISTOGRAPH §6, :mod:`.histograph`: depth attention over the layer history + node
+self-attention), all ``history -> vector`` (``latent.make_readout``, the model option ``readout``); the Sparse-GIN
+adapter (§1b, :mod:`.sparse_gin`) on a frozen all-MiniLM-L6-v2, as the experiment ``sparse_gin_minilm``
+(``attnbench.tasks.sparse_gin``); the fixed-map variants ``decon_rndembqk``,
 ``decon_fixedseqqk``, ``decon_staticembqk`` and ``hybrid_schedule`` are options of the task model
 (``attnbench.tasks.model``: ``qk_source``, ``hybrid_schedule``); the experiments ``icl_linreg_1layer_mh``,
 ``mqar_state_sweep`` and ``rf_attention_probe`` are tasks (``attnbench.tasks.analysis``).
@@ -26,7 +29,6 @@ Not implemented, on purpose: **LowFER** (§12, arXiv:2008.10858) has no attentio
 bilinear scoring function for knowledge-graph triples (no sequence, no positions, no softmax over keys), and
 its only honest use would need downloaded link-prediction data; **the single-layer universal approximation
 theorem** (§10, arXiv:2507.10581) is a pure existence result with no rates, widths or experiments, so no finite
-run can test it (a capacity probe would measure optimisation, not the theorem). Also not done yet:
-HISTOGRAPH's readout (§6) and the Sparse-GIN adapter (§1b).
+run can test it (a capacity probe would measure optimisation, not the theorem).
 """
 from . import contmix, decon, dsf, gin, latent, plap, taylor  # noqa: F401

@@ -17,7 +17,9 @@ classification model (``readout`` option of ``attnbench.tasks.model``):
 * ``pool_latent_last``: latents attend to the last layer's real tokens (the design M2/M4 names; the
   released M2 attends to the last token only, which makes its attention weight trivially 1);
 * ``pool_latent_multilayer``: latents attend to one summary per layer (the EOS state, or the masked mean:
-  ``summary``) plus a learned layer-index embedding ``E_layer``.
+  ``summary``) plus a learned layer-index embedding ``E_layer``;
+* ``histograph_readout`` (HISTOGRAPH, §6; :mod:`.histograph`): depth attention over each token's layer states
+  (the last layer as the query, signed normalisation) plus one node self-attention, then the masked mean.
 
 The latent pooler: ``O = Lat + W_o·MHA(Q = W_q LN(Lat), K, V = W_kv LN(C))``, ``O ← O + FF(LN O)`` (GEGLU ×4),
 the vector is the mean over the latents (the paper L2-normalises it for retrieval; ``normalize``).
@@ -166,7 +168,7 @@ class PoolLatentMultilayer(LatentPooler):
         return self.pool(context + self.layer_embedding[None])
 
 
-READOUTS = ("pool_eos", "pool_mean", "pool_latent_last", "pool_latent_multilayer")
+READOUTS = ("pool_eos", "pool_mean", "pool_latent_last", "pool_latent_multilayer", "histograph_readout")
 
 
 def make_readout(name: str, d: int, layers: int, heads: int = 4, latents: int = 8) -> nn.Module:
@@ -179,4 +181,8 @@ def make_readout(name: str, d: int, layers: int, heads: int = 4, latents: int = 
         return PoolLatentLast(d, latents=latents, heads=heads)
     if name == "pool_latent_multilayer":
         return PoolLatentMultilayer(d, layers, latents=latents, heads=heads)
+    if name == "histograph_readout":  # depth attention + node self-attention (HISTOGRAPH, §6)
+        from .histograph import HistographReadout
+
+        return HistographReadout(d, layers, heads=heads)
     raise ValueError(f"readout must be one of {READOUTS}, got {name!r}")

@@ -1,5 +1,7 @@
 """Task quality: per CAB pattern a method x task table with ranks, the metric against length, the needle maps,
-and quality against training throughput. Reads each run folder's quality rows (``attnbench.record.quality``)."""
+quality against training throughput, host-model options against the plain model (hybrid rescue), the probes and the
+experiments (``sections.experiments``). Reads each run folder's quality rows (``attnbench.record.quality``). A row
+run with host-model options is labelled ``method [options]`` so it is never merged with the plain model's."""
 from __future__ import annotations
 
 import json
@@ -14,6 +16,7 @@ from attnbench.report.context import Context
 from attnbench.report.formatting import fmt
 from attnbench.report.maths import pareto_front
 from attnbench.report.model import Cell, Section, Table, Text, plot
+from attnbench.report.sections.experiments import experiment_blocks, option_blocks, options_label
 
 
 def quality_rows(ctx: Context) -> pd.DataFrame:
@@ -28,7 +31,9 @@ def quality_rows(ctx: Context) -> pd.DataFrame:
         return pd.DataFrame()
     rows = pd.concat(frames, ignore_index=True)
     several = rows["run_dir"].nunique() > 1
-    rows["label"] = rows["method"].astype(str) + (" · " + rows["run_dir"] if several else "")
+    rows["options"] = rows["model_options"].map(options_label) if "model_options" in rows else ""
+    with_options = rows["options"].map(lambda text: f" [{text}]" if text else "")
+    rows["label"] = rows["method"].astype(str) + with_options + (" · " + rows["run_dir"] if several else "")
     rows["value"] = pd.to_numeric(rows["value"], errors="coerce").astype(float)
     rows["tokens_per_s"] = pd.to_numeric(rows["tokens_per_s"], errors="coerce").astype(float)
     rows["x"] = pd.to_numeric(rows["seq"], errors="coerce").astype(float)
@@ -175,6 +180,7 @@ def section_quality(ctx: Context) -> Section | None:
                                     "for every method): on the front, no other method is both faster and better.",
                                     collapsed=True))
     if len(trained):
+        section.blocks.extend(option_blocks(trained))
         section.blocks.extend(_kernel_pareto_blocks(trained, ctx.kernel))
     if len(probes):
         table = []
@@ -191,6 +197,7 @@ def section_quality(ctx: Context) -> Section | None:
             table.append([row.task, plots.tokens(row.x), row.label, row.metric, shown, breakdown])
         section.blocks.append(Table(["probe", "length", "method", "metric", "value", "by group / secondary"], table,
                                     "Training-free probes of the attention call alone (no model)."))
+    section.blocks.extend(experiment_blocks(rows[rows["kind"] == "experiment"]))
     return section
 
 

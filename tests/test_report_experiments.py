@@ -1,0 +1,90 @@
+"""The report shows the analysis experiments (issue 14): experiment rows with their checks (a failed check is
+shown and counted), the ICL mechanism / MQAR state / RF tables, and trained rows with host-model options kept
+apart from the plain model with their change against it (the hybrid rescue)."""
+from __future__ import annotations
+
+import json
+
+from attnbench.report.document import main as report_main
+from tests.test_quality_join import quality_row, write_quality_run
+
+ICL_CHECKS = {"kq_offdiag_ratio<0.05": True, "ov_last_entry_ratio<0.05": True, "zero_sum_ratio<0.05": False,
+              "closed_form_r2>0.99": True, "multihead_beats_single": True, "degrades_less_than_linear": True}
+
+
+def _experiment(task, method, value, breakdown, extras, metric="mse", higher=False, **kw):
+    return quality_row(task, "causal_self", method, 32, 0, value, metric=metric, higher=higher, kind="experiment",
+                       breakdown=json.dumps(breakdown), extras=json.dumps(extras), **kw)
+
+
+def _rows():
+    mech = {"kq_offdiag_ratio": 0.0123, "ov_last_entry_ratio": 0.0234, "zero_sum_ratio": 0.456,
+            "closed_form_r2": 0.99871, "omega": [1.0], "mu": [0.5, -0.5]}
+    rows = [
+        _experiment("icl_linreg_1layer_mh", "sdpa", 0.0711, {"mse@1x": 0.0711, "mse@4x": 0.0988},
+                    {"checks": ICL_CHECKS, "mechanism": mech, "ridge_mse": 0.0555}),
+        _experiment("mqar_state_sweep", "linear_attn", 0.61, {"n=4": 0.21, "n=16": 0.44, "n=64": 0.61},
+                    {"state": {f"n={n}": {"linear_state_per_layer": 2 * n * 64, "kv_cache_per_layer": 2 * 128 * (n + 64),
+                                          "layers": 2} for n in (4, 16, 64)},
+                     "checks": {"accuracy_not_worse_with_more_state": True}}, metric="accuracy", higher=True,
+                    exact=False),
+        _experiment("rf_attention_probe", "sdpa", 0.31,
+                    {"quadratic/rfa/n=256": 0.52, "quadratic/rfmlp/n=256": 0.77, "quadratic/rfa/n=1024": 0.31,
+                     "quadratic/rfmlp/n=1024": 0.66},
+                    {"checks": {"key_permutation_invariant": True, "rfa_below_rfmlp[quadratic]": True},
+                     "permutation_rel_err": 3e-7}),
+        _experiment("icl_linreg_1layer_mh", "taylor_softmax", None, {}, {}, status="timeout"),
+        _experiment("sparse_gin_minilm", "sdpa", 0.833, {},
+                    {"frozen_recall": 0.917, "train_recall": 1.0, "edges_per_layer_sentence": 1.0,
+                     "self_loop_share": 1.0, "checks": {"lambda0_is_base": True, "messages_cross_tokens": False,
+                                                        "not_worse_than_frozen": False}}, metric="recall", higher=True),
+    ]
+    for seed, (plain, hybrid) in enumerate([(0.30, 0.85), (0.32, 0.87)]):
+        rows.append(quality_row("mqar", "causal_self", "decon_mlp", 128, seed, plain))
+        rows.append(quality_row("mqar", "causal_self", "decon_mlp", 128, seed, hybrid,
+                                model_options=json.dumps({"hybrid_schedule": "first"})))
+        rows.append(quality_row("mqar", "causal_self", "sdpa", 128, seed, 0.99, exact=True))
+    return rows
+
+
+def _report(tmp_path, rows):
+    out = tmp_path / "out"
+    assert report_main([str(write_quality_run(tmp_path, "ana", rows)), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    return text[text.index("## Task quality"):]
+
+
+def _line(section, *needles):
+    found = [line for line in section.splitlines() if all(n in line for n in needles)]
+    assert found, needles
+    return found[0]
+
+
+def test_experiment_rows_and_their_checks_are_rendered(tmp_path):
+    section = _report(tmp_path, _rows())
+    summary = _line(section, "| icl_linreg_1layer_mh |", "| sdpa |", "| mse |")
+    assert "0.0711" in summary and "5/6" in summary and "zero_sum_ratio<0.05" in summary  # the failed check named
+    assert "timeout" in _line(section, "| icl_linreg_1layer_mh |", "taylor_softmax")
+    icl = _line(section, "| sdpa |", "0.0123")  # the mechanism table
+    assert "✓ 0.0123" in icl and "✗ 0.456" in icl and "✓ 0.9987" in icl and "0.0988 (4x)" in icl and "0.0555" in icl
+    mqar = _line(section, "| linear_attn |", "0.21", "0.44")
+    assert "| 0.21 | 0.44 | 0.61 | 8192 (linear state) |" in mqar.replace(",", "")  # n = 4, 16, 64 in order
+    rf = _line(section, "| quadratic |", "below rfmlp")
+    assert "0.52" in rf and "0.31" in rf and "✓" in rf
+    assert "0.66" in _line(section, "| quadratic |", "| rfmlp |")
+    gin = _line(section, "| sdpa |", "0.833", "0.917")
+    assert "| ✓ | ✗ |" in gin  # the released self-loop graph shows as no cross-token messages
+    assert "1/3" in _line(section, "| sparse_gin_minilm |", "| recall |")
+
+
+def test_model_options_are_kept_apart_and_compared_with_the_plain_model(tmp_path):
+    section = _report(tmp_path, _rows())
+    rank = _line(section, "| decon_mlp [hybrid_schedule=first] |")
+    assert "0.86" in rank  # the mean of the hybrid runs alone, not merged with the plain model's 0.31
+    assert "0.31" in _line(section, "| decon_mlp |", "(#")
+    change = _line(section, "| mqar |", "| decon_mlp |", "hybrid_schedule=first")
+    assert "| 0.31 | 0.86 | +0.55 |" in change
+    assert "sdpa 0.99" in section  # exact attention on the plain model, for reference
+    # negative control: without a plain run there is no change to show
+    rows = [r for r in _rows() if not (r["method"] == "decon_mlp" and not r.get("model_options"))]
+    assert "| no plain run |" in _line(_report(tmp_path / "b", rows), "| decon_mlp | hybrid_schedule=first |")
