@@ -199,3 +199,35 @@ def test_a_long_compiler_report_is_reduced_to_its_first_line_and_its_cause():
     assert reason.endswith("[cause: AssertionError('Ternary expression with dynamic condition has inconsistent "
                            "types int64 and int32')]")
     assert _reason(ValueError("plain"), "build") == "ValueError during build: plain"
+
+
+def test_a_resume_with_other_method_options_is_refused_before_anything_is_written(cfg):
+    """The case key holds no method options: resuming a run with other options for a method would keep the
+    rows measured with the old ones as done. Refused, naming the field; the same options resume as before."""
+    from attnbench.config.plan import ConfigError
+
+    cfg.update(methods=["linear_attn", "sdpa_math"], masks=["causal"], seq_lens=[32],
+               method_options={"linear_attn": {"chunk": 8}})
+    run_dir = run_sweep(cfg, "test", show_progress=False)
+    rows = read_jsonl(run_dir / "rows.jsonl")
+    by_method = {row["method"]: row for row in rows}
+    assert json.loads(by_method["linear_attn"]["method_options"]) == {"chunk": 8}
+    assert by_method["sdpa_math"]["method_options"] is None
+    before = sorted(p.name for p in run_dir.iterdir()), (run_dir / "rows.jsonl").read_text()
+
+    cfg["method_options"] = {"linear_attn": {"chunk": 16}}
+    with pytest.raises(ConfigError) as caught:
+        run_sweep(cfg, "test", show_progress=False)
+    assert "method_options.linear_attn" in str(caught.value) and "'chunk': 8" in str(caught.value)
+    assert (sorted(p.name for p in run_dir.iterdir()), (run_dir / "rows.jsonl").read_text()) == before
+
+    # rows written before the column existed: the options come from config.<invocation>.yaml
+    (run_dir / "rows.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in row.items() if k != "method_options"}) + "\n" for row in rows))
+    with pytest.raises(ConfigError, match="method_options.linear_attn"):
+        run_sweep(cfg, "test", show_progress=False)
+
+    # the same options: a plain resume (nothing to run, nothing refused)
+    cfg["method_options"] = {"linear_attn": {"chunk": 8}}
+    run_sweep(cfg, "test", show_progress=False)
+    assert len(read_jsonl(run_dir / "rows.jsonl")) == len(rows)

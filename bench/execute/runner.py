@@ -246,9 +246,10 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
     checked = validate_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
-    store = RowStore(run_dir, retry=tuple(checked["retry"]))
+    store = RowStore(run_dir, retry=tuple(checked["retry"]), method_options=checked.get("method_options"))
     for warning in store.warnings:
         print(f"attnbench: warning: {warning}", file=sys.stderr)
+    check_resumed_options(store, plan, checked.get("method_options"))
     rows_before = len(store.rows)
     write_plan(run_dir, plan)
     invocation, facts = envinfo.begin_invocation(run_dir, run_id, command)  # env.json: one entry per invocation
@@ -330,6 +331,24 @@ def run_sweep(cfg: dict, command: str, show_progress: bool = True) -> Path:
     except OSError as exc:
         raise ConfigError("results_dir", f"cannot write the run folder {run_dir}: {exc}") from None
     return run_plan(plan, cfg, run_dir, str(run_id), command, show_progress)
+
+
+def check_resumed_options(store: RowStore, plan: Plan, method_options: dict | None) -> None:
+    """A resumed run skips the cases it has rows for, and the case key holds no method options: resuming with
+    other options for a method would silently keep rows measured with the old ones beside new ones. Refuse
+    that before anything is written (``ConfigError`` naming ``method_options.<method>``)."""
+    planned = {case.case_id: case.method for case in plan.runnable}
+    planned.update({case.case_id: case.method for case, _ in plan.unsupported})
+    done = {case_id for case_id in planned if case_id in store.done}
+    if not done:
+        return
+    for method, recorded in sorted(store.recorded_options(done).items()):
+        current = dict((method_options or {}).get(method) or {})
+        if recorded != current:
+            raise ConfigError(f"method_options.{method}",
+                              f"{current or {}} differs from {recorded or {}}, the options this run's rows of "
+                              f"{method} were measured with (the case key does not hold method options, so a "
+                              "resume would keep those rows as done); use a new run_id, or the same options")
 
 
 def check_results_dir(results_dir: Path, run_id: str) -> Path:

@@ -103,6 +103,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
                           "started, or ATTNBENCH_GIT_SHA where the checkout has no .git; empty when unknown"),
     "git_dirty": ("boolean", "tracked files differed from that commit when the invocation started (untracked "
                              "files ignored); empty when unknown"),
+    "method_options": ("string", "the method's hyper-parameters of the invocation that wrote the row (config "
+                                 "method_options.<method>) as JSON with sorted keys; empty when it gave none. Not "
+                                 "part of case_id: a resume with other options is refused"),
     "invocation": ("Int64", "0-based index into env.json's invocations of the command that wrote the row"),
     "wall_s": ("Float64", "wall time of the case: in the worker from its start to its row; for a worker that "
                           "died or hung, from handing it the case to noticing; 0 for cases the planner marked unsupported; s"),

@@ -70,8 +70,17 @@ def read_jsonl(path: Path, warnings: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def options_json(method_options: dict | None, method: str) -> str | None:
+    """The ``method_options`` column: the method's hyper-parameters as canonical JSON (sorted keys), or None
+    when the config gives the method none."""
+    options = (method_options or {}).get(method)
+    return json.dumps(options, sort_keys=True, default=str) if options else None
+
+
 class RowStore:
-    def __init__(self, run_dir: Path, retry: tuple[str, ...] = ()):
+    def __init__(self, run_dir: Path, retry: tuple[str, ...] = (), method_options: dict | None = None):
+        # this invocation's method_options: every row appended gets its method's in the ``method_options`` column
+        self.method_options = dict(method_options or {})
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "rows.jsonl"
         self._lock = threading.Lock()
@@ -96,6 +105,8 @@ class RowStore:
             raise ValueError(f"row has status {row.get('status')!r}, not one of {schema.STATUSES}")
         if row["status"] != "ok" and not row.get("reason"):
             raise ValueError(f"row with status {row['status']!r} has no reason")
+        if "method_options" not in row or row["method_options"] is None:
+            row["method_options"] = options_json(self.method_options, str(row.get("method")))
         with self._lock:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(row, default=str) + "\n")
@@ -103,6 +114,33 @@ class RowStore:
                 os.fsync(handle.fileno())
             self.rows.append(row)
             self.done.add(row["case_id"])
+
+    def recorded_options(self, case_ids: set[str]) -> dict[str, dict]:
+        """Per method, the method options that the latest rows of ``case_ids`` were measured with: the
+        ``method_options`` column, or (rows written before it existed) ``config.<invocation>.yaml`` of the
+        invocation that wrote them; methods whose options cannot be told are left out."""
+        import yaml
+
+        configs: dict = {}
+        found: dict[str, dict] = {}
+        latest = {row["case_id"]: row for row in self.rows if row.get("case_id") in case_ids}
+        for row in latest.values():
+            method = str(row.get("method"))
+            if "method_options" in row:
+                found.setdefault(method, json.loads(row["method_options"]) if row["method_options"] else {})
+                continue
+            invocation = row.get("invocation")
+            path = self.run_dir / f"config.{invocation}.yaml"
+            if invocation is None or not path.is_file():
+                continue
+            if invocation not in configs:
+                try:
+                    configs[invocation] = yaml.safe_load(path.read_text()) or {}
+                except (OSError, yaml.YAMLError):
+                    configs[invocation] = None
+            if configs[invocation] is not None:
+                found.setdefault(method, dict((configs[invocation].get("method_options") or {}).get(method) or {}))
+        return found
 
     def frame(self):
         # the latest row of a case wins (a resumed run may re-run a case whose line was cut short)
