@@ -20,6 +20,9 @@ if [ -n "$WHEELS" ]; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.txt 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
+# Triton autotuning results are cached on disk (triton >= 3.2 knob): a Triton method (fla-core's kernels autotune
+# per process: 60-94 s first calls on the H200, h200-linear/device-logs) tunes once per machine, not once per worker.
+export TRITON_CACHE_AUTOTUNING=1
 AB="python3 -m attnbench.cli"
 T="python3 -m attnbench.cli train"
 R="results_dir=$OUT"

@@ -16,6 +16,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
+# Triton autotuning results are cached on disk (triton >= 3.2 knob): a Triton method (fla-core's kernels autotune
+# per process: 60-94 s first calls on the H200, h200-linear/device-logs) tunes once per machine, not once per worker.
+export TRITON_CACHE_AUTOTUNING=1
 AB="python3 -m attnbench.cli"
 fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
 inv() {  # inv WALL_S LOG PRESET RUN ARGS...

@@ -30,6 +30,9 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 # attnbench itself comes as a wheel in .whl/ (pip wheel --no-deps -w .whl .): no build on the device
 python3 -c "import attnbench" || { echo "attnbench wheel missing from .whl/"; exit 1; }
 export PYTHONUNBUFFERED=1
+# Triton autotuning results are cached on disk (triton >= 3.2 knob): a Triton method (fla-core's kernels autotune
+# per process: 60-94 s first calls on the H200, h200-linear/device-logs) tunes once per machine, not once per worker.
+export TRITON_CACHE_AUTOTUNING=1
 python3 -c "import fla, einops, triton; print('fla', fla.__version__, 'triton', triton.__version__)" \
   || echo "fla does not import here: the fla_* rows will be unsupported (method unavailable)"
 AB="python3 -m attnbench.cli"

@@ -13,6 +13,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}  # attnbench itself is a wheel in .whl/ (pip wheel --no-deps -w .whl .)
 python3 -c "import attnbench" || { echo "attnbench wheel missing from .whl/"; exit 1; }
 export PYTHONUNBUFFERED=1
+# Triton autotuning results are cached on disk (triton >= 3.2 knob): a Triton method (fla-core's kernels autotune
+# per process: 60-94 s first calls on the H200, h200-linear/device-logs) tunes once per machine, not once per worker.
+export TRITON_CACHE_AUTOTUNING=1
 RUN=h200-sparse
 ONE_D="sdpa_cudnn,flex,biformer,halo,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,long_short,superlinear"
 
