@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 
-.PHONY: bench test install clean report lint help
+.PHONY: bench test install clean report lint help device-wheel
 
 help:
 	@echo "make bench   # create .venv, install, run the default sweep (GPU sweep with a GPU, else the CPU smoke sweep)"
@@ -35,6 +35,13 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+
+# the lent GPU machine installs attnbench from a wheel carried in .whl/ (git-ignored; the device scripts say
+# which other wheels to copy there), with the commit it was built from (rows' git_sha; scripts/device_wrap.sh)
+device-wheel: $(STAMP)
+	mkdir -p .whl && rm -f .whl/attnbench-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl .
+	git rev-parse HEAD > .whl/GIT_SHA
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

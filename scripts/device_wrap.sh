@@ -4,6 +4,9 @@
 #   bash scripts/device_wrap.sh NAME scripts/device_NAME.sh [pre-step script ...]
 set -u
 NAME=$1; shift
+# the device copy has no .git: the commit the wheel was built from travels as .whl/GIT_SHA (written beside the
+# wheel: `git rev-parse HEAD > .whl/GIT_SHA`), so rows carry git_sha (git_dirty stays empty: unknown there)
+[ -f .whl/GIT_SHA ] && export ATTNBENCH_GIT_SHA=$(cat .whl/GIT_SHA)
 REAL_OUT=${OUT:?}
 SCRATCH=/tmp/out-$NAME
 mkdir -p "$SCRATCH"
