@@ -332,6 +332,22 @@ def test_routing_members_are_balanced_sorted_and_nearest():
     assert torch.equal(assign[0], sim.argmax(dim=1))
 
 
+@pytest.mark.parametrize("chunk", [1 << 28, 64 * 4 * 2])  # one chunk; one head (both batch rows) per chunk
+def test_routing_routes_every_batch_row_and_head_as_one_by_one(monkeypatch, chunk):
+    """route() runs all batch rows (and head chunks) at once: each (batch, head) equals routing it alone."""
+    monkeypatch.setattr(routing, "SIM_CHUNK_ELEMS", chunk)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 8)
+    centroids = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)
+    members, assign = routing.route(x, centroids, 16)
+    assert members.shape == (2, 3, 4, 16) and assign.shape == (2, 3, 64)
+    for b, h in itertools.product(range(2), range(3)):
+        alone_m, alone_a = routing.route(x[b:b + 1, h:h + 1], centroids[h:h + 1], 16)
+        assert torch.equal(members[b, h], alone_m[0, 0]) and torch.equal(assign[b, h], alone_a[0, 0])
+    swapped = routing.route(x.flip(0), centroids, 16)[0]  # negative control: batch rows route differently
+    assert not torch.equal(swapped, members)
+
+
 def test_routing_centroids_move_towards_their_tokens_by_ema():
     torch.manual_seed(0)
     heads, clusters, dim = 1, 2, 4
