@@ -64,13 +64,15 @@ def test_superlinear_block_masks_change_per_call_without_recompiling():
 
 IMPL_CASES = [("halo", impl, mask) for impl in ("strided", "strided_square", "gather", "flex")
               for mask in ("full", "causal")] + [("long_short", impl, mask) for impl in ("strided", "flex")
-                                                  for mask in ("full", "causal")]
+                                                  for mask in ("full", "causal")] + [
+    (name, impl, mask) for name in ("combiner_fixed", "combiner_axial") for impl in ("sdpa", "flex")
+    for mask in ("full", "causal")]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("method, impl, mask", IMPL_CASES)
 def test_each_impl_matches_its_reference_on_the_gpu(method, impl, mask, mode):
-    row = run_case(method, mask, mode, options={method: {**OPTIONS[method], "impl": impl}})
+    row = run_case(method, mask, mode, options={method: {**OPTIONS.get(method, {}), "impl": impl}})
     assert row["status"] == "ok", row["reason"]
 
 

@@ -56,8 +56,12 @@ SELF = [
     ("halo_2d", ("full",), {"block": 4, "halo": 2}),
     ("routing", ("full", "causal"), {"clusters": 8}),
     ("routing", ("full",), {"clusters": 4, "share_qk": False}),
-    ("combiner_fixed", ("full", "causal"), {"segment": 16}),
-    ("combiner_axial", ("full", "causal"), {"segment": 16}),
+    ("combiner_fixed", ("full", "causal"), {"segment": 16}),  # impl sdpa (default)
+    ("combiner_fixed", ("full", "causal"), {"segment": 8, "impl": "sdpa"}),
+    ("combiner_fixed", ("full", "causal"), {"segment": 16, "impl": "flex"}),
+    ("combiner_axial", ("full", "causal"), {"segment": 16}),  # impl sdpa (default)
+    ("combiner_axial", ("full", "causal"), {"segment": 8, "impl": "sdpa"}),
+    ("combiner_axial", ("full", "causal"), {"segment": 16, "impl": "flex"}),
     ("combiner_logsparse", ("causal",), {}),
     ("sparsifiner", ("full",), {"keep_rate": 0.3}),
     ("probsparse", ("full",), {"factor": 2}),
@@ -228,6 +232,8 @@ def test_routing_is_deterministic_for_a_seed(dense, method, opts):
     ("sparsifiner", "full", {"keep_rate": 0}, "method_options.sparsifiner.keep_rate: must be > 0"),
     ("superlinear", "causal", {"num_spans": 99}, "method_options.superlinear.num_spans"),
     ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed: unknown field(s) segmnt"),
+    ("combiner_fixed", "causal", {"impl": "dense"}, "method_options.combiner_fixed.impl: must be one of sdpa, flex"),
+    ("combiner_axial", "full", {"impl": "strided"}, "method_options.combiner_axial.impl: must be one of sdpa, flex"),
 ])
 def test_bad_options_fail_naming_the_field(dense, method, mask, opts, words):
     with pytest.raises(ValueError) as info:
@@ -326,6 +332,22 @@ def test_routing_members_are_balanced_sorted_and_nearest():
     assert torch.equal(assign[0], sim.argmax(dim=1))
 
 
+@pytest.mark.parametrize("chunk", [1 << 28, 64 * 4 * 2])  # one chunk; one head (both batch rows) per chunk
+def test_routing_routes_every_batch_row_and_head_as_one_by_one(monkeypatch, chunk):
+    """route() runs all batch rows (and head chunks) at once: each (batch, head) equals routing it alone."""
+    monkeypatch.setattr(routing, "SIM_CHUNK_ELEMS", chunk)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 8)
+    centroids = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)
+    members, assign = routing.route(x, centroids, 16)
+    assert members.shape == (2, 3, 4, 16) and assign.shape == (2, 3, 64)
+    for b, h in itertools.product(range(2), range(3)):
+        alone_m, alone_a = routing.route(x[b:b + 1, h:h + 1], centroids[h:h + 1], 16)
+        assert torch.equal(members[b, h], alone_m[0, 0]) and torch.equal(assign[b, h], alone_a[0, 0])
+    swapped = routing.route(x.flip(0), centroids, 16)[0]  # negative control: batch rows route differently
+    assert not torch.equal(swapped, members)
+
+
 def test_routing_centroids_move_towards_their_tokens_by_ema():
     torch.manual_seed(0)
     heads, clusters, dim = 1, 2, 4
@@ -403,12 +425,11 @@ def test_sweep_rows_for_every_method_say_what_ran_and_why_not(cfg):
             declared = METHODS[name].caps.masks
             if mask not in declared:
                 assert row.status == "unsupported" and "mask" in row.reason
-    for name in ("biformer", "halo", "routing"):
+    for name in ("biformer", "halo", "routing", "combiner_fixed"):  # combiner_fixed: impl sdpa runs on the CPU
         assert set(frame.loc[name].status) == {"ok"}, frame.loc[name][["status", "reason"]]
         assert frame.loc[name].attended_pairs.notna().all()
     assert frame.loc[("superlinear", "full")].status == "unsupported"
     assert "CUDA" in frame.loc[("superlinear", "causal")].reason  # compiled FlexAttention is CUDA-only here
-    assert frame.loc[("combiner_fixed", "causal")].status == "unsupported"
     routed = frame.loc[("routing", "causal")]
     assert routed.routing_share > 0 and "routing=" in routed.phase_ms
 
@@ -600,3 +621,83 @@ def test_a_long_short_window_off_by_one_row_is_caught(dense, monkeypatch, mask):
     monkeypatch.setattr(long_short, "overlapping_windows", late)
     row = run_case("long_short", mask, "fwd", opts={"window": 16, "rank": 4})
     assert row["status"] == "wrong", row["reason"]
+
+
+# ---- Combiner's sdpa impl: dense kernel parts merged by log-sum-exp ----------------------------------------------
+@pytest.mark.parametrize("method", ["combiner_fixed", "combiner_axial"])
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_combiner_impls_agree_with_each_other_with_gradients(dense, method, mask):
+    """impl sdpa (kernel parts merged) and impl flex (one masked softmax over augmented keys) give the same
+    output and input/parameter gradients on one input (fp32)."""
+    got = []
+    for impl in combiner.IMPLS:
+        prepared, case = build(method, mask, opts={"segment": 8, "impl": impl})
+        q, k, v, _ = (t.requires_grad_() for t in inputs(case))
+        out = prepared.fn(q, k, v)
+        wrt = (q, k, v, *prepared.parameters)
+        got.append((out, torch.autograd.grad(out, wrt, torch.ones_like(out) + torch.arange(16.0) / 16)))
+    (a, ga), (b, gb) = got
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_parts_merged_places_round_trip():
+    """A Place's take is the part's layout and put writes it back where take read it (rows, columns, flip)."""
+    t = torch.arange(2 * 3 * 12 * 2.0).reshape(2, 3, 12, 2)
+    grid = t.reshape(6, 4, 3, 2)
+    for place, want in [(common.Place(4, 3), grid),
+                        (common.Place(4, 3, slice(1, None), True), grid[:, 1:].transpose(1, 2)),
+                        (common.Place(4, 3, slice(0, -1), True, flip=True), grid[:, :-1].flip(1).transpose(1, 2)),
+                        (common.Place(1, 12), t.reshape(6, 1, 12, 2))]:
+        part = place.take(t)
+        assert torch.equal(part, want)
+        back = torch.zeros_like(t)
+        place.put(back, part)
+        assert torch.equal(back.reshape(6, 4, 3, 2)[:, place.rows], grid[:, place.rows])
+        assert back.sum() == grid[:, place.rows].sum()
+
+
+def test_combiner_axial_without_the_flip_is_caught(monkeypatch):
+    """Negative control: non-causal axial step 2 with the later-rows part NOT reversed (so it attends the
+    wrong rows' keys) is ``wrong``."""
+    class NoFlip(common.Place):
+        def __init__(self, *a, flip=False, **kw):
+            super().__init__(*a, **kw)
+
+    assert run_case("combiner_axial", "full", "fwd", opts={"segment": 16})["status"] == "ok"
+    monkeypatch.setattr(combiner, "Place", NoFlip)
+    row = run_case("combiner_axial", "full", "fwd", opts={"segment": 16})
+    assert row["status"] == "wrong", row["reason"]
+
+
+def test_combiner_fixed_that_sees_its_own_segment_summary_when_causal_is_caught(monkeypatch):
+    """Negative control: causal Fixed whose span part lets segment s see summary s (a leak of the segment's
+    later tokens through the max-pooled key) is ``wrong`` - and the direct leak probe sees it."""
+    original = common.parts_merged
+
+    def leaky(parts, shape):
+        if len(parts) == 2 and parts[1][4]:
+            place, q, k, v, causal = parts[1]
+            parts = [parts[0], (place, q, k, v, False)]  # every earlier-or-later summary: no causal cut
+        return original(parts, shape)
+
+    monkeypatch.setattr(combiner, "parts_merged", leaky)
+    row = run_case("combiner_fixed", "causal", "fwd", opts={"segment": 16})
+    assert row["status"] == "wrong", row["reason"]
+
+
+def test_combiner_merge_whose_part_backward_uses_its_own_softmax_is_caught(monkeypatch):
+    """Negative control for parts_merged's gradients: part backwards fed each part's OWN out and lse (not the
+    merged ones) are caught by the gradient gate."""
+    def own(op, *args):
+        if op == "fwd":
+            return common.tile_kernel_readable(op, *args)
+        dout, q, k, v, _, _, causal, state = args
+        out, lse, _ = common.tile_kernel_readable("fwd", q, k, v, causal)
+        return common.tile_kernel_readable("bwd", dout, q, k, v, out, lse, causal, state)
+
+    monkeypatch.setattr(common, "TILE_KERNEL", own)
+    for method in ("combiner_fixed", "combiner_axial"):
+        row = run_case(method, "causal", "fwd_bwd", opts={"segment": 16})
+        assert row["status"] == "wrong", row["reason"]

@@ -11,21 +11,26 @@ references (pattern over the augmented keys, masked softmax) and the fast paths 
 - ``combiner_fixed`` (Combiner-Fixed, ``_SelfAttSqrtn``): segments of ``segment`` tokens (default ~sqrt(L)).
   Causal: direct = own segment up to the query; spans = every earlier segment. Non-causal: direct = own
   segment; spans = every segment's summary (the own one too, as the reference code keeps it).
-  Fast path: one compiled FlexAttention call over ``[K ; K_bar]`` with a static BlockMask (block-diagonal
-  local part plus a narrow summary column band).
+  Fast path ``impl=sdpa`` (default): the segments as dense tiles (a view, no copy) and the summaries as a
+  small dense part (causal: square causal along the grid's columns), each a flash/readable kernel call with
+  its log-sum-exp, merged exactly (``common.parts_merged``). ``impl=flex``: one compiled FlexAttention call
+  over ``[K ; K_bar]`` with a static BlockMask (block-diagonal local part plus a narrow summary column band).
 - ``combiner_axial`` (Combiner-Axial, row-major): the sequence as ``L/s`` rows of ``s`` columns. Step 1: full
   attention inside each row gives ``row_out[r, c]``, and ``key_row[r, c] = W2 LN(k[r, c] + W1 row_out[r, c])``
   (learned ``W1, W2 [D, D]``; the paper's layer uses x where this kernel form has k). Step 2: query (r, c)
   takes one softmax over its row's keys (causal: c' <= c) and the other rows at its column (causal: rows
   r' < r; non-causal: r' != r) with keys ``key_row`` and values ``row_out``. Fast path: step 1 as SDPA row
-  tiles; step 2 as two FlexAttention parts (row tiles; column tiles after a transpose) merged exactly by
-  log-sum-exp.
+  tiles; step 2 with ``impl=sdpa`` (default) as dense kernel calls on row tiles and column tiles (views;
+  rows r' < r square causal on shifted columns, non-causal rows r' > r the same on reversed columns) merged
+  exactly by log-sum-exp (``common.parts_merged``); ``impl=flex``: two FlexAttention parts (row tiles;
+  column tiles after a transpose) merged exactly by log-sum-exp.
 - ``combiner_logsparse`` (Combiner-Logsparse, causal only): direct = the query itself; spans = the dyadic
   blocks that partition its prefix (level l, block size 2^l: block ``c = floor(i / 2^l) - 1`` iff c >= 0 and
   even). Fast path: per level, summaries by reshape + max/softmax, and the query's span looked up by a shifted
   broadcast (no gather): O(L log L d) in plain PyTorch. Needs a power-of-two length.
 
-Options: ``segment`` (Fixed/Axial; default ``2^round(log2(L)/2)``; must divide L).
+Options: ``segment`` (Fixed/Axial; default ``2^round(log2(L)/2)``; must divide L), ``impl`` (Fixed/Axial:
+``sdpa`` default, ``flex`` the former compiled-FlexAttention path).
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ import torch.nn.functional as F
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .common import (Options, flex_path, merge_parts, parameter, pattern_reference, pow2_near_sqrt,
-                     sdpa_tiles, static_block_mask, to_tiles, from_tiles)
+from .common import (Options, Place, flex_path, merge_parts, parameter, parts_merged, pattern_reference,
+                     pow2_near_sqrt, sdpa_tiles, static_block_mask, to_tiles, from_tiles)
+
+IMPLS = ("sdpa", "flex")
 
 
 def span_summaries(q, k, v, span: int):
@@ -75,28 +82,61 @@ def fixed_visible(q_idx, kv_idx, length: int, segment: int, causal: bool):
     return direct | span
 
 
+def fixed_sdpa(q, k, v, segment: int, causal: bool):
+    """Combiner-Fixed as dense kernel calls merged exactly by log-sum-exp (:func:`common.parts_merged`):
+    the direct part is block-diagonal - the segments as tiles ``[B*H, n, segment, D]`` (a view of q, k, v, no
+    copy; square causal when causal); the span part is small and dense: non-causal, every query against all
+    ``n`` summaries (``[B*H, 1, L, D]`` x ``[B*H, 1, n, D]``); causal, segment ``s`` sees summaries ``< s``,
+    which is square causal attention along the grid's COLUMNS (query column tiles ``[B*H, segment, n - 1, D]``
+    of segments 1..n-1, a transposed view of q, against summaries 0..n-2 broadcast over the columns, stride 0).
+    Every query reaches its direct part, so no merged row is empty."""
+    batch, heads, length, dim = q.shape
+    n = length // segment
+    k_bar, v_bar = span_summaries(q, k, v, segment)
+    k_bar = k_bar.reshape(batch * heads, 1, n, dim)
+    v_bar = v_bar.reshape(batch * heads, 1, n, v.shape[-1]).contiguous()
+    local = Place(n, segment)
+    parts = [(local, local.take(q), local.take(k), local.take(v), causal)]
+    if not causal:
+        whole = Place(1, length)
+        parts.append((whole, whole.take(q), k_bar, v_bar, False))
+    elif n > 1:
+        later = Place(n, segment, rows=slice(1, None), columns=True)
+        spread = (batch * heads, segment, n - 1)
+        parts.append((later, later.take(q), k_bar[:, :, :-1].expand(*spread, dim),
+                      v_bar[:, :, :-1].expand(*spread, v.shape[-1]), True))
+    return parts_merged(parts, (batch, heads, length))
+
+
 @register_method(
     "combiner_fixed",
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, backward=True, compiled=True),
     description="Combiner-Fixed: own segment direct + every other segment as one span (max-pool key, "
-                "attention-pooled value), one joint softmax (FlexAttention over augmented keys)",
+                "attention-pooled value), one joint softmax (impl sdpa: dense segment tiles + summary part "
+                "merged by log-sum-exp; impl flex: FlexAttention over augmented keys)",
 )
 def build_combiner_fixed(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "combiner_fixed", ("segment",))
+    opts = Options(ctx, "combiner_fixed", ("segment", "impl"))
     length = case.seq_q
     segment = _segment(opts, length)
+    impl = opts.choice("impl", "sdpa", IMPLS)
     n_seg = length // segment
-    attend = flex_path(ctx)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return fixed_visible(q_idx, kv_idx, length, segment, causal)
+    if impl == "sdpa":
+        def fn(q, k, v):
+            return fixed_sdpa(q, k, v, segment, causal)
+    else:
+        attend = flex_path(ctx)
 
-    block_mask = static_block_mask(mask_mod, None, None, length, length + n_seg, ctx.device)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return fixed_visible(q_idx, kv_idx, length, segment, causal)
 
-    def fn(q, k, v):
-        k_bar, v_bar = span_summaries(q, k, v, segment)
-        return attend(q, torch.cat([k, k_bar], dim=2), torch.cat([v, v_bar], dim=2), block_mask, False)
+        block_mask = static_block_mask(mask_mod, None, None, length, length + n_seg, ctx.device)
+
+        def fn(q, k, v):
+            k_bar, v_bar = span_summaries(q, k, v, segment)
+            return attend(q, torch.cat([k, k_bar], dim=2), torch.cat([v, v_bar], dim=2), block_mask, False)
 
     def reference(q, k, v, rows=None):
         k_bar, v_bar = span_summaries(q, k, v, segment)
@@ -147,20 +187,43 @@ def _dense_rows(q, k, v, tiles_per_chunk: int = 1024):
     return torch.cat(outs, dim=1)
 
 
+def axial_step2_sdpa(q, k, v, key_row, row_out, segment: int, causal: bool):
+    """Step 2 as dense kernel calls merged exactly by log-sum-exp (:func:`common.parts_merged`): the own row
+    as row tiles ``[B*H, n, segment, D]`` (views of q, k, v; square causal when causal); the other rows at
+    the query's column as column tiles (transposed views): rows ``r' < r`` are square causal attention of the
+    columns of rows 1..n-1 on those of rows 0..n-2 (``key_row``/``row_out``); non-causal adds rows ``r' > r``
+    as the same on the columns in reverse row order (rows 0..n-2 against rows 1..n-1, flipped: three copies
+    of ``L x D``). No kernel sees a masked-out block."""
+    batch, heads, length, _ = q.shape
+    n = length // segment
+    local = Place(n, segment)
+    parts = [(local, local.take(q), local.take(k), local.take(v), causal)]
+    if n > 1:
+        late, early = Place(n, segment, slice(1, None), True), Place(n, segment, slice(0, -1), True)
+        parts.append((late, late.take(q), early.take(key_row), early.take(row_out), True))
+        if not causal:
+            back_q = Place(n, segment, slice(0, -1), True, flip=True)
+            back_k = Place(n, segment, slice(1, None), True, flip=True)
+            parts.append((back_q, back_q.take(q), back_k.take(key_row), back_k.take(row_out), True))
+    return parts_merged(parts, (batch, heads, length))
+
+
 @register_method(
     "combiner_axial",
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, backward=True, compiled=True,
                  trainable=True),
     description="Combiner-Axial (row-major): row attention summaries as keys/values of previous rows at the "
-                "same column, one joint softmax (SDPA rows + two FlexAttention parts merged by log-sum-exp)",
+                "same column, one joint softmax (impl sdpa: row and column tiles as dense kernel calls merged by "
+                "log-sum-exp; impl flex: SDPA rows + two FlexAttention parts)",
 )
 def build_combiner_axial(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "combiner_axial", ("segment",))
+    opts = Options(ctx, "combiner_axial", ("segment", "impl"))
     length, dim = case.seq_q, case.head_dim
     segment = _segment(opts, length)
+    impl = opts.choice("impl", "sdpa", IMPLS)
     n_rows = length // segment
-    attend = flex_path(ctx)
+    attend = flex_path(ctx) if impl == "flex" else None
     w1 = parameter(ctx, "combiner.axial.w1", (dim, dim), dim ** -0.5)
     w2 = parameter(ctx, "combiner.axial.w2", (dim, dim), dim ** -0.5)
 
@@ -171,8 +234,9 @@ def build_combiner_axial(ctx):
         return (kv_idx < q_idx) if causal else (kv_idx != q_idx)
 
     heads = case.heads_q
-    local_mask = static_block_mask(local_mod, None, None, segment, segment, ctx.device)
-    column_mask = static_block_mask(column_mod, None, None, n_rows, n_rows, ctx.device)
+    if impl == "flex":
+        local_mask = static_block_mask(local_mod, None, None, segment, segment, ctx.device)
+        column_mask = static_block_mask(column_mod, None, None, n_rows, n_rows, ctx.device)
 
     def columns(t):  # [B, H, L, D] -> [B, H * s, L / s, D]: one tile per column, rows in order
         b, h, _, d = t.shape
@@ -180,6 +244,10 @@ def build_combiner_axial(ctx):
 
     def from_columns(t, batch):
         return t.reshape(batch, heads, segment, n_rows, -1).transpose(2, 3).reshape(batch, heads, length, -1)
+
+    def fn_sdpa(q, k, v):
+        row_out, key_row = axial_rows(q, k, v, w1, w2, segment, sdpa_tiles)
+        return axial_step2_sdpa(q, k, v, key_row, row_out, segment, causal)
 
     def fn(q, k, v):
         row_out, key_row = axial_rows(q, k, v, w1, w2, segment, sdpa_tiles)
@@ -203,7 +271,8 @@ def build_combiner_axial(ctx):
     else:
         step2 = length * (segment + n_rows - 1)
     pairs = (length * segment + step2) * case.batch * heads
-    return Prepared(fn=fn, reference=reference, parameters=[w1, w2], attended_pairs=lambda q, k, v: pairs)
+    return Prepared(fn=fn_sdpa if impl == "sdpa" else fn, reference=reference, parameters=[w1, w2],
+                    attended_pairs=lambda q, k, v: pairs)
 
 
 # ---- Combiner-Logsparse ----------------------------------------------------------------------------------------

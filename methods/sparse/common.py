@@ -490,3 +490,86 @@ class _TilesMerged(torch.autograd.Function):
 def tiles_merged(q, k, v, o_other, lse_other, causal: bool) -> torch.Tensor:
     """See :class:`_TilesMerged` (a window part merged exactly with another part by log-sum-exp)."""
     return _TilesMerged.apply(q, k, v, o_other, lse_other.float(), causal)
+
+
+# ---- several kernel parts of one softmax merged exactly (log-sum-exp), gradients included ---------------------
+class Place:
+    """Where a kernel part's query tiles sit in the common ``[B, H, L, X]`` layout, seen as a row-major grid
+    ``[B * H, n, size, X]`` (position = grid row * size + column): ``rows`` (a slice of grid rows),
+    ``columns`` (the part's tiles are grid columns, ``[B * H, size, rows, X]``, a transposed view; else grid
+    rows, ``[B * H, rows, size, X]``, a plain view), ``flip`` (the rows in reverse order - a copy; turns
+    "later rows" into a causal pattern). ``Place(1, L)`` is the whole sequence as one tile."""
+
+    def __init__(self, n: int, size: int, rows: slice = slice(None), columns: bool = False, flip: bool = False):
+        self.n, self.size, self.rows, self.columns, self.flip = n, size, rows, columns, flip
+
+    def _grid(self, t):
+        return t.reshape(t.shape[0] * t.shape[1], self.n, self.size, t.shape[-1])[:, self.rows]
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """``t [B, H, L, X]`` -> the part's layout."""
+        g = self._grid(t)
+        if self.flip:
+            g = g.flip(1)
+        return g.transpose(1, 2) if self.columns else g
+
+    def put(self, common: torch.Tensor, part: torch.Tensor) -> None:
+        """Write ``part`` (the part's layout) into its place in the contiguous ``common [B, H, L, X]``."""
+        if self.columns:
+            part = part.transpose(1, 2)
+        if self.flip:
+            part = part.flip(1)
+        self._grid(common).copy_(part)
+
+
+class _PartsMerged(torch.autograd.Function):
+    """Disjoint kernel parts of one softmax, each ``(q_i, k_i, v_i)`` in its own tile layout ``[N, T, t, D]``
+    with a causal flag (square or bottom-right, :func:`tile_kernel_readable`) and a :class:`Place` of its
+    queries in the common ``[B, H, L, D]`` layout (rows a part does not reach get lse -inf from it; every row
+    must be reached by some part). Forward: each part through :data:`TILE_KERNEL` (out and lse), merged by
+    log-sum-exp in fp32. Backward: each part's kernel backward fed the MERGED out and lse (its exact share of
+    the merged softmax's gradient, the ring-attention identity), so no part needs an lse gradient."""
+
+    @staticmethod
+    def forward(ctx, places, causals, shape, *qkv):
+        kernel = TILE_KERNEL
+        batch, heads, length = shape
+        dv = qkv[2].shape[-1]
+        n = len(places)
+        outs = qkv[0].new_zeros(n, batch, heads, length, dv)
+        lses = torch.full((n, batch, heads, length, 1), NEG_INF, dtype=torch.float32, device=qkv[0].device)
+        states = []
+        for i, (place, causal) in enumerate(zip(places, causals)):
+            o, lse, state = kernel("fwd", *qkv[3 * i:3 * i + 3], causal)
+            place.put(outs[i], o)
+            place.put(lses[i], lse.float()[..., None])
+            states.append(state)
+        top = lses.amax(dim=0)
+        weights = torch.exp(lses - top)
+        total = weights.sum(dim=0)
+        acc = weights[0] * outs[0].float()
+        for i in range(1, n):
+            acc.add_(weights[i] * outs[i].float())
+        out = (acc / total).to(qkv[0].dtype)
+        lse = top + torch.log(total)
+        ctx.save_for_backward(*qkv, out, lse)
+        ctx.places, ctx.causals, ctx.states, ctx.kernel = places, causals, states, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        *qkv, out, lse = ctx.saved_tensors
+        grads = []
+        for i, (place, causal) in enumerate(zip(ctx.places, ctx.causals)):
+            grads.extend(ctx.kernel("bwd", place.take(dout), *qkv[3 * i:3 * i + 3], place.take(out),
+                                    place.take(lse)[..., 0], causal, ctx.states[i]))
+        return (None, None, None, *grads)
+
+
+def parts_merged(parts, shape) -> torch.Tensor:
+    """``parts``: ``[(place, q_i, k_i, v_i, causal), ...]`` (see :class:`_PartsMerged`); ``shape``: the common
+    ``(B, H, L)``. Returns the merged output ``[B, H, L, Dv]``."""
+    places = tuple(p[0] for p in parts)
+    causals = tuple(bool(p[4]) for p in parts)
+    flat = [t for p in parts for t in p[1:4]]
+    return _PartsMerged.apply(places, causals, tuple(shape), *flat)

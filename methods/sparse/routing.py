@@ -45,20 +45,21 @@ def route(x: torch.Tensor, centroids: torch.Tensor, window: int):
     """Balanced routing of ``x [B, H, L, D]`` to ``centroids [H, C, D]`` (unit rows), from fp32 scores.
 
     Returns ``(members [B, H, C, window] long, ascending positions; assign [B, H, L] long, argmax cluster)``.
-    Computed per (batch, head-chunk) so the similarity matrix stays under ``SIM_CHUNK_ELEMS``."""
+    All batch rows at once (the centroids broadcast over the batch), in head chunks so the similarity matrix
+    ``[B, h, C, L]`` stays under ``SIM_CHUNK_ELEMS`` (one chunk up to 2^28 entries: 64K tokens x 256
+    clusters x 16 heads); no python loop over batch rows or clusters."""
     batch, heads, length, _ = x.shape
     n_clusters = centroids.shape[1]
-    per = max(1, SIM_CHUNK_ELEMS // (length * n_clusters))
+    per = max(1, SIM_CHUNK_ELEMS // (batch * length * n_clusters))
     members, assign = [], []
-    for b in range(batch):
-        for h0 in range(0, heads, per):
-            xs = F.normalize(x[b, h0:h0 + per].float(), dim=-1)  # [h, L, D]
-            sim = torch.matmul(centroids[h0:h0 + per].float(), xs.transpose(-1, -2))  # [h, C, L]
-            members.append(sim.topk(window, dim=-1).indices.sort(dim=-1).values)
-            assign.append(sim.argmax(dim=1))
-    members = torch.cat(members).reshape(batch, heads, n_clusters, window)
-    assign = torch.cat(assign).reshape(batch, heads, length)
-    return members, assign
+    for h0 in range(0, heads, per):
+        xs = F.normalize(x[:, h0:h0 + per].float(), dim=-1)  # [B, h, L, D]
+        sim = torch.matmul(centroids[h0:h0 + per].float(), xs.transpose(-1, -2))  # [B, h, C, L]
+        members.append(sim.topk(window, dim=-1).indices.sort(dim=-1).values)
+        assign.append(sim.argmax(dim=2))
+    if len(members) == 1:
+        return members[0], assign[0]
+    return torch.cat(members, dim=1), torch.cat(assign, dim=1)
 
 
 def ema_update(state: dict, x: torch.Tensor, assign: torch.Tensor, decay: float) -> torch.Tensor:
