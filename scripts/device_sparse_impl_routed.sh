@@ -27,7 +27,7 @@ sweep() {  # sweep WALL_S RUN ARGS...
   python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$run').finalize()" 2>/dev/null
 }
 
-# 1. the defaults: combiner impl=sdpa, routing, biformer; then the cuDNN baseline in the same run
+# 1. the preset's options: combiner impl=sdpa, routing, biformer; then the cuDNN baseline in the same run
 sweep 80 h200-routed-sdpa "methods=[combiner_fixed,combiner_axial,routing,biformer]"
 sweep 25 h200-routed-sdpa "methods=[sdpa_cudnn]"
 # 2. the FlexAttention forms of combiner (a compile per case)

@@ -56,10 +56,10 @@ SELF = [
     ("halo_2d", ("full",), {"block": 4, "halo": 2}),
     ("routing", ("full", "causal"), {"clusters": 8}),
     ("routing", ("full",), {"clusters": 4, "share_qk": False}),
-    ("combiner_fixed", ("full", "causal"), {"segment": 16}),  # impl sdpa (default)
+    ("combiner_fixed", ("full", "causal"), {"segment": 16}),  # impl flex (default)
     ("combiner_fixed", ("full", "causal"), {"segment": 8, "impl": "sdpa"}),
     ("combiner_fixed", ("full", "causal"), {"segment": 16, "impl": "flex"}),
-    ("combiner_axial", ("full", "causal"), {"segment": 16}),  # impl sdpa (default)
+    ("combiner_axial", ("full", "causal"), {"segment": 16}),  # impl flex (default)
     ("combiner_axial", ("full", "causal"), {"segment": 8, "impl": "sdpa"}),
     ("combiner_axial", ("full", "causal"), {"segment": 16, "impl": "flex"}),
     ("combiner_logsparse", ("causal",), {}),
@@ -416,7 +416,7 @@ def test_sweep_rows_for_every_method_say_what_ran_and_why_not(cfg):
     names = ["biformer", "halo", "routing", "combiner_fixed", "combiner_logsparse", "probsparse", "superlinear"]
     cfg.update(methods=names, masks=["full", "causal"], seq_lens=[64], heads_q=2, head_dim=8,
                method_options={"biformer": {"region": 16, "topk": 2}, "halo": {"block": 16, "halo": 8},
-                               "routing": {"clusters": 4}})
+                               "routing": {"clusters": 4}, "combiner_fixed": {"impl": "sdpa"}})
     frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet").set_index(["method", "mask"])
     assert len(frame) == 2 * len(names)
     for name in ("biformer", "halo", "routing", "combiner_logsparse", "superlinear", "probsparse"):
@@ -665,9 +665,9 @@ def test_combiner_axial_without_the_flip_is_caught(monkeypatch):
         def __init__(self, *a, flip=False, **kw):
             super().__init__(*a, **kw)
 
-    assert run_case("combiner_axial", "full", "fwd", opts={"segment": 16})["status"] == "ok"
+    assert run_case("combiner_axial", "full", "fwd", opts={"segment": 16, "impl": "sdpa"})["status"] == "ok"
     monkeypatch.setattr(combiner, "Place", NoFlip)
-    row = run_case("combiner_axial", "full", "fwd", opts={"segment": 16})
+    row = run_case("combiner_axial", "full", "fwd", opts={"segment": 16, "impl": "sdpa"})
     assert row["status"] == "wrong", row["reason"]
 
 
@@ -683,7 +683,7 @@ def test_combiner_fixed_that_sees_its_own_segment_summary_when_causal_is_caught(
         return original(parts, shape)
 
     monkeypatch.setattr(combiner, "parts_merged", leaky)
-    row = run_case("combiner_fixed", "causal", "fwd", opts={"segment": 16})
+    row = run_case("combiner_fixed", "causal", "fwd", opts={"segment": 16, "impl": "sdpa"})
     assert row["status"] == "wrong", row["reason"]
 
 
@@ -699,5 +699,5 @@ def test_combiner_merge_whose_part_backward_uses_its_own_softmax_is_caught(monke
 
     monkeypatch.setattr(common, "TILE_KERNEL", own)
     for method in ("combiner_fixed", "combiner_axial"):
-        row = run_case(method, "causal", "fwd_bwd", opts={"segment": 16})
+        row = run_case(method, "causal", "fwd_bwd", opts={"segment": 16, "impl": "sdpa"})
         assert row["status"] == "wrong", row["reason"]
