@@ -12,7 +12,6 @@ summary, and exits 1 if the coverage check finds a case in no call, in two, or a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {stray} row(s) of {args.done} match no case of this grid (other parameters or methods)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(task_grid.render_markdown(plan))
-    args.out.with_suffix(".json").write_text(json.dumps(plan, indent=None, separators=(",", ":")) + "\n")
+    args.out.with_suffix(".json").write_text(task_grid.to_json(plan))
     totals = plan["totals"]
     print(f"{totals['cases']} cases ({totals['done']} done): {totals['to_run']} to run, {totals['unsupported']} "
           f"planned unsupported; {totals['calls']} calls of <= {args.budget_s:.0f} s, estimated "

@@ -429,6 +429,31 @@ def check_coverage(cfg: dict, plan: dict, done: set[str] | None = None, target_d
     return problems
 
 
+CASE_FIELDS = ("case_id", "task", "method", "seq", "seed", "planned", "reason", "est_s", "done", "call", "first_call")
+
+
+def to_json(plan: dict) -> str:
+    """The plan as compact JSON: cases as rows of ``CASE_FIELDS``, reasons interned in ``reasons``."""
+    reasons = sorted({e["reason"] for e in plan["cases"] if e["reason"]})
+    index = {reason: i for i, reason in enumerate(reasons)}
+    rows = [[index.get(e[f]) if f == "reason" else e.get(f) for f in CASE_FIELDS] for e in plan["cases"]]
+    body = {**plan, "case_fields": list(CASE_FIELDS), "reasons": reasons, "cases": rows}
+    return json.dumps(body, separators=(",", ":")) + "\n"
+
+
+def load_plan(path: Path) -> dict:
+    """A plan written by :func:`to_json`, cases as dicts again."""
+    plan = json.loads(Path(path).read_text())
+    fields, reasons = plan.pop("case_fields"), plan.pop("reasons")
+    cases = []
+    for row in plan["cases"]:
+        entry = dict(zip(fields, row))
+        entry["reason"] = None if entry["reason"] is None else reasons[entry["reason"]]
+        cases.append(entry)
+    plan["cases"] = cases
+    return plan
+
+
 def render_markdown(plan: dict) -> str:
     totals = plan["totals"]
     a = plan["assumptions"]
