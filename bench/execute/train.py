@@ -66,6 +66,8 @@ def resolve_tasks(cfg: dict) -> list[str]:
     names = _list(cfg, "tasks")
     if names == ["all"]:
         return sorted(TASKS)
+    if names == ["all_train"]:  # every task that trains a model (no probes, no experiments)
+        return sorted(name for name, spec in TASKS.items() if spec.cls.kind == "train")
     for name in names:
         if name not in TASKS:
             raise ConfigError("tasks", f"unknown task {name!r}; registered: {', '.join(sorted(TASKS))}")
@@ -96,14 +98,22 @@ def task_parameters(cfg: dict, name: str) -> dict:
     return params
 
 
-def build_train_plan(cfg: dict) -> TrainPlan:
-    """Validate ``cfg`` and expand it into cases; ``ConfigError`` before any work."""
+def build_train_plan(cfg: dict, target_device: str | None = None, check_availability: bool = True) -> TrainPlan:
+    """Validate ``cfg`` and expand it into cases; ``ConfigError`` before any work.
+
+    ``target_device`` (``cuda``, ``cpu``, ``cuda:N``) plans for another machine than this one (no GPU needed:
+    ``scripts/plan_task_grid.py`` plans the H200 grid on a CPU); ``check_availability=False`` leaves whether a
+    method's or task's packages import to the machine that runs the case (its row says), judging only the
+    declared capabilities here.
+    """
     from attnbench.methods import METHODS
     from attnbench.tasks import TASKS, TaskParamError
     from attnbench.tasks.train import attention_case
 
     from attnbench.config.plan import resolve_methods
 
+    if isinstance(cfg.get("methods"), str):  # `methods: all` (a scalar) as well as `methods: [all]`
+        cfg = {**cfg, "methods": [cfg["methods"]]}
     tasks = resolve_tasks(cfg)
     methods = resolve_methods(cfg)
     seeds = _list(cfg, "seeds")
@@ -119,13 +129,18 @@ def build_train_plan(cfg: dict) -> TrainPlan:
     unknown = set(cfg.get("task_options") or {}) - set(TASKS)
     if unknown:
         raise ConfigError("task_options", f"unknown task(s) {sorted(unknown)}; registered: {', '.join(sorted(TASKS))}")
-    device = resolve_devices(cfg)[0]
+    if target_device is None:
+        device = resolve_devices(cfg)[0]
+    elif target_device in ("cpu", "cuda") or (target_device.startswith("cuda:") and target_device[5:].isdigit()):
+        device = target_device
+    else:
+        raise ConfigError("device", f"target device {target_device!r} is not one of: cpu, cuda, cuda:N")
     options = plan_options(cfg)
     runnable, unsupported = [], []
     for name in tasks:
         spec = TASKS[name]
         params = task_parameters(cfg, name)
-        available, why = spec.availability()
+        available, why = spec.availability() if check_availability else (True, "")
         for seq in params["seq_lens"]:
             if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
                 raise ConfigError(f"task_options.{name}.seq_lens", f"must be positive integers, got {seq!r}")
@@ -144,7 +159,7 @@ def build_train_plan(cfg: dict) -> TrainPlan:
                     attn_case = attention_case(task, method, int(params["batch"]), dtype, seed, device)
                     if task.kind == "probe":  # forward calls only
                         attn_case = dataclasses.replace(attn_case, mode="fwd")
-                    reason = _unsupported(task, METHODS[method], attn_case, options)
+                    reason = _unsupported(task, METHODS[method], attn_case, options, check_availability)
                     if reason:
                         unsupported.append((case, reason))
                     else:
@@ -152,7 +167,7 @@ def build_train_plan(cfg: dict) -> TrainPlan:
     return TrainPlan(runnable, unsupported, device)
 
 
-def _unsupported(task, method, attn_case, options: dict) -> str | None:
+def _unsupported(task, method, attn_case, options: dict, check_availability: bool = True) -> str | None:
     from attnbench import masks
 
     caps = method.caps
@@ -161,7 +176,8 @@ def _unsupported(task, method, attn_case, options: dict) -> str | None:
     if caps.form == "layer" and task.arch == "cross":
         return "a layer-form method has no cross-attention form (queries and keys from one sequence)"
     spec = masks.make_mask(attn_case.mask)
-    return unsupported_reason(attn_case, spec, caps, method.availability(), options)
+    available = method.availability() if check_availability else (True, "")
+    return unsupported_reason(attn_case, spec, caps, available, options)
 
 
 def _reason(exc: BaseException) -> str:

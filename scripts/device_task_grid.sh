@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call of issue 11's task grid (1-GPU kind, carry .whl): call CALL_INDEX of the committed plan
+# results/task-grid-plan.json (scripts/plan_task_grid.py), every slice an `attnbench train suite=tasks_grid
+# tasks=[..] methods=[..] seeds=[..]` into the one run folder results/h200-task-grid.
+#
+#   bash scripts/device_task_grid.sh 0          # PLAN=... to use another plan; WALL=570 (seconds, the hard cap)
+#
+# Resumable: the committed results/h200-task-grid (if any) is copied into $OUT/results first, so cases that
+# already have rows are skipped, and a call cut by the wall cap (SIGTERM: finished rows kept, the case in
+# flight left without a row) is finished by running the same call again. Slices that cannot start before the
+# cap are listed in $OUT/not-started.txt, never dropped silently: they stay in the next plan
+# (scripts/plan_task_grid.py --done results/h200-task-grid). Afterwards, on the workstation:
+#   tar xzf <files_at>/runs.tgz -C .   (replaces results/h200-task-grid), commit it, then re-plan with --done.
+set -u
+CALL=${1:?usage: device_task_grid.sh CALL_INDEX}
+PLAN=${PLAN:-results/task-grid-plan.json}
+WALL=${WALL:-570}          # seconds for this whole script (the device tool allows 600 a command)
+FINISH_S=${FINISH_S:-35}   # kept back for finalize, report and the tarball
+[ -f "$PLAN" ] || { echo "no plan at $PLAN: run scripts/plan_task_grid.py and commit it"; exit 2; }
+if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: attnbench is importable already (the CPU test of this script)
+  if ! python3 -c "import hydra" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > $OUT/install.txt 2>&1 \
+    || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=1  # fla's per-process autotuning (60-94 s) once per machine, not per invocation
+# the call's slices, one line of overrides each (the plan's suite and extra overrides first); exits 2 on a bad index
+python3 - "$PLAN" "$CALL" > $OUT/slices.txt <<'EOF' || { cat $OUT/slices.txt; exit 2; }
+import json, sys
+plan = json.load(open(sys.argv[1]))
+index = int(sys.argv[2])
+if not 0 <= index < len(plan["calls"]):
+    print(f"call {index} is not in the plan (calls 0..{len(plan['calls']) - 1})")
+    sys.exit(2)
+base = [f"suite={plan['suite']}", *plan.get("overrides", []), f"run_id={plan['run_id']}"]
+for piece in plan["calls"][index]["slices"]:
+    print(" ".join(base + piece["overrides"]))
+EOF
+RUN=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['run_id'])" "$PLAN")
+R=$OUT/results
+mkdir -p $R
+[ -d results/$RUN ] && cp -r results/$RUN $R/
+i=0
+set -f  # the overrides hold [ ]: no globbing while they are split into words
+while read -r line; do
+  left=$((WALL - FINISH_S - SECONDS))
+  if [ $left -lt 30 ]; then
+    echo "slice $i not started ($left s left): $line" | tee -a $OUT/not-started.txt
+  else
+    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line results_dir=$R > $OUT/log-slice$i.txt 2>&1
+    echo "slice $i rc=$? at ${SECONDS}s: $line" | tee -a $OUT/slices-done.txt
+  fi
+  i=$((i + 1))
+done < $OUT/slices.txt
+set +f
+if [ -d $R/$RUN ]; then
+  python3 -c "from attnbench.record.quality import QualityStore; QualityStore('$R/$RUN').finalize()"
+  timeout $((FINISH_S > 10 ? FINISH_S - 10 : 5)) python3 -m attnbench.cli report $R/$RUN > $OUT/report.txt 2>&1
+  tar czf $OUT/runs.tgz -C $OUT results
+fi
+for f in $OUT/log-slice*.txt; do [ -f "$f" ] && tail -n 3 "$f"; done | grep -v "^$" | tail -n 40

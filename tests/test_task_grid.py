@@ -1,0 +1,235 @@
+"""The task grid plan (attnbench.execute.task_grid, scripts/plan_task_grid.py, scripts/device_task_grid.sh):
+every (task, method, length, seed) case in exactly one call, unsupported ones as planned rows, calls within
+budget, finished cases dropped, and a coverage check that catches a plan that drops or repeats a slice."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnbench.execute import task_grid
+from attnbench.execute.task_grid import CostModel, KernelCost, StepFit, check_coverage, grid_cases, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(d_model=16, heads=2, layers=1, batch=4, steps=100, eval_batches=1, warmup=1)
+GRID = {
+    "tasks": ["sort", "mqar"],
+    "methods": ["sdpa_math", "eager", "sdpa_flash", "halo_2d"],
+    "seeds": [0, 1, 2],
+    "dtype": "bfloat16",
+    "device": "cuda",
+    "case_timeout_s": 600,
+    "task_options": {"sort": {**TINY, "seq_lens": [8, 16]},
+                     "mqar": {**TINY, "vocab": 128, "kv_pairs": 2, "seq_lens": [16, 32]}},
+}
+BUDGET = 150.0
+
+
+def cost_model(slow_ms: float = 200.0) -> CostModel:
+    """10 ms a step for every method, eager ``slow_ms`` more per call; sdpa_flash 'unavailable on the H200'."""
+    slow = KernelCost("eager", "causal", "test", 2048, task_grid.REFERENCE_WORK, slow_ms, 0.0, 0.0, 1.0)
+    return CostModel(step_fits={}, default_fit=StepFit(0.01, 0.0, "test"), kernels={("eager", "causal"): slow},
+                     default_extra_ms={True: 0.0, False: 0.0}, default_compile_s=0.0, case_overhead_s=0.5,
+                     unavailable={"sdpa_flash": "method unavailable: needs module 'x' (in test)"})
+
+
+@pytest.fixture(scope="module")
+def grid():
+    cfg = copy.deepcopy(GRID)
+    return cfg, grid_cases(cfg), make_plan(cfg, cost_model(), BUDGET)
+
+
+def test_every_case_is_in_exactly_one_call_and_unsupported_ones_are_planned_rows(grid):
+    cfg, cases, plan = grid
+    assert len(cases) == 2 * 4 * 2 * 3  # tasks x methods x lengths x seeds, nothing left out by the planner
+    assert check_coverage(cfg, plan) == []
+    entries = {e["case_id"]: e for e in plan["cases"]}
+    assert set(entries) == {case.case_id for case, _ in cases}
+    assert all(isinstance(e["call"], int) and 0 <= e["call"] < len(plan["calls"]) for e in entries.values())
+    unsupported = {(e["task"], e["method"]) for e in entries.values() if e["planned"] == "unsupported"}
+    # halo_2d: full mask only, no cross; sdpa_flash: expected unavailable; eager/sdpa_math run everything here
+    assert unsupported == {("sort", "halo_2d"), ("mqar", "halo_2d"), ("sort", "sdpa_flash"), ("mqar", "sdpa_flash")}
+    assert all(e["reason"] and e["est_s"] == 0 for e in entries.values() if e["planned"] == "unsupported")
+    flash = [e for e in entries.values() if e["method"] == "sdpa_flash"]
+    assert all(e["reason"].startswith("expected: method unavailable") for e in flash)
+    # each slice lists the methods it runs, and its planned unsupported ones, as `attnbench train` overrides
+    for call in plan["calls"]:
+        for piece in call["slices"]:
+            assert piece["overrides"] == [f"tasks=[{piece['tasks'][0]}]", f"methods=[{','.join(piece['methods'])}]",
+                                          f"seeds=[{','.join(map(str, piece['seeds']))}]"]
+    totals = plan["totals"]
+    assert (totals["to_run"], totals["unsupported"]) == (24, 24)
+
+
+def test_calls_stay_within_budget_and_a_method_task_over_a_call_is_split_by_seed(grid):
+    cfg, _, plan = grid
+    assert len(plan["calls"]) > 1
+    for call in plan["calls"]:
+        assert call["est_s"] <= BUDGET
+        assert call["est_s"] == pytest.approx(task_grid.CALL_OVERHEAD_S + sum(p["est_s"] for p in call["slices"]),
+                                              abs=0.2)
+    eager = [p for c in plan["calls"] for p in c["slices"] if "eager" in p["methods"]]
+    # eager: 101 steps x 0.21 s = 21 s a case, 127 s for 2 lengths x 3 seeds: over the call alone -> one seed a slice
+    assert sorted(s for p in eager for s in p["seeds"]) == [0, 0, 1, 1, 2, 2] and all(len(p["seeds"]) == 1 for p in eager)
+    est = {(e["method"], e["seq"]): e["est_s"] for e in plan["cases"] if e["task"] == "mqar"}
+    assert est[("eager", 16)] > 10 * est[("sdpa_math", 16)]  # the cost model charges the slow method
+    assert plan["totals"]["est_s"] == pytest.approx(sum(c["est_s"] for c in plan["calls"]), abs=0.5)
+
+
+def test_the_coverage_check_catches_a_dropped_a_repeated_and_a_foreign_slice_and_an_over_budget_call(grid):
+    cfg, _, plan = grid
+    dropped = copy.deepcopy(plan)
+    piece = dropped["calls"][0]["slices"].pop(0)
+    problems = check_coverage(cfg, dropped)
+    assert problems and all("in no call (dropped)" in p for p in problems)
+    assert len(problems) == piece["runs"] + piece["unsupported"]
+
+    repeated = copy.deepcopy(plan)
+    repeated["calls"][-1]["slices"].append(copy.deepcopy(plan["calls"][0]["slices"][0]))
+    assert any("in 2 slices" in p for p in check_coverage(cfg, repeated))
+
+    foreign = copy.deepcopy(plan)
+    foreign["calls"][0]["slices"][0]["seeds"] = [0, 1, 2, 3]
+    assert any("is not a case of the grid" in p for p in check_coverage(cfg, foreign))
+
+    heavy = copy.deepcopy(plan)
+    heavy["calls"][0]["est_s"] = BUDGET + 1
+    assert any("over the budget" in p for p in check_coverage(cfg, heavy))
+
+
+def test_done_cases_are_dropped_and_the_rest_is_planned_once(grid, tmp_path):
+    cfg, cases, _ = grid
+    run_dir = tmp_path / "h200-task-grid"
+    run_dir.mkdir()
+    finished = [case for case, _ in cases if case.seed == 0]
+    retried = next(case for case, reason in cases if case.seed == 1 and reason is None)
+    rows = [{"case_id": c.case_id, "status": "ok"} for c in finished] + [{"case_id": retried.case_id,
+                                                                          "status": "timeout"}]
+    (run_dir / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = task_grid.done_case_ids(run_dir, retry=("timeout",))
+    assert done == {c.case_id for c in finished}  # the timeout row is planned again
+    plan = make_plan(cfg, cost_model(), BUDGET, done)
+    assert check_coverage(cfg, plan, done) == []
+    assert plan["totals"]["done"] == len(finished)
+    todo = {e["case_id"] for e in plan["cases"] if not e["done"]}
+    assert todo == {c.case_id for c, _ in cases} - done and retried.case_id in todo
+    assert all(0 not in p["seeds"] for c in plan["calls"] for p in c["slices"])
+    whole = make_plan(cfg, cost_model(), BUDGET)
+    assert plan["totals"]["est_s"] < whole["totals"]["est_s"]
+    # without --done the same check sees the finished cases as dropped: --done is what allows leaving them out
+    assert any("dropped" in p for p in check_coverage(cfg, plan))
+
+
+def test_train_planner_resolves_all_methods_and_all_train_tasks():
+    from attnbench.execute.train import build_train_plan
+    from attnbench.methods import METHODS
+    from attnbench.tasks import TASKS
+
+    cfg = {**copy.deepcopy(GRID), "tasks": ["all_train"], "methods": "all", "seeds": [0], "task_options": {}}
+    plan = build_train_plan(cfg, target_device="cuda", check_availability=False)
+    cases = plan.runnable + [case for case, _ in plan.unsupported]
+    train_tasks = {name for name, spec in TASKS.items() if spec.cls.kind == "train"}
+    assert {c.task for c in cases} == train_tasks and "planted_recall" not in train_tasks
+    for task in train_tasks:  # every method on every task that trains, at each of its lengths
+        lengths = len({c.seq for c in cases if c.task == task})
+        assert len([c for c in cases if c.task == task]) == lengths * len(METHODS)
+    assert all(reason for _, reason in plan.unsupported)
+    # the target device, not this machine, decides: a CUDA-only method is runnable when planning for cuda
+    assert any(c.method == "sdpa_cudnn" for c in plan.runnable)
+    here = build_train_plan({**cfg, "device": "cpu", "tasks": ["sort"]}, target_device="cpu")
+    assert any(c.method == "sdpa_cudnn" for c, _ in here.unsupported)
+
+
+def test_script_writes_the_plan_and_its_slices_compose_through_hydra(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import plan_task_grid
+    finally:
+        sys.path.pop(0)
+    overrides = ["tasks=[sort]", "methods=[sdpa_math,halo_2d]", "seeds=[0,1]", "task_options.sort.steps=3",
+                 "task_options.sort.seq_lens=[8,16]", "task_options.sort.d_model=16", "task_options.sort.batch=4"]
+    out = tmp_path / "plan"
+    assert plan_task_grid.main(["--out", str(out), *overrides]) == 0
+    plan = task_grid.load_plan(out.with_suffix(".json"))
+    assert plan["overrides"] == overrides[3:]  # the slices set tasks, methods and seeds themselves
+    assert out.with_suffix(".md").read_text().count("| `tasks=[sort]") == len(plan["calls"][0]["slices"])
+    wanted = {e["case_id"] for e in plan["cases"]}
+    got = set()
+    for call in plan["calls"]:
+        for piece in call["slices"]:  # what `attnbench train suite=tasks_grid <overrides>` would plan
+            cfg = task_grid.compose_suite("tasks_grid", (*plan["overrides"], *piece["overrides"]))
+            got |= {case.case_id for case, _ in grid_cases(cfg)}
+    assert got == wanted and len(wanted) == 2 * 2 * 2
+    assert plan_task_grid.main(["--out", str(out), "tasks=[nope]"]) == 2  # a bad config names its field
+
+
+@pytest.mark.slow
+def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
+    """scripts/device_task_grid.sh on the CPU (INSTALL=0, a tiny plan): the call's rows, then a resume adds none."""
+    overrides = ["device=cpu", "dtype=float32", "tasks=[sort]", "methods=[sdpa_math,sdpa_cudnn]", "seeds=[0]",
+                 "task_options.sort.steps=1", "task_options.sort.seq_lens=[8]", "task_options.sort.d_model=16",
+                 "task_options.sort.batch=4", "task_options.sort.eval_batches=1"]
+    cfg = task_grid.compose_suite("tasks_grid", tuple(overrides))
+    plan = make_plan(cfg, cost_model(), BUDGET, run_id="tiny-grid", target_device="cpu")
+    plan["overrides"] = overrides[:2] + overrides[5:]
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(task_grid.to_json(plan))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (bin_dir / "python3").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def call(out):
+        out.mkdir()
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "INSTALL": "0",
+               "PLAN": str(plan_path)}
+        subprocess.run(["bash", str(ROOT / "scripts" / "device_task_grid.sh"), "0"], cwd=work, env=env, check=True,
+                       capture_output=True, timeout=240)
+        return [json.loads(line) for line in (out / "results" / "tiny-grid" / "quality.jsonl").read_text().splitlines()]
+
+    rows = call(tmp_path / "out1")
+    assert {r["case_id"] for r in rows} == {e["case_id"] for e in plan["cases"]}
+    assert {r["method"]: r["status"] for r in rows} == {"sdpa_math": "ok", "sdpa_cudnn": "unsupported"}
+    assert (tmp_path / "out1" / "runs.tgz").is_file()
+    # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run
+    (work / "results").mkdir()
+    os.rename(tmp_path / "out1" / "results" / "tiny-grid", work / "results" / "tiny-grid")
+    assert len(call(tmp_path / "out2")) == len(rows)
+
+
+def test_cost_model_reads_the_committed_run_layout(tmp_path):
+    """Step fit from baseline task rows, the extra ms of a method's kernel row, an unavailable method."""
+    import pandas as pd
+
+    from attnbench.execute.train import TrainCase
+
+    (tmp_path / "h200-tasks").mkdir()
+    pd.DataFrame({"task": ["sort", "sort", "sort"], "method": ["sdpa_cudnn", "sdpa_cudnn", "eager"],
+                  "status": ["ok"] * 3, "steps_done": [100, 100, 100], "batch": [4, 4, 4], "seq": [8, 16, 8],
+                  "train_wall_s": [1.0, 1.4, 9.0], "wall_s": [1.2, 1.6, 9.5]}
+                 ).to_parquet(tmp_path / "h200-tasks" / "quality.parquet")
+    (tmp_path / "h200-linear").mkdir()
+    kernel = dict(mode="fwd_bwd", mask="causal", seq_q=2048, seq_kv=2048, batch=1, heads_q=16, head_dim=128,
+                  compile_s=0.5, reason=None)
+    pd.DataFrame([{**kernel, "method": "sdpa_cudnn", "status": "ok", "ms_median": 1.0},
+                  {**kernel, "method": "eager", "status": "ok", "ms_median": 4.0},
+                  {**kernel, "method": "flash_attn", "status": "unsupported", "ms_median": None,
+                   "reason": "method unavailable: needs module 'flash_attn'"}]
+                 ).to_parquet(tmp_path / "h200-linear" / "rows.parquet")
+    cost = CostModel.from_results(tmp_path, kernel_runs=("h200-linear",), task_runs=("h200-tasks",))
+    fit = cost.step_fits["sort"]
+    assert fit.at(32) == pytest.approx(0.010) and fit.at(64) == pytest.approx(0.014)  # eager's row: not the baseline
+    params = json.dumps({**TINY, "seq_lens": [8], "layers": 2, "d_model": 16, "batch": 4}, sort_keys=True)
+    base, _ = cost.step_seconds(TrainCase("sort", "sdpa_cudnn", 8, 0, "bfloat16", params))
+    slow, basis = cost.step_seconds(TrainCase("sort", "eager", 8, 0, "bfloat16", params))
+    assert base == pytest.approx(0.010) and slow == pytest.approx(0.010 + 2 * 3.0 / 1000) and "h200-linear" in basis
+    assert "flash_attn" in cost.unavailable and "eager" not in cost.unavailable
+    assert cost.case_seconds(TrainCase("sort", "eager", 8, 0, "bfloat16", params), timeout_s=0.5) == pytest.approx(
+        cost.case_overhead_s + 0.5 + slow)  # capped at the case timeout plus one step
