@@ -72,7 +72,36 @@ def load_run(path: str | Path) -> Run:
     if len(rows):
         rows["run_id"] = rows["run_id"].fillna(path.name)
     _check_plan(path, rows, warnings)
+    _fill_method_options(path, rows)
     return Run(rows=rows, config=_read_config(path), env=_read_env(path), path=path, warnings=warnings)
+
+
+def _fill_method_options(path: Path, rows: pd.DataFrame) -> None:
+    """Rows written before the ``method_options`` column existed get their method's options from
+    ``config.<invocation>.yaml`` of the invocation that wrote them (left empty where that cannot be told)."""
+    if not len(rows) or "invocation" not in rows:
+        return
+    if "method_options" not in rows:
+        rows["method_options"] = pd.Series([None] * len(rows), dtype="string")
+    missing = rows["method_options"].isna() & rows["invocation"].notna()
+    if not missing.any():
+        return
+    import yaml
+
+    configs: dict = {}
+    for index in rows.index[missing]:
+        invocation = int(rows.at[index, "invocation"])
+        if invocation not in configs:
+            config_path = path / f"config.{invocation}.yaml"
+            try:
+                configs[invocation] = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
+            except (OSError, yaml.YAMLError):
+                configs[invocation] = None
+        config = configs[invocation]
+        if config is None:
+            continue
+        options = (config.get("method_options") or {}).get(rows.at[index, "method"])
+        rows.at[index, "method_options"] = json.dumps(options, sort_keys=True, default=str) if options else pd.NA
 
 
 def _check_plan(path: Path, rows: pd.DataFrame, warnings: list[str]) -> None:
@@ -94,12 +123,13 @@ def _check_plan(path: Path, rows: pd.DataFrame, warnings: list[str]) -> None:
         )
 
 
-def merge_runs(runs: list[Run]) -> pd.DataFrame:
+def merge_runs(runs: list[Run], one_source: bool = False) -> pd.DataFrame:
     """All rows of several runs in one frame, with two added columns.
 
     ``run_dir``: the run folder's name. ``source``: how lines from this run are labelled in a merged report:
-    empty for a single run; the device when every run has its own device; the run folder when all runs share
-    one device; "device · run" otherwise. Rows without a device get the run's device.
+    empty for a single run (and for every run with ``one_source``: the runs are one comparison); the device
+    when every run has its own device; the run folder when all runs share one device; "device · run"
+    otherwise. Rows without a device get the run's device.
     """
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
@@ -110,7 +140,7 @@ def merge_runs(runs: list[Run]) -> pd.DataFrame:
         frame = run.rows.copy()
         frame["device"] = frame["device"].fillna(device)
         frame["run_dir"] = run.name
-        frame["source"] = _source_label(run.name, device, devices, len(runs))
+        frame["source"] = "" if one_source else _source_label(run.name, device, devices, len(runs))
         frames.append(frame)
     if not frames:
         return to_frame([])

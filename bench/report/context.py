@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,9 +46,10 @@ class Context:
     slope_from: int = SLOPE_FIT_FROM
 
 
-def build_context(runs: list[Run], baseline: str | None = None, slope_from: int = SLOPE_FIT_FROM) -> Context:
-    """Prepare the rows of ``runs`` once for every section."""
-    rows = prepare_rows(runs)
+def build_context(runs: list[Run], baseline: str | None = None, slope_from: int = SLOPE_FIT_FROM,
+                  one_source: bool = False) -> Context:
+    """Prepare the rows of ``runs`` once for every section (``one_source``: see ``prepare_rows``)."""
+    rows = prepare_rows(runs, one_source)
     kernel = rows.loc[rows["kind"] == "kernel", list(KERNEL_COLUMNS)]
     # object columns: element access on Arrow-backed strings is slow in the per-figure loops
     kernel = kernel.astype({c: object for c in kernel.columns if pd.api.types.is_string_dtype(kernel[c])})
@@ -65,16 +68,48 @@ def calibration_of(env: dict) -> tuple[float, float] | None:
     return (peak, bandwidth) if peak > 0 and bandwidth > 0 else None
 
 
-def prepare_rows(runs: list[Run]) -> pd.DataFrame:
-    """Merged rows plus derived columns.
+def options_text(options: object) -> str:
+    """``method_options`` JSON as a short label part: ``impl=flex, chunk=64`` (empty when none)."""
+    if options is None or options is pd.NA or (isinstance(options, float) and np.isnan(options)) or options == "":
+        return ""
+    try:
+        parsed = json.loads(str(options))
+    except ValueError:
+        return str(options)
+    if not isinstance(parsed, dict):
+        return str(parsed)
+    return ", ".join(f"{key}={value}" for key, value in sorted(parsed.items()))
 
-    ``label`` (method, and source when merged), ``is_exact``, ``kind`` (kernel, or cp for a context-parallel
+
+def varying_options(rows: pd.DataFrame) -> pd.Series:
+    """Per row, the options that tell its method's option sets apart (``impl=strided``; keys equal in every set
+    are left out; ``defaults`` for a row with none), or NA where the method was measured with one set only."""
+    raw = rows["method_options"] if "method_options" in rows else pd.Series(None, index=rows.index, dtype=object)
+    parsed = raw.map(lambda text: json.loads(text) if options_text(text) else {})
+    out = pd.Series(pd.NA, index=rows.index, dtype=object)
+    for _, index in rows.groupby("method").groups.items():
+        sets = parsed.loc[index]
+        distinct = {json.dumps(d, sort_keys=True, default=str) for d in sets}
+        if len(distinct) < 2:
+            continue
+        keys = sorted({key for d in sets for key in d})
+        varying = [key for key in keys if len({json.dumps(d.get(key), default=str) for d in sets}) > 1]
+        out.loc[index] = sets.map(lambda d: ", ".join(f"{k}={d[k]}" for k in varying if k in d) or "defaults")
+    return out
+
+
+def prepare_rows(runs: list[Run], one_source: bool = False) -> pd.DataFrame:
+    """Merged rows plus derived columns; with ``one_source`` the runs are one comparison (no per-run tables,
+    e.g. one run per implementation of a method).
+
+    ``label`` (method; its options in brackets where the rows hold the method with more than one set of
+    ``method_options``; and the source when merged), ``is_exact``, ``kind`` (kernel, or cp for a context-parallel
     layout or a world size above 1), ``shape`` (see ``shape_labels``),
     ``figure`` (mask · pattern · mode: one curve figure), ``group`` (figure · shape: one row of it, one table,
     one efficiency-length comparison), ``x`` (key/value length, tokens), ``peak_fraction``
     (TFLOP/s over the run's measured bf16 matmul peak), metric columns as float64 with NaN when not measured.
     """
-    rows = merge_runs(runs)
+    rows = merge_runs(runs, one_source)
     for column in METRICS:
         if column in rows:
             rows[column] = pd.to_numeric(rows[column], errors="coerce").astype("Float64").to_numpy(
@@ -85,7 +120,9 @@ def prepare_rows(runs: list[Run]) -> pd.DataFrame:
         rows[column] = rows[column].fillna(NOT_RECORDED).astype(str)
     rows["reason"] = rows["reason"].fillna("").astype(str)
     rows["layout"] = rows["layout"].fillna("single").astype(str)
-    rows["label"] = np.where(rows["source"] == "", rows["method"], rows["method"] + " · " + rows["source"])
+    options = varying_options(rows)
+    method = np.where(options.notna(), rows["method"] + " [" + options.fillna("") + "]", rows["method"])
+    rows["label"] = np.where(rows["source"] == "", method, pd.Series(method, index=rows.index) + " · " + rows["source"])
     rows["is_exact"] = rows["exact"].fillna(rows["family"] == "exact").astype(bool)
     cp = (rows["layout"] != "single") | (rows["world_size"].fillna(1) > 1)
     rows["kind"] = np.where(cp, "cp", "kernel")

@@ -32,7 +32,8 @@ __all__ = ["Cell", "Code", "Plot", "Section", "Table", "Text", "build_report", "
            "efficiency_length", "main", "pareto_front", "write_report"]
 
 
-def build_report(runs: list[Run], baseline: str | None = None, slope_from: int = SLOPE_FIT_FROM) -> list[Section]:
+def build_report(runs: list[Run], baseline: str | None = None, slope_from: int = SLOPE_FIT_FROM,
+                 one_source: bool = False) -> list[Section]:
     """Every section that applies to these runs, in report order (runs with quality rows only: the quality
     section and the environment). ``slope_from``: shortest length (tokens) of the scaling slope fits."""
     if not any(len(run.rows) for run in runs):
@@ -43,7 +44,7 @@ def build_report(runs: list[Run], baseline: str | None = None, slope_from: int =
 
         ctx = Context(runs, pd.DataFrame(), pd.DataFrame(), baseline, plots.Palette([]))
         return [s for s in (section(ctx) for section in QUALITY_ONLY) if s is not None]
-    ctx = build_context(runs, baseline, slope_from)
+    ctx = build_context(runs, baseline, slope_from, one_source)
     return [s for s in (section(ctx) for section in SECTIONS) if s is not None]
 
 
@@ -79,6 +80,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--slope-from", type=int, default=SLOPE_FIT_FROM, metavar="TOKENS",
                         help="shortest length of the scaling section's slope fits (default: %(default)s; fewer "
                              "than 3 lengths at or above it: the longest 3)")
+    parser.add_argument("--one-source", action="store_true",
+                        help="the runs are one comparison (e.g. one run per implementation of a method): no "
+                             "per-run tables; a method measured with several method_options is labelled with them")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where run ids are looked up")
     args = parse_args(parser, argv)
     if isinstance(args, int):
@@ -95,7 +99,7 @@ def main(argv: list[str]) -> int:
         if args.baseline and args.baseline not in methods:
             raise UsageError(f"--baseline {args.baseline!r}: no such method in these runs "
                              f"(methods: {', '.join(methods)})")
-        sections = build_report(runs, args.baseline, args.slope_from)
+        sections = build_report(runs, args.baseline, args.slope_from, args.one_source)
         title = "attnbench report: " + ", ".join(run.name for run in runs)
         markdown, page = write_report(sections, args.out or runs[0].path, title)
     except UsageError as exc:
