@@ -19,6 +19,10 @@ at once; a loop over chunks then carries the state: ``N = U − W S``, ``O = dia
 Every exponent is a difference ``γ_r − γ_i ≤ 0``, so no decay underflows into a ratio of tiny numbers.
 The chunked form computes in fp32; its inter-chunk loop makes it launch-bound at short lengths.
 
+``simple_gla_triton`` (registered at the end of this file) is ``simple_gla``'s operator through own chunked
+Triton kernels (``gla_triton.py``, forward and backward), gated against ``simple_gla``'s reference; causal
+self-attention only, CUDA or the Triton interpreter.
+
 Causal only (a recurrence); queries aligned bottom-right (decode: one query after the cache).
 Class N (a different operator): no ``approx_err``. Hyper-parameters: ``chunk`` (default 64),
 ``reference_naive_max_len`` (default 4096).
@@ -257,3 +261,45 @@ def build_delta_rule(ctx):
 def build_simple_gla(ctx):
     """Scalar-gated linear attention (no delta, no normalisation), own chunked form with recurrent decode."""
     return build_variant(ctx, "simple_gla")
+
+
+TRITON_CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, backward=True,
+                   requires=("triton",), max_head_dim=256)
+
+
+@register_method("simple_gla_triton", Capabilities(**TRITON_CAPS))
+def build_simple_gla_triton(ctx):
+    """Scalar-gated linear attention (simple_gla's operator): own chunked Triton kernels (gla_triton.py),
+    forward and backward (gradients of q, k, v and the gate g), causal self-attention, no decode rows (the
+    recurrent step is simple_gla's). Gated against simple_gla's reference (the fp32 token loop up to
+    ``reference_naive_max_len`` tokens, else the PyTorch chunked form with half the chunk). Hyper-parameters:
+    ``chunk`` (power of two in 16..256, default 64), ``block_v`` (value columns per program, power of two in
+    16..256, default 64), ``num_warps`` (default 4), ``reference_naive_max_len`` (default 4096). Without CUDA
+    or ``TRITON_INTERPRET=1`` the rows are ``unsupported``."""
+    from .common import param_choice
+    from .linear_attn import triton_runnable
+
+    causal, offset = mask_mode(ctx)
+    if not causal or offset != 0 or ctx.case.seq_q != ctx.case.seq_kv:
+        raise Unsupported("simple_gla_triton runs causal self-attention only")
+    chunk = param_int(ctx, "chunk", 64, minimum=16, maximum=256, power_of_two=True)
+    block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True)
+    num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
+    naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
+    why = triton_runnable(ctx.device)
+    if why:
+        raise Unsupported(f"simple_gla_triton: {why}")
+    from .gla_triton import simple_gla as kernel
+
+    kw = dict(gated=True, delta=False, normalize=False)
+
+    def fn(q, k, v, g):
+        return kernel(q, k, v, g, chunk=chunk, block_v=block_v, num_warps=num_warps)
+
+    def reference(q, k, v, g):
+        if k.shape[2] <= naive_max:
+            return naive_recurrence(q, k, v, g, **kw).to(q.dtype)
+        return chunked(q, k, v, g, chunk=max(16, chunk // 2), **kw)
+
+    return Prepared(fn=fn, reference=reference, extras=gate_extras(ctx.case, True, False),
+                    softmax_comparable=False)

@@ -1,0 +1,183 @@
+"""Triton kernels of scalar-gated linear attention (``simple_gla``'s operator, methods/linear/gated_delta.py):
+the fast path of ``simple_gla_triton``. Imported lazily by the builder: importing this module imports triton.
+
+The operator: ``S_t = exp(g_t) S_{t−1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t`` (q, k not normalised, scale
+1/√d, ``g`` the per-(batch, head, token) log-decay ``[B, H, T]`` fp32). With ``b_t = Σ_{s<=t} g_s``,
+
+    o_i = scale · Σ_{j <= i} exp(b_i − b_j) (q_i · k_j) v_j.
+
+One generic kernel, :func:`_gated_scan_src`, computes the gated chunked causal (or anti-causal) scan
+
+    o_i = scale · Σ_{j <= i} exp(b_i − b_j) (a_i · c'_j) c_j      (REVERSE: Σ_{j >= i} exp(b_j − b_i) ...)
+
+with ``a, b`` ``[B, H, T, DK]`` and ``c`` ``[B, H, T, DV]``. Grid ``(cdiv(DV, BV), B · H)``: each program owns
+one value block of one (batch, head) and walks the chunks in order (REVERSE: backwards), carrying the fp32
+``DK x BV`` state. Inside a chunk the log-decays are the chunk-local cumulative sums ``β_r = Σ_{s<=r in chunk}
+g_s`` (fp32, ``tl.cumsum``), so every exponent is a difference that is <= 0 for log-decays g <= 0 and no
+decay is a ratio of tiny numbers (the global cumulative sum is never formed). Forward (``C`` the last row):
+
+    o_r  = exp(β_r) a_r S + Σ_{j<=r} exp(β_r − β_j) (a_r · b_j) c_j
+    S   ← exp(β_C) S + Σ_j (exp(β_C − β_j) b_j)ᵀ c_j
+
+REVERSE (the state holds the later chunks, relative to the row before the chunk):
+
+    o_r  = exp(β_C − β_r) a_r S + Σ_{j>=r} exp(β_j − β_r) (a_r · b_j) c_j
+    S   ← exp(β_C) S + Σ_j (exp(β_j) b_j)ᵀ c_j
+
+Operands of every ``tl.dot`` are in the input dtype (bf16 on the tensor cores; fp32 with ``ieee``), the decays
+are applied in fp32 and accumulation is fp32. Tail chunks are masked (rows beyond T load as 0, their gates
+as 0); head dims below 16 or not a power of two are padded in registers.
+
+Backward (Triton as well): with ``dA_ij = dO_i · v_j``,
+
+    dq_i = scale Σ_{j<=i} e^(b_i−b_j) (dO_i·v_j) k_j       (scan a=dO, b=v, c=k)
+    dk_j = scale Σ_{i>=j} e^(b_i−b_j) (v_j·dO_i) q_i       (reverse scan a=v, b=dO, c=q)
+    dv_j = scale Σ_{i>=j} e^(b_i−b_j) (k_j·q_i) dO_i       (reverse scan a=k, b=q, c=dO)
+    db_t = q_t·dq_t − k_t·dk_t,   dg_t = Σ_{s>=t} db_s      (fp32, PyTorch)
+
+three calls of the same kernel writing fp32 outputs, plus the elementwise gate gradient in PyTorch.
+``decay_state=False`` is a deliberately broken variant (the carried state is not decayed) for the tests'
+negative control. Kernels are decorated on first use, once per interpreter mode (as in linear_triton.py).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_triton import _TL_DTYPES, _block, interpreting
+
+
+def _gated_scan_src(A, B, C, G, O, T, NT, H,
+                    sab, sah, sat, sad, sbb, sbh, sbt, sbd, scb, sch, sct, scd, sgb, sgh, sgt,
+                    sob, soh, sot, sod, scale,
+                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+                    REVERSE: tl.constexpr, DECAY_STATE: tl.constexpr, PRECISION: tl.constexpr,
+                    NT_INTERP: tl.constexpr, DOT_T: tl.constexpr):
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    a_base = A + b.to(tl.int64) * sab + h.to(tl.int64) * sah
+    b_base = B + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    c_base = C + b.to(tl.int64) * scb + h.to(tl.int64) * sch
+    g_base = G + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    rows = tl.arange(0, CH)
+    dk = tl.arange(0, BK)
+    dv = pid_v * BV + tl.arange(0, BV)
+    kmask = dk < DK
+    vmask = dv < DV
+    if REVERSE:
+        visible = rows[:, None] <= rows[None, :]
+    else:
+        visible = rows[:, None] >= rows[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    for it in range(0, NT_INTERP if NT_INTERP > 0 else NT):
+        if REVERSE:
+            chunk = NT - 1 - it
+        else:
+            chunk = it
+        t = (chunk * CH + rows).to(tl.int64)
+        tmask = t < T
+        ak_mask = tmask[:, None] & kmask[None, :]
+        cv_mask = tmask[:, None] & vmask[None, :]
+        a = tl.load(a_base + t[:, None] * sat + dk[None, :] * sad, mask=ak_mask, other=0.0).to(DOT_T)
+        bb = tl.load(b_base + t[:, None] * sbt + dk[None, :] * sbd, mask=ak_mask, other=0.0)
+        c = tl.load(c_base + t[:, None] * sct + dv[None, :] * scd, mask=cv_mask, other=0.0).to(DOT_T)
+        gate = tl.load(g_base + t * sgt, mask=tmask, other=0.0).to(tl.float32)
+        beta = tl.cumsum(gate, axis=0)  # chunk-local cumulative log-decay β_r
+        beta_last = tl.sum(gate, axis=0)  # β_C
+        if REVERSE:
+            diff = beta[None, :] - beta[:, None]  # β_j − β_r, j >= r
+            a_in = tl.exp(beta_last - beta)  # decay of the carried (later) state onto row r
+            b_w = tl.exp(beta)  # row j's weight in the state handed to the previous chunk
+        else:
+            diff = beta[:, None] - beta[None, :]  # β_r − β_j, j <= r
+            a_in = tl.exp(beta)
+            b_w = tl.exp(beta_last - beta)
+        decay = tl.exp(tl.where(visible, diff, float("-inf")))
+        scores = tl.dot(a, tl.trans(bb.to(DOT_T)), input_precision=PRECISION) * decay
+        a_dec = (a.to(tl.float32) * a_in[:, None]).to(A.dtype.element_ty).to(DOT_T)
+        out = tl.dot(a_dec, state.to(A.dtype.element_ty).to(DOT_T), input_precision=PRECISION)
+        out += tl.dot(scores.to(C.dtype.element_ty).to(DOT_T), c, input_precision=PRECISION)
+        b_dec = (bb.to(tl.float32) * b_w[:, None]).to(B.dtype.element_ty).to(DOT_T)
+        if DECAY_STATE:
+            state = state * tl.exp(beta_last)
+        state += tl.dot(tl.trans(b_dec), c, input_precision=PRECISION)
+        tl.store(o_base + t[:, None] * sot + dv[None, :] * sod, (out * scale).to(O.dtype.element_ty),
+                 mask=cv_mask)
+
+
+_KERNELS: dict[bool, object] = {}
+
+
+def _kernel():
+    mode = interpreting()
+    if mode not in _KERNELS:
+        _KERNELS[mode] = triton.jit(_gated_scan_src)
+    return _KERNELS[mode]
+
+
+def gated_scan(a, b, c, g, *, chunk: int, block_v: int, scale: float = 1.0, reverse: bool = False,
+               out_dtype=None, num_warps: int = 4, decay_state: bool = True):
+    """``o_i = scale Σ_{j<=i} exp(b_i − b_j) (a_i·b_j) c_j`` with ``b_t = Σ_{s<=t} g_s`` (``reverse``: ``j >= i``
+    and ``exp(b_j − b_i)``). ``a, b`` ``[B, H, T, DK]``, ``c`` ``[B, H, T, DV]`` (one dtype, any strides), ``g``
+    ``[B, H, T]`` (any float dtype, read as fp32). The output is ``out_dtype`` (default ``c``'s)."""
+    batch, heads, seq, dk = a.shape
+    dvv = c.shape[-1]
+    if not (a.dtype == b.dtype == c.dtype):
+        raise TypeError(f"gated_scan: a, b, c must share one dtype, got {a.dtype}, {b.dtype}, {c.dtype}")
+    if b.shape != a.shape or c.shape[:3] != a.shape[:3] or tuple(g.shape) != tuple(a.shape[:3]):
+        raise ValueError(f"gated_scan: shapes do not fit: a {tuple(a.shape)}, b {tuple(b.shape)}, "
+                         f"c {tuple(c.shape)}, g {tuple(g.shape)}")
+    out = torch.empty(batch, heads, seq, dvv, device=a.device, dtype=out_dtype or c.dtype)
+    if seq == 0:
+        return out
+    bv = min(block_v, _block(dvv))
+    grid = (triton.cdiv(dvv, bv), batch * heads)
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    n_chunks = triton.cdiv(seq, chunk)
+    # interpreter work-arounds of Triton 3.6, as in linear_triton.chunk_scan: constexpr loop bound and fp32 dots
+    nt_interp = n_chunks if interpreting() else 0
+    dot_t = tl.float32 if interpreting() else _TL_DTYPES[a.dtype]
+    _kernel()[grid](a, b, c, g, out, seq, n_chunks, heads,
+                    *a.stride(), *b.stride(), *c.stride(), *g.stride(), *out.stride(), float(scale),
+                    DK=dk, DV=dvv, BK=_block(dk), BV=bv, CH=chunk, REVERSE=int(reverse),
+                    DECAY_STATE=int(decay_state), PRECISION=precision, NT_INTERP=nt_interp, DOT_T=dot_t,
+                    num_warps=num_warps)
+    return out
+
+
+class _SimpleGLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, chunk, block_v, num_warps, decay_state):
+        g32 = g.float()
+        out = gated_scan(q, k, v, g32, chunk=chunk, block_v=block_v, scale=scale, num_warps=num_warps,
+                         decay_state=decay_state)
+        ctx.save_for_backward(q, k, v, g32)
+        ctx.opts = dict(chunk=chunk, block_v=block_v, scale=scale, num_warps=num_warps, decay_state=decay_state,
+                        out_dtype=torch.float32)
+        ctx.g_dtype = g.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, g = ctx.saved_tensors
+        opts = ctx.opts
+        do = dout.to(v.dtype)
+        dq = gated_scan(do, v, k, g, **opts)
+        dk = gated_scan(v, do, q, g, reverse=True, **opts)
+        dv = gated_scan(k, q, do, g, reverse=True, **opts)
+        db = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)  # [B, H, T]
+        dg = db.flip(-1).cumsum(-1).flip(-1)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype),
+                None, None, None, None, None)
+
+
+def simple_gla(q, k, v, g, *, scale: float | None = None, chunk: int = 64, block_v: int = 64, num_warps: int = 4,
+               decay_state: bool = True):
+    """Scalar-gated linear attention (``simple_gla``'s operator; causal self-attention, ``[B, H, T, D]``
+    inputs, ``g`` ``[B, H, T]`` log-decays), forward and backward in Triton. ``scale`` defaults to 1/√d.
+    ``decay_state=False`` is a deliberately broken variant for the tests' negative control."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _SimpleGLA.apply(q, k, v, g, scale, chunk, block_v, num_warps, decay_state)
