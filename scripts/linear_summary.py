@@ -25,6 +25,7 @@ import pandas as pd
 from attnbench.report.maths import loglog_slope
 
 FLA_OF = {"linear_attn": "fla_linear_attn", "linear_attn_triton": "fla_linear_attn", "simple_gla": "fla_simple_gla",
+          "simple_gla_triton": "fla_simple_gla",
           "delta_rule": "fla_delta_rule", "gated_delta_rule": "fla_gated_delta_rule"}
 YARDSTICK = "sdpa_cudnn"
 MILLION = 1 << 20

@@ -14,7 +14,7 @@ from attnbench.methods import METHODS
 TIMING = {"budget_ms": 5, "warmup_ms": 1, "min_reps": 2, "max_reps": 3, "flush_l2": False, "cuda_graph": False,
           "telemetry": False}
 OWN = ["linear_attn", "linear_attn_triton", "performer", "rfa", "cosformer", "softmax_rnn", "gated_delta_rule",
-       "delta_rule", "simple_gla"]
+       "delta_rule", "simple_gla", "simple_gla_triton"]
 FLA = ["fla_linear_attn", "fla_simple_gla", "fla_delta_rule", "fla_gated_delta_rule"]
 
 
@@ -88,3 +88,38 @@ def test_linear_attn_triton_matches_fla_chunk_linear_attn(seq):
     for name, got, theirs, want in zip("qkv", grads, fla_grads, ref_grads):
         assert rel_error(got, want) < grad_tol, name
         assert rel_error(got, theirs) < 2 * grad_tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seq", [1000, 4096])
+def test_simple_gla_triton_matches_the_reference_and_fla_chunk_simple_gla(seq):
+    """The own Triton kernel of simple_gla's operator: output and gradients (q, k, v and the gate g) within
+    the bf16 gate of the fp32 chunked form (seq 1000: a tail chunk); the output also within it of fla's
+    chunk_simple_gla where fla imports (its forward; the gated backward is refused on Hopper with Triton 3.6)."""
+    from attnbench.measure.gate import TOLERANCE, rel_error
+    from attnbench.methods.linear.gated_delta import chunked
+    from attnbench.methods.linear.gla_triton import simple_gla
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, seq, 128, device="cuda", generator=gen).bfloat16().requires_grad_()
+               for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 4, seq, device="cuda", generator=gen)).requires_grad_()
+    dout = torch.randn(1, 4, seq, 128, device="cuda", generator=gen).bfloat16()
+    out = simple_gla(q, k, v, g)
+    grads = torch.autograd.grad(out, (q, k, v, g), dout)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v, g)]
+    ref = chunked(*ref_in, gated=True, delta=False, normalize=False, chunk=32)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.float())
+    out_tol, grad_tol = TOLERANCE["bfloat16"]
+    assert rel_error(out, ref) < out_tol
+    for name, got, want in zip(("q", "k", "v", "g"), grads, ref_grads):
+        assert rel_error(got, want) < grad_tol, name
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return
+    with torch.no_grad():
+        theirs = chunk_simple_gla(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
+                                  v.transpose(1, 2).contiguous(), g=g.transpose(1, 2).contiguous())[0]
+    assert rel_error(out, theirs.transpose(1, 2)) < out_tol
