@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the 1-GPU kind (nvidia-h200): the routed/summary methods' implementations
 # (sweep=sparse_impl_routed), one run per implementation under $OUT/, each invocation capped (the harness
-# resumes; a cut invocation keeps its finished rows). Aimed at ~4 minutes of GPU time: install ~20 s, a GPU
-# smoke of the combiner impls at 1K (fwd, fwd_bwd, ~30 s), invocations capped 80 + 25 + 60 s.
+# resumes; a cut invocation keeps its finished rows). Aimed at ~5 minutes of GPU time: install ~20 s, a GPU
+# smoke of the combiner impls and of biformer impl=flex at 1K (fwd, fwd_bwd, capped 90 + 60 s), invocations
+# capped 80 + 25 + 60 + 40 s (biformer impl=flex: a compile per case, so 40 s may cut it; it resumes).
 # Before the call: mkdir -p .whl && cp ../shared/device/wheels/*.whl .whl/ && pip wheel --no-deps -w .whl .
 # Afterwards: copy $OUT/h200-routed-* into results/; `python scripts/sparse_summary.py` / compare them.
 set -u
@@ -18,6 +19,11 @@ export TRITON_CACHE_AUTOTUNING=1
 timeout -k 5 90 python3 -m pytest -m gpu -q -p no:cacheprovider -k "impl and combiner" tests/test_sparse_gpu.py \
   > "$OUT/gpu-tests-routed.txt" 2>&1
 tail -n 15 "$OUT/gpu-tests-routed.txt"
+# biformer impl=flex (BlockMask from the routed regions): against its reference, and new block masks per call
+# without a recompilation
+timeout -k 5 60 python3 -m pytest -m gpu -q -p no:cacheprovider -k "biformer and flex" tests/test_sparse_gpu.py \
+  > "$OUT/gpu-tests-biformer-flex.txt" 2>&1
+tail -n 15 "$OUT/gpu-tests-biformer-flex.txt"
 
 sweep() {  # sweep WALL_S RUN ARGS...
   local wall=$1 run=$2; shift 2
@@ -34,4 +40,8 @@ sweep 25 h200-routed-sdpa "methods=[sdpa_cudnn]"
 sweep 60 h200-routed-flex "methods=[combiner_fixed,combiner_axial]" \
   method_options.combiner_fixed.impl=flex method_options.combiner_axial.impl=flex
 
-for r in sdpa flex; do grep -h "not ok\|cases:" "$OUT/h200-routed-$r.txt" | grep -v "case/s" | tail -n 6; done
+# 3. biformer impl=flex (the same routing, a BlockMask from the routed region indices, one compiled
+#    FlexAttention call): compare with biformer in h200-routed-sdpa (impl=gather)
+sweep ${BIFLEX_S:-40} h200-routed-biformer-flex "methods=[biformer]" method_options.biformer.impl=flex
+
+for r in sdpa flex biformer-flex; do grep -h "not ok\|cases:" "$OUT/h200-routed-$r.txt" | grep -v "case/s" | tail -n 6; done

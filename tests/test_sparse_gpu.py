@@ -66,7 +66,8 @@ IMPL_CASES = [("halo", impl, mask) for impl in ("strided", "strided_square", "ga
               for mask in ("full", "causal")] + [("long_short", impl, mask) for impl in ("strided", "flex")
                                                   for mask in ("full", "causal")] + [
     (name, impl, mask) for name in ("combiner_fixed", "combiner_axial") for impl in ("sdpa", "flex")
-    for mask in ("full", "causal")]
+    for mask in ("full", "causal")] + [("biformer", impl, mask) for impl in ("gather", "flex")
+                                      for mask in ("full", "causal")]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -74,6 +75,34 @@ IMPL_CASES = [("halo", impl, mask) for impl in ("strided", "strided_square", "ga
 def test_each_impl_matches_its_reference_on_the_gpu(method, impl, mask, mode):
     row = run_case(method, mask, mode, options={method: {**OPTIONS.get(method, {}), "impl": impl}})
     assert row["status"] == "ok", row["reason"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_biformer_flex_with_two_blocks_per_region(mode):
+    """impl flex, causal, region 256 (two 128-blocks per region: a full block beside the diagonal one)."""
+    row = run_case("biformer", "causal", mode, options={"biformer": {"region": 256, "topk": 2, "impl": "flex"}})
+    assert row["status"] == "ok", row["reason"]
+
+
+def test_biformer_flex_block_masks_change_per_call_without_recompiling():
+    import torch._dynamo
+
+    spec = masks.make_mask("causal")
+    bound = spec.bind(2048, 2048).to("cuda:0")
+    case = Case(method="biformer", mask=spec.label, mask_name=spec.name, batch=1, heads_q=4, heads_kv=4,
+                seq_q=2048, seq_kv=2048, head_dim=64, dtype="bfloat16", mode="fwd", device="cuda:0")
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cuda:0"),
+                       dtype=torch.bfloat16, options={}, params={"region": 256, "topk": 3, "impl": "flex"})
+    prepared = METHODS["biformer"].build(ctx)
+
+    def draw(seed):
+        gen = torch.Generator(device="cuda:0").manual_seed(seed)
+        return [torch.randn(1, 4, 2048, 64, generator=gen, device="cuda:0", dtype=torch.bfloat16) for _ in range(3)]
+
+    first = prepared.fn(*draw(0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = prepared.fn(*draw(1))
+    assert torch.isfinite(second).all() and not torch.equal(first, second)
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])

@@ -234,6 +234,7 @@ def test_routing_is_deterministic_for_a_seed(dense, method, opts):
     ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed: unknown field(s) segmnt"),
     ("combiner_fixed", "causal", {"impl": "dense"}, "method_options.combiner_fixed.impl: must be one of sdpa, flex"),
     ("combiner_axial", "full", {"impl": "strided"}, "method_options.combiner_axial.impl: must be one of sdpa, flex"),
+    ("biformer", "causal", {"region": 16, "impl": "sdpa"}, "method_options.biformer.impl: must be one of gather, flex"),
 ])
 def test_bad_options_fail_naming_the_field(dense, method, mask, opts, words):
     with pytest.raises(ValueError) as info:
@@ -701,3 +702,142 @@ def test_combiner_merge_whose_part_backward_uses_its_own_softmax_is_caught(monke
     for method in ("combiner_fixed", "combiner_axial"):
         row = run_case(method, "causal", "fwd_bwd", opts={"segment": 16, "impl": "sdpa"})
         assert row["status"] == "wrong", row["reason"]
+
+
+# ---- BiFormer impl flex: a BlockMask from the routed region indices ---------------------------------------------
+@pytest.fixture
+def blocks(monkeypatch):
+    """FlexAttention's contract with the block lists honoured (``common.block_attend``: a wrong list is seen,
+    which ``dense_attend`` - the mask_mod alone - would miss) and a small flex block so tiny shapes have
+    several blocks per region."""
+    monkeypatch.setattr(common, "ATTEND", common.block_attend)
+    monkeypatch.setattr(biformer, "FLEX_BLOCK", 8)
+
+
+FLEX = {"region": 16, "topk": 3, "impl": "flex"}  # 8 regions of 2 flex blocks at seq 128
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_biformer_flex_matches_its_reference_with_gradients(blocks, mask):
+    row = run_case("biformer", mask, "fwd_bwd", opts=FLEX)
+    assert row["status"] == "ok", row["reason"]
+    assert row["rel_err"] < 2e-5  # fp32; the harness's leak probe passed (causal)
+    assert row["attended_pairs"] > 0
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_biformer_flex_at_the_real_block_size(monkeypatch, mask):
+    """FLEX_BLOCK 128 as on the GPU: one flex block per region at seq 512 (4 regions, top-2)."""
+    monkeypatch.setattr(common, "ATTEND", common.block_attend)
+    row = run_case("biformer", mask, "fwd_bwd", seq=512, opts={"region": 128, "topk": 2, "impl": "flex"},
+                   batch=1, dim=8)
+    assert row["status"] == "ok", row["reason"]
+    assert row["rel_err"] < 2e-5
+
+
+def test_biformer_flex_cross_attention(blocks):
+    row = run_case("biformer", "full", "fwd_bwd", seq=64, seq_kv=128, opts={"region": 16, "topk": 2, "impl": "flex"})
+    assert row["status"] == "ok", row["reason"]
+    assert row["rel_err"] < 2e-5
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_biformer_impls_agree_with_each_other_with_gradients(blocks, mask):
+    results = []
+    for impl in biformer.IMPLS:
+        prepared, case = build("biformer", mask, opts={**FLEX, "impl": impl}, batch=2)
+        q, k, v, _ = (t.requires_grad_() for t in inputs(case))
+        out = prepared.fn(q, k, v)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
+        results.append((out, *grads))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_biformer_flex_changing_future_keys_leaves_past_outputs(blocks):
+    prepared, case = build("biformer", "causal", opts=FLEX)
+    q, k, v, _ = inputs(case)
+    cut = 77  # inside a flex block: the diagonal block's token-causal cut is probed
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, cut:] = torch.randn_like(k2[:, :, cut:]) * 3
+    v2[:, :, cut:] = torch.randn_like(v2[:, :, cut:]) * 3
+    base, moved = prepared.fn(q, k, v), prepared.fn(q, k2, v2)
+    torch.testing.assert_close(moved[:, :, :cut], base[:, :, :cut], rtol=0, atol=1e-6)
+    assert not torch.allclose(moved[:, :, cut:], base[:, :, cut:])
+
+
+def test_biformer_block_lists_are_the_patterns_blocks():
+    """The listed blocks (full | partial) are the blocks the reference pattern touches; the full ones are the
+    blocks it covers entirely (flex skips the mask_mod there); the key-block lists span every key block (the
+    width torch 2.11's transpose for the backward reads as the key-block count)."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, region, block, topk = 2, 8, 16, 8, 3
+    for causal in (False, True):
+        q_bar, k_bar = torch.randn(b, n, 12, generator=gen), torch.randn(b, n, 12, generator=gen)
+        selected, index = biformer.route_regions(q_bar, k_bar, topk, causal)
+        bm = biformer.bra_block_mask(index, selected, region, causal, n * region, n * region, block)
+        seq = n * region
+        i = torch.arange(seq)
+        pattern = selected[:, i // region][:, :, i // region] & ((i[None, :, None] >= i[None, None, :]) | (not causal))
+        tiles = pattern.view(b, seq // block, block, seq // block, block)
+        touched, covered = tiles.any(4).any(2), tiles.all(4).all(2)
+
+        def flags(counts, indices):
+            keep = torch.arange(indices.shape[-1]) < counts[..., None]
+            out = torch.zeros(*indices.shape[:-1], seq // block + 1, dtype=torch.bool)
+            return out.scatter_(-1, torch.where(keep, indices.long(), seq // block), True)[..., :-1][:, 0]
+
+        full, partial = flags(bm.full_kv_num_blocks, bm.full_kv_indices), flags(bm.kv_num_blocks, bm.kv_indices)
+        assert torch.equal(full | partial, touched) and torch.equal(full, covered) and not (full & partial).any()
+        assert bm.kv_indices.shape[-1] == bm.full_kv_indices.shape[-1] == seq // block
+
+
+@pytest.mark.parametrize("mask", ["full", "causal"])
+def test_a_biformer_block_list_off_by_one_region_is_caught(blocks, monkeypatch, mask):
+    """Negative control: block lists built from region index + 1 (the mask_mod still right) are ``wrong``."""
+    original = biformer.bra_block_mask
+
+    def shifted(index, selected, region, causal, seq_q, seq_kv, block):
+        return original((index + 1) % (seq_kv // region), selected, region, causal, seq_q, seq_kv, block)
+
+    monkeypatch.setattr(biformer, "bra_block_mask", shifted)
+    row = run_case("biformer", mask, "fwd", opts=FLEX)
+    assert row["status"] == "wrong", row["reason"]
+
+
+def test_a_causal_biformer_block_mask_built_non_causal_is_caught(blocks, monkeypatch):
+    """Negative control: the causal form's blocks listed as in the full form (every routed block full, the
+    diagonal and the first rows' later regions included) leaks - the case is ``wrong``."""
+    original = biformer.bra_block_mask
+    monkeypatch.setattr(biformer, "bra_block_mask", lambda index, selected, region, causal, *rest:
+                        original(index, selected, region, False, *rest))
+    row = run_case("biformer", "causal", "fwd", opts=FLEX)
+    assert row["status"] == "wrong", row["reason"]
+
+
+def test_biformer_flex_region_not_a_multiple_of_the_flex_block_is_refused(dense):
+    row = run_case("biformer", "full", "fwd", opts={"region": 16, "impl": "flex"})
+    assert row["status"] == "unsupported"
+    assert "method_options.biformer.region=16" in row["reason"] and "128" in row["reason"]
+
+
+def test_block_attend_is_compiled_flex_attention_on_the_cpu():
+    """``block_attend`` (the contract the tests above swap in) against the compiled FlexAttention kernel
+    (forward; the CPU has it without backward): the same output for the right block lists and for deliberately
+    wrong ones (region index + 1), which the kernel, unlike the eager mask_mod evaluation, honours."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gen = torch.Generator().manual_seed(1)
+    seq, region, topk = 512, 256, 1  # two 128-blocks per region: a full block and the diagonal one, causal
+    q, k, v = (torch.randn(1, 2, seq, 16, generator=gen) for _ in range(3))
+    compiled = torch.compile(flex_attention)
+    selected, index = biformer.route_regions(biformer.region_means(q, region), biformer.region_means(k, region),
+                                             topk, True)
+    want = biformer.bra_reference(q, k, v, selected, region, True)
+    for idx in (index, (index + 1) % (seq // region)):
+        bm = biformer.bra_block_mask(idx, selected, region, True, seq, seq, 128)
+        got = compiled(q, k, v, block_mask=bm)
+        torch.testing.assert_close(common.block_attend(q, k, v, bm), got, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(common.block_attend(q, k, v, biformer.bra_block_mask(
+        index, selected, region, True, seq, seq, 128)), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, want, atol=1e-3)  # the shifted lists do change the kernel's output

@@ -28,9 +28,16 @@ first); the causal form runs the first ``topk`` regions as one causal SDPA call 
 bottom-right causal tile mask (own region last in the gathered keys). Lengths not divisible by the region
 size are refused (``Unsupported``), never padded.
 
+Fast path ``impl=flex`` (1-D form only): the same routing, then a ``BlockMask`` built straight from the routed
+region indices (``BlockMask.from_kv_blocks``: every query block of region ``r`` lists the ``topk * region /
+128`` key blocks of its routed regions, ascending, as *full* blocks - no key/value copy) and one compiled
+FlexAttention call. Causal: key blocks before the query block are full, the diagonal block is the only
+partial one (the mask_mod - the whole routed pattern, token-causal - decides inside it), later blocks are
+left out. The region must be a multiple of FlexAttention's block (128), else ``Unsupported``.
+
 Options (``method_options.<name>.*``): ``region`` (tokens per region, 1-D, default 256), ``topk`` (default 4;
-must not exceed the number of key regions), ``regions_per_side`` (2-D, default 8), ``lce`` (layer, default
-true), ``lce_kernel`` (default 5).
+must not exceed the number of key regions), ``impl`` (1-D: ``gather``, the default, or ``flex``),
+``regions_per_side`` (2-D, default 8), ``lce`` (layer, default true), ``lce_kernel`` (default 5).
 """
 from __future__ import annotations
 
@@ -41,7 +48,10 @@ import torch.nn.functional as F
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .common import Options, from_tiles, masked_attention, parameter, row_chunks, sdpa_tiles, to_tiles
+from .common import Options, flex_path, from_tiles, masked_attention, parameter, row_chunks, sdpa_tiles, to_tiles
+
+IMPLS = ("gather", "flex")  # method_options.biformer.impl
+FLEX_BLOCK = 128  # FlexAttention's sparse block (the compiled kernels' granularity); CPU tests may use a smaller one
 
 
 # ---- routing (shared by fast path and reference: the same fp32 decisions) -----------------------------------
@@ -138,6 +148,43 @@ def bra_fast(q, k, v, index: torch.Tensor, region: int, topk: int, causal: bool)
     return torch.cat([head, from_tiles(tail, heads)], dim=2)
 
 
+def bra_block_mask(index: torch.Tensor, selected: torch.Tensor, region: int, causal: bool, seq_q: int,
+                   seq_kv: int, block: int):
+    """A per-batch ``BlockMask`` (broadcast over heads: routing is shared by the heads) of the routed pattern,
+    from the region indices ``index [B, n_q, topk]`` (ascending, as :func:`route_regions` gives them) through
+    ``BlockMask.from_kv_blocks`` - no flags to sort. Query block ``i`` (region ``i * block // region``) lists
+    its routed regions' key blocks as full blocks; causal: only those before ``i`` are full (a prefix of the
+    ascending list), the diagonal block ``i`` is the one partial block (the mask_mod decides inside it),
+    later ones (the first ``topk`` rows' not-yet-reached regions) are left out. The mask_mod is the whole
+    pattern (``selected [B, n_q, n_k]``, token-causal), so a primitive that evaluates it everywhere agrees."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, n_q, topk = index.shape
+    per = region // block
+    q_blocks, kv_blocks = seq_q // block, seq_kv // block
+    device = index.device
+    blocks = (index[..., None] * per + torch.arange(per, device=device)).reshape(batch, n_q, topk * per)
+    blocks = blocks.repeat_interleave(per, dim=1).to(torch.int32)  # [B, q_blocks, topk * per], ascending
+    # from_kv_blocks (torch 2.11) takes the index width as the number of key blocks: pad the lists to it
+    full_indices = F.pad(blocks, (0, kv_blocks - topk * per))[:, None]
+    if causal:
+        diagonal = torch.arange(q_blocks, device=device, dtype=torch.int32)
+        full_counts = (blocks < diagonal[None, :, None]).sum(dim=-1, dtype=torch.int32)[:, None]
+        counts = torch.ones(batch, 1, q_blocks, dtype=torch.int32, device=device)
+        indices = F.pad(diagonal[:, None], (0, kv_blocks - 1)).expand(batch, 1, q_blocks, kv_blocks)
+    else:
+        full_counts = torch.full((batch, 1, q_blocks), topk * per, dtype=torch.int32, device=device)
+        counts = torch.zeros(batch, 1, q_blocks, dtype=torch.int32, device=device)
+        indices = torch.zeros(batch, 1, q_blocks, kv_blocks, dtype=torch.int32, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seen = selected[b, q_idx // region, kv_idx // region]
+        return seen & (kv_idx <= q_idx) if causal else seen
+
+    return BlockMask.from_kv_blocks(counts, indices.contiguous(), full_counts, full_indices.contiguous(),
+                                    BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(seq_q, seq_kv))
+
+
 def _region_option(opts: Options, name: str, default: int, seq: int, what: str) -> int:
     region = opts.int(name, default, minimum=1)
     if region > seq:
@@ -156,12 +203,13 @@ def _topk_option(opts: Options, default: int, regions: int) -> int:
     "biformer",
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, cross=True, backward=True),
     description="BiFormer bi-level routing attention, 1-D: region top-k routing, token attention on gathered "
-                "regions (SDPA tiles)",
+                "regions (impl gather: SDPA tiles; impl flex: a BlockMask from the routed regions, FlexAttention)",
 )
 def build_biformer(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "biformer", ("region", "topk"))
+    opts = Options(ctx, "biformer", ("region", "topk", "impl"))
     region = _region_option(opts, "region", 256, min(case.seq_q, case.seq_kv), "sequence")
+    impl = opts.choice("impl", "gather", IMPLS)
     if causal and case.seq_q != case.seq_kv:
         raise Unsupported("causal cross attention is not defined for region routing (seq_q != seq_kv)")
     for name, length in (("seq_q", case.seq_q), ("seq_kv", case.seq_kv)):
@@ -169,13 +217,25 @@ def build_biformer(ctx):
             raise Unsupported(f"{name}={length} is not a multiple of method_options.biformer.region={region} "
                               "(lengths are not padded)")
     topk = _topk_option(opts, 4, case.seq_kv // region)
+    block = FLEX_BLOCK
+    if impl == "flex" and region % block:
+        raise Unsupported(f"impl flex: method_options.biformer.region={region} is not a multiple of the "
+                          f"FlexAttention block size {block}")
+    attend = flex_path(ctx) if impl == "flex" else None
 
     def routing(q, k, v):
         return route_regions(region_means(q, region), region_means(k, region), topk, causal)
 
-    def fn(q, k, v):
+    def fn_gather(q, k, v):
         _, index = routing(q, k, v)
         return bra_fast(q, k, v, index, region, topk, causal)
+
+    def fn_flex(q, k, v):
+        selected, index = routing(q, k, v)
+        block_mask = bra_block_mask(index, selected, region, causal, q.shape[2], k.shape[2], block)
+        return attend(q, k, v, block_mask, False)
+
+    fn = fn_flex if impl == "flex" else fn_gather
 
     def reference(q, k, v, rows=None):
         selected, _ = routing(q, k, v)

@@ -195,6 +195,39 @@ def dense_attend(q, k, v, block_mask, return_lse: bool = False):
     return out, torch.logsumexp(scores, dim=-1)
 
 
+def block_attend(q, k, v, block_mask, return_lse: bool = False):
+    """The contract of :func:`flex_attend` with a real ``BlockMask``, written out block by block (CPU tests):
+    a key is visible in a *full* block listed for its query block whatever the mask_mod says, in a listed
+    *partial* block where the mask_mod says so, and nowhere else - so a wrong block list is caught even when
+    the mask_mod alone is right (which :func:`dense_attend`, reading the mask_mod only, cannot see)."""
+    seq_q, seq_kv = q.shape[2], k.shape[2]
+    block_q, block_kv = block_mask.BLOCK_SIZE
+    n_kv = -(-seq_kv // block_kv)
+
+    def listed(counts, indices):  # [B|1, H|1, q_blocks, *] lists -> [B|1, H|1, seq_q, seq_kv] flags
+        keep = torch.arange(indices.shape[-1], device=q.device) < counts[..., None]
+        flags = torch.zeros(*indices.shape[:-1], n_kv + 1, dtype=torch.bool, device=q.device)
+        flags.scatter_(-1, torch.where(keep, indices.long(), n_kv), True)
+        flags = flags[..., :n_kv].repeat_interleave(block_q, dim=2)[:, :, :seq_q]
+        return flags.repeat_interleave(block_kv, dim=3)[..., :seq_kv]
+
+    partial = listed(block_mask.kv_num_blocks, block_mask.kv_indices)
+    full = torch.zeros_like(partial) if block_mask.full_kv_num_blocks is None else \
+        listed(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
+    h = torch.arange(q.shape[1], device=q.device)[None, :, None, None]
+    qi = torch.arange(seq_q, device=q.device)[None, None, :, None]
+    ki = torch.arange(seq_kv, device=q.device)[None, None, None, :]
+    visible = full | (partial & block_mask.mask_mod(b, h, qi, ki))
+    visible = visible.expand(q.shape[0], q.shape[1], seq_q, seq_kv)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = masked_attention(q, k, v, visible, scale)
+    if not return_lse:
+        return out
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, NEG_INF)
+    return out, torch.logsumexp(scores, dim=-1)
+
+
 class DenseBlockMask:
     """What :func:`dense_attend` needs of a BlockMask: its ``mask_mod``."""
 
