@@ -37,6 +37,19 @@ sweep 60 256k "seq_lens=[262144]" "modes=[fwd]" \
 # 4. 1M, forward: the gather-dense and plain-PyTorch fast paths
 sweep 40 1m "seq_lens=[1048576]" "modes=[fwd]" "methods=[biformer,halo,routing,combiner_logsparse,probsparse]"
 
+# 5. optional (SUPERLINEAR_PKG=1): the superlinear package as a backend (superlinear_pkg, causal only, same operator
+#    as superlinear, gated on its reference) in its own run $OUT/h200-superlinear-pkg, 4K-64K, fwd and fwd_bwd,
+#    plus its GPU tests. Its wheel is shared/device/wheels/superlinear-0.1.0-py3-none-any.whl: the `cp` above
+#    copies it into .whl/ with the others (it needs triton, already on the machine; it also installs a top-level
+#    `apps` package, unused). Without the wheel the method is listed unavailable and its rows are `unsupported`.
+if [ "${SUPERLINEAR_PKG:-}" = 1 ]; then
+  timeout -k 10 90 python3 -m attnbench.cli sweep=sparse device=cuda results_dir="$OUT" run_id=h200-superlinear-pkg \
+    "methods=[superlinear_pkg,superlinear]" "masks=[causal]" "seq_lens=[4096,16384,65536]" > "$OUT/superlinear-pkg.txt" 2>&1
+  echo "== superlinear-pkg: exit $? after ${SECONDS}s"
+  timeout -k 5 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_superlinear_pkg.py > "$OUT/gpu-tests-pkg.txt" 2>&1
+  tail -n 3 "$OUT/gpu-tests-pkg.txt"
+fi
+
 # GPU test of the data-dependent BlockMask path (no recompilation on new inputs); the whole GPU test file
 # (every method against its reference at 1K, bf16) with GPU_TESTS=all - the 4K smoke above gates the same
 # fast paths through the same case runner

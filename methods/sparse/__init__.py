@@ -3,6 +3,7 @@
 | method | file | forms | fast path |
 |---|---|---|---|
 | ``superlinear`` | superlinear.py | causal | FlexAttention per span, per-call BlockMask from the search |
+| ``superlinear_pkg`` | superlinear_pkg.py | causal, CUDA, needs ``superlinear`` | the package's Triton prefill (same operator) |
 | ``biformer``, ``biformer_2d``, ``biformer_layer`` | biformer.py | full/causal/cross; 2-D grid; layer + LCE | gathered regions through SDPA |
 | ``routing`` | routing.py | full/causal/cross | gathered clusters through SDPA, scattered back |
 | ``combiner_fixed``, ``combiner_axial``, ``combiner_logsparse`` | combiner.py | full/causal; causal | FlexAttention over augmented keys; two FlexAttention parts merged by LSE; shifted broadcasts |
@@ -17,4 +18,4 @@ of query rows for long cases), and its distance from exact softmax attention is 
 Data-dependent decisions (routing, clustering, top-k) are made by one function from fp32 scores, shared by
 fast path and reference, so the gate compares the same routing. Shared pieces: ``common``.
 """
-from . import biformer, combiner, halo, long_short, probsparse, routing, sparsifiner, superlinear  # noqa: F401
+from . import biformer, combiner, halo, long_short, probsparse, routing, sparsifiner, superlinear, superlinear_pkg  # noqa: F401

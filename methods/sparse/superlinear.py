@@ -19,7 +19,9 @@ diagonal bands of ``q1 . k`` stripe by stripe (no gather; O(L^1.5 d) multiply-ad
 running top-k. Fast path: one compiled FlexAttention call per span index j with a ``mask_mod`` reading the
 per-query span bounds and a ``BlockMask`` built per call from the bounds (``BlockMask.from_kv_blocks``:
 per query block, the union of its queries' spans and windows). Reference: the per-span boolean patterns
-written out, masked softmax, the gated sum. The ``superlinear`` package (Triton) is not used here.
+written out, masked softmax, the gated sum. The ``superlinear`` package (Triton, CUDA only) is not used here: it
+computes the same operator with the same parameters and defaults (num_spans 2-3 and search_power < 1 only) and
+is registered beside this method as ``superlinear_pkg`` (superlinear_pkg.py: the finding and the mapping).
 
 Options: ``num_spans`` (3), ``sw_index`` (s, 0), ``search_power`` (p, 0.5, in (0, 1]), ``backward_factor``
 (2.0), ``forward_factor`` (0.0), ``span_power`` (sigma, 0.5).
@@ -128,16 +130,20 @@ def superlinear_reference(q, k, v, q1, routing, rows=None):
     return torch.cat(outs, dim=2)
 
 
-@register_method(
-    "superlinear",
-    Capabilities(family="sparse", exact=False, masks={"causal"}, causal_only=True, backward=True, compiled=True),
-    description="Superlinear multi-step attention (N=2): span search over ~sqrt(t) anchors, then attention on "
-                "the top spans (FlexAttention with per-call BlockMasks), gated by the search scores",
-)
-def build_superlinear(ctx):
+def span_pairs(start, end, sw_start, batch: int, heads: int, num_spans: int) -> int:
+    """Attended pairs: every span's keys plus the window once per span, summed over batch and heads."""
+    span = (end - start + 1).clamp_min(0).sum()
+    t = torch.arange(sw_start.shape[0], device=sw_start.device)
+    win = (t - sw_start + 1).clamp_min(0).sum() * batch * heads * num_spans
+    return int(span + win)
+
+
+def read_options(ctx, method: str) -> dict:
+    """The validated options of a case (``method_options.<method>.*``) with the stripe distances and window
+    they give at the case's length; shared with ``superlinear_pkg`` (same fields, same defaults)."""
     case = ctx.case
-    opts = Options(ctx, "superlinear", ("num_spans", "sw_index", "search_power", "backward_factor",
-                                        "forward_factor", "span_power"))
+    opts = Options(ctx, method, ("num_spans", "sw_index", "search_power", "backward_factor",
+                                 "forward_factor", "span_power"))
     num_spans = opts.int("num_spans", 3, minimum=1)
     sw_index = opts.int("sw_index", 0, minimum=0)
     power = opts.float("search_power", 0.5, minimum=0.0, maximum=1.0, exclusive_min=True)
@@ -154,6 +160,22 @@ def build_superlinear(ctx):
     if num_spans > len(distances):
         opts.fail("num_spans", f"must be <= the number of search stripes at seq {length} ({len(distances)}), "
                                f"got {num_spans}")
+    return dict(options=opts, num_spans=num_spans, sw_index=sw_index, search_power=power, backward_factor=back,
+                forward_factor=fwd, span_power=sigma, distances=distances, window=window)
+
+
+@register_method(
+    "superlinear",
+    Capabilities(family="sparse", exact=False, masks={"causal"}, causal_only=True, backward=True, compiled=True),
+    description="Superlinear multi-step attention (N=2): span search over ~sqrt(t) anchors, then attention on "
+                "the top spans (FlexAttention with per-call BlockMasks), gated by the search scores",
+)
+def build_superlinear(ctx):
+    case = ctx.case
+    cfg = read_options(ctx, "superlinear")
+    num_spans, window, distances = cfg["num_spans"], cfg["window"], cfg["distances"]
+    back, fwd, sigma = cfg["backward_factor"], cfg["forward_factor"], cfg["span_power"]
+    length = case.seq_q
     attend = flex_path(ctx)
     batch, heads = case.batch, case.heads_q
     # the mask_mods read the span bounds of *this* call: fresh int32 tensors made per call and never written
@@ -191,10 +213,7 @@ def build_superlinear(ctx):
 
     def pairs(q, k, v, q1):
         _, start, end, sw_start = routing(q1, k)
-        span = (end - start + 1).clamp_min(0).sum()
-        t = torch.arange(length, device=q.device)
-        win = (t - sw_start + 1).clamp_min(0).sum() * batch * heads * num_spans
-        return int(span + win)
+        return span_pairs(start, end, sw_start, batch, heads, num_spans)
 
     return Prepared(fn=fn, reference=reference, extras={"q1": Extra(shape=(batch, heads, length, case.head_dim))},
                     attended_pairs=pairs, phases={"routing": lambda q, k, v, q1: routing(q1, k)})
