@@ -113,7 +113,6 @@ class CaseRunner:
     def __init__(self, device: str, options: dict):
         self.device = torch.device(device)
         self.options = options
-        self._resident_bytes: int | None = None  # set per case by _run (see there)
         self.timing = options["timing"]
         self.phase = "idle"
         self.phase_hook = None  # called with each new phase (the worker reports it to the parent)
@@ -218,7 +217,7 @@ class CaseRunner:
         prepared = self._declined(caps, lambda: as_prepared(method.build(ctx)))
         # what the builder allocated and keeps for every call (a dense bias, a BlockMask, weights): it is resident
         # while the call runs, so it counts in peak_mem_mb (measured before any input exists)
-        self._resident_bytes = max(0, self._allocated() - resident_before) if resident_before is not None else None
+        resident_bytes = max(0, self._allocated() - resident_before) if resident_before is not None else 0
         if not caps.exact and prepared.reference is None:
             raise _Verdict("error", f"approximate method {case.method!r} gives no reference (Prepared.reference): "
                                     "its fast path cannot be gated")
@@ -255,7 +254,7 @@ class CaseRunner:
             row["attended_pairs"] = pairs
 
         self._set_phase("memory")
-        row.update(self._memory(case, prepared, timed, call))
+        row.update(self._memory(case, prepared, timed, call, resident_bytes))
         self._set_phase("timing")
         with self._no_recompile(caps.compiled):
             result = timers.time_callable(timed, self.device, self.timing,
@@ -496,10 +495,11 @@ class CaseRunner:
             raise _Verdict("wrong", "recurrent decode step reads cache entries other than the newest token")
 
     # ---- memory, phases and rates ------------------------------------------------------------------------------
-    def _memory(self, case: Case, prepared, timed, call: Call) -> dict:
+    def _memory(self, case: Case, prepared, timed, call: Call, resident_bytes: int = 0) -> dict:
         """The allocator's peak while the case's work runs from its inputs (for ``bwd``, the forward whose
         graph the backward needs is included), counted from the case's own tensors: ``peak_mem_mb`` =
-        inputs (q, k, v or x, dout, extras, parameters, a decode state) + everything allocated above them;
+        inputs (q, k, v or x, dout, extras, parameters, a decode state) + everything allocated above them +
+        ``resident_bytes`` (what the builder allocated and keeps: ``resident_mb``);
         ``mem_above_inputs_mb`` = the part above the inputs. Tensors the harness keeps for other purposes
         (cached reference, L2-flush buffer) are excluded because they exist before and after."""
         if self.device.type != "cuda":
@@ -521,9 +521,8 @@ class CaseRunner:
             timed()
         self._sync()
         above = torch.cuda.max_memory_allocated(self.device) - before
-        resident = self._resident_bytes or 0
-        return {"mem_above_inputs_mb": above / 2**20, "resident_mb": resident / 2**20,
-                "peak_mem_mb": (above + input_bytes + resident) / 2**20}
+        return {"mem_above_inputs_mb": above / 2**20, "resident_mb": resident_bytes / 2**20,
+                "peak_mem_mb": (above + input_bytes + resident_bytes) / 2**20}
 
     def _phases(self, prepared, call: Call, ms_total: float) -> dict:
         """Time each declared phase alone (e.g. routing) and give its share of the whole call."""

@@ -342,13 +342,14 @@ def check_resumed_options(store: RowStore, plan: Plan, method_options: dict | No
     done = {case_id for case_id in planned if case_id in store.done}
     if not done:
         return
-    for method, recorded in sorted(store.recorded_options(done).items()):
+    for method, recorded_sets in sorted(store.recorded_options(done).items()):
         current = dict((method_options or {}).get(method) or {})
-        if recorded != current:
-            raise ConfigError(f"method_options.{method}",
-                              f"{current or {}} differs from {recorded or {}}, the options this run's rows of "
-                              f"{method} were measured with (the case key does not hold method options, so a "
-                              "resume would keep those rows as done); use a new run_id, or the same options")
+        for recorded in recorded_sets:
+            if recorded != current:
+                raise ConfigError(f"method_options.{method}",
+                                  f"{current or {}} differs from {recorded or {}}, the options this run's rows of "
+                                  f"{method} were measured with (the case key does not hold method options, so a "
+                                  "resume would keep those rows as done); use a new run_id, or the same options")
 
 
 def check_results_dir(results_dir: Path, run_id: str) -> Path:

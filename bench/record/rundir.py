@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from attnbench.record.schema import to_frame
-from attnbench.record.store import read_jsonl
+from attnbench.record.store import InvocationOptions, read_jsonl
 
 ROW_FILES = ("rows.parquet", "rows.jsonl", "rows.csv")
 
@@ -78,30 +78,19 @@ def load_run(path: str | Path) -> Run:
 
 def _fill_method_options(path: Path, rows: pd.DataFrame) -> None:
     """Rows written before the ``method_options`` column existed get their method's options from
-    ``config.<invocation>.yaml`` of the invocation that wrote them (left empty where that cannot be told)."""
+    ``config.<invocation>.yaml`` of the invocation that wrote them (``InvocationOptions``; left empty where
+    that cannot be told)."""
     if not len(rows) or "invocation" not in rows:
         return
     if "method_options" not in rows:
         rows["method_options"] = pd.Series([None] * len(rows), dtype="string")
     missing = rows["method_options"].isna() & rows["invocation"].notna()
-    if not missing.any():
-        return
-    import yaml
-
-    configs: dict = {}
+    options_of = InvocationOptions(path)
     for index in rows.index[missing]:
-        invocation = int(rows.at[index, "invocation"])
-        if invocation not in configs:
-            config_path = path / f"config.{invocation}.yaml"
-            try:
-                configs[invocation] = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-            except (OSError, yaml.YAMLError):
-                configs[invocation] = None
-        config = configs[invocation]
-        if config is None:
-            continue
-        options = (config.get("method_options") or {}).get(rows.at[index, "method"])
-        rows.at[index, "method_options"] = json.dumps(options, sort_keys=True, default=str) if options else pd.NA
+        options = options_of.row_options({"method": rows.at[index, "method"],
+                                          "invocation": int(rows.at[index, "invocation"])})
+        if options:
+            rows.at[index, "method_options"] = json.dumps(options, sort_keys=True, default=str)
 
 
 def _check_plan(path: Path, rows: pd.DataFrame, warnings: list[str]) -> None:

@@ -77,6 +77,41 @@ def options_json(method_options: dict | None, method: str) -> str | None:
     return json.dumps(options, sort_keys=True, default=str) if options else None
 
 
+class InvocationOptions:
+    """The method options a row was measured with: its ``method_options`` column, or for rows written before
+    that column existed, ``config.<invocation>.yaml`` of the invocation that wrote it (read once each)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._configs: dict[int, dict | None] = {}
+
+    def _config(self, invocation: int) -> dict | None:
+        if invocation not in self._configs:
+            import yaml
+
+            path = self.run_dir / f"config.{invocation}.yaml"
+            try:
+                self._configs[invocation] = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
+            except (OSError, yaml.YAMLError):
+                self._configs[invocation] = None
+        return self._configs[invocation]
+
+    def row_options(self, row: dict) -> dict | None:
+        """The options as a dict ({} for none), or None when they cannot be told."""
+        recorded = row.get("method_options")
+        if isinstance(recorded, str) and recorded:
+            return json.loads(recorded)
+        if "method_options" in row and (recorded is None or recorded == ""):
+            return {}
+        invocation = row.get("invocation")
+        if invocation is None or (isinstance(invocation, float) and math.isnan(invocation)):
+            return None
+        config = self._config(int(invocation))
+        if config is None:
+            return None
+        return dict((config.get("method_options") or {}).get(str(row.get("method"))) or {})
+
+
 class RowStore:
     def __init__(self, run_dir: Path, retry: tuple[str, ...] = (), method_options: dict | None = None):
         # this invocation's method_options: every row appended gets its method's in the ``method_options`` column
@@ -115,31 +150,19 @@ class RowStore:
             self.rows.append(row)
             self.done.add(row["case_id"])
 
-    def recorded_options(self, case_ids: set[str]) -> dict[str, dict]:
-        """Per method, the method options that the latest rows of ``case_ids`` were measured with: the
-        ``method_options`` column, or (rows written before it existed) ``config.<invocation>.yaml`` of the
-        invocation that wrote them; methods whose options cannot be told are left out."""
-        import yaml
-
-        configs: dict = {}
-        found: dict[str, dict] = {}
+    def recorded_options(self, case_ids: set[str]) -> dict[str, list[dict]]:
+        """Per method, every distinct set of method options that the latest rows of ``case_ids`` were measured
+        with (``row_options``); rows whose options cannot be told are left out."""
+        options_of = InvocationOptions(self.run_dir)
+        found: dict[str, list[dict]] = {}
         latest = {row["case_id"]: row for row in self.rows if row.get("case_id") in case_ids}
         for row in latest.values():
-            method = str(row.get("method"))
-            if "method_options" in row:
-                found.setdefault(method, json.loads(row["method_options"]) if row["method_options"] else {})
+            options = options_of.row_options(row)
+            if options is None:
                 continue
-            invocation = row.get("invocation")
-            path = self.run_dir / f"config.{invocation}.yaml"
-            if invocation is None or not path.is_file():
-                continue
-            if invocation not in configs:
-                try:
-                    configs[invocation] = yaml.safe_load(path.read_text()) or {}
-                except (OSError, yaml.YAMLError):
-                    configs[invocation] = None
-            if configs[invocation] is not None:
-                found.setdefault(method, dict((configs[invocation].get("method_options") or {}).get(method) or {}))
+            sets = found.setdefault(str(row.get("method")), [])
+            if options not in sets:
+                sets.append(options)
         return found
 
     def frame(self):
