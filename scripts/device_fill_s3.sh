@@ -28,23 +28,25 @@ if [ "$PART" != linear ]; then
   # halo and long_short are not resumed in h200-sparse: its rows ran their first implementations (halo gather,
   # long_short flex) before the strided defaults landed; their long lengths resume the implementation runs instead
   M="methods=[sdpa_cudnn,flex,biformer,biformer_2d,biformer_layer,halo_2d,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,superlinear]"
-  inv ${S1:-190} sparse-64k sparse h200-sparse "$M" "retry=[wrong,error]" "seq_lens=[16384,65536]" case_timeout_s=40
-  inv ${S2:-110} sparse-256k sparse h200-sparse "$M" "retry=[wrong]" "seq_lens=[262144]" case_timeout_s=30
-  inv ${S3:-100} sparse-1m sparse h200-sparse "$M" "seq_lens=[1048576]" case_timeout_s=25
-  inv ${S4:-45} impl-square-1m sparse_impl h200-impl-strided-square "methods=[halo]" method_options.halo.impl=strided_square \
-    "seq_lens=[1048576]" case_timeout_s=25
-  inv ${S5:-60} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
-    case_timeout_s=25
+  # call 1 (S1..S5 of the first version) filled 64K; fwd first here, since timeouts in fwd_bwd ate call 1's 256K/1M caps
+  inv ${S1:-75} sparse-256k-fwd sparse h200-sparse "$M" "retry=[oom]" "seq_lens=[262144]" "modes=[fwd]" case_timeout_s=25
+  inv ${S2:-80} sparse-1m-fwd sparse h200-sparse "$M" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=25
+  inv ${S3:-35} impl-square-1m sparse_impl h200-impl-strided-square "methods=[halo]" method_options.halo.impl=strided_square \
+    "seq_lens=[1048576]" case_timeout_s=20
+  inv ${S4:-35} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
+    case_timeout_s=20
+  inv ${S5:-45} sparse-256k-bwd sparse h200-sparse "$M" "seq_lens=[262144]" "modes=[fwd_bwd]" case_timeout_s=20
+  inv ${S6:-45} sparse-1m-bwd sparse h200-sparse "$M" "seq_lens=[1048576]" "modes=[fwd_bwd]" case_timeout_s=20
   python3 scripts/sparse_summary.py "$OUT/h200-sparse" > "$OUT/sparse-summary.md" 2>&1
 fi
 if [ "$PART" != sparse ]; then
   cp -r results/h200-linear "$OUT/h200-linear"
   # the own Triton kernels beside fla's at >= 32K (the ratio to fla), then the 1M rows of the own forms
-  inv ${L1:-70} linear-triton linear h200-linear "methods=[linear_attn_triton,simple_gla_triton]" \
+  inv ${L1:-60} linear-triton linear h200-linear "methods=[linear_attn_triton,simple_gla_triton]" \
     "seq_lens=[8192,32768,131072,1048576]" case_timeout_s=40
-  inv ${L2:-130} linear-fla linear h200-linear "methods=[fla_linear_attn,fla_simple_gla]" \
+  inv ${L2:-120} linear-fla linear h200-linear "methods=[fla_linear_attn,fla_simple_gla]" \
     "seq_lens=[32768,131072,1048576]" "retry=[timeout]" case_timeout_s=110
-  inv ${L3:-60} linear-1m linear h200-linear "methods=[linear_attn,performer,cosformer,gated_delta_rule]" \
+  inv ${L3:-50} linear-1m linear h200-linear "methods=[linear_attn,performer,cosformer,gated_delta_rule]" \
     "seq_lens=[262144,1048576]" case_timeout_s=30
   python3 scripts/linear_summary.py "$OUT/h200-linear" > "$OUT/linear-summary.md" 2>&1
 fi
