@@ -175,3 +175,15 @@ def test_parallel_is_a_documented_config_key_and_a_quality_column():
         assert compose(config_name="train")["parallel"] == 1
         assert compose(config_name="train", overrides=["parallel=3"])["parallel"] == 3
     assert QUALITY_COLUMNS["concurrent"][0] == "Int64" and "parallel" in QUALITY_COLUMNS["concurrent"][1]
+
+
+def test_the_report_says_when_throughput_was_measured_sharing_the_device():
+    import pandas as pd
+
+    from attnbench.report.sections.quality import shared_device_note
+
+    alone = pd.DataFrame({"tokens_per_s": [1.0, 2.0, 3.0], "concurrent": [1.0, float("nan"), 1.0]})
+    assert shared_device_note(alone) == ""  # serial rows and rows from before the column: no note
+    shared = alone.assign(concurrent=[1.0, 4.0, 2.0])
+    note = shared_device_note(shared)
+    assert "2 of 3 row(s)" in note and "up to 4 cases" in note and "`concurrent`" in note
