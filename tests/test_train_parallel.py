@@ -147,7 +147,7 @@ def test_markers_of_every_case_in_flight_become_crashed_rows_on_resume(tmp_path)
     run_train(cfg, "test", show_progress=False)
     rows = _rows(run_dir)
     assert [r["status"] for r in rows] == ["crashed", "crashed"]
-    assert all("pool of 2" in r["reason"] for r in rows)
+    assert all("parallel=2" in r["reason"] for r in rows)
     assert not list(run_dir.glob("quality.inflight*"))
 
 

@@ -286,14 +286,16 @@ def _record_leftover_markers(run_dir: Path, store, stamp: dict) -> None:
             died = json.loads(marker.read_text())
         except ValueError:
             died = None
-        if died and died.get("case_id") and died["case_id"] not in store.done:
-            concurrent = died["row"].get("concurrent") or 1
-            where = ("" if concurrent <= 1 else
-                     f" (it ran in a worker of a pool of {concurrent}; the invocation itself was killed, so this "
-                     "case may be innocent)")
-            row = {**died["row"], "status": "crashed", "reason": "the process died during this case (a previous "
-                   f"invocation left its marker){where}; not retried, run with retry=[crashed] to try again",
-                   **stamp}
+        if isinstance(died, dict) and died.get("case_id") and died["case_id"] not in store.done:
+            described = died.get("row") if isinstance(died.get("row"), dict) else {"case_id": died["case_id"]}
+            concurrent = described.get("concurrent") or 1
+            if concurrent <= 1:
+                why = "the process died during this case (a previous invocation left its marker)"
+            else:  # a worker's own death is recorded by the parent at once: here the parent itself was killed
+                why = (f"a previous invocation (parallel={concurrent}) was killed while this case ran in one of its "
+                       "workers (it left the case's marker; the case may be innocent)")
+            row = {**described, "status": "crashed",
+                   "reason": f"{why}; not retried, run with retry=[crashed] to try again", **stamp}
             store.append(row)
         marker.unlink(missing_ok=True)
 
