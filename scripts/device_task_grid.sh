@@ -4,6 +4,8 @@
 # tasks=[..] methods=[..] seeds=[..]` into the one run folder results/h200-task-grid.
 #
 #   bash scripts/device_task_grid.sh 0          # PLAN=... to use another plan; WALL=570 (seconds, the hard cap)
+#   PARALLEL=4 bash scripts/device_task_grid.sh 0   # 4 cases at once on the GPU (attnbench train parallel=4;
+#                                                # rows carry concurrent=4; the plan's estimates stay serial)
 #
 # Resumable: the committed results/h200-task-grid (if any) is copied into $OUT/results first, so cases that
 # already have rows are skipped, and a call cut by the wall cap (SIGTERM: finished rows kept, the case in
@@ -16,6 +18,7 @@ CALL=${1:?usage: device_task_grid.sh CALL_INDEX}
 PLAN=${PLAN:-results/task-grid-plan.json}
 WALL=${WALL:-570}          # seconds for this whole script (the device tool allows 600 a command)
 FINISH_S=${FINISH_S:-35}   # kept back for finalize, report and the tarball
+PARALLEL=${PARALLEL:-1}    # cases run at once in each slice (attnbench train parallel=N)
 [ -f "$PLAN" ] || { echo "no plan at $PLAN: run scripts/plan_task_grid.py and commit it"; exit 2; }
 if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: attnbench is importable already (the CPU test of this script)
   if ! python3 -c "import hydra" 2>/dev/null; then
@@ -50,7 +53,7 @@ while read -r line; do
   if [ $left -lt 30 ]; then
     echo "slice $i not started ($left s left): $line" | tee -a $OUT/not-started.txt
   else
-    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line results_dir=$R > $OUT/log-slice$i.txt 2>&1
+    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line parallel=$PARALLEL results_dir=$R > $OUT/log-slice$i.txt 2>&1
     echo "slice $i rc=$? at ${SECONDS}s: $line" | tee -a $OUT/slices-done.txt
   fi
   i=$((i + 1))

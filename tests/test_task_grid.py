@@ -211,9 +211,10 @@ def test_cost_model_reads_the_committed_run_layout(tmp_path):
     from attnbench.execute.train import TrainCase
 
     (tmp_path / "h200-tasks").mkdir()
-    pd.DataFrame({"task": ["sort", "sort", "sort"], "method": ["sdpa_cudnn", "sdpa_cudnn", "eager"],
-                  "status": ["ok"] * 3, "steps_done": [100, 100, 100], "batch": [4, 4, 4], "seq": [8, 16, 8],
-                  "train_wall_s": [1.0, 1.4, 9.0], "wall_s": [1.2, 1.6, 9.5]}
+    pd.DataFrame({"task": ["sort"] * 4, "method": ["sdpa_cudnn", "sdpa_cudnn", "eager", "sdpa_cudnn"],
+                  "status": ["ok"] * 4, "steps_done": [100] * 4, "batch": [4] * 4, "seq": [8, 16, 8, 16],
+                  "train_wall_s": [1.0, 1.4, 9.0, 7.0], "wall_s": [1.2, 1.6, 9.5, 7.2],
+                  "concurrent": pd.array([None, 1, 1, 4], dtype="Int64")}  # the last: trained beside 3 others
                  ).to_parquet(tmp_path / "h200-tasks" / "quality.parquet")
     (tmp_path / "h200-linear").mkdir()
     kernel = dict(mode="fwd_bwd", mask="causal", seq_q=2048, seq_kv=2048, batch=1, heads_q=16, head_dim=128,
@@ -225,7 +226,8 @@ def test_cost_model_reads_the_committed_run_layout(tmp_path):
                  ).to_parquet(tmp_path / "h200-linear" / "rows.parquet")
     cost = CostModel.from_results(tmp_path, kernel_runs=("h200-linear",), task_runs=("h200-tasks",))
     fit = cost.step_fits["sort"]
-    assert fit.at(32) == pytest.approx(0.010) and fit.at(64) == pytest.approx(0.014)  # eager's row: not the baseline
+    # eager's row is not the baseline; the row with concurrent=4 (parallel=4) is not a serial step time
+    assert fit.at(32) == pytest.approx(0.010) and fit.at(64) == pytest.approx(0.014)
     params = json.dumps({**TINY, "seq_lens": [8], "layers": 2, "d_model": 16, "batch": 4}, sort_keys=True)
     base, _ = cost.step_seconds(TrainCase("sort", "sdpa_cudnn", 8, 0, "bfloat16", params))
     slow, basis = cost.step_seconds(TrainCase("sort", "eager", 8, 0, "bfloat16", params))

@@ -142,6 +142,8 @@ class CostModel:
             sources.append(f"{run}/quality.parquet")
             rows = pd.read_parquet(path)
             rows = rows[(rows["method"] == BASELINE) & (rows["status"] == "ok") & (rows["steps_done"] > 0)]
+            if "concurrent" in rows:  # a row trained beside others (parallel=N) is slower than the serial estimate
+                rows = rows[~(pd.to_numeric(rows["concurrent"], errors="coerce").astype(float) > 1)]
             for row in rows.itertuples():
                 step_rows.append((row.task, int(row.batch) * int(row.seq), row.train_wall_s / row.steps_done, run))
                 overheads.append(float(row.wall_s) - float(row.train_wall_s))

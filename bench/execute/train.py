@@ -7,12 +7,21 @@ attention shape (by its declared capabilities, or its builder's ``Unsupported``)
 package, or whose method is unavailable, is an ``unsupported`` row with the reason; a NaN loss is ``diverged``,
 an OOM ``oom``, an exception ``error``, a case past ``case_timeout_s`` ``timeout``. A case that killed the
 process (the run resumes with the same run_id) is recorded as ``crashed`` from the marker it left.
+
+``parallel: N`` (default 1: every case in this process, one after another) runs N cases at once in N spawned
+worker processes on the same device; this process alone writes the rows, as results arrive. Each case in flight
+has its marker (``quality.inflight.<case_id>.json``). A worker that dies (segfault, ``os._exit``, killed) breaks
+the pool: the cases in flight in it become ``crashed`` rows and a fresh pool runs the rest. Ctrl-C or SIGTERM
+kills the workers (they also die with this process however it ends) and leaves the cases in flight without a
+row or a marker, to run on resume. Rows carry ``concurrent`` (the ``parallel`` value): their ``train_wall_s`` and
+``tokens_per_s`` were measured while up to that many cases shared the device.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +135,7 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
     timeout = cfg.get("case_timeout_s", 600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError("case_timeout_s", f"must be a positive number, got {timeout!r}")
+    parallel_cases(cfg)
     unknown = set(cfg.get("task_options") or {}) - set(TASKS)
     if unknown:
         raise ConfigError("task_options", f"unknown task(s) {sorted(unknown)}; registered: {', '.join(sorted(TASKS))}")
@@ -165,6 +175,16 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
                     else:
                         runnable.append(case)
     return TrainPlan(runnable, unsupported, device)
+
+
+def parallel_cases(cfg: dict) -> int:
+    """The config key ``parallel``: cases run at once (an int >= 1; default 1, every case in this process)."""
+    parallel = cfg.get("parallel", 1)
+    if parallel is None:
+        return 1
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError("parallel", f"must be an integer >= 1 (cases run at once), got {parallel!r}")
+    return parallel
 
 
 def _unsupported(task, method, attn_case, options: dict, check_availability: bool = True) -> str | None:
@@ -249,6 +269,37 @@ def run_case(case: TrainCase, device: str, options: dict, method_params: dict, t
     return measured
 
 
+MARKER_PREFIX = "quality.inflight"
+"""``quality.inflight.<case_id>.json``: a case in flight (``quality.inflight.json``: the one-marker form before
+``parallel``, still read on resume)."""
+
+
+def _marker(run_dir: Path, case_id: str) -> Path:
+    return run_dir / f"{MARKER_PREFIX}.{case_id}.json"
+
+
+def _record_leftover_markers(run_dir: Path, store, stamp: dict) -> None:
+    """Markers a previous invocation left (it died with those cases in flight): a ``crashed`` row each for a
+    case without a row since, then the markers go."""
+    for marker in sorted(run_dir.glob(f"{MARKER_PREFIX}*.json")):
+        try:
+            died = json.loads(marker.read_text())
+        except ValueError:
+            died = None
+        if isinstance(died, dict) and died.get("case_id") and died["case_id"] not in store.done:
+            described = died.get("row") if isinstance(died.get("row"), dict) else {"case_id": died["case_id"]}
+            concurrent = described.get("concurrent") or 1
+            if concurrent <= 1:
+                why = "the process died during this case (a previous invocation left its marker)"
+            else:  # a worker's own death is recorded by the parent at once: here the parent itself was killed
+                why = (f"a previous invocation (parallel={concurrent}) was killed while this case ran in one of its "
+                       "workers (it left the case's marker; the case may be innocent)")
+            row = {**described, "status": "crashed",
+                   "reason": f"{why}; not retried, run with retry=[crashed] to try again", **stamp}
+            store.append(row)
+        marker.unlink(missing_ok=True)
+
+
 def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
     """Validate, plan and run ``cfg``; returns the run folder."""
     from tqdm import tqdm
@@ -262,6 +313,7 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
     import attnbench.tasks  # noqa: F401  (the built-in tasks)
 
     plan = build_train_plan(cfg)
+    parallel = parallel_cases(cfg)
     run_id = str(cfg.get("run_id") or default_run_id())
     run_dir = Path(cfg.get("results_dir") or "results") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,22 +325,12 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
     stamp = {"host": facts["host"], "git_sha": facts["git_sha"], "git_dirty": facts["git_dirty"]}
     device = plan.device
     device_name = _device_name(device)
-    marker = run_dir / "quality.inflight.json"
-    if marker.is_file():  # the previous invocation died inside this case
-        try:
-            died = json.loads(marker.read_text())
-        except ValueError:
-            died = None
-        if died and died.get("case_id") not in store.done:
-            row = {**died["row"], "status": "crashed", "reason": "the process died during this case (a previous "
-                   "invocation left its marker); not retried, run with retry=[crashed] to try again", **stamp}
-            store.append(row)
-        marker.unlink()
+    _record_leftover_markers(run_dir, store, stamp)
     rows_before = len(store.rows)
     for case, reason in plan.unsupported:
         if case.case_id not in store.done:
             store.append({**_describe(case, run_id, device_name), "status": "unsupported", "reason": reason,
-                          "wall_s": 0.0, "started_at": envinfo.now(), **stamp})
+                          "wall_s": 0.0, "started_at": envinfo.now(), "concurrent": parallel, **stamp})
     options = worker_options(cfg)
     timeout_s = float(cfg.get("case_timeout_s", 600))
     import signal
@@ -300,25 +342,165 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
     progress = tqdm(total=len(plan.runnable) + len(plan.unsupported),
                     initial=len(plan.runnable) + len(plan.unsupported) - len(todo), desc=run_id, unit="run",
                     disable=not show_progress, dynamic_ncols=True)
-    for case in todo:
+
+    def begin(case: TrainCase) -> dict:
+        """The case's row so far, and its marker written (it is in flight from now on)."""
         progress.set_postfix_str(f"{case.task} {case.method} {case.seq} s{case.seed}", refresh=False)
-        row = {**_describe(case, run_id, device_name), "started_at": envinfo.now(), **stamp}
-        marker.write_text(json.dumps({"case_id": case.case_id, "row": row}, default=str))
-        started = time.perf_counter()
-        method_params = dict((options.get("method_options") or {}).get(case.method) or {})
-        try:
-            row.update(run_case(case, device, options, method_params, timeout_s))
-        except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, SIGTERM): no row, no marker
-            marker.unlink(missing_ok=True)
-            raise
-        row["wall_s"] = time.perf_counter() - started
+        row = {**_describe(case, run_id, device_name), "started_at": envinfo.now(), "concurrent": parallel, **stamp}
+        _marker(run_dir, case.case_id).write_text(json.dumps({"case_id": case.case_id, "row": row}, default=str))
+        return row
+
+    def finish(case: TrainCase, row: dict) -> None:
         store.append(row)
-        marker.unlink()
+        _marker(run_dir, case.case_id).unlink(missing_ok=True)
         progress.update(1)
+
+    if parallel == 1:
+        for case in todo:
+            row = begin(case)
+            started = time.perf_counter()
+            method_params = dict((options.get("method_options") or {}).get(case.method) or {})
+            try:
+                row.update(run_case(case, device, options, method_params, timeout_s))
+            except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, SIGTERM): no row, no marker
+                _marker(run_dir, case.case_id).unlink(missing_ok=True)
+                raise
+            row["wall_s"] = time.perf_counter() - started
+            finish(case, row)
+    else:
+        from attnbench.config.plugins import resolve_plugin_paths
+
+        _run_parallel(todo, parallel, begin, finish, lambda case: _marker(run_dir, case.case_id),
+                      (device, options, timeout_s), resolve_plugin_paths(cfg.get("plugins") or []))
     progress.close()
     envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before)
     store.finalize()
     return run_dir
+
+
+def _worker_threads(parallel: int) -> int:
+    """Torch threads per worker: this process's share, so that N workers do not oversubscribe the CPU."""
+    import torch
+
+    return max(1, torch.get_num_threads() // parallel)
+
+
+def _worker_init(plugins: list, parent_pid: int, threads: int) -> None:
+    """A pool worker's start: die with the parent, leave Ctrl-C to it, the thread share, the plugins."""
+    import signal
+    import threading
+
+    from attnbench.execute.worker import die_with_parent
+
+    die_with_parent(parent_pid)
+
+    def watch():  # where the kernel's parent-death signal is not available
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="attnbench-parent-watchdog", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool (and kills this process)
+    import torch
+
+    torch.set_num_threads(threads)
+    from attnbench.config.plugins import load_plugins
+
+    load_plugins(plugins)
+    import attnbench.tasks  # noqa: F401
+
+
+def _worker_case(case: TrainCase, device: str, options: dict, timeout_s: float) -> dict:
+    """One case in a pool worker -> its measured columns, ``wall_s`` and ``started_at`` included."""
+    from attnbench.record import envinfo
+
+    started_at, started = envinfo.now(), time.perf_counter()
+    method_params = dict((options.get("method_options") or {}).get(case.method) or {})
+    measured = run_case(case, device, options, method_params, timeout_s)
+    return {**measured, "started_at": started_at, "wall_s": time.perf_counter() - started}
+
+
+def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, marker, run_args: tuple,
+                  plugins: list) -> None:
+    """Run ``todo`` in pools of ``parallel`` spawned workers, at most ``parallel`` cases in flight (each with its
+    marker); ``finish`` records each row here, as it arrives. A pool broken by a worker's death: its cases in
+    flight are ``crashed`` rows and a fresh pool runs the rest. Ctrl-C / SIGTERM: the workers are killed, the
+    cases in flight lose their markers (they run on resume) and the exception goes on."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    queue = list(reversed(todo))
+    context = multiprocessing.get_context("spawn")
+    init_args = (plugins, os.getpid(), _worker_threads(parallel))
+    while queue:
+        pool = ProcessPoolExecutor(max_workers=min(parallel, len(queue)), mp_context=context,
+                                   initializer=_worker_init, initargs=init_args)
+        in_flight: dict = {}  # future -> (case, row)
+        processes: dict = {}  # pid -> the pool's worker processes (for exit codes and killing)
+        broken: list = []
+        try:
+            while (queue or in_flight) and not broken:
+                while queue and len(in_flight) < parallel:
+                    case = queue.pop()
+                    row = begin(case)
+                    in_flight[pool.submit(_worker_case, case, *run_args)] = (case, row)
+                    processes.update(getattr(pool, "_processes", None) or {})
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    case, row = in_flight.pop(future)
+                    try:
+                        row.update(future.result())
+                    except BrokenProcessPool:
+                        broken.append((case, row))
+                        continue
+                    except Exception as exc:  # the worker could not run or return the case: a row all the same
+                        row.update(status="error", reason=_reason(exc))
+                    finish(case, row)
+            if broken:  # the pool fails every case still in flight in it (a case that finished first keeps its row)
+                wait(in_flight, timeout=30)
+                for future, (case, row) in list(in_flight.items()):
+                    exc = future.exception() if future.done() and not future.cancelled() else BrokenProcessPool()
+                    if isinstance(exc, BrokenProcessPool):
+                        broken.append((case, row))
+                    else:
+                        row.update(future.result() if exc is None else
+                                   {"status": "error", "reason": _reason(exc)})
+                        finish(case, row)
+                    del in_flight[future]
+                codes = []
+                for process in processes.values():
+                    process.join(timeout=5)
+                    codes.append(process.exitcode)
+                died = ", ".join(map(str, sorted({code for code in codes if code not in (0, None)}))) or "unknown"
+                for case, row in broken:
+                    others = ("no other case was in flight" if len(broken) == 1 else
+                              f"{len(broken) - 1} other case(s) were in flight, and any of them may have killed it")
+                    row.update(status="crashed", reason=(
+                        f"a worker process of the pool of {parallel} died while this case ran ({others}; the "
+                        f"workers' exit codes: {died}, a negative code is a signal, -15 the pool ending the "
+                        "others); not retried, run with retry=[crashed] to try again"))
+                    finish(case, row)
+        except BaseException:  # Ctrl-C, SIGTERM (SystemExit) or a failure here: no orphan, no row, no marker
+            _kill(processes.values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for case, _ in [*in_flight.values(), *broken]:
+                marker(case).unlink(missing_ok=True)
+            raise
+        pool.shutdown(wait=True)
+
+
+def _kill(processes) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+    for process in processes:
+        try:
+            process.join(timeout=5)
+        except (OSError, ValueError, AttributeError, AssertionError):
+            pass
 
 
 def _stop(signum, frame):

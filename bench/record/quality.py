@@ -55,6 +55,10 @@ QUALITY_COLUMNS: dict[str, tuple[str, str]] = {
     "train_wall_s": ("Float64", "wall time of the training steps (data, forward, backward, optimiser), s"),
     "tokens_per_s": ("Float64", "batch * seq_kv * steps_done / train_wall_s"),
     "peak_mem_mb": ("Float64", "CUDA allocator peak during training, MiB (empty on CPU)"),
+    "concurrent": ("Int64", "cases the invocation ran at once at most (the train config key parallel; 1: one at a "
+                            "time in the parent process): with more than 1, train_wall_s, tokens_per_s and wall_s "
+                            "were measured while up to that many cases shared the device; empty in rows written "
+                            "before the column existed"),
     "status": ("string", "ok, unsupported, wrong, oom, error, crashed, timeout or diverged"),
     "reason": ("string", "why, in words, for every status but ok"),
     "device": ("string", "device name (torch.cuda.get_device_name, or cpu)"),

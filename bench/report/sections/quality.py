@@ -36,9 +36,22 @@ def quality_rows(ctx: Context) -> pd.DataFrame:
     rows["label"] = rows["method"].astype(str) + with_options + (" · " + rows["run_dir"] if several else "")
     rows["value"] = pd.to_numeric(rows["value"], errors="coerce").astype(float)
     rows["tokens_per_s"] = pd.to_numeric(rows["tokens_per_s"], errors="coerce").astype(float)
+    rows["concurrent"] = pd.to_numeric(rows.get("concurrent"), errors="coerce").astype(float)
     rows["x"] = pd.to_numeric(rows["seq"], errors="coerce").astype(float)
     rows["reason"] = rows["reason"].fillna("").astype(str)
     return rows
+
+
+def shared_device_note(rows: pd.DataFrame) -> str:
+    """A caption's warning when some rows were trained beside others on one device (``attnbench train parallel=N``,
+    column ``concurrent``): their throughput and wall times are not those of the method alone."""
+    shared = rows["concurrent"] if "concurrent" in rows else pd.Series(dtype=float)
+    many = shared[shared > 1]
+    if not len(many):
+        return ""
+    return (f" {len(many)} of {len(rows)} row(s) ran with up to {int(many.max())} cases sharing the device (column "
+            "`concurrent`, `attnbench train parallel=N`): their tokens/s and wall times are lower than alone; compare "
+            "speed only between rows of equal `concurrent`.")
 
 
 def _direction(rows: pd.DataFrame) -> bool:
@@ -177,8 +190,8 @@ def section_quality(ctx: Context) -> Section | None:
                               "yes" if on else ""])
         section.blocks.append(Table(["task", "length", "method", "metric (mean)", "training tokens/s", "on front"],
                                     table, "Quality against training throughput of the task model (the same model "
-                                    "for every method): on the front, no other method is both faster and better.",
-                                    collapsed=True))
+                                    "for every method): on the front, no other method is both faster and better."
+                                    + shared_device_note(speed), collapsed=True))
     if len(trained):
         section.blocks.extend(option_blocks(trained))
         section.blocks.extend(_kernel_pareto_blocks(trained, ctx.kernel))
