@@ -148,6 +148,23 @@ def test_an_interrupt_ends_the_sweep_cleanly_and_the_run_resumes(tmp_path, signu
         assert again[0] == rows[0] and [(r["method"], r["status"]) for r in again[1:]] == [("t_hangs", "timeout")]
 
 
+def test_the_interrupt_message_counts_the_cases_of_this_invocation_not_the_whole_run(tmp_path):
+    """A resumed run holds rows of other invocations' cases: "N of M cases recorded" counts this plan's cases only
+    (the H200 logs said "244 of 52 cases recorded" for a 52-case invocation into a 244-row run)."""
+    args, kw = _cli(*HANG[:3], "methods=[t_good]", *HANG[4:5], "seq_lens=[16,24]", *HANG[6:],
+                    f"results_dir={tmp_path / 'results'}", cwd=tmp_path)
+    first = subprocess.run(args, **kw, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    parent, worker = _start_hung_sweep(tmp_path)
+    try:
+        parent.send_signal(signal.SIGTERM)
+        _, stderr = parent.communicate(timeout=60)
+    finally:
+        _kill_leftover(worker)
+    assert len(read_jsonl(tmp_path / "results" / "hang" / "rows.jsonl")) == 3  # 2 earlier rows + t_good at 32
+    assert "1 of 2 cases recorded" in stderr, stderr[-2000:]
+
+
 def test_a_stuck_cp_rank_dies_when_its_parent_is_killed(tmp_path):
     """Ranks of a context-parallel gang are children of the runner like device workers, and die with it too."""
     marker = tmp_path / "rank.pid"

@@ -309,8 +309,9 @@ def run_plan(plan: Plan, cfg: dict, run_dir: Path, run_id: str, command: str, sh
         (run_dir / "env.json").write_text(json.dumps(env, indent=1, default=str))
     store.finalize()
     if caught:
-        recorded = len({row["case_id"] for row in store.rows})
-        raise SweepInterrupted(caught[0], run_dir, recorded, plan.total)
+        planned = {c.case_id for c in plan.runnable} | {c.case_id for c, _ in plan.unsupported}
+        recorded = len(planned & {row["case_id"] for row in store.rows})  # this plan's cases, not the whole run's
+        raise SweepInterrupted(caught[0], run_dir, recorded, len(planned))
     return run_dir
 
 
