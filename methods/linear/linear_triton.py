@@ -6,10 +6,21 @@ One generic kernel, :func:`_chunk_scan_src`, computes the chunked causal (or ant
 
     o_i = Σ_{j <= i} (a_i · b_j) c_j            (REVERSE: Σ_{j >= i})
 
-with ``a, b`` ``[B, H, T, DK]`` and ``c`` ``[B, H, T, DV]``. Grid ``(cdiv(DV, BV), B · H)``: each program
-owns one value block of one (batch, head) and walks the chunks in order, carrying the ``DK x BV`` state
-``Σ b_jᵀ c_j`` of the chunks before (fp32, in registers); inside a chunk the causal part is
-``tl.dot(a, bᵀ)`` masked to ``j <= i``. Operands of every ``tl.dot`` are in the input dtype (bf16/fp16 on
+with ``a, b`` ``[B, H, T, DK]`` and ``c`` ``[B, H, T, DV]``, in two kernels (fla's chunked structure):
+
+- the state kernel :func:`_chunk_states_src`, grid ``(cdiv(DK, 64), cdiv(DV, BV), B · Hkv)``, walks the chunks
+  in order (REVERSE: backwards) doing only the state update ``S += φ(b)ᵀ c`` (fp32; ``z += Σ φ(b)`` with
+  NORM) and stores the state carried into every *segment* of ``seg_chunks`` chunks (fp32 ``[B·Hkv, NSEG,
+  DK, DV]``: ``T / (chunk · seg_chunks) · DK · DV · 4`` bytes per kv head: 256 MiB per head at 1M tokens,
+  d = 128, chunk 64, seg_chunks 4; storing one state per chunk would be 1 GiB per head, hence segments);
+- the scan kernel :func:`_chunk_scan_src`, grid ``(cdiv(DV, BV), B · H, NSEG)``: each program loads its
+  segment's state and walks the segment's chunks (outputs of the intra-chunk part ``tl.dot(a, bᵀ)`` masked
+  to ``j <= i`` plus ``a · S``, and the state update in registers). One segment (short inputs): no state
+  kernel. Before, one program per (value block, head) walked all chunks: 32 programs for 132 SMs at 16
+  heads, the reason it lost to the PyTorch chunked form; now at 32K tokens 128 segments x 2 x 16 = 4096
+  programs, and the sequential part is the state kernel's one small dot per chunk.
+
+Operands of every ``tl.dot`` are in the input dtype (bf16/fp16 on
 the tensor cores; fp32 inputs with ``input_precision="ieee"``, no tf32), accumulation in fp32.
 
 - ``FEATURE=1`` applies ``φ(x) = elu(x) + 1`` to ``a`` and ``b`` as they are loaded (the forward pass on raw
@@ -27,9 +38,16 @@ Backward (Triton as well): with ``D_i`` the stored denominator, ``dN = dO / D``,
     dφk_j = Σ_{i>=j} (v_j · dN_i) φq_i + Σ_{i>=j} dD_i φq_i      (reverse scan a=v, b=dN, c=φq)
     dv_j  = Σ_{i>=j} (φk_j · φq_i) dN_i                         (reverse scan a=φk, b=φq, c=dN)
 
-three calls of the same kernel (``FEATURE=0, NORM=0``) plus two cumulative sums and the elementwise
-chain rule of φ in PyTorch (fp32). GQA: the forward maps query head ``h`` to kv head ``h // group`` in the
-kernel; the backward expands k, v to the query heads and sums the kv gradients over each group.
+three calls of the same scan (``FEATURE=0, NORM=0``, fp32 outputs) plus two cumulative sums and the
+elementwise chain rule of φ in PyTorch (fp32, in place; full-size fp32 temporaries are freed as soon as used:
+at 1M tokens x 16 heads x 128 each is 8 GiB, and the former backward held about a dozen, hence its OOM).
+GQA: the forward maps query head ``h`` to kv head ``h // group`` in the kernel (states per kv head); the
+backward expands k, v to the query heads and sums the kv gradients over each group.
+
+Not done (next steps): the dD · cumsum(φk) terms of the backward could be folded into the scans (carry
+``Σ c`` like ``z``), saving two full-size fp32 passes; the three backward scans could share one state
+pass and one kernel (fla's dq/dk/dv kernel); ``seg_chunks`` could adapt to the length (fewer, longer
+segments at 1M where parallelism is ample).
 
 Kernels are decorated on first use, once per interpreter mode: ``triton.jit`` reads ``TRITON_INTERPRET`` when
 it decorates, so the CPU tests (which set it) and a GPU process get the right flavour whatever was imported
