@@ -80,20 +80,45 @@ def _errors(fn, q, k, v, seed=9):
 # seq 37 and 40: not multiples of the chunk (the tail chunk is masked in the kernel); head dim 8: padded to
 # tl.dot's 16 in registers; 4 query heads on 2 kv heads: GQA; seq 12 < chunk 32: a single partial chunk
 @interp
-@pytest.mark.parametrize("seq,dim,heads,kv_heads,chunk", [(37, 16, 2, 2, 16), (40, 8, 4, 2, 16), (12, 16, 1, 1, 32)])
-def test_kernel_matches_reference_fp32_values_and_grads(seq, dim, heads, kv_heads, chunk):
+# seg_chunks 1 / 2 / 3: several segments run in parallel from the state kernel's states (the last one
+# partial; 70 tokens on 2 kv heads under GQA); seg_chunks 4 at 37 tokens: one segment (no state kernel)
+@pytest.mark.parametrize("seq,dim,heads,kv_heads,chunk,seg", [(37, 16, 2, 2, 16, 4), (40, 8, 4, 2, 16, 1),
+                                                              (12, 16, 1, 1, 32, 4), (70, 16, 4, 2, 16, 2),
+                                                              (100, 24, 2, 2, 16, 3)])
+def test_kernel_matches_reference_fp32_values_and_grads(seq, dim, heads, kv_heads, chunk, seg):
     lt = _kernels()
     q = _rand(1, heads, seq, dim, seed=1)
     k, v = _rand(1, kv_heads, seq, dim, seed=2), _rand(1, kv_heads, seq, dim, seed=3)
-    errors = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=chunk, block_v=16), q, k, v)
+    errors = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=chunk, block_v=16, seg_chunks=seg), q, k, v)
     assert max(errors) < 1e-5, errors
+
+
+@interp
+def test_negative_control_segments_without_carried_state_are_caught():
+    lt = _kernels()
+    q, k, v = (_rand(1, 2, 70, 16, seed=s) for s in (1, 2, 3))
+    errors = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=16, block_v=16, seg_chunks=1, carry=False),
+                     q, k, v)
+    assert min(errors) > 5e-2, errors
+
+
+@interp
+def test_backward_leaves_its_inputs_alone():
+    """the backward works in place on fp32 temporaries: fp32 inputs (where .float() is no copy) and the
+    incoming gradient must come out unchanged."""
+    lt = _kernels()
+    q, k, v = (_rand(1, 2, 40, 16, seed=s) for s in (1, 2, 3))
+    dout = _rand(1, 2, 40, 16, seed=4).detach()
+    before = [t.detach().clone() for t in (q, k, v, dout)]
+    torch.autograd.grad(lt.linear_attn(q, k, v, chunk=16, block_v=16, seg_chunks=1), (q, k, v), dout)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, (q, k, v, dout)))
 
 
 @interp
 def test_kernel_matches_reference_bf16_values_and_grads():
     lt = _kernels()
     q, k, v = (_rand(2, 2, 45, 32, seed=s, dtype=torch.bfloat16) for s in (4, 5, 6))
-    errors = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=16, block_v=16), q, k, v)
+    errors = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=16, block_v=16, seg_chunks=2), q, k, v)
     assert max(errors) < 2e-2, errors
     broken = _errors(lambda a, b, c: lt.linear_attn(a, b, c, chunk=16, block_v=16, mask_intra=False), q, k, v)
     assert min(broken) > 5e-2, broken  # the negative control is far outside the bf16 bound
@@ -158,7 +183,7 @@ def test_cross_attention_is_unsupported():
 
 
 @pytest.mark.parametrize("params,field", [({"chunk": 48}, "chunk"), ({"chunk": 8}, "chunk"),
-                                          ({"block_v": 0}, "block_v"), ({"num_warps": 3}, "num_warps")])
+                                          ({"block_v": 0}, "block_v"), ({"num_warps": 3}, "num_warps"), ({"seg_chunks": 0}, "seg_chunks")])
 def test_bad_hyper_parameters_name_the_field(params, field):
     with pytest.raises(ValueError, match=f"method_options.linear_attn_triton.{field}"):
         METHODS["linear_attn_triton"].build(_ctx(params=params))

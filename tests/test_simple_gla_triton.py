@@ -30,7 +30,7 @@ interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest o
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
-from attnbench.methods.linear.gated_delta import naive_recurrence  # noqa: E402
+from attnbench.methods.linear.gated_delta import chunked, naive_recurrence  # noqa: E402
 from attnbench.methods.registry import Unsupported  # noqa: E402
 
 METHOD = "simple_gla_triton"
@@ -86,14 +86,58 @@ def _errors(fn, q, k, v, g, seed=9):
 # seq 37: not a multiple of the chunk (masked tail chunk); head dim 8: padded to 16 in registers; dv 24 with
 # block_v 16: two value blocks, the second partial; seq 12 < chunk 32: a single partial chunk
 @interp
-@pytest.mark.parametrize("seq,dk,dv,chunk,mild", [(37, 16, 16, 16, False), (37, 8, 24, 16, True),
-                                                  (12, 16, 16, 32, False)])
-def test_kernel_matches_reference_fp32_values_and_grads(seq, dk, dv, chunk, mild):
+# seg_chunks 1 / 2 with seq 37, 70: several segments run in parallel from the state kernel's states (the
+# last one partial); seg_chunks 4 at seq 37: one segment (no state kernel)
+@pytest.mark.parametrize("seq,dk,dv,chunk,mild,seg", [(37, 16, 16, 16, False, 4), (37, 8, 24, 16, True, 1),
+                                                      (12, 16, 16, 32, False, 4), (70, 16, 16, 16, True, 2)])
+def test_kernel_matches_reference_fp32_values_and_grads(seq, dk, dv, chunk, mild, seg):
     gt = _kernels()
     q, k, v = _rand(2, 2, seq, dk, seed=1), _rand(2, 2, seq, dk, seed=2), _rand(2, 2, seq, dv, seed=3)
     g = _gate(2, 2, seq, seed=4, mild=mild)
-    errors = _errors(lambda *a: gt.simple_gla(*a, chunk=chunk, block_v=16), q, k, v, g)
+    errors = _errors(lambda *a: gt.simple_gla(*a, chunk=chunk, block_v=16, seg_chunks=seg), q, k, v, g)
     assert max(errors) < 1e-5, errors
+
+
+@interp
+def test_negative_controls_of_the_segment_hand_over_are_caught():
+    """segments started from a zero state (carry=False) break the output and every gradient; the gate
+    gradient without its closed-form segment tails (boundary=False) breaks dg only."""
+    gt = _kernels()
+    q, k, v = (_rand(1, 2, 70, 16, seed=s) for s in (1, 2, 3))
+    g = _gate(1, 2, 70, seed=4, mild=True)
+    errors = _errors(lambda *a: gt.simple_gla(*a, chunk=16, block_v=16, seg_chunks=1, carry=False), q, k, v, g)
+    assert min(errors) > 5e-2, errors
+    errors = _errors(lambda *a: gt.simple_gla(*a, chunk=16, block_v=16, seg_chunks=1, boundary=False), q, k, v, g)
+    assert max(errors[:4]) < 1e-5 and errors[4] > 5e-2, errors
+
+
+@interp
+def test_gate_gradient_error_does_not_grow_with_length_bf16():
+    """H200 rows had dg rel_err 0.021 (8K) ... 0.077 (128K) > 0.009: dg_t = Σ_{s>=t} (q_s·dq_s − k_s·dk_s) as
+    one sequence-long reverse cumulative sum adds up the bf16-level errors of terms that cancel to a small
+    result, so its error grows like √T. gate_grad sums only inside segments and adds each segment's tail in
+    closed form from the states (⟨S_fwd, S_rev⟩). Here, on the same dq, dk (the kernels' fp32 outputs on
+    bf16 inputs, 4096 tokens): the segmented dg is inside the harness's bf16 gradient tolerance and the
+    global cumulative sum (the former code: the negative control) is not."""
+    from attnbench.measure.gate import TOLERANCE, rel_error
+
+    gt = _kernels()
+    seq, dim = 4096, 32
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1, seq, dim, generator=gen).to(torch.bfloat16) for _ in range(4))
+    g = F.logsigmoid(torch.randn(1, 1, seq, generator=gen))
+    scale = dim ** -0.5
+    opts = dict(chunk=64, block_v=32, scale=scale, out_dtype=torch.float32, seg_chunks=4)
+    dq, s_dq = gt.gated_scan(do, v, k, g, return_states=True, **opts)
+    dk, s_dk = gt.gated_scan(v, do, q, g, reverse=True, return_states=True, **opts)
+    db = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)
+    ref_in = [t.float().requires_grad_() for t in (q, k, v, g)]
+    want = torch.autograd.grad(chunked(*ref_in, chunk=32, gated=True, delta=False, normalize=False), ref_in[3],
+                               do.float())[0]
+    tol = TOLERANCE["bfloat16"][1]
+    fixed = rel_error(gt.gate_grad(db, s_dq, s_dk, scale=scale, seg_len=256), want)
+    global_sum = rel_error(db.flip(-1).cumsum(-1).flip(-1), want)
+    assert fixed < tol < global_sum, (fixed, global_sum)
 
 
 @interp
@@ -101,7 +145,7 @@ def test_kernel_matches_reference_bf16_values_and_grads():
     gt = _kernels()
     q, k, v = (_rand(1, 2, 45, 32, seed=s, dtype=torch.bfloat16) for s in (4, 5, 6))
     g = _gate(1, 2, 45, seed=7, mild=True)
-    errors = _errors(lambda *a: gt.simple_gla(*a, chunk=16, block_v=16), q, k, v, g)
+    errors = _errors(lambda *a: gt.simple_gla(*a, chunk=16, block_v=16, seg_chunks=1), q, k, v, g)
     assert max(errors) < 2e-2, errors
     broken = _errors(lambda *a: gt.simple_gla(*a, chunk=16, block_v=16, decay_state=False), q, k, v, g)
     assert broken[0] > 5e-2, broken  # the negative control is far outside the bf16 bound
@@ -187,7 +231,7 @@ def test_cross_attention_is_unsupported():
 
 
 @pytest.mark.parametrize("params,field", [({"chunk": 48}, "chunk"), ({"chunk": 8}, "chunk"),
-                                          ({"block_v": 0}, "block_v"), ({"num_warps": 3}, "num_warps"),
+                                          ({"block_v": 0}, "block_v"), ({"num_warps": 3}, "num_warps"), ({"seg_chunks": 0}, "seg_chunks"),
                                           ({"reference_naive_max_len": 0}, "reference_naive_max_len")])
 def test_bad_hyper_parameters_name_the_field(params, field):
     with pytest.raises(ValueError, match=f"method_options.{METHOD}.{field}"):

@@ -274,7 +274,9 @@ def build_simple_gla_triton(ctx):
     recurrent step is simple_gla's). Gated against simple_gla's reference (the fp32 token loop up to
     ``reference_naive_max_len`` tokens, else the PyTorch chunked form with half the chunk). Hyper-parameters:
     ``chunk`` (power of two in 16..256, default 64), ``block_v`` (value columns per program, power of two in
-    16..256, default 64), ``num_warps`` (default 4), ``reference_naive_max_len`` (default 4096). Without CUDA
+    16..256, default 64), ``seg_chunks`` (chunks per parallel segment, default 4; fp32 states of
+    T / (chunk · seg_chunks) · d² · 4 B per head are stored), ``num_warps`` (default 4),
+    ``reference_naive_max_len`` (default 4096). Without CUDA
     or ``TRITON_INTERPRET=1`` the rows are ``unsupported``."""
     from .common import param_choice
     from .linear_attn import triton_runnable
@@ -285,6 +287,7 @@ def build_simple_gla_triton(ctx):
     chunk = param_int(ctx, "chunk", 64, minimum=16, maximum=256, power_of_two=True)
     block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True)
     num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
+    seg_chunks = param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024)
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
     why = triton_runnable(ctx.device)
     if why:
@@ -294,7 +297,7 @@ def build_simple_gla_triton(ctx):
     kw = dict(gated=True, delta=False, normalize=False)
 
     def fn(q, k, v, g):
-        return kernel(q, k, v, g, chunk=chunk, block_v=block_v, num_warps=num_warps)
+        return kernel(q, k, v, g, chunk=chunk, block_v=block_v, num_warps=num_warps, seg_chunks=seg_chunks)
 
     def reference(q, k, v, g):
         if k.shape[2] <= naive_max:

@@ -12,8 +12,10 @@ reference) through own Triton kernels (``linear_triton.py``: chunked scan, forwa
 method rather than an option of ``linear_attn`` because its capabilities differ (causal self-attention only,
 CUDA or the Triton interpreter, no decode rows: the recurrent step is ``linear_attn``'s) and the sweep puts
 both, and fla's kernel, side by side. Hyper-parameters: ``chunk`` (constexpr chunk length, power of two in
-16..256, default 64), ``block_v`` (value columns per program, default 64), ``num_warps`` (default 4), ``eps``,
-``reference_naive_max_pairs``. On a CPU without ``TRITON_INTERPRET=1`` its rows are ``unsupported``.
+16..256, default 64), ``block_v`` (value columns per program, default 64), ``seg_chunks`` (chunks per
+parallel segment, default 4: the fp32 states stored per segment cost T / (chunk · seg_chunks) · d² · 4 B per
+kv head), ``num_warps`` (default 4), ``eps``, ``reference_naive_max_pairs``. On a CPU without
+``TRITON_INTERPRET=1`` its rows are ``unsupported``.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ def build_linear_attn_triton(ctx):
     chunk = param_int(ctx, "chunk", 64, minimum=16, maximum=256, power_of_two=True)
     block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True)
     num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
+    seg_chunks = param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024)
     eps = param_float(ctx, "eps", 1e-6, minimum=0.0)
     naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
     why = triton_runnable(ctx.device)
@@ -77,7 +80,7 @@ def build_linear_attn_triton(ctx):
     reference_form = linear_reference(naive_max, chunk)
 
     def fn(q, k, v):
-        return kernel(q, k, v, chunk=chunk, block_v=block_v, eps=eps, num_warps=num_warps)
+        return kernel(q, k, v, chunk=chunk, block_v=block_v, eps=eps, num_warps=num_warps, seg_chunks=seg_chunks)
 
     def reference(q, k, v):
         fq, fk, vv = elu_features(q, k, v)
