@@ -204,7 +204,7 @@ def build_halo(ctx):
     impl = opts.choice("impl", "strided", IMPLS)
     backend = opts.choice("backend", "auto", SDPA_BACKENDS)
     if block > case.seq_q:
-        opts.fail("block", f"must be <= seq {case.seq_q}, got {block}")
+        opts.unfit("block", f"must be <= seq {case.seq_q}, got {block} (the case is shorter than one block)")
     if case.seq_q % block:
         raise Unsupported(f"seq {case.seq_q} is not a multiple of method_options.halo.block={block} "
                           "(lengths are not padded)")
