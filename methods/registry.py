@@ -42,6 +42,8 @@ class Capabilities:
     ``masks``: mask names run natively, or ``{"any"}`` for methods that take any ``mask_mod``.
     ``dense_mask``: runs any other mask through a dense boolean tensor (costs seq_q * seq_kv bytes; the
     planner refuses it above the dense budget).
+    ``dtypes_by_device``: device kind -> the dtypes the method takes there, where that differs from ``dtypes``
+    (SDPA's flash backend: fp32 on the CPU kernel, only fp16/bf16 on CUDA); a mapping, kept as sorted pairs.
     """
 
     family: str = "exact"
@@ -53,6 +55,7 @@ class Capabilities:
     backward: bool = False  # bwd and fwd_bwd modes
     decode: bool = False  # decode mode (one query against a cache; Prepared.decode for a recurrent state)
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    dtypes_by_device: Any = ()  # {"cuda": ("float16", "bfloat16")}: per-device dtypes overriding ``dtypes``
     devices: tuple[str, ...] = ("cpu", "cuda")
     head_dims: tuple[int, ...] | None = None  # None: any
     max_head_dim: int | None = None
@@ -69,8 +72,17 @@ class Capabilities:
 
     def __post_init__(self):
         object.__setattr__(self, "masks", frozenset(self.masks))
+        by_device = dict(self.dtypes_by_device)
+        for kind, dtypes in by_device.items():
+            if isinstance(dtypes, str) or not all(isinstance(d, str) for d in dtypes):
+                raise ValueError(f"Capabilities.dtypes_by_device[{kind!r}] must be a tuple of dtype names, got {dtypes!r}")
+        object.__setattr__(self, "dtypes_by_device", tuple(sorted((k, tuple(v)) for k, v in by_device.items())))
         if self.form not in ("qkv", "layer"):
             raise ValueError(f"Capabilities.form must be 'qkv' or 'layer', got {self.form!r}")
+
+    def dtypes_on(self, device_kind: str) -> tuple[str, ...]:
+        """The dtypes the method takes on ``device_kind`` (``cpu``, ``cuda``)."""
+        return dict(self.dtypes_by_device).get(device_kind, self.dtypes)
 
     def runs_mask(self, mask_name: str) -> bool:
         return ANY_MASK in self.masks or mask_name in self.masks or self.dense_mask or self.varlen

@@ -78,7 +78,8 @@ def adapter_cfg(tmp_path):
     config = copy.deepcopy(BASE)
     config.update(results_dir=str(tmp_path / "results"), run_id="adapters", seq_lens=[16], heads_q=2, heads_kv=2,
                   head_dim=8, masks=["causal", "sliding_window(left=3)"], modes=["fwd_bwd"],
-                  methods=["sdpa_flash", "linear_attn"], layouts=["yunchang_ulysses", "ring_flash_attn"], cp=[2])
+                  methods=["sdpa_flash", "linear_attn"], layouts=["yunchang_ulysses", "ring_flash_attn"], cp=[2],
+                  dtype="bfloat16")  # sdpa_flash takes no float32 on CUDA
     return config
 
 

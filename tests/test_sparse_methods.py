@@ -222,15 +222,12 @@ def test_routing_is_deterministic_for_a_seed(dense, method, opts):
 
 # ---- options: bad values name the field ------------------------------------------------------------------------
 @pytest.mark.parametrize("method, mask, opts, words", [
-    ("routing", "full", {"clusters": 1000}, "method_options.routing.clusters: must be <= the sequence length"),
-    ("biformer", "full", {"region": 16, "topk": 9}, "method_options.biformer.topk: must be <= the number of key regions (8)"),
     ("halo", "full", {"halo": -1}, "method_options.halo.halo: must be >= 0"),
     ("halo", "causal", {"impl": "strided2"}, "method_options.halo.impl: must be one of strided, strided_square"),
     ("halo", "full", {"backend": "cuda"}, "method_options.halo.backend: must be one of auto, cudnn"),
     ("long_short", "full", {"window": 15}, "method_options.long_short.window: must be even"),
     ("long_short", "full", {"impl": "gather"}, "method_options.long_short.impl: must be one of strided, flex"),
     ("sparsifiner", "full", {"keep_rate": 0}, "method_options.sparsifiner.keep_rate: must be > 0"),
-    ("superlinear", "causal", {"num_spans": 99}, "method_options.superlinear.num_spans"),
     ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed: unknown field(s) segmnt"),
     ("combiner_fixed", "causal", {"impl": "dense"}, "method_options.combiner_fixed.impl: must be one of sdpa, flex"),
     ("combiner_axial", "full", {"impl": "strided"}, "method_options.combiner_axial.impl: must be one of sdpa, flex"),

@@ -175,8 +175,10 @@ def unsupported_reason(case: Case, spec, caps, available: tuple[bool, str], opti
     device_kind = case.device.split(":")[0]
     if device_kind not in caps.devices:
         return f"runs on {', '.join(caps.devices)} only, not {device_kind}"
-    if case.dtype not in caps.dtypes:
-        return f"dtype {case.dtype} not supported (supports {', '.join(caps.dtypes)})"
+    dtypes = caps.dtypes_on(device_kind)
+    if case.dtype not in dtypes:
+        where = f" on {device_kind}" if dtypes != caps.dtypes else ""
+        return f"dtype {case.dtype} not supported{where} (supports {', '.join(dtypes)})"
     if caps.head_dims is not None and case.head_dim not in caps.head_dims:
         return f"head_dim {case.head_dim} not supported (supports {caps.head_dims})"
     if caps.max_head_dim is not None and case.head_dim > caps.max_head_dim:

@@ -43,6 +43,38 @@ def region_bounds(length: int, regions: int):
     return starts, ends
 
 
+class RegionMean:
+    """Adaptive average pooling of one axis into ``regions`` (bounds of :func:`region_bounds`), without
+    ``F.adaptive_avg_pool*d``: its CUDA backward fails an internal assert at long lengths (H200, contmix1d full
+    fwd_bwd at 16K: "AdaptiveAveragePooling.cu:708"). A length that divides into the regions is a reshape and a
+    mean; any other length a matmul by the fixed ``[regions, length]`` averaging matrix (overlapping edge
+    tokens weighted in each region they belong to, as adaptive pooling does), built once here."""
+
+    def __init__(self, length: int, regions: int):
+        self.length, self.regions = length, regions
+        self.matrix = None
+        if length % regions:
+            starts, ends = region_bounds(length, regions)
+            j = torch.arange(length)[None, :]
+            s, e = torch.tensor(starts)[:, None], torch.tensor(ends)[:, None]
+            inside = (j >= s) & (j < e)
+            self.matrix = inside.double() / (e - s).double()  # [R, L] (CPU, fp64 master), rows sum to 1
+        self._cast = {}  # (device, dtype) -> the matrix there (made on the first call, the untimed warm-up)
+
+    def __call__(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Mean over each region of axis ``dim`` of ``x`` (size ``length``) -> that axis of size ``regions``."""
+        moved = x.movedim(dim, -2)  # [..., L, C]
+        if self.matrix is None:
+            pooled = moved.reshape(*moved.shape[:-2], self.regions, self.length // self.regions,
+                                   moved.shape[-1]).mean(-2)
+        else:
+            key = (moved.device, moved.dtype)
+            if key not in self._cast:
+                self._cast[key] = self.matrix.to(device=moved.device, dtype=moved.dtype)
+            pooled = self._cast[key] @ moved
+        return pooled.movedim(-2, dim)
+
+
 def windows_1d(length: int, kernel: int, causal: bool, device):
     """(index [L, K] (clamped), relative-bias index [L, K], valid [L, K])."""
     n = torch.arange(length, device=device)[:, None]
@@ -128,6 +160,10 @@ def build_contmix1d(ctx):
     rpb = [make.const(groups, n, value=0.0) for n in rel_sizes]
     w_v = make.randn(width, width, std=width ** -0.5)
     w_o = make.randn(width, width, std=width ** -0.5)
+    if grid is not None:
+        pool_rows, pool_cols = RegionMean(height, side), RegionMean(gwidth, side)
+    elif not causal:
+        pool = RegionMean(length, regions)
     starts, ends = region_bounds(length, regions)
     s_idx = torch.tensor(starts, device=ctx.device)
     e_idx = torch.tensor(ends, device=ctx.device)
@@ -141,11 +177,12 @@ def build_contmix1d(ctx):
     def affinity_fast(x):
         q = queries(x)
         if grid is not None:
-            pooled = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(x.shape[0], width, height, gwidth), side)
-            kbar = (pooled.flatten(2).transpose(1, 2) @ w_k.to(x.dtype)).view(x.shape[0], regions, groups, d)
+            # rectangles: the mean over rows of the column means (adaptive 2-D pooling is separable)
+            pooled = pool_cols(pool_rows(x.view(x.shape[0], height, gwidth, width), 1), 2)  # [B, r, r, C]
+            kbar = (pooled.reshape(x.shape[0], regions, width) @ w_k.to(x.dtype)).view(x.shape[0], regions, groups, d)
             return torch.einsum("bgnd,brgd->bgnr", q, kbar)
         if not causal:
-            pooled = F.adaptive_avg_pool1d(x.transpose(1, 2), regions).transpose(1, 2)  # [B, R, C]
+            pooled = pool(x, 1)  # [B, R, C]
             kbar = (pooled @ w_k.to(x.dtype)).view(x.shape[0], regions, groups, d)
             return torch.einsum("bgnd,brgd->bgnr", q, kbar)
         k = keys(x)

@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..registry import Capabilities, Unsupported, register_method
 
 DECLINES = ("No available kernel",)
+FLASH_DTYPES = {"cuda": ("float16", "bfloat16")}  # the flash backend on CUDA; the CPU flash kernel takes fp32 too
 
 
 def latent_cross_attention(q, k, v, key_padding_mask=None):
@@ -72,7 +73,7 @@ _CAPS = dict(family="analysis", exact=True, masks={"full"}, cross=True, gqa=True
 register_method("latent_xattn", Capabilities(**_CAPS),
                 description="latent cross-attention pooling kernel: m queries over a long sequence, noncausal, "
                             "key padding mask (SDPA, PyTorch's backend choice)")(_build(None))
-register_method("latent_xattn_flash", Capabilities(**_CAPS),
+register_method("latent_xattn_flash", Capabilities(**_CAPS, dtypes_by_device=FLASH_DTYPES),
                 description="latent_xattn forced onto the flash backend (declined cases are unsupported rows)"
                 )(_build(SDPBackend.FLASH_ATTENTION))
 

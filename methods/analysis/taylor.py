@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..contract import Prepared
 from ..linear.common import chunked_linear, linear_decode
-from ..registry import Capabilities, register_method
+from ..registry import Capabilities, Unsupported, register_method
 from .common import (ParamMaker, by_query_chunks, default_chunk, expand_heads, mask_mode, param_choice, param_float,
                      param_int, row_visibility, scale_of)
 
@@ -124,8 +124,8 @@ def build_taylor_softmax(ctx):
     if form == "auto":
         form = "recurrent" if dims <= max_features else "parallel"
     if form == "recurrent" and dims > max_features:
-        raise ValueError(f"method_options.taylor_softmax.form: recurrent needs {dims} features at order {order}, "
-                         f"head_dim {case.head_dim}; above max_features={max_features}")
+        raise Unsupported(f"method_options.taylor_softmax.form: recurrent needs {dims} features at order {order}, "
+                          f"head_dim {case.head_dim}; above method_options.taylor_softmax.max_features={max_features}")
     heads = case.heads_q
     if form == "recurrent":
         chunk = param_int(ctx, "chunk", 64, maximum=4096)

@@ -78,9 +78,12 @@ register_method(
     description="SDPA forced to its math backend (materialised, any dtype, any device)",
 )(_make_sdpa(SDPBackend.MATH, allow_dense=True))
 
+# the flash backend takes fp16/bf16 on CUDA (FlashAttention-2), fp32 too on the CPU flash kernel
+FLASH_DTYPES = {"cuda": ("float16", "bfloat16")}
+
 register_method(
     "sdpa_flash",
-    Capabilities(**_COMMON),
+    Capabilities(**_COMMON, dtypes_by_device=FLASH_DTYPES),
     description="SDPA forced to its flash backend (FlashAttention-2 on CUDA, the flash CPU kernel on CPU)",
 )(_make_sdpa(SDPBackend.FLASH_ATTENTION, allow_dense=False))
 

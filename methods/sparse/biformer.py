@@ -185,17 +185,20 @@ def bra_block_mask(index: torch.Tensor, selected: torch.Tensor, region: int, cau
                                     BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(seq_q, seq_kv))
 
 
-def _region_option(opts: Options, name: str, default: int, seq: int, what: str) -> int:
-    region = opts.int(name, default, minimum=1)
+def _region_fits(opts: Options, name: str, region: int, seq: int, what: str) -> int:
     if region > seq:
-        opts.fail(name, f"must be <= the {what} length {seq}, got {region}")
+        opts.unfit(name, f"must be <= the {what} length {seq}, got {region} (the case is shorter than one region)")
     return region
 
 
-def _topk_option(opts: Options, default: int, regions: int) -> int:
-    topk = opts.int("topk", default, minimum=1)
+def _topk_option(opts: Options, default: int, regions: int, from_length: bool = False,
+                 topk: int | None = None) -> int:
+    """``topk`` <= the number of key regions; ``from_length``: that number comes from the case's length (1-D),
+    so a larger topk is a case outside the options (unsupported), not a bad option (2-D: both are options)."""
+    topk = opts.int("topk", default, minimum=1) if topk is None else topk
     if topk > regions:
-        opts.fail("topk", f"must be <= the number of key regions ({regions}), got {topk}")
+        (opts.unfit if from_length else opts.fail)("topk", f"must be <= the number of key regions ({regions}), "
+                                                          f"got {topk}")
     return topk
 
 
@@ -208,15 +211,17 @@ def _topk_option(opts: Options, default: int, regions: int) -> int:
 def build_biformer(ctx):
     case, causal = ctx.case, ctx.mask.causal
     opts = Options(ctx, "biformer", ("region", "topk", "impl"))
-    region = _region_option(opts, "region", 256, min(case.seq_q, case.seq_kv), "sequence")
+    region = opts.int("region", 256, minimum=1)
+    topk = opts.int("topk", 4, minimum=1)
     impl = opts.choice("impl", "gather", IMPLS)
+    _region_fits(opts, "region", region, min(case.seq_q, case.seq_kv), "sequence")
     if causal and case.seq_q != case.seq_kv:
         raise Unsupported("causal cross attention is not defined for region routing (seq_q != seq_kv)")
     for name, length in (("seq_q", case.seq_q), ("seq_kv", case.seq_kv)):
         if length % region:
             raise Unsupported(f"{name}={length} is not a multiple of method_options.biformer.region={region} "
                               "(lengths are not padded)")
-    topk = _topk_option(opts, 4, case.seq_kv // region)
+    topk = _topk_option(opts, 4, case.seq_kv // region, from_length=True, topk=topk)
     block = FLEX_BLOCK
     if impl == "flex" and region % block:
         raise Unsupported(f"impl flex: method_options.biformer.region={region} is not a multiple of the "

@@ -67,7 +67,7 @@ def span_summaries(q, k, v, span: int):
 def _segment(opts: Options, seq: int) -> int:
     segment = opts.int("segment", None, minimum=1, allow_none=True) or pow2_near_sqrt(seq)
     if segment > seq:
-        opts.fail("segment", f"must be <= seq {seq}, got {segment}")
+        opts.unfit("segment", f"must be <= seq {seq}, got {segment} (the case is shorter than one segment)")
     if seq % segment:
         raise Unsupported(f"seq {seq} is not a multiple of method_options.{opts.method}.segment={segment} "
                           "(lengths are not padded)")
@@ -123,8 +123,8 @@ def build_combiner_fixed(ctx):
     case, causal = ctx.case, ctx.mask.causal
     opts = Options(ctx, "combiner_fixed", ("segment", "impl"))
     length = case.seq_q
-    segment = _segment(opts, length)
     impl = opts.choice("impl", DEFAULT_IMPL, IMPLS)
+    segment = _segment(opts, length)
     n_seg = length // segment
 
     if impl == "sdpa":
@@ -224,8 +224,8 @@ def build_combiner_axial(ctx):
     case, causal = ctx.case, ctx.mask.causal
     opts = Options(ctx, "combiner_axial", ("segment", "impl"))
     length, dim = case.seq_q, case.head_dim
-    segment = _segment(opts, length)
     impl = opts.choice("impl", DEFAULT_IMPL, IMPLS)
+    segment = _segment(opts, length)
     n_rows = length // segment
     attend = flex_path(ctx) if impl == "flex" else None
     w1 = parameter(ctx, "combiner.axial.w1", (dim, dim), dim ** -0.5)

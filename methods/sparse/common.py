@@ -2,7 +2,10 @@
 
 - **Options**: hyper-parameters come from ``method_options.<method>.<field>`` (``ctx.param``); every reader
   here validates its value and raises ``ValueError`` naming that path, so a bad config fails at build with the
-  field in the message. Unknown fields are refused too (a typo must not silently use a default).
+  field in the message. Unknown fields are refused too (a typo must not silently use a default). A valid
+  value that does not fit the case (a block or region longer than the sequence, more regions than it holds)
+  is :meth:`Options.unfit`: ``Unsupported`` naming the field, so the case is an ``unsupported`` row, not an
+  error (the methods' defaults are sized for long sequences; a 128-token task is outside them).
 - **Reference helpers**: :func:`masked_attention` is the readable masked softmax (fp32, in the dtype of its
   inputs) every method's reference ends in; :func:`row_chunks` keeps its memory bounded; references take an
   optional ``rows`` (query rows to compute) so the gate can check long cases on a sample of rows.
@@ -38,7 +41,15 @@ class Options:
         return f"method_options.{self.method}.{name}"
 
     def fail(self, name: str, message: str):
+        """The value is invalid whatever the case (negative, wrong type, odd where even is needed)."""
         raise ValueError(f"{self.field(name)}: {message}")
+
+    def unfit(self, name: str, message: str):
+        """The value is valid but does not fit this case's shape (e.g. larger than the sequence): the case is
+        outside what the method does with these options, an ``unsupported`` row whose reason names the field."""
+        from ..registry import Unsupported
+
+        raise Unsupported(f"{self.field(name)}: {message}")
 
     def int(self, name: str, default, minimum: int | None = None, maximum: int | None = None,
             allow_none: bool = False):

@@ -203,8 +203,11 @@ def build_halo(ctx):
     mask_padding = opts.bool("mask_padding", True)
     impl = opts.choice("impl", "strided", IMPLS)
     backend = opts.choice("backend", "auto", SDPA_BACKENDS)
+    if (backend in ("flash", "cudnn") and impl.startswith("strided") and torch.device(ctx.device).type == "cuda"
+            and case.dtype == "float32"):  # SDPA's flash and cuDNN backends take fp16/bf16 on CUDA only
+        opts.unfit("backend", f"{backend} takes float16/bfloat16 on CUDA, not float32 (auto or efficient run it)")
     if block > case.seq_q:
-        opts.fail("block", f"must be <= seq {case.seq_q}, got {block}")
+        opts.unfit("block", f"must be <= seq {case.seq_q}, got {block} (the case is shorter than one block)")
     if case.seq_q % block:
         raise Unsupported(f"seq {case.seq_q} is not a multiple of method_options.halo.block={block} "
                           "(lengths are not padded)")

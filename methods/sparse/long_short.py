@@ -142,13 +142,13 @@ def build_long_short(ctx):
     length, dim = case.seq_q, case.head_dim
     if window % 2:
         opts.fail("window", f"must be even (half a window on each side), got {window}")
+    if causal and rank > window:
+        opts.fail("rank", f"must be <= window ({window}) in the causal form (rank keys per segment), got {rank}")
     if window > length:
-        opts.fail("window", f"must be <= seq {length}, got {window}")
+        opts.unfit("window", f"must be <= seq {length}, got {window} (the case is shorter than one window)")
     if length % window:
         raise Unsupported(f"seq {length} is not a multiple of method_options.long_short.window={window} "
                           "(lengths are not padded)")
-    if causal and rank > window:
-        opts.fail("rank", f"must be <= window ({window}) in the causal form (rank keys per segment), got {rank}")
     segment = window if causal else None
     extra = (length // window) * rank if causal else rank
     w_p = parameter(ctx, "long_short.wp", (dim, rank), dim ** -0.5)

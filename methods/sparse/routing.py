@@ -144,13 +144,13 @@ def build_routing(ctx):
     opts = Options(ctx, "routing", ("clusters", "share_qk", "ema_decay", "update_centroids"))
     auto = 2 ** round(math.log2(max(case.seq_q, 1)) / 2)
     n_clusters = opts.int("clusters", None, minimum=1, allow_none=True) or auto
-    if n_clusters > min(case.seq_q, case.seq_kv):
-        opts.fail("clusters", f"must be <= the sequence length ({min(case.seq_q, case.seq_kv)}), got {n_clusters}")
     share_qk = opts.bool("share_qk", True)
     decay = opts.float("ema_decay", 0.999, minimum=0.0, maximum=1.0)
     if decay >= 1.0:
         opts.fail("ema_decay", f"must be < 1, got {decay}")
     update = opts.bool("update_centroids", True)
+    if n_clusters > min(case.seq_q, case.seq_kv):
+        opts.unfit("clusters", f"must be <= the sequence length ({min(case.seq_q, case.seq_kv)}), got {n_clusters}")
     if case.seq_q != case.seq_kv and share_qk:
         raise Unsupported("cross attention clusters queries and keys apart: set method_options.routing.share_qk=false")
     if causal and not share_qk:

@@ -77,9 +77,9 @@ def build_sparsifiner(ctx):
                           f"seq_kv/{token_reduction}: lengths above method_options.sparsifiner.max_seq={max_seq} "
                           "are refused")
     if token_reduction > n:
-        opts.fail("token_reduction", f"must be <= seq_kv {n}, got {token_reduction}")
+        opts.unfit("token_reduction", f"must be <= seq_kv {n}, got {token_reduction} (the case is shorter)")
     if channel_reduction > dim:
-        opts.fail("channel_reduction", f"must be <= head_dim {dim}, got {channel_reduction}")
+        opts.unfit("channel_reduction", f"must be <= head_dim {dim}, got {channel_reduction} (the case's head is narrower)")
     reduced, low = dim // channel_reduction, max(1, n // token_reduction)
     keep = math.ceil(keep_rate * n)
     w_cq = parameter(ctx, "sparsifiner.wcq", (dim, reduced), dim ** -0.5, grad=False)

@@ -156,9 +156,9 @@ def read_options(ctx, method: str) -> dict:
     distances = stripe_distances(length, power, sw_index)
     window = window_size(power, sw_index)
     if not distances:
-        opts.fail("sw_index", f"leaves no search stripe at seq {length} (f(sw_index + 1) > seq)")
+        opts.unfit("sw_index", f"leaves no search stripe at seq {length} (f(sw_index + 1) > seq)")
     if num_spans > len(distances):
-        opts.fail("num_spans", f"must be <= the number of search stripes at seq {length} ({len(distances)}), "
+        opts.unfit("num_spans", f"must be <= the number of search stripes at seq {length} ({len(distances)}), "
                                f"got {num_spans}")
     return dict(options=opts, num_spans=num_spans, sw_index=sw_index, search_power=power, backward_factor=back,
                 forward_factor=fwd, span_power=sigma, distances=distances, window=window)
