@@ -407,10 +407,11 @@ class RFAttentionProbe(Task):
         parts = []
         chunk = int(self.params["batch"])
         scale = math.sqrt(self.d)
+        w = w.float().to(device)  # made on the CPU (seeded there, as the data): the method runs on `device`
         with torch.no_grad():
             for i in range(0, x0.shape[0], chunk):
                 a, b = x0[i:i + chunk].to(device), xs[i:i + chunk].to(device)
-                q = torch.einsum("bd,mde->bme", a.float(), w.float())[:, :, None] * scale
+                q = torch.einsum("bd,mde->bme", a.float(), w)[:, :, None] * scale
                 kv = b.float()[:, None].expand(-1, self.features, -1, -1)
                 out = fn(q.to(dtype), kv.to(dtype), kv.to(dtype))
                 parts.append(out[:, :, 0].double().cpu().flatten(1))

@@ -216,6 +216,35 @@ def test_rf_probe_is_key_permutation_invariant_and_runs():
         assert same == invariant
 
 
+@pytest.mark.parametrize("method", ["sdpa_efficient", "linear_attn", "taylor_softmax"])
+def test_rf_probe_keeps_every_tensor_on_the_device(method):
+    """H200: "mat2 is on cpu, different from other tensors on cuda:0" (the frozen W_m made on the CPU). Here the
+    probe runs on a stand-in device (tests/fakedevice.py) that raises where CUDA would."""
+    from fakedevice import OnFakeDevice
+
+    params = task_params("rf_attention_probe", {"features": 8, "samples": [16], "test": 16, "batch": 16,
+                                                "targets": ["quadratic"]})
+    task = TASKS["rf_attention_probe"].make(params, 4)
+    with OnFakeDevice() as mode:
+        outcome = task.probe(method, seed=0, device="meta")
+    assert outcome.status == "ok" and not mode.mixed
+
+
+def test_the_fake_device_raises_where_cuda_would():
+    """Negative control of the stand-in: a CPU tensor beside device tensors raises (torch alone lets einsum of a
+    meta and a CPU tensor pass); a 0-dim CPU scalar and explicit moves do not."""
+    from fakedevice import OnFakeDevice
+
+    with OnFakeDevice() as mode:
+        a = torch.randn(2, 3, device="meta")
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.einsum("bd,de->be", a, torch.randn(3, 4))
+        assert (a * torch.tensor(2.0)).device.type == "meta"
+        assert (a @ torch.randn(3, 4).to("meta")).device.type == "meta"
+        assert a.cpu().shape == (2, 3) and a.cpu().device.type == "cpu"
+    assert mode.mixed == ["einsum"]
+
+
 # ---- mqar_state_sweep --------------------------------------------------------------------------------------------
 def test_mqar_state_sweep_trains_one_model_per_width(tmp_path):
     cfg = {"tasks": ["mqar_state_sweep"], "methods": ["linear_attn", "decon_mlp"], "seeds": [0], "dtype": "float32",
