@@ -231,7 +231,8 @@ def test_sigterm_at_any_moment_leaves_no_marker_and_no_crashed_row_on_resume(tmp
         in_flight = len(list(run_dir.glob("quality.inflight.*.json")))
         assert in_flight >= 1  # the signal comes with a case in flight
         _timeout_sigterm(parent)
-        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        # SystemExit(143), or the default action of the second SIGTERM once the handlers are restored on the way out
+        assert parent.wait(timeout=60) in (128 + signal.SIGTERM, -signal.SIGTERM)
     finally:
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
@@ -240,8 +241,8 @@ def test_sigterm_at_any_moment_leaves_no_marker_and_no_crashed_row_on_resume(tmp
     # resume (without the hang, one at a time): every case runs to one `ok` row, none is blamed
     cfg = _cfg(tmp_path, "term", methods=["sdpa_math", "q_hangs"], steps=4)
     cfg["task_options"] = {"mqar": {**TINY, "vocab": 64, "kv_pairs": 2, "seq_lens": [16], "steps": 4}}
-    plan = build_train_plan(cfg)
     run_train(cfg, "test", show_progress=False)
+    plan = build_train_plan(cfg)  # after run_train, which loads the plugin (q_hangs)
     rows = _rows(run_dir)
     assert not [r for r in rows if r["status"] == "crashed"], [r["reason"] for r in rows]
     assert sorted(r["case_id"] for r in rows) == sorted(c.case_id for c in plan.runnable)  # exactly one row each
