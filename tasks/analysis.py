@@ -7,7 +7,8 @@ regression, merged parametrisation ``W_KQ^h, W_OV^h ∈ R^{(d+1)×(d+1)}``: toke
 ``z_q = (x_q, 0)`` last; the method runs causal self-attention over the L + 1 tokens (so the query also attends
 to itself: unverified in the paper) with ``q = W_KQ z`` (× √head_dim, cancelling the kernel's scale),
 ``k = z``, ``v = W_OV z`` (zero-padded to ``head_dim``), and ``ŷ = Σ_h out_h[d]`` at the query. Trained with
-Adam on MSE from a small initialisation. Measured: MSE at L (the value) and at ``test_factors`` × L; the
+Adam on MSE from a small initialisation. Measured: MSE at L (the value) and at ``test_factors`` × L (the
+method built again for each length, its learnable tensors, if any, set to the trained ones); the
 mechanism — per active head (|μ_h| ≥ 10 % of the largest) the x-block off-diagonal / diagonal ratio
 (``kq_offdiag_ratio < 0.05``), the OV last row besides μ over |μ| (``ov_last_entry_ratio < 0.05``),
 ``|Σμ|/Σ|μ| < 0.05``; the closed-form predictor ``Σ_h μ_h softmax(ω_h x·x_q) y`` (ω_h the mean diagonal,
@@ -79,10 +80,12 @@ def icl_batch(batch: int, length: int, d: int, noise: float, gen: torch.Generato
 class ICLModel(nn.Module):
     """One layer of H-head attention in the merged (W_KQ, W_OV) parametrisation, the core a method's fn."""
 
-    def __init__(self, heads: int, d: int, head_dim: int, init_std: float, kind: str = "method", fn=None,
+    def __init__(self, heads: int, d: int, head_dim: int, init_std: float, kind: str = "method", fn_for=None,
                  train_length: int = 1):
+        """``fn_for(tokens)``: the method's ``fn`` built for sequences of ``tokens`` tokens (a built method is valid
+        only for the case it was built for: evaluating at 4 L needs a build for 4 L + 1 tokens)."""
         super().__init__()
-        self.d, self.head_dim, self.kind, self.fn, self.train_length = d, head_dim, kind, fn, train_length
+        self.d, self.head_dim, self.kind, self.fn_for, self.train_length = d, head_dim, kind, fn_for, train_length
         self.w_kq = nn.Parameter(torch.randn(heads, d + 1, d + 1) * init_std)
         self.w_ov = nn.Parameter(torch.randn(heads, d + 1, d + 1) * init_std)
 
@@ -104,7 +107,7 @@ class ICLModel(nn.Module):
             values = torch.einsum("hj,btj->bht", self.w_ov[:, self.d], z[:, :-1])
             return (logits * values).sum((1, 2)) / self.train_length
         q, k, v = (t.to(dtype) for t in self.qkv(z))
-        out = self.fn(q, k, v)
+        out = self.fn_for(z.shape[1])(q, k, v)
         return out[:, :, -1, self.d].float().sum(1)
 
 
@@ -201,16 +204,41 @@ class ICLLinReg(Task):
         return sum(errs) / len(errs)
 
     def _model(self, method, heads, seed, dtype, device, options, method_params, kind="method"):
-        fn, extra = None, []
+        from attnbench.methods import Unsupported
+
+        fn_for, extra = None, []
         if kind == "method":
-            case = _case(self, method, int(self.params["batch"]), heads, self.seq + 1, self.seq + 1, self.head_dim,
-                         dtype, seed, device)
-            prepared, caps = build_method(case, torch.device(device), dict(options or {}), method_params or {})
-            _check_plain(method, prepared, self.name)
-            fn = (lambda q, k, v: _call(prepared, caps, q, k, v))
-            extra = [p for p in prepared.parameters if isinstance(p, torch.Tensor) and p.requires_grad]
+            built = {}
+
+            def build(tokens):
+                case = _case(self, method, int(self.params["batch"]), heads, tokens, tokens, self.head_dim, dtype,
+                             seed, device)
+                prepared, caps = build_method(case, torch.device(device), dict(options or {}), method_params or {})
+                _check_plain(method, prepared, self.name)
+                return prepared, caps, [p for p in prepared.parameters
+                                        if isinstance(p, torch.Tensor) and p.requires_grad]
+
+            train_tokens = self.seq + 1
+            built[train_tokens] = build(train_tokens)
+            extra = built[train_tokens][2]
+
+            def fn_for(tokens):
+                """The method built for ``tokens`` (once per length), its learnable tensors set to the trained ones."""
+                if tokens not in built:
+                    built[tokens] = build(tokens)
+                prepared, caps, own = built[tokens]
+                if own is not extra:
+                    if [t.shape for t in own] != [t.shape for t in extra]:
+                        raise Unsupported(f"{method}'s learnable tensors depend on the length: the ones trained at "
+                                          f"{train_tokens} tokens do not fit a build for {tokens}")
+                    with torch.no_grad():
+                        for mine, trained in zip(own, extra):
+                            mine.copy_(trained)
+                return lambda q, k, v: _call(prepared, caps, q, k, v)
+
         torch.manual_seed(stream_seed("icl-init", seed, heads, kind))
-        model = ICLModel(heads, self.d, self.head_dim, float(self.params["init_std"]), kind, fn, self.seq).to(device)
+        model = ICLModel(heads, self.d, self.head_dim, float(self.params["init_std"]), kind, fn_for,
+                         self.seq).to(device)
         model.extra = extra  # the method's own learnable tensors (Prepared.parameters), trained with the model
         return model
 
@@ -245,8 +273,12 @@ class ICLLinReg(Task):
                 continue
             if name == "multi":
                 final_loss = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
-            results[name] = {f"mse@{f}x": self._mse(model, f * self.seq, seed, device, tdtype)
-                             for f in self.params["test_factors"]}
+            results[name] = {}
+            for f in self.params["test_factors"]:
+                try:  # at f x L the method is built again, for f L + 1 tokens
+                    results[name][f"mse@{f}x"] = self._mse(model, f * self.seq, seed, device, tdtype)
+                except Unsupported as exc:
+                    results[name][f"problem@{f}x"] = str(exc)
             models[name] = model
         multi = models["multi"]
         gen = torch.Generator().manual_seed(stream_seed(self.name, self.seq, seed, "mechanism"))
@@ -256,16 +288,18 @@ class ICLLinReg(Task):
         mech = mechanism(multi.cpu(), z, y_model)
         checks = dict(mech["checks"])
         first, last = (f"mse@{f}x" for f in (min(self.params["test_factors"]), max(self.params["test_factors"])))
+        if first not in results["multi"]:
+            raise Unsupported(results["multi"].get(f"problem@{min(self.params['test_factors'])}x", "no MSE"))
         if "single" in results and first in results["single"]:
             checks["multihead_beats_single"] = results["multi"][first] < results["single"][first]
-        if "linear" in results and last in results["linear"] and last != first:
+        if "linear" in results and last in results["linear"] and last in results["multi"] and last != first:
             ours = results["multi"][last] / results["multi"][first]
             theirs = results["linear"][last] / results["linear"][first]
             checks["degrades_less_than_linear"] = ours < theirs
         ridge = ridge_mse(x[:, :-1], y[:, :-1], x[:, -1], target, self.noise)
         value = results["multi"][first]
         extras = {"checks": checks, "mechanism": mech["numbers"], "mse": results, "ridge_mse": ridge}
-        breakdown = {k: v for k, v in results["multi"].items()}
+        breakdown = {k: v for k, v in results["multi"].items() if k.startswith("mse@")}
         return Outcome(status="ok", value=value, breakdown=breakdown, extras=extras, final_loss=final_loss,
                        steps_done=steps, train_wall_s=time.perf_counter() - started,
                        parameters=sum(p.numel() for p in multi.parameters()))
@@ -407,10 +441,11 @@ class RFAttentionProbe(Task):
         parts = []
         chunk = int(self.params["batch"])
         scale = math.sqrt(self.d)
+        w = w.float().to(device)  # made on the CPU (seeded there, as the data): the method runs on `device`
         with torch.no_grad():
             for i in range(0, x0.shape[0], chunk):
                 a, b = x0[i:i + chunk].to(device), xs[i:i + chunk].to(device)
-                q = torch.einsum("bd,mde->bme", a.float(), w.float())[:, :, None] * scale
+                q = torch.einsum("bd,mde->bme", a.float(), w)[:, :, None] * scale
                 kv = b.float()[:, None].expand(-1, self.features, -1, -1)
                 out = fn(q.to(dtype), kv.to(dtype), kv.to(dtype))
                 parts.append(out[:, :, 0].double().cpu().flatten(1))

@@ -143,7 +143,7 @@ def test_train_rows_carry_the_model_options(tmp_path):
 
 # ---- icl_linreg_1layer_mh ----------------------------------------------------------------------------------------
 def _paper_solution(d=4, heads=4, omega=(0.3, 0.3, -0.3, -0.3), mu=(1.0, 0.5, -1.0, -0.5)):
-    model = analysis.ICLModel(heads, d, 8, 0.0, "method", fn=None)
+    model = analysis.ICLModel(heads, d, 8, 0.0, "method", fn_for=None)
     with torch.no_grad():
         model.w_kq.zero_()
         model.w_ov.zero_()
@@ -156,7 +156,7 @@ def _paper_solution(d=4, heads=4, omega=(0.3, 0.3, -0.3, -0.3), mu=(1.0, 0.5, -1
 def _icl_check(model):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    model.fn = lambda q, k, v: sdpa(q, k, v, is_causal=True)
+    model.fn_for = lambda tokens: (lambda q, k, v: sdpa(q, k, v, is_causal=True))
     z, _, _, _ = analysis.icl_batch(64, 16, 4, 0.1, torch.Generator().manual_seed(0))
     with torch.no_grad():
         return analysis.mechanism(model, z, model(z))
@@ -189,6 +189,24 @@ def test_icl_experiment_runs_and_reports_its_checks():
         TASKS["icl_linreg_1layer_mh"].make({**params, "head_dim": 3}, 8)
 
 
+def test_icl_builds_the_method_again_for_every_evaluation_length(tmp_path):
+    """H200: eager / reference "size of tensor a (33) must match ... (129)": the method built for L + 1 tokens was
+    called at 4 L + 1. Methods whose built state depends on the length (eager's and reference's bound mask,
+    softmax_divs_gate's) run at 4 L too; sdpa_math (no such state) is the control that passed before."""
+    cfg = {"tasks": ["icl_linreg_1layer_mh"], "methods": ["eager", "reference", "softmax_divs_gate", "sdpa_math"],
+           "seeds": [0], "dtype": "float32", "device": "cpu", "results_dir": str(tmp_path), "run_id": "icl",
+           "task_options": {"icl_linreg_1layer_mh": {"seq_lens": [8], "d": 3, "heads": 2, "head_dim": 4, "steps": 3,
+                                                     "batch": 8, "eval_batches": 1, "test_factors": [1, 4]}}}
+    frame = pd.read_parquet(run_train(cfg, "test", show_progress=False) / "quality.parquet").set_index("method")
+    assert len(frame) == 4
+    for method, row in frame.iterrows():
+        assert row.status == "ok", (method, row.reason)
+        mse = json.loads(row.breakdown)
+        assert set(mse) == {"mse@1x", "mse@4x"} and all(math.isfinite(v) for v in mse.values()), method
+    # one trained model per method, evaluated at two lengths: exact methods agree at both
+    assert frame.loc["eager", "breakdown"] == frame.loc["reference", "breakdown"]
+
+
 # ---- rf_attention_probe ------------------------------------------------------------------------------------------
 def test_ridge_fit_is_the_regularised_least_squares_solution():
     gen = torch.Generator().manual_seed(0)
@@ -214,6 +232,35 @@ def test_rf_probe_is_key_permutation_invariant_and_runs():
     for target, invariant in (("quadratic", True), ("cubic", True), ("control", False)):
         same = torch.allclose(analysis.rf_targets(x0, xs, beta, target), analysis.rf_targets(x0, xs[:, perm], beta, target))
         assert same == invariant
+
+
+@pytest.mark.parametrize("method", ["sdpa_efficient", "linear_attn", "taylor_softmax"])
+def test_rf_probe_keeps_every_tensor_on_the_device(method):
+    """H200: "mat2 is on cpu, different from other tensors on cuda:0" (the frozen W_m made on the CPU). Here the
+    probe runs on a stand-in device (tests/fakedevice.py) that raises where CUDA would."""
+    from fakedevice import OnFakeDevice
+
+    params = task_params("rf_attention_probe", {"features": 8, "samples": [16], "test": 16, "batch": 16,
+                                                "targets": ["quadratic"]})
+    task = TASKS["rf_attention_probe"].make(params, 4)
+    with OnFakeDevice() as mode:
+        outcome = task.probe(method, seed=0, device="meta")
+    assert outcome.status == "ok" and not mode.mixed
+
+
+def test_the_fake_device_raises_where_cuda_would():
+    """Negative control of the stand-in: a CPU tensor beside device tensors raises (torch alone lets einsum of a
+    meta and a CPU tensor pass); a 0-dim CPU scalar and explicit moves do not."""
+    from fakedevice import OnFakeDevice
+
+    with OnFakeDevice() as mode:
+        a = torch.randn(2, 3, device="meta")
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.einsum("bd,de->be", a, torch.randn(3, 4))
+        assert (a * torch.tensor(2.0)).device.type == "meta"
+        assert (a @ torch.randn(3, 4).to("meta")).device.type == "meta"
+        assert a.cpu().shape == (2, 3) and a.cpu().device.type == "cpu"
+    assert mode.mixed == ["einsum"]
 
 
 # ---- mqar_state_sweep --------------------------------------------------------------------------------------------

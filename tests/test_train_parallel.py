@@ -187,3 +187,75 @@ def test_the_report_says_when_throughput_was_measured_sharing_the_device():
     shared = alone.assign(concurrent=[1.0, 4.0, 2.0])
     note = shared_device_note(shared)
     assert "2 of 3 row(s)" in note and "up to 4 cases" in note and "`concurrent`" in note
+
+
+def _timeout_sigterm(parent: subprocess.Popen) -> None:
+    """What coreutils `timeout` does (its child leads a process group): SIGTERM to the child, then to the whole
+    group (the workers too), then SIGCONT; here a second SIGTERM to the child follows while it cleans up."""
+    os.kill(parent.pid, signal.SIGTERM)
+    os.killpg(parent.pid, signal.SIGTERM)
+    os.killpg(parent.pid, signal.SIGCONT)
+    time.sleep(0.005)
+    try:
+        os.kill(parent.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, process groups")
+@pytest.mark.parametrize("moment", ["spawning", "running"])
+def test_sigterm_at_any_moment_leaves_no_marker_and_no_crashed_row_on_resume(tmp_path, moment):
+    """An invocation killed by `timeout` while its pool starts (the first marker written, the workers being
+    spawned) or while its cases run: on resume no case is `crashed` and each has exactly one row (H200: the
+    cases in flight became `crashed` rows, their markers left by an interrupted clean-up)."""
+    hang = tmp_path / "hang"
+    hang.mkdir()
+    args = ["suite=tasks_cpu", "tasks=[mqar]", "methods=[sdpa_math,q_hangs]", "seeds=[0,1]", "steps=4",
+            f"plugins=[{FAULTY}]", "parallel=2", "run_id=term", f"results_dir={tmp_path}",
+            *(f"task_options.mqar.{k}={v}" for k, v in {**TINY, "vocab": 64, "kv_pairs": 2}.items()),
+            "task_options.mqar.seq_lens=[16]"]
+    env = {**os.environ, "ATTNBENCH_TEST_HANG_DIR": str(hang), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-m", "attnbench.cli", "train", *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = tmp_path / "term"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and parent.poll() is None:
+            if moment == "spawning" and list(run_dir.glob("quality.inflight.*.json")):
+                break
+            if moment == "running" and len(list(hang.glob("*.pid"))) == 2:
+                break
+            time.sleep(0.002)
+        output = parent.stdout.read1().decode() if parent.poll() is not None else ""
+        assert parent.poll() is None, output
+        in_flight = len(list(run_dir.glob("quality.inflight.*.json")))
+        assert in_flight >= 1  # the signal comes with a case in flight
+        _timeout_sigterm(parent)
+        # SystemExit(143), or the default action of the second SIGTERM once the handlers are restored on the way out
+        assert parent.wait(timeout=60) in (128 + signal.SIGTERM, -signal.SIGTERM)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert not list(run_dir.glob("quality.inflight*"))  # the cases in flight left no marker
+    # resume (without the hang, one at a time): every case runs to one `ok` row, none is blamed
+    cfg = _cfg(tmp_path, "term", methods=["sdpa_math", "q_hangs"], steps=4)
+    cfg["task_options"] = {"mqar": {**TINY, "vocab": 64, "kv_pairs": 2, "seq_lens": [16], "steps": 4}}
+    run_train(cfg, "test", show_progress=False)
+    plan = build_train_plan(cfg)  # after run_train, which loads the plugin (q_hangs)
+    rows = _rows(run_dir)
+    assert not [r for r in rows if r["status"] == "crashed"], [r["reason"] for r in rows]
+    assert sorted(r["case_id"] for r in rows) == sorted(c.case_id for c in plan.runnable)  # exactly one row each
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_only_the_first_signal_raises(monkeypatch):
+    """`timeout` signals the process and then its group: the second SIGTERM must not raise inside the clean-up."""
+    monkeypatch.setattr(train, "_STOPPING", [])
+    with pytest.raises(SystemExit) as info:
+        train._stop(signal.SIGTERM, None)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert train._stop(signal.SIGTERM, None) is None and train._stop(signal.SIGINT, None) is None
+    monkeypatch.setattr(train, "_STOPPING", [])
+    with pytest.raises(KeyboardInterrupt):
+        train._stop(signal.SIGINT, None)

@@ -333,45 +333,52 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
                           "wall_s": 0.0, "started_at": envinfo.now(), "concurrent": parallel, **stamp})
     options = worker_options(cfg)
     timeout_s = float(cfg.get("case_timeout_s", 600))
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():  # SIGTERM (e.g. `timeout`) ends like Ctrl-C
-        signal.signal(signal.SIGTERM, _stop)
     todo = [c for c in plan.runnable if c.case_id not in store.done]
     progress = tqdm(total=len(plan.runnable) + len(plan.unsupported),
                     initial=len(plan.runnable) + len(plan.unsupported) - len(todo), desc=run_id, unit="run",
                     disable=not show_progress, dynamic_ncols=True)
 
+    marked: set[str] = set()  # the cases with a marker written (or being written) and no row yet
+
     def begin(case: TrainCase) -> dict:
         """The case's row so far, and its marker written (it is in flight from now on)."""
         progress.set_postfix_str(f"{case.task} {case.method} {case.seq} s{case.seed}", refresh=False)
         row = {**_describe(case, run_id, device_name), "started_at": envinfo.now(), "concurrent": parallel, **stamp}
+        marked.add(case.case_id)  # before the file exists: an interrupt from here on still removes it
         _marker(run_dir, case.case_id).write_text(json.dumps({"case_id": case.case_id, "row": row}, default=str))
         return row
 
     def finish(case: TrainCase, row: dict) -> None:
         store.append(row)
+        marked.discard(case.case_id)
         _marker(run_dir, case.case_id).unlink(missing_ok=True)
         progress.update(1)
 
-    if parallel == 1:
-        for case in todo:
-            row = begin(case)
-            started = time.perf_counter()
-            method_params = dict((options.get("method_options") or {}).get(case.method) or {})
-            try:
-                row.update(run_case(case, device, options, method_params, timeout_s))
-            except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, SIGTERM): no row, no marker
-                _marker(run_dir, case.case_id).unlink(missing_ok=True)
-                raise
-            row["wall_s"] = time.perf_counter() - started
-            finish(case, row)
-    else:
-        from attnbench.config.plugins import resolve_plugin_paths
+    def abandon() -> None:
+        """Stopped from outside (Ctrl-C, SIGTERM) or a failure of this process (not of a case): the cases in
+        flight get no row and lose their markers, so that they run again on resume (not ``crashed``)."""
+        for case_id in list(marked):
+            _marker(run_dir, case_id).unlink(missing_ok=True)
+            marked.discard(case_id)
 
-        _run_parallel(todo, parallel, begin, finish, lambda case: _marker(run_dir, case.case_id),
-                      (device, options, timeout_s), resolve_plugin_paths(cfg.get("plugins") or []))
+    with _stop_on_signals():
+        try:
+            if parallel == 1:
+                for case in todo:
+                    row = begin(case)
+                    started = time.perf_counter()
+                    method_params = dict((options.get("method_options") or {}).get(case.method) or {})
+                    row.update(run_case(case, device, options, method_params, timeout_s))
+                    row["wall_s"] = time.perf_counter() - started
+                    finish(case, row)
+            else:
+                from attnbench.config.plugins import resolve_plugin_paths
+
+                _run_parallel(todo, parallel, begin, finish, abandon, (device, options, timeout_s),
+                              resolve_plugin_paths(cfg.get("plugins") or []))
+        finally:  # on every way out: a marker without its row here would read as a crash on resume
+            with _signals_ignored():
+                abandon()
     progress.close()
     envinfo.end_invocation(run_dir, invocation, len(store.rows) - rows_before)
     store.finalize()
@@ -420,12 +427,13 @@ def _worker_case(case: TrainCase, device: str, options: dict, timeout_s: float) 
     return {**measured, "started_at": started_at, "wall_s": time.perf_counter() - started}
 
 
-def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, marker, run_args: tuple,
+def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, abandon, run_args: tuple,
                   plugins: list) -> None:
     """Run ``todo`` in pools of ``parallel`` spawned workers, at most ``parallel`` cases in flight (each with its
     marker); ``finish`` records each row here, as it arrives. A pool broken by a worker's death: its cases in
-    flight are ``crashed`` rows and a fresh pool runs the rest. Ctrl-C / SIGTERM: the workers are killed, the
-    cases in flight lose their markers (they run on resume) and the exception goes on."""
+    flight are ``crashed`` rows and a fresh pool runs the rest. Ctrl-C / SIGTERM (or any failure here): ``abandon``
+    first (the cases in flight lose their markers: they run on resume), then the workers are killed, with further
+    signals ignored, and the exception goes on."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -434,12 +442,13 @@ def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, marker, r
     context = multiprocessing.get_context("spawn")
     init_args = (plugins, os.getpid(), _worker_threads(parallel))
     while queue:
-        pool = ProcessPoolExecutor(max_workers=min(parallel, len(queue)), mp_context=context,
-                                   initializer=_worker_init, initargs=init_args)
+        pool = None
         in_flight: dict = {}  # future -> (case, row)
         processes: dict = {}  # pid -> the pool's worker processes (for exit codes and killing)
         broken: list = []
         try:
+            pool = ProcessPoolExecutor(max_workers=min(parallel, len(queue)), mp_context=context,
+                                       initializer=_worker_init, initargs=init_args)
             while (queue or in_flight) and not broken:
                 while queue and len(in_flight) < parallel:
                     case = queue.pop()
@@ -482,29 +491,94 @@ def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, marker, r
                         "others); not retried, run with retry=[crashed] to try again"))
                     finish(case, row)
         except BaseException:  # Ctrl-C, SIGTERM (SystemExit) or a failure here: no orphan, no row, no marker
-            _kill(processes.values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for case, _ in [*in_flight.values(), *broken]:
-                marker(case).unlink(missing_ok=True)
+            with _signals_ignored():  # a second signal (`timeout` sends SIGTERM to the pid, then to its group)
+                abandon()  # first: whatever happens next, no marker is left to read as a crash
+                if pool is not None:
+                    processes.update(getattr(pool, "_processes", None) or {})  # spawned during an interrupted submit
+                _kill(list(processes.values()))
+                if pool is not None:
+                    try:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                    except Exception:  # a pool broken under us: its workers are dead already
+                        pass
             raise
         pool.shutdown(wait=True)
 
 
-def _kill(processes) -> None:
+def _kill(processes, grace_s: float = 10.0) -> None:
+    """SIGKILL every process, then wait for them (``grace_s`` in all: a CUDA process can take seconds to go)."""
     for process in processes:
         try:
             process.kill()
         except (OSError, ValueError, AttributeError):
             pass
+    deadline = time.monotonic() + grace_s
     for process in processes:
         try:
-            process.join(timeout=5)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
         except (OSError, ValueError, AttributeError, AssertionError):
             pass
 
 
+_STOPPING: list[int] = []  # the signal that is stopping this process's run_train, if any
+
+
 def _stop(signum, frame):
+    """SIGTERM (e.g. `timeout`) ends like Ctrl-C; only the first signal raises: `timeout` sends SIGTERM to the
+    process and then to its whole group, and a second exception would cut the clean-up short."""
+    import signal
+
+    if _STOPPING:
+        return
+    _STOPPING.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _stop_on_signals():
+    """While the cases run: SIGINT and SIGTERM raise once (``_stop``), later ones are ignored (main thread only:
+    elsewhere, nothing changes)."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def handlers():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        _STOPPING.clear()
+        saved = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, previous in saved.items():
+                signal.signal(sig, previous)
+            _STOPPING.clear()
+
+    return handlers()
+
+
+def _signals_ignored():
+    """SIGINT and SIGTERM ignored while the block runs (a clean-up that must not be cut short; main thread only)."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def ignored():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, previous in saved.items():
+                signal.signal(sig, previous)
+
+    return ignored()
 
 
 def _device_name(device: str) -> str:
