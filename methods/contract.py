@@ -20,7 +20,8 @@ Conventions: q ``[batch, heads_q, seq_q, head_dim]``, k and v ``[batch, heads_kv
 layout; ``Capabilities.input_layout="bshd"`` swaps seq and heads). The mask is causal *bottom-right*: query
 ``i`` sits at key position ``i + mask.offset`` with ``offset = seq_kv - seq_q`` (see :class:`MaskInfo`).
 A query that sees no key has output 0. References compute in the dtype of their inputs (the harness calls
-them with fp32 copies for the gate, and with working-dtype copies to size the tolerance).
+them with fp32 copies for the gate; the tolerance is the working dtype's fixed value, ``bench/measure/gate.py``
+``TOLERANCE``, not sized from a working-dtype run).
 
 Layer-level methods (``Capabilities.form="layer"``) are modules over ``x [batch, seq, d_model]`` with
 ``d_model = heads_q * head_dim``: ``fn(x) -> y`` and ``reference(x) -> y``, with their FLOPs declared in
