@@ -71,3 +71,33 @@ def test_render_lists_every_section_and_the_failed_rows(summary):
     for title in ("## Rate", "## Efficiency length", "## Log-log slope", "## approx_err", "## Rows not ok"):
         assert title in text
     assert "CUDA out of memory" in text and "| routed | causal | 64K |" in text
+
+
+def test_the_attention_part_leaves_the_routing_phase_out(summary):
+    table = summary.rates(frame(), "sdpa_cudnn")
+    # 300 TFLOP/s over the whole call with 25 % routing -> 400 over the attention part, 2/3 of the dense 600
+    assert list(table.attention_part) == pytest.approx([400.0] * 3)
+    assert list(table.part_of_dense) == pytest.approx([400 / 600] * 3)
+
+
+def test_several_runs_read_as_one_with_methods_taken_from_one_run(summary):
+    main = frame()
+    impl = frame()
+    impl = impl[impl.method == "local"].assign(ms_median=lambda f: f.ms_median / 2)
+    both = summary.combine({"main": main, "impl": impl}, {"local": "impl"})
+    local = both[both.method == "local"]
+    assert set(local.source) == {"impl"} and len(local) == len(impl)  # main's local rows dropped
+    assert set(both[both.method == "routed"].source) == {"main"}
+    with pytest.raises(SystemExit, match="has no row of routed"):
+        summary.combine({"main": main, "impl": impl}, {"routed": "impl"})
+
+
+def test_the_grid_lists_exactly_the_cells_without_any_row(summary):
+    rows = frame()
+    missing = summary.missing_cells(rows, [4096, 262144])
+    cells = set(zip(missing.method, missing["mask"], missing.seq, missing["mode"]))
+    assert ("routed", "causal", 262144, "fwd") not in cells  # its oom row says why not
+    assert ("routed", "causal", 262144, "fwd_bwd") in cells and ("routed", "causal", 4096, "fwd") not in cells
+    assert len(missing) == 3 * 2 * 2 * 2 - len(set(zip(rows.method, rows["mask"], rows.seq_q, rows["mode"]))
+                                               & {(m, k, s, o) for m in set(rows.method) for k in ("full", "causal")
+                                                  for s in (4096, 262144) for o in ("fwd", "fwd_bwd")})
