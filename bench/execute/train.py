@@ -366,10 +366,7 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
             if parallel == 1:
                 for case in todo:
                     row = begin(case)
-                    started = time.perf_counter()
-                    method_params = dict((options.get("method_options") or {}).get(case.method) or {})
-                    row.update(run_case(case, device, options, method_params, timeout_s))
-                    row["wall_s"] = time.perf_counter() - started
+                    row.update(_worker_case(case, device, options, timeout_s))  # what a pool worker runs, here
                     finish(case, row)
             else:
                 from attnbench.config.plugins import resolve_plugin_paths
@@ -418,7 +415,8 @@ def _worker_init(plugins: list, parent_pid: int, threads: int) -> None:
 
 
 def _worker_case(case: TrainCase, device: str, options: dict, timeout_s: float) -> dict:
-    """One case in a pool worker -> its measured columns, ``wall_s`` and ``started_at`` included."""
+    """One case (in a pool worker, or in this process when ``parallel`` is 1) -> its measured columns, ``wall_s``
+    and ``started_at`` included."""
     from attnbench.record import envinfo
 
     started_at, started = envinfo.now(), time.perf_counter()
