@@ -259,3 +259,66 @@ def test_only_the_first_signal_raises(monkeypatch):
     monkeypatch.setattr(train, "_STOPPING", [])
     with pytest.raises(KeyboardInterrupt):
         train._stop(signal.SIGINT, None)
+
+
+class _FakePool:
+    """A stand-in pool for ``_run_parallel``'s bookkeeping: futures resolve at once; the case named ``kill`` breaks
+    the pool (its future and every later submit fail with BrokenProcessPool), as a worker's death does between the
+    parent's ``wait`` and its next ``submit``."""
+
+    pools: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.submitted, self.broken = [], False
+        _FakePool.pools.append(self)
+
+    def submit(self, fn, case, *args):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.broken:
+            raise BrokenProcessPool("broken")
+        self.submitted.append(case.case_id)
+        future = Future()
+        if case.case_id == "kill":
+            self.broken = True
+            future.set_exception(BrokenProcessPool("died"))
+        else:
+            future.set_result({"status": "ok"})
+        return future
+
+    def shutdown(self, *args, **kwargs):
+        pass
+
+
+def test_a_case_refused_by_a_pool_broken_under_it_runs_in_the_next_pool(monkeypatch):
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _FakePool)
+    _FakePool.pools = []
+    cases = [SimpleNamespace(case_id=name) for name in ("ok1", "kill", "after1", "after2")]
+    begun, finished, abandoned = [], {}, []
+
+    def begin(case):
+        begun.append(case.case_id)
+        return {}
+
+    def finish(case, row):
+        assert case.case_id not in finished, "two rows for one case"
+        finished[case.case_id] = row["status"]
+
+    train._run_parallel(cases, 4, begin, finish, lambda ids=None: abandoned.append(ids), (), [])
+    assert finished == {"ok1": "ok", "kill": "crashed", "after1": "ok", "after2": "ok"}
+    assert abandoned == [["after1"]]  # its marker removed: it did not run in the broken pool
+    assert _FakePool.pools[0].submitted == ["ok1", "kill"] and _FakePool.pools[1].submitted == ["after1", "after2"]
+
+
+def test_a_plan_built_alone_loads_the_configs_plugins(tmp_path):
+    # a fresh interpreter: in this one an earlier test may have loaded the plugin already
+    code = ("import json, sys; from attnbench.execute.train import build_train_plan; "
+            "plan = build_train_plan(json.loads(sys.argv[1])); print(sorted({c.method for c in plan.runnable}))")
+    cfg = _cfg(tmp_path, "alone", methods=["q_kills"])
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['q_kills']" in done.stdout

@@ -115,6 +115,9 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
     method's or task's packages import to the machine that runs the case (its row says), judging only the
     declared capabilities here.
     """
+    from attnbench.config.plugins import load_plugins
+
+    load_plugins(cfg.get("plugins") or [])  # a plan built alone sees the methods a run of ``cfg`` sees
     from attnbench.methods import METHODS
     from attnbench.tasks import TASKS, TaskParamError
     from attnbench.tasks.train import attention_case
@@ -354,10 +357,11 @@ def run_train(cfg: dict, command: str, show_progress: bool = True) -> Path:
         _marker(run_dir, case.case_id).unlink(missing_ok=True)
         progress.update(1)
 
-    def abandon() -> None:
+    def abandon(case_ids=None) -> None:
         """Stopped from outside (Ctrl-C, SIGTERM) or a failure of this process (not of a case): the cases in
-        flight get no row and lose their markers, so that they run again on resume (not ``crashed``)."""
-        for case_id in list(marked):
+        flight (or ``case_ids`` of them: a case a broken pool refused) get no row and lose their markers, so that
+        they run again on resume (not ``crashed``)."""
+        for case_id in list(marked if case_ids is None else case_ids):
             _marker(run_dir, case_id).unlink(missing_ok=True)
             marked.discard(case_id)
 
@@ -447,12 +451,20 @@ def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, abandon, 
         try:
             pool = ProcessPoolExecutor(max_workers=min(parallel, len(queue)), mp_context=context,
                                        initializer=_worker_init, initargs=init_args)
+            refused = False  # the pool broke between a wait and a submit: submit no more, collect what it ran
             while (queue or in_flight) and not broken:
-                while queue and len(in_flight) < parallel:
+                while queue and len(in_flight) < parallel and not refused:
                     case = queue.pop()
                     row = begin(case)
-                    in_flight[pool.submit(_worker_case, case, *run_args)] = (case, row)
+                    try:
+                        in_flight[pool.submit(_worker_case, case, *run_args)] = (case, row)
+                    except BrokenProcessPool:  # this case never ran: back to the queue, for the next pool
+                        abandon([case.case_id])
+                        queue.append(case)
+                        refused = True
                     processes.update(getattr(pool, "_processes", None) or {})
+                if refused and not in_flight:  # the case that broke it finished (or failed) already
+                    break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     case, row = in_flight.pop(future)
@@ -475,10 +487,7 @@ def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, abandon, 
                                    {"status": "error", "reason": _reason(exc)})
                         finish(case, row)
                     del in_flight[future]
-                codes = []
-                for process in processes.values():
-                    process.join(timeout=5)
-                    codes.append(process.exitcode)
+                codes = _exit_codes(pool, processes.values())
                 died = ", ".join(map(str, sorted({code for code in codes if code not in (0, None)}))) or "unknown"
                 for case, row in broken:
                     others = ("no other case was in flight" if len(broken) == 1 else
@@ -501,6 +510,20 @@ def _run_parallel(todo: list[TrainCase], parallel: int, begin, finish, abandon, 
                         pass
             raise
         pool.shutdown(wait=True)
+
+
+def _exit_codes(pool, processes, grace_s: float = 30.0) -> list:
+    """The exit codes of a broken pool's workers. The pool's manager thread reaps them (it SIGTERMs the survivors and
+    joins them all): read the codes after it is done, never beside it, or a ``waitpid`` race can read a dead worker's
+    code as ``None`` (a ``-15`` alone in the reason where a ``139`` was)."""
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=grace_s)
+    codes = []
+    for process in processes:
+        process.join(timeout=5)
+        codes.append(process.exitcode)
+    return codes
 
 
 def _kill(processes, grace_s: float = 10.0) -> None:
