@@ -29,6 +29,7 @@ Layer-level methods (``Capabilities.form="layer"``) are modules over ``x [batch,
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -111,13 +112,28 @@ class StateScan:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor inside ``obj`` (tensors, sequences and mappings of them)."""
+    """Bytes of every tensor inside ``obj`` (tensors, and sequences, mappings and dataclasses of them)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, Mapping):
         return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a state class, e.g. LinearState(S, z)
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
+def tensor_elements(obj: Any) -> int:
+    """Elements of every tensor inside ``obj`` (as :func:`tensor_bytes`, counting numbers instead of bytes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel()
+    if isinstance(obj, Mapping):
+        return sum(tensor_elements(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_elements(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a state class, e.g. LinearState(S, z)
+        return sum(tensor_elements(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return 0
 
 

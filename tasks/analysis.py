@@ -352,7 +352,10 @@ class MQARStateSweep(Task):
                 return Outcome(status=outcome.status, reason=f"qk_dim={n}: {outcome.reason}", breakdown=breakdown,
                                steps_done=total_steps, train_wall_s=wall)
             breakdown[f"n={n}"] = outcome.value
-            states[f"n={n}"] = {"linear_state_per_layer": heads * n * dv,
+            size, source = state_per_layer(method, heads, n, dv, self.seq, dtype, device, options, method_params,
+                                           seed)
+            states[f"n={n}"] = {"state_per_layer": size, "state_source": source,
+                                "linear_state_per_layer": heads * n * dv,  # nominal: one n×d_v matrix per head
                                 "kv_cache_per_layer": heads * self.seq * (n + dv), "layers": layers}
         largest = max(self.params["qk_dims"])
         last = outcomes[largest]
@@ -363,6 +366,42 @@ class MQARStateSweep(Task):
         return Outcome(status="ok", value=breakdown[f"n={largest}"], breakdown=breakdown, extras=extras,
                        final_loss=last.final_loss, steps_done=total_steps, train_wall_s=wall,
                        tokens_per_s=last.tokens_per_s, peak_mem_mb=last.peak_mem_mb, parameters=last.parameters)
+
+
+def state_per_layer(method: str, heads: int, n: int, dv: int, seq: int, dtype: str, device, options=None,
+                    method_params=None, seed: int = 0) -> tuple[int | None, str]:
+    """What one attention layer of ``method`` keeps per sequence to go on after ``seq`` tokens, in numbers (not
+    bytes), and where the figure comes from: ``kv_cache`` (an exact method: heads·seq·(n + d_v)), ``decode`` (a
+    method that declares a recurrent decode: measured — its ``prefill`` state over ``seq`` tokens of width n, its
+    own tensors counted, so feature maps, normalisers, slots and expansions count as they are) or
+    ``undeclared: ...`` (no recurrent decode: no figure rather than a formula that may not be the method's)."""
+    from attnbench.methods import METHODS
+    from attnbench.methods.contract import tensor_elements
+
+    from .model import DTYPES, build_method
+
+    if METHODS[method].caps.family == "exact":
+        return heads * seq * (n + dv), "kv_cache"
+    case = task_case(method=method, mask="causal", mask_name="causal", batch=1, heads_q=heads, heads_kv=heads,
+                     seq_q=seq, seq_kv=seq, head_dim=n, dtype=dtype, mode="fwd", seed=seed, device=str(device))
+    try:
+        prepared, caps = build_method(case, torch.device(device), options or {}, dict(method_params or {}))
+    except Exception as exc:  # noqa: BLE001 — the figure is missing, and the reason says why
+        return None, f"undeclared: the method did not build for the state measurement ({type(exc).__name__}: {exc})"
+    if prepared.decode is None:
+        return None, "undeclared: the method declares no recurrent decode"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = DTYPES[dtype]
+    q, k = (torch.randn(1, heads, seq, n, generator=gen, device=device).to(dt) for _ in range(2))
+    v = torch.randn(1, heads, seq, dv, generator=gen, device=device).to(dt)
+    if caps.input_layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    kwargs = {name: extra.make(gen, torch.device(device), dt) for name, extra in prepared.extras.items()}
+    with torch.no_grad():
+        if prepared.prepare is not None:
+            kwargs.update(prepared.prepare(q, k, v, **kwargs) or {})
+        state = prepared.decode.prefill(q, k, v, **kwargs)
+    return tensor_elements(state), "decode"
 
 
 def _mqar_defaults():

@@ -274,5 +274,30 @@ def test_mqar_state_sweep_trains_one_model_per_width(tmp_path):
     assert row.status == "ok" and row.kind == "experiment"
     assert set(json.loads(row.breakdown)) == {"n=2", "n=4"}
     state = json.loads(row.extras)["state"]
-    assert state["n=4"]["linear_state_per_layer"] == 2 * 4 * 8  # heads x n x d_v
+    assert state["n=4"]["linear_state_per_layer"] == 2 * 4 * 8  # nominal: heads x n x d_v
+    # measured from the method's own decode state: S (n x d_v) and the normaliser z (n), per head
+    assert state["n=4"]["state_source"] == "decode" and state["n=4"]["state_per_layer"] == 2 * 4 * (8 + 1)
+    assert state["n=2"]["state_per_layer"] == 2 * 2 * (8 + 1)
     assert frame.loc["decon_mlp"].status == "unsupported"  # a layer-form method has no Q/K width
+
+
+def test_the_sweeps_state_is_the_methods_own_measured_state():
+    from attnbench.tasks.analysis import state_per_layer
+
+    # exact attention: the KV cache; linear attention: S and z; performer: its m random features (not n) per head
+    assert state_per_layer("sdpa_math", 2, 16, 32, 128, "float32", "cpu") == (2 * 128 * (16 + 32), "kv_cache")
+    assert state_per_layer("linear_attn", 2, 16, 32, 128, "float32", "cpu") == (2 * 16 * 33, "decode")
+    performer, _ = state_per_layer("performer", 2, 16, 32, 128, "float32", "cpu")
+    assert performer % (2 * 33) == 0 and performer != 2 * 16 * 33
+    # negative control: a method without a recurrent decode gets no figure, and the reason
+    size, source = state_per_layer("lla", 2, 16, 32, 128, "float32", "cpu")
+    assert size is None and source.startswith("undeclared")
+
+
+def test_state_sizes_count_the_tensors_of_a_dataclass_state():
+    from attnbench.methods.contract import tensor_bytes, tensor_elements
+    from attnbench.methods.linear.common import LinearState
+
+    state = LinearState(S=torch.zeros(1, 2, 3, 4), z=torch.zeros(1, 2, 3))
+    assert tensor_elements(state) == 24 + 6 and tensor_bytes(state) == 4 * 30
+    assert tensor_elements({"a": [state, torch.zeros(5)]}) == 35

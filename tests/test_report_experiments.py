@@ -28,6 +28,17 @@ def _rows():
                                           "layers": 2} for n in (4, 16, 64)},
                      "checks": {"accuracy_not_worse_with_more_state": True}}, metric="accuracy", higher=True,
                     exact=False),
+        _experiment("mqar_state_sweep", "performer", 0.33, {"n=4": 0.11, "n=16": 0.22, "n=64": 0.33},
+                    {"state": {f"n={n}": {"state_per_layer": 777 * n, "state_source": "decode",
+                                          "linear_state_per_layer": 2 * n * 64, "layers": 2} for n in (4, 16, 64)},
+                     "checks": {"accuracy_not_worse_with_more_state": True}}, metric="accuracy", higher=True,
+                    exact=False),
+        _experiment("mqar_state_sweep", "lla", 0.05, {"n=4": 0.04, "n=16": 0.045, "n=64": 0.05},
+                    {"state": {f"n={n}": {"state_per_layer": None, "linear_state_per_layer": 2 * n * 64,
+                                          "state_source": "undeclared: the method declares no recurrent decode"}
+                               for n in (4, 16, 64)},
+                     "checks": {"accuracy_not_worse_with_more_state": True}}, metric="accuracy", higher=True,
+                    exact=False),
         _experiment("rf_attention_probe", "sdpa", 0.31,
                     {"quadratic/rfa/n=256": 0.52, "quadratic/rfmlp/n=256": 0.77, "quadratic/rfa/n=1024": 0.31,
                      "quadratic/rfmlp/n=1024": 0.66},
@@ -68,7 +79,12 @@ def test_experiment_rows_and_their_checks_are_rendered(tmp_path):
     icl = _line(section, "| sdpa |", "0.0123")  # the mechanism table
     assert "✓ 0.0123" in icl and "✗ 0.456" in icl and "✓ 0.9987" in icl and "0.0988 (4x)" in icl and "0.0555" in icl
     mqar = _line(section, "| linear_attn |", "0.21", "0.44")
-    assert "| 0.21 | 0.44 | 0.61 | 8192 (linear state) |" in mqar.replace(",", "")  # n = 4, 16, 64 in order
+    # a row from before the measured figure: the nominal size, said to be nominal
+    assert "| 0.21 | 0.44 | 0.61 | 8192 (nominal heads·n·d_v) |" in mqar.replace(",", "")  # n = 4, 16, 64 in order
+    # the measured state of the method (not heads·n·d_v = 8192), and no figure where the method declares none
+    assert "| 0.11 | 0.22 | 0.33 | 49728 (measured) |" in _line(section, "| performer |", "0.11").replace(",", "")
+    lla = _line(section, "| lla |", "0.045")
+    assert "| — |" in lla and "8192" not in lla.replace(",", "")
     rf = _line(section, "| quadratic |", "below rfmlp")
     assert "0.52" in rf and "0.31" in rf and "✓" in rf
     assert "0.66" in _line(section, "| quadratic |", "| rfmlp |")

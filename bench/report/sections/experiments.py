@@ -83,24 +83,37 @@ def _mqar_state(rows: pd.DataFrame) -> Table | None:
     for row in rows.itertuples():
         dims.update(_json(row.breakdown))
     dims = _by_n(dims)
-    header = ["length", "method", "seed", *[f"acc {n}" for n in dims], "state/layer (largest n)", "more state not worse"]
+    header = ["length", "method", "seed", *[f"acc {n}" for n in dims], "state/layer (largest n)",
+              "more state not worse"]
     table = []
     for row in rows.sort_values(["x", "label", "seed"]).itertuples():
         breakdown, extras = _json(row.breakdown), _json(row.extras)
         cells = [fmt(breakdown.get(n)) for n in dims]
         state = extras.get("state", {}).get(dims[-1], {}) if dims else {}
-        exact = getattr(row, "exact", False)
-        exact = bool(exact) if isinstance(exact, (bool, np.bool_)) else False
-        size = state.get("kv_cache_per_layer" if exact else "linear_state_per_layer")
         if row.status != "ok" and not any(cells):
             cells = [_status(row)] + [""] * (len(dims) - 1) if dims else []
-        table.append([plots.tokens(row.x), row.label, int(row.seed), *cells,
-                      (f"{fmt(size)} ({'KV cache' if exact else 'linear state'})" if size is not None else ""),
+        table.append([plots.tokens(row.x), row.label, int(row.seed), *cells, _state_cell(row, state),
                       _check(extras.get("checks", {}).get("accuracy_not_worse_with_more_state"))
                       if row.status == "ok" else _status(row)])
     return Table(header, table, "mqar_state_sweep (the DSF protocol): MQAR accuracy at each per-head Q/K width n "
-                 "at fixed d_model. State per layer: heads·n·d_v for a linear/recurrent state, heads·seq·(n + d_v) "
-                 "for softmax's KV cache (exact methods).")
+                 "at fixed d_model. State per layer, in numbers per sequence: measured from the method's own "
+                 "recurrent decode state (feature maps, normalisers, slots and expansions as they are); "
+                 "heads·seq·(n + d_v) for softmax's KV cache (exact methods); '—' for a method that declares no "
+                 "recurrent decode (no formula stands in for it).")
+
+
+def _state_cell(row, state: dict):
+    """The state figure of a sweep row, and where it comes from. Rows written before the measured figure
+    (``state_per_layer``) existed carry only the nominal heads·n·d_v, shown as such."""
+    if "state_source" in state:
+        source = state["state_source"]
+        if state.get("state_per_layer") is None:
+            return Cell("—", "unsupported", source)
+        return f"{fmt(state['state_per_layer'])} ({'KV cache' if source == 'kv_cache' else 'measured'})"
+    exact = getattr(row, "exact", False)
+    exact = bool(exact) if isinstance(exact, (bool, np.bool_)) else False
+    size = state.get("kv_cache_per_layer" if exact else "linear_state_per_layer")
+    return f"{fmt(size)} ({'KV cache' if exact else 'nominal heads·n·d_v'})" if size is not None else ""
 
 
 def _rf(rows: pd.DataFrame) -> Table | None:
