@@ -357,6 +357,7 @@ def test_multilayer_pooler_is_layer_order_invariant_only_without_layer_embedding
 @pytest.mark.parametrize("method,params,field", [
     ("taylor_softmax", {"order": -1}, "order"), ("normalized_attention", {"eta": "tanh"}, "eta"),
     ("gin_attention", {"mask_order": "before"}, "mask_order"), ("plap_attention", {"p": 0.5}, "p"),
+    ("gin_attention", {"attention_dtype": "bfloat16"}, "attention_dtype"),
     ("taylor2_attention", {"normalization": "both"}, "normalization"), ("contmix1d", {"regions": 0}, "regions"),
 ])
 def test_bad_hyper_parameters_name_the_field(method, params, field):

@@ -6,7 +6,9 @@ reproduces the failure (dx rel_err ~0.010 at 1K tokens before the fix, ~0.005 af
 Not asserted: the gradient of the sharpening scalar α (``dparam2``). It is a sum over every (query, key) pair
 of ``dS ∘ S``, a covariance that cancels: rounding q and k to bf16 alone (an fp32 kernel on bf16-rounded
 inputs) moves it by ~0.5 %, and the bf16 kernel's own rounding makes its error seed-dependent, 0.1 % to 4 %,
-whatever the precision of everything else (measured on the CPU; see the report of branch wt/methfix)."""
+whatever the precision of everything else (measured on the CPU; see the report of branch wt/methfix). The option
+``attention_dtype="float32"`` runs the attention call in fp32 and brings it within the gate: asserted below, with
+the default's failure as the control."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -21,16 +23,16 @@ from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
 ALPHA = 2  # index of α in Prepared.parameters (w_q, w_k, alpha, eps, mlp...)
 
 
-def _errors(mask, seq=1024, heads=2, dim=64):
+def _errors(mask, seq=1024, heads=2, dim=64, seed=0, params=None):
     bound = masks.make_mask(mask).bind(seq, seq)
     case = SimpleNamespace(method="gin_attention", batch=1, heads_q=heads, heads_kv=heads, seq_q=seq, seq_kv=seq,
-                           head_dim=dim, seed=0, dtype="bfloat16")
+                           head_dim=dim, seed=seed, dtype="bfloat16")
     ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cpu"),
-                       dtype=torch.bfloat16)
+                       dtype=torch.bfloat16, params=dict(params or {}))
     prepared = as_prepared(METHODS["gin_attention"].build(ctx))
     params = list(prepared.parameters)
     assert params[ALPHA].numel() == 1  # the layout the docstring assumes
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1, seq, heads * dim, generator=gen).to(torch.bfloat16)
     dout = torch.randn(1, seq, heads * dim, generator=gen)
     xb = x.clone().requires_grad_()
@@ -51,3 +53,14 @@ def test_gin_bf16_fast_path_is_within_the_bf16_gate(mask):
     gated = {n: e for n, e in grad_errs.items() if n != f"dparam{ALPHA}"}
     assert max(gated.values()) < grad_tol, gated
     assert gated["dx"] < 0.75 * grad_tol  # a margin: the H200's kernels differ from the CPU's
+
+
+def test_an_fp32_attention_call_gives_alpha_a_gradient_within_the_gate():
+    _, grad_tol = TOLERANCE["bfloat16"]
+    alpha = f"dparam{ALPHA}"
+    default = [_errors("causal", seed=seed)[1][alpha] for seed in range(4)]
+    fp32 = [_errors("causal", seed=seed, params={"attention_dtype": "float32"})[1] for seed in range(4)]
+    assert max(errs[alpha] for errs in fp32) < 0.3 * grad_tol, fp32
+    assert max(max(errs.values()) for errs in fp32) < grad_tol  # and every other gradient stays within it
+    # control: with the attention call in bf16 (the default) α's gradient leaves the gate for some seed
+    assert max(default) > grad_tol, default

@@ -16,9 +16,15 @@ order fails it.
 
 Fast path: ``SDPA(α·q, k, x^h, scale=1/(T√d))`` in the working dtype (α folded into q keeps its gradient; no
 L×L matrix), everything around it (projections, rope, GIN update, per-head MLPs as batched einsums) in fp32.
+**α's gradient in half precision.** It is a sum over every (query, key) pair of ``dS ∘ S`` that cancels: a bf16
+attention call (even an fp32 kernel on bf16-rounded q and k) leaves it 0.1–4 % off, seed-dependent, beyond the
+bf16 gate, so a bf16 fwd_bwd row can be ``wrong`` on α alone. That is the layer's true behaviour in bf16 and the
+default keeps it (``attention_dtype="input"``); ``attention_dtype="float32"`` runs the attention call in fp32
+(q, k, x^h never rounded), the price of a correct α gradient (``tests/test_gin_precision.py`` measures both).
 Reference: the materialised A per head (query-chunked). The ``released`` order has no fused form: both paths materialise. ``mlp="identity"`` (with ε = 0) makes the layer
 ``SDPA(q, k, x heads)``: the exactness anchor. Class N. Hyper-parameters: ``mult``, ``alpha_init``,
-``temperature``, ``mask_order``, ``mlp`` (``gin`` | ``identity``), ``rope`` (default true).
+``temperature``, ``mask_order``, ``mlp`` (``gin`` | ``identity``), ``rope`` (default true), ``attention_dtype``
+(``input`` | ``float32``).
 """
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ def build_gin_attention(ctx):
     order = param_choice(ctx, "mask_order", "after", ("after", "released"))
     mlp = param_choice(ctx, "mlp", "gin", ("gin", "identity"))
     use_rope = bool(ctx.param("rope", True))
+    attention_dtype = param_choice(ctx, "attention_dtype", "input", ("input", "float32"))
     chunk = param_int(ctx, "chunk", default_chunk(case.seq_q, case.seq_kv, heads, case.batch), maximum=1 << 20)
     ref_chunk = max(1, chunk // 2)
     make = ParamMaker(case.seed, ctx.device)
@@ -110,9 +117,10 @@ def build_gin_attention(ctx):
         # their roundings compound to dx rel_err 0.0102 > 0.009 at 4K on the H200 (CPU: 0.0106 at 2K).
         dtype = x.dtype
         work = torch.promote_types(dtype, torch.float32)  # fp32 around a half-precision attention, else x's dtype
+        inner = work if attention_dtype == "float32" else dtype  # the attention call's dtype (α's gradient: below)
         q, k, xh = project(x.to(work), work)
         if order == "after":
-            agg = F.scaled_dot_product_attention((q * alpha).to(dtype), k.to(dtype), xh.to(dtype), is_causal=causal,
+            agg = F.scaled_dot_product_attention((q * alpha).to(inner), k.to(inner), xh.to(inner), is_causal=causal,
                                                  scale=1.0 / (temperature * d ** 0.5))
         else:
             agg = materialized_aggregate(q, k, xh, alpha.to(work), temperature=temperature, causal=causal,
