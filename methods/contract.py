@@ -111,30 +111,30 @@ class StateScan:
     token_extras: tuple[str, ...] = ()
 
 
+def _tensors(obj: Any):
+    """Every tensor inside ``obj``: tensors, and sequences, mappings and dataclasses of them (a state class such as
+    ``LinearState(S, z)``)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside ``obj`` (tensors, and sequences, mappings and dataclasses of them)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a state class, e.g. LinearState(S, z)
-        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return 0
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
 
 
 def tensor_elements(obj: Any) -> int:
     """Elements of every tensor inside ``obj`` (as :func:`tensor_bytes`, counting numbers instead of bytes)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel()
-    if isinstance(obj, Mapping):
-        return sum(tensor_elements(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_elements(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a state class, e.g. LinearState(S, z)
-        return sum(tensor_elements(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return 0
+    return sum(t.numel() for t in _tensors(obj))
 
 
 @dataclass
