@@ -104,3 +104,14 @@ def test_model_options_are_kept_apart_and_compared_with_the_plain_model(tmp_path
     # negative control: without a plain run there is no change to show
     rows = [r for r in _rows() if not (r["method"] == "decon_mlp" and not r.get("model_options"))]
     assert "| no plain run |" in _line(_report(tmp_path / "b", rows), "| decon_mlp | hybrid_schedule=first |")
+
+
+def test_the_state_sweep_plot_draws_measured_states_only(tmp_path):
+    _report(tmp_path / "with", _rows())  # performer has measured states
+    assert (tmp_path / "with" / "out" / "report_files" / "mqar-state-sweep.png").is_file()
+    text = (tmp_path / "with" / "out" / "report.md").read_text()
+    assert "mqar-state-sweep.png" in text
+    # control: only the nominal (old) and undeclared rows -> no figure drawn from a formula
+    nominal = [r for r in _rows() if not (r["task"] == "mqar_state_sweep" and r["method"] == "performer")]
+    _report(tmp_path / "without", nominal)
+    assert not (tmp_path / "without" / "out" / "report_files" / "mqar-state-sweep.png").exists()

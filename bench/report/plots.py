@@ -618,3 +618,34 @@ def scatter(title: str, points: list[Points], palette: Palette, xlabel: str, yla
         _legend(fig, [Line2D([], [], color=palette[p.label].color, marker=palette[p.label].marker,
                              linestyle="none", label=p.label) for p in points])
     return fig
+
+
+def state_accuracy(title: str, series: list[Series], palette: Palette, chance: float | None = None) -> Figure:
+    """Accuracy (linear, 0..1) against state size (log 2) per method: the DSF protocol's figure. One line per
+    label through its points in order of state size; ``chance`` draws a dashed line."""
+    with rc_context(STYLE):
+        fig, grid = _panel_figure(1, 1, len(series), title)
+        ax = grid[0][0]
+        xs = []
+        for s in series:
+            style = palette[s.label]
+            order = np.argsort(s.x)
+            ax.plot(s.x[order], s.y[order], color=style.color, marker=style.marker, linestyle=style.dash)
+            xs.extend(s.x)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(number))
+        ax.xaxis.set_minor_locator(NullLocator())
+        if xs:
+            lo, hi = min(xs), max(xs)
+            ax.set_xlim(lo / 1.4, hi * 1.4)
+            ax.xaxis.set_major_locator(FixedLocator(log_ticks(lo, hi, 2)))
+        ax.set_ylim(-0.02, 1.02)
+        if chance is not None:
+            ax.axhline(chance, color="0.35", linestyle="--", linewidth=1)
+            ax.text(0.02, chance, "chance", transform=ax.get_yaxis_transform(), fontsize=7, color="0.35",
+                    va="bottom")
+        ax.set_xlabel("state per layer (numbers per sequence)")
+        ax.set_ylabel("accuracy")
+        _legend(fig, [Line2D([], [], color=palette[s.label].color, marker=palette[s.label].marker,
+                             linestyle=palette[s.label].dash, label=s.label) for s in series])
+    return fig

@@ -13,7 +13,7 @@ import pandas as pd
 
 from attnbench.report import plots
 from attnbench.report.formatting import fmt
-from attnbench.report.model import Cell, Table, Text
+from attnbench.report.model import Cell, Table, Text, plot
 
 
 def _json(text) -> dict:
@@ -191,7 +191,31 @@ def experiment_blocks(rows: pd.DataFrame) -> list:
             table = build(mine)
             if table is not None and table.rows:
                 blocks.append(table)
+        if task == "mqar_state_sweep":
+            blocks.extend(_mqar_state_plot(mine))
     return blocks
+
+
+def _mqar_state_plot(rows: pd.DataFrame) -> list:
+    """Accuracy against the state per layer (the DSF figure), one line per method and length, mean over seeds;
+    only rows with a state figure (measured, or the KV cache) are drawn — the table lists the others."""
+    points: dict[str, dict[float, list[float]]] = {}
+    for row in rows[rows["status"] == "ok"].itertuples():
+        breakdown, states = _json(row.breakdown), _json(row.extras).get("state", {})
+        label = row.label if rows["x"].nunique() == 1 else f"{row.label} @ {plots.tokens(row.x)}"
+        for n, accuracy in breakdown.items():
+            size = (states.get(n) or {}).get("state_per_layer")
+            if isinstance(size, (int, float)) and size > 0 and accuracy is not None:
+                points.setdefault(label, {}).setdefault(float(size), []).append(float(accuracy))
+    if not points:
+        return []
+    series = [plots.Series(label, np.array(sorted(by_size)), np.array([np.mean(by_size[x]) for x in sorted(by_size)]))
+              for label, by_size in sorted(points.items())]
+    return [plot("mqar-state-sweep", "MQAR accuracy against state size per layer",
+                 "mqar_state_sweep: accuracy against the state one layer keeps per sequence (log scale): the "
+                 "measured recurrent state of linear/recurrent methods, the KV cache of exact attention; one point "
+                 "per Q/K width n, mean over seeds.",
+                 plots.state_accuracy, "MQAR accuracy against state size", series, plots.Palette(points))]
 
 
 # ---- host-model options against the plain model -------------------------------------------------------------------
