@@ -32,6 +32,7 @@ class _Probe(Task):
         self.params.setdefault("d_model", self.heads * self.head_dim)
 
     def _method(self, method, seed, dtype, device, options, method_params):
+        self._attended = []  # attended-pair shares of this probe's calls (methods that count them)
         case = task_case(method=method, mask=self.mask_name, mask_name=self.mask_name, batch=self.batch,
                              heads_q=self.heads, heads_kv=self.heads, seq_q=self.seq, seq_kv=self.seq,
                              head_dim=self.head_dim, dtype=dtype, mode="fwd", seed=seed, device=device)
@@ -51,9 +52,20 @@ class _Probe(Task):
             if prepared.prepare is not None:
                 kwargs.update(prepared.prepare(*args, **kwargs) or {})
             out = prepared.fn(*args, **kwargs)
+            pairs = None if prepared.attended_pairs is None else int(prepared.attended_pairs(*args, **kwargs))
+        if pairs is not None:
+            self._attended.append(pairs / (self._bound(q.device).visible_pairs() * q.shape[0] * q.shape[1]))
         if bshd:
             out = out.transpose(1, 2)
         return out.float()
+
+    def _outcome(self, breakdown: dict) -> Outcome:
+        """The probe's row; ``extras.attended_share``: the share of the visible (query, key) pairs the method
+        attended (its own count, mean over the calls), where it declares one — 1 means it attended every pair at
+        this length, so its score is exact attention's, not its sparsity's."""
+        extras = {"attended_share": sum(self._attended) / len(self._attended)} if self._attended else {}
+        return Outcome(status="ok", value=sum(breakdown.values()) / len(breakdown), breakdown=breakdown,
+                       extras=extras)
 
     def _bound(self, device):
         from attnbench import masks
@@ -83,7 +95,7 @@ class GaussianApprox(_Probe):
             out = self._call(prepared, caps, q, k, v, seed, dtype)
             ref, _ = reference_attention(q, k, v, self._bound(device))
             breakdown[f"logit_std={std:g}"] = float((out - ref).norm() / ref.norm())
-        return Outcome(status="ok", value=sum(breakdown.values()) / len(breakdown), breakdown=breakdown)
+        return self._outcome(breakdown)
 
 
 @register_task("planted_recall")
@@ -122,4 +134,4 @@ class PlantedRecall(_Probe):
             queries = torch.arange(distance, self.seq, device=device)
             hit = picked[:, :, distance:] == (queries - distance)
             breakdown[f"d={distance}"] = float(hit.float().mean())
-        return Outcome(status="ok", value=sum(breakdown.values()) / len(breakdown), breakdown=breakdown)
+        return self._outcome(breakdown)

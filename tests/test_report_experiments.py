@@ -115,3 +115,16 @@ def test_the_state_sweep_plot_draws_measured_states_only(tmp_path):
     nominal = [r for r in _rows() if not (r["task"] == "mqar_state_sweep" and r["method"] == "performer")]
     _report(tmp_path / "without", nominal)
     assert not (tmp_path / "without" / "out" / "report_files" / "mqar-state-sweep.png").exists()
+
+
+def test_a_probe_row_of_a_method_that_attended_every_pair_says_so(tmp_path):
+    def probe(method, share, exact=False):
+        extras = json.dumps({"attended_share": share}) if share is not None else ""
+        return quality_row("planted_recall", "causal_self", method, 1024, 0, 1.0, metric="recall", kind="probe",
+                           breakdown=json.dumps({"d=1": 1.0}), extras=extras, exact=exact)
+
+    section = _report(tmp_path, [probe("biformer", 1.0), probe("routing", 0.25), probe("sdpa", None, exact=True)])
+    assert "(dense here)" in _line(section, "| planted_recall |", "| biformer |")
+    assert "(dense here)" not in _line(section, "| planted_recall |", "| routing |")  # control: sparse there
+    assert "attended_share 0.25" in _line(section, "| planted_recall |", "| routing |")
+    assert "(dense here)" not in _line(section, "| planted_recall |", "| sdpa |")

@@ -355,3 +355,13 @@ def test_probes_separate_exact_attention_from_a_mixer_that_sees_nothing(tmp_path
     assert rows["sdpa_math"].kind == "probe" and rows["sdpa_math"].value == 1.0
     assert json.loads(rows["sdpa_math"].breakdown) == {"d=1": 1.0, "d=10": 1.0}
     assert rows["q_layer_mean"].status == "unsupported"
+
+
+def test_a_probe_counts_the_pairs_a_sparse_method_attended():
+    recall = make("planted_recall", seq=1024, distances=[1, 300])
+    # biformer's defaults (4 regions of 256 tokens, topk 4) attend every pair at 1024 tokens: it is dense there
+    dense = recall.probe("biformer")
+    assert dense.extras["attended_share"] == pytest.approx(1.0)
+    sparse = recall.probe("biformer", method_params={"region": 128, "topk": 2})
+    assert 0.0 < sparse.extras["attended_share"] < 0.6
+    assert "attended_share" not in recall.probe("sdpa_math").extras  # no count declared: nothing claimed

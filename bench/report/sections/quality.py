@@ -19,6 +19,8 @@ from attnbench.report.model import Cell, Section, Table, Text, plot
 from attnbench.report.sections.experiments import experiment_blocks, option_blocks, options_label
 
 
+DENSE_SHARE = 0.999  # a probe row whose method attended this share of the visible pairs is dense there
+
 def quality_rows(ctx: Context) -> pd.DataFrame:
     """Every run's quality rows, labelled like the kernel rows (method, and the run when several are merged)."""
     frames = []
@@ -205,11 +207,19 @@ def section_quality(ctx: Context) -> Section | None:
                 for text in (row.breakdown, row.extras):
                     if isinstance(text, str) and text:
                         shown_groups.update(json.loads(text))
+                share = shown_groups.get("attended_share")
+                if isinstance(share, (int, float)) and share >= DENSE_SHARE and not bool(getattr(row, "exact", False)):
+                    shown = Cell(f"{fmt(row.value)} (dense here)", None,
+                                 f"the method attended {share:.1%} of the visible pairs at this length: its score "
+                                 "is exact attention's, not a measure of its sparsity")
                 breakdown = ", ".join(f"{k} {fmt(v)}" for k, v in shown_groups.items()
                                       if isinstance(v, (int, float)) and not isinstance(v, bool))
             table.append([row.task, plots.tokens(row.x), row.label, row.metric, shown, breakdown])
         section.blocks.append(Table(["probe", "length", "method", "metric", "value", "by group / secondary"], table,
-                                    "Training-free probes of the attention call alone (no model)."))
+                                    "Training-free probes of the attention call alone (no model). attended_share: "
+                                    "the share of the visible pairs the method attended, where it counts them; "
+                                    "'dense here': an approximate method that attended (nearly) every pair at this "
+                                    "length, so its score says nothing of its sparsity."))
     section.blocks.extend(experiment_blocks(rows[rows["kind"] == "experiment"]))
     return section
 
