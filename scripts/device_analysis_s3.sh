@@ -34,6 +34,10 @@ timeout 30 $AB sweep=analysis $R run_id=h200-analysis$V "seq_lens=[65536]" "mode
 timeout 15 $AB sweep=analysis $R run_id=h200-analysis$V "methods=[latent_xattn,latent_xattn_flash,sdpa_flash]" \
   "masks=[full]" "seq_lens=[]" "cross_lens=[[64,4096],[64,65536]]" "head_dim=[128,2048]" "modes=[fwd,fwd_bwd]" \
   > $OUT/latent.txt 2>&1; step latent $?
+# gin_attention with its attention call in fp32 (attention_dtype=float32): is α's gradient within the bf16 gate, and
+# at what cost against the default bf16 call (the rows of h200-analysis$V)?
+timeout 15 $AB sweep=analysis $R run_id=h200-analysis-gin32$V "methods=[gin_attention]" "seq_lens=[4096,16384]" \
+  "modes=[fwd,fwd_bwd]" +method_options.gin_attention.attention_dtype=float32 > $OUT/gin32.txt 2>&1; step gin32 $?
 # issue 11: the committed MQAR run's config (conf/suite/mqar.yaml), linear attention added
 cp -r results/h200-mqar-lr3 "$OUT/h200-mqar-lr3"
 ( timeout 420 $T suite=mqar $R run_id=h200-mqar-lr3 "methods=[linear_attn]" "retry=[timeout]" case_timeout_s=400 > $OUT/mqar-linear.txt 2>&1; step mqar-linear $? ) &
@@ -67,13 +71,13 @@ wait $BG
 python3 -c "
 from attnbench.record.store import RowStore
 from attnbench.record.quality import QualityStore
-for run in ('h200-analysis-smoke$V', 'h200-analysis$V'):
+for run in ('h200-analysis-smoke$V', 'h200-analysis$V', 'h200-analysis-gin32$V'):
     try: RowStore('$OUT/' + run).finalize()
     except Exception as exc: print(run, 'not finalised:', exc)
 for run in ('h200-analysis-tasks$V', 'h200-analysis-hybrid$V', 'h200-mqar-lr3'):
     try: QualityStore('$OUT/' + run).finalize()
     except Exception as exc: print(run, 'not finalised:', exc)
 "
-for f in smoke main main64k latent; do echo "== $f"; grep -v "case/s" $OUT/$f.txt | grep "cases:\|not ok" | tail -n 4; done
+for f in smoke main main64k latent gin32; do echo "== $f"; grep -v "case/s" $OUT/$f.txt | grep "cases:\|not ok" | tail -n 4; done
 echo "== mqar-linear"; tail -n 3 $OUT/mqar-linear.txt
 echo "== done after ${SECONDS}s"
