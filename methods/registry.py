@@ -151,6 +151,13 @@ class BuildContext:
     dtype: Any
     options: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # method_options[method]: the method's hyper-parameters
+    value_dim: int | None = None  # v's width where it differs from q/k's (a task model's qk_dim); else head_dim
+
+    @property
+    def head_dim_v(self) -> int:
+        """The width of v (and of the output): ``case.head_dim`` unless the caller set ``value_dim``. A method
+        that makes value-shaped tensors of its own (a second value set, a value-width parameter) sizes them by it."""
+        return self.case.head_dim if self.value_dim is None else int(self.value_dim)
 
     def param(self, name: str, default):
         """A hyper-parameter from ``method_options`` (config), else ``default``."""

@@ -371,7 +371,8 @@ class MQARStateSweep(Task):
 def state_per_layer(method: str, heads: int, n: int, dv: int, seq: int, dtype: str, device, options=None,
                     method_params=None, seed: int = 0) -> tuple[int | None, str]:
     """What one attention layer of ``method`` keeps per sequence to go on after ``seq`` tokens, in numbers (not
-    bytes), and where the figure comes from: ``kv_cache`` (an exact method: heads·seq·(n + d_v)), ``decode`` (a
+    bytes), and where the figure comes from: ``kv_cache`` (an exact method, softmax_rnn's exact recurrence
+    included: heads·seq·(n + d_v)), ``decode`` (a
     method that declares a recurrent decode: measured — its ``prefill`` state over ``seq`` tokens of width n, its
     own tensors counted, so feature maps, normalisers, slots and expansions count as they are) or
     ``undeclared: ...`` (no recurrent decode: no figure rather than a formula that may not be the method's)."""
@@ -380,12 +381,13 @@ def state_per_layer(method: str, heads: int, n: int, dv: int, seq: int, dtype: s
 
     from .model import DTYPES, build_method
 
-    if METHODS[method].caps.family == "exact":
+    if METHODS[method].caps.exact:  # exact softmax attention (softmax_rnn's recurrence too) keeps every key
         return heads * seq * (n + dv), "kv_cache"
     case = task_case(method=method, mask="causal", mask_name="causal", batch=1, heads_q=heads, heads_kv=heads,
                      seq_q=seq, seq_kv=seq, head_dim=n, dtype=dtype, mode="fwd", seed=seed, device=str(device))
     try:
-        prepared, caps = build_method(case, torch.device(device), options or {}, dict(method_params or {}))
+        prepared, caps = build_method(case, torch.device(device), options or {}, dict(method_params or {}),
+                                      value_dim=dv if dv != n else None)
     except Exception as exc:  # noqa: BLE001 — the figure is missing, and the reason says why
         return None, f"undeclared: the method did not build for the state measurement ({type(exc).__name__}: {exc})"
     if prepared.decode is None:

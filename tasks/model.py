@@ -113,8 +113,9 @@ def check_model_options(task) -> None:
         raise task.error("qk_dim", f"must be a positive integer, got {qk_dim!r}")
 
 
-def build_method(case: Case, device: torch.device, options: dict, params: dict):
-    """Build ``case.method`` for ``case`` -> (Prepared, caps). Raises the builder's ``Unsupported``."""
+def build_method(case: Case, device: torch.device, options: dict, params: dict, value_dim: int | None = None):
+    """Build ``case.method`` for ``case`` -> (Prepared, caps). Raises the builder's ``Unsupported``.
+    ``value_dim``: v's width where it differs from ``case.head_dim`` (q and k's; a model's ``qk_dim``)."""
     from attnbench import masks
     from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
 
@@ -122,7 +123,7 @@ def build_method(case: Case, device: torch.device, options: dict, params: dict):
     bound = spec.bind(case.seq_q, case.seq_kv).to(device)
     method = METHODS[case.method]
     ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=device, dtype=DTYPES[case.dtype],
-                       options=options, params=dict(params))
+                       options=options, params=dict(params), value_dim=value_dim)
     return as_prepared(method.build(ctx)), method.caps
 
 
@@ -187,7 +188,8 @@ class MethodAttention(nn.Module):
         self.o = nn.Linear(d_model, d_model, bias=False)
         self.case, self.rope = case, rope
         self.dtype = DTYPES[case.dtype]
-        self.prepared, self.caps = build_method(case, torch.device(device), options, params)
+        self.prepared, self.caps = build_method(case, torch.device(device), options, params,
+                                                value_dim=self.head_dim if self.qk_dim != self.head_dim else None)
         self.method_parameters = [p for p in self.prepared.parameters if isinstance(p, torch.Tensor) and p.requires_grad]
         self.calls = 0
 

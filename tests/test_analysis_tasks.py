@@ -301,3 +301,21 @@ def test_state_sizes_count_the_tensors_of_a_dataclass_state():
     state = LinearState(S=torch.zeros(1, 2, 3, 4), z=torch.zeros(1, 2, 3))
     assert tensor_elements(state) == 24 + 6 and tensor_bytes(state) == 4 * 30
     assert tensor_elements({"a": [state, torch.zeros(5)]}) == 35
+
+
+def test_a_method_with_a_value_set_of_its_own_runs_with_a_narrower_qk_width():
+    # tensor_attn's second value set v2 must be as wide as v (d_model / heads), not as q and k (qk_dim): the H200
+    # plan's sweep hit "size of tensor a (4) must match ... (32)" before BuildContext carried v's width
+    from attnbench.tasks.model import task_case
+
+    case = task_case(method="tensor_attn", mask="causal", mask_name="causal", batch=2, heads_q=2, heads_kv=2,
+                     seq_q=12, seq_kv=12, head_dim=4, dtype="float32", mode="fwd_bwd", seed=0, device="cpu")
+    layer = MethodAttention(16, 2, case, "cpu", {}, {}, qk_dim=4)
+    assert layer.prepared.extras["v2"].shape[-1] == 8 and layer.prepared.extras["k2"].shape[-1] == 4
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 12, 16)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # the exact recurrence's state is its KV cache, like exact attention's
+    assert analysis.state_per_layer("softmax_rnn", 2, 4, 8, 12, "float32", "cpu") == (2 * 12 * 12, "kv_cache")

@@ -78,8 +78,9 @@ def build_tensor_attn(ctx):
     if max(case.seq_q, case.seq_kv) > max_len:
         raise Unsupported(f"tensor attention is cubic (Lq·Lk²·d): length {max(case.seq_q, case.seq_kv)} is over "
                           f"method_options.tensor_attn.max_len={max_len}")
-    shape = (case.batch, case.heads_q, case.seq_kv, case.head_dim)
+    keys = (case.batch, case.heads_q, case.seq_kv, case.head_dim)
+    values = (case.batch, case.heads_q, case.seq_kv, ctx.head_dim_v)  # v2 is as wide as v, not as q and k
     kw = dict(causal=causal, offset=offset, scale=scale)
     return Prepared(fn=lambda q, k, v, k2, v2: tensor_blocked(q, k, v, k2, v2, block=block, **kw),
                     reference=lambda q, k, v, k2, v2: tensor_reference(q, k, v, k2, v2, **kw),
-                    extras={"k2": Extra(shape=shape), "v2": Extra(shape=shape)}, softmax_comparable=False)
+                    extras={"k2": Extra(shape=keys), "v2": Extra(shape=values)}, softmax_comparable=False)
