@@ -180,8 +180,8 @@ def _panel_figure(n_rows: int, n_cols: int, n_legend: int, title: str,
     return fig, axes
 
 
-def _legend(fig: Figure, handles: list) -> None:
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, max(len(handles), 1)), frameon=False)
+def _legend(fig: Figure, handles: list, columns: int = 4) -> None:
+    fig.legend(handles=handles, loc="lower center", ncol=min(columns, max(len(handles), 1)), frameon=False)
 
 
 def line_panels(title: str, rows: list[tuple[str, list[Panel]]], palette: Palette, xlabel: str) -> Figure:
@@ -624,7 +624,8 @@ def state_accuracy(title: str, series: list[Series], palette: Palette, chance: f
     """Accuracy (linear, 0..1) against state size (log 2) per method: the DSF protocol's figure. One line per
     label through its points in order of state size; ``chance`` draws a dashed line."""
     with rc_context(STYLE):
-        fig, grid = _panel_figure(1, 1, len(series), title)
+        # one panel: a legend of 2 columns (4 would overflow its width); room for twice the rows
+        fig, grid = _panel_figure(1, 1, 2 * len(series), title)
         ax = grid[0][0]
         xs = []
         for s in series:
@@ -647,5 +648,5 @@ def state_accuracy(title: str, series: list[Series], palette: Palette, chance: f
         ax.set_xlabel("state per layer (numbers per sequence)")
         ax.set_ylabel("accuracy")
         _legend(fig, [Line2D([], [], color=palette[s.label].color, marker=palette[s.label].marker,
-                             linestyle=palette[s.label].dash, label=s.label) for s in series])
+                             linestyle=palette[s.label].dash, label=s.label) for s in series], columns=2)
     return fig
