@@ -3,8 +3,14 @@
 Kernel-form methods (``fn(q, k, v)``) are wrapped in query/key/value/output projections (:class:`MethodAttention`);
 the method is built once per layer through its builder with a :class:`~attnbench.methods.BuildContext` for the
 training shape (batch, heads, lengths, dtype), exactly as the kernel harness builds it, so compiled methods see
-one shape. Per forward: the method's declared extra inputs are drawn (seeded from the layer and the step) and its
-untimed ``prepare`` runs, as in the harness. Layer-form methods (``Capabilities.form == "layer"``) are the mixer
+one shape. Per forward: the method's untimed ``prepare`` runs, as in the harness, and its declared extra inputs
+are made. **An extra with a token axis** (``[B, H, S_kv, ...]``: gated linear attention's log-gates ``g``, the
+delta rule's ``β``, ABC's slot scores, tensor attention's second key/value set) is, in the architectures these
+methods come from, a projection of the layer's input, so here it is a learned one (:class:`ExtraProjection`):
+``logsigmoid`` extras are ``logsigmoid(W x + 4)`` (a decay near 1 at initialisation, ≈ 0.98 per token),
+``uniform`` ones ``sigmoid(W x)``, ``randn`` ones ``W x``. Random gates drawn afresh each step (what the kernel
+harness feeds) would make the state forget within a few tokens and leave nothing for training to learn. Extras
+without a token axis are drawn (seeded from the layer and the step). Layer-form methods (``Capabilities.form == "layer"``) are the mixer
 themselves (over ``[batch, seq, d_model]``; self patterns only). Learnable tensors a builder lists in
 ``Prepared.parameters`` are trained with the model's own parameters.
 
@@ -172,6 +178,45 @@ class StandardAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, seq_q, width))
 
 
+class ExtraProjection(nn.Module):
+    """A token-axis extra input of a method as a learned map of the keys' source ``[B, S, d_model]`` -> the
+    extra's shape, ``[B, H, S, *rest]`` (``bhsd`` methods) or ``[B, S, H, *rest]`` (``bshd``); the map per
+    ``Extra.init`` is in the module doc."""
+
+    GATE_BIAS = 4.0  # logsigmoid(4) = -0.018: the state keeps ~98 % per token at initialisation
+
+    def __init__(self, d_model: int, extra, layout: str, device=None):
+        super().__init__()
+        self.layout, self.init = layout, extra.init
+        self.heads = extra.shape[1] if layout == "bhsd" else extra.shape[2]
+        self.rest = tuple(extra.shape[3:])
+        self.dtype = getattr(torch, extra.dtype) if extra.dtype else None
+        self.proj = nn.Linear(d_model, self.heads * math.prod(self.rest), bias=True, device=device)
+        if self.init == "logsigmoid":
+            nn.init.constant_(self.proj.bias, self.GATE_BIAS)
+        else:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        batch, seq, _ = source.shape
+        t = self.proj(source).reshape(batch, seq, self.heads, *self.rest)
+        if self.layout == "bhsd":
+            t = t.transpose(1, 2)
+        if self.init == "logsigmoid":
+            t = F.logsigmoid(t.float())
+        elif self.init == "uniform":
+            t = torch.sigmoid(t.float())
+        return t.to(self.dtype or dtype)
+
+
+def token_extras(prepared, seq_kv: int, layout: str) -> list[str]:
+    """The drawn (not constant) extras of ``prepared`` with a token axis of ``seq_kv`` keys (dim 2 in ``bhsd``,
+    dim 1 in ``bshd``)."""
+    axis = 2 if layout == "bhsd" else 1
+    return [name for name, extra in prepared.extras.items()
+            if len(extra.shape) >= 3 and extra.shape[axis] == seq_kv and extra.init not in ("ones", "zeros")]
+
+
 class MethodAttention(nn.Module):
     """Multi-head attention whose core is a registered kernel-form method (projections around it)."""
 
@@ -191,11 +236,17 @@ class MethodAttention(nn.Module):
         self.prepared, self.caps = build_method(case, torch.device(device), options, params,
                                                 value_dim=self.head_dim if self.qk_dim != self.head_dim else None)
         self.method_parameters = [p for p in self.prepared.parameters if isinstance(p, torch.Tensor) and p.requires_grad]
+        layout = self.caps.input_layout
+        self.extra_maps = nn.ModuleDict({name: ExtraProjection(d_model, self.prepared.extras[name], layout,
+                                                               device=device)
+                                         for name in token_extras(self.prepared, case.seq_kv, layout)})
         self.calls = 0
 
     def _extras(self, device) -> dict:
         tensors = {}
         for name, extra in self.prepared.extras.items():
+            if name in self.extra_maps:
+                continue  # a learned map of the input (forward)
             seed = (self.case.seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * self.calls) % (2**63)
             gen = torch.Generator(device=device).manual_seed(seed)
             tensors[name] = extra.make(gen, device, self.dtype)
@@ -224,6 +275,8 @@ class MethodAttention(nn.Module):
         if bshd:
             q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         kwargs = self._extras(x.device)
+        for name, projection in self.extra_maps.items():
+            kwargs[name] = projection(source, self.dtype)
         if self.prepared.prepare is not None:
             with torch.no_grad():
                 kwargs.update(self.prepared.prepare(q, k, v, **kwargs) or {})

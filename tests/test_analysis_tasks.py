@@ -319,3 +319,31 @@ def test_a_method_with_a_value_set_of_its_own_runs_with_a_narrower_qk_width():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     # the exact recurrence's state is its KV cache, like exact attention's
     assert analysis.state_per_layer("softmax_rnn", 2, 4, 8, 12, "float32", "cpu") == (2 * 12 * 12, "kv_cache")
+
+
+def test_token_extras_are_learned_maps_of_the_input_in_a_task_model():
+    # gated linear attention's log-gates g (and the delta rule's β) are projections of x in the architectures; drawn
+    # at random each step (the kernel harness's inputs) they made gated_delta_rule and simple_gla untrainable: MQAR
+    # at chance after 2,000 steps on the CPU (results/cpu-analysis-state-long) while the ungated delta rule learned
+    from attnbench.tasks.model import ExtraProjection, task_case
+
+    case = task_case(method="gated_delta_rule", mask="causal", mask_name="causal", batch=2, heads_q=2, heads_kv=2,
+                     seq_q=12, seq_kv=12, head_dim=8, dtype="float32", mode="fwd_bwd", seed=0, device="cpu")
+    layer = MethodAttention(16, 2, case, "cpu", {}, {})
+    assert set(layer.extra_maps) == {"g", "beta"}
+    x = torch.randn(2, 12, 16)
+    g = layer.extra_maps["g"](x, torch.float32)
+    beta = layer.extra_maps["beta"](x, torch.float32)
+    assert g.shape == beta.shape == (2, 2, 12) and g.dtype == torch.float32
+    assert (g < 0).all() and g.mean() > -0.05  # a decay near 1 at initialisation: the state is kept
+    assert ((beta > 0) & (beta < 1)).all()
+    assert not torch.equal(layer.extra_maps["g"](x + 1, torch.float32), g)  # a function of the input
+    out = layer(x.requires_grad_())
+    out.sum().backward()
+    grad = layer.extra_maps["g"].proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # trained through the method
+    # the same call twice gives the same output (nothing drawn per step any more)
+    assert torch.equal(layer(x.detach()), layer(x.detach()))
+    # a bshd method's extras ([B, T, H]) are mapped in its own layout
+    projection = ExtraProjection(16, type("E", (), {"shape": (2, 12, 2), "init": "uniform", "dtype": None})(), "bshd")
+    assert projection(x, torch.float32).shape == (2, 12, 2)
