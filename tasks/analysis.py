@@ -372,11 +372,12 @@ def state_per_layer(method: str, heads: int, n: int, dv: int, seq: int, dtype: s
                     method_params=None, seed: int = 0) -> tuple[int | None, str]:
     """What one attention layer of ``method`` keeps per sequence to go on after ``seq`` tokens, in numbers (not
     bytes), and where the figure comes from: ``kv_cache`` (an exact method, softmax_rnn's exact recurrence
-    included: heads·seq·(n + d_v)), ``decode`` (a
-    method that declares a recurrent decode: measured — its ``prefill`` state over ``seq`` tokens of width n, its
-    own tensors counted, so feature maps, normalisers, slots and expansions count as they are) or
-    ``undeclared: ...`` (no recurrent decode: no figure rather than a formula that may not be the method's)."""
-    from attnbench.methods import METHODS
+    included: heads·seq·(n + d_v)); ``decode`` (a method that declares a recurrent decode: measured, its
+    ``prefill`` state over ``seq`` tokens of width n with its own tensors counted, so feature maps, normalisers,
+    slots and expansions count as they are); or ``undeclared: ...`` (no recurrent decode, or a build that is
+    ``Unsupported`` here: no figure rather than a formula that may not be the method's). Any other failure
+    raises: the case then fails with it."""
+    from attnbench.methods import METHODS, Unsupported
     from attnbench.methods.contract import tensor_elements
 
     from .model import DTYPES, build_method
@@ -388,8 +389,8 @@ def state_per_layer(method: str, heads: int, n: int, dv: int, seq: int, dtype: s
     try:
         prepared, caps = build_method(case, torch.device(device), options or {}, dict(method_params or {}),
                                       value_dim=dv if dv != n else None)
-    except Exception as exc:  # noqa: BLE001 — the figure is missing, and the reason says why
-        return None, f"undeclared: the method did not build for the state measurement ({type(exc).__name__}: {exc})"
+    except Unsupported as exc:
+        return None, f"undeclared: the method does not build for the state measurement ({exc})"
     if prepared.decode is None:
         return None, "undeclared: the method declares no recurrent decode"
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -10,8 +10,8 @@ methods come from, a projection of the layer's input, so here it is a learned on
 ``logsigmoid`` extras are ``logsigmoid(W x + 4)`` (a decay near 1 at initialisation, ≈ 0.98 per token),
 ``uniform`` ones ``sigmoid(W x)``, ``randn`` ones ``W x``. Random gates drawn afresh each step (what the kernel
 harness feeds) would make the state forget within a few tokens and leave nothing for training to learn. Extras
-without a token axis are drawn (seeded from the layer and the step). Layer-form methods (``Capabilities.form == "layer"``) are the mixer
-themselves (over ``[batch, seq, d_model]``; self patterns only). Learnable tensors a builder lists in
+without a token axis are drawn (seeded from the layer and the step). Layer-form methods
+(``Capabilities.form == "layer"``) are the mixer themselves (over ``[batch, seq, d_model]``; self patterns only). Learnable tensors a builder lists in
 ``Prepared.parameters`` are trained with the model's own parameters.
 
 ``SelfModel``: embeddings, ``layers`` blocks (optional short convolution, the attention, an optional MLP), a

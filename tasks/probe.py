@@ -32,14 +32,15 @@ class _Probe(Task):
         self.params.setdefault("d_model", self.heads * self.head_dim)
 
     def _method(self, method, seed, dtype, device, options, method_params):
-        self._attended = []  # attended-pair shares of this probe's calls (methods that count them)
         case = task_case(method=method, mask=self.mask_name, mask_name=self.mask_name, batch=self.batch,
                              heads_q=self.heads, heads_kv=self.heads, seq_q=self.seq, seq_kv=self.seq,
                              head_dim=self.head_dim, dtype=dtype, mode="fwd", seed=seed, device=device)
         prepared, caps = build_method(case, torch.device(device), options, method_params)
         return case, prepared, caps
 
-    def _call(self, prepared, caps, q, k, v, seed, dtype):
+    def _call(self, prepared, caps, q, k, v, seed, dtype, shares: list | None = None):
+        """The method's output for q, k, v (float); with ``shares``, the share of the visible pairs it attended
+        (its own ``attended_pairs`` count, where it declares one) is appended there."""
         bshd = caps.input_layout == "bshd"
         args = [t.to(getattr(torch, dtype)) for t in (q, k, v)]
         if bshd:
@@ -52,18 +53,19 @@ class _Probe(Task):
             if prepared.prepare is not None:
                 kwargs.update(prepared.prepare(*args, **kwargs) or {})
             out = prepared.fn(*args, **kwargs)
-            pairs = None if prepared.attended_pairs is None else int(prepared.attended_pairs(*args, **kwargs))
-        if pairs is not None:
-            self._attended.append(pairs / (self._bound(q.device).visible_pairs() * q.shape[0] * q.shape[1]))
+            if shares is not None and prepared.attended_pairs is not None:
+                pairs = int(prepared.attended_pairs(*args, **kwargs))
+                shares.append(pairs / (self._bound(q.device).visible_pairs() * q.shape[0] * q.shape[1]))
         if bshd:
             out = out.transpose(1, 2)
         return out.float()
 
-    def _outcome(self, breakdown: dict) -> Outcome:
+    @staticmethod
+    def _outcome(breakdown: dict, shares: list) -> Outcome:
         """The probe's row; ``extras.attended_share``: the share of the visible (query, key) pairs the method
         attended (its own count, mean over the calls), where it declares one — 1 means it attended every pair at
         this length, so its score is exact attention's, not its sparsity's."""
-        extras = {"attended_share": sum(self._attended) / len(self._attended)} if self._attended else {}
+        extras = {"attended_share": sum(shares) / len(shares)} if shares else {}
         return Outcome(status="ok", value=sum(breakdown.values()) / len(breakdown), breakdown=breakdown,
                        extras=extras)
 
@@ -87,15 +89,15 @@ class GaussianApprox(_Probe):
         _, prepared, caps = self._method(method, seed, dtype, device, dict(options or {}), method_params or {})
         gen = torch.Generator(device=device).manual_seed(seed)
         shape = (self.batch, self.heads, self.seq, self.head_dim)
-        breakdown = {}
+        breakdown, shares = {}, []
         for std in (1.0, 3.0):
             # q.k / sqrt(D) with q, k ~ N(0, s^2) has std s^2: s = sqrt(std)
             q, k = (torch.randn(shape, generator=gen, device=device) * math.sqrt(std) for _ in range(2))
             v = torch.randn(shape, generator=gen, device=device)
-            out = self._call(prepared, caps, q, k, v, seed, dtype)
+            out = self._call(prepared, caps, q, k, v, seed, dtype, shares)
             ref, _ = reference_attention(q, k, v, self._bound(device))
             breakdown[f"logit_std={std:g}"] = float((out - ref).norm() / ref.norm())
-        return self._outcome(breakdown)
+        return self._outcome(breakdown, shares)
 
 
 @register_task("planted_recall")
@@ -118,7 +120,7 @@ class PlantedRecall(_Probe):
         gen = torch.Generator(device=device).manual_seed(seed)
         shape = (self.batch, self.heads, self.seq, self.head_dim)
         alpha = math.log(self.seq) + 8.0  # the planted logit, against noise logits of std ~1
-        breakdown = {}
+        breakdown, shares = {}, []
         for distance in self.params["distances"]:
             q = torch.randn(shape, generator=gen, device=device)
             noise = torch.randn(shape, generator=gen, device=device)
@@ -126,7 +128,7 @@ class PlantedRecall(_Probe):
             unit = q / q.norm(dim=-1, keepdim=True)
             k[:, :, : self.seq - distance] += alpha * unit[:, :, distance:]  # key j planted for query j + d
             v = torch.randn(shape, generator=gen, device=device)
-            out = self._call(prepared, caps, q, k, v, seed, dtype)
+            out = self._call(prepared, caps, q, k, v, seed, dtype, shares)
             # which visible value is the output closest to (by dot product)? causal: keys j <= i
             scores = out @ v.transpose(-1, -2)
             visible = torch.ones(self.seq, self.seq, dtype=torch.bool, device=device).tril()
@@ -134,4 +136,4 @@ class PlantedRecall(_Probe):
             queries = torch.arange(distance, self.seq, device=device)
             hit = picked[:, :, distance:] == (queries - distance)
             breakdown[f"d={distance}"] = float(hit.float().mean())
-        return self._outcome(breakdown)
+        return self._outcome(breakdown, shares)

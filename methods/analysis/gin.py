@@ -21,8 +21,8 @@ attention call (even an fp32 kernel on bf16-rounded q and k) leaves it 0.1–4 %
 bf16 gate, so a bf16 fwd_bwd row can be ``wrong`` on α alone. That is the layer's true behaviour in bf16 and the
 default keeps it (``attention_dtype="input"``); ``attention_dtype="float32"`` runs the attention call in fp32
 (q, k, x^h never rounded), the price of a correct α gradient (``tests/test_gin_precision.py`` measures both).
-Reference: the materialised A per head (query-chunked). The ``released`` order has no fused form: both paths materialise. ``mlp="identity"`` (with ε = 0) makes the layer
-``SDPA(q, k, x heads)``: the exactness anchor. Class N. Hyper-parameters: ``mult``, ``alpha_init``,
+Reference: the materialised A per head (query-chunked). The ``released`` order has no fused form: both paths
+materialise. ``mlp="identity"`` (with ε = 0) makes the layer ``SDPA(q, k, x heads)``: the exactness anchor. Class N. Hyper-parameters: ``mult``, ``alpha_init``,
 ``temperature``, ``mask_order``, ``mlp`` (``gin`` | ``identity``), ``rope`` (default true), ``attention_dtype``
 (``input`` | ``float32``).
 """

@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..exact.sdpa import FLASH_DTYPES  # the flash backend's dtypes per device
 from ..registry import Capabilities, Unsupported, register_method
 
 DECLINES = ("No available kernel",)
-FLASH_DTYPES = {"cuda": ("float16", "bfloat16")}  # the flash backend on CUDA; the CPU flash kernel takes fp32 too
 
 
 def latent_cross_attention(q, k, v, key_padding_mask=None):

@@ -191,11 +191,9 @@ def _region_fits(opts: Options, name: str, region: int, seq: int, what: str) -> 
     return region
 
 
-def _topk_option(opts: Options, default: int, regions: int, from_length: bool = False,
-                 topk: int | None = None) -> int:
+def _topk_fits(opts: Options, topk: int, regions: int, from_length: bool = False) -> int:
     """``topk`` <= the number of key regions; ``from_length``: that number comes from the case's length (1-D),
     so a larger topk is a case outside the options (unsupported), not a bad option (2-D: both are options)."""
-    topk = opts.int("topk", default, minimum=1) if topk is None else topk
     if topk > regions:
         (opts.unfit if from_length else opts.fail)("topk", f"must be <= the number of key regions ({regions}), "
                                                           f"got {topk}")
@@ -221,7 +219,7 @@ def build_biformer(ctx):
         if length % region:
             raise Unsupported(f"{name}={length} is not a multiple of method_options.biformer.region={region} "
                               "(lengths are not padded)")
-    topk = _topk_option(opts, 4, case.seq_kv // region, from_length=True, topk=topk)
+    _topk_fits(opts, topk, case.seq_kv // region, from_length=True)
     block = FLEX_BLOCK
     if impl == "flex" and region % block:
         raise Unsupported(f"impl flex: method_options.biformer.region={region} is not a multiple of the "
@@ -308,7 +306,7 @@ def build_biformer_2d(ctx):
     opts = Options(ctx, "biformer_2d", ("regions_per_side", "topk"))
     per_side = opts.int("regions_per_side", 8, minimum=1)
     side = grid_side(case.seq_q, per_side, "biformer_2d")
-    topk = _topk_option(opts, 4, per_side * per_side)
+    topk = _topk_fits(opts, opts.int("topk", 4, minimum=1), per_side * per_side)
     routing, fast, reference, region = bra_2d(per_side, topk, side, ctx.device)
 
     def pairs(q, k, v):
@@ -329,7 +327,7 @@ def build_biformer_layer(ctx):
     opts = Options(ctx, "biformer_layer", ("regions_per_side", "topk", "lce", "lce_kernel"))
     per_side = opts.int("regions_per_side", 8, minimum=1)
     side = grid_side(case.seq_q, per_side, "biformer_layer")
-    topk = _topk_option(opts, 4, per_side * per_side)
+    topk = _topk_fits(opts, opts.int("topk", 4, minimum=1), per_side * per_side)
     lce = opts.bool("lce", True)
     kernel = opts.int("lce_kernel", 5, minimum=1)
     if kernel % 2 == 0:

@@ -21,6 +21,7 @@ from attnbench.report.sections.experiments import experiment_blocks, option_bloc
 
 DENSE_SHARE = 0.999  # a probe row whose method attended this share of the visible pairs is dense there
 
+
 def quality_rows(ctx: Context) -> pd.DataFrame:
     """Every run's quality rows, labelled like the kernel rows (method, and the run when several are merged)."""
     frames = []
