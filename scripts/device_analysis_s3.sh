@@ -13,12 +13,7 @@
 #      char LM uniform vs hybrid for the Deconstructing Attention variants                      -> h200-analysis-hybrid
 #   6. ListOps readouts (HISTOGRAPH vs poolers; fp32, so sdpa_efficient: cuDNN takes no fp32), Sparse-GIN, GPU tests, as time allows
 set -u
-OUT=${OUT:-$PWD/results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 export TRITON_CACHE_AUTOTUNING=1
 AB="python3 -m attnbench.cli"
 T="python3 -m attnbench.cli train"

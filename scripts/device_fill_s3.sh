@@ -8,12 +8,7 @@
 #   PART=sparse | linear | all (default all); caps S1..S3, L1..L3 in seconds
 # Before: .whl/ holds the attnbench wheel and hydra/omegaconf/antlr4/fla-core/einops wheels (carry .whl).
 set -u
-OUT=${OUT:-$PWD/results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 export TRITON_CACHE_AUTOTUNING=1
 PART=${PART:-all}
 AB="python3 -m attnbench.cli"

@@ -9,12 +9,7 @@
 # Before the call: .whl/ holds the attnbench wheel (pip wheel --no-deps -w .whl .) and hydra-core, omegaconf,
 # antlr4 (carry .whl). Results come back as $OUT/foundation.tgz plus the text logs.
 set -u
-OUT=${OUT:-$PWD/results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 R=$OUT/runs
 mkdir -p "$R"
 cd /tmp && python3 -c "import attnbench, sys; print('attnbench from', attnbench.__file__)" && cd - >/dev/null

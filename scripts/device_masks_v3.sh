@@ -10,12 +10,7 @@
 # Before the call: .whl/ holds the attnbench wheel (pip wheel --no-deps -w .whl .) and hydra-core, omegaconf,
 # antlr4 (carry .whl). Run through scripts/device_wrap.sh (everything comes back as one .tgz).
 set -u
-OUT=${OUT:-$PWD/results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 R=$OUT/runs
 mkdir -p "$R"
 timeout -k 5 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_measure_gpu.py -k dense_bias -rA \

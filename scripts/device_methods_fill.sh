@@ -6,12 +6,7 @@
 #   PART=sparse | linear | all (default all)
 # Before: .whl/ holds the attnbench wheel and hydra/omegaconf/antlr4/fla-core/einops wheels (carry .whl).
 set -u
-OUT=${OUT:-$PWD/results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 # Triton autotuning results are cached on disk (triton >= 3.2 knob): a Triton method (fla-core's kernels autotune
 # per process: 60-94 s first calls on the H200, h200-linear/device-logs) tunes once per machine, not once per worker.
 export TRITON_CACHE_AUTOTUNING=1

@@ -6,12 +6,7 @@
 # steps, every linear / recurrent method beside softmax, PARALLEL cases at once (rows carry `concurrent`).
 #   WRAP_S=560 bash scripts/device_wrap.sh state-long scripts/device_state_long.sh
 set -u
-OUT=${OUT:-$PWD/results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/install.txt" 2>&1 || { tail -n 20 "$OUT/install.txt"; exit 1; }
-export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 P=${PARALLEL:-8}
 LIN="[sdpa_efficient,softmax_rnn,linear_attn,linear_attn_triton,performer,cosformer,rfa,abc,simple_gla,simple_gla_triton,delta_rule,gated_delta_rule,normalized_attention,taylor_softmax,softmax_l2out,softmax_divs_gate,lla]"
 timeout 520 python3 -m attnbench.cli train suite=analysis results_dir=$OUT run_id=h200-analysis-state-long parallel=$P \
