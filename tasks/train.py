@@ -133,6 +133,12 @@ def evaluate(task: Task, model, device, batch: int, seed: int) -> tuple[float, d
     return scores.result()
 
 
+def matmul_precision(tf32: bool, device_type: str) -> str:
+    """torch's float32 matmul precision for a training case: ``high`` (TF32 tensor cores) only when the case asks
+    for TF32 on CUDA, else ``highest`` (full float32)."""
+    return "high" if tf32 and device_type == "cuda" else "highest"
+
+
 def train_task(task_name: str, params: dict, seq: int, method: str, seed: int = 0, dtype: str = "float32",
                device: str = "cpu", options: dict | None = None, method_params: dict | None = None,
                max_wall_s: float | None = None) -> Outcome:
@@ -155,8 +161,9 @@ def train_task(task_name: str, params: dict, seq: int, method: str, seed: int = 
                                   betas=(0.9, 0.98))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     precision = torch.get_float32_matmul_precision()
-    if device_t.type == "cuda":  # the model's float32 layers on TF32 tensor cores (the attention has its dtype)
-        torch.set_float32_matmul_precision("high")
+    # full float32 unless the case asks for TF32 (options["tf32"], the train config key): the setting is global, so
+    # TF32 reaches a float32 method's own matmuls too (a delta rule's triangular solve), not only the model's layers
+    torch.set_float32_matmul_precision(matmul_precision(bool((options or {}).get("tf32")), device_t.type))
     try:
         return _loop(task, model, optimizer, trainable, batch, steps, seed, device_t, max_wall_s)
     finally:

@@ -41,6 +41,7 @@ class TrainCase:
     seed: int
     dtype: str
     params_json: str  # the task's full parameters, canonical JSON
+    tf32: bool = False  # the float32 matmuls on TF32 tensor cores (CUDA; the train config key tf32)
 
     @property
     def params(self) -> dict:
@@ -48,7 +49,8 @@ class TrainCase:
 
     @property
     def case_id(self) -> str:
-        key = json.dumps([self.task, self.method, self.seq, self.seed, self.dtype, self.params_json])
+        fields = [self.task, self.method, self.seq, self.seed, self.dtype, self.params_json]
+        key = json.dumps(fields + (["tf32"] if self.tf32 else []))  # ids of full-float32 cases as before the key
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -135,6 +137,11 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
     dtype = cfg.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"{dtype!r} is not one of: {', '.join(DTYPES)}")
+    tf32 = cfg.get("tf32")
+    if tf32 is None:
+        tf32 = False
+    if not isinstance(tf32, bool):
+        raise ConfigError("tf32", f"must be true or false (float32 matmuls on TF32 tensor cores), got {tf32!r}")
     timeout = cfg.get("case_timeout_s", 600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError("case_timeout_s", f"must be a positive number, got {timeout!r}")
@@ -165,7 +172,7 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
                     raise ConfigError(f"task_options.{name}", f"{exc} (length {seq})") from None
             for method in methods:
                 for seed in seeds:
-                    case = TrainCase(name, method, seq, seed, dtype, json.dumps(params, sort_keys=True))
+                    case = TrainCase(name, method, seq, seed, dtype, json.dumps(params, sort_keys=True), tf32)
                     if not available:
                         unsupported.append((case, f"task unavailable: {why}"))
                         continue
@@ -222,7 +229,7 @@ def _describe(case: TrainCase, run_id: str, device_name: str) -> dict:
                pattern=spec.cls.pattern, seq=case.seq, d_model=params.get("d_model"), layers=params.get("layers"),
                heads=params.get("heads"), steps=params.get("steps"), batch=params.get("batch"), lr=params.get("lr"),
                seed=case.seed, dtype=case.dtype, metric=spec.cls.metric, higher_is_better=spec.cls.higher_is_better,
-               device=device_name, model_options=_model_options(params))
+               device=device_name, model_options=_model_options(params), tf32=case.tf32)
     if method is not None:
         row.update(family=method.caps.family, exact=method.caps.exact)
     return row
@@ -247,6 +254,7 @@ def run_case(case: TrainCase, device: str, options: dict, method_params: dict, t
 
     spec = TASKS[case.task]
     task = spec.make(case.params, case.seq)
+    options = {**options, "tf32": case.tf32}  # read by tasks.train.train_task (also inside experiments)
     measured = {"seq_q": task.seq_q, "seq_kv": task.seq_kv}
     try:
         with _compiler_config_restored():

@@ -44,6 +44,9 @@ QUALITY_COLUMNS: dict[str, tuple[str, str]] = {
     "seed": ("Int64", "seed of the initialisation and the training data; the evaluation data depends on it too, "
                       "never on the method"),
     "dtype": ("string", "dtype of q, k, v at the attention call (the model's weights are float32)"),
+    "tf32": ("boolean", "float32 matmuls ran on TF32 tensor cores (CUDA; the train config key tf32), the model's "
+                        "and a float32 method's own; false: full float32. Empty in rows written before the column: "
+                        "their CUDA training used TF32, their CPU training full float32"),
     "metric": ("string", "accuracy (token, or exact sequence where the task says), bpc (bits per character), "
                          "recall or approx_err (probes)"),
     "higher_is_better": ("boolean", "direction of the metric"),
