@@ -3,11 +3,13 @@
 The package runs on CUDA only (its Triton kernels assert CUDA and do not run under TRITON_INTERPRET), so on the
 CPU: the unavailable path (package blocked -> ``unsupported`` rows naming it), the option mapping, and - where the
 package is importable from /tmp/sl (``pip install --target /tmp/sl`` of shared/device/wheels/superlinear-*.whl) -
-its own PyTorch search against ours, and the method's reference (routing from the package) against the own one.
+its own PyTorch search against ours, the method's reference (routing from the package) against the own one, the
+0.1.0 defect of the package's MHA prefill that makes ``fn`` call ``prefill_gqa``, and that call's options.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -150,6 +152,94 @@ def test_the_methods_reference_is_the_own_reference_with_gradients(package, opts
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert prepared.attended_pairs(q, k, v, q1) > 0
+
+
+class _Reached(Exception):
+    """Raised by a stand-in span kernel once the package's arguments bound to the real kernel's signature."""
+
+
+def _bind_then_stop(real):
+    def stand_in(*args, **kwargs):
+        raise _Reached(inspect.signature(real).bind(*args, **kwargs).arguments)  # TypeError if they do not bind
+    return stand_in
+
+
+def _stub_prefill_internals(monkeypatch, mha: bool):
+    """The package's prefill with its search and sliding-window kernels stubbed (CUDA only) and its span kernel
+    replaced by ``_bind_then_stop`` of the real one: the call reaches the span kernel's argument binding on the
+    CPU."""
+    from superlinear.kernels.superlinear.attention import _prefill
+
+    suffix = "" if mha else "_gqa"
+    monkeypatch.setattr(_prefill, "span_search_with_values" + suffix, lambda *a, **kw: (None, None, None))
+    monkeypatch.setattr(_prefill, "compute_qend_from_qanchor", lambda *a, **kw: None)
+    monkeypatch.setattr(_prefill, "sliding_window_attention_triton" + suffix, lambda *a, **kw: (None, None))
+    name = "fused_span_attention_with_precomputed_sw" + suffix
+    monkeypatch.setattr(_prefill, name, _bind_then_stop(getattr(_prefill, name)))
+
+
+REVISIT = ("the superlinear package's MHA prefill no longer fails as in 0.1.0: revisit superlinear_pkg's use of "
+           "prefill_gqa for equal heads (module docstring) and this test")
+
+
+def test_the_packages_mha_prefill_passes_search_power_its_span_kernel_lacks(package, monkeypatch):
+    """Why ``fn`` calls ``prefill_gqa``: in 0.1.0 ``superlinear.prefill`` with equal heads goes to
+    ``_prefill.fused_prefill_with_swtriton``, which passes ``search_power=`` to a span kernel without that
+    parameter (the H200 TypeError); the GQA entry's span kernel takes it. Fails, naming the revisit, once fixed."""
+    import superlinear
+    from superlinear.kernels.superlinear.span import _triton_precomputed_sw, _triton_precomputed_sw_gqa
+
+    mha = inspect.signature(_triton_precomputed_sw.fused_span_attention_with_precomputed_sw).parameters
+    gqa = inspect.signature(_triton_precomputed_sw_gqa.fused_span_attention_with_precomputed_sw_gqa).parameters
+    assert {"search_power", "inv_search_power_int"} <= set(gqa)
+    assert "search_power" not in mha, REVISIT
+    q1, q, k, v = _inputs(16)  # equal heads: 2 and 2
+    opts = dict(cache_position=torch.arange(16), sw_index=0, num_spans=3, backward_factor=2.0, forward_factor=0.0,
+                span_power=0.5, search_power=None, inv_search_power_int=2)
+    _stub_prefill_internals(monkeypatch, mha=True)
+    with pytest.raises((TypeError, _Reached)) as mha_call:  # _Reached: the arguments bound, so it is fixed
+        superlinear.prefill(q1, q, k, v, **opts)
+    assert mha_call.type is TypeError, REVISIT
+    assert "search_power" in str(mha_call.value), mha_call.value
+    _stub_prefill_internals(monkeypatch, mha=False)
+    with pytest.raises(_Reached) as got:  # the GQA entry, equal heads: its span kernel takes the options
+        superlinear.prefill_gqa(q1, q, k, v, **opts)
+    bound = got.value.args[0]
+    assert bound["inv_search_power_int"] == 2 and bound["search_power"] is None and bound["Q2"] is q
+
+
+@pytest.mark.parametrize("opts, want", [
+    ({}, dict(sw_index=0, num_spans=3, backward_factor=2.0, forward_factor=0.0, span_power=0.5, search_power=None,
+              inv_search_power_int=2)),
+    ({"sw_index": 2, "num_spans": 2, "backward_factor": 3.0, "forward_factor": 1.0, "span_power": 0.55,
+      "search_power": 0.55},
+     dict(sw_index=2, num_spans=2, backward_factor=3.0, forward_factor=1.0, span_power=0.55, search_power=0.55,
+          inv_search_power_int=None)),
+])
+def test_fn_calls_the_gqa_entry_with_the_mapped_options(package, monkeypatch, opts, want):
+    import superlinear
+
+    seq = 64
+    calls = []
+
+    def recorder(*args, **kwargs):
+        inspect.signature(superlinear.fused_prefill_with_swtriton_gqa).bind(*args, **kwargs)  # real names only
+        calls.append((args, kwargs))
+        return torch.zeros_like(args[1])
+
+    def broken(*args, **kwargs):
+        raise AssertionError("superlinear.prefill called: its equal-heads path fails in 0.1.0")
+
+    monkeypatch.setattr(superlinear, "prefill_gqa", recorder)
+    monkeypatch.setattr(superlinear, "prefill", broken)
+    prepared = METHODS["superlinear_pkg"].build(_ctx("superlinear_pkg", seq=seq, opts=opts))
+    q, k, v, q1 = _inputs(seq)
+    out = prepared.fn(q, k, v, q1)
+    assert len(calls) == 1 and out.shape == q.shape
+    args, kwargs = calls[0]
+    assert len(args) == 4 and all(a is b for a, b in zip(args, (q1, q, k, v)))  # (Q1, Q2, K, V)
+    assert torch.equal(kwargs.pop("cache_position"), torch.arange(seq))
+    assert kwargs == want
 
 
 @GPU[0]

@@ -21,11 +21,21 @@ attention and gating against ours on the same routing (the same rule as the own 
 path and reference). That the package's search is ours is checked by the CPU tests (its reference search equals
 ``superlinear.search`` + ``span_bounds``), and at GPU scale by ``tests/test_superlinear_pkg.py``'s GPU test.
 
+Entry point: ``superlinear.prefill_gqa`` (``attention/api.py::fused_prefill_with_swtriton_gqa``, the entry the
+package's docstring recommends; it takes ``H_Q % H_KV == 0``, so equal heads as groups of one), not
+``superlinear.prefill``. In 0.1.0 ``prefill`` sends equal head counts to ``attention/_prefill.py::
+fused_prefill_with_swtriton``, which passes ``search_power=`` and ``inv_search_power_int=`` to
+``span/_triton_precomputed_sw.py::fused_span_attention_with_precomputed_sw``, whose signature has neither: every
+MHA call raises ``TypeError`` (a defect of the package, seen on an H200). The GQA path's span kernel
+(``span/_triton_precomputed_sw_gqa.py::fused_span_attention_with_precomputed_sw_gqa``) takes both; the CPU tests
+check that the defect is still there (and say to revisit this choice once it is gone) and that ``fn`` calls the
+GQA entry with the mapped options.
+
 Devices: CUDA only (``fused_span_triton`` asserts ``Q2.is_cuda``; its search kernel does not run under
 ``TRITON_INTERPRET``). Backward: yes (``SpanSearchWithValuesFn`` and ``FusedSpanTriton`` are autograd Functions;
 gradients reach q1 and k through the gate values). Dtypes declared: bf16/fp16 (the kernels' intended use; fp32
-not tried). Causal self-attention only; no cross; heads_kv == heads_q here (the package has a GQA path, the own
-reference has not).
+not tried). Causal self-attention only; no cross; heads_kv == heads_q here (the package's GQA entry would take
+fewer kv heads, the own reference does not).
 """
 from __future__ import annotations
 
@@ -101,11 +111,11 @@ def build_superlinear_pkg(ctx):
     cache_position = torch.arange(length, device=ctx.device)
     power = {n: kwargs[n] for n in ("search_power", "inv_search_power_int")}
 
-    def fn(q, k, v, q1):
-        return superlinear.prefill(q1, q, k, v, cache_position, sw_index=kwargs["sw_index"],
-                                   num_spans=kwargs["num_spans"], backward_factor=kwargs["backward_factor"],
-                                   forward_factor=kwargs["forward_factor"], span_power=kwargs["span_power"],
-                                   **power)
+    def fn(q, k, v, q1):  # the GQA entry also for equal heads: 0.1.0's MHA dispatch fails (module docstring)
+        return superlinear.prefill_gqa(q1, q, k, v, cache_position=cache_position, sw_index=kwargs["sw_index"],
+                                       num_spans=kwargs["num_spans"], backward_factor=kwargs["backward_factor"],
+                                       forward_factor=kwargs["forward_factor"], span_power=kwargs["span_power"],
+                                       **power)
 
     def routing(q1, k):
         return package_routing(q1, k, cache_position.to(k.device), kwargs, cfg["window"])
