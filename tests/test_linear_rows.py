@@ -4,7 +4,8 @@ streams the keys in chunks with the prefix state carried (at 1M tokens the full 
 on one GPU). Here: the rows form equals the full reference's rows for every covered method (first and last
 rows, rows at streaming-chunk boundaries, cross and full masks), a stream that forgets to carry the state or
 (gated) to decay it is caught, the delta rules keep the full reference only, and a long case through the
-CaseRunner takes the rows path (ok; a broken fast path is wrong there)."""
+CaseRunner takes the rows path (ok; a broken fast path is wrong there), also for fla's adapters in their
+``bshd`` layout (fla faked by own PyTorch forms: fla itself needs a GPU)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -155,17 +156,24 @@ def _run(method, mode, opts, monkeypatch, seq=48):
     return CaseRunner("cpu", options).run(case)
 
 
-@pytest.mark.parametrize("method, mode", [("linear_attn", "fwd_bwd"), ("simple_gla", "fwd"), ("performer", "fwd")])
-def test_a_long_case_is_gated_on_streamed_rows(monkeypatch, method, mode):
+@pytest.fixture
+def streamed(monkeypatch):
+    """The row counts :func:`common.streamed_rows` is called with (the rows reference ran when non-empty)."""
     calls = []
-    streamed = common.streamed_rows
+    original = common.streamed_rows
 
     def spy(fq, *a, **kw):
         calls.append(fq.shape[2])
-        return streamed(fq, *a, **kw)
+        return original(fq, *a, **kw)
 
     monkeypatch.setattr(common, "streamed_rows", spy)
     monkeypatch.setattr(gated_delta, "streamed_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("method, mode", [("linear_attn", "fwd_bwd"), ("simple_gla", "fwd"), ("performer", "fwd")])
+def test_a_long_case_is_gated_on_streamed_rows(monkeypatch, streamed, method, mode):
+    calls = streamed
     opts = {"chunk": 8, "reference_stream_chunk": 16, **({"features": 16} if method == "performer" else {})}
     row = _run(method, mode, opts, monkeypatch)
     assert row["status"] == "ok", row["reason"]
@@ -185,4 +193,70 @@ def test_a_broken_fast_path_is_wrong_on_the_rows_path(monkeypatch):
 
     monkeypatch.setattr(common, "chunked_linear", late_rows_off)
     row = _run("linear_attn", "fwd", {"chunk": 8, "reference_stream_chunk": 16}, monkeypatch)
+    assert row["status"] == "wrong" and "rel_err" in row["reason"]
+
+
+# ---- fla's layout (bshd): the runner's rows path transposes the rows reference back -----------------------------
+def _fake_fla(monkeypatch):
+    """fla's two ungated-delta operators as own PyTorch forms in fla's layout, importable as fla would be, and
+    the fla methods' capabilities opened to the CPU and float32: the adapters' references and the runner's
+    bshd rows path run here (fla itself needs a GPU)."""
+    import dataclasses
+    import sys
+    from types import ModuleType
+
+    def t(x):
+        return x.transpose(1, 2)
+
+    def chunk_linear_attn(fq, fk, v, scale, normalize):
+        return t(common.chunked_linear(t(fq), t(fk), t(v), causal=True, offset=0, eps=1e-6, chunk=8)), None
+
+    def chunk_simple_gla(q, k, v, g):
+        return t(gated_delta.chunked(t(q), t(k), t(v), t(g), gated=True, delta=False, normalize=False, chunk=8)), None
+
+    for name, attrs in (("fla", {}), ("fla.ops", {}), ("fla.ops.linear_attn", {"chunk_linear_attn": chunk_linear_attn}),
+                        ("fla.ops.simple_gla", {"chunk_simple_gla": chunk_simple_gla})):
+        module = ModuleType(name)
+        for key, value in attrs.items():
+            setattr(module, key, value)
+        monkeypatch.setitem(sys.modules, name, module)
+    for method in ("fla_linear_attn", "fla_simple_gla"):
+        spec = METHODS[method]
+        caps = dataclasses.replace(spec.caps, devices=("cpu", "cuda"), requires=(), dtypes=("float32",))
+        monkeypatch.setitem(METHODS, method, dataclasses.replace(spec, caps=caps))
+
+
+@pytest.mark.parametrize("method", ["fla_linear_attn", "fla_simple_gla"])
+def test_fla_rows_reference_is_the_own_rows_in_bshd(monkeypatch, method):
+    _fake_fla(monkeypatch)
+    prepared = _build(method, "causal", 40, 40, {"reference_stream_chunk": STREAM})
+    q, k, v, extras = _inputs(prepared, 40, 40)
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, T, H, D]; the gate g is [B, T, H]
+    rows = _boundary_rows(40, 40, False)
+    full = prepared.reference(q, k, v, **extras)
+    got = prepared.reference(q, k, v, rows=rows, **extras)
+    assert got.shape == (2, len(rows), 2, 8)
+    assert _rel(got, full[:, rows]) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["fla_linear_attn", "fla_simple_gla"])
+def test_a_long_bshd_case_is_gated_on_streamed_rows(monkeypatch, streamed, method):
+    import sys
+
+    _fake_fla(monkeypatch)
+    row = _run(method, "fwd", {"reference_stream_chunk": 16}, monkeypatch)
+    assert row["status"] == "ok", row["reason"]
+    assert streamed and all(count == 9 for count in streamed)  # the rows path, in fla's layout
+    assert row["rel_err"] < 1e-5
+    module, name = (("fla.ops.linear_attn", "chunk_linear_attn") if method == "fla_linear_attn"
+                    else ("fla.ops.simple_gla", "chunk_simple_gla"))
+    fast = getattr(sys.modules[module], name)
+
+    def late_rows_off(*a, **kw):  # rows past the first third 2 % off (bshd)
+        out = fast(*a, **kw)[0].clone()
+        out[:, out.shape[1] // 3:] *= 1.02
+        return out, None
+
+    monkeypatch.setattr(sys.modules[module], name, late_rows_off)
+    row = _run(method, "fwd", {"reference_stream_chunk": 16}, monkeypatch)
     assert row["status"] == "wrong" and "rel_err" in row["reason"]
