@@ -440,8 +440,9 @@ class CaseRunner:
     def _own_reference_rows(self, case, caps, prepared, recurrent: bool):
         """Query rows on which a long case's own reference is computed: like the exact reference, above
         ``ref_full_pairs`` a strided sample of rows, where the reference takes ``rows=`` (a keyword that
-        returns only those rows, ``[B, H, len(rows), D]``); else None (every row)."""
-        if recurrent or caps.form != "qkv" or caps.input_layout == "bshd" or not _accepts(prepared.reference, "rows"):
+        returns only those rows, ``[B, H, len(rows), D]``, or ``[B, len(rows), H, D]`` for a ``bshd`` method);
+        else None (every row)."""
+        if recurrent or caps.form != "qkv" or not _accepts(prepared.reference, "rows"):
             return None
         return self._gate_rows(case)
 
@@ -453,7 +454,8 @@ class CaseRunner:
             kwargs = {k: (_float_copy(v, False) if isinstance(v, torch.Tensor) else v)
                       for k, v in call.kwargs.items() if k != "_state"}
             with torch.no_grad():
-                return prepared.reference(*args, rows=rows, **kwargs).detach(), None
+                out = prepared.reference(*args, rows=rows, **kwargs).detach()
+            return (out.transpose(1, 2) if bshd else out), None
         need_grad = case.needs_grad
         args = tuple(_float_copy(a, need_grad) for a in call.args)
         kwargs = {k: (_float_copy(v, need_grad) if isinstance(v, torch.Tensor) else v)

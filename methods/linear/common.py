@@ -12,7 +12,9 @@ seq_kv - seq_q``, or the mask's own offset). ``normalize=False`` drops the denom
 Forms: :func:`naive_linear` (the quadratic masked form, readable, any dtype: the reference),
 :func:`chunked_linear` (intra-chunk quadratic + inter-chunk prefix states by ``cumsum``; states in fp32),
 and :class:`LinearState` (the recurrent state ``(S, z)`` for decode: O(m · dv) per head, whatever the
-context). Features are computed by the methods; this module never draws random numbers.
+context). The references' ``rows=`` form (:func:`streamed_rows`, :func:`feature_rows`: a few query rows,
+keys streamed in chunks with the prefix state carried, optionally gated) is what the case runner gates a long
+case on. Features are computed by the methods; this module never draws random numbers.
 """
 from __future__ import annotations
 
@@ -204,6 +206,113 @@ def linear_reference(naive_max_pairs: int, chunk: int):
     return attend
 
 
+# ---- the sampled-rows reference (long cases) ---------------------------------------------------------------
+STREAM_CHUNK = 8192  # keys per step of the streamed rows reference (``reference_stream_chunk``)
+
+
+def streamed_rows(fq, key_chunk, seq_kv: int, last, *, chunk: int = STREAM_CHUNK, eps: float = 0.0,
+                  normalize: bool = True, floor=None, carry: bool = True, decay_state: bool = True):
+    """The causal (optionally gated) linear-attention skeleton on a few query rows, streaming over the keys:
+    the ``rows=`` form of the family's references for long cases (the case runner gates a strided sample of
+    query rows above ``ref_full_pairs``; at 1M tokens the full fp32 reference does not fit).
+
+    ``fq`` [B, H, r, m]: the sampled rows' features. ``last`` [r] (long): the last key each row sees (row r
+    sees keys ``0 .. last_r``; below 0: none, output 0; above ``seq_kv - 1``: all; a full mask is every row at
+    ``seq_kv - 1``). ``key_chunk(start, stop) -> (fk [B, H, n, m], v [B, H, n, dv], g [B, H, n] or None)``
+    gives the keys ``start .. stop-1`` (features at their absolute positions) and, for a gated form, their
+    log-decays: the state then decays by ``exp(g_t)`` at every token, so a row ``i`` weighs key ``j`` by
+    ``exp(Σ_{j<s<=i} g_s)``.
+
+    Keys are walked in chunks of ``chunk`` in fp32, carrying the prefix state ``S = Σ fk vᵀ`` [B, H, m, dv] and
+    ``z = Σ fk`` [B, H, m] (decayed to the chunk's end when gated); a row is finished in the chunk holding
+    its last key: ``fq · S`` (times ``exp(Σ g)`` from the chunk's start to the row, when gated) plus the
+    masked intra-chunk part ``(fq fkᵀ ⊙ decay)_{j<=i} v``, and, normalised, divided by the same sums with
+    ``v = 1`` plus ``eps`` (clamped at ``floor`` first, as :func:`chunked_linear`). Log-decays are summed
+    backwards from each row (reverse cumulative sums inside the chunk), so the exponents near a row are sums
+    of few terms, never differences of two long prefix sums. Extra memory O(r · chunk + chunk · (m + dv) +
+    m · dv) per (batch, head), whatever ``seq_kv``. Returns ``[B, H, r, dv]`` in fp32. ``carry=False`` (each
+    chunk starts from a zero state) and ``decay_state=False`` (the carried state not decayed across a chunk)
+    are deliberately broken variants for the tests' negative controls.
+
+    Not for the delta rules: their state update ``S ← α(I − β k kᵀ)S + β k vᵀ`` is not a sum of per-key
+    terms, so they keep the full reference (no ``rows=``)."""
+    if chunk < 1:
+        raise ValueError(f"streamed_rows: chunk must be >= 1, got {chunk}")
+    batch, heads, count, _ = fq.shape
+    fq = fq.float()
+    last = last.to(fq.device).long().clamp(max=seq_kv - 1)
+    num = den = S = z = None
+    for start in range(0, seq_kv, chunk):
+        stop = min(start + chunk, seq_kv)
+        fk, vv, g = key_chunk(start, stop)
+        fk, vv = fk.float(), vv.float()
+        g = None if g is None else g.float()
+        if num is None:
+            num = fq.new_zeros(batch, heads, count, vv.shape[-1])
+            den = fq.new_zeros(batch, heads, count, 1)
+        here = ((last >= start) & (last < stop)).nonzero().squeeze(1)  # rows finished in this chunk
+        if here.numel():
+            a = fq[:, :, here]
+            visible = torch.arange(stop - start, device=fq.device)[None, :] <= (last[here] - start)[:, None]
+            scores = a @ fk.transpose(-1, -2)  # [B, H, r, n]
+            into = None  # the state's weight at each row: exp(Σ g from the chunk's start to the row)
+            if g is None:
+                scores = scores.masked_fill(~visible, 0.0)
+            else:
+                logs = g[:, :, None, :].masked_fill(~visible, 0.0)  # g_s for s <= the row, per row
+                upto = logs.flip(-1).cumsum(-1).flip(-1)  # Σ_{j<=s<=row} g_s
+                after = torch.cat([upto[..., 1:], torch.zeros_like(upto[..., :1])], dim=-1)  # Σ_{j<s<=row}
+                scores = scores * torch.exp(after).masked_fill(~visible, 0.0)
+                into = torch.exp(upto[..., :1])  # [B, H, r, 1]
+            part = scores @ vv
+            if S is not None:
+                part = part + (a @ S if into is None else into * (a @ S))
+            num[:, :, here] = part
+            if normalize:
+                total = scores.sum(-1, keepdim=True)
+                if z is not None:
+                    prior = a @ z[..., None]
+                    total = total + (prior if into is None else into * prior)
+                den[:, :, here] = total
+        if stop < seq_kv:  # carry the state to the end of this chunk
+            if g is not None:
+                tail = g.flip(-1).cumsum(-1).flip(-1)  # Σ_{j<=s<end} g_s
+                weight = torch.exp(torch.cat([tail[..., 1:], torch.zeros_like(tail[..., :1])], dim=-1))
+                fk = fk * weight[..., None]  # decayed to the chunk's last token
+                whole = torch.exp(tail[..., 0])  # [B, H]: the decay across the chunk
+                if S is not None and decay_state:
+                    S, z = S * whole[..., None, None], z * whole[..., None]
+            add_s, add_z = fk.transpose(-1, -2) @ vv, fk.sum(2)
+            S, z = (add_s, add_z) if S is None or not carry else (S + add_s, z + add_z)
+    if normalize:  # rows that see no key stay 0 (as chunked_linear's)
+        seen = (last >= 0)[:, None]
+        num = torch.where(seen, num / _den(den, eps, floor), num)
+    return num
+
+
+def feature_rows(features, q, k, v, rows, *, causal: bool, offset: int, eps: float, normalize: bool = True,
+                 floor=None, chunk: int = STREAM_CHUNK, **kw):
+    """The kernelised skeleton's output on query rows ``rows`` only ([B, H, len(rows), dv], ``v``'s dtype),
+    by :func:`streamed_rows`: ``features(q, k, v, q_pos, k_pos, **kw)`` is called on the sampled query rows
+    (at their absolute positions ``row + offset``) and on each key chunk (positions ``start .. stop-1``), so
+    position-dependent maps (cosFormer) see the right positions. Feature maps must act row by row (every
+    map of the family does: elu+1, random features with a per-row shift, position reweighting)."""
+    rows = rows.to(q.device).long()
+    qpos = rows + offset
+    none = torch.zeros(0, dtype=torch.long, device=q.device)
+    fq, _, _ = features(q[:, :, rows], k[:, :, :0], v[:, :, :0], qpos, none, **kw)
+    seq_kv = k.shape[2]
+    last = qpos if causal else torch.full_like(rows, seq_kv - 1)
+
+    def key_chunk(start, stop):
+        kpos = torch.arange(start, stop, device=k.device)
+        _, fk, vv = features(q[:, :, :0], k[:, :, start:stop], v[:, :, start:stop], none, kpos, **kw)
+        return fk, vv, None
+
+    out = streamed_rows(fq, key_chunk, seq_kv, last, chunk=chunk, eps=eps, normalize=normalize, floor=floor)
+    return out.to(v.dtype)
+
+
 # ---- recurrent decode -------------------------------------------------------------------------------------
 @dataclass
 class LinearState:
@@ -249,7 +358,9 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     ``features(q, k, v, q_pos, k_pos, **kw) -> (fq, fk, v)`` with GQA expanded; ``q_pos``/``k_pos`` are
     absolute positions (keys 0..Skv-1, query i at i + offset), used by position-dependent maps (cosFormer). Hyper-parameters read here:
     ``chunk`` (chunk length of the parallel form), ``eps`` (denominator), ``compute_dtype`` (matmul dtype of
-    the chunked form), ``reference_naive_max_pairs`` (above, the reference is the chunked form in fp32).
+    the chunked form), ``reference_naive_max_pairs`` (above, the reference is the chunked form in fp32),
+    ``reference_stream_chunk`` (keys per step of the reference's ``rows=`` form, :func:`feature_rows`, which
+    the case runner uses on long cases).
     """
     from ..contract import Prepared
 
@@ -258,6 +369,7 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     eps = param_float(ctx, "eps", eps_default, minimum=0.0)
     dtype = compute_dtype(ctx)
     naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
+    stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     reference_form = linear_reference(naive_max, chunk)
 
     def positions(q, k):  # absolute positions: keys 0..Skv-1, query i at i + offset (0 for the full mask)
@@ -269,7 +381,10 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
         return chunked_linear(fq, fk, vv, causal=causal, offset=offset, eps=eps, chunk=chunk,
                               normalize=normalize, dtype=dtype, floor=floor)
 
-    def reference(q, k, v, **kw):
+    def reference(q, k, v, rows=None, **kw):
+        if rows is not None:  # a long case's sampled rows, streamed (forward only)
+            return feature_rows(features, q, k, v, rows, causal=causal, offset=offset, eps=eps,
+                                normalize=normalize, floor=floor, chunk=stream, **kw)
         qpos, kpos = positions(q, k)
         fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
         return reference_form(fq, fk, vv, causal=causal, offset=offset, eps=eps, normalize=normalize, floor=floor)

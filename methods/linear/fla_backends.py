@@ -12,6 +12,9 @@ against that method's reference:
 - ``fla_gated_delta_rule``: ``chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)`` =
   ``gated_delta_rule``.
 
+``fla_linear_attn``'s and ``fla_simple_gla``'s references take ``rows=`` (the own streamed rows form, rows in
+fla's layout ``[B, len(rows), H, D]``), which the case runner gates long cases on; the delta rules' do not.
+
 Inputs in fla's ``[B, T, H, D]`` layout (``input_layout="bshd"``; gates ``[B, T, H]``), causal self-attention
 only, no decode rows (the own methods' recurrent steps serve decode). fla refuses its gated backward on Hopper
 with Triton >= 3.4, < 3.7.1 ("... produces incorrect results for gated ..."): that error is declared a
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from ..contract import Extra, Prepared
 from ..registry import Capabilities, Unsupported, register_method
 from . import gated_delta
-from .common import mask_mode, naive_linear, param_int
+from .common import STREAM_CHUNK, mask_mode, naive_linear, param_int
 from .linear_attn import elu_features
 
 DECLINES = ("produces incorrect results", "Triton is not supported")
@@ -52,15 +55,19 @@ def build_fla_linear_attn(ctx):
 
     eps = 1e-6
     naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
+    stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
 
     def fn(q, k, v):
         fq, fk = F.elu(q) + 1.0, F.elu(k) + 1.0
         out, _ = chunk_linear_attn(fq, fk, v, scale=1.0, normalize=True)
         return out
 
-    def reference(q, k, v):
-        from .common import linear_reference
+    def reference(q, k, v, rows=None):
+        from .common import feature_rows, linear_reference
 
+        if rows is not None:  # a long case's sampled rows, keys streamed; [B, len(rows), H, D]
+            return _bhsd(feature_rows(elu_features, _bhsd(q), _bhsd(k), _bhsd(v), rows, causal=True, offset=0,
+                                      eps=eps, chunk=stream))
         fq, fk, vv = elu_features(_bhsd(q), _bhsd(k), _bhsd(v))
         out = linear_reference(naive_max, 128)(fq, fk, vv, causal=True, offset=0, eps=eps)  # chunk 64 above
         return _bhsd(out)
@@ -82,6 +89,7 @@ def _fla_variant(ctx, name: str, call):
     _causal_self(ctx)
     gated, delta, normalize = gated_delta.VARIANTS[name]
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
+    stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     kw = dict(gated=gated, delta=delta, normalize=normalize)
 
     def reference(q, k, v, g=None, beta=None):
@@ -93,6 +101,15 @@ def _fla_variant(ctx, name: str, call):
         else:
             out = gated_delta.chunked(q, k, v, g, beta, chunk=32, **kw)
         return _bhsd(out)
+
+    if not delta:  # fla_simple_gla: a rows= form for long cases, [B, len(rows), H, D] (delta rules: none)
+        full_reference = reference
+
+        def reference(q, k, v, g=None, beta=None, rows=None):
+            if rows is None:
+                return full_reference(q, k, v, g, beta)
+            return _bhsd(gated_delta.gated_rows(_bhsd(q), _bhsd(k), _bhsd(v), None if g is None else g.transpose(1, 2),
+                                                rows, chunk=stream))
 
     return Prepared(fn=call, reference=reference, extras=_gate_extras(ctx.case, gated, delta),
                     softmax_comparable=False)

@@ -25,7 +25,10 @@ self-attention only, CUDA or the Triton interpreter.
 
 Causal only (a recurrence); queries aligned bottom-right (decode: one query after the cache).
 Class N (a different operator): no ``approx_err``. Hyper-parameters: ``chunk`` (default 64),
-``reference_naive_max_len`` (default 4096).
+``reference_naive_max_len`` (default 4096), ``reference_stream_chunk`` (simple_gla and simple_gla_triton:
+keys per step of the reference's ``rows=`` form, :func:`gated_rows`, which the case runner gates long cases
+on). The delta rules have no ``rows=`` form (their state update ``α(I − β k kᵀ)S + β k vᵀ`` is not a sum
+over keys that a few rows could stream cheaply): long cases of theirs run the full chunked reference.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 from ..contract import Extra, Prepared, RecurrentDecode, StateScan
 from ..registry import Capabilities, Unsupported, register_method
-from .common import mask_mode, param_int
+from .common import STREAM_CHUNK, mask_mode, param_int, streamed_rows
 
 VARIANTS = {
     # name: (gated, delta, normalise q/k)
@@ -154,6 +157,24 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     return (out, S) if return_state else out
 
 
+def gated_rows(q, k, v, g, rows, *, chunk: int = STREAM_CHUNK, scale=None):
+    """``simple_gla``'s operator (no delta term, q and k not normalised) on query rows ``rows`` only
+    (``[B, H, len(rows), dv]``, ``v``'s dtype): the keys streamed in chunks by :func:`common.streamed_rows`
+    with the decayed state carried, queries aligned bottom-right. The ``rows=`` form of the reference that long
+    cases are gated on. The delta rules have none: their state update is not a sum over keys."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = rows.to(q.device).long()
+    last = rows + (k.shape[2] - q.shape[2])
+    if last.numel() and int(last.min()) < 0:
+        raise Unsupported("seq_q > seq_kv: queries before the first key (top-left causal) are not supported")
+
+    def key_chunk(start, stop):
+        return k[:, :, start:stop], v[:, :, start:stop], None if g is None else g[:, :, start:stop]
+
+    out = streamed_rows(q[:, :, rows], key_chunk, k.shape[2], last, chunk=chunk, normalize=False)
+    return (scale * out).to(v.dtype)
+
+
 def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int) -> RecurrentDecode:
     def prefill(q, k, v, g=None, beta=None):
         past = k.shape[2] - 1
@@ -197,6 +218,7 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         raise Unsupported(f"{ctx.case.method} is a causal recurrence aligned bottom-right only")
     chunk = param_int(ctx, "chunk", 64, minimum=1, maximum=1024)
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
+    stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     kw = dict(gated=gated, delta=delta, normalize=normalize)
 
     def fn(q, k, v, g=None, beta=None):
@@ -208,6 +230,14 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         if k.shape[2] <= naive_max:
             return naive_recurrence(q, k, v, g, beta, **kw).to(q.dtype)
         return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), **kw)
+
+    if not delta:  # simple_gla: a rows= form for long cases (the delta rules keep the full reference only)
+        full_reference = reference
+
+        def reference(q, k, v, g=None, beta=None, rows=None):
+            if rows is None:
+                return full_reference(q, k, v, g, beta)
+            return gated_rows(q, k, v, g if gated else None, rows, chunk=stream)
 
     extras = gate_extras(ctx.case, gated, delta)
     scan = affine_state_scan(chunk, tuple(extras), **kw) if fast is None and offset == 0 else None
@@ -289,6 +319,7 @@ def build_simple_gla_triton(ctx):
     num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
     seg_chunks = param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024)
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
+    stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     why = triton_runnable(ctx.device)
     if why:
         raise Unsupported(f"simple_gla_triton: {why}")
@@ -299,7 +330,9 @@ def build_simple_gla_triton(ctx):
     def fn(q, k, v, g):
         return kernel(q, k, v, g, chunk=chunk, block_v=block_v, num_warps=num_warps, seg_chunks=seg_chunks)
 
-    def reference(q, k, v, g):
+    def reference(q, k, v, g, rows=None):
+        if rows is not None:  # a long case's sampled rows, keys streamed (forward only)
+            return gated_rows(q, k, v, g, rows, chunk=stream)
         if k.shape[2] <= naive_max:
             return naive_recurrence(q, k, v, g, **kw).to(q.dtype)
         return chunked(q, k, v, g, chunk=max(16, chunk // 2), **kw)

@@ -14,7 +14,8 @@ CUDA or the Triton interpreter, no decode rows: the recurrent step is ``linear_a
 both, and fla's kernel, side by side. Hyper-parameters: ``chunk`` (constexpr chunk length, power of two in
 16..256, default 64), ``block_v`` (value columns per program, default 64), ``seg_chunks`` (chunks per
 parallel segment, default 4: the fp32 states stored per segment cost T / (chunk · seg_chunks) · d² · 4 B per
-kv head), ``num_warps`` (default 4), ``eps``, ``reference_naive_max_pairs``. On a CPU without
+kv head), ``num_warps`` (default 4), ``eps``, ``reference_naive_max_pairs``, ``reference_stream_chunk`` (keys
+per step of the reference's ``rows=`` form, which long cases are gated on). On a CPU without
 ``TRITON_INTERPRET=1`` its rows are ``unsupported``.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ def build_linear_attn_triton(ctx):
     """Linear attention, elu+1 features: own chunked Triton kernels (forward and backward), causal self."""
     from ..contract import Prepared
     from ..registry import Unsupported
-    from .common import linear_reference, mask_mode, param_choice, param_float, param_int
+    from .common import STREAM_CHUNK, feature_rows, linear_reference, mask_mode, param_choice, param_float, param_int
 
     causal, offset = mask_mode(ctx)
     if not causal or offset != 0 or ctx.case.seq_q != ctx.case.seq_kv:
@@ -72,6 +73,7 @@ def build_linear_attn_triton(ctx):
     seg_chunks = param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024)
     eps = param_float(ctx, "eps", 1e-6, minimum=0.0)
     naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
+    stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     why = triton_runnable(ctx.device)
     if why:
         raise Unsupported(f"linear_attn_triton: {why}")
@@ -82,7 +84,9 @@ def build_linear_attn_triton(ctx):
     def fn(q, k, v):
         return kernel(q, k, v, chunk=chunk, block_v=block_v, eps=eps, num_warps=num_warps, seg_chunks=seg_chunks)
 
-    def reference(q, k, v):
+    def reference(q, k, v, rows=None):
+        if rows is not None:  # a long case's sampled rows, keys streamed (forward only)
+            return feature_rows(elu_features, q, k, v, rows, causal=True, offset=0, eps=eps, chunk=stream)
         fq, fk, vv = elu_features(q, k, v)
         return reference_form(fq, fk, vv, causal=True, offset=0, eps=eps)
 
