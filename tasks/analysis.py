@@ -8,8 +8,12 @@ regression, merged parametrisation ``W_KQ^h, W_OV^h ∈ R^{(d+1)×(d+1)}``: toke
 to itself: unverified in the paper) with ``q = W_KQ z`` (× √head_dim, cancelling the kernel's scale),
 ``k = z``, ``v = W_OV z`` (zero-padded to ``head_dim``), and ``ŷ = Σ_h out_h[d]`` at the query. Trained with
 Adam on MSE from a small initialisation. Measured: MSE at L (the value) and at ``test_factors`` × L (the
-method built again for each length, its learnable tensors, if any, set to the trained ones); the
-mechanism — per active head (|μ_h| ≥ 10 % of the largest) the x-block off-diagonal / diagonal ratio
+method built again for each length, its learnable tensors, if any, set to the trained ones). A method's
+extra inputs are handled as in the task models (``model.ExtraProjection``): one per token (gates, β, slot scores,
+a second key set) becomes a learned map of the token z, trained with the model (the single-head one has its own)
+and reused at every length; a fixed-size one is drawn per call; one whose shape changes with the length otherwise
+makes the method ``unsupported`` (the method is built at two lengths to tell them apart); a prepare step runs per
+call, as in the harness. The mechanism — per active head (|μ_h| ≥ 10 % of the largest) the x-block off-diagonal / diagonal ratio
 (``kq_offdiag_ratio < 0.05``), the OV last row besides μ over |μ| (``ov_last_entry_ratio < 0.05``),
 ``|Σμ|/Σ|μ| < 0.05``; the closed-form predictor ``Σ_h μ_h softmax(ω_h x·x_q) y`` (ω_h the mean diagonal,
 μ_h the (d+1, d+1) entry, same attended set) reproducing the model (R² > 0.99); a single-head model of the
@@ -27,7 +31,9 @@ with ``head_dim = n``).
 matrices are random and frozen, ``W_m ~ N(c·I/d, I/d²)`` (``bias_mean`` c; c = 0 is RFA, c > 0 biased RFA), and
 trained values: the features are the method's outputs ``Σ_i a_{m,i} x_i`` (``q = W_mᵀ x₀``, ``k = v = x_i``,
 noncausal cross, one query over N keys), the values are fitted by ridge in closed form (λ on a validation
-split). Baseline RFMLP: ReLU random features of ``[x₀; x₁; …; x_N]`` with the same count M·d. Targets on
+split). Nothing is trained around the method, so a method with a per-token extra (in a trained model a
+learned map of the input) is ``unsupported`` here, saying so; a prepare step runs per call, fixed-size extras are
+drawn once. Baseline RFMLP: ReLU random features of ``[x₀; x₁; …; x_N]`` with the same count M·d. Targets on
 ``x ∈ √d·S^{d−1}``: ``quadratic`` (1/N)Σ⟨β,x_i⟩⟨x₀,x_i⟩/√d, ``cubic`` (1/N)Σ(⟨x₀,x_i⟩/√d)³ (both invariant
 to permuting the keys), ``control`` ⟨β, x₁⟩ (not invariant). Metric: test MSE / Var(target). Checks: the
 model's output is invariant to permuting the keys; (tracked) RFA below RFMLP on the invariant targets.
@@ -40,16 +46,14 @@ import time
 import torch
 import torch.nn as nn
 
-from .model import build_method, task_case
+from .model import (build_method, call_method, draw_extras, extra_projections, task_case, token_extras,
+                    untrained_extras)
 from .registry import Task, register_task
 from .train import Outcome, stream_seed
 
 
-def _call(prepared, caps, q, k, v):
-    if caps.input_layout == "bshd":
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    out = prepared.fn(q, k, v)
-    return out.transpose(1, 2) if caps.input_layout == "bshd" else out
+def _call(prepared, caps, q, k, v, extras=None):
+    return call_method(prepared, caps.input_layout, q, k, v, extras or {})
 
 
 def _case(task, method, batch, heads, seq_q, seq_kv, head_dim, dtype, seed, device, mode="fwd_bwd"):
@@ -58,12 +62,31 @@ def _case(task, method, batch, heads, seq_q, seq_kv, head_dim, dtype, seed, devi
                          seed=seed, device=device)
 
 
-def _check_plain(method, prepared, task_name):
+def per_token_extras(task_name: str, method: str, first: tuple, second: tuple, layout: str) -> list[str]:
+    """The extras of a method built at two lengths (``(tokens, prepared)`` each) that are one entry per token: the
+    learned maps of the layer input (``model.token_extras`` whose shape changes with the length along the token
+    axis alone). Every other extra must keep its shape (drawn per call); an extra that changes otherwise is neither
+    per token nor fixed and raises ``Unsupported`` naming it."""
     from attnbench.methods import Unsupported
 
-    if prepared.extras or prepared.prepare is not None:
-        raise Unsupported(f"{task_name} calls the method on q, k, v alone; {method} needs extra inputs or a prepare "
-                          "step (not wired here)")
+    (t1, p1), (t2, p2) = first, second
+    axis = 2 if layout == "bhsd" else 1
+    learned = []
+    for name in sorted(set(p1.extras) | set(p2.extras)):
+        if name not in p1.extras or name not in p2.extras:
+            at = t1 if name in p1.extras else t2
+            raise Unsupported(f"{task_name}: {method} declares the extra {name!r} at {at} tokens only (built for "
+                              f"{t1} and {t2}), so no map of the input serves every length")
+        a, b = p1.extras[name].shape, p2.extras[name].shape
+        changed = [i for i in range(len(a)) if a[i] != b[i]] if len(a) == len(b) else None
+        if changed == [axis] and (a[axis], b[axis]) == (t1, t2):
+            if name in token_extras(p1, t1, layout):
+                learned.append(name)
+        elif changed != []:
+            raise Unsupported(f"{task_name}: {method}'s extra {name!r} has shape {tuple(a)} at {t1} tokens and "
+                              f"{tuple(b)} at {t2}: neither one entry per token (axis {axis}) nor a fixed size, so "
+                              "it cannot be a learned map of each token's input")
+    return learned
 
 
 # ---- icl_linreg_1layer_mh ---------------------------------------------------------------------------------------
@@ -82,12 +105,15 @@ class ICLModel(nn.Module):
 
     def __init__(self, heads: int, d: int, head_dim: int, init_std: float, kind: str = "method", fn_for=None,
                  train_length: int = 1):
-        """``fn_for(tokens)``: the method's ``fn`` built for sequences of ``tokens`` tokens (a built method is valid
-        only for the case it was built for: evaluating at 4 L needs a build for 4 L + 1 tokens)."""
+        """``fn_for(tokens)``: the method's ``fn(q, k, v, **learned_extras)`` built for sequences of ``tokens`` tokens
+        (a built method is valid only for the case it was built for: evaluating at 4 L needs a build for 4 L + 1
+        tokens). ``extra_maps``: the method's per-token extras as learned maps of the tokens z
+        (``model.ExtraProjection``, d + 1 wide), trained with W_KQ and W_OV and used at every length."""
         super().__init__()
         self.d, self.head_dim, self.kind, self.fn_for, self.train_length = d, head_dim, kind, fn_for, train_length
         self.w_kq = nn.Parameter(torch.randn(heads, d + 1, d + 1) * init_std)
         self.w_ov = nn.Parameter(torch.randn(heads, d + 1, d + 1) * init_std)
+        self.extra_maps = nn.ModuleDict()
 
     def qkv(self, z):
         heads = self.w_kq.shape[0]
@@ -107,7 +133,8 @@ class ICLModel(nn.Module):
             values = torch.einsum("hj,btj->bht", self.w_ov[:, self.d], z[:, :-1])
             return (logits * values).sum((1, 2)) / self.train_length
         q, k, v = (t.to(dtype) for t in self.qkv(z))
-        out = self.fn_for(z.shape[1])(q, k, v)
+        learned = {name: projection(z, dtype) for name, projection in self.extra_maps.items()}
+        out = self.fn_for(z.shape[1])(q, k, v, **learned)
         return out[:, :, -1, self.d].float().sum(1)
 
 
@@ -204,26 +231,39 @@ class ICLLinReg(Task):
         return sum(errs) / len(errs)
 
     def _model(self, method, heads, seed, dtype, device, options, method_params, kind="method"):
+        """The ICL model. For ``kind="method"``, the method is built for the L + 1 training tokens and, eagerly, for
+        a second length (the longest evaluation length, else 2 L + 1) to tell its extras apart
+        (:func:`per_token_extras`): per-token ones become learned maps of z (``model.ExtraProjection``, trained
+        with the model and reused at every length), fixed-size ones are drawn per call (``model.draw_extras``), and
+        its prepare step runs per call (``model.call_method``), as in the task models."""
         from attnbench.methods import Unsupported
 
-        fn_for, extra = None, []
+        fn_for, extra, learned = None, [], []
         if kind == "method":
             built = {}
+            calls = [0]
 
             def build(tokens):
                 case = _case(self, method, int(self.params["batch"]), heads, tokens, tokens, self.head_dim, dtype,
                              seed, device)
                 prepared, caps = build_method(case, torch.device(device), dict(options or {}), method_params or {})
-                _check_plain(method, prepared, self.name)
                 return prepared, caps, [p for p in prepared.parameters
                                         if isinstance(p, torch.Tensor) and p.requires_grad]
 
             train_tokens = self.seq + 1
             built[train_tokens] = build(train_tokens)
             extra = built[train_tokens][2]
+            prepared, caps = built[train_tokens][:2]
+            if prepared.extras:
+                longest = max(self.params["test_factors"]) * self.seq + 1
+                other = longest if longest != train_tokens else 2 * self.seq + 1
+                built[other] = build(other)
+                learned = per_token_extras(self.name, method, (train_tokens, prepared), (other, built[other][0]),
+                                           caps.input_layout)
 
             def fn_for(tokens):
-                """The method built for ``tokens`` (once per length), its learnable tensors set to the trained ones."""
+                """The method built for ``tokens`` (once per length), its learnable tensors set to the trained ones;
+                the learned extras come from the model (its ``extra_maps``), the others are drawn here."""
                 if tokens not in built:
                     built[tokens] = build(tokens)
                 prepared, caps, own = built[tokens]
@@ -234,11 +274,28 @@ class ICLLinReg(Task):
                     with torch.no_grad():
                         for mine, trained in zip(own, extra):
                             mine.copy_(trained)
-                return lambda q, k, v: _call(prepared, caps, q, k, v)
+                axis = 2 if caps.input_layout == "bhsd" else 1
+                for name in learned:  # the trained maps fit this build's extra (same shape but the token axis)
+                    trained = list(built[train_tokens][0].extras[name].shape)
+                    trained[axis] = tokens
+                    here = prepared.extras.get(name)
+                    if here is None or list(here.shape) != trained:
+                        raise Unsupported(f"{method}'s extra {name!r} learned at {train_tokens} tokens does not fit a "
+                                          f"build for {tokens} ({None if here is None else tuple(here.shape)})")
+
+                def call(q, k, v, **maps):
+                    drawn = draw_extras(prepared, maps, seed, calls[0], q.device, q.dtype)
+                    calls[0] += 1
+                    return _call(prepared, caps, q, k, v, {**drawn, **maps})
+
+                return call
 
         torch.manual_seed(stream_seed("icl-init", seed, heads, kind))
         model = ICLModel(heads, self.d, self.head_dim, float(self.params["init_std"]), kind, fn_for,
                          self.seq).to(device)
+        if learned:  # made after W_KQ, W_OV: a method without extras keeps the initialisation it had
+            prepared, caps = built[self.seq + 1][:2]
+            model.extra_maps = extra_projections(self.d + 1, prepared, learned, caps.input_layout).to(device)
         model.extra = extra  # the method's own learnable tensors (Prepared.parameters), trained with the model
         return model
 
@@ -504,15 +561,18 @@ class RFAttentionProbe(Task):
         chunk = int(self.params["batch"])
         case = _case(self, method, chunk, m, 1, count, d, dtype, seed, device, mode="fwd")
         prepared, caps = build_method(case, torch.device(device), dict(options or {}), method_params or {})
-        _check_plain(method, prepared, self.name)
+        untrained_extras(self.name, method, prepared, caps, count, "fits the values in closed form with nothing "
+                         "trained (the query-key maps are frozen random draws)")
         tdtype = getattr(torch, dtype)
+        # extras without a token axis: drawn once (frozen, like W); the prepare step runs per call (call_method)
+        fixed = draw_extras(prepared, (), seed, 0, torch.device(device), tdtype)
 
         def fn(q, k, v):
             batch = q.shape[0]
             if batch < chunk:  # the method was built for `chunk` examples: pad the last chunk
                 pad = chunk - batch
                 q, k, v = (torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for t in (q, k, v))
-            return _call(prepared, caps, q, k, v)[:batch]
+            return _call(prepared, caps, q, k, v, fixed)[:batch]
 
         gen = torch.Generator().manual_seed(stream_seed(self.name, seed, "weights"))
         w = (torch.randn(m, d, d, generator=gen, dtype=torch.float64) / d

@@ -217,6 +217,55 @@ def token_extras(prepared, seq_kv: int, layout: str) -> list[str]:
             if len(extra.shape) >= 3 and extra.shape[axis] == seq_kv and extra.init not in ("ones", "zeros")]
 
 
+def untrained_extras(task_name: str, method: str, prepared, caps, seq_kv: int, why: str) -> None:
+    """Refuse a method whose extras have a token axis (``model.token_extras``: in a trained model, learned maps of
+    the layer input) for a task that trains nothing around the method; ``why`` says what the task does instead. Its
+    other extras are drawn (fixed) and its prepare step runs (``call_method``)."""
+    from attnbench.methods import Unsupported
+
+    learned = token_extras(prepared, seq_kv, caps.input_layout)
+    if learned:
+        names = ", ".join(repr(n) for n in learned)
+        what = ("extra {} (one per key) would be a learned projection of the layer input, which needs"
+                if len(learned) == 1 else
+                "extras {} (one per key) would be learned projections of the layer input, which need").format(names)
+        raise Unsupported(f"{task_name} {why}; {method}'s {what} training")
+
+
+def extra_projections(d_model: int, prepared, names, layout: str, device=None) -> nn.ModuleDict:
+    """One :class:`ExtraProjection` (from ``d_model``-wide inputs) per extra in ``names`` (token extras)."""
+    return nn.ModuleDict({name: ExtraProjection(d_model, prepared.extras[name], layout, device=device)
+                          for name in names})
+
+
+def draw_extras(prepared, skip, seed: int, calls: int, device, dtype: torch.dtype) -> dict:
+    """The extras of ``prepared`` not named in ``skip`` (those are learned maps), drawn: seeded from ``seed``, the
+    extra's name and ``calls`` (a fresh draw per call as ``calls`` counts up; the same draw for a fixed ``calls``)."""
+    tensors = {}
+    for name, extra in prepared.extras.items():
+        if name in skip:
+            continue
+        gen = torch.Generator(device=device).manual_seed(
+            (seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * calls) % (2**63))
+        tensors[name] = extra.make(gen, device, dtype)
+    return tensors
+
+
+def call_method(prepared, layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: dict):
+    """One call of a kernel-form method on q, k, v ``[B, H, S, D]`` with its ``extras`` (already in the method's
+    ``layout``): q, k, v laid out as the method takes them, its untimed ``prepare`` (no gradient, as in the
+    harness), then ``fn``; the output back in ``[B, H, S, D]``."""
+    bshd = layout == "bshd"
+    if bshd:
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    kwargs = dict(extras)
+    if prepared.prepare is not None:
+        with torch.no_grad():
+            kwargs.update(prepared.prepare(q, k, v, **kwargs) or {})
+    out = prepared.fn(q, k, v, **kwargs)
+    return out.transpose(1, 2) if bshd else out
+
+
 class MethodAttention(nn.Module):
     """Multi-head attention whose core is a registered kernel-form method (projections around it)."""
 
@@ -237,20 +286,9 @@ class MethodAttention(nn.Module):
                                                 value_dim=self.head_dim if self.qk_dim != self.head_dim else None)
         self.method_parameters = [p for p in self.prepared.parameters if isinstance(p, torch.Tensor) and p.requires_grad]
         layout = self.caps.input_layout
-        self.extra_maps = nn.ModuleDict({name: ExtraProjection(d_model, self.prepared.extras[name], layout,
-                                                               device=device)
-                                         for name in token_extras(self.prepared, case.seq_kv, layout)})
+        self.extra_maps = extra_projections(d_model, self.prepared,
+                                            token_extras(self.prepared, case.seq_kv, layout), layout, device=device)
         self.calls = 0
-
-    def _extras(self, device) -> dict:
-        tensors = {}
-        for name, extra in self.prepared.extras.items():
-            if name in self.extra_maps:
-                continue  # a learned map of the input (forward)
-            seed = (self.case.seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * self.calls) % (2**63)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            tensors[name] = extra.make(gen, device, self.dtype)
-        return tensors
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 qk_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,19 +309,11 @@ class MethodAttention(nn.Module):
             q = rotary(q, torch.arange(seq_q, device=x.device) + (seq_kv - seq_q))
             k = rotary(k, torch.arange(seq_kv, device=x.device))
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
-        bshd = self.caps.input_layout == "bshd"
-        if bshd:
-            q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        kwargs = self._extras(x.device)
-        for name, projection in self.extra_maps.items():
+        kwargs = draw_extras(self.prepared, self.extra_maps, self.case.seed, self.calls, x.device, self.dtype)
+        for name, projection in self.extra_maps.items():  # learned maps of the input
             kwargs[name] = projection(source, self.dtype)
-        if self.prepared.prepare is not None:
-            with torch.no_grad():
-                kwargs.update(self.prepared.prepare(q, k, v, **kwargs) or {})
         self.calls += 1
-        out = self.prepared.fn(q, k, v, **kwargs)
-        if bshd:
-            out = out.transpose(1, 2)
+        out = call_method(self.prepared, self.caps.input_layout, q, k, v, kwargs)
         out = out.transpose(1, 2).reshape(batch, seq_q, width).to(x.dtype)
         return self.o(out)
 

@@ -5,7 +5,8 @@ The encoder stays frozen; after each of its six attention sub-layers the adapter
 (:mod:`attnbench.methods.analysis.sparse_gin`) runs a GIN over the thresholded graph of that layer's attention
 probabilities (exact softmax of the layer's q, k in float32 — the adapter needs the map, so the method must be an
 exact one: an approximate method's output would not match the map; its row is ``unsupported``). The attention
-*output* is the method's. Only the adapter (GIN blocks, RMSNorm weights, the per-layer lambda) is trained.
+*output* is the method's (its prepare step runs per call; a per-token extra input, in a trained model a learned
+map of the layer input, has no place in the frozen encoder: ``unsupported``). Only the adapter (GIN blocks, RMSNorm weights, the per-layer lambda) is trained.
 
 Protocol (ours; the paper fine-tunes Llama-3.2-3B on math/logic/bio text): the first ``train_pairs`` paraphrase
 pairs of ``minilm_sentences.SENTENCES`` train the adapter with in-batch InfoNCE (cosine × ``scale``; each
@@ -67,7 +68,7 @@ class SparseGINMiniLM(Task):
 
     def _encoder(self, method, seed, dtype, device, options, method_params):
         from attnbench.methods import METHODS, Unsupported
-        from attnbench.tasks.model import build_method, task_case
+        from attnbench.tasks.model import build_method, call_method, draw_extras, task_case, untrained_extras
 
         if not METHODS[method].caps.exact:
             raise Unsupported(f"{self.name} reads the frozen encoder's softmax map; {method} is approximate, so its "
@@ -80,19 +81,17 @@ class SparseGINMiniLM(Task):
                                  heads_kv=self.heads, seq_q=seq, seq_kv=seq, head_dim=self.head_dim, dtype=dtype,
                                  mode="fwd_bwd", seed=seed, device=device)
                 prepared, caps = build_method(case, torch.device(device), dict(options or {}), method_params or {})
-                if prepared.extras or prepared.prepare is not None:
-                    raise Unsupported(f"{self.name} calls the method on q, k, v alone; {method} needs extra inputs "
-                                      "or a prepare step (not wired here)")
-                built[(batch, seq)] = (prepared, caps)
-            prepared, caps = built[(batch, seq)]
+                untrained_extras(self.name, method, prepared, caps, seq, "keeps the pretrained encoder frozen and "
+                                 "trains only the adapter")
+                # extras without a token axis: drawn once (frozen); the prepare step runs per call (call_method)
+                fixed = draw_extras(prepared, (), seed, 0, torch.device(device), getattr(torch, dtype))
+                built[(batch, seq)] = (prepared, caps, fixed)
+            prepared, caps, fixed = built[(batch, seq)]
             tdtype = getattr(torch, dtype)
 
             def attend(q, k, v):
-                args = [t.to(tdtype) for t in (q, k, v)]
-                if caps.input_layout == "bshd":
-                    args = [t.transpose(1, 2).contiguous() for t in args]
-                out = prepared.fn(*args)
-                return (out.transpose(1, 2) if caps.input_layout == "bshd" else out).float()
+                q, k, v = (t.to(tdtype) for t in (q, k, v))
+                return call_method(prepared, caps.input_layout, q, k, v, fixed).float()
 
             return attend
 

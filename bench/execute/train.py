@@ -202,7 +202,8 @@ def _unsupported(task, method, attn_case, options: dict, check_availability: boo
 
     caps = method.caps
     if task.kind in ("probe", "experiment") and caps.form == "layer":
-        return f"a {task.kind} calls the method on q, k, v; a layer-form method takes x"
+        article = "an" if task.kind[0] in "aeiou" else "a"
+        return f"{article} {task.kind} calls the method on q, k, v; a layer-form method takes x"
     if caps.form == "layer" and task.arch == "cross":
         return "a layer-form method has no cross-attention form (queries and keys from one sequence)"
     spec = masks.make_mask(attn_case.mask)
