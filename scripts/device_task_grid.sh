@@ -5,7 +5,8 @@
 #
 #   bash scripts/device_task_grid.sh 0          # PLAN=... to use another plan; WALL=570 (seconds, the hard cap)
 #   PARALLEL=4 bash scripts/device_task_grid.sh 0   # 4 cases at once on the GPU (attnbench train parallel=4;
-#                                                # rows carry concurrent=4; the plan's estimates stay serial)
+#                                                # rows carry concurrent=4). Default: the plan's "parallel"
+#                                                # (what its call estimates assume; 1 for a plan without it)
 #
 # Resumable: the committed results/h200-task-grid (if any) is copied into $OUT/results first, so cases that
 # already have rows are skipped, and a call cut by the wall cap (SIGTERM: finished rows kept, the case in
@@ -18,8 +19,9 @@ CALL=${1:?usage: device_task_grid.sh CALL_INDEX}
 PLAN=${PLAN:-results/task-grid-plan.json}
 WALL=${WALL:-570}          # seconds for this whole script (the device tool allows 600 a command)
 FINISH_S=${FINISH_S:-35}   # kept back for finalize, report and the tarball
-PARALLEL=${PARALLEL:-1}    # cases run at once in each slice (attnbench train parallel=N)
 [ -f "$PLAN" ] || { echo "no plan at $PLAN: run scripts/plan_task_grid.py and commit it"; exit 2; }
+# cases run at once in each slice (attnbench train parallel=N): the plan's, unless PARALLEL is set
+PARALLEL=${PARALLEL:-$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('parallel', 1))" "$PLAN")}
 if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: attnbench is importable already (the CPU test of this script)
   if ! python3 -c "import hydra" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -60,7 +60,7 @@ def test_every_case_is_in_exactly_one_call_and_unsupported_ones_are_planned_rows
     # each slice lists the methods it runs, and its planned unsupported ones, as `attnbench train` overrides
     for call in plan["calls"]:
         for piece in call["slices"]:
-            assert piece["overrides"] == [f"tasks=[{piece['tasks'][0]}]", f"methods=[{','.join(piece['methods'])}]",
+            assert piece["overrides"] == [f"tasks=[{','.join(piece['tasks'])}]", f"methods=[{','.join(piece['methods'])}]",
                                           f"seeds=[{','.join(map(str, piece['seeds']))}]"]
     totals = plan["totals"]
     assert (totals["to_run"], totals["unsupported"]) == (24, 24)
@@ -175,7 +175,8 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
                  "task_options.sort.steps=1", "task_options.sort.seq_lens=[8]", "task_options.sort.d_model=16",
                  "task_options.sort.batch=4", "task_options.sort.eval_batches=1"]
     cfg = task_grid.compose_suite("tasks_grid", tuple(overrides))
-    plan = make_plan(cfg, cost_model(), BUDGET, run_id="tiny-grid", target_device="cpu")
+    plan = make_plan(cfg, cost_model(), BUDGET, run_id="tiny-grid", target_device="cpu", parallel=2,
+                     throughput=throughput())
     plan["overrides"] = overrides[:2] + overrides[5:]
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(task_grid.to_json(plan))
@@ -196,6 +197,7 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
 
     rows = call(tmp_path / "out1")
     assert {r["case_id"] for r in rows} == {e["case_id"] for e in plan["cases"]}
+    assert {r["concurrent"] for r in rows} == {2}  # PARALLEL defaults to the plan's parallel
     assert {r["method"]: r["status"] for r in rows} == {"sdpa_math": "ok", "sdpa_cudnn": "unsupported"}
     assert (tmp_path / "out1" / "runs.tgz").is_file()
     # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run
@@ -235,3 +237,119 @@ def test_cost_model_reads_the_committed_run_layout(tmp_path):
     assert "flash_attn" in cost.unavailable and "eager" not in cost.unavailable
     assert cost.case_seconds(TrainCase("sort", "eager", 8, 0, "bfloat16", params), timeout_s=0.5) == pytest.approx(
         cost.case_overhead_s + 0.5 + slow)  # capped at the case timeout plus one step
+
+
+# ---- parallel=N: the throughput factor, and plans sized with it ------------------------------------------------
+def throughput(factor_at_8: float = 4.0) -> task_grid.Throughput:
+    return task_grid.Throughput(8, factor_at_8, 1, "test")
+
+
+def test_throughput_factor_grows_with_n_but_less_than_n_and_not_past_what_was_measured():
+    tp = throughput(4.0)
+    factors = [tp.factor(n) for n in range(1, 9)]
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(4.0)
+    assert all(b > a for a, b in zip(factors, factors[1:]))  # more cases at once: more throughput ...
+    assert all(f < n for n, f in zip(range(2, 9), factors[1:]))  # ... but less than n times
+    assert tp.factor(16) == pytest.approx(4.0)  # no gain assumed past the measured concurrency
+    assert task_grid.Throughput.serial().factor(8) == 1.0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="parallel"):
+            tp.factor(bad)
+
+
+def test_throughput_is_fitted_on_rows_trained_at_concurrency_against_the_serial_model(tmp_path):
+    """Per row N x the model's serial step / the measured step; a row of a task without a serial fit, or a
+    serial row, is not used; the factor is a low quantile of those times the margin."""
+    import pandas as pd
+
+    cost = CostModel(step_fits={"sort": StepFit(0.010, 0.0, "test")}, default_fit=StepFit(0.01, 0.0, "test"),
+                     kernels={}, default_extra_ms={True: 0.0, False: 0.0}, default_compile_s=0.0, case_overhead_s=0.5)
+    (tmp_path / "par").mkdir()
+    base = dict(method="sdpa_math", status="ok", seq=16, batch=4, d_model=16, layers=1, heads=2, model_options=None)
+    # 8 x 10 ms / measured: 20 ms -> 4, 40 ms -> 2, 10 ms -> 8; the mqar row (no serial fit) and the serial row: unused
+    rows = [dict(base, task="sort", steps_done=100, train_wall_s=2.0, concurrent=8),
+            dict(base, task="sort", steps_done=100, train_wall_s=4.0, concurrent=8),
+            dict(base, task="sort", steps_done=100, train_wall_s=1.0, concurrent=8),
+            dict(base, task="mqar", steps_done=100, train_wall_s=100.0, concurrent=8),
+            dict(base, task="sort", steps_done=100, train_wall_s=100.0, concurrent=1)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "par" / "quality.parquet")
+    tp = task_grid.Throughput.from_results(tmp_path, cost, runs=("par",), task_runs=())
+    assert (tp.measured_n, tp.rows) == (8, 3)
+    assert sorted(tp.row_factors.values()) == pytest.approx([2.0, 4.0, 8.0])
+    expected = (2.0 + (4.0 - 2.0) * task_grid.THROUGHPUT_QUANTILE * 2) * task_grid.THROUGHPUT_MARGIN
+    assert tp.factor_at_measured == pytest.approx(expected)
+    assert "concurrent=8" in tp.basis
+    empty = task_grid.Throughput.from_results(tmp_path, cost, runs=("nothing-here",), task_runs=())
+    assert empty.factor(8) == 1.0
+
+
+def test_parallel_plans_fit_more_in_a_call_and_estimate_each_slice_at_its_concurrency(grid):
+    cfg, _, serial_plan = grid
+    tp = throughput(4.0)
+    plan = make_plan(copy.deepcopy(cfg), cost_model(), BUDGET, parallel=8, throughput=tp)
+    assert check_coverage(cfg, plan) == []
+    assert plan["parallel"] == 8 and plan["throughput"]["factor"] == pytest.approx(4.0)
+    assert len(plan["calls"]) < len(serial_plan["calls"])
+    assert plan["totals"]["est_s"] < serial_plan["totals"]["est_s"]
+    for call in plan["calls"]:
+        assert call["est_s"] <= BUDGET
+        walls = [task_grid.INVOCATION_OVERHEAD_S + p["first_s"] + p["serial_s"] / tp.factor(max(1, min(8, p["runs"])))
+                 for p in call["slices"]]
+        assert call["est_s"] == pytest.approx(task_grid.CALL_OVERHEAD_S + sum(walls), abs=0.5)
+    with pytest.raises(ValueError, match="parallel"):
+        make_plan(copy.deepcopy(cfg), cost_model(), BUDGET, parallel=0, throughput=tp)
+
+
+def test_over_max_calls_later_seeds_of_the_slowest_methods_go_to_follow_up_calls(grid):
+    cfg, _, whole = grid
+    assert len(whole["calls"]) > 1
+    assert len(whole["calls"]) > 2
+    plan = make_plan(copy.deepcopy(cfg), cost_model(), BUDGET, max_calls=2)
+    assert check_coverage(cfg, plan) == []  # every case still in exactly one call
+    main = [c for c in plan["calls"] if not c["follow_up"]]
+    follow = [c for c in plan["calls"] if c["follow_up"]]
+    assert len(main) <= 2 and follow and plan["totals"]["follow_up_calls"] == len(follow)
+    assert [c["index"] for c in plan["calls"]] == list(range(len(plan["calls"])))
+    assert all(not c["follow_up"] for c in plan["calls"][:len(main)])  # follow-up calls come after the main ones
+    deferred = plan["deferred_methods"]
+    assert deferred and deferred[0] == "eager"  # the slow method here goes first
+    later = [e for e in plan["cases"] if e["call"] is not None and plan["calls"][e["call"]]["follow_up"]]
+    assert later and all(e["seed"] != 0 and e["method"] in deferred for e in later)
+    # every later seed of a deferred method (unsupported cases too) is in the follow-up; its seed 0 is not
+    assert {e["case_id"] for e in later} == {e["case_id"] for e in plan["cases"]
+                                             if e["method"] in deferred and e["seed"] != 0}
+    md = task_grid.render_markdown(plan)
+    assert "## Follow-up" in md and "(follow-up)" in md
+    # with room for the whole grid nothing is deferred
+    roomy = make_plan(copy.deepcopy(cfg), cost_model(), BUDGET, max_calls=len(whole["calls"]))
+    assert not any(c["follow_up"] for c in roomy["calls"]) and roomy["deferred_methods"] == []
+
+
+def test_fla_autotuning_is_charged_once_per_method_and_attention_shape():
+    from attnbench.execute.train import TrainCase
+
+    cost = cost_model()
+
+    def case(task, d_model, heads, seq=16):
+        params = json.dumps({**TINY, "d_model": d_model, "heads": heads}, sort_keys=True)
+        return TrainCase(task, "fla_delta_rule", seq, 0, "bfloat16", params)
+
+    key, seconds = cost.first_call(case("mqar", 64, 2))
+    assert seconds == task_grid.AUTOTUNE_FIRST_CALL_S
+    assert cost.first_call(case("niah", 64, 2, seq=256))[0] == key  # another task and length, the same shape
+    assert cost.first_call(case("niah", 64, 4))[0] != key  # other heads: other autotuning keys
+    assert cost.first_call(case("niah", 128, 2))[0] != key  # another head width
+
+
+def test_script_refuses_a_bad_parallel_naming_the_flag(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import plan_task_grid
+    finally:
+        sys.path.pop(0)
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exc:
+            plan_task_grid.main(["--out", str(tmp_path / "plan"), "--parallel", bad])
+        assert exc.value.code == 2
+        assert "--parallel" in capsys.readouterr().err
+    assert not (tmp_path / "plan.json").exists()

@@ -33,15 +33,25 @@ MIN_CASE_OVERHEAD_S = 0.5
 rows (0.12 s in h200-tasks; its first case, 4-5 s, is CUDA initialisation, charged per invocation), at least this."""
 AUTOTUNE_FIRST_CALL_S = 94.0
 """Triton autotuning of a flash-linear-attention (``fla``) kernel at its first call on a fresh machine: 60-94 s
-on the H200 (commit a5e446f, h200-linear/device-logs). Charged once per (method, task) in each call: fla's
-autotuning keys are head counts and widths, not the length, and TRITON_CACHE_AUTOTUNING=1 keeps the result on
-the machine's disk for the rest of the call. Other methods pay their first call once per (method, task, length)."""
+on the H200 (commit a5e446f, h200-linear/device-logs). Charged once per (method, heads, head width, dtype) in
+each call: fla's autotuning keys are head counts and widths, not the length nor the batch (so tasks of the same
+attention shape share it), and TRITON_CACHE_AUTOTUNING=1 keeps the result on the machine's disk for the rest of
+the call, for every worker and invocation. Other methods pay their first call once per (method, task, length)."""
 REFERENCE_WORK = 2048 * 16 * 128
 """tokens x width of the shortest committed kernel call (h200-linear: 2048 tokens, 16 heads of 128): a measured
 call is never scaled below what it would cost at this size (smaller calls are launch-bound)."""
 KERNEL_RUNS = ("h200-linear", "h200-sparse", "h200-core-v2")
 TASK_RUNS = ("h200-tasks", "h200-mqar", "h200-mqar-lr3")
 BASELINE = "sdpa_cudnn"
+CONTENTION_RUNS = ("h200-analysis-hybrid-v2", "h200-analysis-state-long", "h200-analysis-tasks-v2")
+"""Committed H200 task runs trained with ``parallel=N`` (rows with ``concurrent`` = N > 1): the throughput fit."""
+EXACT_FUSED = ("sdpa_cudnn", "sdpa_efficient", "sdpa_flash")
+"""Fused exact kernels: a row of one at concurrency N beside a serial sdpa_cudnn row of the same shape is a direct
+cross-check of the factor (the same model up to the kernel)."""
+THROUGHPUT_QUANTILE = 0.25
+"""The fitted factor is this quantile of the per-row factors (not their median: the slow rows count)..."""
+THROUGHPUT_MARGIN = 0.75
+"""... times this safety margin (the rows are tiny launch-bound models in float32; the grid is bf16)."""
 
 
 @dataclass
@@ -176,25 +186,30 @@ class CostModel:
 
     def step_seconds(self, case) -> tuple[float, str]:
         """Seconds per training step of ``case`` (a TrainCase) on the H200, and the basis of the figure."""
+        params = case.params
+        return self.shape_step_seconds(case.task, case.method, int(params["batch"]) * case.seq,
+                                       int(params["d_model"]), int(params["layers"]))
+
+    def shape_step_seconds(self, task: str, method: str, tokens: int, d_model: int, layers: int) -> tuple[float, str]:
+        """:meth:`step_seconds` of a model given by its shape (tokens = batch x length): also for measured rows."""
         from attnbench.methods import METHODS
         from attnbench.tasks import TASKS
 
-        params = case.params
-        tokens = int(params["batch"]) * case.seq
-        fit = self.step_fits.get(case.task, self.default_fit)
-        mask = TASKS[case.task].cls.pattern.startswith("causal") and "causal" or "full"
-        cost = self.kernel(case.method, mask)
-        work = tokens * int(params["d_model"])
-        if case.method == BASELINE:
+        fit = self.step_fits.get(task, self.default_fit)
+        pattern = TASKS[task].cls.pattern if task in TASKS else "causal"
+        mask = pattern.startswith("causal") and "causal" or "full"
+        cost = self.kernel(method, mask)
+        work = tokens * d_model
+        if method == BASELINE:
             extra_ms, basis = 0.0, "baseline"
         elif cost is not None:
             extra_ms = cost.extra_ms * max(work, REFERENCE_WORK) / cost.work
             basis = f"{cost.run} {cost.mask} fwd_bwd at {cost.seq}: {cost.ms:.2f} ms vs {cost.baseline_ms:.2f}"
         else:
-            exact = METHODS[case.method].caps.exact if case.method in METHODS else False
+            exact = METHODS[method].caps.exact if method in METHODS else False
             extra_ms = self.default_extra_ms[exact] * max(work, REFERENCE_WORK) / REFERENCE_WORK
             basis = f"no kernel row: median extra of measured {'exact' if exact else 'approximate'} methods"
-        return fit.at(tokens) + int(params["layers"]) * extra_ms / 1000.0, basis
+        return fit.at(tokens) + layers * extra_ms / 1000.0, basis
 
     def first_call(self, case) -> tuple[tuple, float]:
         """(key, seconds): compile or autotune of a fresh process, paid once per key in a call."""
@@ -202,7 +217,9 @@ class CostModel:
 
         spec = METHODS.get(case.method)
         if spec is not None and "fla" in spec.caps.requires:
-            return (case.method, case.task), AUTOTUNE_FIRST_CALL_S
+            params = case.params
+            heads = int(params["heads"])
+            return (case.method, f"h{heads}", f"d{int(params['d_model']) // heads}", case.dtype), AUTOTUNE_FIRST_CALL_S
         cost = self.kernel(case.method, "causal")
         return (case.method, case.task, case.seq), cost.first_call_s if cost is not None else self.default_compile_s
 
@@ -214,6 +231,119 @@ class CostModel:
         step, _ = self.step_seconds(case)
         steps = int(params["steps"]) + int(params.get("eval_batches", 0))
         return self.case_overhead_s + min(steps * step, timeout_s + step)
+
+
+
+@dataclass
+class Throughput:
+    """How much more serial-estimated work N cases at once on the one GPU (``attnbench train parallel=N``) get
+    through per wall second than one at a time: ``factor(N)``, fitted on committed rows trained at concurrency
+    ``measured_n``.
+
+    Each such row (status ok, steps done, of a task with a committed serial step fit) gives
+    ``measured_n x (the cost model's serial step of its shape and method) / (its measured train_wall_s /
+    steps_done)``, clipped to [1, measured_n]; the factor at ``measured_n`` is the ``THROUGHPUT_QUANTILE``
+    quantile of those, times ``THROUGHPUT_MARGIN``. Between 1 and ``measured_n`` the per-case slowdown
+    (N / factor) is interpolated linearly from 1 (one case alone); past ``measured_n`` no further gain is
+    assumed (the factor stays at ``factor(measured_n)``). No rows: serial (factor 1 at every N)."""
+
+    measured_n: int
+    factor_at_measured: float
+    rows: int
+    basis: str
+    row_factors: dict[str, float] = field(default_factory=dict)  # "run task/method/seq[ schedule] #row" -> factor
+    pairs: list[str] = field(default_factory=list)  # cross-check: rows of the same shape as a serial baseline row
+
+    @classmethod
+    def serial(cls, why: str = "no contention rows: serial estimates") -> "Throughput":
+        return cls(1, 1.0, 0, why)
+
+    @classmethod
+    def from_results(cls, results_dir: Path, cost: CostModel, runs=CONTENTION_RUNS,
+                     task_runs=TASK_RUNS) -> "Throughput":
+        import pandas as pd
+
+        results_dir = Path(results_dir)
+        shape = ["task", "seq", "batch", "d_model", "layers", "heads"]
+        serial_rows = []
+        for run in task_runs:
+            path = results_dir / run / "quality.parquet"
+            if path.is_file():
+                rows = pd.read_parquet(path)
+                rows = rows[(rows["method"] == BASELINE) & (rows["status"] == "ok") & (rows["steps_done"] > 0)]
+                if "concurrent" in rows:
+                    rows = rows[~(pd.to_numeric(rows["concurrent"], errors="coerce").astype(float) > 1)]
+                serial_rows.append(rows.assign(run=run))
+        serial = pd.concat(serial_rows) if serial_rows else None
+        pairs = []
+        found: dict[int, dict[str, float]] = {}
+        used_runs = []
+        for run in runs:
+            path = results_dir / run / "quality.parquet"
+            if not path.is_file():
+                continue
+            rows = pd.read_parquet(path)
+            if "concurrent" not in rows:
+                continue
+            rows = rows[(rows["status"] == "ok") & (pd.to_numeric(rows["steps_done"], errors="coerce") > 0)]
+            rows = rows[pd.to_numeric(rows["concurrent"], errors="coerce").fillna(1).astype(int) > 1]
+            rows = rows[rows["task"].isin(list(cost.step_fits))]  # a serial step of the task was measured
+            if rows.empty:
+                continue
+            used_runs.append(run)
+            for row in rows.itertuples():
+                n = int(row.concurrent)
+                serial_s, _ = cost.shape_step_seconds(str(row.task), str(row.method), int(row.batch) * int(row.seq),
+                                                      int(row.d_model), int(row.layers))
+                measured = float(row.train_wall_s) / int(row.steps_done)
+                schedule = ""
+                if isinstance(row.model_options, str) and row.model_options not in ("", "{}"):
+                    schedule = " " + row.model_options
+                key = f"{run} {row.task}/{row.method}/{row.seq}{schedule} #{row.Index}"
+                found.setdefault(n, {})[key] = min(float(n), max(1.0, n * serial_s / measured))
+                if serial is not None and row.method in EXACT_FUSED:
+                    same = serial
+                    for column in shape:
+                        same = same[same[column].astype(str) == str(getattr(row, column))]
+                    for match in same.itertuples():
+                        step = float(match.train_wall_s) / int(match.steps_done)
+                        pairs.append(f"{row.task} {row.seq} x batch {row.batch}, d_model {row.d_model}: serial "
+                                     f"{BASELINE} {step * 1e3:.1f} ms a step ({match.run}), {row.method}{schedule} "
+                                     f"{measured * 1e3:.1f} ms at concurrent={n} ({run}): {n * step / measured:.2f}")
+        if not found:
+            return cls.serial()
+        n = max(found, key=lambda k: (len(found[k]), k))  # the concurrency with the most rows
+        values = sorted(found[n].values())
+        quantile = _quantile(values, THROUGHPUT_QUANTILE)
+        factor = max(1.0, quantile * THROUGHPUT_MARGIN)
+        tasks = sorted({key.split(" ", 1)[1].split("/", 1)[0] for key in found[n]})
+        basis = (f"{len(values)} ok row(s) at concurrent={n} of {', '.join(used_runs)} (tasks {', '.join(tasks)}: "
+                 f"those with a committed serial {BASELINE} step fit); per row {n} x the cost model's serial step / "
+                 f"the measured train_wall_s / steps_done, clipped to [1, {n}]: median "
+                 f"{statistics.median(values):.2f}, min {values[0]:.2f}, max {values[-1]:.2f}; the "
+                 f"{THROUGHPUT_QUANTILE:.0%} quantile {quantile:.2f} x safety margin {THROUGHPUT_MARGIN} = "
+                 f"{factor:.2f}")
+        return cls(n, factor, len(values), basis, found[n], pairs)
+
+    def factor(self, n: int) -> float:
+        """Serial-estimated seconds done per wall second with ``n`` cases at once (1 at n = 1)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"parallel must be an integer >= 1, got {n!r}")
+        if self.measured_n <= 1 or n == 1:
+            return 1.0
+        m = self.measured_n
+        slowdown_m = m / self.factor_at_measured  # each case's wall over its serial time at concurrency m
+        at = min(n, m)
+        slowdown = 1.0 + (slowdown_m - 1.0) * (at - 1) / (m - 1)
+        return at / slowdown
+
+
+def _quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    pos = q * (len(values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
 def _fit(points: list[tuple[int, float]], basis: str) -> StepFit:
@@ -276,8 +406,18 @@ def done_case_ids(run_dir: Path, retry: tuple[str, ...] = ()) -> set[str]:
 
 
 def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[str] | None = None,
-              suite: str = "tasks_grid", run_id: str = "h200-task-grid", target_device: str = "cuda") -> dict:
-    """Pack the grid's cases still to do into calls of at most ``budget_s`` estimated seconds (a JSON-able dict)."""
+              suite: str = "tasks_grid", run_id: str = "h200-task-grid", target_device: str = "cuda",
+              parallel: int = 1, throughput: Throughput | None = None, max_calls: int | None = None) -> dict:
+    """Pack the grid's cases still to do into calls of at most ``budget_s`` estimated wall seconds (a JSON-able
+    dict). Case estimates are serial (one case alone on the GPU); with ``parallel`` = N a slice's cases run N at
+    once, so its training takes serial seconds / ``throughput.factor(min(N, its runnable cases))`` of wall.
+    Overheads (per call, per invocation) and first calls (compile, autotuning: once per key in a call) are
+    charged in full. ``max_calls``: if the grid needs more calls, the seeds after the first of the fewest slowest
+    methods (by serial estimate over all their tasks) that make the rest fit are packed into follow-up calls
+    (``follow_up``: true, after the main ones): every case is still in exactly one call."""
+    throughput = throughput or Throughput.serial()
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
     done = set(done or ())
     timeout_s = float(cfg.get("case_timeout_s", 600))
     cases = grid_cases(cfg, target_device)
@@ -301,81 +441,178 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
         units.setdefault((case.task, case.method), []).append(entry)
 
     calls: list[dict] = []
+    mode = {"follow_up": False}  # what new calls are: main or follow-up
 
-    def unit_cost(items: list[dict], call: dict) -> float:
-        first = {e["first_call"][0]: e["first_call"][1] for e in items if e["planned"] == "run"}
-        return sum(e["est_s"] for e in items) + sum(s for key, s in first.items() if key not in call["first_calls"])
+    def piece_wall(serial_s: float, first_s: float, runs: int) -> float:
+        """A slice's estimated wall seconds: invocation, first calls, and its training at its concurrency."""
+        factor = throughput.factor(max(1, min(parallel, runs)))
+        return INVOCATION_OVERHEAD_S + first_s + serial_s / factor
+
+    def call_wall(call: dict) -> float:
+        return CALL_OVERHEAD_S + sum(piece_wall(p["serial_s"], p["first_s"], p["runs"]) for p in call["slices"])
+
+    def costs(items: list[dict], call: dict) -> tuple[float, float, int]:
+        """(serial training seconds, first-call seconds new to ``call``, runnable cases) of ``items``."""
+        runs = [e for e in items if e["planned"] == "run"]
+        first = {e["first_call"][0]: e["first_call"][1] for e in runs}
+        return (sum(e["est_s"] for e in runs), sum(v for key, v in first.items() if key not in call["first_calls"]),
+                len(runs))
+
+    def wall_with(call: dict, piece: dict | None, items: list[dict]) -> float:
+        """The call's estimated wall seconds with ``items`` added (to ``piece``, or as a new slice)."""
+        serial, first, runs = costs(items, call)
+        total = call_wall(call)
+        if piece is None:
+            return total + piece_wall(serial, first, runs)
+        return (total - piece_wall(piece["serial_s"], piece["first_s"], piece["runs"])
+                + piece_wall(piece["serial_s"] + serial, piece["first_s"] + first, piece["runs"] + runs))
 
     def new_call() -> dict:
-        call = {"index": len(calls), "est_s": CALL_OVERHEAD_S, "slices": [], "first_calls": set()}
+        call = {"index": len(calls), "est_s": CALL_OVERHEAD_S, "slices": [], "first_calls": set(),
+                "follow_up": mode["follow_up"]}
         calls.append(call)
         return call
 
-    def place(call: dict, piece: dict | None, task: str, method: str, seeds: list[int], part: list[dict],
-              added: float) -> None:
+    def place(call: dict, piece: dict | None, tasks: list[str], method: str, seeds: list[int],
+              part: list[dict]) -> None:
+        serial, first, runs = costs(part, call)
         if piece is None:
-            piece = {"tasks": [task], "methods": [], "seeds": seeds, "est_s": 0.0, "runs": 0, "unsupported": 0}
+            piece = {"tasks": list(tasks), "methods": [], "seeds": seeds, "est_s": 0.0, "runs": 0, "unsupported": 0,
+                     "serial_s": 0.0, "first_s": 0.0}
             call["slices"].append(piece)
         piece["methods"].append(method)
-        piece["est_s"] += added
-        call["est_s"] += added
+        piece["serial_s"] += serial
+        piece["first_s"] += first
         for e in part:
             e["call"] = call["index"]
             piece["runs" if e["planned"] == "run" else "unsupported"] += 1
             if e["planned"] == "run":
                 call["first_calls"].add(e["first_call"][0])
+        piece["est_s"] = piece_wall(piece["serial_s"], piece["first_s"], piece["runs"])
+        call["est_s"] = call_wall(call)
 
-    def find(task: str, seeds: list[int], among: list[dict]) -> tuple[dict, dict] | None:
+    def find(tasks: list[str], seeds: list[int], among: list[dict]) -> tuple[dict, dict] | None:
         for call in among:
             for piece in call["slices"]:
-                if piece["tasks"] == [task] and piece["seeds"] == seeds:
+                if piece["tasks"] == tasks and piece["seeds"] == seeds:
                     return call, piece
         return None
 
-    pending = {key: [e for e in items if not e["done"]] for key, items in units.items()}
-    pending = {key: items for key, items in pending.items() if items}
-    runs_first = [key for key, items in pending.items() if any(e["planned"] == "run" for e in items)]
-    only_unsupported = [key for key in pending if key not in runs_first]
-    call = None
-    for task, method in runs_first:  # (task, method) at a time, in the planner's order
-        todo = pending[(task, method)]
-        seeds_all = sorted({e["seed"] for e in todo})
-        call = call or new_call()
-        alone = unit_cost(todo, {"first_calls": set()}) + INVOCATION_OVERHEAD_S + CALL_OVERHEAD_S
-        groups = [[seed] for seed in seeds_all] if alone > budget_s else [seeds_all]  # over a call: seed by seed
-        for seeds in groups:
-            part = [e for e in todo if e["seed"] in seeds]
-            found = find(task, seeds, [call])
-            added = unit_cost(part, call) + (0.0 if found else INVOCATION_OVERHEAD_S)
-            if call["est_s"] + added > budget_s and call["slices"]:
-                call, found = new_call(), None
-                added = unit_cost(part, call) + INVOCATION_OVERHEAD_S
-            place(call, found[1] if found else None, task, method, seeds, part, added)
-    for task, method in only_unsupported:  # no GPU time: joined to a slice of the same task and seeds
-        todo = pending[(task, method)]
-        seeds = sorted({e["seed"] for e in todo})
-        found = find(task, seeds, calls)
-        if found is None:
-            call = call or new_call()
-            if call["est_s"] + INVOCATION_OVERHEAD_S > budget_s:
-                call = new_call()
-            place(call, None, task, method, seeds, todo, INVOCATION_OVERHEAD_S)
-        else:
-            place(found[0], found[1], task, method, seeds, todo, 0.0)
-    for call in calls:
-        call.pop("first_calls")
-        call["est_s"] = round(call["est_s"], 1)
-        for piece in call["slices"]:
-            piece["est_s"] = round(piece["est_s"], 1)
-            piece["overrides"] = slice_overrides(piece)
-    todo = [e for e in entries.values() if not e["done"]]
+    def put(tasks: list[str], method: str, seeds: list[int], part: list[dict]) -> None:
+        """First fit: the first call (in order) where ``part`` stays within the budget, else a new call."""
+        for call in calls:
+            found = find(tasks, seeds, [call])
+            if wall_with(call, found[1] if found else None, part) <= budget_s:
+                place(call, found[1] if found else None, tasks, method, seeds, part)
+                return
+        place(new_call(), None, tasks, method, seeds, part)
+
+    empty = {"est_s": CALL_OVERHEAD_S, "slices": [], "first_calls": set()}
+    task_order = list(dict.fromkeys(task for task, _ in units))
+
+    def pack(chosen: set[str], follow_up: bool) -> None:
+        """Append calls holding the cases ``chosen`` (ids) to ``calls``."""
+        mode["follow_up"] = follow_up
+        by_method: dict[str, list[dict]] = {}  # method -> its pending cases over every task, planner order
+        for (task, method), items in units.items():
+            by_method.setdefault(method, []).extend(e for e in items if not e["done"] and e["case_id"] in chosen)
+        by_method = {method: items for method, items in by_method.items() if items}
+
+        def tasks_of(items: list[dict]) -> list[str]:
+            return [task for task in task_order if any(e["task"] == task for e in items)]
+
+        # a slice runs tasks x methods x seeds: a unit is a method with the tasks that have the same seeds to do.
+        # A unit that fits one call stays whole (its tasks in one slice with other such units); one over a call
+        # goes (task, method) at a time, and a (task, method) over a call alone seed by seed
+        whole, split = [], []
+        for method, items in by_method.items():
+            seeds_of = {task: tuple(sorted({e["seed"] for e in items if e["task"] == task})) for task in tasks_of(items)}
+            for seeds in dict.fromkeys(seeds_of.values()):
+                tasks = [task for task, those in seeds_of.items() if those == seeds]
+                unit = (tasks, method, [e for e in items if e["task"] in tasks])
+                (whole if wall_with(empty, None, unit[2]) <= budget_s else split).append(unit)
+        runs = [unit for unit in whole if any(e["planned"] == "run" for e in unit[2])]
+        only_unsupported = [unit for unit in whole if not any(e["planned"] == "run" for e in unit[2])]
+        units_run = list(runs)
+        for tasks, method, items in split:
+            for task in tasks:
+                units_run.append(([task], method, [e for e in items if e["task"] == task]))
+        # first fit decreasing: the largest units first
+        units_run.sort(key=lambda unit: -wall_with(empty, None, unit[2]))
+        for tasks, method, todo in units_run:
+            seeds_all = sorted({e["seed"] for e in todo})
+            alone = wall_with(empty, None, todo)
+            groups = [[seed] for seed in seeds_all] if alone > budget_s else [seeds_all]  # over a call: seed by seed
+            for seeds in groups:
+                put(tasks, method, seeds, [e for e in todo if e["seed"] in seeds])
+        for tasks, method, todo in only_unsupported:  # no GPU time: joined to a slice of the same tasks and seeds
+            seeds = sorted({e["seed"] for e in todo})
+            found = find(tasks, seeds, [call for call in calls if call["follow_up"] == follow_up])
+            if found is None:
+                put(tasks, method, seeds, todo)
+            else:
+                place(found[0], found[1], tasks, method, seeds, todo)
+
+    todo_ids = {e["case_id"] for e in entries.values() if not e["done"]}
     method_task: dict[tuple[str, str], float] = {}
     for e in entries.values():
         if e["planned"] == "run":
             method_task[(e["task"], e["method"])] = method_task.get((e["task"], e["method"]), 0.0) + e["est_s"]
+    method_s: dict[str, float] = {}
+    for (task, method), seconds in method_task.items():
+        method_s[method] = method_s.get(method, 0.0) + seconds
+    slowest = sorted(method_s, key=lambda method: -method_s[method])
+
+    def pack_all(deferred_methods: int) -> set[str]:
+        """Pack with the seeds after the first of the ``deferred_methods`` slowest methods (every task of each,
+        unsupported cases too, so that its slices stay whole tasks x seeds) in follow-up calls."""
+        calls.clear()
+        deferred = set()
+        for method in slowest[:deferred_methods]:
+            items = [e for (task, m), those in units.items() if m == method for e in those]
+            first_seed = min(e["seed"] for e in items)
+            deferred |= {e["case_id"] for e in items if e["seed"] != first_seed} & todo_ids
+        pack(todo_ids - deferred, False)
+        pack(deferred, True)
+        return deferred
+
+    def main_calls() -> int:
+        return sum(not call["follow_up"] for call in calls)
+
+    deferred_units = 0
+    pack_all(0)
+    if max_calls is not None and main_calls() > max_calls:  # the fewest slowest methods that make it fit
+        lo, hi = 0, len(slowest)
+        pack_all(hi)
+        if main_calls() <= max_calls:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                pack_all(mid)
+                if main_calls() <= max_calls:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        deferred_units = hi
+        pack_all(deferred_units)
+    for call in calls:
+        call.pop("first_calls")
+        call["est_s"] = round(call["est_s"], 1)
+        for piece in call["slices"]:
+            for key in ("est_s", "serial_s", "first_s"):
+                piece[key] = round(piece[key], 1)
+            piece["overrides"] = slice_overrides(piece)
+    todo = [e for e in entries.values() if not e["done"]]
+    main = [c for c in calls if not c["follow_up"]]
+    follow = [c for c in calls if c["follow_up"]]
     return {
         "suite": suite, "run_id": run_id, "target_device": target_device, "budget_s": budget_s,
-        "case_timeout_s": timeout_s,
+        "case_timeout_s": timeout_s, "parallel": parallel, "max_calls": max_calls,
+        "deferred_methods": slowest[:deferred_units],
+        "throughput": {"factor": round(throughput.factor(parallel), 3), "measured_n": throughput.measured_n,
+                       "factor_at_measured": round(throughput.factor_at_measured, 3), "rows": throughput.rows,
+                       "basis": throughput.basis, "quantile": THROUGHPUT_QUANTILE, "margin": THROUGHPUT_MARGIN,
+                       "pairs": throughput.pairs,
+                       "by_n": {str(n): round(throughput.factor(n), 3) for n in range(1, max(parallel, 8) + 1)}},
         "assumptions": {"call_overhead_s": CALL_OVERHEAD_S, "invocation_overhead_s": INVOCATION_OVERHEAD_S,
                         "case_overhead_s": round(cost.case_overhead_s, 2),
                         "autotune_first_call_s": AUTOTUNE_FIRST_CALL_S,
@@ -388,7 +625,12 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
         "totals": {"cases": len(entries), "done": len(entries) - len(todo),
                    "to_run": sum(e["planned"] == "run" for e in todo),
                    "unsupported": sum(e["planned"] == "unsupported" for e in todo),
-                   "calls": len(calls), "est_s": round(sum(c["est_s"] for c in calls), 1)},
+                   "calls": len(calls), "est_s": round(sum(c["est_s"] for c in calls), 1),
+                   "main_calls": len(main), "main_est_s": round(sum(c["est_s"] for c in main), 1),
+                   "follow_up_calls": len(follow), "follow_up_est_s": round(sum(c["est_s"] for c in follow), 1),
+                   "follow_up_cases": sum(e["planned"] == "run" for e in todo if e["call"] is not None
+                                          and calls[e["call"]]["follow_up"]),
+                   "serial_s": round(sum(e["est_s"] for e in todo if e["planned"] == "run"), 1)},
         "method_task_est_s": {f"{t}/{m}": round(s, 1) for (t, m), s in sorted(method_task.items())},
         "grid_ids": len(grid_ids),
         "calls": calls,
@@ -459,6 +701,17 @@ def load_plan(path: Path) -> dict:
 def render_markdown(plan: dict) -> str:
     totals = plan["totals"]
     a = plan["assumptions"]
+    tp = plan["throughput"]
+    if totals["follow_up_calls"]:
+        deferred = plan["deferred_methods"]
+        main_line = (f"- main run: **{totals['main_calls']} calls**, {totals['main_est_s'] / 60:.1f} minutes (at most "
+                     f"{plan['max_calls']} asked); **follow-up: {totals['follow_up_calls']} calls**, "
+                     f"{totals['follow_up_est_s'] / 60:.1f} minutes, {totals['follow_up_cases']} cases: the seeds "
+                     f"after the first of the {len(deferred)} slowest methods (by serial estimate over their tasks), "
+                     "listed below; planned, not dropped")
+    else:
+        main_line = (f"- everything in the main run ({totals['main_calls']} calls"
+                     + (f", at most {plan['max_calls']} asked)" if plan.get("max_calls") else ")") + "; no follow-up")
     lines = [f"# Task grid plan: `attnbench train suite={plan['suite']}` on one H200, run `{plan['run_id']}`", "",
              "Written by `scripts/plan_task_grid.py` (no GPU): the grid comes from the train planner itself; "
              "every (task, method, length, seed) case is in exactly one call (checked by "
@@ -466,22 +719,40 @@ def render_markdown(plan: dict) -> str:
              "re-plan the rest with `--done results/" + plan["run_id"] + "`.", "",
              f"- cases: {totals['cases']} ({totals['done']} already done), to run: {totals['to_run']}, "
              f"planned unsupported rows: {totals['unsupported']}",
-             f"- device calls: **{totals['calls']}** of at most {plan['budget_s']:.0f} s estimated each; estimated "
-             f"total **{totals['est_s'] / 60:.1f} GPU minutes** ({totals['est_s'] / 3600:.2f} h; at 30 minutes "
-             f"of device time a session, ~{math.ceil(totals['est_s'] / 1800)} sessions)",
+             f"- parallel: **{plan['parallel']}** cases at once in each slice (`attnbench train "
+             f"parallel={plan['parallel']}`); throughput factor **{tp['factor']:.2f}** (serial-estimated seconds "
+             f"per wall second; see Throughput below)",
+             f"- device calls: **{totals['calls']}** of at most {plan['budget_s']:.0f} s estimated wall each; "
+             f"estimated total **{totals['est_s'] / 60:.1f} GPU minutes** ({totals['est_s'] / 3600:.2f} h; at 30 "
+             f"minutes of device time a session, ~{math.ceil(totals['est_s'] / 1800)} sessions), for "
+             f"{totals['serial_s'] / 60:.1f} minutes of serial-estimated training",
+             main_line,
              f"- case_timeout_s: {plan['case_timeout_s']:.0f} (a run past it is a `timeout` row with its steps)", "",
+             "## Throughput with parallel=N (how the factor was derived)", "",
+             f"A slice's training takes its serial estimate / factor(min(N, its runnable cases)) of wall; overheads "
+             f"and first calls are charged in full. {tp['basis']}. Between 1 and {tp['measured_n']} cases at once "
+             "each case's slowdown (N / factor) is interpolated linearly from 1; past "
+             f"{tp['measured_n']} no further gain is assumed. Most rows clip at N: the cost model's serial estimate "
+             "of these tiny launch-bound models is above what they took even at concurrency N (so the factor is "
+             "taken low in the distribution, then cut by the margin). Rows of a task without a serial step fit "
+             "(the MQAR state sweep of h200-analysis-state-long, niah, ICL) are not used. Cross-check, a fused "
+             "exact kernel at concurrency N beside a serial sdpa_cudnn row of the same shape (N x serial step / "
+             "step): " + ("; ".join(tp.get("pairs") or []) or "none committed") + ".", "",
+             "| N | " + " | ".join(tp["by_n"]) + " |", "|---|" + "---|" * len(tp["by_n"]),
+             "| factor | " + " | ".join(f"{v:.2f}" for v in tp["by_n"].values()) + " |", "",
              "## Cost model (assumptions)", "",
              "case s = case overhead + (steps + eval batches) x step s (capped at case_timeout_s + one step); "
              "step s = the task's baseline (sdpa_cudnn) step, fitted on committed task runs as intercept + "
              "slope x batch x length, + layers x the method's extra ms per fwd_bwd attention call over "
              "sdpa_cudnn at the shortest length of a committed kernel run, scaled by (task call work / "
              "measured call work, never below 2048 x 16 x 128) (work = tokens x width); plus, once per (method, task, "
-             "length) in a call, the method's first-call time (its largest compile_s in the kernel runs).",
+             "length) in a call, the method's first-call time (its largest compile_s in the kernel runs). These "
+             "are serial estimates (one case alone on the GPU): the Throughput factor turns them into wall time.",
              "",
              f"- per call {a['call_overhead_s']:.0f} s (install, finalize, report), per invocation "
              f"{a['invocation_overhead_s']:.0f} s, per case {a['case_overhead_s']:.2f} s (median wall_s - "
              f"train_wall_s of the committed rows, at least 0.5 s), fla first call (Triton autotuning) "
-             f"{a['autotune_first_call_s']:.0f} s once per (method, task) in a call",
+             f"{a['autotune_first_call_s']:.0f} s once per (method, heads, head width, dtype) in a call",
              f"- a method without kernel rows: extra {a['default_extra_ms']['exact']:.3f} ms (exact) / "
              f"{a['default_extra_ms']['approximate']:.3f} ms (approximate) per call at 2048 x 16 x 128 tokens x width, "
              f"first call {a['default_compile_s']:.2f} s (medians of the measured methods)",
@@ -489,10 +760,14 @@ def render_markdown(plan: dict) -> str:
              "| task | baseline step intercept (ms) | slope (µs / token) | basis |", "|---|---|---|---|"]
     for task, fit in a["step_fits"].items():
         lines.append(f"| {task} | {fit['intercept_ms']:.2f} | {fit['slope_us_per_token']:.4f} | {fit['basis']} |")
-    over = {k: v for k, v in plan["method_task_est_s"].items() if v > 120}
-    lines += ["", f"## Method-tasks estimated over 2 minutes ({len(over)} of {len(plan['method_task_est_s'])})", ""]
-    lines += [", ".join(f"`{k}` {v / 60:.1f} min" for k, v in sorted(over.items(), key=lambda kv: -kv[1]))
-              or "none"]
+    factor = tp["factor"]
+    over = {k: v for k, v in plan["method_task_est_s"].items() if v / factor > 120}
+    lines += ["", f"## Method-tasks over 2 minutes of wall at parallel={plan['parallel']} (serial estimate / "
+              f"{factor:.2f}; {len(over)} of {len(plan['method_task_est_s'])})", ""]
+    lines += [", ".join(f"`{k}` {v / factor / 60:.1f} min ({v / 60:.1f} serial)"
+                        for k, v in sorted(over.items(), key=lambda kv: -kv[1])) or "none"]
+    slowest = sorted(plan["method_task_est_s"].items(), key=lambda kv: -kv[1])[:10]
+    lines += ["", "Slowest ten (serial estimate): " + ", ".join(f"`{k}` {v / 60:.1f} min" for k, v in slowest)]
     reasons: dict[str, int] = {}
     for e in plan["cases"]:
         if e["planned"] == "unsupported" and not e["done"]:
@@ -500,11 +775,18 @@ def render_markdown(plan: dict) -> str:
     lines += ["", "## Planned unsupported rows (written by the slice that holds them)", "",
               "| cases | reason |", "|---|---|"]
     lines += [f"| {n} | {r} |" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    if totals["follow_up_calls"]:
+        lines += ["", f"## Follow-up ({totals['follow_up_calls']} calls, {totals['follow_up_est_s'] / 60:.1f} minutes)",
+                  "", "Calls " + ", ".join(str(c["index"]) for c in plan["calls"] if c["follow_up"]) + " hold the seeds "
+                  "after the first of these methods, every task (slowest first, by serial estimate over their "
+                  "tasks); run them after the main calls (or re-plan with `--done`):", "",
+                  ", ".join(f"`{k}`" for k in plan["deferred_methods"])]
     lines += ["", "## Calls", "", "| call | est. s | slice (`attnbench train suite=" + plan["suite"] + " ...`) | "
               "runs | unsupported | est. s |", "|---|---|---|---|---|---|"]
     for call in plan["calls"]:
         for j, piece in enumerate(call["slices"]):
-            head = f"| {call['index']} | {call['est_s']:.0f} " if j == 0 else "| | "
+            tag = " (follow-up)" if call["follow_up"] else ""
+            head = f"| {call['index']}{tag} | {call['est_s']:.0f} " if j == 0 else "| | "
             lines.append(f"{head}| `{' '.join(piece['overrides'])}` | {piece['runs']} | {piece['unsupported']} | "
                          f"{piece['est_s']:.0f} |")
     return "\n".join(lines) + "\n"
