@@ -10,6 +10,18 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 FAULTY = str(TESTS / "plugins" / "faulty_methods.py")
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (tests that train or run many small ops): on a shared 2-core box two
+    threads contend and run ~5x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 os.environ.setdefault("ATTNBENCH_CACHE", str(TESTS.parent / ".pytest_cache" / "attnbench"))
 
 BASE = {

@@ -11,12 +11,7 @@ from attnbench.methods.analysis import histograph, latent
 from attnbench.methods.analysis.histograph import HistographReadout, histograph_reference
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _history(batch=3, nodes=7, d=16, layers=3, seed=0):

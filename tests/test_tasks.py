@@ -24,12 +24,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = dict(d_model=16, heads=2, layers=1, batch=4, steps=3, eval_batches=1, warmup=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def make(name, seq=None, **overrides):
@@ -365,3 +360,9 @@ def test_a_probe_counts_the_pairs_a_sparse_method_attended():
     sparse = recall.probe("biformer", method_params={"region": 128, "topk": 2})
     assert 0.0 < sparse.extras["attended_share"] < 0.6
     assert "attended_share" not in recall.probe("sdpa_math").extras  # no count declared: nothing claimed
+
+
+def test_the_one_thread_fixture_applies_here():
+    import torch
+
+    assert torch.get_num_threads() == 1

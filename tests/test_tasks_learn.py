@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from attnbench.config.plugins import load_plugins
 from attnbench.tasks import TASKS, task_params
@@ -31,13 +30,7 @@ CASES = {
 SLOW = {"listops", "digits"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box two threads contend and run 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _train(task, method, seq, overrides):

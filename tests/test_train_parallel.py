@@ -24,12 +24,7 @@ TINY = dict(d_model=16, heads=2, layers=1, batch=4, eval_batches=1, warmup=1)
 MEASURED = ["value", "final_loss", "steps_done", "extras", "breakdown", "parameters", "status"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _cfg(tmp_path, run_id, **extra):
