@@ -3,9 +3,10 @@ long case the case runner gates a strided sample of query rows on the method's o
 streams the keys in chunks with the prefix state carried (at 1M tokens the full fp32 reference does not fit
 on one GPU). Here: the rows form equals the full reference's rows for every covered method (first and last
 rows, rows at streaming-chunk boundaries, cross and full masks), a stream that forgets to carry the state or
-(gated) to decay it is caught, the delta rules keep the full reference only, and a long case through the
-CaseRunner takes the rows path (ok; a broken fast path is wrong there), also for fla's adapters in their
-``bshd`` layout (fla faked by own PyTorch forms: fla itself needs a GPU)."""
+(gated) to decay it is caught, as is a delta-rule stream (``gated_delta.delta_rows``: the state run through
+every token, carried between pieces) that resets its state, and a long case through the CaseRunner takes the
+rows path (ok; a broken fast path is wrong there), also for fla's adapters in their ``bshd`` layout (fla
+faked by own PyTorch forms: fla itself needs a GPU)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from attnbench.execute import case as case_module
 from attnbench.execute.case import CaseRunner, _accepts
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
 from attnbench.methods.linear import common, gated_delta, linear_attn
+from attnbench.methods.registry import Unsupported
 
 STREAM = 7  # keys per streaming step in these tests: several chunks at 40 keys
 TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False}
@@ -74,6 +76,10 @@ CASES = [  # method, mask, seq_q, seq_kv
     ("simple_gla", "causal", 17, 40),
     ("linear_attn_triton", "causal", 40, 40),
     ("simple_gla_triton", "causal", 40, 40),
+    ("delta_rule", "causal", 40, 40),  # the state run through every token, carried between pieces
+    ("delta_rule", "causal", 17, 40),
+    ("gated_delta_rule", "causal", 40, 40),
+    ("gated_delta_rule", "causal", 17, 40),
 ]
 
 
@@ -93,9 +99,14 @@ def test_rows_form_equals_the_full_reference_rows(monkeypatch, method, mask, seq
     assert _rel(got, full[:, :, rows]) < 1e-5
 
 
-def test_the_delta_rules_keep_the_full_reference_only():
+def test_the_delta_rules_take_rows_and_refuse_a_bad_stream():
     for method in ("delta_rule", "gated_delta_rule"):
-        assert not _accepts(_build(method, "causal", 20, 20, {"chunk": 4}).reference, "rows")
+        assert _accepts(_build(method, "causal", 20, 20, {"chunk": 4}).reference, "rows")
+    q = _rand(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="stream"):
+        gated_delta.delta_rows(q, q, q, None, None, torch.tensor([0]), gated=False, chunk=2, stream=0)
+    with pytest.raises(Unsupported, match="seq_q"):
+        gated_delta.delta_rows(_rand(1, 1, 6, 4), q, q, None, None, torch.tensor([0]), gated=False, chunk=2)
 
 
 def test_streamed_rows_without_keys_are_zero_and_a_bad_chunk_is_refused():
@@ -146,6 +157,20 @@ def test_a_gated_stream_that_forgets_the_state_or_its_decay_is_caught():
     assert _rel(stream(decay_state=False), want) > 1e-2
 
 
+@pytest.mark.parametrize("name", ["delta_rule", "gated_delta_rule"])
+def test_a_delta_stream_that_resets_the_state_is_caught(name):
+    gated = gated_delta.VARIANTS[name][0]
+    q, k, v = _rand(2, 2, 40, 8, seed=1), _rand(2, 2, 40, 8, seed=2), _rand(2, 2, 40, 8, seed=3)
+    g = F.logsigmoid(_rand(2, 2, 40, seed=5) + 3.0)  # mild decays: the carried state matters
+    beta = torch.sigmoid(_rand(2, 2, 40, seed=6))
+    rows = _boundary_rows(40, 40, False)
+    want = gated_delta.naive_recurrence(q, k, v, g, beta, gated=gated)[:, :, rows]
+    got = gated_delta.delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=4, stream=STREAM)
+    assert _rel(got, want) < 1e-5
+    broken = gated_delta.delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=4, stream=STREAM, carry=False)
+    assert _rel(broken, want) > 1e-2
+
+
 # ---- through the case runner --------------------------------------------------------------------------------------
 def _run(method, mode, opts, monkeypatch, seq=48):
     monkeypatch.setattr(case_module, "GATE_SAMPLE_ROWS", 9)  # a strided sample of the rows, first and last among them
@@ -166,12 +191,20 @@ def streamed(monkeypatch):
         calls.append(fq.shape[2])
         return original(fq, *a, **kw)
 
+    original_delta = gated_delta.delta_rows
+
+    def delta_spy(q, k, v, g, beta, rows, **kw):
+        calls.append(rows.numel())
+        return original_delta(q, k, v, g, beta, rows, **kw)
+
     monkeypatch.setattr(common, "streamed_rows", spy)
     monkeypatch.setattr(gated_delta, "streamed_rows", spy)
+    monkeypatch.setattr(gated_delta, "delta_rows", delta_spy)
     return calls
 
 
-@pytest.mark.parametrize("method, mode", [("linear_attn", "fwd_bwd"), ("simple_gla", "fwd"), ("performer", "fwd")])
+@pytest.mark.parametrize("method, mode", [("linear_attn", "fwd_bwd"), ("simple_gla", "fwd"), ("performer", "fwd"),
+                                          ("delta_rule", "fwd"), ("gated_delta_rule", "fwd_bwd")])
 def test_a_long_case_is_gated_on_streamed_rows(monkeypatch, streamed, method, mode):
     calls = streamed
     opts = {"chunk": 8, "reference_stream_chunk": 16, **({"features": 16} if method == "performer" else {})}
@@ -197,8 +230,10 @@ def test_a_broken_fast_path_is_wrong_on_the_rows_path(monkeypatch):
 
 
 # ---- fla's layout (bshd): the runner's rows path transposes the rows reference back -----------------------------
+FLA = ["fla_linear_attn", "fla_simple_gla", "fla_delta_rule", "fla_gated_delta_rule"]
+
 def _fake_fla(monkeypatch):
-    """fla's two ungated-delta operators as own PyTorch forms in fla's layout, importable as fla would be, and
+    """fla's four operators as own PyTorch forms in fla's layout, importable as fla would be, and
     the fla methods' capabilities opened to the CPU and float32: the adapters' references and the runner's
     bshd rows path run here (fla itself needs a GPU)."""
     import dataclasses
@@ -214,24 +249,34 @@ def _fake_fla(monkeypatch):
     def chunk_simple_gla(q, k, v, g):
         return t(gated_delta.chunked(t(q), t(k), t(v), t(g), gated=True, delta=False, normalize=False, chunk=8)), None
 
+    def chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel):
+        assert use_qk_l2norm_in_kernel
+        return t(gated_delta.chunked(t(q), t(k), t(v), None, t(beta), gated=False, chunk=8)), None
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel):
+        assert use_qk_l2norm_in_kernel
+        return t(gated_delta.chunked(t(q), t(k), t(v), t(g), t(beta), chunk=8)), None
+
     for name, attrs in (("fla", {}), ("fla.ops", {}), ("fla.ops.linear_attn", {"chunk_linear_attn": chunk_linear_attn}),
-                        ("fla.ops.simple_gla", {"chunk_simple_gla": chunk_simple_gla})):
+                        ("fla.ops.simple_gla", {"chunk_simple_gla": chunk_simple_gla}),
+                        ("fla.ops.delta_rule", {"chunk_delta_rule": chunk_delta_rule}),
+                        ("fla.ops.gated_delta_rule", {"chunk_gated_delta_rule": chunk_gated_delta_rule})):
         module = ModuleType(name)
         for key, value in attrs.items():
             setattr(module, key, value)
         monkeypatch.setitem(sys.modules, name, module)
-    for method in ("fla_linear_attn", "fla_simple_gla"):
+    for method in FLA:
         spec = METHODS[method]
         caps = dataclasses.replace(spec.caps, devices=("cpu", "cuda"), requires=(), dtypes=("float32",))
         monkeypatch.setitem(METHODS, method, dataclasses.replace(spec, caps=caps))
 
 
-@pytest.mark.parametrize("method", ["fla_linear_attn", "fla_simple_gla"])
+@pytest.mark.parametrize("method", FLA)
 def test_fla_rows_reference_is_the_own_rows_in_bshd(monkeypatch, method):
     _fake_fla(monkeypatch)
     prepared = _build(method, "causal", 40, 40, {"reference_stream_chunk": STREAM})
     q, k, v, extras = _inputs(prepared, 40, 40)
-    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, T, H, D]; the gate g is [B, T, H]
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, T, H, D]; gates g, beta are [B, T, H]
     rows = _boundary_rows(40, 40, False)
     full = prepared.reference(q, k, v, **extras)
     got = prepared.reference(q, k, v, rows=rows, **extras)
@@ -239,7 +284,7 @@ def test_fla_rows_reference_is_the_own_rows_in_bshd(monkeypatch, method):
     assert _rel(got, full[:, rows]) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["fla_linear_attn", "fla_simple_gla"])
+@pytest.mark.parametrize("method", FLA)
 def test_a_long_bshd_case_is_gated_on_streamed_rows(monkeypatch, streamed, method):
     import sys
 
@@ -248,8 +293,8 @@ def test_a_long_bshd_case_is_gated_on_streamed_rows(monkeypatch, streamed, metho
     assert row["status"] == "ok", row["reason"]
     assert streamed and all(count == 9 for count in streamed)  # the rows path, in fla's layout
     assert row["rel_err"] < 1e-5
-    module, name = (("fla.ops.linear_attn", "chunk_linear_attn") if method == "fla_linear_attn"
-                    else ("fla.ops.simple_gla", "chunk_simple_gla"))
+    op = method.removeprefix("fla_")
+    module, name = f"fla.ops.{op}", f"chunk_{op}"
     fast = getattr(sys.modules[module], name)
 
     def late_rows_off(*a, **kw):  # rows past the first third 2 % off (bshd)

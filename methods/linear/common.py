@@ -235,7 +235,7 @@ def streamed_rows(fq, key_chunk, seq_kv: int, last, *, chunk: int = STREAM_CHUNK
     are deliberately broken variants for the tests' negative controls.
 
     Not for the delta rules: their state update ``S ← α(I − β k kᵀ)S + β k vᵀ`` is not a sum of per-key
-    terms, so they keep the full reference (no ``rows=``)."""
+    terms; their rows form (``gated_delta.delta_rows``) runs every token through the state instead."""
     if chunk < 1:
         raise ValueError(f"streamed_rows: chunk must be >= 1, got {chunk}")
     batch, heads, count, _ = fq.shape

@@ -12,8 +12,8 @@ against that method's reference:
 - ``fla_gated_delta_rule``: ``chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)`` =
   ``gated_delta_rule``.
 
-``fla_linear_attn``'s and ``fla_simple_gla``'s references take ``rows=`` (the own streamed rows form, rows in
-fla's layout ``[B, len(rows), H, D]``), which the case runner gates long cases on; the delta rules' do not.
+Every adapter's reference takes ``rows=`` (the own method's rows form, rows in fla's layout
+``[B, len(rows), H, D]``), which the case runner gates long cases on.
 
 Inputs in fla's ``[B, T, H, D]`` layout (``input_layout="bshd"``; gates ``[B, T, H]``), causal self-attention
 only, no decode rows (the own methods' recurrent steps serve decode). fla refuses its gated backward on Hopper
@@ -102,14 +102,17 @@ def _fla_variant(ctx, name: str, call):
             out = gated_delta.chunked(q, k, v, g, beta, chunk=32, **kw)
         return _bhsd(out)
 
-    if not delta:  # fla_simple_gla: a rows= form for long cases, [B, len(rows), H, D] (delta rules: none)
-        full_reference = reference
+    full_reference = reference
 
-        def reference(q, k, v, g=None, beta=None, rows=None):
-            if rows is None:
-                return full_reference(q, k, v, g, beta)
-            return _bhsd(gated_delta.gated_rows(_bhsd(q), _bhsd(k), _bhsd(v), None if g is None else g.transpose(1, 2),
-                                                rows, chunk=stream))
+    def reference(q, k, v, g=None, beta=None, rows=None):  # rows=: a long case's sampled rows, [B, len(rows), H, D]
+        if rows is None:
+            return full_reference(q, k, v, g, beta)
+        g = None if g is None else g.transpose(1, 2)
+        if not delta:  # fla_simple_gla
+            return _bhsd(gated_delta.gated_rows(_bhsd(q), _bhsd(k), _bhsd(v), g, rows, chunk=stream))
+        beta = None if beta is None else beta.transpose(1, 2)
+        return _bhsd(gated_delta.delta_rows(_bhsd(q), _bhsd(k), _bhsd(v), g, beta, rows, gated=gated, chunk=32,
+                                            stream=stream))
 
     return Prepared(fn=call, reference=reference, extras=_gate_extras(ctx.case, gated, delta),
                     softmax_comparable=False)

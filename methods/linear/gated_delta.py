@@ -25,10 +25,12 @@ self-attention only, CUDA or the Triton interpreter.
 
 Causal only (a recurrence); queries aligned bottom-right (decode: one query after the cache).
 Class N (a different operator): no ``approx_err``. Hyper-parameters: ``chunk`` (default 64),
-``reference_naive_max_len`` (default 4096), ``reference_stream_chunk`` (simple_gla and simple_gla_triton:
-keys per step of the reference's ``rows=`` form, :func:`gated_rows`, which the case runner gates long cases
-on). The delta rules have no ``rows=`` form (their state update ``α(I − β k kᵀ)S + β k vᵀ`` is not a sum
-over keys that a few rows could stream cheaply): long cases of theirs run the full chunked reference.
+``reference_naive_max_len`` (default 4096), ``reference_stream_chunk`` (keys per step of the reference's
+``rows=`` form, which the case runner gates long cases on: :func:`gated_rows` for simple_gla and
+simple_gla_triton, :func:`delta_rows` for the delta rules). The delta rules' state update
+``α(I − β k kᵀ)S + β k vᵀ`` is not a sum over keys, so their rows form still runs every token through the
+state (the chunked form, piece by piece, the state carried between pieces: O(L · d²) time) but keeps memory
+per piece and emits only the requested rows, forward only.
 """
 from __future__ import annotations
 
@@ -161,7 +163,7 @@ def gated_rows(q, k, v, g, rows, *, chunk: int = STREAM_CHUNK, scale=None):
     """``simple_gla``'s operator (no delta term, q and k not normalised) on query rows ``rows`` only
     (``[B, H, len(rows), dv]``, ``v``'s dtype): the keys streamed in chunks by :func:`common.streamed_rows`
     with the decayed state carried, queries aligned bottom-right. The ``rows=`` form of the reference that long
-    cases are gated on. The delta rules have none: their state update is not a sum over keys."""
+    cases are gated on. The delta rules' is :func:`delta_rows` (their state update is not a sum over keys)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = rows.to(q.device).long()
     last = rows + (k.shape[2] - q.shape[2])
@@ -173,6 +175,48 @@ def gated_rows(q, k, v, g, rows, *, chunk: int = STREAM_CHUNK, scale=None):
 
     out = streamed_rows(q[:, :, rows], key_chunk, k.shape[2], last, chunk=chunk, normalize=False)
     return (scale * out).to(v.dtype)
+
+
+def delta_rows(q, k, v, g, beta, rows, *, gated: bool, chunk: int, stream: int = STREAM_CHUNK, scale=None,
+               carry: bool = True):
+    """The delta rules' operator (``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, q and k
+    ℓ2-normalised, ``o_t = scale · S_tᵀ q_t``; α ≡ 1 unless ``gated``) on query rows ``rows`` only
+    (``[B, H, len(rows), dv]``, ``v``'s dtype), queries aligned bottom-right: the ``rows=`` form of the
+    reference that long cases are gated on.
+
+    The state is not a sum over keys, so every token still passes through it (O(L · d²) time): the keys are
+    walked in pieces of ``stream`` tokens, each run through :func:`chunked` (the WY form, fp32, inner chunk
+    ``chunk``) from the state carried out of the piece before; only that state crosses pieces, and a piece's
+    outputs are computed for its queries that are requested (the others are zero queries) and picked there.
+    Extra memory O(stream · (d + chunk) + stream / chunk · d_k · d_v) per (batch, head), whatever the length.
+    Keys past the last requested row are not read. ``carry=False`` (each piece starts from a zero state) is a
+    deliberately broken variant for the tests' negative control."""
+    if stream < 1:
+        raise ValueError(f"delta_rows: stream must be >= 1, got {stream}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = rows.to(q.device).long()
+    lead = k.shape[2] - q.shape[2]
+    pos = rows + lead  # each row's position among the keys (its last key)
+    if lead < 0 or (pos.numel() and int(pos.min()) < 0):
+        raise Unsupported("seq_q > seq_kv: queries before the first key (top-left causal) are not supported")
+    batch, heads, _, dk = k.shape
+    dv = v.shape[-1]
+    out = torch.zeros(batch, heads, rows.numel(), dv, device=q.device, dtype=torch.float32)
+    end = int(pos.max()) + 1 if pos.numel() else 0
+    S = None
+    for start in range(0, end, stream):
+        stop = min(start + stream, end)
+        here = ((pos >= start) & (pos < stop)).nonzero().squeeze(1)  # rows whose position is in this piece
+        qs = q.new_zeros(batch, heads, stop - start, dk, dtype=torch.float32)
+        qs[:, :, pos[here] - start] = q[:, :, rows[here]].float()
+        gs = g[:, :, start:stop].float() if (gated and g is not None) else None
+        bs = None if beta is None else beta[:, :, start:stop].float()
+        piece, S_out = chunked(qs, k[:, :, start:stop].float(), v[:, :, start:stop].float(), gs, bs, gated=gated,
+                               delta=True, normalize=True, chunk=chunk, state0=S, return_state=True, scale=scale)
+        if here.numel():
+            out[:, :, here] = piece[:, :, pos[here] - start]
+        S = S_out if carry else None
+    return out.to(v.dtype)
 
 
 def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int) -> RecurrentDecode:
@@ -231,13 +275,14 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
             return naive_recurrence(q, k, v, g, beta, **kw).to(q.dtype)
         return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), **kw)
 
-    if not delta:  # simple_gla: a rows= form for long cases (the delta rules keep the full reference only)
-        full_reference = reference
+    full_reference = reference
 
-        def reference(q, k, v, g=None, beta=None, rows=None):
-            if rows is None:
-                return full_reference(q, k, v, g, beta)
+    def reference(q, k, v, g=None, beta=None, rows=None):  # rows=: a long case's sampled rows (forward only)
+        if rows is None:
+            return full_reference(q, k, v, g, beta)
+        if not delta:  # simple_gla: the keys streamed, the decayed sum carried
             return gated_rows(q, k, v, g if gated else None, rows, chunk=stream)
+        return delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=max(1, chunk // 2), stream=stream)
 
     extras = gate_extras(ctx.case, gated, delta)
     scan = affine_state_scan(chunk, tuple(extras), **kw) if fast is None and offset == 0 else None
