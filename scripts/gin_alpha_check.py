@@ -10,11 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from attnbench.measure.gate import TOLERANCE  # noqa: E402
-from tests.test_gin_precision import ALPHA, _errors  # noqa: E402
+from attnbench.measure.gate import TOLERANCE
+from attnbench.methods.analysis.gin import ALPHA_INDEX as ALPHA
+from attnbench.methods.analysis.gin import gradient_errors as _errors
 
 
 def main(out: str) -> None:

@@ -11,38 +11,13 @@ whatever the precision of everything else (measured on the CPU; see the report o
 the default's failure as the control."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
-import torch
 
-from attnbench import masks
-from attnbench.measure.gate import TOLERANCE, rel_error
-from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
+from attnbench.measure.gate import TOLERANCE
+from attnbench.methods.analysis.gin import ALPHA_INDEX, gradient_errors
 
-ALPHA = 2  # index of α in Prepared.parameters (w_q, w_k, alpha, eps, mlp...)
-
-
-def _errors(mask, seq=1024, heads=2, dim=64, seed=0, params=None):
-    bound = masks.make_mask(mask).bind(seq, seq)
-    case = SimpleNamespace(method="gin_attention", batch=1, heads_q=heads, heads_kv=heads, seq_q=seq, seq_kv=seq,
-                           head_dim=dim, seed=seed, dtype="bfloat16")
-    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cpu"),
-                       dtype=torch.bfloat16, params=dict(params or {}))
-    prepared = as_prepared(METHODS["gin_attention"].build(ctx))
-    params = list(prepared.parameters)
-    assert params[ALPHA].numel() == 1  # the layout the docstring assumes
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, seq, heads * dim, generator=gen).to(torch.bfloat16)
-    dout = torch.randn(1, seq, heads * dim, generator=gen)
-    xb = x.clone().requires_grad_()
-    out = prepared.fn(xb)
-    got = torch.autograd.grad(out, [xb] + params, dout.to(torch.bfloat16))
-    xf = x.float().requires_grad_()
-    ref = prepared.reference(xf)
-    want = torch.autograd.grad(ref, [xf] + params, dout)
-    names = ["dx"] + [f"dparam{i}" for i in range(len(params))]
-    return rel_error(out, ref), {n: rel_error(g, w) for n, g, w in zip(names, got, want)}
+ALPHA = ALPHA_INDEX
+_errors = gradient_errors
 
 
 @pytest.mark.parametrize("mask", ["full", "causal"])

@@ -138,3 +138,40 @@ def build_gin_attention(ctx):
     flops = case.batch * (4.0 * seq * width * width + 4.0 * pairs * width
                           + (4.0 * seq * heads * d * hidden if mlp == "gin" else 0.0))
     return Prepared(fn=fast, reference=reference, parameters=make.tensors, flops=flops, softmax_comparable=False)
+
+
+# ---- precision probe (tests/test_gin_precision.py, scripts/gin_alpha_check.py) ----------------------------------
+ALPHA_INDEX = 2  # index of the sharpening scalar α in Prepared.parameters (w_q, w_k, alpha, eps, mlp...)
+
+
+def gradient_errors(mask: str, seq: int = 1024, heads: int = 2, dim: int = 64, seed: int = 0, params=None):
+    """gin_attention in bf16 on the CPU against its fp32 reference: ``(output rel_err, {"dx": ..., "dparam<i>":
+    ...})``, the relative error of the output and of each gradient (``dparam{ALPHA_INDEX}`` is α's), for one
+    random input at ``seq`` tokens and the given method options ``params``."""
+    from types import SimpleNamespace
+
+    from attnbench import masks
+    from attnbench.measure.gate import rel_error
+
+    from .. import METHODS, BuildContext, MaskInfo, as_prepared
+
+    bound = masks.make_mask(mask).bind(seq, seq)
+    case = SimpleNamespace(method="gin_attention", batch=1, heads_q=heads, heads_kv=heads, seq_q=seq, seq_kv=seq,
+                           head_dim=dim, seed=seed, dtype="bfloat16")
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cpu"),
+                       dtype=torch.bfloat16, params=dict(params or {}))
+    prepared = as_prepared(METHODS["gin_attention"].build(ctx))
+    tensors = list(prepared.parameters)
+    if tensors[ALPHA_INDEX].numel() != 1:
+        raise RuntimeError("gin_attention's parameter layout changed: α is no longer parameters[ALPHA_INDEX]")
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, seq, heads * dim, generator=gen).to(torch.bfloat16)
+    dout = torch.randn(1, seq, heads * dim, generator=gen)
+    xb = x.clone().requires_grad_()
+    out = prepared.fn(xb)
+    got = torch.autograd.grad(out, [xb] + tensors, dout.to(torch.bfloat16))
+    xf = x.float().requires_grad_()
+    ref = prepared.reference(xf)
+    want = torch.autograd.grad(ref, [xf] + tensors, dout)
+    names = ["dx"] + [f"dparam{i}" for i in range(len(tensors))]
+    return rel_error(out, ref), {n: rel_error(g, w) for n, g, w in zip(names, got, want)}
