@@ -305,3 +305,27 @@ def test_a_long_bshd_case_is_gated_on_streamed_rows(monkeypatch, streamed, metho
     monkeypatch.setattr(sys.modules[module], name, late_rows_off)
     row = _run(method, "fwd", {"reference_stream_chunk": 16}, monkeypatch)
     assert row["status"] == "wrong" and "rel_err" in row["reason"]
+
+
+@pytest.mark.parametrize("method", FLA)
+def test_a_short_bshd_case_gates_its_gradients(monkeypatch, method):
+    """fwd_bwd below ref_full_pairs: the own reference's gradients come from its output in the method's own layout
+    (the H200 found ``grad_output [B, T, H, D]`` against an output already transposed to ``[B, H, T, D]``); a fast
+    path whose forward is right but whose gradients are 1.5x is wrong."""
+    import sys
+
+    _fake_fla(monkeypatch)
+    row = _run(method, "fwd_bwd", {}, monkeypatch, seq=16)
+    assert row["status"] == "ok", row["reason"]
+    assert "grads_not_gated" not in (row.get("flags") or "")
+    op = method.removeprefix("fla_")
+    module, name = f"fla.ops.{op}", f"chunk_{op}"
+    fast = getattr(sys.modules[module], name)
+
+    def gradient_off(*a, **kw):  # the same values, gradients scaled by 1.5
+        out = fast(*a, **kw)[0]
+        return out * 1.5 - out.detach() * 0.5, None
+
+    monkeypatch.setattr(sys.modules[module], name, gradient_off)
+    row = _run(method, "fwd_bwd", {}, monkeypatch, seq=16)
+    assert row["status"] == "wrong" and "rel_err" in row["reason"]

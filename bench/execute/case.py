@@ -461,9 +461,8 @@ class CaseRunner:
         kwargs = {k: (_float_copy(v, need_grad) if isinstance(v, torch.Tensor) else v)
                   for k, v in call.kwargs.items() if k != "_state"}
         with torch.enable_grad() if need_grad else torch.no_grad():
-            out = prepared.reference(*args, **kwargs)
-            if bshd:
-                out = out.transpose(1, 2)
+            raw = prepared.reference(*args, **kwargs)  # the method's layout: dout is laid out the same way
+            out = raw.transpose(1, 2) if bshd else raw
             grads = None
             if need_grad:
                 lookup = {**{n: a for n, a in zip(("dq", "dk", "dv") if caps.form == "qkv" else ("dx",), args)},
@@ -472,7 +471,7 @@ class CaseRunner:
                 for name, original in call.grad_targets:
                     targets.append(lookup.get(name, original))  # parameters: the same leaves, cast inside
                 dout = call.dout.float()
-                grads = torch.autograd.grad(out, targets, dout, allow_unused=True)
+                grads = torch.autograd.grad(raw, targets, dout, allow_unused=True)
                 grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets))
                 if bshd:
                     grads = tuple(g.transpose(1, 2) if g.dim() == 4 and i < 3 else g for i, g in enumerate(grads))
