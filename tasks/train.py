@@ -11,6 +11,7 @@ by (task, length, seed, "eval") only, so every method of a seed is scored on the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import zlib
@@ -139,6 +140,19 @@ def matmul_precision(tf32: bool, device_type: str) -> str:
     return "high" if tf32 and device_type == "cuda" else "highest"
 
 
+@contextlib.contextmanager
+def float32_precision(tf32: bool, device_type: str):
+    """torch's float32 matmul precision for one case (``matmul_precision``), restored afterwards. The setting is
+    global, so it reaches a float32 method's own matmuls; every case kind runs inside it (training, and the
+    experiments and probes that train or fit their own models)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision(bool(tf32), device_type))
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def train_task(task_name: str, params: dict, seq: int, method: str, seed: int = 0, dtype: str = "float32",
                device: str = "cpu", options: dict | None = None, method_params: dict | None = None,
                max_wall_s: float | None = None) -> Outcome:
@@ -160,14 +174,10 @@ def train_task(task_name: str, params: dict, seq: int, method: str, seed: int = 
                                    {"params": no_decay, "weight_decay": 0.0}], lr=float(task.params["lr"]),
                                   betas=(0.9, 0.98))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    precision = torch.get_float32_matmul_precision()
     # full float32 unless the case asks for TF32 (options["tf32"], the train config key): the setting is global, so
     # TF32 reaches a float32 method's own matmuls too (a delta rule's triangular solve), not only the model's layers
-    torch.set_float32_matmul_precision(matmul_precision(bool((options or {}).get("tf32")), device_t.type))
-    try:
+    with float32_precision(bool((options or {}).get("tf32")), device_t.type):
         return _loop(task, model, optimizer, trainable, batch, steps, seed, device_t, max_wall_s)
-    finally:
-        torch.set_float32_matmul_precision(precision)
 
 
 def _loop(task, model, optimizer, trainable, batch, steps, seed, device_t, max_wall_s) -> Outcome:

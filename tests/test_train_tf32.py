@@ -71,3 +71,30 @@ def test_the_case_tf32_reaches_the_training_and_the_row(tmp_path, monkeypatch):
     assert seen[0] == "highest"  # on the CPU TF32 is never switched on, asked or not
     case = TrainCase("mqar", "sdpa_math", 16, 0, "float32", "{}")
     assert case.tf32 is False  # the default: full float32
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_experiments_run_inside_the_case_precision(tmp_path, monkeypatch, tf32):
+    """An experiment (here rf_attention_probe) fits its own models: the case's precision must hold inside it too.
+    On the CPU TF32 is never on, so ``matmul_precision`` is made to answer as on CUDA; a run_case that set the
+    precision only for trained cases (the fifth session's) fails the tf32=True case."""
+    from attnbench.tasks import TASKS
+
+    monkeypatch.setattr(task_train, "matmul_precision", lambda asked, device_type: "high" if asked else "highest")
+    cls = TASKS["rf_attention_probe"].cls
+    seen = []
+    original = cls.probe
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "probe", spy)
+    small = {"seq_lens": [4], "features": 8, "samples": [16], "test": 16, "batch": 16}
+    cfg = _cfg(tmp_path, tf32=tf32, tasks=["rf_attention_probe"], task_options={"rf_attention_probe": small})
+    before = torch.get_float32_matmul_precision()
+    run_dir = run_train(cfg, "test", show_progress=False)
+    assert seen == ["high" if tf32 else "highest"]
+    assert torch.get_float32_matmul_precision() == before  # restored after the case
+    rows = load_quality(run_dir)
+    assert list(rows["tf32"]) == [tf32] and list(rows["status"]) == ["ok"], list(rows["reason"])

@@ -251,14 +251,15 @@ def run_case(case: TrainCase, device: str, options: dict, method_params: dict, t
     from attnbench.execute.worker import _classify
     from attnbench.methods import Unsupported
     from attnbench.tasks import TASKS
-    from attnbench.tasks.train import train_task
+    from attnbench.tasks.train import float32_precision, train_task
 
     spec = TASKS[case.task]
     task = spec.make(case.params, case.seq)
     options = {**options, "tf32": case.tf32}  # read by tasks.train.train_task (also inside experiments)
     measured = {"seq_q": task.seq_q, "seq_kv": task.seq_kv}
     try:
-        with _compiler_config_restored():
+        # experiments and probes fit their own models: the case's matmul precision holds for them too
+        with _compiler_config_restored(), float32_precision(case.tf32, torch.device(device).type):
             if spec.cls.kind in ("probe", "experiment"):  # the task runs the method itself
                 budget = {"max_wall_s": timeout_s} if spec.cls.kind == "experiment" else {}
                 outcome = task.probe(case.method, seed=case.seed, dtype=case.dtype, device=device, options=options,
