@@ -44,9 +44,10 @@ T]``),
     dk_j = φ'(k_j) Σ_{i>=j} (v_j · dN_i + dD_i) φq_i       (reverse scan a=v, b=dN, c=φq, eb=dD, GRADX x=k)
     dv_j =         Σ_{i>=j} (φk_j · φq_i) dN_i             (reverse scan a=φk, b=φq, c=dN)
 
-(dq takes dO itself and divides its fp32 output rows by D: one bf16 rounding fewer than dN, the largest
-error term of the gradients; CPU emulation with round-to-nearest: dq rel_err 0.0057-0.0077 where the former
-backward had 0.0072-0.0087),
+(dq takes dO itself and divides its fp32 output rows by D: one bf16 rounding fewer than dN; on the CPU, the
+interpreter rounding to nearest like the GPU, dq rel_err 0.0057-0.0077 over five small cases where the former
+backward had 0.0072-0.0087; dq is the largest gradient error, and rounding φ(q), φ(k) to bf16 alone costs
+it ~0.0037),
 
 - the dq scan's states ``Σ v_jᵀ φk_j`` and sums ``Σ φk_j`` are the forward's ``Σ φk_jᵀ v_j`` (transposed) and
   ``z``: the forward keeps them (fp32, the size given above) and the dq scan runs no state kernel;
@@ -71,26 +72,44 @@ Now: (1) the ``dD`` terms are folded into the scans (``ea``/``eb`` added to the 
 ``Σ c`` / ``Σ eb·c`` carried like ``z``): no cumsum, no fp32 ``[B, H, T, d]`` temporary at all (dN/dD in one
 pass; dq, dk, dv written in the input dtype when there is no GQA); (2) φ' is applied in the scan's epilogue;
 (3) one state pass instead of three (the dq scan reuses the forward's states, the dv scan the dk scan's);
-(4) the forward writes φ(q), φ(k) once (bf16) instead of evaluating elu+1 (an ``exp`` per element) in every
-program that loads them: the fused forward evaluates it 2 x per q element and 4 x per k element (two value
-blocks in the scan, two in the state kernel), ~16K exponentials per chunk step in the scan, comparable to its
-~1.3M MACs of mma work, and in the sequential state kernel; a likely part of why this forward (3.28 ms at 32K)
-is 3 x simple_gla_triton's (1.07 ms) with the same structure. The backward then costs about three scans plus
-one state pass, as simple_gla_triton's does (its 32K backward is 4.5 ms with four state passes), so
-fwd_bwd at 32K should drop from 34.6 ms to ~5-8 ms (PyTorch linear_attn: 13.8 ms) and scale linearly (1M:
-~170-250 ms instead of 1,099 ms). These are estimates from the structure, not measurements.
+(4) the forward writes φ(q), φ(k) once (bf16, kept for the backward, which needs them anyway) instead of
+evaluating elu+1 (an ``exp`` per element) in every program that loads them: 2 x per q element and 4 x per k
+element, ~16K exponentials per chunk step of the scan next to its ~1.3M MACs, and in the sequential state
+kernel. The backward then costs about three scans plus one state pass, as simple_gla_triton's does (its 32K
+backward is 4.5 ms with four state passes), so fwd_bwd at 32K should drop from 34.6 ms to roughly 6-12 ms
+(PyTorch linear_attn: 13.8 ms) and scale linearly (1M: roughly 200-400 ms instead of 1,099 ms). These are
+estimates from the structure, not measurements; the spread is the register spills below.
+
+Register spills (scripts/triton_spills.py: the kernels compiled for sm_90a on the CPU, ptxas -v; head dim
+128, chunk 64, block_v 64, bf16), spill stores / loads per thread:
+
+    num_warps                      4              8
+    forward scan (NORM)         1952 / 1944     264 / 264
+    dq scan                     2588 / 3180     164 / 164
+    dk scan                     2552 / 2976     308 / 308
+    dv scan                      628 / 628       76 / 76
+    state kernels             188-364 / 288-592    0 / 0
+    simple_gla_triton's scan     312 / 312      156 / 156
+
+At 4 warps (the sweep's setting) the NORM forward spills 6 x what simple_gla_triton's scan does, a likely
+cause of this forward being 3 x slower than that one (3.28 vs 1.07 ms at 32K) besides the exponentials, and
+the new dq / dk scans (row terms, φ' epilogue) spill 5 x the former backward's plain scans (536 B); at 8 warps
+every kernel spills little or nothing. The default stays 4 (unmeasured); the H200 should time 8.
 
 Numerics: the ``dD`` terms now meet the scores in fp32 before the one rounding to the input dtype (before: the
-bf16-rounded ``dN·v`` scores, then an fp32 ``dD · Σ φk`` added to the output), the same or smaller error.
+bf16-rounded ``dN·v`` scores, then an fp32 ``dD · Σ φk`` added to the output), and dq no longer rounds dN.
 
 The next H200 call must check: fwd_bwd and fwd at 8K/32K/128K/1M, 16 heads, hd 128, bf16, against
-linear_attn and simple_gla_triton (expected: fwd_bwd ≤ 8 ms at 32K, fwd ≤ 3.3 ms); ``feature_map: fused``
-against the default (is the precomputed φ the faster forward, as argued?); that the rows are ok (gradient
-rel_err under 0.009 at 8K and 32K; before 0.0067); peak memory at 1M (the forward's states, 4 GiB at 16
-heads, are kept for the backward; a dozen 8 GiB fp32 temporaries are gone); tests/test_linear_gpu.py -m gpu.
+linear_attn and simple_gla_triton, with ``num_warps`` 4 and 8 (expected: fwd_bwd well under linear_attn's
+13.8 ms at 32K; 8 warps faster if the spills matter); ``feature_map: fused`` against the default (is the
+precomputed φ the faster forward?); that the rows are ok (gradient rel_err under 0.009 at 8K and 32K; before
+0.0067); peak memory at 1M (the forward's states, 4 GiB at 16 heads, and φ(q), φ(k), 8 GiB, are kept for the
+backward; a dozen 8 GiB fp32 temporaries are gone); tests/test_linear_gpu.py -m gpu.
 
-Not done (next steps): dk and dv could share one kernel (both walk the same reverse segments and load φq,
-dN); ``seg_chunks`` could adapt to the length (fewer, longer segments at 1M where parallelism is ample).
+Not done (next steps): the NORM forward's spills at 4 warps (its ``a · z`` and ``Σ b`` row sums could be
+tensor-core dots against a one-hot matrix; the dk scan's ``Σ eb · c`` that way spills 1540 B instead of 2552);
+dk and dv could share one kernel (both walk the same reverse segments and load φq, dN); ``seg_chunks`` could
+adapt to the length (fewer, longer segments at 1M where parallelism is ample).
 
 Kernels are decorated on first use, once per interpreter mode: ``triton.jit`` reads ``TRITON_INTERPRET`` when
 it decorates, so the CPU tests (which set it) and a GPU process get the right flavour whatever was imported
@@ -347,7 +366,7 @@ class Carried(typing.NamedTuple):
     transposed: bool = False
 
 
-def _rows(op: int, x, y=None, den=None, *, out_dtype, block_t: int = 64):
+def _rows(op: int, x, y=None, den=None, *, out_dtype, block_t: int = 32):
     batch, heads, seq, dim = x.shape
     out = torch.empty(batch, heads, seq, dim, device=x.device, dtype=out_dtype)
     red = torch.empty(batch, heads, seq, device=x.device, dtype=torch.float32) if op == 1 else out
