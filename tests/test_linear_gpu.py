@@ -123,3 +123,40 @@ def test_simple_gla_triton_matches_the_reference_and_fla_chunk_simple_gla(seq):
         theirs = chunk_simple_gla(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
                                   v.transpose(1, 2).contiguous(), g=g.transpose(1, 2).contiguous())[0]
     assert rel_error(out, theirs.transpose(1, 2)) < out_tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("feature_map", ["precomputed", "fused"])
+def test_linear_attn_triton_fwd_bwd_within_the_gate_with_gqa(feature_map):
+    """The own kernel's forward and backward (dD terms folded into the scans, states handed between scans)
+    at 4100 tokens (17 segments, a tail chunk), GQA 8 on 2, hd 128, bf16: output and gradients within the
+    bf16 gate of the fp32 chunked form, for both feature maps. Negative control: the backward with the sums
+    carried into each segment dropped (``carry_u=False``) fails the gate on dq and dk."""
+    import torch.nn.functional as F
+
+    from attnbench.measure.gate import TOLERANCE, rel_error
+    from attnbench.methods.linear import common
+    from attnbench.methods.linear.linear_triton import linear_attn
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    seq, heads, kv_heads = 4100, 8, 2
+    q = torch.randn(1, heads, seq, 128, device="cuda", generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, kv_heads, seq, 128, device="cuda", generator=gen).bfloat16().requires_grad_()
+            for _ in range(2))
+    dout = torch.randn(1, heads, seq, 128, device="cuda", generator=gen).bfloat16()
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    group = heads // kv_heads
+    ref = common.chunked_linear(F.elu(ref_in[0]) + 1, (F.elu(ref_in[1]) + 1).repeat_interleave(group, 1),
+                                ref_in[2].repeat_interleave(group, 1), causal=True, offset=0, eps=1e-6, chunk=64)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.float())
+    out_tol, grad_tol = TOLERANCE["bfloat16"]
+    for carry_u in (True, False):
+        out = linear_attn(q, k, v, feature_map=feature_map, carry_u=carry_u)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        errors = [rel_error(g, w) for g, w in zip(grads, ref_grads)]
+        assert rel_error(out, ref) < out_tol
+        if carry_u:
+            assert max(errors) < grad_tol, errors
+        else:
+            assert errors[0] > grad_tol and errors[1] > grad_tol and errors[2] < grad_tol, errors

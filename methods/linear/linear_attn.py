@@ -14,7 +14,8 @@ CUDA or the Triton interpreter, no decode rows: the recurrent step is ``linear_a
 both, and fla's kernel, side by side. Hyper-parameters: ``chunk`` (constexpr chunk length, power of two in
 16..256, default 64), ``block_v`` (value columns per program, default 64), ``seg_chunks`` (chunks per
 parallel segment, default 4: the fp32 states stored per segment cost T / (chunk · seg_chunks) · d² · 4 B per
-kv head), ``num_warps`` (default 4), ``eps``, ``reference_naive_max_pairs``, ``reference_stream_chunk`` (keys
+kv head), ``num_warps`` (default 4), ``feature_map`` (``precomputed``, the default: φ(q), φ(k) written once
+and kept for the backward; ``fused``: φ applied in the kernels as q, k are loaded), ``eps``, ``reference_naive_max_pairs``, ``reference_stream_chunk`` (keys
 per step of the reference's ``rows=`` form, which long cases are gated on). On a CPU without
 ``TRITON_INTERPRET=1`` its rows are ``unsupported``.
 """
@@ -71,6 +72,7 @@ def build_linear_attn_triton(ctx):
     block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True)
     num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
     seg_chunks = param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024)
+    feature_map = param_choice(ctx, "feature_map", "precomputed", ("precomputed", "fused"))
     eps = param_float(ctx, "eps", 1e-6, minimum=0.0)
     naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
@@ -82,7 +84,8 @@ def build_linear_attn_triton(ctx):
     reference_form = linear_reference(naive_max, chunk)
 
     def fn(q, k, v):
-        return kernel(q, k, v, chunk=chunk, block_v=block_v, eps=eps, num_warps=num_warps, seg_chunks=seg_chunks)
+        return kernel(q, k, v, chunk=chunk, block_v=block_v, eps=eps, num_warps=num_warps, seg_chunks=seg_chunks,
+                      feature_map=feature_map)
 
     def reference(q, k, v, rows=None):
         if rows is not None:  # a long case's sampled rows, keys streamed (forward only)

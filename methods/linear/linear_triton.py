@@ -4,78 +4,150 @@ imports triton.
 
 One generic kernel, :func:`_chunk_scan_src`, computes the chunked causal (or anti-causal) scan
 
-    o_i = Σ_{j <= i} (a_i · b_j) c_j            (REVERSE: Σ_{j >= i})
+    o_i = Σ_{j <= i} (a_i · b_j + ea_i + eb_j) c_j            (REVERSE: Σ_{j >= i})
 
-with ``a, b`` ``[B, H, T, DK]`` and ``c`` ``[B, H, T, DV]``, in two kernels (fla's chunked structure):
+with ``a, b`` ``[B, H, T, DK]``, ``c`` ``[B, H, T, DV]`` and optional per-row fp32 scalars ``ea`` (a side)
+or ``eb`` (b side), in two kernels (fla's chunked structure):
 
-- the state kernel :func:`_chunk_states_src`, grid ``(cdiv(DK, 64), cdiv(DV, BV), B · Hkv)``, walks the chunks
+- the state kernel :func:`_chunk_states_src`, grid ``(cdiv(DK, 64), cdiv(DV, BV), B · Hb)``, walks the chunks
   in order (REVERSE: backwards) doing only the state update ``S += φ(b)ᵀ c`` (fp32; ``z += Σ φ(b)`` with
-  NORM) and stores the state carried into every *segment* of ``seg_chunks`` chunks (fp32 ``[B·Hkv, NSEG,
-  DK, DV]``: ``T / (chunk · seg_chunks) · DK · DV · 4`` bytes per kv head: 256 MiB per head at 1M tokens,
-  d = 128, chunk 64, seg_chunks 4; storing one state per chunk would be 1 GiB per head, hence segments);
+  NORM; ``u += Σ c`` or ``u += Σ eb · c`` with ``ea`` / ``eb``) and stores what is carried into every
+  *segment* of ``seg_chunks`` chunks (fp32 ``[B·Hb, NSEG, DK, DV]``: ``T / (chunk · seg_chunks) · DK · DV ·
+  4`` bytes per head: 256 MiB per head at 1M tokens, d = 128, chunk 64, seg_chunks 4; one state per chunk
+  would be 1 GiB per head, hence segments);
 - the scan kernel :func:`_chunk_scan_src`, grid ``(cdiv(DV, BV), B · H, NSEG)``: each program loads its
-  segment's state and walks the segment's chunks (outputs of the intra-chunk part ``tl.dot(a, bᵀ)`` masked
-  to ``j <= i`` plus ``a · S``, and the state update in registers). One segment (short inputs): no state
-  kernel. Before, one program per (value block, head) walked all chunks: 32 programs for 132 SMs at 16
-  heads, the reason it lost to the PyTorch chunked form; now at 32K tokens 128 segments x 2 x 16 = 4096
-  programs, and the sequential part is the state kernel's one small dot per chunk.
+  segment's state and walks the segment's chunks (outputs of the intra-chunk part ``tl.dot(a, bᵀ) (+ ea_i +
+  eb_j)`` masked to ``j <= i`` plus ``a · S`` (``+ ea_i u`` or ``+ u``), and the state update in registers).
+  One segment (short inputs): no state kernel. A scan may instead be handed the states of another scan
+  (``Carried``, read transposed where b and c are swapped): the backward uses that twice.
 
-Operands of every ``tl.dot`` are in the input dtype (bf16/fp16 on
-the tensor cores; fp32 inputs with ``input_precision="ieee"``, no tf32), accumulation in fp32.
+Operands of every ``tl.dot`` are in the input dtype (bf16/fp16 on the tensor cores; fp32 inputs with
+``input_precision="ieee"``, no tf32), accumulation in fp32.
 
-- ``FEATURE=1`` applies ``φ(x) = elu(x) + 1`` to ``a`` and ``b`` as they are loaded (the forward pass on raw
-  q, k: no feature tensors in memory);
+- ``FEATURE=1`` applies ``φ(x) = elu(x) + 1`` to ``a`` and ``b`` as they are loaded (``feature_map="fused"``:
+  no feature tensors in memory); the default ``feature_map="precomputed"`` writes φ(q), φ(k) once with an
+  elementwise pass (:func:`_rows_src`, the same rounding) and the scans load them like any operand;
 - ``NORM=1`` also carries ``z = Σ b_j`` (fp32) and divides by ``den_i = a_i · z_i + Σ_{j<=i in chunk} a_i ·
   b_j + eps``, the denominator of ``linear_attn`` (methods/linear/common.py), stored (fp32) for the backward;
+- ``DIVR=1`` divides output row ``i`` by ``r_i`` (fp32), ``GRADX=1`` multiplies the output by ``φ'(x)`` of a
+  raw input ``x`` (the chain rule of elu+1, fp32), both before the store;
 - head dims that are not a power of two (or below 16, ``tl.dot``'s minimum) are padded in registers with
   masked loads (feature columns beyond the head dim are forced to 0: ``φ(0) = 1`` would otherwise count);
 - lengths that are not a multiple of the chunk: the tail chunk is masked (rows beyond ``T`` load as 0 and
   their features are forced to 0), nothing is padded in memory.
 
-Backward (Triton as well): with ``D_i`` the stored denominator, ``dN = dO / D``, ``dD = -(dO · out) / D``,
+Backward (Triton, three scans and one state pass): with ``D_i`` the stored denominator, ``p = −(dO · out)``,
+``dN = dO / D``, ``dD = p / D`` (one row-wise pass, :func:`_rows_src`: dN in the input dtype, p fp32 ``[B, H,
+T]``),
 
-    dφq_i = Σ_{j<=i} (dN_i · v_j) φk_j + dD_i Σ_{j<=i} φk_j     (scan a=dN, b=v, c=φk)
-    dφk_j = Σ_{i>=j} (v_j · dN_i) φq_i + Σ_{i>=j} dD_i φq_i      (reverse scan a=v, b=dN, c=φq)
-    dv_j  = Σ_{i>=j} (φk_j · φq_i) dN_i                         (reverse scan a=φk, b=φq, c=dN)
+    dq_i = φ'(q_i) / D_i Σ_{j<=i} (dO_i · v_j + p_i) φk_j  (scan a=dO, b=v, c=φk, ea=p, DIVR by D, GRADX x=q)
+    dk_j = φ'(k_j) Σ_{i>=j} (v_j · dN_i + dD_i) φq_i       (reverse scan a=v, b=dN, c=φq, eb=dD, GRADX x=k)
+    dv_j =         Σ_{i>=j} (φk_j · φq_i) dN_i             (reverse scan a=φk, b=φq, c=dN)
 
-three calls of the same scan (``FEATURE=0, NORM=0``, fp32 outputs) plus two cumulative sums and the
-elementwise chain rule of φ in PyTorch (fp32, in place; full-size fp32 temporaries are freed as soon as used:
-at 1M tokens x 16 heads x 128 each is 8 GiB, and the former backward held about a dozen, hence its OOM).
-GQA: the forward maps query head ``h`` to kv head ``h // group`` in the kernel (states per kv head); the
-backward expands k, v to the query heads and sums the kv gradients over each group.
+(dq takes dO itself and divides its fp32 output rows by D: one bf16 rounding fewer than dN; on the CPU, the
+interpreter rounding to nearest like the GPU, dq rel_err 0.0057-0.0077 over five small cases where the former
+backward had 0.0072-0.0087; dq is the largest gradient error, and rounding φ(q), φ(k) to bf16 alone costs
+it ~0.0037),
 
-Not done (next steps): the dD · cumsum(φk) terms of the backward could be folded into the scans (carry
-``Σ c`` like ``z``), saving two full-size fp32 passes; the three backward scans could share one state
-pass and one kernel (fla's dq/dk/dv kernel); ``seg_chunks`` could adapt to the length (fewer, longer
-segments at 1M where parallelism is ample).
+- the dq scan's states ``Σ v_jᵀ φk_j`` and sums ``Σ φk_j`` are the forward's ``Σ φk_jᵀ v_j`` (transposed) and
+  ``z``: the forward keeps them (fp32, the size given above) and the dq scan runs no state kernel;
+- the dv scan's states ``Σ φq_iᵀ dN_i`` are the dk scan's ``Σ dN_iᵀ φq_i`` transposed: one state pass serves
+  both reverse scans;
+- GQA: the forward and dq scans read k, v (and φk) on the kv heads (head ``h // group``); the dk and dv scans
+  read v, φk there too and write per query head (fp32), summed over each group.
+
+What changed (this version) and why it should be faster. The former backward ran the three scans with
+``FEATURE=0, NORM=0`` on operands already in the input dtype (so its dots were on the tensor cores: the
+fp32/ieee explanation does not hold), but added the ``dD`` terms in PyTorch as ``dD ⊙ cumsum(φk)`` and a
+reverse ``cumsum(dD ⊙ φq)`` along the sequence of fp32 ``[B, H, T, d]`` tensors. PyTorch's CUDA cumsum along
+a non-innermost dimension (``tensor_kernel_scan_outer_dim``) gives each of the ``B·H·d`` columns (2048 at 16
+heads, d 128) to one thread that walks all T rows serially with a dependent load/store per row: latency
+bound. The H200 rows fit that and nothing else: the backward (fwd_bwd − fwd) minus simple_gla_triton's
+backward (the cost of three scans of the same structure), halved, is 3.2 / 13.4 / 54 / 428 ms at 8K / 32K /
+128K / 1M, i.e. 0.39-0.41 µs per row at every length, while a bandwidth-bound fp32 cumsum at 32K (512 MB
+moved) would take ~0.1 ms.
+Around them sat a dozen full-size fp32 passes (dO and out widened, dN, the chain rule φ'(x) with its own fp32
+temporary, fp32 scan outputs read back and narrowed; ~3 GB at 32K, ~0.7 ms) and a third state pass.
+Now: (1) the ``dD`` terms are folded into the scans (``ea``/``eb`` added to the chunk's scores in fp32, and
+``Σ c`` / ``Σ eb·c`` carried like ``z``): no cumsum, no fp32 ``[B, H, T, d]`` temporary at all (dN/dD in one
+pass; dq, dk, dv written in the input dtype when there is no GQA); (2) φ' is applied in the scan's epilogue;
+(3) one state pass instead of three (the dq scan reuses the forward's states, the dv scan the dk scan's);
+(4) the forward writes φ(q), φ(k) once (bf16, kept for the backward, which needs them anyway) instead of
+evaluating elu+1 (an ``exp`` per element) in every program that loads them: 2 x per q element and 4 x per k
+element, ~16K exponentials per chunk step of the scan next to its ~1.3M MACs, and in the sequential state
+kernel. The backward then costs about three scans plus one state pass, as simple_gla_triton's does (its 32K
+backward is 4.5 ms with four state passes), so fwd_bwd at 32K should drop from 34.6 ms to roughly 6-12 ms
+(PyTorch linear_attn: 13.8 ms) and scale linearly (1M: roughly 200-400 ms instead of 1,099 ms). These are
+estimates from the structure, not measurements; the spread is the register spills below.
+
+Register spills (scripts/triton_spills.py: the kernels compiled for sm_90a on the CPU, ptxas -v; head dim
+128, chunk 64, block_v 64, bf16), spill stores / loads per thread:
+
+    num_warps                      4              8
+    forward scan (NORM)         1952 / 1944     264 / 264
+    dq scan                     2588 / 3180     164 / 164
+    dk scan                     2552 / 2976     308 / 308
+    dv scan                      628 / 628       76 / 76
+    state kernels             188-364 / 288-592    0 / 0
+    simple_gla_triton's scan     312 / 312      156 / 156
+
+At 4 warps (the sweep's setting) the NORM forward spills 6 x what simple_gla_triton's scan does, a likely
+cause of this forward being 3 x slower than that one (3.28 vs 1.07 ms at 32K) besides the exponentials, and
+the new dq / dk scans (row terms, φ' epilogue) spill 5 x the former backward's plain scans (536 B); at 8 warps
+every kernel spills little or nothing. The default stays 4 (unmeasured); the H200 should time 8.
+
+Numerics: the ``dD`` terms now meet the scores in fp32 before the one rounding to the input dtype (before: the
+bf16-rounded ``dN·v`` scores, then an fp32 ``dD · Σ φk`` added to the output), and dq no longer rounds dN.
+
+The next H200 call must check: fwd_bwd and fwd at 8K/32K/128K/1M, 16 heads, hd 128, bf16, against
+linear_attn and simple_gla_triton, with ``num_warps`` 4 and 8 (expected: fwd_bwd well under linear_attn's
+13.8 ms at 32K; 8 warps faster if the spills matter); ``feature_map: fused`` against the default (is the
+precomputed φ the faster forward?); that the rows are ok (gradient rel_err under 0.009 at 8K and 32K; before
+0.0067); peak memory at 1M (the forward's states, 4 GiB at 16 heads, and φ(q), φ(k), 8 GiB, are kept for the
+backward; a dozen 8 GiB fp32 temporaries are gone); tests/test_linear_gpu.py -m gpu.
+
+Not done (next steps): the NORM forward's spills at 4 warps (its ``a · z`` and ``Σ b`` row sums could be
+tensor-core dots against a one-hot matrix; the dk scan's ``Σ eb · c`` that way spills 1540 B instead of 2552);
+dk and dv could share one kernel (both walk the same reverse segments and load φq, dN); ``seg_chunks`` could
+adapt to the length (fewer, longer segments at 1M where parallelism is ample).
 
 Kernels are decorated on first use, once per interpreter mode: ``triton.jit`` reads ``TRITON_INTERPRET`` when
 it decorates, so the CPU tests (which set it) and a GPU process get the right flavour whatever was imported
 first.
 """
 
+import typing
+
 import triton
 import triton.language as tl
 import torch
 
 
-def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, T, NSEG, H, G,
+def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, E, U0, X, T, NSEG, H, GA, GB, GX,
                     sab, sah, sat, sad, sbb, sbh, sbt, sbd, scb, sch, sct, scd, sob, soh, sot, sod,
-                    eps,
+                    sxb, sxh, sxt, sxd, eps,
                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-                    SEG: tl.constexpr, HAS_S0: tl.constexpr,
-                    FEATURE: tl.constexpr, NORM: tl.constexpr, REVERSE: tl.constexpr,
-                    MASK_INTRA: tl.constexpr, PRECISION: tl.constexpr, DOT_T: tl.constexpr):
+                    SEG: tl.constexpr, HAS_S0: tl.constexpr, HAS_U: tl.constexpr, TRANS_S: tl.constexpr,
+                    FEATURE: tl.constexpr, NORM: tl.constexpr, EXTRA: tl.constexpr, DIVR: tl.constexpr,
+                    GRADX: tl.constexpr, REVERSE: tl.constexpr, MASK_INTRA: tl.constexpr, PRECISION: tl.constexpr,
+                    DOT_T: tl.constexpr):
     pid_v = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
-    hk = h // G
-    a_base = A + b.to(tl.int64) * sab + h.to(tl.int64) * sah
-    b_base = B + b.to(tl.int64) * sbb + hk.to(tl.int64) * sbh
-    c_base = C + b.to(tl.int64) * scb + hk.to(tl.int64) * sch
+    ha = h // GA  # a's head (GQA: the keys' head in the dk / dv scans)
+    hb = h // GB  # b's and c's head (GQA: the keys' head in the forward and dq scans)
+    HB = H // GB
+    a_base = A + b.to(tl.int64) * sab + ha.to(tl.int64) * sah
+    b_base = B + b.to(tl.int64) * sbb + hb.to(tl.int64) * sbh
+    c_base = C + b.to(tl.int64) * scb + hb.to(tl.int64) * sch
     o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    x_base = X + b.to(tl.int64) * sxb + (h // GX).to(tl.int64) * sxh
+    if EXTRA == 1:  # ea [B, H, T] fp32, per output row
+        e_base = E + (b.to(tl.int64) * H + h) * T
+    else:  # eb [B, HB, T] fp32, per b row
+        e_base = E + (b.to(tl.int64) * HB + hb) * T
     rows = tl.arange(0, CH)
     dk = tl.arange(0, BK)
     dv = pid_v * BV + tl.arange(0, BV)
@@ -87,14 +159,23 @@ def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, T, NSEG, H, G,
         visible = rows[:, None] >= rows[None, :]
     if not MASK_INTRA:  # negative control for the tests only: the intra-chunk causal mask switched off
         visible = rows[:, None] >= 0
-    if HAS_S0:  # the state (and key sum) carried into this segment, from the state kernel, per kv head
-        kv_seg = (b.to(tl.int64) * (H // G) + hk) * NSEG + seg
-        state = tl.load(S0 + kv_seg * (DK * DV) + dk[:, None] * DV + dv[None, :],
-                        mask=kmask[:, None] & vmask[None, :], other=0.0)
-        zsum = tl.load(Z0 + kv_seg * DK + dk, mask=kmask, other=0.0)
+    kv_seg = (b.to(tl.int64) * HB + hb) * NSEG + seg
+    if HAS_S0:  # the state carried into this segment, from the state kernel (or the forward), per b head
+        if TRANS_S:  # stored as the [DV, DK] state of the transposed scan (b and c swapped)
+            s_off = dv[None, :] * DK + dk[:, None]
+        else:
+            s_off = dk[:, None] * DV + dv[None, :]
+        state = tl.load(S0 + kv_seg * (DK * DV) + s_off, mask=kmask[:, None] & vmask[None, :], other=0.0)
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0 and NORM:
+        zsum = tl.load(Z0 + kv_seg * DK + dk, mask=kmask, other=0.0)
+    else:
         zsum = tl.zeros([BK], dtype=tl.float32)
+    if HAS_U:  # Σ c (EXTRA=1) or Σ eb·c (EXTRA=2) over the chunks before this segment
+        usum = tl.load(U0 + kv_seg * DV + dv, mask=vmask, other=0.0)
+    else:
+        usum = tl.zeros([BV], dtype=tl.float32)
     for it in range(0, SEG):
         if REVERSE:
             chunk = seg * SEG + (SEG - 1 - it)
@@ -116,9 +197,21 @@ def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, T, NSEG, H, G,
         bb = bb.to(DOT_T)
         c = c.to(DOT_T)
         scores = tl.dot(a, tl.trans(bb), input_precision=PRECISION)
+        if EXTRA == 1:  # (a_i · b_j + ea_i): added in fp32 before the product is rounded for the next dot
+            ea = tl.load(e_base + t, mask=tmask, other=0.0)
+            scores += ea[:, None]
+        if EXTRA == 2:  # (a_i · b_j + eb_j)
+            eb = tl.load(e_base + t, mask=tmask, other=0.0)
+            scores += eb[None, :]
         scores = tl.where(visible, scores, 0.0)
         out = tl.dot(a, state.to(A.dtype.element_ty).to(DOT_T), input_precision=PRECISION)
         out += tl.dot(scores.to(C.dtype.element_ty).to(DOT_T), c, input_precision=PRECISION)
+        if EXTRA == 1:
+            out += ea[:, None] * usum[None, :]
+            usum += tl.sum(c.to(tl.float32), axis=0)
+        if EXTRA == 2:
+            out += usum[None, :]
+            usum += tl.sum(eb[:, None] * c.to(tl.float32), axis=0)
         if NORM:
             den = tl.sum(a.to(tl.float32) * zsum[None, :], axis=1) + tl.sum(scores, axis=1) + eps
             out = out / den[:, None]
@@ -126,17 +219,24 @@ def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, T, NSEG, H, G,
                 tl.store(DEN + pid_bh.to(tl.int64) * T + t, den, mask=tmask)
             zsum += tl.sum(bb.to(tl.float32), axis=0)
         state += tl.dot(tl.trans(bb), c, input_precision=PRECISION)
+        if DIVR:  # out_i / r_i, r [B, H, T] fp32 (read through DEN)
+            out = out / tl.load(DEN + pid_bh.to(tl.int64) * T + t, mask=tmask, other=1.0)[:, None]
+        if GRADX:  # the chain rule of elu+1 on the output: x [.., T, DV] the raw input, φ'(x) = 1 or exp(x)
+            x = tl.load(x_base + t[:, None] * sxt + dv[None, :] * sxd, mask=cv_mask, other=0.0).to(tl.float32)
+            out = out * tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
         tl.store(o_base + t[:, None] * sot + dv[None, :] * sod, out.to(O.dtype.element_ty), mask=cv_mask)
 
 
-def _chunk_states_src(B, C, S0, Z0, T, NSEG, H,
+def _chunk_states_src(B, C, S0, Z0, E, U0, T, NSEG, H,
                       sbb, sbh, sbt, sbd, scb, sch, sct, scd,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-                      SEG: tl.constexpr, FEATURE: tl.constexpr, NORM: tl.constexpr, REVERSE: tl.constexpr,
-                      PRECISION: tl.constexpr, NSEG_INTERP: tl.constexpr, DOT_T: tl.constexpr):
-    """The states carried into every segment (of SEG chunks): grid (DK blocks, DV blocks, B · Hkv), each
+                      SEG: tl.constexpr, FEATURE: tl.constexpr, NORM: tl.constexpr, EXTRA: tl.constexpr,
+                      REVERSE: tl.constexpr, PRECISION: tl.constexpr, NSEG_INTERP: tl.constexpr,
+                      DOT_T: tl.constexpr):
+    """The states carried into every segment (of SEG chunks): grid (DK blocks, DV blocks, B · Hb), each
     program walks the chunks in order (REVERSE: backwards) doing only the state update ``S += φ(b)ᵀ c`` (and
-    ``z += Σ φ(b)`` with NORM) and stores the state at each segment start (fp32)."""
+    ``z += Σ φ(b)`` with NORM, ``u += Σ c`` with EXTRA=1, ``u += Σ eb · c`` with EXTRA=2) and stores the
+    state at each segment start (fp32)."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -144,6 +244,7 @@ def _chunk_states_src(B, C, S0, Z0, T, NSEG, H,
     h = pid_bh % H
     b_base = B + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     c_base = C + b.to(tl.int64) * scb + h.to(tl.int64) * sch
+    e_base = E + pid_bh.to(tl.int64) * T
     rows = tl.arange(0, CH)
     dk = pid_k * BK + tl.arange(0, BK)
     dv = pid_v * BV + tl.arange(0, BV)
@@ -153,8 +254,11 @@ def _chunk_states_src(B, C, S0, Z0, T, NSEG, H,
     s_mask = kmask[:, None] & vmask[None, :]
     z_base = Z0 + pid_bh.to(tl.int64) * NSEG * DK + dk
     z_mask = kmask & (pid_v == 0)
+    u_base = U0 + pid_bh.to(tl.int64) * NSEG * DV + dv
+    u_mask = vmask & (pid_k == 0)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     zsum = tl.zeros([BK], dtype=tl.float32)
+    usum = tl.zeros([BV], dtype=tl.float32)
     # every segment but the last (REVERSE: the first) hands its state on; NSEG_INTERP > 0 in the interpreter
     # only (a constexpr loop bound, see chunk_scan)
     for i in range(0, NSEG_INTERP - 1 if NSEG_INTERP > 0 else NSEG - 1):
@@ -165,6 +269,8 @@ def _chunk_states_src(B, C, S0, Z0, T, NSEG, H,
         tl.store(s_base + tl.cast(seg, tl.int64) * (DK * DV), state, mask=s_mask)
         if NORM:
             tl.store(z_base + tl.cast(seg, tl.int64) * DK, zsum, mask=z_mask)
+        if EXTRA != 0:
+            tl.store(u_base + tl.cast(seg, tl.int64) * DV, usum, mask=u_mask)
         for it in range(0, SEG):
             if REVERSE:
                 chunk = seg * SEG + (SEG - 1 - it)
@@ -180,9 +286,15 @@ def _chunk_states_src(B, C, S0, Z0, T, NSEG, H,
                 bf = bb.to(tl.float32)
                 bb = tl.where(bk_mask, tl.where(bf > 0, bf + 1.0, tl.exp(bf)), 0.0).to(B.dtype.element_ty)
             bb = bb.to(DOT_T)
+            c = c.to(DOT_T)
             if NORM:
                 zsum += tl.sum(bb.to(tl.float32), axis=0)
-            state += tl.dot(tl.trans(bb), c.to(DOT_T), input_precision=PRECISION)
+            if EXTRA == 1:
+                usum += tl.sum(c.to(tl.float32), axis=0)
+            if EXTRA == 2:
+                eb = tl.load(e_base + t, mask=tmask, other=0.0)
+                usum += tl.sum(eb[:, None] * c.to(tl.float32), axis=0)
+            state += tl.dot(tl.trans(bb), c, input_precision=PRECISION)
     if REVERSE:
         last = 0
     else:
@@ -190,10 +302,41 @@ def _chunk_states_src(B, C, S0, Z0, T, NSEG, H,
     tl.store(s_base + tl.cast(last, tl.int64) * (DK * DV), state, mask=s_mask)
     if NORM:
         tl.store(z_base + tl.cast(last, tl.int64) * DK, zsum, mask=z_mask)
+    if EXTRA != 0:
+        tl.store(u_base + tl.cast(last, tl.int64) * DV, usum, mask=u_mask)
+
+
+def _rows_src(X, Y, O, DEN, R, T, H, sxb, sxh, sxt, sxd, syb, syh, syt, syd,
+              D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, OP: tl.constexpr):
+    """Row-wise elementwise passes over ``[B, H, T, D]`` (any strides; writes contiguous), grid
+    ``(cdiv(T, BT), B · H)``. OP=0: ``O = elu(X) + 1`` in O's dtype (each branch in fp32, rounded once: the
+    same values as the kernels' fused feature map). OP=1, the backward's prologue, with X = dO, Y = the
+    forward output, DEN = its stored denominator: ``O = dN = dO / D`` (O's dtype) and ``R = −(dO · out)``
+    (fp32 ``[B, H, T]``; ``dD = R / D``)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    d = tl.arange(0, BD)
+    tmask = t < T
+    m = tmask[:, None] & (d[None, :] < D)
+    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t[:, None] * sxt + d[None, :] * sxd,
+                mask=m, other=0.0).to(tl.float32)
+    o_ptr = O + pid_bh.to(tl.int64) * T * D + t[:, None] * D + d[None, :]
+    if OP == 0:
+        tl.store(o_ptr, tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0))).to(O.dtype.element_ty), mask=m)
+    else:
+        y = tl.load(Y + b.to(tl.int64) * syb + h.to(tl.int64) * syh + t[:, None] * syt + d[None, :] * syd,
+                    mask=m, other=0.0).to(tl.float32)
+        den = tl.load(DEN + pid_bh.to(tl.int64) * T + t, mask=tmask, other=1.0)
+        tl.store(R + pid_bh.to(tl.int64) * T + t, -tl.sum(x * y, axis=1), mask=tmask)
+        tl.store(o_ptr, (x / den[:, None]).to(O.dtype.element_ty), mask=m)
 
 
 _KERNELS: dict[tuple[str, bool], object] = {}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_SRC = {"scan": _chunk_scan_src, "states": _chunk_states_src, "rows": _rows_src}
 
 
 def interpreting() -> bool:
@@ -204,7 +347,7 @@ def interpreting() -> bool:
 def _kernel(name: str = "scan"):
     key = (name, interpreting())
     if key not in _KERNELS:
-        _KERNELS[key] = triton.jit({"scan": _chunk_scan_src, "states": _chunk_states_src}[name])
+        _KERNELS[key] = triton.jit(_SRC[name])
     return _KERNELS[key]
 
 
@@ -212,123 +355,213 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+class Carried(typing.NamedTuple):
+    """What a scan carries into each of its segments (fp32, per b head, segment by segment; None where not
+    computed): the states ``[B·Hb, NSEG, DK, DV]`` (``transposed``: the ``[.., DV, DK]`` states of the scan
+    with b and c swapped, read transposed), the key sums ``zsums`` ``[B·Hb, NSEG, DK]`` (``normalize``) and
+    the sums ``usums`` ``[B·Hb, NSEG, DV]`` of ``c`` (``add_a``) or of ``eb · c`` (``add_b``)."""
+    states: torch.Tensor | None = None
+    zsums: torch.Tensor | None = None
+    usums: torch.Tensor | None = None
+    transposed: bool = False
+
+
+def _rows(op: int, x, y=None, den=None, *, out_dtype, block_t: int = 32):
+    batch, heads, seq, dim = x.shape
+    out = torch.empty(batch, heads, seq, dim, device=x.device, dtype=out_dtype)
+    red = torch.empty(batch, heads, seq, device=x.device, dtype=torch.float32) if op == 1 else out
+    if seq == 0:
+        return (out, red) if op == 1 else out
+    y = x if y is None else y
+    grid = (triton.cdiv(seq, block_t), batch * heads)
+    _kernel("rows")[grid](x, y, out, out if den is None else den, red, seq, heads, *x.stride(), *y.stride(),
+                          D=dim, BD=_block(dim), BT=block_t, OP=op)
+    return (out, red) if op == 1 else out
+
+
+def elu1(x):
+    """``elu(x) + 1`` in ``x``'s dtype (a Triton elementwise pass, contiguous output)."""
+    return _rows(0, x, out_dtype=x.dtype)
+
+
 def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: bool = False,
                normalize: bool = False, reverse: bool = False, num_warps: int = 4, mask_intra: bool = True,
-               seg_chunks: int = 4, out_dtype=None, carry: bool = True):
-    """``o_i = Σ_{j<=i} (φ(a_i)·φ(b_j)) c_j`` (``reverse``: ``j >= i``), optionally divided by ``φ(a_i) ·
-    Σ_{j<=i} φ(b_j) + eps`` (``normalize``; then also returns that denominator, fp32 ``[B, H, T]``).
-    ``a`` ``[B, H, T, DK]``, ``b`` ``[B, Hkv, T, DK]``, ``c`` ``[B, Hkv, T, DV]`` (any strides, one dtype);
-    the output has ``out_dtype`` (default ``c``'s dtype) and ``a``'s heads. ``φ`` is elu+1 when ``feature``
-    else the identity. Segments of ``seg_chunks`` chunks run in parallel from the states the state kernel
-    stored (fp32 ``[B·Hkv, NSEG, DK, DV]``); ``carry=False`` starts every segment from zero: a deliberately
-    broken variant for the tests."""
-    batch, heads, seq, dk = a.shape
-    kv_heads = b.shape[1]
+               seg_chunks: int = 4, out_dtype=None, carry: bool = True, add_a=None, add_b=None, grad_x=None,
+               divide_rows=None, carried: Carried | None = None, carry_sums: bool = True,
+               return_states: bool = False):
+    """``o_i = Σ_{j<=i} (φ(a_i)·φ(b_j) + ea_i + eb_j) c_j`` (``reverse``: ``j >= i``), optionally divided by
+    ``φ(a_i) · Σ_{j<=i} φ(b_j) + eps`` (``normalize``; then also returns that denominator, fp32 ``[B, H, T]``).
+
+    ``a`` ``[B, Ha, T, DK]``, ``b`` ``[B, Hb, T, DK]``, ``c`` ``[B, Hb, T, DV]`` (any strides, one dtype); the
+    output has ``H = max(Ha, Hb)`` heads (head ``h`` reads a's head ``h // (H / Ha)`` and b's ``h // (H /
+    Hb)``: GQA either way) and ``out_dtype`` (default ``c``'s). ``φ`` is elu+1 when ``feature`` else the
+    identity. ``add_a`` (``ea``, fp32 ``[B, H, T]``) or ``add_b`` (``eb``, fp32 ``[B, Hb, T]``), at most one:
+    per-row scalars added to every score in fp32 (the backward's ``dD`` terms; the scan then also carries ``Σ
+    c`` or ``Σ eb · c`` across chunks). ``grad_x`` (``[B, Hx, T, DV]``, Hx dividing H): the output is
+    multiplied by ``φ'(grad_x)`` (elu+1's derivative) before it is stored.
+
+    Segments of ``seg_chunks`` chunks run in parallel from the states carried into them: ``carried`` (e.g. the
+    forward's, for the dq scan) or else computed by the state kernel. ``return_states`` also returns the
+    :class:`Carried` used. ``carry=False`` starts every segment from zero and ``carry_sums=False`` drops the
+    carried sums of ``add_a`` / ``add_b`` (their terms from earlier segments): deliberately broken variants for
+    the tests."""
+    batch, heads_a, seq, dk = a.shape
+    heads_b = b.shape[1]
     dvv = c.shape[-1]
+    heads = max(heads_a, heads_b)
     if not (a.dtype == b.dtype == c.dtype):
         raise TypeError(f"chunk_scan: a, b, c must share one dtype, got {a.dtype}, {b.dtype}, {c.dtype}")
-    if b.shape[:3] != c.shape[:3] or b.shape[-1] != dk or heads % kv_heads or b.shape[0] != batch \
-            or b.shape[2] != seq:
+    if b.shape[:3] != c.shape[:3] or b.shape[-1] != dk or heads % heads_a or heads % heads_b \
+            or b.shape[0] != batch or b.shape[2] != seq:
         raise ValueError(f"chunk_scan: shapes do not fit: a {tuple(a.shape)}, b {tuple(b.shape)}, c {tuple(c.shape)}")
+    if add_a is not None and add_b is not None:
+        raise ValueError("chunk_scan: add_a and add_b cannot both be given")
+    if normalize and (add_a is not None or add_b is not None or divide_rows is not None):
+        raise ValueError("chunk_scan: normalize does not combine with add_a / add_b / divide_rows")
+    extra, e = (1, add_a) if add_a is not None else (2, add_b) if add_b is not None else (0, None)
+    if e is not None:
+        want = (batch, heads if extra == 1 else heads_b, seq)
+        if tuple(e.shape) != want or e.dtype != torch.float32:
+            raise ValueError(f"chunk_scan: add_{'ab'[extra - 1]} must be fp32 {want}, got {e.dtype} {tuple(e.shape)}")
+        e = e.contiguous()
+    if grad_x is not None and (grad_x.shape[0] != batch or heads % grad_x.shape[1]
+                               or tuple(grad_x.shape[2:]) != (seq, dvv)):
+        raise ValueError(f"chunk_scan: grad_x {tuple(grad_x.shape)} does not fit the output "
+                         f"{(batch, heads, seq, dvv)}")
+    if divide_rows is not None and (tuple(divide_rows.shape) != (batch, heads, seq)
+                                    or divide_rows.dtype != torch.float32):
+        raise ValueError(f"chunk_scan: divide_rows must be fp32 {(batch, heads, seq)}, got {divide_rows.dtype} "
+                         f"{tuple(divide_rows.shape)}")
     out = torch.empty(batch, heads, seq, dvv, device=a.device, dtype=out_dtype or c.dtype)
-    den = torch.empty(batch, heads, seq, device=a.device, dtype=torch.float32) if normalize else out
-    if seq == 0:
-        return (out, den) if normalize else out
-    bv = min(block_v, _block(dvv))
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    den = torch.empty(batch, heads, seq, device=a.device, dtype=torch.float32) if normalize \
+        else out if divide_rows is None else divide_rows.contiguous()
     n_chunks = triton.cdiv(seq, chunk)
     nseg = triton.cdiv(n_chunks, seg_chunks)
+    if seq == 0:
+        return _result(out, den if normalize else None, Carried() if return_states else None)
+    bv = min(block_v, _block(dvv))
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
     # The interpreter's tl.dot is wrong on bf16/fp16 operands (numpy has no bf16): there the operands, already
     # rounded to the input dtype, are widened to fp32 before each dot (the same products a tensor core forms)
     dot_t = tl.float32 if interpreting() else _TL_DTYPES[a.dtype]
-    states = zsums = None
-    if nseg > 1 and carry:
-        states = torch.empty(batch * kv_heads, nseg, dk, dvv, device=a.device, dtype=torch.float32)
-        zsums = torch.empty(batch * kv_heads, nseg, dk, device=a.device, dtype=torch.float32) if normalize \
-            else states
-        bks = min(64, _block(dk))
-        grid_s = (triton.cdiv(dk, bks), triton.cdiv(dvv, bv), batch * kv_heads)
-        # Triton 3.6's interpreter cannot take a runtime scalar as a loop bound under numpy >= 2.3 (it calls
-        # int() on a 1-element array): there the segment count is passed as a constexpr; compiled kernels loop
-        # over the runtime ``NSEG`` (no recompilation per length).
-        _kernel("states")[grid_s](b, c, states, zsums, seq, nseg, kv_heads, *b.stride(), *c.stride(),
-                                  DK=dk, DV=dvv, BK=bks, BV=bv, CH=chunk, SEG=seg_chunks, FEATURE=int(feature),
-                                  NORM=int(normalize), REVERSE=int(reverse), PRECISION=precision,
-                                  NSEG_INTERP=nseg if interpreting() else 0, DOT_T=dot_t, num_warps=num_warps)
+    if carried is None:
+        carried = Carried()
+        if nseg > 1 and carry:
+            states = torch.empty(batch * heads_b, nseg, dk, dvv, device=a.device, dtype=torch.float32)
+            zsums = torch.empty(batch * heads_b, nseg, dk, device=a.device, dtype=torch.float32) \
+                if normalize else None
+            usums = torch.empty(batch * heads_b, nseg, dvv, device=a.device, dtype=torch.float32) \
+                if extra else None
+            bks = min(64, _block(dk))
+            grid_s = (triton.cdiv(dk, bks), triton.cdiv(dvv, bv), batch * heads_b)
+            # Triton 3.6's interpreter cannot take a runtime scalar as a loop bound under numpy >= 2.3 (it calls
+            # int() on a 1-element array): there the segment count is passed as a constexpr; compiled kernels
+            # loop over the runtime ``NSEG`` (no recompilation per length).
+            _kernel("states")[grid_s](b, c, states, states if zsums is None else zsums,
+                                      states if e is None else e, states if usums is None else usums,
+                                      seq, nseg, heads_b, *b.stride(), *c.stride(),
+                                      DK=dk, DV=dvv, BK=bks, BV=bv, CH=chunk, SEG=seg_chunks,
+                                      FEATURE=int(feature), NORM=int(normalize), EXTRA=extra,
+                                      REVERSE=int(reverse), PRECISION=precision,
+                                      NSEG_INTERP=nseg if interpreting() else 0, DOT_T=dot_t,
+                                      num_warps=num_warps)
+            carried = Carried(states, zsums, usums)
+    elif carried.states is not None:
+        shape = (batch * heads_b, nseg) + ((dvv, dk) if carried.transposed else (dk, dvv))
+        if tuple(carried.states.shape) != shape:
+            raise ValueError(f"chunk_scan: carried states {tuple(carried.states.shape)}, expected {shape}")
+    has_s0 = carried.states is not None
+    if has_s0 and normalize and carried.zsums is None:
+        raise ValueError("chunk_scan: normalize with carried states needs their zsums")
+    has_u = has_s0 and extra != 0 and carry_sums
+    if has_u and carried.usums is None:
+        raise ValueError("chunk_scan: add_a / add_b with carried states needs their usums")
+    anything = out
     grid = (triton.cdiv(dvv, bv), batch * heads, nseg)
-    _kernel("scan")[grid](a, b, c, out, den, out if states is None else states, out if zsums is None else zsums,
-                          seq, nseg, heads, heads // kv_heads,
-                          *a.stride(), *b.stride(), *c.stride(), *out.stride(), float(eps),
+    xs = grad_x.stride() if grad_x is not None else (0, 0, 0, 0)
+    _kernel("scan")[grid](a, b, c, out, den, carried.states if has_s0 else anything,
+                          carried.zsums if has_s0 and normalize else anything,
+                          anything if e is None else e, carried.usums if has_u else anything,
+                          anything if grad_x is None else grad_x,
+                          seq, nseg, heads, heads // heads_a, heads // heads_b,
+                          1 if grad_x is None else heads // grad_x.shape[1],
+                          *a.stride(), *b.stride(), *c.stride(), *out.stride(), *xs, float(eps),
                           DK=dk, DV=dvv, BK=_block(dk), BV=bv, CH=chunk, SEG=seg_chunks,
-                          HAS_S0=int(states is not None), FEATURE=int(feature), NORM=int(normalize),
+                          HAS_S0=int(has_s0), HAS_U=int(has_u), TRANS_S=int(bool(carried.transposed)),
+                          FEATURE=int(feature), NORM=int(normalize), EXTRA=extra,
+                          DIVR=int(divide_rows is not None), GRADX=int(grad_x is not None),
                           REVERSE=int(reverse), MASK_INTRA=int(mask_intra), PRECISION=precision, DOT_T=dot_t,
                           num_warps=num_warps)
-    return (out, den) if normalize else out
+    return _result(out, den if normalize else None, carried if return_states else None)
 
 
-def _elu1(x):
-    return torch.nn.functional.elu(x) + 1.0
-
-
-def _elu1_grad(x):
-    """elu+1's derivative in fp32: 1 where x > 0, exp(x) elsewhere (``x`` is not modified)."""
-    e = x.to(torch.float32, copy=True)
-    return torch.where(e > 0, 1.0, e.exp_())
-
-
-def _rev_cumsum(x, dim):
-    return x.flip(dim).cumsum(dim).flip(dim)
+def _result(out, den, carried):
+    """``out``, ``(out, den)``, ``(out, carried)`` or ``(out, den, carried)``."""
+    rest = tuple(x for x in (den, carried) if x is not None)
+    return (out,) + rest if rest else out
 
 
 class _LinearAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry):
-        out, den = chunk_scan(q, k, v, chunk=chunk, block_v=block_v, eps=eps, feature=True, normalize=True,
-                              num_warps=num_warps, mask_intra=mask_intra, seg_chunks=seg_chunks, carry=carry)
-        ctx.save_for_backward(q, k, v, out, den)
-        ctx.opts = dict(chunk=chunk, block_v=block_v, num_warps=num_warps, mask_intra=mask_intra,
-                        seg_chunks=seg_chunks, carry=carry)
+    def forward(ctx, q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry, carry_u,
+                feature_map):
+        opts = dict(chunk=chunk, block_v=block_v, num_warps=num_warps, mask_intra=mask_intra,
+                    seg_chunks=seg_chunks, carry=carry)
+        if feature_map == "precomputed":
+            fq, fk = elu1(q), elu1(k)
+            out, den, fwd = chunk_scan(fq, fk, v, eps=eps, normalize=True, return_states=True, **opts)
+        else:  # "fused": φ applied as q, k are loaded (the backward computes them again)
+            fq = fk = None
+            out, den, fwd = chunk_scan(q, k, v, eps=eps, feature=True, normalize=True, return_states=True,
+                                       **opts)
+        ctx.save_for_backward(q, k, v, out, den, fq, fk, fwd.states, fwd.zsums)
+        ctx.opts = opts
+        ctx.carry_u = carry_u
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        # Full-size fp32 temporaries are freed as soon as used (at 1M tokens x 16 heads x 128 one is 8 GiB):
-        # the scans write fp32 directly, the chain rule and the cumulative sums work in place.
-        q, k, v, out, den = ctx.saved_tensors
+        # With D_i the stored denominator, p = −(dO · out), dN = dO / D, dD = p / D (see the module docstring):
+        #   dq = φ'(q) ⊙ (1/D_i) Σ_{j<=i} (dO_i·v_j + p_i) φk_j    (scan a=dO, b=v, c=φk, add_a=p, divide_rows=D)
+        #   dk = φ'(k) ⊙ Σ_{i>=j} (v_j·dN_i + dD_i) φq_i            (reverse scan a=v, b=dN, c=φq, add_b=dD)
+        #   dv =         Σ_{i>=j} (φk_j·φq_i) dN_i                  (reverse scan a=φk, b=φq, c=dN)
+        q, k, v, out, den, fq, fk, s_fwd, z_fwd = ctx.saved_tensors
         opts = ctx.opts
         heads, kv_heads = q.shape[1], k.shape[1]
         group = heads // kv_heads
-        dt = q.dtype
-        if group > 1:
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        fq_c = _elu1(q.float()).to(dt)
-        fk_c = _elu1(k.float()).to(dt)
-        g = dout.to(torch.float32, copy=True)  # a copy: divided in place below
-        dd = torch.linalg.vecdot(g, out.float()).neg_().div_(den)  # [B, H, T]: -(dO · out) / D
-        dn_c = g.div_(den[..., None]).to(dt)
-        del g
-        # dφq = scan(dN, v, φk) + dD · cumsum(φk); dq = dφq · φ'(q)
-        dq = chunk_scan(dn_c, v, fk_c, out_dtype=torch.float32, **opts)
-        dq.addcmul_(dd[..., None], fk_c.float().cumsum(2))  # cumsum: a new tensor
-        dq.mul_(_elu1_grad(q))
-        dq = dq.to(dt)
-        # dφk = rscan(v, dN, φq) + rcumsum(dD · φq); dk = dφk · φ'(k)
-        dk = chunk_scan(v, dn_c, fq_c, reverse=True, out_dtype=torch.float32, **opts)
-        dk += _rev_cumsum(fq_c.float() * dd[..., None], 2)
-        dk.mul_(_elu1_grad(k))
-        dv = chunk_scan(fk_c, fq_c, dn_c, reverse=True, out_dtype=torch.float32 if group > 1 else v.dtype,
-                        **opts)
+        if fq is None:
+            fq, fk = elu1(q), elu1(k)
+        dn, p = _rows(1, dout, out, den, out_dtype=q.dtype)
+        dd = p / den
+        # dq: the forward's states are this scan's, transposed (Σ φk_jᵀ v_j vs Σ v_jᵀ φk_j), and its key sums
+        # are this scan's Σ c: no state pass
+        fwd = Carried(s_fwd, None, z_fwd, transposed=True)
+        dq = chunk_scan(dout.to(q.dtype), v, fk, add_a=p, divide_rows=den, grad_x=q, carried=fwd,
+                        carry_sums=ctx.carry_u, out_dtype=q.dtype, **opts)
+        part = k.dtype if group == 1 else torch.float32  # GQA: per query head, summed over the group below
+        dk, rev = chunk_scan(v, dn, fq, reverse=True, add_b=dd, grad_x=k, return_states=True, out_dtype=part,
+                             carry_sums=ctx.carry_u, **opts)
+        # dv: the dk scan's states, transposed (Σ dN_iᵀ φq_i vs Σ φq_iᵀ dN_i): no second state pass
+        dv = chunk_scan(fk, fq, dn, reverse=True, carried=Carried(rev.states, transposed=True),
+                        out_dtype=part, **opts)
         if group > 1:
             b, _, t, d = dk.shape
-            dk = dk.view(b, kv_heads, group, t, d).sum(2)
-            dv = dv.view(b, kv_heads, group, t, dv.shape[-1]).sum(2)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+            dk = dk.view(b, kv_heads, group, t, d).sum(2).to(k.dtype)
+            dv = dv.view(b, kv_heads, group, t, dv.shape[-1]).sum(2).to(v.dtype)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def linear_attn(q, k, v, *, chunk: int = 64, block_v: int = 64, eps: float = 1e-6, num_warps: int = 4,
-                seg_chunks: int = 4, mask_intra: bool = True, carry: bool = True):
+                seg_chunks: int = 4, feature_map: str = "precomputed", mask_intra: bool = True,
+                carry: bool = True, carry_u: bool = True):
     """Causal linear attention with elu+1 features, normalised (``linear_attn``'s operator, self-attention,
-    ``[B, H, T, D]`` inputs, GQA by kv heads), forward and backward in Triton. ``mask_intra=False`` (the
-    intra-chunk mask off) and ``carry=False`` (segments start from a zero state) are deliberately broken
-    variants for the tests' negative controls."""
-    return _LinearAttn.apply(q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry)
+    ``[B, H, T, D]`` inputs, GQA by kv heads), forward and backward in Triton. ``feature_map``:
+    ``"precomputed"`` (φ(q), φ(k) written once by an elementwise pass and kept for the backward) or
+    ``"fused"`` (φ applied in the scan kernels as q, k are loaded). ``mask_intra=False`` (the intra-chunk
+    mask off), ``carry=False`` (segments start from a zero state) and ``carry_u=False`` (the backward's dD
+    terms lose the sums carried into each segment) are deliberately broken variants for the tests' negative
+    controls."""
+    if feature_map not in ("precomputed", "fused"):
+        raise ValueError(f"linear_attn: feature_map must be 'precomputed' or 'fused', got {feature_map!r}")
+    return _LinearAttn.apply(q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry, carry_u,
+                             feature_map)
