@@ -34,21 +34,21 @@ def _qkv(batch, heads_q, heads_kv, seq_q, seq_kv, dim, seed=0):
 
 # ---- the exact reference on sampled rows -----------------------------------------------------------------------
 EXACT_MASKS = [
-    ("causal", 48, 48),
-    ("causal", 40, 24),  # bottom-right: the first 16 queries see no key
-    ("full", 30, 50),
-    ({"name": "sliding_window", "left": 5, "right": 2}, 48, 48),
-    ({"name": "document", "lengths": [7, 20, 21]}, 48, 48),
+    ("causal", 300, 300),
+    ("causal", 300, 200),  # bottom-right: the first 100 queries see no key
+    ("full", 200, 330),
+    ({"name": "sliding_window", "left": 50, "right": 20}, 300, 300),
+    ({"name": "document", "lengths": [37, 200, 63]}, 300, 300),
 ]
 
 
 @pytest.mark.parametrize("mask,seq_q,seq_kv", EXACT_MASKS)
-@pytest.mark.parametrize("chunk_bytes", [1 << 29, 3 * 4 * 2 * 4 * 128])  # one block; row groups of 1
+@pytest.mark.parametrize("chunk_bytes", [1 << 29, 3 * 4 * 2 * 4 * 128])  # one block; 128-key blocks, rows one by one
 def test_attend_rows_equals_the_materialised_reference_on_those_rows(mask, seq_q, seq_kv, chunk_bytes):
     bound = masks.make_mask(mask).bind(seq_q, seq_kv)
     q, k, v = _qkv(2, 4, 2, seq_q, seq_kv, 16)  # GQA: 2 query heads per kv head
     want, _ = exact_reference.reference_attention(q, k, v, bound)
-    rows = torch.tensor([seq_q - 1, 0, 5, 17, 5, seq_q // 2])  # any order, a repeat
+    rows = torch.tensor([seq_q - 1, 0, 5, 170, 5, seq_q // 2, 99])  # any order, a repeat
     got = exact_reference.attend_rows(q.bfloat16(), k.bfloat16(), v.bfloat16(), bound, rows, chunk_bytes=chunk_bytes)
     want_bf16, _ = exact_reference.reference_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bound)
     torch.testing.assert_close(got, want_bf16[:, :, rows], atol=2e-6, rtol=2e-5)
