@@ -152,6 +152,20 @@ class BoundMask:
         rows = bound.mask_mod(zero, zero, q_idx, kv_idx)
         return rows.expand(q_end - q_start, self.seq_kv).to(torch.bool)
 
+    def visible_at(self, rows: torch.Tensor, kv_start: int = 0, kv_end: int | None = None,
+                   device=None) -> torch.Tensor:
+        """Boolean ``[len(rows), kv_end - kv_start]``: the mask at the query rows ``rows`` (int64 indices, any
+        order) and the keys ``[kv_start, kv_end)`` (default all), from one vectorised ``mask_mod`` call:
+        O(rows x keys), for a sample of rows at any length (``dense_rows`` takes a contiguous range)."""
+        device = torch.device(device) if device is not None else self.device
+        bound = self.to(device)
+        kv_end = self.seq_kv if kv_end is None else kv_end
+        q_idx = rows.to(device=device, dtype=torch.int64)[:, None]
+        kv_idx = torch.arange(kv_start, kv_end, device=device)[None, :]
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        visible = bound.mask_mod(zero, zero, q_idx, kv_idx)
+        return visible.expand(q_idx.shape[0], kv_end - kv_start).to(torch.bool)
+
     def dense_bytes(self) -> int:
         return self.seq_q * self.seq_kv
 

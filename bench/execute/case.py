@@ -408,7 +408,7 @@ class CaseRunner:
             if rows is None:
                 pairs = [("out", out, want_out)]
             else:  # a long case: the own reference ran on a sample of query rows, forward only
-                pairs = [("out", out[:, :, rows], want_out)]
+                pairs = [("out", out[:, rows] if caps.form == "layer" else out[:, :, rows], want_out)]
                 if grads is not None:
                     row["flags"] = _add_flag(row.get("flags"), "grads_not_gated(seq_q*seq_kv>ref_full_pairs)")
                     grads = None
@@ -440,9 +440,9 @@ class CaseRunner:
     def _own_reference_rows(self, case, caps, prepared, recurrent: bool):
         """Query rows on which a long case's own reference is computed: like the exact reference, above
         ``ref_full_pairs`` a strided sample of rows, where the reference takes ``rows=`` (a keyword that
-        returns only those rows, ``[B, H, len(rows), D]``, or ``[B, len(rows), H, D]`` for a ``bshd`` method);
-        else None (every row)."""
-        if recurrent or caps.form != "qkv" or not _accepts(prepared.reference, "rows"):
+        returns only those rows, ``[B, H, len(rows), D]``, or ``[B, len(rows), H, D]`` for a ``bshd`` method,
+        ``[B, len(rows), width]`` for a layer); else None (every row)."""
+        if recurrent or not _accepts(prepared.reference, "rows"):
             return None
         return self._gate_rows(case)
 
@@ -587,8 +587,9 @@ class CaseRunner:
         generator = torch.Generator(device=self.device).manual_seed(1234)
         k2, v2 = k.detach().clone(), v.detach().clone()
         for t in (k2, v2):
-            t[tuple(index)] = torch.randn(t[tuple(index)].shape, generator=generator, device=self.device,
-                                          dtype=t.dtype) * 3.0
+            shape = list(t.shape)
+            shape[seq_dim] = int(hidden.sum())  # the hidden part's shape, read without copying that part
+            t[tuple(index)] = torch.randn(shape, generator=generator, device=self.device, dtype=t.dtype) * 3.0
         first = [slice(None)] * 4
         first[seq_dim] = slice(0, rows)
         with torch.no_grad():

@@ -91,22 +91,78 @@ def reference_attention(q, k, v, mask, *, compute_dtype=torch.float32, dout=None
     return out, (dq, fold(kc.grad), fold(vc.grad))
 
 
+def softmax_in_key_blocks(q_rows: torch.Tensor, n_keys: int, keys, values, visible, scale: float,
+                          block: int) -> torch.Tensor:
+    """Exact softmax attention of ``q_rows [B, H, R, D]`` (fp32) over ``n_keys`` keys taken ``block`` at a
+    time, in two passes: the row maxima over every block, then ``exp(score - max)`` summed and applied to the
+    values block by block (the same softmax as one materialised ``[R, n_keys]`` row, fp32 rounding aside).
+    ``keys(start, end)`` and ``values(start, end)`` give k and v of keys ``[start, end)``, fp32 ``[B, H, n, D]``;
+    ``visible(start, end)`` their visibility, bool broadcastable to ``[B, H, R, n]``. A row that sees no key
+    gives 0. Memory: a few ``[B, H, R, block]`` tensors, never ``R x n_keys`` scores; K and V are read twice
+    and once whatever R is (a long case's sampled rows all go through one pass over the keys)."""
+    shape = q_rows.shape[:-1]
+    top = torch.full(shape, float("-inf"), dtype=torch.float32, device=q_rows.device)
+    for start in range(0, n_keys, block):
+        end = min(n_keys, start + block)
+        scores = torch.matmul(q_rows, keys(start, end).transpose(-1, -2)).mul_(scale)
+        scores.masked_fill_(~visible(start, end), float("-inf"))
+        top = torch.maximum(top, scores.amax(dim=-1))
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows that see nothing: weights 0
+    total = torch.zeros(shape, dtype=torch.float32, device=q_rows.device)
+    out = None
+    for start in range(0, n_keys, block):
+        end = min(n_keys, start + block)
+        scores = torch.matmul(q_rows, keys(start, end).transpose(-1, -2)).mul_(scale)
+        scores.masked_fill_(~visible(start, end), float("-inf"))
+        weights = scores.sub_(top[..., None]).exp_()
+        total += weights.sum(dim=-1)
+        part = torch.matmul(weights, values(start, end))
+        out = part if out is None else out.add_(part)
+    if out is None:  # no keys at all
+        return q_rows.new_zeros(q_rows.shape)
+    return out / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None]
+
+
+def key_block(batch: int, heads: int, rows: int, budget_bytes: int, minimum: int = 128) -> int:
+    """Keys per block of :func:`softmax_in_key_blocks` so that ~3 fp32 ``[B, H, rows, block]`` tensors fit
+    ``budget_bytes`` (at least ``minimum``)."""
+    return max(minimum, budget_bytes // max(1, 3 * 4 * batch * heads * rows))
+
+
 def attend_rows(q, k, v, mask, rows: torch.Tensor, *, chunk_bytes=1 << 29) -> torch.Tensor:
     """fp32 outputs of the query rows ``rows`` (int64 indices) only, ``[B, Hq, len(rows), D]``: what the gate
-    checks at lengths where the whole reference would cost too much (each row is independent)."""
+    checks at lengths where the whole reference would cost too much (each row is independent).
+
+    O(rows x seq_kv) work in one pass over the keys: every sampled row at once (in row groups only where
+    ``chunk_bytes`` cannot hold the scores of 128 keys), keys in blocks (:func:`softmax_in_key_blocks`),
+    cast to fp32 block by block (no fp32 copy of K and V), the mask of a block from one vectorised
+    ``mask_mod`` call at the sampled rows (``BoundMask.visible_at``). Before, rows went in chunks sized for
+    whole ``[rows, seq_kv]`` scores (2 rows at 1M keys and 16 heads): K and V were read once per chunk, so
+    the work grew as rows x seq_kv^2 / chunk_bytes, and each row's mask was a separate call."""
     mask = _bound_of(mask).to(q.device)
     batch, heads_q, _, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
-    kc = _expand_kv(k.detach().float(), heads_q)
-    vc = _expand_kv(v.detach().float(), heads_q)
+    rows = rows.to(q.device)
     out = torch.empty(batch, heads_q, rows.numel(), v.shape[-1], dtype=torch.float32, device=q.device)
-    step = _chunk_rows(batch, heads_q, seq_kv, 4, chunk_bytes)
+    group = max(1, chunk_bytes // (3 * 4 * batch * heads_q * 128))  # rows whose 128-key scores fit the budget
     with torch.no_grad():
-        for start in range(0, rows.numel(), step):
-            picked = rows[start:start + step]
-            visible = torch.cat([mask.dense_rows(int(r), int(r) + 1, q.device) for r in picked.tolist()])
-            out[:, :, start:start + picked.numel()] = _attend_rows(q.detach()[:, :, picked].float(), kc, vc, visible, scale)
+        for start in range(0, rows.numel(), group):
+            picked = rows[start:start + group]
+            q_rows = q.detach()[:, :, picked].float()
+
+            def keys(k0, k1):
+                return _expand_kv(k.detach()[:, :, k0:k1].float(), heads_q)
+
+            def values(k0, k1):
+                return _expand_kv(v.detach()[:, :, k0:k1].float(), heads_q)
+
+            def visible(k0, k1, picked=picked):
+                return mask.visible_at(picked, k0, k1, q.device)
+
+            block = key_block(batch, heads_q, picked.numel(), chunk_bytes)
+            out[:, :, start:start + picked.numel()] = softmax_in_key_blocks(q_rows, seq_kv, keys, values, visible,
+                                                                            scale, block)
     return out
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .common import Options, flex_path, from_tiles, masked_attention, parameter, row_chunks, sdpa_tiles, to_tiles
+from .common import Options, flex_path, from_tiles, parameter, pattern_reference, sdpa_tiles, to_tiles
 
 IMPLS = ("gather", "flex")  # method_options.biformer.impl
 FLEX_BLOCK = 128  # FlexAttention's sparse block (the compiled kernels' granularity); CPU tests may use a smaller one
@@ -96,19 +96,19 @@ def bra_reference(q, k, v, selected: torch.Tensor, region: int, causal: bool, ro
                   region_of_q=None, region_of_k=None):
     """Masked softmax over the routed pattern: query ``i`` sees key ``j`` iff region(j) is routed for
     region(i) (and ``j <= i`` when causal). ``region_of_q/k`` map tokens to regions (default ``i // region``)."""
-    batch, heads, seq_q, dim = q.shape
-    seq_kv = k.shape[2]
+    seq_q, dim, seq_kv = q.shape[2], q.shape[3], k.shape[2]
     device = q.device
     region_q = torch.arange(seq_q, device=device) // region if region_of_q is None else region_of_q
     region_k = torch.arange(seq_kv, device=device) // region if region_of_k is None else region_of_k
-    idx = torch.arange(seq_q, device=device) if rows is None else rows.to(device)
-    outs = []
-    for chunk in row_chunks(idx, batch * heads * seq_kv * 3):
-        allowed = selected[:, region_q[chunk]][:, :, region_k]  # [B, R, Lk]
+    keys = torch.arange(seq_kv, device=device)
+
+    def allowed(chunk):
+        visible = selected[:, region_q[chunk]][:, :, region_k]  # [B, R, Lk]
         if causal:
-            allowed = allowed & (torch.arange(seq_kv, device=device)[None, None, :] <= chunk[None, :, None])
-        outs.append(masked_attention(q[:, :, chunk], k, v, allowed[:, None], 1.0 / math.sqrt(dim)))
-    return torch.cat(outs, dim=2)
+            visible = visible & (keys[None, None, :] <= chunk[None, :, None])
+        return visible[:, None]
+
+    return pattern_reference(q, k, v, allowed, rows, 1.0 / math.sqrt(dim))
 
 
 def bra_pairs(selected: torch.Tensor, region: int, heads: int, causal: bool) -> int:
@@ -356,13 +356,16 @@ def build_biformer_layer(ctx):
         q_bar, k_bar = cells @ w[:, :width], cells @ w[:, width:2 * width]
         return route_regions(q_bar, k_bar, topk, False)
 
-    def tail(x, out, v, w_o, cw, cb):
-        b, length, _ = x.shape
-        out = out.transpose(1, 2).reshape(b, length, width)
+    def tail(x, out, v, w_o, cw, cb, rows=None):
+        """Heads merged, LCE added, output projection; ``out`` holds the attention of the tokens ``rows``
+        (all when None), and so does the result."""
+        b = x.shape[0]
+        out = out.transpose(1, 2).reshape(b, out.shape[2], width)
         if lce:
             image = v.transpose(1, 2).reshape(b, side, side, width).permute(0, 3, 1, 2)
             local = F.conv2d(image, cw.to(x.dtype), cb.to(x.dtype), padding=kernel // 2, groups=width)
-            out = out + local.permute(0, 2, 3, 1).reshape(b, length, width)
+            local = local.permute(0, 2, 3, 1).reshape(b, side * side, width)
+            out = out + (local if rows is None else local[:, rows])
         return out @ w_o.to(x.dtype)
 
     order = region_major(side, per_side, ctx.device)
@@ -375,11 +378,14 @@ def build_biformer_layer(ctx):
         out = bra_fast(q[:, :, order], k[:, :, order], v[:, :, order], index, region, topk, False)[:, :, inverse]
         return tail(x, out, v, w_out, conv_w, conv_b)
 
-    def reference(x):
+    def reference(x, rows=None):
+        """The layer written out; ``rows``: only those tokens' outputs ``[B, len(rows), width]`` (the
+        projections, routing and LCE are per token or local; the routed attention runs on those rows)."""
         selected, _ = route_from_x(x)
         q, k, v = split(x, w_qkv.float())
-        out = bra_reference(q, k, v, selected, region, False, region_of_q=regions, region_of_k=regions)
-        return tail(x, out, v, w_out.float(), conv_w.float(), conv_b.float())
+        rows = None if rows is None else rows.to(x.device)
+        out = bra_reference(q, k, v, selected, region, False, rows, region_of_q=regions, region_of_k=regions)
+        return tail(x, out, v, w_out.float(), conv_w.float(), conv_b.float(), rows)
 
     tokens = case.batch * case.seq_q
     flops = 2.0 * tokens * width * 4 * width + 4.0 * tokens * topk * region * width

@@ -103,9 +103,15 @@ def parameter(ctx, salt: str, shape, scale: float, grad: bool = True) -> torch.T
 
 
 # ---- the readable reference --------------------------------------------------------------------------------
-def row_chunks(rows: torch.Tensor, per_row_elems: int, budget_elems: int = 1 << 27):
-    """Split the query-row index tensor ``rows`` into chunks of at most ``budget_elems / per_row_elems`` rows."""
-    step = max(1, budget_elems // max(1, per_row_elems))
+REF_BUDGET_ELEMS = 1 << 27
+"""Elements of one chunk of a reference's temporaries (scores, masks): bounds memory at any length."""
+
+
+def row_chunks(rows: torch.Tensor, per_row_elems: int, budget_elems: int | None = None):
+    """Split the query-row index tensor ``rows`` into chunks of at most ``budget_elems / per_row_elems`` rows
+    (``budget_elems`` default :data:`REF_BUDGET_ELEMS`)."""
+    budget = REF_BUDGET_ELEMS if budget_elems is None else budget_elems
+    step = max(1, budget // max(1, per_row_elems))
     for start in range(0, rows.numel(), step):
         yield rows[start:start + step]
 
@@ -128,13 +134,56 @@ def masked_attention(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, all
     return torch.matmul(weights, v) / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
+def masked_attention_rows(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                          scale: float, budget_elems: int | None = None) -> torch.Tensor:
+    """:func:`masked_attention`'s result (fp32 rounding aside) at the cost of the keys the rows see: forward
+    only, for the ``rows=`` form of a reference (a sample of rows at a long length). Only the key columns at
+    least one of the rows sees take part (gathered; a local or routed pattern's rows see a few hundred keys of
+    a million), in key blocks with an exact two-pass softmax (``exact.reference.softmax_in_key_blocks``), so
+    neither ``R x Lk`` scores nor K and V once per handful of rows are ever made: O(R x keys seen) work
+    besides the mask itself."""
+    from ..exact.reference import softmax_in_key_blocks
+
+    budget = REF_BUDGET_ELEMS if budget_elems is None else budget_elems
+    seq_kv = k.shape[2]
+    seen = allowed.reshape(-1, seq_kv).any(dim=0)
+    cols = seen.nonzero().squeeze(1)
+    everything = cols.numel() == seq_kv
+    if not everything:
+        allowed = allowed.index_select(-1, cols)
+    q_rows = q_rows.float()
+    lead = torch.broadcast_shapes(q_rows.shape[:-1], allowed.shape[:-1])
+    block = max(128, budget // max(1, 3 * lead.numel()))
+
+    def take(t):
+        def part(start, end):
+            piece = t[:, :, start:end] if everything else t.index_select(2, cols[start:end])
+            return piece.float()
+
+        return part
+
+    return softmax_in_key_blocks(q_rows, cols.numel(), take(k), take(v), lambda s, e: allowed[..., s:e], scale,
+                                 block)
+
+
 def pattern_reference(q, k, v, allowed_rows: Callable[[torch.Tensor], torch.Tensor], rows=None,
                       scale: float | None = None) -> torch.Tensor:
     """``masked_attention`` over the rows ``rows`` (all when None), chunked; ``allowed_rows(idx)`` gives the
-    boolean pattern ``[B|1, H|1, len(idx), Lk]`` of the query rows ``idx``."""
+    boolean pattern ``[B|1, H|1, len(idx), Lk]`` of the query rows ``idx``.
+
+    The ``rows=`` form without autograd (what the gate runs on a long case's sampled rows) computes each
+    chunk with :func:`masked_attention_rows` - the keys the chunk's rows see, in key blocks - and sizes the
+    chunks by the pattern alone (``len(idx) x Lk`` booleans, times the pattern's own batch and head sizes):
+    O(rows x Lk) for the pattern plus O(rows x keys seen) for the attention, where the written-out form costs
+    O(rows x Lk x D) and reads K and V once per few rows (2 rows a chunk at 1M keys and 16 heads)."""
     batch, heads, seq_q, dim = q.shape
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     idx = all_rows(seq_q, rows, q.device)
+    if rows is not None and not torch.is_grad_enabled() and idx.numel():
+        per_row = allowed_rows(idx[:1]).shape[:-2].numel() * k.shape[2]
+        outs = [masked_attention_rows(q[:, :, chunk], k, v, allowed_rows(chunk), scale)
+                for chunk in row_chunks(idx, per_row)]
+        return torch.cat(outs, dim=2).to(q.dtype)
     outs = [masked_attention(q[:, :, chunk], k, v, allowed_rows(chunk), scale)
             for chunk in row_chunks(idx, batch * heads * k.shape[2] * 3)]
     return torch.cat(outs, dim=2)

@@ -34,7 +34,8 @@ import torch
 
 from ..contract import Extra, Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .common import Options, dynamic_block_mask, flex_path, masked_attention, ranges_to_blocks, row_chunks
+from .common import (Options, dynamic_block_mask, flex_path, masked_attention, masked_attention_rows,
+                     ranges_to_blocks, row_chunks)
 
 STRIPE_GROUP = 16  # stripes scored before each running top-k
 
@@ -117,6 +118,8 @@ def superlinear_reference(q, k, v, q1, routing, rows=None):
     batch, heads, length, dim = q.shape
     idx = torch.arange(length, device=q.device) if rows is None else rows.to(q.device)
     keys = torch.arange(length, device=q.device)
+    # the rows= form (the gate's sample at a long length): the keys each chunk's rows see, in key blocks
+    attend = masked_attention_rows if rows is not None and not torch.is_grad_enabled() else masked_attention
     outs = []
     for chunk in row_chunks(idx, batch * heads * length * 3):
         window = (keys[None, :] >= sw_start[chunk][:, None]) & (keys[None, :] <= chunk[:, None])  # [R, L]
@@ -124,7 +127,7 @@ def superlinear_reference(q, k, v, q1, routing, rows=None):
         for j in range(anchors.shape[-1]):
             s, e = start[:, :, chunk, j, None], end[:, :, chunk, j, None]
             allowed = ((keys >= s) & (keys <= e)) | window[None, None]
-            o_j = masked_attention(q[:, :, chunk], k, v, allowed, 1.0 / math.sqrt(dim))
+            o_j = attend(q[:, :, chunk], k, v, allowed, 1.0 / math.sqrt(dim))
             total = total + g[:, :, chunk, j, None] * o_j
         outs.append(total)
     return torch.cat(outs, dim=2)
