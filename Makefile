@@ -10,6 +10,12 @@ TORCH_CUDA ?= torch>=2.11
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+# `make test` runs the suite on TEST_WORKERS processes (pytest-xdist, from the test extra; CI has 2 cores);
+# TEST_WORKERS=0 runs it in one process (needed for --benchmark-enable: pytest-benchmark does not time under
+# xdist). worksteal: idle workers take queued tests from busy ones, so the few 10-20 s tests do not end the run
+# on one worker.
+TEST_WORKERS ?= 2
+TEST_DIST ?= worksteal
 
 .PHONY: bench test install clean report lint help device-wheel
 
@@ -34,7 +40,7 @@ bench: $(STAMP)
 	$(BIN)/attnbench $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist $(TEST_DIST) $(ARGS)
 
 # the lent GPU machine installs attnbench from a wheel carried in .whl/ (git-ignored; the device scripts say
 # which other wheels to copy there), with the commit it was built from (rows' git_sha; scripts/device_wrap.sh)

@@ -141,7 +141,7 @@ def test_an_interrupt_ends_the_sweep_cleanly_and_the_run_resumes(tmp_path, signu
     assert len(pd.read_parquet(run / "rows.parquet")) == 1
     assert json.loads((run / "env.json").read_text())["interrupted_by"] == signal.Signals(signum).name
     if signum == signal.SIGTERM:  # resume: the finished row is kept, only the unfinished case runs
-        args, kw = _cli(*HANG, f"results_dir={tmp_path / 'results'}", "case_timeout_s=3", cwd=tmp_path)
+        args, kw = _cli(*HANG, f"results_dir={tmp_path / 'results'}", "case_timeout_s=1", cwd=tmp_path)  # only t_hangs runs
         done = subprocess.run(args, **kw, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         again = read_jsonl(run / "rows.jsonl")

@@ -9,18 +9,15 @@ harness's gate tolerance (bench/measure/gate.py) at a length of many chunks and 
 backward term as the negative control. The GPU test (tests/test_linear_gpu.py) holds the kernel to the
 same tolerance on the device.
 
-TRITON_INTERPRET=1 must be set before triton is first imported (triton decorates its own library functions,
-``tl.sum`` among them, in the mode it finds at import), and setting it in the pytest process would switch
-every later test (the GPU ones included) to the interpreter. So, unless pytest itself was started with
-TRITON_INTERPRET=1, the one test run here, ``test_interpreter_suite``, runs this file again in a child pytest
-with TRITON_INTERPRET=1 (one process, ~40 s) and fails with the child's report when any test there fails.
+TRITON_INTERPRET=1 must be set before triton is first imported, and setting it in the pytest process would
+switch every later test to the interpreter. So, unless pytest itself was started with TRITON_INTERPRET=1, the
+tests here skip and tests/test_triton_interpreter.py runs this file (with tests/test_simple_gla_triton.py) in one
+child pytest with TRITON_INTERPRET=1, failing with the child's report when any test there fails. To run this
+file alone: ``TRITON_INTERPRET=1 pytest tests/test_linear_triton.py``.
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -30,22 +27,13 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of test_interpreter_suite")
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.measure.gate import TOLERANCE  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
 from attnbench.methods.linear import common  # noqa: E402
 from attnbench.methods.registry import Unsupported  # noqa: E402
-
-
-@pytest.mark.skipif(INTERPRETING, reason="this is the child: the tests below run here")
-def test_interpreter_suite():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-2000:]
 
 
 def _round_bf16_to_nearest():

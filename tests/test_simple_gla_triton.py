@@ -7,15 +7,12 @@ bf16 bounds are looser than the harness's gate: Triton 3.6's interpreter rounds 
 tests/test_linear_triton.py); the GPU test (tests/test_linear_gpu.py) holds the kernel to the gate.
 
 As in tests/test_linear_triton.py, TRITON_INTERPRET=1 must be set before triton is first imported, so unless
-pytest itself was started with it, ``test_interpreter_suite`` runs this file again in a child pytest with
-TRITON_INTERPRET=1 and fails with the child's report when any test there fails.
+pytest itself was started with it, the tests here skip and tests/test_triton_interpreter.py runs this file (with
+tests/test_linear_triton.py) in one child pytest with TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -26,7 +23,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of test_interpreter_suite")
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
@@ -34,15 +31,6 @@ from attnbench.methods.linear.gated_delta import chunked, naive_recurrence  # no
 from attnbench.methods.registry import Unsupported  # noqa: E402
 
 METHOD = "simple_gla_triton"
-
-
-@pytest.mark.skipif(INTERPRETING, reason="this is the child: the tests below run here")
-def test_interpreter_suite():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-2000:]
 
 
 def _kernels():
