@@ -235,3 +235,17 @@ def test_exact_rows_gate_passes_a_correct_method_and_catches_an_error_and_a_leak
     monkeypatch.setattr(F, "scaled_dot_product_attention", no_mask)
     row = _run("sdpa_math", "causal", "fwd", 256, {}, ref_full_pairs=1000)
     assert row["status"] == "wrong", row["reason"]
+
+
+def test_a_pattern_method_is_gated_on_sampled_rows_and_a_wider_window_is_caught(monkeypatch):
+    """halo through the runner above ref_full_pairs: its own reference's rows path passes the right fast path;
+    a fast path whose windows are one halo wider (sees keys its pattern hides) is ``wrong`` there."""
+    from attnbench.methods.sparse import halo
+
+    opts = {"block": 16, "halo": 8, "impl": "gather"}
+    row = _run("halo", "causal", "fwd", 128, opts, ref_full_pairs=1000)
+    assert row["status"] == "ok", row["reason"]
+    fast = halo.halo_1d_fast
+    monkeypatch.setattr(halo, "halo_1d_fast", lambda q, k, v, block, width, *rest: fast(q, k, v, block, 2 * width, *rest))
+    row = _run("halo", "causal", "fwd", 128, opts, ref_full_pairs=1000)
+    assert row["status"] == "wrong" and "rel_err" in row["reason"]  # the gate, before the leak probe
