@@ -28,7 +28,8 @@ TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l
 
 def _qkv(batch, heads_q, heads_kv, seq_q, seq_kv, dim, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, heads_q, seq_q, dim, generator=gen), torch.randn(batch, heads_kv, seq_kv, dim, generator=gen),
+    return (torch.randn(batch, heads_q, seq_q, dim, generator=gen),
+            torch.randn(batch, heads_kv, seq_kv, dim, generator=gen),
             torch.randn(batch, heads_kv, seq_kv, dim, generator=gen))
 
 
@@ -168,7 +169,8 @@ def test_rows_path_is_the_written_out_form_under_autograd():
     """With autograd on (a reference's gradients) the rows= form stays the differentiable written-out one."""
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 1, 1, 32, 32, 4))
     keys = torch.arange(32)
-    out = common.pattern_reference(q, k, v, lambda idx: (keys[None, :] <= idx[:, None])[None, None], torch.tensor([3, 31]))
+    causal = lambda idx: (keys[None, :] <= idx[:, None])[None, None]  # noqa: E731
+    out = common.pattern_reference(q, k, v, causal, torch.tensor([3, 31]))
     out.sum().backward()
     assert k.grad is not None and bool(k.grad[:, :, :32].abs().sum() > 0)
 
@@ -235,3 +237,18 @@ def test_exact_rows_gate_passes_a_correct_method_and_catches_an_error_and_a_leak
     monkeypatch.setattr(F, "scaled_dot_product_attention", no_mask)
     row = _run("sdpa_math", "causal", "fwd", 256, {}, ref_full_pairs=1000)
     assert row["status"] == "wrong", row["reason"]
+
+
+def test_a_pattern_method_is_gated_on_sampled_rows_and_a_wider_window_is_caught(monkeypatch):
+    """halo through the runner above ref_full_pairs: its own reference's rows path passes the right fast path;
+    a fast path whose windows are one halo wider (sees keys its pattern hides) is ``wrong`` there."""
+    from attnbench.methods.sparse import halo
+
+    opts = {"block": 16, "halo": 8, "impl": "gather"}
+    row = _run("halo", "causal", "fwd", 128, opts, ref_full_pairs=1000)
+    assert row["status"] == "ok", row["reason"]
+    fast = halo.halo_1d_fast
+    monkeypatch.setattr(halo, "halo_1d_fast",
+                        lambda q, k, v, block, width, *rest: fast(q, k, v, block, 2 * width, *rest))
+    row = _run("halo", "causal", "fwd", 128, opts, ref_full_pairs=1000)
+    assert row["status"] == "wrong" and "rel_err" in row["reason"]  # the gate, before the leak probe
