@@ -152,7 +152,7 @@ class BoundMask:
         rows = bound.mask_mod(zero, zero, q_idx, kv_idx)
         return rows.expand(q_end - q_start, self.seq_kv).to(torch.bool)
 
-    def visible_at(self, rows: torch.Tensor, kv_start: int = 0, kv_end: int | None = None,
+    def visible_rows(self, rows: torch.Tensor, kv_start: int = 0, kv_end: int | None = None,
                    device=None) -> torch.Tensor:
         """Boolean ``[len(rows), kv_end - kv_start]``: the mask at the query rows ``rows`` (int64 indices, any
         order) and the keys ``[kv_start, kv_end)`` (default all), from one vectorised ``mask_mod`` call:

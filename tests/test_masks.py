@@ -146,8 +146,8 @@ def check_dense_forms(bound) -> torch.Tensor:
     assert torch.equal(bound.dense_rows(q0, q1), dense[q0:q1])
     picked = torch.randperm(seq_q, generator=torch.Generator().manual_seed(seq_q))[:7].repeat(2)  # any order, repeats
     k0, k1 = seq_kv // 4, max(seq_kv // 4 + 1, 3 * seq_kv // 4)
-    assert torch.equal(bound.visible_at(picked), dense[picked])
-    assert torch.equal(bound.visible_at(picked, k0, k1), dense[picked, k0:k1])
+    assert torch.equal(bound.visible_rows(picked), dense[picked])
+    assert torch.equal(bound.visible_rows(picked, k0, k1), dense[picked, k0:k1])
     zero = torch.zeros((), dtype=torch.int32)
     q32, kv32 = torch.arange(seq_q, dtype=torch.int32)[:, None], torch.arange(seq_kv, dtype=torch.int32)[None, :]
     assert torch.equal(bound.mask_mod(zero, zero, q32, kv32).expand(seq_q, seq_kv).bool(), dense)

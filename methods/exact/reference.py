@@ -136,7 +136,7 @@ def attend_rows(q, k, v, mask, rows: torch.Tensor, *, chunk_bytes=1 << 29) -> to
     O(rows x seq_kv) work in one pass over the keys: every sampled row at once (in row groups only where
     ``chunk_bytes`` cannot hold the scores of 128 keys), keys in blocks (:func:`softmax_in_key_blocks`),
     cast to fp32 block by block (no fp32 copy of K and V), the mask of a block from one vectorised
-    ``mask_mod`` call at the sampled rows (``BoundMask.visible_at``). Before, rows went in chunks sized for
+    ``mask_mod`` call at the sampled rows (``BoundMask.visible_rows``). Before, rows went in chunks sized for
     whole ``[rows, seq_kv]`` scores (2 rows at 1M keys and 16 heads): K and V were read once per chunk, so
     the work grew as rows x seq_kv^2 / chunk_bytes, and each row's mask was a separate call."""
     mask = _bound_of(mask).to(q.device)
@@ -158,7 +158,7 @@ def attend_rows(q, k, v, mask, rows: torch.Tensor, *, chunk_bytes=1 << 29) -> to
                 return _expand_kv(v.detach()[:, :, k0:k1].float(), heads_q)
 
             def visible(k0, k1, picked=picked):
-                return mask.visible_at(picked, k0, k1, q.device)
+                return mask.visible_rows(picked, k0, k1, q.device)
 
             block = key_block(batch, heads_q, picked.numel(), chunk_bytes)
             out[:, :, start:start + picked.numel()] = softmax_in_key_blocks(q_rows, seq_kv, keys, values, visible,
