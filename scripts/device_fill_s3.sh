@@ -24,14 +24,14 @@ if [ "$PART" != linear ]; then
   # long_short flex) before the strided defaults landed; their long lengths resume the implementation runs instead
   M="methods=[sdpa_cudnn,flex,biformer,biformer_2d,biformer_layer,halo_2d,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,superlinear]"
   # call 1 (S1..S5 of the first version) filled 64K; fwd first here, since timeouts in fwd_bwd ate call 1's 256K/1M caps
-  inv ${S1:-75} sparse-256k-fwd sparse h200-sparse "$M" "retry=[oom]" "seq_lens=[262144]" "modes=[fwd]" case_timeout_s=25
-  inv ${S2:-80} sparse-1m-fwd sparse h200-sparse "$M" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=25
+  inv ${S1:-75} sparse-256k-fwd sparse h200-sparse "$M" "retry=[oom,timeout]" "seq_lens=[262144]" "modes=[fwd]" case_timeout_s=25
+  inv ${S2:-80} sparse-1m-fwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=${CT1M:-40}
   inv ${S3:-35} impl-square-1m sparse_impl h200-impl-strided-square "methods=[halo]" method_options.halo.impl=strided_square \
-    "seq_lens=[1048576]" case_timeout_s=20
+    "seq_lens=[1048576]" "retry=[timeout]" case_timeout_s=30
   inv ${S4:-35} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
-    case_timeout_s=20
-  inv ${S5:-45} sparse-256k-bwd sparse h200-sparse "$M" "seq_lens=[262144]" "modes=[fwd_bwd]" case_timeout_s=20
-  inv ${S6:-45} sparse-1m-bwd sparse h200-sparse "$M" "seq_lens=[1048576]" "modes=[fwd_bwd]" case_timeout_s=20
+    "retry=[timeout]" case_timeout_s=30
+  inv ${S5:-45} sparse-256k-bwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[262144]" "modes=[fwd_bwd]" case_timeout_s=20
+  inv ${S6:-45} sparse-1m-bwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[1048576]" "modes=[fwd_bwd]" case_timeout_s=${CT1M:-40}
   python3 scripts/sparse_summary.py "$OUT/h200-sparse" > "$OUT/sparse-summary.md" 2>&1
 fi
 if [ "$PART" != sparse ]; then
