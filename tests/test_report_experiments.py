@@ -128,3 +128,21 @@ def test_a_probe_row_of_a_method_that_attended_every_pair_says_so(tmp_path):
     assert "(dense here)" not in _line(section, "| planted_recall |", "| routing |")  # control: sparse there
     assert "attended_share 0.25" in _line(section, "| planted_recall |", "| routing |")
     assert "(dense here)" not in _line(section, "| planted_recall |", "| sdpa |")
+
+
+def test_the_state_sweep_gives_medians_over_seeds(tmp_path):
+    """Three seeds of one method, one of them stuck at chance and one diverged: the seeds table shows the median
+    of the finished seeds with their range and counts the diverged one; a run of one seed per method has no such
+    table (nothing to summarise)."""
+    def seed_row(seed, n32, status="ok"):
+        return quality_row("mqar_state_sweep", "causal_self", "delta_rule", 32, seed, n32, metric="accuracy",
+                           higher=True, kind="experiment", status=status,
+                           breakdown=json.dumps({"n=4": 0.1, "n=32": n32} if n32 else {}), extras=json.dumps({}))
+
+    rows = [seed_row(0, 0.13), seed_row(1, 0.97), seed_row(2, 0.98), seed_row(3, None, status="diverged")]
+    section = _report(tmp_path / "seeds", rows)
+    line = _line(section, "| delta_rule |", "[")
+    assert "| 3/4 |" in line and "0.97 [0.13–0.98]" in line and "0.1 [0.1–0.1]" in line
+    assert "median acc n=32 [min–max]" in section
+    single = _report(tmp_path / "single", _rows())
+    assert "median acc" not in single

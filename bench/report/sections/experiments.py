@@ -102,6 +102,31 @@ def _mqar_state(rows: pd.DataFrame) -> Table | None:
                  "recurrent decode (no formula stands in for it).")
 
 
+def _mqar_state_seeds(rows: pd.DataFrame) -> Table | None:
+    """Per method and length over its seeds: the median accuracy at each width with its range. A state-sweep run
+    either learns MQAR or stays near chance (H200, full float32: a delta rule's seeds at n = 32 gave 0.13, 0.97,
+    0.98), so one seed does not rank methods; shown only when some method has more than one seed."""
+    if rows.groupby(["x", "label"])["seed"].nunique().max() < 2:
+        return None
+    dims = set()
+    for row in rows.itertuples():
+        dims.update(_json(row.breakdown))
+    dims = _by_n(dims)
+    header = ["length", "method", "seeds ok", *[f"median acc {n} [min–max]" for n in dims]]
+    table = []
+    for (x, label), mine in rows.sort_values(["x", "label", "seed"]).groupby(["x", "label"], sort=False):
+        ok = mine[mine["status"] == "ok"]
+        line = [plots.tokens(x), label, Cell(f"{len(ok)}/{len(mine)}", "ok" if len(ok) == len(mine) else "wrong",
+                                             ", ".join(sorted({str(s) for s in mine["status"] if s != "ok"})) or None)]
+        for n in dims:
+            values = [v for v in (_json(b).get(n) for b in ok["breakdown"]) if isinstance(v, (int, float))]
+            line.append(f"{fmt(float(np.median(values)))} [{fmt(min(values))}–{fmt(max(values))}]" if values else "")
+        table.append(line)
+    return Table(header, table, "mqar_state_sweep over seeds: the median accuracy of the seeds that finished "
+                 "(ok rows) at each width, with the lowest and highest seed; seeds ok counts rows with status ok "
+                 "(diverged, timeout, ... as the tip says).")
+
+
 def _state_cell(row, state: dict):
     """The state figure of a sweep row, and where it comes from. Rows written before the measured figure
     (``state_per_layer``) existed carry only the nominal heads·n·d_v, shown as such."""
@@ -192,12 +217,15 @@ def experiment_blocks(rows: pd.DataFrame) -> list:
             if table is not None and table.rows:
                 blocks.append(table)
         if task == "mqar_state_sweep":
+            seeds = _mqar_state_seeds(mine)
+            if seeds is not None:
+                blocks.append(seeds)
             blocks.extend(_mqar_state_plot(mine))
     return blocks
 
 
 def _mqar_state_plot(rows: pd.DataFrame) -> list:
-    """Accuracy against the state per layer (the DSF figure), one line per method and length, mean over seeds;
+    """Accuracy against the state per layer (the DSF figure), one line per method and length, median over seeds;
     only rows with a state figure (measured, or the KV cache) are drawn — the table lists the others."""
     points: dict[str, dict[float, list[float]]] = {}
     for row in rows[rows["status"] == "ok"].itertuples():
@@ -209,12 +237,12 @@ def _mqar_state_plot(rows: pd.DataFrame) -> list:
                 points.setdefault(label, {}).setdefault(float(size), []).append(float(accuracy))
     if not points:
         return []
-    series = [plots.Series(label, np.array(sorted(by_size)), np.array([np.mean(by_size[x]) for x in sorted(by_size)]))
+    series = [plots.Series(label, np.array(sorted(by_size)), np.array([np.median(by_size[x]) for x in sorted(by_size)]))
               for label, by_size in sorted(points.items())]
     return [plot("mqar-state-sweep", "MQAR accuracy against state size per layer",
                  "mqar_state_sweep: accuracy against the state one layer keeps per sequence (log scale): the "
                  "measured recurrent state of linear/recurrent methods, the KV cache of exact attention; one point "
-                 "per Q/K width n, mean over seeds.",
+                 "per Q/K width n, median over seeds (runs learn the task or stay near chance: a mean would sit between).",
                  plots.state_accuracy, "MQAR accuracy against state size", series, plots.Palette(points))]
 
 
