@@ -70,11 +70,15 @@ def test_a_worker_that_dies_breaks_only_its_pool(tmp_path):
     status = {(r["method"], r["seed"]): r for r in rows}
     killer = status[("q_kills", 0)]
     assert killer["status"] == "crashed" and "worker process" in killer["reason"] and "139" in killer["reason"]
-    innocent = status[("q_kills", 1)]  # in flight beside it: done first (ok), or failed with the pool
-    assert innocent["status"] in ("ok", "crashed")
-    if innocent["status"] == "crashed":
-        assert "1 other case(s) were in flight" in innocent["reason"]
-    assert status[("sdpa_math", 0)]["status"] == status[("sdpa_math", 1)]["status"] == "ok"  # the fresh pool
+    # the other three: a pool of 2 holds the killer and at most one case beside it when it dies (q_kills s1, or a
+    # later case when the other worker finished earlier ones first: spawned workers start at different times);
+    # that one is `crashed` with the reason naming the pool's death, every other case ran and is ok
+    innocents = [status[key] for key in (("q_kills", 1), ("sdpa_math", 0), ("sdpa_math", 1))]
+    crashed = [r for r in innocents if r["status"] == "crashed"]
+    assert len(crashed) <= 1, [(r["method"], r["seed"], r["reason"]) for r in crashed]
+    for r in crashed:
+        assert "1 other case(s) were in flight" in r["reason"]
+    assert all(r["status"] == "ok" for r in innocents if r["status"] != "crashed")
     assert not list(run_dir.glob("quality.inflight*"))
     # resumable: the same run_id again runs nothing and adds no row
     run_train(cfg, "test", show_progress=False)
