@@ -145,18 +145,13 @@ class BoundMask:
     def dense_rows(self, q_start: int, q_end: int, device=None) -> torch.Tensor:
         """Boolean ``[q_end - q_start, seq_kv]`` rows of the mask (True = visible)."""
         device = torch.device(device) if device is not None else self.device
-        bound = self.to(device)
-        q_idx = torch.arange(q_start, q_end, device=device)[:, None]
-        kv_idx = torch.arange(self.seq_kv, device=device)[None, :]
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        rows = bound.mask_mod(zero, zero, q_idx, kv_idx)
-        return rows.expand(q_end - q_start, self.seq_kv).to(torch.bool)
+        return self.visible_rows(torch.arange(q_start, q_end, device=device), device=device)
 
     def visible_rows(self, rows: torch.Tensor, kv_start: int = 0, kv_end: int | None = None,
-                   device=None) -> torch.Tensor:
+                     device=None) -> torch.Tensor:
         """Boolean ``[len(rows), kv_end - kv_start]``: the mask at the query rows ``rows`` (int64 indices, any
         order) and the keys ``[kv_start, kv_end)`` (default all), from one vectorised ``mask_mod`` call:
-        O(rows x keys), for a sample of rows at any length (``dense_rows`` takes a contiguous range)."""
+        O(rows x keys), for a sample of rows at any length (``dense_rows`` is its contiguous-range case)."""
         device = torch.device(device) if device is not None else self.device
         bound = self.to(device)
         kv_end = self.seq_kv if kv_end is None else kv_end
