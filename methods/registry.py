@@ -90,6 +90,14 @@ class Capabilities:
     def native_mask(self, mask_name: str) -> bool:
         return ANY_MASK in self.masks or mask_name in self.masks
 
+    def declined(self, exc: BaseException) -> str | None:
+        """The error's first line when it is one of this backend's declines (``declines``): the case is then
+        ``unsupported`` with the backend's own words, in a timed case and in training alike; else None."""
+        text = str(exc)
+        if self.declines and any(part in text for part in self.declines):
+            return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return None
+
 
 @dataclass
 class MethodSpec:

@@ -34,9 +34,10 @@ timeout -k 10 ${A2:-120} $AB sweep=linear device=cuda results_dir=$OUT run_id=$V
   case_timeout_s=40 > $OUT/v3-own.txt 2>&1
 step v3-own $?; fin $V3
 # the new dq/dk scans spill ~2.5 KB a thread at 4 warps (ptxas, scripts/triton_spills.py), ~0.2-0.3 KB at 8: the
-# same kernel at num_warps=8 in its own run (a case key holds no method options)
+# same kernel at num_warps=8 in its own run (a case key holds no method options). The seventh session's call
+# had '+method_options...' here, which Hydra refused (the key exists): that step wrote no rows.
 timeout -k 10 ${A4:-60} $AB sweep=linear device=cuda results_dir=$OUT run_id=$V3-w8 "methods=[linear_attn_triton]" \
-  "seq_lens=[32768,131072,1048576]" +method_options.linear_attn_triton.num_warps=8 case_timeout_s=40 \
+  "seq_lens=[32768,131072,1048576]" method_options.linear_attn_triton.num_warps=8 case_timeout_s=40 \
   > $OUT/v3-w8.txt 2>&1
 step v3-w8 $?; fin $V3-w8
 

@@ -7,6 +7,8 @@
 #   PARALLEL=4 bash scripts/device_task_grid.sh 0   # 4 cases at once on the GPU (attnbench train parallel=4;
 #                                                # rows carry concurrent=4). Default: the plan's "parallel"
 #                                                # (what its call estimates assume; 1 for a plan without it)
+#   RETRY=error,timeout bash scripts/device_task_grid.sh 2   # re-run the slices' cases whose rows have these
+#                                                # statuses (attnbench train retry=[..]); default: none
 #
 # Resumable: the committed results/h200-task-grid (if any) is copied into $OUT/results first, so cases that
 # already have rows are skipped, and a call cut by the wall cap (SIGTERM: finished rows kept, the case in
@@ -55,7 +57,7 @@ while read -r line; do
   if [ $left -lt 30 ]; then
     echo "slice $i not started ($left s left): $line" | tee -a $OUT/not-started.txt
   else
-    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line parallel=$PARALLEL results_dir=$R > $OUT/log-slice$i.txt 2>&1
+    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line parallel=$PARALLEL results_dir=$R ${RETRY:+retry=[$RETRY]} > $OUT/log-slice$i.txt 2>&1
     echo "slice $i rc=$? at ${SECONDS}s: $line" | tee -a $OUT/slices-done.txt
   fi
   i=$((i + 1))

@@ -279,9 +279,10 @@ class CaseRunner:
             except Unsupported as exc:
                 raise _Verdict("unsupported", str(exc)) from None
             except Exception as exc:
-                if caps.declines and any(text in str(exc) for text in caps.declines):
+                declined = caps.declined(exc)
+                if declined is not None:
                     notes = "; ".join(dict.fromkeys(str(w.message).split("\n")[0] for w in caught))
-                    raise _Verdict("unsupported", f"{str(exc).splitlines()[0]} {notes}".strip()) from None
+                    raise _Verdict("unsupported", f"{declined} {notes}".strip()) from None
                 raise
 
     def _call(self, case: Case, caps, prepared, recurrent: bool) -> Call:

@@ -249,7 +249,7 @@ def run_case(case: TrainCase, device: str, options: dict, method_params: dict, t
 
     from attnbench.execute.case import _compiler_config_restored
     from attnbench.execute.worker import _classify
-    from attnbench.methods import Unsupported
+    from attnbench.methods import METHODS, Unsupported
     from attnbench.tasks import TASKS
     from attnbench.tasks.train import float32_precision, train_task
 
@@ -271,6 +271,10 @@ def run_case(case: TrainCase, device: str, options: dict, method_params: dict, t
     except Unsupported as exc:
         return {**measured, "status": "unsupported", "reason": str(exc)}
     except Exception as exc:  # OOM and everything else: a row, and the run goes on
+        method = METHODS.get(case.method)
+        declined = method.caps.declined(exc) if method is not None else None
+        if declined is not None:  # the backend's own refusal (fla's gated kernels on Hopper): as in a timed case
+            return {**measured, "status": "unsupported", "reason": declined}
         status = _classify(exc)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
