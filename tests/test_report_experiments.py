@@ -99,11 +99,37 @@ def test_model_options_are_kept_apart_and_compared_with_the_plain_model(tmp_path
     assert "0.86" in rank  # the mean of the hybrid runs alone, not merged with the plain model's 0.31
     assert "0.31" in _line(section, "| decon_mlp |", "(#")
     change = _line(section, "| mqar |", "| decon_mlp |", "hybrid_schedule=first")
-    assert "| 0.31 | 0.86 | +0.55 |" in change
+    assert "| 0.31 [0.3–0.32] (2/2) | 0.86 [0.85–0.87] (2/2) | +0.55 |" in change
     assert "sdpa 0.99" in section  # exact attention on the plain model, for reference
     # negative control: without a plain run there is no change to show
     rows = [r for r in _rows() if not (r["method"] == "decon_mlp" and not r.get("model_options"))]
     assert "| no plain run |" in _line(_report(tmp_path / "b", rows), "| decon_mlp | hybrid_schedule=first |")
+
+
+def test_options_over_seeds_show_the_median_its_range_and_the_failures(tmp_path):
+    """The hybrid rescue over three seeds (as in results/h200-analysis-hybrid-fp32): one seed stays near chance, so
+    the cell is the median with the range, not the mean; a diverged seed is counted and named; a plain model whose
+    every seed diverged shows that, not "no plain run"."""
+    rows = []
+    for seed, (plain, hybrid, fixed) in enumerate([(0.04, 0.969, None), (0.04, 0.067, 0.2), (0.037, 0.935, 0.3)]):
+        rows.append(quality_row("mqar", "causal_self", "linear_attn", 128, seed, plain))
+        rows.append(quality_row("mqar", "causal_self", "linear_attn", 128, seed, hybrid,
+                                model_options=json.dumps({"hybrid_schedule": "first"})))
+        rows.append(quality_row("mqar", "causal_self", "decon_nonapprox", 128, seed, None, status="diverged"))
+        rows.append(quality_row("mqar", "causal_self", "decon_nonapprox", 128, seed, hybrid,
+                                model_options=json.dumps({"hybrid_schedule": "first"})))
+        rows.append(quality_row("mqar", "causal_self", "sdpa", 128, seed, fixed,
+                                status="ok" if fixed is not None else "diverged",
+                                model_options=json.dumps({"qk_source": "fixed_seq"})))
+        rows.append(quality_row("mqar", "causal_self", "sdpa", 128, seed, 0.97, exact=True))
+    section = _report(tmp_path, rows)
+    rescue = _line(section, "| linear_attn | hybrid_schedule=first |")
+    assert "| 0.04 [0.037–0.04] (3/3) | 0.935 [0.067–0.969] (3/3) | +0.895 |" in rescue
+    assert "0.657" not in rescue  # negative control: the mean of 0.969, 0.067, 0.935
+    assert "| diverged 3/3 |" in _line(section, "| decon_nonapprox | hybrid_schedule=first |")
+    fixed = _line(section, "| sdpa | qk_source=fixed_seq |")
+    assert "0.25 [0.2–0.3] (2/3)" in fixed
+    assert "seed 0: diverged" in (tmp_path / "out" / "report.html").read_text()  # the failed seed, as the tip
 
 
 def test_the_state_sweep_plot_draws_measured_states_only(tmp_path):
