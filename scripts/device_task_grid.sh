@@ -4,6 +4,9 @@
 # tasks=[..] methods=[..] seeds=[..]` into the one run folder results/h200-task-grid.
 #
 #   bash scripts/device_task_grid.sh 0          # PLAN=... to use another plan; WALL=570 (seconds, the hard cap)
+#   bash scripts/device_task_grid.sh 0 1 2      # several planned calls' slices in one device call, in order, until
+#                                                # the cap (the plan's estimates are conservative: on the H200 its
+#                                                # calls 0-2, estimated ~540 s each, took 86, 245 and 413 s)
 #   PARALLEL=4 bash scripts/device_task_grid.sh 0   # 4 cases at once on the GPU (attnbench train parallel=4;
 #                                                # rows carry concurrent=4). Default: the plan's "parallel"
 #                                                # (what its call estimates assume; 1 for a plan without it)
@@ -17,7 +20,8 @@
 # (scripts/plan_task_grid.py --done results/h200-task-grid). Afterwards, on the workstation:
 #   tar xzf <files_at>/runs.tgz -C .   (replaces results/h200-task-grid), commit it, then re-plan with --done.
 set -u
-CALL=${1:?usage: device_task_grid.sh CALL_INDEX}
+CALL=${1:?usage: device_task_grid.sh CALL_INDEX [CALL_INDEX ...]}
+CALLS="$*"  # several calls of the plan in one device call: their slices in order until the wall cap
 PLAN=${PLAN:-results/task-grid-plan.json}
 WALL=${WALL:-570}          # seconds for this whole script (the device tool allows 600 a command)
 FINISH_S=${FINISH_S:-35}   # kept back for finalize, report and the tarball
@@ -35,16 +39,18 @@ fi
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1  # fla's per-process autotuning (60-94 s) once per machine, not per invocation
 # the call's slices, one line of overrides each (the plan's suite and extra overrides first); exits 2 on a bad index
-python3 - "$PLAN" "$CALL" > $OUT/slices.txt <<'EOF' || { cat $OUT/slices.txt; exit 2; }
+python3 - "$PLAN" $CALLS > $OUT/slices.txt <<'EOF' || { cat $OUT/slices.txt; exit 2; }
 import json, sys
 plan = json.load(open(sys.argv[1]))
-index = int(sys.argv[2])
-if not 0 <= index < len(plan["calls"]):
-    print(f"call {index} is not in the plan (calls 0..{len(plan['calls']) - 1})")
-    sys.exit(2)
 base = [f"suite={plan['suite']}", *plan.get("overrides", []), f"run_id={plan['run_id']}"]
-for piece in plan["calls"][index]["slices"]:
-    print(" ".join(base + piece["overrides"]))
+lines = []
+for text in sys.argv[2:]:
+    index = int(text) if text.isdigit() else -1
+    if not 0 <= index < len(plan["calls"]):
+        print(f"call {text} is not in the plan (calls 0..{len(plan['calls']) - 1})")
+        sys.exit(2)
+    lines += [" ".join(base + piece["overrides"]) for piece in plan["calls"][index]["slices"]]
+print("\n".join(lines))
 EOF
 RUN=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['run_id'])" "$PLAN")
 R=$OUT/results

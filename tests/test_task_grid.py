@@ -187,11 +187,12 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
 
-    def call(out):
+    def call(out, *calls):
         out.mkdir()
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "INSTALL": "0",
                "PLAN": str(plan_path)}
-        subprocess.run(["bash", str(ROOT / "scripts" / "device_task_grid.sh"), "0"], cwd=work, env=env, check=True,
+        script = str(ROOT / "scripts" / "device_task_grid.sh")
+        subprocess.run(["bash", script, *(calls or ("0",))], cwd=work, env=env, check=True,
                        capture_output=True, timeout=240)
         return [json.loads(line) for line in (out / "results" / "tiny-grid" / "quality.jsonl").read_text().splitlines()]
 
@@ -204,6 +205,16 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
     (work / "results").mkdir()
     os.rename(tmp_path / "out1" / "results" / "tiny-grid", work / "results" / "tiny-grid")
     assert len(call(tmp_path / "out2")) == len(rows)
+    # several planned calls in one device call: their slices in order (a repeated slice resumes: no new rows)
+    plan["calls"].append(plan["calls"][0])
+    plan_path.write_text(task_grid.to_json(plan))
+    assert len(call(tmp_path / "out3", "0", "1")) == len(rows)
+    assert len((tmp_path / "out3" / "slices-done.txt").read_text().splitlines()) == 2 * len(plan["calls"][0]["slices"])
+    # a call the plan does not have: exit 2 before any work, the index named
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "device_task_grid.sh"), "0", "7"], cwd=work,
+                         env={**os.environ, "OUT": str(tmp_path), "INSTALL": "0", "PLAN": str(plan_path)},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "call 7 is not in the plan" in bad.stdout
 
 
 def test_cost_model_reads_the_committed_run_layout(tmp_path):

@@ -20,7 +20,8 @@ TINY = {"d_model": 16, "heads": 2, "layers": 1, "batch": 4, "eval_batches": 1, "
 @pytest.fixture
 def declining(monkeypatch):
     base = METHODS["sdpa_math"]
-    caps = Capabilities(**{**base.caps.__dict__, "masks": set(base.caps.masks), "declines": ("produces incorrect results",)})
+    caps = Capabilities(**{**base.caps.__dict__, "masks": set(base.caps.masks),
+                           "declines": ("produces incorrect results",)})
     monkeypatch.setitem(METHODS, "t_declining", MethodSpec("t_declining", base.build, caps))
 
     def raise_(message):
