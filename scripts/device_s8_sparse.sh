@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 9's remaining H200 cells (results/h200-sparse), resumed: after the seventh session ~45 cells of the preset
+# (256K fwd_bwd, 1M fwd and fwd_bwd; mostly the full mask) had no row and 8 had `timeout` rows from the earlier
+# calls' short step caps (20-40 s a case: superlinear 256K in its memory phase, flex causal 256K/1M, combiner_fixed
+# causal 1M BlockMask build, routing causal 1M, combiner_axial full 256K). Here every case gets 75 s
+# (case_timeout_s; CT to change) and the steps share the call: 256K first (cheaper), then 1M fwd, then 1M fwd_bwd.
+# A case that does not fit is a `timeout` row again (the row that says why not); running the script again resumes.
+# halo and long_short resume their implementation runs (h200-impl-strided*), as in scripts/device_fill_s3.sh.
+#   WRAP_S=560 bash scripts/device_wrap.sh s8-sparse scripts/device_s8_sparse.sh      (carry .whl)
+set -u
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
+AB="python3 -m attnbench.cli"
+CT=${CT:-75}
+fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
+inv() {  # inv WALL_S LOG PRESET RUN ARGS...
+  local wall=$1 log=$2 preset=$3 run=$4; shift 4
+  timeout -k 10 "$wall" $AB sweep=$preset device=cuda results_dir="$OUT" run_id=$run "$@" > "$OUT/$log.txt" 2>&1
+  echo "== $log: exit $? after ${SECONDS}s"; fin $run
+}
+cp -r results/h200-sparse results/h200-impl-strided "$OUT/"
+M="methods=[sdpa_cudnn,flex,biformer,biformer_2d,biformer_layer,halo_2d,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,superlinear]"
+inv ${S1:-150} sparse-256k sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[262144]" case_timeout_s=$CT
+inv ${S2:-170} sparse-1m-fwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=$CT
+inv ${S3:-150} sparse-1m-bwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[1048576]" "modes=[fwd_bwd]" \
+  case_timeout_s=$CT
+inv ${S4:-60} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
+  "retry=[timeout]" case_timeout_s=45
+python3 scripts/sparse_summary.py "$OUT/h200-sparse" > "$OUT/sparse-summary.md" 2>&1
+for f in "$OUT"/sparse-*.txt "$OUT"/impl-*.txt; do echo "== $(basename $f)"; grep -v "case/s" "$f" | grep "cases:\|not ok" -A4 | tail -n 6; done
+echo "== done after ${SECONDS}s"
