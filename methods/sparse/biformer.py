@@ -214,6 +214,8 @@ def fit_biformer(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
         return {}  # the builder names the bad value
     if region <= min(seq_q, seq_kv) and not seq_q % region and not seq_kv % region and topk <= seq_kv // region:
         return {}
+    if "region" in given and (region > min(seq_q, seq_kv) or seq_q % region or seq_kv % region):
+        return {}  # a set region that does not fit: the builder names it
     fitted = {}
     if "region" not in given:
         region = pow2_divisor(math.gcd(seq_q, seq_kv), seq_kv / (2 * topk))
