@@ -9,7 +9,10 @@
 #                                                # calls 0-2, estimated ~540 s each, took 86, 245 and 413 s)
 #   PARALLEL=4 bash scripts/device_task_grid.sh 0   # 4 cases at once on the GPU (attnbench train parallel=4;
 #                                                # rows carry concurrent=4). Default: the plan's "parallel"
-#                                                # (what its call estimates assume; 1 for a plan without it)
+#                                                # (what its call estimates assume; 1 for a plan without it).
+#                                                # A slice whose overrides carry their own parallel= (and
+#                                                # case_timeout_s=): an autotuning method's (fla), planned to
+#                                                # run fewer cases at once, keeps its own
 #   RETRY=error,timeout bash scripts/device_task_grid.sh 2   # re-run the slices' cases whose rows have these
 #                                                # statuses (attnbench train retry=[..]); default: none
 #
@@ -63,7 +66,9 @@ while read -r line; do
   if [ $left -lt 30 ]; then
     echo "slice $i not started ($left s left): $line" | tee -a $OUT/not-started.txt
   else
-    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line parallel=$PARALLEL results_dir=$R ${RETRY:+retry=[$RETRY]} > $OUT/log-slice$i.txt 2>&1
+    # a slice with its own parallel (an autotuning method's: fewer at once) keeps it; the others get PARALLEL
+    case " $line " in *" parallel="*) SLICE_PARALLEL="" ;; *) SLICE_PARALLEL="parallel=$PARALLEL" ;; esac
+    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line $SLICE_PARALLEL results_dir=$R ${RETRY:+retry=[$RETRY]} > $OUT/log-slice$i.txt 2>&1
     echo "slice $i rc=$? at ${SECONDS}s: $line" | tee -a $OUT/slices-done.txt
   fi
   i=$((i + 1))

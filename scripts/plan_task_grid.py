@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = task_grid.compose_suite(args.suite, tuple(args.overrides))
         cost = task_grid.CostModel.from_results(args.results)
         throughput = task_grid.Throughput.from_results(args.results, cost)
+        if args.done is not None:  # the run's own rows, where earlier calls wrote some: the factor measured there
+            throughput = task_grid.Throughput.from_run(args.done, cost, cfg, throughput, args.target_device)
         plan = task_grid.make_plan(cfg, cost, args.budget_s, done, suite=args.suite, run_id=args.run_id,
                                    target_device=args.target_device, parallel=args.parallel,
                                    throughput=throughput, max_calls=args.max_calls or None)
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     plan["overrides"] = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in sliced]
     plan["done_from"] = str(args.done) if args.done is not None else None
     stray = len(done - {e["case_id"] for e in plan["cases"]})
+    plan["stray_rows"] = (task_grid.stray_rows(args.done, {e["case_id"] for e in plan["cases"]})
+                          if args.done is not None else [])
     if stray:
-        print(f"note: {stray} row(s) of {args.done} match no case of this grid (other parameters or methods)")
+        print(f"note: {stray} row(s) of {args.done} match no case of this grid (other parameters or methods, or "
+              "a method's default options now fitted: listed in the plan)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(task_grid.render_markdown(plan))
     args.out.with_suffix(".json").write_text(task_grid.to_json(plan))

@@ -364,3 +364,85 @@ def test_script_refuses_a_bad_parallel_naming_the_flag(tmp_path, capsys):
         assert exc.value.code == 2
         assert "--parallel" in capsys.readouterr().err
     assert not (tmp_path / "plan.json").exists()
+
+
+# ---- the factor measured on the run itself (--done) -----------------------------------------------------------
+def _done_run(tmp_path, cfg, cost, speedup: float, concurrent: int = 8) -> tuple:
+    """A run folder whose rows (every runnable case of ``cfg``, all started at once at ``concurrent``) took
+    (their serial estimate + first calls) / ``speedup`` of wall together -> (run dir, that work in seconds)."""
+    import datetime as dt
+
+    timeout = float(cfg["case_timeout_s"])
+    runnable = [case for case, reason in grid_cases(cfg) if reason is None and case.method not in cost.unavailable]
+    firsts = dict(cost.first_call(case) for case in runnable)
+    work = sum(cost.case_seconds(case, timeout) for case in runnable) + sum(firsts.values())
+    span = work / speedup
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for case in runnable:
+        params = case.params
+        rows.append({"case_id": case.case_id, "task": case.task, "method": case.method, "seq": case.seq,
+                     "seed": case.seed, "status": "ok", "steps_done": params["steps"], "concurrent": concurrent,
+                     "started_at": start.isoformat(timespec="seconds"), "wall_s": span})
+    run_dir = tmp_path / "h200-task-grid"
+    run_dir.mkdir()
+    (run_dir / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir, work
+
+
+def test_a_run_whose_rows_finished_faster_than_estimated_raises_the_factor(grid, tmp_path):
+    cfg, _, _ = grid
+    cost, fallback = cost_model(), throughput(4.0)
+    run_dir, work = _done_run(tmp_path, cfg, cost, speedup=12.0)
+    tp = task_grid.Throughput.from_run(run_dir, cost, cfg, fallback)
+    assert tp.source == "run" and tp.measured_n == 8
+    assert tp.factor_at_measured == pytest.approx(task_grid.RUN_MARGIN * 12.0, rel=0.01)
+    assert tp.factor(8) > 2 * fallback.factor(8)
+    assert "measured on the run itself" in tp.basis and "4.00 at concurrent=8" in tp.basis  # the fallback named
+    plan = make_plan(copy.deepcopy(cfg), cost, BUDGET, parallel=8, throughput=tp)
+    slower = make_plan(copy.deepcopy(cfg), cost, BUDGET, parallel=8, throughput=fallback)
+    assert check_coverage(cfg, plan) == [] and plan["totals"]["est_s"] < slower["totals"]["est_s"]
+    md = task_grid.render_markdown(plan)
+    assert "**from the run's own rows**" in md and "| busy period of the run (used) |" in md
+
+
+def test_a_run_whose_rows_took_as_long_as_estimated_leaves_the_factor_near_todays(grid, tmp_path):
+    """Negative control: rows that took what the committed-rows factor predicts give about that factor (only the
+    run's margin below it), never more; a run without timed rows gives the fallback itself."""
+    cfg, _, _ = grid
+    cost, fallback = cost_model(), throughput(4.0)
+    run_dir, _ = _done_run(tmp_path, cfg, cost, speedup=4.0)
+    tp = task_grid.Throughput.from_run(run_dir, cost, cfg, fallback)
+    assert tp.source == "run"
+    assert task_grid.RUN_MARGIN * 4.0 - 0.05 <= tp.factor(8) <= 4.0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "quality.jsonl").write_text("")
+    same = task_grid.Throughput.from_run(empty, cost, cfg, fallback)
+    assert same.source == "committed" and same.factor(8) == fallback.factor(8) and "no timed rows" in same.basis
+
+
+# ---- autotuning methods: slices of their own, fewer at once, a larger cap ----------------------------------------
+def test_autotuning_methods_get_slices_of_their_own_at_lower_parallel_and_a_larger_timeout(grid, monkeypatch):
+    cfg, _, _ = grid
+    cfg = {**copy.deepcopy(cfg), "methods": ["sdpa_math", "eager", "fla_delta_rule"]}
+    budget = 400.0  # room for fla's 94 s first call
+    plan = make_plan(cfg, cost_model(), budget, parallel=8, throughput=throughput())
+    assert check_coverage(cfg, plan) == []
+    pieces = [p for c in plan["calls"] for p in c["slices"]]
+    tuned = [p for p in pieces if "fla_delta_rule" in p["methods"] and p["runs"]]
+    assert tuned and all(p["methods"] == ["fla_delta_rule"] for p in tuned)  # not beside other methods
+    want_timeout = cfg["case_timeout_s"] + 2 * task_grid.AUTOTUNE_FIRST_CALL_S
+    for piece in tuned:
+        assert piece["parallel"] == task_grid.AUTOTUNE_PARALLEL < 8 and piece["case_timeout_s"] == want_timeout
+        assert piece["overrides"][-2:] == [f"parallel={task_grid.AUTOTUNE_PARALLEL}",
+                                           f"case_timeout_s={int(want_timeout)}"]
+    others = [p for p in pieces if "fla_delta_rule" not in p["methods"]]
+    assert others and all("parallel" not in p and len(p["overrides"]) == 3 for p in others)
+    # the slice's overrides compose to what it says
+    composed = task_grid.compose_suite("tasks_grid", tuple(tuned[0]["overrides"]))
+    assert composed["parallel"] == task_grid.AUTOTUNE_PARALLEL and composed["case_timeout_s"] == want_timeout
+    # negative control: with no first call counted as autotuning no slice has its own parallel or cap
+    monkeypatch.setattr(task_grid, "AUTOTUNE_SLICE_S", 1e9)
+    plain = make_plan(copy.deepcopy(cfg), cost_model(), budget, parallel=8, throughput=throughput())
+    assert all("parallel" not in p for c in plain["calls"] for p in c["slices"])

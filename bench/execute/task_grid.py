@@ -37,6 +37,11 @@ on the H200 (commit a5e446f, h200-linear/device-logs). Charged once per (method,
 each call: fla's autotuning keys are head counts and widths, not the length nor the batch (so tasks of the same
 attention shape share it), and TRITON_CACHE_AUTOTUNING=1 keeps the result on the machine's disk for the rest of
 the call, for every worker and invocation. Other methods pay their first call once per (method, task, length)."""
+AUTOTUNE_SLICE_S = 60.0
+"""A method whose first call is this long or longer (fla's Triton autotuning) gets slices of its own, at most
+``AUTOTUNE_PARALLEL`` cases at once and a larger case cap (:func:`autotune_profile`)."""
+AUTOTUNE_PARALLEL = 4
+"""Cases at once in an autotuning slice (the H200 machine has 16 CPU cores for the workers' compiles)."""
 REFERENCE_WORK = 2048 * 16 * 128
 """tokens x width of the shortest committed kernel call (h200-linear: 2048 tokens, 16 heads of 128): a measured
 call is never scaled below what it would cost at this size (smaller calls are launch-bound)."""
@@ -52,6 +57,12 @@ THROUGHPUT_QUANTILE = 0.25
 """The fitted factor is this quantile of the per-row factors (not their median: the slow rows count)..."""
 THROUGHPUT_MARGIN = 0.75
 """... times this safety margin (the rows are tiny launch-bound models in float32; the grid is bf16)."""
+RUN_MARGIN = 0.85
+"""Safety margin on the factor measured on the run's own rows (``Throughput.from_run``: the same grid, dtype and
+machine, so a smaller margin than ``THROUGHPUT_MARGIN`` on other runs' rows)."""
+RUN_MIN_TRAIN_SHARE = 0.5
+"""A busy period of the run whose charged first calls (compile, autotuning) leave less than this share of its
+span for training is not used for the fit: it measures the first calls, not the throughput."""
 
 
 @dataclass
@@ -253,6 +264,7 @@ class Throughput:
     basis: str
     row_factors: dict[str, float] = field(default_factory=dict)  # "run task/method/seq[ schedule] #row" -> factor
     pairs: list[str] = field(default_factory=list)  # cross-check: rows of the same shape as a serial baseline row
+    source: str = "committed"  # committed: other runs' rows (from_results); run: the grid's own run (from_run)
 
     @classmethod
     def serial(cls, why: str = "no contention rows: serial estimates") -> "Throughput":
@@ -325,6 +337,115 @@ class Throughput:
                  f"{factor:.2f}")
         return cls(n, factor, len(values), basis, found[n], pairs)
 
+    @classmethod
+    def from_run(cls, run_dir: Path, cost: CostModel, cfg: dict, fallback: "Throughput",
+                 target_device: str = "cuda") -> "Throughput":
+        """The factor measured on the rows earlier calls wrote to the grid's own run folder (``--done RUN``),
+        or ``fallback`` (with the reason in its basis) when it has no usable rows.
+
+        The rows (each with ``started_at``, ``wall_s`` and ``concurrent``) are merged into busy periods: runs of
+        cases whose [start, start + wall_s] intervals overlap, i.e. one ``attnbench train`` invocation's cases
+        from its first start to its last end (invocations are separated by their start-up). For a period the
+        plan's own formula is wall = first calls + serial / factor, so its measured factor is the serial
+        estimate of its cases (the cost model's, from each row's shape and steps_done: what the row actually
+        trained) over its span less its first calls (each key charged once, as in a call). Unsupported rows
+        cost nothing. Periods whose first calls take more than half the span (RUN_MIN_TRAIN_SHARE) are left out,
+        and so are periods at another concurrency than the most-used one. The factor at that concurrency is
+        ``RUN_MARGIN`` x (sum of serial / sum of (span - first calls)) over the periods used."""
+        import datetime as dt
+
+        from attnbench.execute.train import TrainCase
+        from attnbench.record.quality import read_jsonl
+
+        rows = read_jsonl(Path(run_dir) / "quality.jsonl")
+        grid = {case.case_id: case for case, _ in grid_cases(cfg, target_device)}
+        timeout_s = float(cfg.get("case_timeout_s", 600))
+        spans = []
+        for row in rows:
+            if row.get("status") == "unsupported" or not row.get("started_at") or row.get("wall_s") is None:
+                continue
+            try:
+                start = dt.datetime.fromisoformat(str(row["started_at"])).timestamp()
+            except ValueError:
+                continue
+            case = grid.get(row.get("case_id"))
+            if case is None:  # a row of other parameters: its shape from the row itself
+                params = {key: row.get(key) for key in ("batch", "d_model", "layers", "heads", "steps")}
+                if any(value is None for value in params.values()):
+                    continue
+                case = TrainCase(str(row["task"]), str(row["method"]), int(row["seq"]), int(row.get("seed") or 0),
+                                 str(row.get("dtype") or "bfloat16"), json.dumps(params, sort_keys=True))
+            params = case.params
+            step, _ = cost.step_seconds(case)
+            steps = int(row.get("steps_done") or 0)
+            if row.get("status") == "ok":
+                steps += int(params.get("eval_batches", 0))
+            serial = 0.0 if case.method in cost.unavailable else cost.case_overhead_s + min(steps * step,
+                                                                                             timeout_s + step)
+            key, first = cost.first_call(case)
+            spans.append((start, start + float(row["wall_s"]), int(row.get("concurrent") or 1), serial, key, first,
+                          f"{case.task}/{case.method}/{case.seq}/s{case.seed}"))
+        periods = []
+        for item in sorted(spans):
+            if periods and item[0] <= periods[-1]["end"] + 1.0:  # started_at has whole seconds
+                period = periods[-1]
+            else:
+                period = {"start": item[0], "end": item[1], "items": []}
+                periods.append(period)
+            period["end"] = max(period["end"], item[1])
+            period["items"].append(item)
+        if not periods:
+            return dataclasses_replace(fallback, basis=f"{fallback.basis} (the run {Path(run_dir).name} has no "
+                                                       "timed rows yet: this derivation is used)")
+        by_n: dict[int, float] = {}
+        for period in periods:
+            period["n"] = max(item[2] for item in period["items"])
+            firsts = dict((item[4], item[5]) for item in period["items"])  # each key once, as in a call
+            period["first"] = sum(v for v in firsts.values() if v >= AUTOTUNE_SLICE_S)  # autotuning: in full
+            period["work"] = (sum(item[3] for item in period["items"])  # training and the other first calls
+                              + sum(v for v in firsts.values() if v < AUTOTUNE_SLICE_S))
+            period["span"] = period["end"] - period["start"]
+            by_n[period["n"]] = by_n.get(period["n"], 0.0) + period["work"]
+        n = max(by_n, key=lambda k: (by_n[k], k))
+        used, left = [], []
+        for period in periods:
+            train = period["span"] - period["first"]
+            ok = period["n"] == n and period["work"] > 0 and train >= RUN_MIN_TRAIN_SHARE * period["span"]
+            (used if ok else left).append(period)
+        name = Path(run_dir).name
+        if n <= 1 or not used:
+            why = (f"rows at concurrent={n}" if n <= 1 else
+                   f"none of its {len(periods)} busy period(s) at concurrent={n} is mostly training")
+            return dataclasses_replace(fallback, basis=f"{fallback.basis} (the run {name}: {why}: this derivation "
+                                                       "is used)")
+        serial = sum(p["work"] for p in used)
+        train = sum(p["span"] - p["first"] for p in used)
+        measured = serial / train
+        factor = max(1.0, RUN_MARGIN * measured)
+
+        def label(period) -> str:
+            stamp = dt.datetime.fromtimestamp(period["start"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            methods = sorted({item[6].split("/")[1] for item in period["items"]})
+            return (f"{stamp} +{period['span']:.0f} s, {len(period['items'])} rows ({', '.join(methods[:6])}"
+                    f"{', ...' if len(methods) > 6 else ''})")
+
+        row_factors = {label(p): round(p["work"] / (p["span"] - p["first"]), 3) for p in used}
+        rows_used = sum(len(p["items"]) for p in used)
+        basis = (f"measured on the run itself ({name}, {rows_used} timed rows in {len(used)} busy period(s) at "
+                 f"concurrent={n}): per period (one invocation's cases, first start to last end) the cost model's "
+                 f"serial estimate of what its rows trained (their steps_done) plus their first calls (compiles; "
+                 f"each key once) over its span less its autotuning first calls (>= {AUTOTUNE_SLICE_S:.0f} s, "
+                 f"charged in full); in all {serial:.0f} s of serial estimate in {train:.0f} s = {measured:.2f}, "
+                 f"x safety margin {RUN_MARGIN} = {factor:.2f}. With this factor a slice's compiles are divided by "
+                 "it like its training (they ran side by side in the workers), autotuning is charged in full")
+        if left:
+            basis += (f"; {len(left)} period(s) left out (another concurrency, or autotuning over "
+                      f"{1 - RUN_MIN_TRAIN_SHARE:.0%} of the span): " + "; ".join(
+                          f"{label(p)}: autotuning {p['first']:.0f} s, concurrent={p['n']}" for p in left))
+        basis += (f". Without the run's rows the factor would be {fallback.factor_at_measured:.2f} at "
+                  f"concurrent={fallback.measured_n} ({fallback.basis})")
+        return cls(n, factor, rows_used, basis, row_factors, list(fallback.pairs), source="run")
+
     def factor(self, n: int) -> float:
         """Serial-estimated seconds done per wall second with ``n`` cases at once (1 at n = 1)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -336,6 +457,12 @@ class Throughput:
         at = min(n, m)
         slowdown = 1.0 + (slowdown_m - 1.0) * (at - 1) / (m - 1)
         return at / slowdown
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -394,8 +521,28 @@ def slice_config(cfg: dict, piece: dict) -> dict:
 
 
 def slice_overrides(piece: dict) -> list[str]:
-    """The ``attnbench train`` overrides of a slice (Hydra list syntax)."""
-    return [f"{key}=[{','.join(str(v) for v in piece[key])}]" for key in ("tasks", "methods", "seeds")]
+    """The ``attnbench train`` overrides of a slice (Hydra list syntax): its tasks, methods and seeds, and an
+    autotuning slice's own ``parallel`` and ``case_timeout_s`` (neither is part of a case's id)."""
+    overrides = [f"{key}=[{','.join(str(v) for v in piece[key])}]" for key in ("tasks", "methods", "seeds")]
+    for key in ("parallel", "case_timeout_s"):
+        if piece.get(key) is not None:
+            value = piece[key]
+            overrides.append(f"{key}={int(value) if float(value).is_integer() else value}")
+    return overrides
+
+
+def autotune_profile(first_call_s: float, parallel: int, timeout_s: float) -> tuple[int, float | None]:
+    """(parallel, case_timeout_s or None) of a slice whose methods' largest first call is ``first_call_s``.
+
+    A first call of ``AUTOTUNE_SLICE_S`` or more is Triton autotuning (fla's kernels: 60-94 s alone on the
+    H200). Every worker process autotunes its own kernels until one has written the cache, so N cases starting at
+    once autotune N times over on the same CPU and GPU: on the H200 at parallel=12, fla_linear_attn's first step
+    took 260-320 s (its 6 cases timed out at 180 s after 1 step) and fla_simple_gla's decline came after 200-240 s
+    instead of ~100. Such a slice runs at most ``AUTOTUNE_PARALLEL`` cases at once, each capped at the suite's
+    ``case_timeout_s`` plus twice the first call (the forward's and the backward's autotuning, under contention)."""
+    if first_call_s < AUTOTUNE_SLICE_S:
+        return parallel, None
+    return min(parallel, AUTOTUNE_PARALLEL), float(math.ceil(timeout_s + 2 * first_call_s))
 
 
 def done_case_ids(run_dir: Path, retry: tuple[str, ...] = ()) -> set[str]:
@@ -403,6 +550,23 @@ def done_case_ids(run_dir: Path, retry: tuple[str, ...] = ()) -> set[str]:
     from attnbench.record.quality import QualityStore
 
     return set(QualityStore(Path(run_dir), retry=tuple(retry)).done)
+
+
+def stray_rows(run_dir: Path, grid_ids: set[str]) -> list[dict]:
+    """Rows of ``run_dir`` whose case is not in the grid, counted by (method, status, reason): e.g. the
+    ``unsupported`` rows of a method's default options that ``fit_method_options`` now fits (the fitted case has
+    another id and is planned; the old row stays in the run folder, a record of the defaults not fitting)."""
+    from attnbench.record.quality import read_jsonl
+
+    counts: dict[tuple, int] = {}
+    for row in read_jsonl(Path(run_dir) / "quality.jsonl"):
+        if row.get("case_id") in grid_ids:
+            continue
+        reason = str(row.get("reason") or "")
+        key = (str(row.get("method")), str(row.get("status")), reason.split(":", 1)[0] if reason else "")
+        counts[key] = counts.get(key, 0) + 1
+    return [{"method": m, "status": st, "reason": r, "rows": n}
+            for (m, st, r), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[str] | None = None,
@@ -433,7 +597,7 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
             planned, why, est = "run", None, cost.case_seconds(case, timeout_s)
         entry = {"case_id": case.case_id, "task": case.task, "method": case.method, "seq": case.seq,
                  "seed": case.seed, "planned": planned, "reason": why, "est_s": round(est, 2),
-                 "done": case.case_id in done, "call": None}
+                 "done": case.case_id in done, "call": None, "fitted": case.fitted_json or None}
         if planned == "run":
             key, seconds = cost.first_call(case)
             entry["first_call"] = ["/".join(str(k) for k in key), round(seconds, 2)]
@@ -443,13 +607,25 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
     calls: list[dict] = []
     mode = {"follow_up": False}  # what new calls are: main or follow-up
 
-    def piece_wall(serial_s: float, first_s: float, runs: int) -> float:
+    def profile_of(items: list[dict]) -> tuple[int, float | None]:
+        """(parallel, case_timeout_s or None: the suite's) of a slice holding ``items``: a method whose first call
+        autotunes (``AUTOTUNE_SLICE_S`` or more) runs at most ``AUTOTUNE_PARALLEL`` cases at once, with the
+        suite's case cap plus twice its first call (see :func:`autotune_profile`)."""
+        first = max((e["first_call"][1] for e in items if e["planned"] == "run"), default=0.0)
+        return autotune_profile(first, parallel, timeout_s)
+
+    def piece_wall(serial_s: float, first_s: float, runs: int, profile: tuple[int, float | None]) -> float:
         """A slice's estimated wall seconds: invocation, first calls, and its training at its concurrency."""
-        factor = throughput.factor(max(1, min(parallel, runs)))
+        factor = throughput.factor(max(1, min(profile[0], runs)))
+        if throughput.source == "run" and profile[1] is None:  # compiles ran side by side, as measured
+            return INVOCATION_OVERHEAD_S + (first_s + serial_s) / factor
         return INVOCATION_OVERHEAD_S + first_s + serial_s / factor
 
+    def wall_of(piece: dict) -> float:
+        return piece_wall(piece["serial_s"], piece["first_s"], piece["runs"], piece["profile"])
+
     def call_wall(call: dict) -> float:
-        return CALL_OVERHEAD_S + sum(piece_wall(p["serial_s"], p["first_s"], p["runs"]) for p in call["slices"])
+        return CALL_OVERHEAD_S + sum(wall_of(p) for p in call["slices"])
 
     def costs(items: list[dict], call: dict) -> tuple[float, float, int]:
         """(serial training seconds, first-call seconds new to ``call``, runnable cases) of ``items``."""
@@ -463,9 +639,9 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
         serial, first, runs = costs(items, call)
         total = call_wall(call)
         if piece is None:
-            return total + piece_wall(serial, first, runs)
-        return (total - piece_wall(piece["serial_s"], piece["first_s"], piece["runs"])
-                + piece_wall(piece["serial_s"] + serial, piece["first_s"] + first, piece["runs"] + runs))
+            return total + piece_wall(serial, first, runs, profile_of(items))
+        return (total - wall_of(piece) + piece_wall(piece["serial_s"] + serial, piece["first_s"] + first,
+                                                    piece["runs"] + runs, piece["profile"]))
 
     def new_call() -> dict:
         call = {"index": len(calls), "est_s": CALL_OVERHEAD_S, "slices": [], "first_calls": set(),
@@ -478,7 +654,7 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
         serial, first, runs = costs(part, call)
         if piece is None:
             piece = {"tasks": list(tasks), "methods": [], "seeds": seeds, "est_s": 0.0, "runs": 0, "unsupported": 0,
-                     "serial_s": 0.0, "first_s": 0.0}
+                     "serial_s": 0.0, "first_s": 0.0, "profile": profile_of(part)}
             call["slices"].append(piece)
         piece["methods"].append(method)
         piece["serial_s"] += serial
@@ -488,20 +664,22 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
             piece["runs" if e["planned"] == "run" else "unsupported"] += 1
             if e["planned"] == "run":
                 call["first_calls"].add(e["first_call"][0])
-        piece["est_s"] = piece_wall(piece["serial_s"], piece["first_s"], piece["runs"])
+        piece["est_s"] = wall_of(piece)
         call["est_s"] = call_wall(call)
 
-    def find(tasks: list[str], seeds: list[int], among: list[dict]) -> tuple[dict, dict] | None:
+    def find(tasks: list[str], seeds: list[int], among: list[dict],
+             profile: tuple[int, float | None] | None = None) -> tuple[dict, dict] | None:
+        """A slice of the same tasks and seeds (and ``profile``, if given) in ``among``."""
         for call in among:
             for piece in call["slices"]:
-                if piece["tasks"] == tasks and piece["seeds"] == seeds:
+                if piece["tasks"] == tasks and piece["seeds"] == seeds and profile in (None, piece["profile"]):
                     return call, piece
         return None
 
     def put(tasks: list[str], method: str, seeds: list[int], part: list[dict]) -> None:
         """First fit: the first call (in order) where ``part`` stays within the budget, else a new call."""
         for call in calls:
-            found = find(tasks, seeds, [call])
+            found = find(tasks, seeds, [call], profile_of(part))
             if wall_with(call, found[1] if found else None, part) <= budget_s:
                 place(call, found[1] if found else None, tasks, method, seeds, part)
                 return
@@ -547,7 +725,8 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
                 put(tasks, method, seeds, [e for e in todo if e["seed"] in seeds])
         for tasks, method, todo in only_unsupported:  # no GPU time: joined to a slice of the same tasks and seeds
             seeds = sorted({e["seed"] for e in todo})
-            found = find(tasks, seeds, [call for call in calls if call["follow_up"] == follow_up])
+            found = find(tasks, seeds, [call for call in calls if call["follow_up"] == follow_up],
+                         (parallel, None))  # a slice at the plan's parallel (not an autotuning one)
             if found is None:
                 put(tasks, method, seeds, todo)
             else:
@@ -600,6 +779,9 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
         for piece in call["slices"]:
             for key in ("est_s", "serial_s", "first_s"):
                 piece[key] = round(piece[key], 1)
+            slice_parallel, slice_timeout = piece.pop("profile")
+            if slice_parallel != parallel or slice_timeout is not None:  # an autotuning slice
+                piece["parallel"], piece["case_timeout_s"] = slice_parallel, slice_timeout
             piece["overrides"] = slice_overrides(piece)
     todo = [e for e in entries.values() if not e["done"]]
     main = [c for c in calls if not c["follow_up"]]
@@ -610,8 +792,11 @@ def make_plan(cfg: dict, cost: CostModel, budget_s: float = BUDGET_S, done: set[
         "deferred_methods": slowest[:deferred_units],
         "throughput": {"factor": round(throughput.factor(parallel), 3), "measured_n": throughput.measured_n,
                        "factor_at_measured": round(throughput.factor_at_measured, 3), "rows": throughput.rows,
-                       "basis": throughput.basis, "quantile": THROUGHPUT_QUANTILE, "margin": THROUGHPUT_MARGIN,
+                       "basis": throughput.basis, "source": throughput.source,
+                       "quantile": THROUGHPUT_QUANTILE if throughput.source == "committed" else None,
+                       "margin": THROUGHPUT_MARGIN if throughput.source == "committed" else RUN_MARGIN,
                        "pairs": throughput.pairs,
+                       "periods": throughput.row_factors if throughput.source == "run" else {},
                        "by_n": {str(n): round(throughput.factor(n), 3) for n in range(1, max(parallel, 8) + 1)}},
         "assumptions": {"call_overhead_s": CALL_OVERHEAD_S, "invocation_overhead_s": INVOCATION_OVERHEAD_S,
                         "case_overhead_s": round(cost.case_overhead_s, 2),
@@ -673,7 +858,8 @@ def check_coverage(cfg: dict, plan: dict, done: set[str] | None = None, target_d
     return problems
 
 
-CASE_FIELDS = ("case_id", "task", "method", "seq", "seed", "planned", "reason", "est_s", "done", "call", "first_call")
+CASE_FIELDS = ("case_id", "task", "method", "seq", "seed", "planned", "reason", "est_s", "done", "call", "first_call",
+               "fitted")
 
 
 def to_json(plan: dict) -> str:
@@ -727,17 +913,30 @@ def render_markdown(plan: dict) -> str:
              f"minutes of device time a session, ~{math.ceil(totals['est_s'] / 1800)} sessions), for "
              f"{totals['serial_s'] / 60:.1f} minutes of serial-estimated training",
              main_line,
-             f"- case_timeout_s: {plan['case_timeout_s']:.0f} (a run past it is a `timeout` row with its steps)", "",
+             f"- case_timeout_s: {plan['case_timeout_s']:.0f} (a run past it is a `timeout` row with its steps)",
+             f"- autotuning methods (first call >= {AUTOTUNE_SLICE_S:.0f} s: fla's Triton autotuning): slices of their "
+             f"own at parallel <= {AUTOTUNE_PARALLEL} with case_timeout_s = the suite's + 2 x the first call "
+             "(overrides `parallel=` `case_timeout_s=` of the slice; scripts/device_task_grid.sh keeps them): "
+             + (", ".join(sorted({m for c in plan["calls"] for p in c["slices"] if p.get("case_timeout_s")
+                                  for m in p["methods"]})) or "none"), "",
              "## Throughput with parallel=N (how the factor was derived)", "",
              f"A slice's training takes its serial estimate / factor(min(N, its runnable cases)) of wall; overheads "
-             f"and first calls are charged in full. {tp['basis']}. Between 1 and {tp['measured_n']} cases at once "
+             + ("and autotuning first calls are charged in full, compiles divided by the factor like the training "
+                "(as measured). " if tp.get("source") == "run" else "and first calls are charged in full. ")
+             + "Factor derived "
+             + ("**from the run's own rows** (`--done`): " if tp.get("source") == "run" else
+                "from committed runs' rows (no `--done` run with timed rows): ")
+             + f"{tp['basis']}. Between 1 and {tp['measured_n']} cases at once "
              "each case's slowdown (N / factor) is interpolated linearly from 1; past "
-             f"{tp['measured_n']} no further gain is assumed. Most rows clip at N: the cost model's serial estimate "
-             "of these tiny launch-bound models is above what they took even at concurrency N (so the factor is "
-             "taken low in the distribution, then cut by the margin). Rows of a task without a serial step fit "
-             "(the MQAR state sweep of h200-analysis-state-long, niah, ICL) are not used. Cross-check, a fused "
-             "exact kernel at concurrency N beside a serial sdpa_cudnn row of the same shape (N x serial step / "
-             "step): " + ("; ".join(tp.get("pairs") or []) or "none committed") + ".", "",
+             f"{tp['measured_n']} no further gain is assumed."
+             + (" Most committed rows clip at N: the cost model's serial estimate of these tiny launch-bound "
+                "models is above what they took even at concurrency N (so the factor is taken low in the "
+                "distribution, then cut by the margin). Rows of a task without a serial step fit (the MQAR state "
+                "sweep of h200-analysis-state-long, niah, ICL) are not used." if tp.get("source") != "run" else "")
+             + " Cross-check, a fused exact kernel at concurrency N beside a serial sdpa_cudnn row of the same "
+             "shape (N x serial step / step): " + ("; ".join(tp.get("pairs") or []) or "none committed") + ".", "",
+             *([f"| busy period of the run (used) | factor (serial / (span - first calls)) |", "|---|---|"]
+               + [f"| {k} | {v:.2f} |" for k, v in tp["periods"].items()] + [""] if tp.get("periods") else []),
              "| N | " + " | ".join(tp["by_n"]) + " |", "|---|" + "---|" * len(tp["by_n"]),
              "| factor | " + " | ".join(f"{v:.2f}" for v in tp["by_n"].values()) + " |", "",
              "## Cost model (assumptions)", "",
@@ -768,6 +967,29 @@ def render_markdown(plan: dict) -> str:
                         for k, v in sorted(over.items(), key=lambda kv: -kv[1])) or "none"]
     slowest = sorted(plan["method_task_est_s"].items(), key=lambda kv: -kv[1])[:10]
     lines += ["", "Slowest ten (serial estimate): " + ", ".join(f"`{k}` {v / 60:.1f} min" for k, v in slowest)]
+    fitted: dict[tuple[str, str], list[dict]] = {}
+    for e in plan["cases"]:
+        if e.get("fitted"):
+            fitted.setdefault((e["method"], e["fitted"]), []).append(e)
+    if fitted:
+        lines += ["", f"## Method options fitted to the length (`fit_method_options`: {sum(map(len, fitted.values()))} "
+                  "cases)", "", "Options the suite does not set, whose method defaults do not fit these lengths, "
+                  "fitted by the planner (`attnbench.methods.fitting`; the rules are in conf/suite/tasks_grid.yaml). "
+                  "The fitted values are part of each case's id and in its row (column `fitted_options`).", "",
+                  "| method | fitted options | task/length | cases | to run |", "|---|---|---|---|---|"]
+        for (method, options), items in sorted(fitted.items()):
+            where = ", ".join(dict.fromkeys(f"{e['task']}/{e['seq']}" for e in items))
+            lines.append(f"| {method} | `{options}` | {where} | {len(items)} | "
+                         f"{sum(not e['done'] and e['planned'] == 'run' for e in items)} |")
+    stray = plan.get("stray_rows") or []
+    if stray:
+        lines += ["", f"## Rows of the run outside this grid ({sum(s['rows'] for s in stray)}: not counted, not "
+                  "re-run)", "", "Rows of `--done` whose case id is no case of this grid. Those of a method with "
+                  "fitted options are its old cases with the default options (`unsupported`: the default did not "
+                  "fit); the fitted cases have new ids and are planned above as separate cases; the old rows stay "
+                  "in the run folder as the record of the defaults.", "",
+                  "| method | status | reason (head) | rows |", "|---|---|---|---|"]
+        lines += [f"| {s['method']} | {s['status']} | {s['reason']} | {s['rows']} |" for s in stray]
     reasons: dict[str, int] = {}
     for e in plan["cases"]:
         if e["planned"] == "unsupported" and not e["done"]:

@@ -42,16 +42,23 @@ class TrainCase:
     dtype: str
     params_json: str  # the task's full parameters, canonical JSON
     tf32: bool = False  # the float32 matmuls on TF32 tensor cores (CUDA; the train config key tf32)
+    fitted_json: str = ""  # method options fitted to the case's length (fit_method_options), canonical JSON
 
     @property
     def params(self) -> dict:
         return json.loads(self.params_json)
 
     @property
+    def fitted(self) -> dict:
+        return json.loads(self.fitted_json) if self.fitted_json else {}
+
+    @property
     def case_id(self) -> str:
         fields = [self.task, self.method, self.seq, self.seed, self.dtype, self.params_json]
-        key = json.dumps(fields + (["tf32"] if self.tf32 else []))  # ids of full-float32 cases as before the key
-        return hashlib.sha1(key.encode()).hexdigest()[:16]
+        key = fields + (["tf32"] if self.tf32 else [])  # ids of full-float32 cases as before the key
+        if self.fitted_json:  # ids of cases without fitted options as before the key
+            key += ["fitted", self.fitted_json]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -142,6 +149,12 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
         tf32 = False
     if not isinstance(tf32, bool):
         raise ConfigError("tf32", f"must be true or false (float32 matmuls on TF32 tensor cores), got {tf32!r}")
+    fit = cfg.get("fit_method_options")
+    if fit is None:
+        fit = False
+    if not isinstance(fit, bool):
+        raise ConfigError("fit_method_options", f"must be true or false (fit method options the config does not "
+                                                f"set to each case's length), got {fit!r}")
     timeout = cfg.get("case_timeout_s", 600)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError("case_timeout_s", f"must be a positive number, got {timeout!r}")
@@ -156,6 +169,7 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
     else:
         raise ConfigError("device", f"target device {target_device!r} is not one of: cpu, cuda, cuda:N")
     options = plan_options(cfg)
+    given = cfg.get("method_options") or {}
     runnable, unsupported = [], []
     for name in tasks:
         spec = TASKS[name]
@@ -171,6 +185,10 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
                 except TaskParamError as exc:
                     raise ConfigError(f"task_options.{name}", f"{exc} (length {seq})") from None
             for method in methods:
+                # fitted only where the case runs otherwise (capabilities do not depend on method options): an
+                # unsupported case keeps its id
+                fitted = fit_options(task, method, given.get(method)) if fit and task is not None else {}
+                fitted_json = json.dumps(fitted, sort_keys=True) if fitted else ""
                 for seed in seeds:
                     case = TrainCase(name, method, seq, seed, dtype, json.dumps(params, sort_keys=True), tf32)
                     if not available:
@@ -183,8 +201,22 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
                     if reason:
                         unsupported.append((case, reason))
                     else:
-                        runnable.append(case)
+                        runnable.append(dataclasses.replace(case, fitted_json=fitted_json))
     return TrainPlan(runnable, unsupported, device)
+
+
+def fit_options(task, method: str, given: dict | None) -> dict:
+    """``fit_method_options``: the options of ``method`` fitted to ``task``'s attention lengths, for the fields
+    ``given`` (the config's ``method_options.<method>``) does not set and only where the method's defaults do not
+    fit (``attnbench.methods.fitting``). Train tasks only: probes and experiments call the method at lengths of
+    their own."""
+    from attnbench import masks
+    from attnbench.methods.fitting import fitted_options
+
+    if task.kind != "train":
+        return {}
+    causal = masks.make_mask(task.mask_name).causal
+    return fitted_options(method, task.seq_q, task.seq_kv, causal, given)
 
 
 def parallel_cases(cfg: dict) -> int:
@@ -230,7 +262,8 @@ def _describe(case: TrainCase, run_id: str, device_name: str) -> dict:
                pattern=spec.cls.pattern, seq=case.seq, d_model=params.get("d_model"), layers=params.get("layers"),
                heads=params.get("heads"), steps=params.get("steps"), batch=params.get("batch"), lr=params.get("lr"),
                seed=case.seed, dtype=case.dtype, metric=spec.cls.metric, higher_is_better=spec.cls.higher_is_better,
-               device=device_name, model_options=_model_options(params), tf32=case.tf32)
+               device=device_name, model_options=_model_options(params), tf32=case.tf32,
+               fitted_options=case.fitted_json or None)
     if method is not None:
         row.update(family=method.caps.family, exact=method.caps.exact)
     return row
@@ -438,7 +471,7 @@ def _worker_case(case: TrainCase, device: str, options: dict, timeout_s: float) 
     from attnbench.record import envinfo
 
     started_at, started = envinfo.now(), time.perf_counter()
-    method_params = dict((options.get("method_options") or {}).get(case.method) or {})
+    method_params = {**((options.get("method_options") or {}).get(case.method) or {}), **case.fitted}
     measured = run_case(case, device, options, method_params, timeout_s)
     return {**measured, "started_at": started_at, "wall_s": time.perf_counter() - started}
 

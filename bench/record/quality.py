@@ -37,6 +37,10 @@ QUALITY_COLUMNS: dict[str, tuple[str, str]] = {
     "heads": ("Int64", "attention heads"),
     "model_options": ("string", "JSON object of the host model's options that were set (hybrid_schedule, qk_source, "
                                 "readout, qk_dim); empty for the plain model"),
+    "fitted_options": ("string", "JSON object of the method options the train planner fitted to the case's "
+                                 "lengths (the train config key fit_method_options: the method's defaults did not "
+                                 "fit, and the config did not set them); empty: the config's options or the "
+                                 "method's defaults"),
     "steps": ("Int64", "training steps asked for"),
     "steps_done": ("Int64", "training steps completed (fewer after a divergence or a timeout)"),
     "batch": ("Int64", "sequences per training step (and per evaluation batch)"),

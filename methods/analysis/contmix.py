@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import Prepared
+from ..fitting import fits_length
 from ..registry import Capabilities, Unsupported, register_method
 from .common import ParamMaker, mask_mode, param_int, self_only
 
@@ -118,6 +119,17 @@ def aggregate_reference(weights, values, index):
     return out
 
 
+REGIONS = 49  # the default (7 x 7 in the 2-D form)
+
+
+@fits_length("contmix1d")
+def fit_contmix1d(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
+    """More default regions than the (1-D) sequence has tokens: a region per 4 tokens."""
+    if "regions" in given or REGIONS <= seq_q:
+        return {}
+    return {"regions": max(1, seq_q // 4)}
+
+
 @register_method("contmix1d", Capabilities(family="analysis", exact=False, form="layer", masks={"full", "causal"},
                                             backward=True, trainable=True))
 def build_contmix1d(ctx):
@@ -130,7 +142,7 @@ def build_contmix1d(ctx):
     if width % (2 * groups):
         raise Unsupported(f"contmix1d splits heads_q*head_dim={width} into two halves of {groups} groups")
     grid = ctx.options.get("grid") if not causal else None
-    regions = param_int(ctx, "regions", 49)
+    regions = param_int(ctx, "regions", REGIONS)
     k_small = param_int(ctx, "kernel_small", 5)
     k_large = param_int(ctx, "kernel_large", 13)
     if grid is not None:

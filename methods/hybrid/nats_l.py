@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import Prepared
+from ..fitting import fits_length, pow2_divisor
 from ..linear import gated_delta
 from ..linear.common import mask_mode, param_int
 from ..registry import Capabilities, Unsupported, register_method
@@ -122,6 +123,18 @@ def nats_layer(p, heads: int, block: int, gdn, conv):
     return forward
 
 
+BLOCK = 64  # the default routing chunk
+
+
+@fits_length("nats_l")
+def fit_nats_l(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
+    """A default chunk that does not divide the length: the largest power of two dividing it with at least 4
+    chunks (at most the default)."""
+    if "block" in given or seq_q % BLOCK == 0:
+        return {}
+    return {"block": pow2_divisor(seq_q, min(BLOCK, seq_q / 4))}
+
+
 @register_method("nats_l", Capabilities(family="hybrid", exact=False, form="layer", masks={"causal"},
                                          causal_only=True, backward=True, trainable=True))
 def build_nats_l(ctx):
@@ -130,7 +143,7 @@ def build_nats_l(ctx):
     case = ctx.case
     if case.seq_q != case.seq_kv:
         raise Unsupported("nats_l is a self-attention layer (seq_q == seq_kv)")
-    block = param_int(ctx, "block", 64, minimum=1)
+    block = param_int(ctx, "block", BLOCK, minimum=1)
     max_len = param_int(ctx, "max_len", 8192, minimum=1)
     loop_max = param_int(ctx, "reference_loop_max_len", 1024)
     length = case.seq_q

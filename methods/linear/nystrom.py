@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..contract import Prepared
+from ..fitting import fits_length
 from ..registry import Capabilities, Unsupported, register_method
 from .common import expand_heads, param_int
 
@@ -65,11 +66,23 @@ def nystrom_reference(q, k, v, landmarks: int, iters: int):
     return kernel_q @ iterative_pinv(kernel_a, iters) @ kernel_k @ v
 
 
+LANDMARKS = 64  # the default
+
+
+@fits_length("nystromformer")
+def fit_nystromformer(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
+    """More default landmarks than the shorter sequence has tokens: a landmark per 4 tokens of it."""
+    shortest = min(seq_q, seq_kv)
+    if "landmarks" in given or LANDMARKS <= shortest:
+        return {}
+    return {"landmarks": max(1, shortest // 4)}
+
+
 @register_method("nystromformer", Capabilities(family="linear", exact=False, masks={"full"}, cross=True, gqa=True,
                                                 backward=True))
 def build_nystromformer(ctx):
     """Nystromformer: landmark (segment-mean) approximation with an iterative pseudo-inverse (full mask)."""
-    landmarks = param_int(ctx, "landmarks", 64, minimum=1)
+    landmarks = param_int(ctx, "landmarks", LANDMARKS, minimum=1)
     iters = param_int(ctx, "iters", 6, minimum=0, maximum=100)
     shortest = min(ctx.case.seq_q, ctx.case.seq_kv)
     if landmarks > shortest:

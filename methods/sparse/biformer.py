@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import Prepared
+from ..fitting import fits_length, pow2_divisor
 from ..registry import Capabilities, Unsupported, register_method
 from .common import Options, flex_path, from_tiles, parameter, pattern_reference, sdpa_tiles, to_tiles
 
@@ -200,6 +201,30 @@ def _topk_fits(opts: Options, topk: int, regions: int, from_length: bool = False
     return topk
 
 
+REGION, TOPK = 256, 4  # the 1-D form's defaults
+
+
+@fits_length("biformer")
+def fit_biformer(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
+    """Default region and top-k that do not fit the lengths (a region longer than either or not dividing both,
+    or fewer key regions than top-k): region the largest power of two dividing both lengths with at least
+    2 x top-k key regions (the routing then picks at most half of them), top-k min(4, key regions / 2)."""
+    region, topk = given.get("region", REGION), given.get("topk", TOPK)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (region, topk)):
+        return {}  # the builder names the bad value
+    if region <= min(seq_q, seq_kv) and not seq_q % region and not seq_kv % region and topk <= seq_kv // region:
+        return {}
+    if "region" in given and (region > min(seq_q, seq_kv) or seq_q % region or seq_kv % region):
+        return {}  # a set region that does not fit: the builder names it
+    fitted = {}
+    if "region" not in given:
+        region = pow2_divisor(math.gcd(seq_q, seq_kv), seq_kv / (2 * topk))
+        fitted["region"] = region
+    if "topk" not in given and topk > seq_kv // region:
+        fitted["topk"] = max(1, seq_kv // region // 2)
+    return fitted
+
+
 @register_method(
     "biformer",
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, cross=True, backward=True),
@@ -209,8 +234,8 @@ def _topk_fits(opts: Options, topk: int, regions: int, from_length: bool = False
 def build_biformer(ctx):
     case, causal = ctx.case, ctx.mask.causal
     opts = Options(ctx, "biformer", ("region", "topk", "impl"))
-    region = opts.int("region", 256, minimum=1)
-    topk = opts.int("topk", 4, minimum=1)
+    region = opts.int("region", REGION, minimum=1)
+    topk = opts.int("topk", TOPK, minimum=1)
     impl = opts.choice("impl", "gather", IMPLS)
     _region_fits(opts, "region", region, min(case.seq_q, case.seq_kv), "sequence")
     if causal and case.seq_q != case.seq_kv:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import Prepared
+from ..fitting import fits_length, pow2_divisor
 from ..registry import Capabilities, Unsupported, register_method
 from .common import (SDPA_BACKENDS, Options, flex_path, from_tiles, overlapping_windows, pattern_reference,
                      sdpa_tiles, sdpa_windows, static_block_mask, to_tiles)
@@ -183,6 +184,23 @@ def halo_1d_pairs(seq, block, halo, causal, mask_padding) -> int:
     return int((hi - lo).sum())
 
 
+BLOCK, HALO = 256, 128  # the 1-D form's defaults
+
+
+def _fits(value, length: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= length and length % value == 0
+
+
+@fits_length("halo")
+def fit_halo(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
+    """A default block longer than the sequence (or not dividing it): the largest power of two dividing the
+    length with at least 4 blocks, halo half a block (the defaults' ratio)."""
+    if _fits(given.get("block", BLOCK), seq_q) or "block" in given:
+        return {}
+    block = pow2_divisor(seq_q, seq_q / 4)
+    return {"block": block, "halo": block // 2}
+
+
 @register_method(
     "halo",
     Capabilities(family="local", exact=False, masks={"full", "causal"}, backward=True, compiled=True),
@@ -198,8 +216,8 @@ def build_halo(ctx):
     paths)."""
     case, causal = ctx.case, ctx.mask.causal
     opts = Options(ctx, "halo", ("block", "halo", "mask_padding", "impl", "backend"))
-    block = opts.int("block", 256, minimum=1)
-    halo = opts.int("halo", 128, minimum=0)
+    block = opts.int("block", BLOCK, minimum=1)
+    halo = opts.int("halo", HALO, minimum=0)
     mask_padding = opts.bool("mask_padding", True)
     impl = opts.choice("impl", "strided", IMPLS)
     backend = opts.choice("backend", "auto", SDPA_BACKENDS)

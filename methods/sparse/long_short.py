@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import Prepared
+from ..fitting import fits_length, pow2_divisor
 from ..registry import Capabilities, Unsupported, register_method
 from .common import (Options, flex_path, overlapping_windows, parameter, pattern_reference, static_block_mask,
                      tiles_merged)
@@ -125,6 +126,28 @@ def ls_pairs_per_head(length: int, window: int, rank: int, causal: bool) -> int:
     return int((near + far).sum())
 
 
+WINDOW, RANK = 256, 64  # the defaults
+
+
+@fits_length("long_short")
+def fit_long_short(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
+    """A default window longer than the sequence (or not dividing it): the largest power of two dividing the
+    length with at least 4 windows (and at least a set rank), rank half a window (the causal form needs rank <=
+    window)."""
+    window, rank = given.get("window", WINDOW), given.get("rank", RANK)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (window, rank)):
+        return {}  # the builder names the bad value
+    fitted = {}
+    if "window" not in given and (window > seq_q or seq_q % window):
+        window = max(2, pow2_divisor(seq_q, max(seq_q / 4, rank if "rank" in given else 0)))
+        fitted["window"] = window
+    if "rank" not in given and causal and rank > window:
+        fitted["rank"] = max(1, window // 2)
+    elif "rank" not in given and fitted:
+        fitted["rank"] = min(rank, max(1, window // 2))
+    return fitted
+
+
 @register_method(
     "long_short",
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, backward=True, compiled=True,
@@ -136,8 +159,8 @@ def ls_pairs_per_head(length: int, window: int, rank: int, causal: bool) -> int:
 def build_long_short(ctx):
     case, causal = ctx.case, ctx.mask.causal
     opts = Options(ctx, "long_short", ("window", "rank", "impl"))
-    window = opts.int("window", 256, minimum=2)
-    rank = opts.int("rank", 64, minimum=1)
+    window = opts.int("window", WINDOW, minimum=2)
+    rank = opts.int("rank", RANK, minimum=1)
     impl = opts.choice("impl", "strided", IMPLS)
     length, dim = case.seq_q, case.head_dim
     if window % 2:
