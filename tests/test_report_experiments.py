@@ -172,3 +172,36 @@ def test_the_state_sweep_gives_medians_over_seeds(tmp_path):
     assert "median acc n=32 [min–max]" in section
     single = _report(tmp_path / "single", _rows())
     assert "median acc" not in single
+
+
+def test_a_fitted_case_replaces_the_unsupported_row_of_its_default_sized_case(tmp_path):
+    """A grid resumed with fit_method_options keeps the default-sized case's unsupported row beside the fitted
+    case's row (a new case id): the report counts the fitted one only. Control: an unsupported row without a fitted
+    case of the same key stays, and so does a default-sized row that ran."""
+    too_big = "method_options.halo.block: must be <= seq 64, got 256 (the case is shorter than one block)"
+    rows = [
+        quality_row("mqar", "causal_self", "halo", 64, 0, None, status="unsupported", reason=too_big),
+        quality_row("mqar", "causal_self", "halo", 64, 0, 0.77, case_id="mqar|halo|64|0|fit",
+                    fitted_options=json.dumps({"block": 32, "halo": 16})),
+        quality_row("mqar", "causal_self", "halo", 64, 1, None, status="unsupported", reason=too_big),
+        quality_row("mqar", "causal_self", "sdpa", 64, 0, 0.9, exact=True),
+        quality_row("mqar", "causal_self", "sdpa", 64, 1, 0.92, exact=True),
+    ]
+    section = _report(tmp_path, rows)
+    # seed 0's default-sized row is replaced by its fitted case; seed 1 has no fitted case, so its row stays
+    # (before the filter the cell read "0.77, unsupported ×2")
+    assert "| halo | 0.77, unsupported ×1 |" in section
+
+
+def test_superseded_by_fitted_keeps_rows_that_ran():
+    import pandas as pd
+
+    from attnbench.report.sections.quality import superseded_by_fitted
+
+    base = {"run_dir": "r", "task": "mqar", "method": "halo", "seq": 64, "seed": 0, "dtype": "float32",
+            "model_options": None, "tf32": False}
+    frame = pd.DataFrame([{**base, "status": "ok", "fitted_options": None},
+                          {**base, "status": "unsupported", "fitted_options": None},
+                          {**base, "status": "ok", "fitted_options": '{"block": 32}'}])
+    kept = superseded_by_fitted(frame)
+    assert list(kept["status"]) == ["ok", "ok"]  # only the unsupported default-sized row goes

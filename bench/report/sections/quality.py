@@ -32,7 +32,7 @@ def quality_rows(ctx: Context) -> pd.DataFrame:
             frames.append(frame)
     if not frames:
         return pd.DataFrame()
-    rows = pd.concat(frames, ignore_index=True)
+    rows = superseded_by_fitted(pd.concat(frames, ignore_index=True))
     several = rows["run_dir"].nunique() > 1
     rows["options"] = rows["model_options"].map(options_label) if "model_options" in rows else ""
     with_options = rows["options"].map(lambda text: f" [{text}]" if text else "")
@@ -43,6 +43,26 @@ def quality_rows(ctx: Context) -> pd.DataFrame:
     rows["x"] = pd.to_numeric(rows["seq"], errors="coerce").astype(float)
     rows["reason"] = rows["reason"].fillna("").astype(str)
     return rows
+
+
+FITTED_KEY = ["run_dir", "task", "method", "seq", "seed", "dtype", "model_options", "tf32"]
+
+
+def superseded_by_fitted(rows: pd.DataFrame) -> pd.DataFrame:
+    """Without the ``unsupported`` rows that a fitted case replaced: a run resumed with ``fit_method_options``
+    keeps the rows its default-sized cases wrote ("method_options.halo.block: must be <= seq 64"), and the fitted
+    case of the same task, method, length, seed and model options is a new case id with its own row. Both would
+    count in a cell; the fitted one is the answer. Other statuses stay (a default-sized case that ran is a
+    result of its own)."""
+    if "fitted_options" not in rows or not len(rows):
+        return rows
+    fitted = rows["fitted_options"].fillna("").astype(str) != ""
+    if not fitted.any():
+        return rows
+    key = [c for c in FITTED_KEY if c in rows]
+    keys = rows[key].apply(lambda row: "|".join("" if pd.isna(v) else str(v) for v in row), axis=1)
+    replaced = keys.isin(set(keys[fitted])) & ~fitted & (rows["status"] == "unsupported")
+    return rows[~replaced].reset_index(drop=True)
 
 
 def shared_device_note(rows: pd.DataFrame) -> str:
