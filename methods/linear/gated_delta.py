@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..contract import Extra, Prepared, RecurrentDecode, StateScan
 from ..registry import Capabilities, Unsupported, register_method
@@ -116,15 +117,74 @@ def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int):
     return qg, attn, U, W, kd, last
 
 
-def chunk_states(U, W, kd, last, state0):
-    """The loop over chunks: the state entering each chunk [B, H, N, dk, dv] and the final state."""
+def _state_loop(U, W, kd, last, state0):
+    """The chunk loop without autograd: the states entering the chunks, written into one [B, H, N, dk, dv]
+    tensor (not a list stacked after: that held them twice), and the final state."""
+    batch, heads, n = U.shape[:3]
+    states = state0.new_empty(batch, heads, n, *state0.shape[-2:])
     S = state0
-    states = []
-    for c in range(U.shape[2]):
-        states.append(S)
+    for c in range(n):
+        states[:, :, c] = S
         new = U[:, :, c] if W is None else U[:, :, c] - W[:, :, c] @ S
         S = last[:, :, c, None, None] * S + kd[:, :, c].transpose(-1, -2) @ new
-    return torch.stack(states, dim=2), S
+    return states, S
+
+
+class _ChunkStates(torch.autograd.Function):
+    """:func:`chunk_states` with a hand-written backward: the reverse loop over chunks,
+
+        dS_c = e^(γ_C) dS_{c+1} − Wᵀ (kd dS_{c+1}) + dstates_c,   dU_c = kd dS_{c+1},   dW_c = −dU_c S_cᵀ,
+        dkd_c = N_c dS_{c+1}ᵀ (N_c = U_c − W_c S_c, recomputed),   d(e^(γ_C))_c = ⟨S_c, dS_{c+1}⟩,
+
+    saving only the inputs and the stacked states. Autograd through the Python loop kept every step's state,
+    a contiguous copy of every step's ``W_c`` and ``kd_c`` besides (about 2 KB per token per head at d = 128),
+    and its backward of each step's ``U[:, :, c]`` wrote a zero tensor of ``U``'s full size: O(N²) work, the
+    fwd_bwd time growing with the square of the length (131K tokens: 6.5 s on the H200, 256K timed out)."""
+
+    @staticmethod
+    def forward(ctx, U, W, kd, last, state0):
+        states, S = _state_loop(U, W, kd, last, state0)
+        ctx.save_for_backward(U, W, kd, last, states)
+        ctx.set_materialize_grads(False)
+        return states, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dstates, dS):
+        U, W, kd, last, states = ctx.saved_tensors
+        need_u, need_w, need_kd, need_last, need_s0 = ctx.needs_input_grad
+        n = U.shape[2]
+        dU = torch.empty_like(U) if need_u else None
+        dW = torch.empty_like(W) if (need_w and W is not None) else None
+        dkd = torch.empty_like(kd) if need_kd else None
+        dlast = torch.empty_like(last) if need_last else None
+        if dS is None:
+            dS = torch.zeros_like(states[:, :, 0])
+        for c in reversed(range(n)):
+            S_c = states[:, :, c]
+            dnew = kd[:, :, c] @ dS  # [B, H, C, dv]
+            if dU is not None:
+                dU[:, :, c] = dnew
+            if dkd is not None:
+                new = U[:, :, c] if W is None else U[:, :, c] - W[:, :, c] @ S_c
+                dkd[:, :, c] = new @ dS.transpose(-1, -2)
+            if dlast is not None:
+                dlast[:, :, c] = (S_c * dS).sum((-1, -2))
+            before = last[:, :, c, None, None] * dS
+            if W is not None:
+                if dW is not None:
+                    dW[:, :, c] = -(dnew @ S_c.transpose(-1, -2))
+                before = before - W[:, :, c].transpose(-1, -2) @ dnew
+            if dstates is not None:
+                before = before + dstates[:, :, c]
+            dS = before
+        return dU, dW, dkd, dlast, dS if need_s0 else None
+
+
+def chunk_states(U, W, kd, last, state0):
+    """The loop over chunks: the state entering each chunk [B, H, N, dk, dv] and the final state
+    (differentiable in every input, ``state0`` included; see :class:`_ChunkStates`)."""
+    return _ChunkStates.apply(U, W, kd, last, state0)
 
 
 def chunk_outputs(qg, attn, U, W, states):
@@ -145,9 +205,17 @@ def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
 
 
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False, scale=None):
-    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d."""
+            return_state=False, scale=None, segment=0, carry=True):
+    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d.
+
+    ``segment`` (tokens, 0 = off): above that many keys the sequence runs segment by segment through
+    :func:`segmented` (the state carried across; in training each segment checkpointed), with the same
+    outputs and gradients up to float rounding. ``carry=False`` (each segment starts from a zero state) is a
+    deliberately broken variant for the tests' negative control."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if segment and k.shape[2] > segment:
+        return segmented(q, k, v, g, beta, gated=gated, delta=delta, normalize=normalize, chunk=chunk,
+                         state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry)
     out_dtype = v.dtype
     q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
     batch, heads, _, dk = k.shape
@@ -156,6 +224,48 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     states, S = chunk_states(U, W, kd, last, S0)
     out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
     out = (scale * out[:, :, lead:length]).to(out_dtype)
+    return (out, S) if return_state else out
+
+
+def _segment_step(q, k, v, g, beta, state0, kw):
+    return chunked(q, k, v, g, beta, state0=state0, return_state=True, **kw)
+
+
+def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=True, normalize=True, chunk=64,
+              state0=None, return_state=False, scale=None, carry=True):
+    """:func:`chunked` one segment of ``segment`` tokens at a time: each segment is the chunked form started
+    from the state carried out of the segment before (fp32 [B, H, dk, dv]), so the working memory (the WY
+    pieces, the per-chunk states, and in training everything autograd saves) is one segment's, whatever the
+    length. With gradients, each segment runs under ``torch.utils.checkpoint`` (non-reentrant): between the
+    forward and the backward only the segment inputs (views of q, k, v, g, beta) and the carried states are
+    kept, and the backward recomputes one segment's forward at a time (the cost: one more forward).
+    Segments need not align with the chunks: a segment's last chunk is padded with tokens that neither write
+    nor decay, so the result equals the unsegmented one up to float rounding. Queries aligned bottom-right
+    (zero queries in front, sliced off after)."""
+    if segment < 1:
+        raise ValueError(f"segmented: segment must be >= 1, got {segment}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, lead = _align(q, k)
+    length = k.shape[2]
+    kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, state0))
+    out = None if train else v.new_empty(*v.shape[:3], v.shape[-1])
+    pieces = []
+    S = state0
+    for start in range(0, length, segment):
+        stop = min(start + segment, length)
+        args = [None if t is None else t[:, :, start:stop] for t in (q, k, v, g, beta)]
+        if train:
+            o, S_out = checkpoint(_segment_step, *args, S, kw, use_reentrant=False, preserve_rng_state=False)
+            pieces.append(o)
+        else:
+            o, S_out = _segment_step(*args, S, kw)
+            out[:, :, start:stop] = o
+            del o
+        S = S_out if carry else None
+    if train:
+        out = torch.cat(pieces, dim=2)
+    out = out[:, :, lead:]
     return (out, S) if return_state else out
 
 
