@@ -4,8 +4,11 @@ Prints bytes per token per (batch, head) of
 
 * ``fwd peak``: the peak of live tensor bytes during a forward without gradients, above the inputs;
 * ``fwd_bwd peak``: the same over a forward and a backward (the inputs' gradients included);
-* ``saved``: the bytes autograd keeps between the forward and the backward (counted by
-  ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
+* ``kept``: the live bytes between the forward and the backward (the output included): what autograd saves,
+  and what a checkpoint keeps outside autograd's saved tensors (its inputs, the carried states);
+* ``saved``: the bytes autograd saves between the forward and the backward, counted by
+  ``torch.autograd.graph.saved_tensors_hooks`` (each storage once; a checkpointed segment's tensors are
+  saved under the checkpoint's own hooks, not counted here: see ``kept``).
 
 Live bytes are counted by a ``TorchDispatchMode`` that sees every op's outputs and follows each new storage
 until it is freed (``weakref.finalize`` on the storage; PyTorch keeps a storage's Python object alive as long
@@ -39,11 +42,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.live:
+                if key and key not in self.live and key not in given:  # a new storage, not a view or in-place
                     self.live[key] = storage.nbytes()
                     self.now += storage.nbytes()
                     weakref.finalize(storage, self._free, key)
@@ -51,13 +55,16 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def saved_bytes(run) -> int:
-    """Bytes of the distinct storages autograd saves while ``run()`` builds its graph (kept until backward)."""
+def saved_bytes(run, inputs=()) -> tuple:
+    """Bytes of the distinct storages autograd saves while ``run()`` builds its graph (kept until backward),
+    the storages of ``inputs`` not counted (they exist anyway), and ``run()``'s result."""
     seen: dict[int, int] = {}
+    given = {t.untyped_storage().data_ptr() for t in inputs}
 
     def pack(t):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in given:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -84,11 +91,12 @@ def measure(method: str, length: int, heads: int, dim: int, chunk: int, segment:
     for t in leaves:
         t.requires_grad_(True)
     with LiveBytes() as both:
-        saved, out = saved_bytes(lambda: gated_delta.chunked(q, k, v, g, beta, **kw))
+        saved, out = saved_bytes(lambda: gated_delta.chunked(q, k, v, g, beta, **kw), leaves)
+        kept = both.now
         torch.autograd.grad(out, leaves, torch.ones_like(out))
         del out
     per = length * heads
-    return fwd.peak / per, both.peak / per, saved / per
+    return fwd.peak / per, both.peak / per, kept / per, saved / per
 
 
 def main(argv=None):
@@ -104,10 +112,10 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype)
     print(f"{a.method}: heads {a.heads}, head dim {a.dim}, chunk {a.chunk}, segment {a.segment}, {a.dtype}; "
           "bytes per token per head")
-    print(f"{'length':>9} {'fwd peak':>10} {'fwd_bwd peak':>13} {'saved':>10}")
+    print(f"{'length':>9} {'fwd peak':>10} {'fwd_bwd peak':>13} {'kept':>10} {'saved':>10}")
     for length in (int(x) for x in a.lengths.split(",")):
-        f, fb, s = measure(a.method, length, a.heads, a.dim, a.chunk, a.segment, dtype)
-        print(f"{length:>9} {f:>10.0f} {fb:>13.0f} {s:>10.0f}")
+        f, fb, k, s = measure(a.method, length, a.heads, a.dim, a.chunk, a.segment, dtype)
+        print(f"{length:>9} {f:>10.0f} {fb:>13.0f} {k:>10.0f} {s:>10.0f}")
 
 
 if __name__ == "__main__":
