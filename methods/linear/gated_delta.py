@@ -17,14 +17,22 @@ WY form: per chunk of C tokens, with cumulative log-decays γ, the unit lower-tr
 at once; a loop over chunks then carries the state: ``N = U − W S``, ``O = diag(e^γ) Q S + (e^(γ_r−γ_i) q_r·k_i)_{i≤r} N``,
 ``S ← e^(γ_C) S + (e^(γ_C−γ) ⊙ K)ᵀ N``), and a recurrent decode step with an O(d_k · d_v) fp32 state.
 Every exponent is a difference ``γ_r − γ_i ≤ 0``, so no decay underflows into a ratio of tiny numbers.
-The chunked form computes in fp32; its inter-chunk loop makes it launch-bound at short lengths.
+The chunked form computes in fp32; its inter-chunk loop makes it launch-bound at short lengths. The loop
+has a hand-written backward (:class:`_ChunkStates`: it keeps the stacked states only, and its time is linear
+in the length; autograd through the loop was quadratic). Its memory is O(L) with a large constant (measured
+by ``scripts/linear_memory.py`` at d = 128, chunk 64, bf16 inputs: ~6.9 KB per token per head at the forward's
+peak, ~12.6 KB over fwd_bwd, ~8.5 KB saved for the backward: the WY pieces, the [C, C] decay and score
+blocks, one d x d state per chunk), so long sequences run in segments (``segment``, :func:`segmented`): the
+state carried across, each segment checkpointed in training, the working memory one segment's.
 
 ``simple_gla_triton`` (registered at the end of this file) is ``simple_gla``'s operator through own chunked
 Triton kernels (``gla_triton.py``, forward and backward), gated against ``simple_gla``'s reference; causal
 self-attention only, CUDA or the Triton interpreter.
 
 Causal only (a recurrence); queries aligned bottom-right (decode: one query after the cache).
-Class N (a different operator): no ``approx_err``. Hyper-parameters: ``chunk`` (default 64),
+Class N (a different operator): no ``approx_err``. Hyper-parameters: ``chunk`` (default 64), ``segment``
+(``'auto'``, the default: unsegmented up to 128K keys, 64K-token segments above; 0: off; or tokens >= chunk;
+see :func:`segment_tokens`; the timed form, the decode prefill and the state scan's pieces),
 ``reference_naive_max_len`` (default 4096), ``reference_stream_chunk`` (keys per step of the reference's
 ``rows=`` form, which the case runner gates long cases on: :func:`gated_rows` for simple_gla and
 simple_gla_triton, :func:`delta_rows` for the delta rules). The delta rules' state update
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..contract import Extra, Prepared, RecurrentDecode, StateScan
 from ..registry import Capabilities, Unsupported, register_method
@@ -116,15 +125,74 @@ def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int):
     return qg, attn, U, W, kd, last
 
 
-def chunk_states(U, W, kd, last, state0):
-    """The loop over chunks: the state entering each chunk [B, H, N, dk, dv] and the final state."""
+def _state_loop(U, W, kd, last, state0):
+    """The chunk loop without autograd: the states entering the chunks, written into one [B, H, N, dk, dv]
+    tensor (not a list stacked after: that held them twice), and the final state."""
+    batch, heads, n = U.shape[:3]
+    states = state0.new_empty(batch, heads, n, *state0.shape[-2:])
     S = state0
-    states = []
-    for c in range(U.shape[2]):
-        states.append(S)
+    for c in range(n):
+        states[:, :, c] = S
         new = U[:, :, c] if W is None else U[:, :, c] - W[:, :, c] @ S
         S = last[:, :, c, None, None] * S + kd[:, :, c].transpose(-1, -2) @ new
-    return torch.stack(states, dim=2), S
+    return states, S
+
+
+class _ChunkStates(torch.autograd.Function):
+    """:func:`chunk_states` with a hand-written backward: the reverse loop over chunks,
+
+        dS_c = e^(γ_C) dS_{c+1} − Wᵀ (kd dS_{c+1}) + dstates_c,   dU_c = kd dS_{c+1},   dW_c = −dU_c S_cᵀ,
+        dkd_c = N_c dS_{c+1}ᵀ (N_c = U_c − W_c S_c, recomputed),   d(e^(γ_C))_c = ⟨S_c, dS_{c+1}⟩,
+
+    saving only the inputs and the stacked states. Autograd through the Python loop kept every step's state,
+    a contiguous copy of every step's ``W_c`` and ``kd_c`` besides (about 2 KB per token per head at d = 128),
+    and its backward of each step's ``U[:, :, c]`` wrote a zero tensor of ``U``'s full size: O(N²) work, the
+    fwd_bwd time growing with the square of the length (131K tokens: 6.5 s on the H200, 256K timed out)."""
+
+    @staticmethod
+    def forward(ctx, U, W, kd, last, state0):
+        states, S = _state_loop(U, W, kd, last, state0)
+        ctx.save_for_backward(U, W, kd, last, states)
+        ctx.set_materialize_grads(False)
+        return states, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dstates, dS):
+        U, W, kd, last, states = ctx.saved_tensors
+        need_u, need_w, need_kd, need_last, need_s0 = ctx.needs_input_grad
+        n = U.shape[2]
+        dU = torch.empty_like(U) if need_u else None
+        dW = torch.empty_like(W) if (need_w and W is not None) else None
+        dkd = torch.empty_like(kd) if need_kd else None
+        dlast = torch.empty_like(last) if need_last else None
+        if dS is None:
+            dS = torch.zeros_like(states[:, :, 0])
+        for c in reversed(range(n)):
+            S_c = states[:, :, c]
+            dnew = kd[:, :, c] @ dS  # [B, H, C, dv]
+            if dU is not None:
+                dU[:, :, c] = dnew
+            if dkd is not None:
+                new = U[:, :, c] if W is None else U[:, :, c] - W[:, :, c] @ S_c
+                dkd[:, :, c] = new @ dS.transpose(-1, -2)
+            if dlast is not None:
+                dlast[:, :, c] = (S_c * dS).sum((-1, -2))
+            before = last[:, :, c, None, None] * dS
+            if W is not None:
+                if dW is not None:
+                    dW[:, :, c] = -(dnew @ S_c.transpose(-1, -2))
+                before = before - W[:, :, c].transpose(-1, -2) @ dnew
+            if dstates is not None:
+                before = before + dstates[:, :, c]
+            dS = before
+        return dU, dW, dkd, dlast, dS if need_s0 else None
+
+
+def chunk_states(U, W, kd, last, state0):
+    """The loop over chunks: the state entering each chunk [B, H, N, dk, dv] and the final state
+    (differentiable in every input, ``state0`` included; see :class:`_ChunkStates`)."""
+    return _ChunkStates.apply(U, W, kd, last, state0)
 
 
 def chunk_outputs(qg, attn, U, W, states):
@@ -145,9 +213,17 @@ def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
 
 
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False, scale=None):
-    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d."""
+            return_state=False, scale=None, segment=0, carry=True):
+    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d.
+
+    ``segment`` (tokens, 0 = off): above that many keys the sequence runs segment by segment through
+    :func:`segmented` (the state carried across; in training each segment checkpointed), with the same
+    outputs and gradients up to float rounding. ``carry=False`` (each segment starts from a zero state) is a
+    deliberately broken variant for the tests' negative control."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if segment and k.shape[2] > segment:
+        return segmented(q, k, v, g, beta, gated=gated, delta=delta, normalize=normalize, chunk=chunk,
+                         state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry)
     out_dtype = v.dtype
     q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
     batch, heads, _, dk = k.shape
@@ -156,6 +232,48 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     states, S = chunk_states(U, W, kd, last, S0)
     out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
     out = (scale * out[:, :, lead:length]).to(out_dtype)
+    return (out, S) if return_state else out
+
+
+def _segment_step(q, k, v, g, beta, state0, kw):
+    return chunked(q, k, v, g, beta, state0=state0, return_state=True, **kw)
+
+
+def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=True, normalize=True, chunk=64,
+              state0=None, return_state=False, scale=None, carry=True):
+    """:func:`chunked` one segment of ``segment`` tokens at a time: each segment is the chunked form started
+    from the state carried out of the segment before (fp32 [B, H, dk, dv]), so the working memory (the WY
+    pieces, the per-chunk states, and in training everything autograd saves) is one segment's, whatever the
+    length. With gradients, each segment runs under ``torch.utils.checkpoint`` (non-reentrant): between the
+    forward and the backward only the segment inputs (views of q, k, v, g, beta) and the carried states are
+    kept, and the backward recomputes one segment's forward at a time (the cost: one more forward).
+    Segments need not align with the chunks: a segment's last chunk is padded with tokens that neither write
+    nor decay, so the result equals the unsegmented one up to float rounding. Queries aligned bottom-right
+    (zero queries in front, sliced off after)."""
+    if segment < 1:
+        raise ValueError(f"segmented: segment must be >= 1, got {segment}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, lead = _align(q, k)
+    length = k.shape[2]
+    kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, state0))
+    out = None if train else v.new_empty(*v.shape[:3], v.shape[-1])
+    pieces = []
+    S = state0
+    for start in range(0, length, segment):
+        stop = min(start + segment, length)
+        args = [None if t is None else t[:, :, start:stop] for t in (q, k, v, g, beta)]
+        if train:
+            o, S_out = checkpoint(_segment_step, *args, S, kw, use_reentrant=False, preserve_rng_state=False)
+            pieces.append(o)
+        else:
+            o, S_out = _segment_step(*args, S, kw)
+            out[:, :, start:stop] = o
+            del o
+        S = S_out if carry else None
+    if train:
+        out = torch.cat(pieces, dim=2)
+    out = out[:, :, lead:]
     return (out, S) if return_state else out
 
 
@@ -219,13 +337,15 @@ def delta_rows(q, k, v, g, beta, rows, *, gated: bool, chunk: int, stream: int =
     return out.to(v.dtype)
 
 
-def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int) -> RecurrentDecode:
+def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int, segment=0) -> RecurrentDecode:
+    """``segment``: the prefill's (``'auto'`` or tokens, :func:`segment_tokens`); the step is one token."""
+
     def prefill(q, k, v, g=None, beta=None):
         past = k.shape[2] - 1
         gp = g[..., :past] if g is not None else None
         bp = beta[..., :past] if beta is not None else None
         _, S = chunked(k[:, :, :past], k[:, :, :past], v[:, :, :past], gp, bp, gated=gated, delta=delta,
-                       normalize=normalize, chunk=chunk, return_state=True)
+                       normalize=normalize, chunk=chunk, return_state=True, segment=segment_tokens(segment, past))
         return S
 
     def step(S, q, k, v, g=None, beta=None):
@@ -254,6 +374,38 @@ def gate_extras(case, gated: bool, delta: bool) -> dict:
     return extras
 
 
+AUTO_SEGMENT_ABOVE = 131072  # 'auto': unsegmented up to 128K keys ...
+AUTO_SEGMENT = 65536  # ... and 64K-token segments above
+
+
+def param_segment(ctx, chunk: int):
+    """``method_options.<method>.segment``: ``'auto'`` (the default), 0 (off) or a segment length in tokens
+    (an integer >= ``chunk``); ValueError naming the field otherwise. See :func:`segment_tokens`."""
+    value = ctx.param("segment", "auto")
+    field = f"method_options.{ctx.case.method}.segment"
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < chunk) or value < 0:
+        raise ValueError(f"{field}: must be 'auto', 0 (off) or a segment length in tokens >= chunk ({chunk}), "
+                         f"got {value!r}")
+    return value
+
+
+def segment_tokens(option, length: int) -> int:
+    """The segment length for ``length`` keys (0: unsegmented). ``'auto'``: off up to ``AUTO_SEGMENT_ABOVE``
+    (128K) keys, ``AUTO_SEGMENT`` (64K) tokens above. Why: up to 128K the unsegmented form fits (16 heads,
+    d = 128: ~15 GB forward, ~29 GB fwd_bwd on the H200) and is what the committed rows measured, so they stay
+    as they are; above, its memory grows past one GPU (1M tokens: ~110 GB forward, over 200 GB fwd_bwd), while
+    a 64K segment's working set is a fixed ~7 GB forward / ~13 GB for a segment's recomputed backward at 16
+    heads, and 64K is a multiple of every power-of-two chunk up to 1024 (segment seams fall on chunk seams)
+    and long enough (1024 chunks of 64) that the per-segment overhead (one more Python step, and in training
+    the checkpoint's recomputed forward: about one forward more per fwd_bwd) is spread thin. Memory scales
+    with batch x heads too: with many more heads, set an explicit smaller ``segment``."""
+    if option == "auto":
+        return AUTO_SEGMENT if length > AUTO_SEGMENT_ABOVE else 0
+    return int(option)
+
+
 def build_variant(ctx, name: str, fast=None) -> Prepared:
     """Prepared for one variant; ``fast`` replaces the own chunked form (the fla adapters)."""
     gated, delta, normalize = VARIANTS[name]
@@ -263,12 +415,13 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     chunk = param_int(ctx, "chunk", 64, minimum=1, maximum=1024)
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
+    segment = param_segment(ctx, chunk) if fast is None else 0
     kw = dict(gated=gated, delta=delta, normalize=normalize)
 
     def fn(q, k, v, g=None, beta=None):
         if fast is not None:
             return fast(q, k, v, g, beta)
-        return chunked(q, k, v, g, beta, chunk=chunk, **kw)
+        return chunked(q, k, v, g, beta, chunk=chunk, segment=segment_tokens(segment, k.shape[2]), **kw)
 
     def reference(q, k, v, g=None, beta=None):
         if k.shape[2] <= naive_max:
@@ -285,24 +438,26 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         return delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=max(1, chunk // 2), stream=stream)
 
     extras = gate_extras(ctx.case, gated, delta)
-    scan = affine_state_scan(chunk, tuple(extras), **kw) if fast is None and offset == 0 else None
+    scan = affine_state_scan(chunk, tuple(extras), segment=segment, **kw) if fast is None and offset == 0 else None
     return Prepared(fn=fn, reference=reference, extras=extras,
-                    decode=recurrent_decode(gated, delta, normalize, chunk), softmax_comparable=False,
+                    decode=recurrent_decode(gated, delta, normalize, chunk, segment), softmax_comparable=False,
                     state_scan=scan)
 
 
-def affine_state_scan(chunk: int, token_extras: tuple, **kw) -> StateScan:
+def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> StateScan:
     """The recurrence as a :class:`StateScan`: over a piece, the state maps affinely, ``S ↦ M S + b``
     (``M`` [B, H, dk, dk]: the product of the pieces' ``α_t (I − β_t k_t k_tᵀ)``; ``b``: the final state
     from zero). ``M`` is the chunked form run on ``S0 = I`` with zero values (the same recurrence on a
-    dk x dk state), so one code path serves every variant; pieces compose as ``(M₂M₁, M₂b₁ + b₂)``."""
+    dk x dk state), so one code path serves every variant; pieces compose as ``(M₂M₁, M₂b₁ + b₂)``.
+    ``segment``: as the method's (``'auto'`` or tokens), applied to each rank's piece."""
 
     def summary(q, k, v, positions, g=None, beta=None):
         batch, heads, length, dk = k.shape
-        _, b = chunked(k, k, v, g, beta, chunk=chunk, return_state=True, **kw)
+        seg = segment_tokens(segment, length)
+        _, b = chunked(k, k, v, g, beta, chunk=chunk, return_state=True, segment=seg, **kw)
         eye = torch.eye(dk, device=k.device).expand(batch, heads, dk, dk)
         _, M = chunked(k, k, k.new_zeros(batch, heads, length, dk), g, beta, chunk=chunk, state0=eye,
-                       return_state=True, **kw)
+                       return_state=True, segment=seg, **kw)
         return M, b
 
     def combine(earlier, later):
@@ -311,7 +466,8 @@ def affine_state_scan(chunk: int, token_extras: tuple, **kw) -> StateScan:
 
     def finish(q, k, v, positions, incoming, g=None, beta=None):
         state0 = None if incoming is None else incoming[1]
-        return chunked(q, k, v, g, beta, chunk=chunk, state0=state0, **kw)
+        return chunked(q, k, v, g, beta, chunk=chunk, state0=state0, segment=segment_tokens(segment, k.shape[2]),
+                       **kw)
 
     return StateScan(summary=summary, combine=combine, finish=finish, token_extras=token_extras)
 
