@@ -462,8 +462,8 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
         qpos, kpos = positions(q, k)
         fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
         if impl == "triton":  # the features as they are, in the inputs' dtype, through the Triton scan
-            return scan_kernel(fq.to(vv.dtype), fk.to(vv.dtype), vv, eps=eps, feature_map="identity",
-                               **kernel_opts)
+            fq, fk = fq.to(vv.dtype), fk.to(vv.dtype)  # rebound: wider copies are freed before the scan
+            return scan_kernel(fq, fk, vv, eps=eps, feature_map="identity", **kernel_opts)
         return chunked_linear(fq, fk, vv, causal=causal, offset=offset, eps=eps, chunk=chunk,
                               normalize=normalize, dtype=dtype, floor=floor)
 
