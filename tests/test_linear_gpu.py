@@ -18,9 +18,10 @@ OWN = ["linear_attn", "linear_attn_triton", "performer", "rfa", "cosformer", "so
 FLA = ["fla_linear_attn", "fla_simple_gla", "fla_delta_rule", "fla_gated_delta_rule"]
 
 
-def _run(method, mode, seq=2048):
+def _run(method, mode, seq=2048, method_options=None):
     spec = masks.make_mask("causal")
-    runner = CaseRunner("cuda:0", {"timing": TIMING, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 33})
+    runner = CaseRunner("cuda:0", {"timing": TIMING, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 33,
+                                   "method_options": {method: dict(method_options or {})}})
     case = Case(method=method, mask=spec.label, mask_name=spec.name, batch=1, heads_q=4, heads_kv=4, seq_q=seq,
                 seq_kv=seq, head_dim=128, dtype="bfloat16", mode=mode, device="cuda:0")
     return runner.run(case)
@@ -160,3 +161,15 @@ def test_linear_attn_triton_fwd_bwd_within_the_gate_with_gqa(feature_map):
             assert max(errors) < grad_tol, errors
         else:
             assert errors[0] > grad_tol and errors[1] > grad_tol and errors[2] < grad_tol, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,options", [("performer", {"features": 128}), ("cosformer", {})])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_kernelized_impl_triton_passes_the_gate_in_bf16(method, options, mode):
+    """performer (m = 128) and cosFormer (2d = 256 features) with ``impl: triton`` (their PyTorch features
+    through the own Triton scan) at 16K tokens, hd 128, bf16: ok through the case runner (the gate against
+    the method's own fp32 reference, gradients included in fwd_bwd)."""
+    row = _run(method, mode, seq=16384, method_options={**options, "impl": "triton"})
+    assert row["status"] == "ok", row["reason"]

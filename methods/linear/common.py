@@ -350,9 +350,73 @@ def linear_decode(features, eps: float, normalize: bool = True, floor=None) -> R
                            state_bytes=lambda s: (s.S[0].numel() + s.z[0].numel()) * s.S.element_size())
 
 
+# ---- impl: triton (the kernelised methods through the own Triton scan) -------------------------------------
+IMPLS = ("chunked", "triton")
+TRITON_ONLY = ("block_v", "seg_chunks", "num_warps")  # options of impl: triton alone
+TRITON_MAX_WIDTH = 256  # linear_triton.MAX_WIDTH (not imported here: importing it imports triton)
+
+
+def kernel_impl(ctx) -> str:
+    """``method_options.<m>.impl``: ``chunked`` (default) or ``triton``, validated with the options that
+    belong to one impl only (ValueError naming the field)."""
+    impl = ctx.param("impl", "chunked")
+    field = f"method_options.{ctx.case.method}"
+    if impl not in IMPLS:
+        raise ValueError(f"{field}.impl: must be 'chunked' or 'triton', got {impl!r}")
+    if impl == "chunked":
+        for name in TRITON_ONLY:
+            if name in ctx.params:
+                raise ValueError(f"{field}.{name}: applies to impl 'triton' only (impl is 'chunked')")
+    elif "compute_dtype" in ctx.params:
+        raise ValueError(f"{field}.compute_dtype: applies to impl 'chunked' only (impl 'triton' computes in "
+                         f"the inputs' dtype)")
+    return impl
+
+
+def triton_options(ctx) -> dict:
+    """The Triton scan's options, validated: ``chunk`` (16..256, power of two, default 64), ``block_v``
+    (default 64), ``seg_chunks`` (default 4), ``num_warps`` (default 4)."""
+    return dict(chunk=param_int(ctx, "chunk", 64, minimum=16, maximum=256, power_of_two=True),
+                block_v=param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True),
+                seg_chunks=param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024),
+                num_warps=param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16)))
+
+
+def triton_supported(ctx, *, causal: bool, offset: int, normalize: bool, floor, feature_width):
+    """Raise ``Unsupported`` (the case's row: ``unsupported`` with this reason) for what ``impl: triton``
+    cannot run; None when it can."""
+    import importlib.util
+
+    case = ctx.case
+    name = f"{case.method} with method_options.{case.method}.impl=triton"
+    if floor is not None:
+        raise Unsupported(f"{name}: the Triton scan has no denominator floor ({case.method}'s features need one)")
+    if not normalize:
+        raise Unsupported(f"{name}: the Triton scan runs the normalised form only")
+    if getattr(case, "mode", None) == "decode":
+        raise Unsupported(f"{name}: no decode step of its own (the recurrent step is impl 'chunked''s)")
+    if not causal or offset != 0 or case.seq_q != case.seq_kv:
+        raise Unsupported(f"{name}: the Triton scan runs causal self-attention only, not {ctx.mask.label} "
+                          f"with seq_q {case.seq_q}, seq_kv {case.seq_kv}")
+    if feature_width is None:
+        raise Unsupported(f"{name}: the method does not declare its feature width")
+    widths = {"feature width m": feature_width, "value head dim": ctx.head_dim_v}
+    for what, width in widths.items():
+        if width > TRITON_MAX_WIDTH:
+            raise Unsupported(f"{name}: {what} {width} above the Triton scan's {TRITON_MAX_WIDTH}")
+    if importlib.util.find_spec("triton") is None:
+        raise Unsupported(f"{name}: needs module 'triton', not importable here")
+    from .linear_attn import triton_runnable
+
+    why = triton_runnable(ctx.device)
+    if why:
+        raise Unsupported(f"{name}: {why}")
+
+
 # ---- a builder for feature-map methods ----------------------------------------------------------------------
 def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = True, prepare=None, extras=None,
-               parameters=(), default_chunk: int = 128, eps_default: float = 1e-6, floor=None):
+               parameters=(), default_chunk: int = 128, eps_default: float = 1e-6, floor=None,
+               feature_width: int | None = None):
     """``Prepared`` for a method given by its feature maps.
 
     ``features(q, k, v, q_pos, k_pos, **kw) -> (fq, fk, v)`` with GQA expanded; ``q_pos``/``k_pos`` are
@@ -361,16 +425,35 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     the chunked form), ``reference_naive_max_pairs`` (above, the reference is the chunked form in fp32),
     ``reference_stream_chunk`` (keys per step of the reference's ``rows=`` form, :func:`feature_rows`, which
     the case runner uses on long cases).
+
+    ``impl`` (``method_options.<m>.impl``): ``chunked`` (the default: :func:`chunked_linear` in PyTorch) or
+    ``triton``: the same feature maps (PyTorch, autograd through them), then the causal normalised scan over
+    them by the own Triton kernel (``linear_triton.linear_attn(feature_map="identity")``, forward and backward)
+    in the inputs' dtype. ``triton`` takes causal self-attention with ``normalize``, no ``floor``, feature and
+    value widths up to 256 (``feature_width``: m, given by the method), on CUDA or under
+    ``TRITON_INTERPRET=1``; anything else is ``Unsupported`` before any work (:func:`triton_supported`), and
+    it has no decode step or state scan (those would be the PyTorch forms). Its own options (:func:`triton_options`):
+    ``chunk`` (power of two in 16..256, default 64), ``block_v``, ``seg_chunks``, ``num_warps``, as
+    ``linear_attn_triton``'s; ``compute_dtype`` is the chunked form's only.
     """
     from ..contract import Prepared
 
+    impl = kernel_impl(ctx)
     causal, offset = mask_mode(ctx)
-    chunk = param_int(ctx, "chunk", default_chunk, minimum=1, maximum=4096)
+    if impl == "triton":
+        kernel_opts = triton_options(ctx)
+        chunk = kernel_opts["chunk"]
+    else:
+        chunk = param_int(ctx, "chunk", default_chunk, minimum=1, maximum=4096)
     eps = param_float(ctx, "eps", eps_default, minimum=0.0)
-    dtype = compute_dtype(ctx)
+    dtype = compute_dtype(ctx) if impl == "chunked" else None
     naive_max = param_int(ctx, "reference_naive_max_pairs", 1 << 26)
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     reference_form = linear_reference(naive_max, chunk)
+    if impl == "triton":  # every refusal before any work: no silent fallback to the chunked form
+        triton_supported(ctx, causal=causal, offset=offset, normalize=normalize, floor=floor,
+                         feature_width=feature_width)
+        from .linear_triton import linear_attn as scan_kernel
 
     def positions(q, k):  # absolute positions: keys 0..Skv-1, query i at i + offset (0 for the full mask)
         return torch.arange(q.shape[2], device=q.device) + offset, torch.arange(k.shape[2], device=k.device)
@@ -378,6 +461,9 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     def fn(q, k, v, **kw):
         qpos, kpos = positions(q, k)
         fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
+        if impl == "triton":  # the features as they are, in the inputs' dtype, through the Triton scan
+            fq, fk = fq.to(vv.dtype), fk.to(vv.dtype)  # rebound: wider copies are freed before the scan
+            return scan_kernel(fq, fk, vv, eps=eps, feature_map="identity", **kernel_opts)
         return chunked_linear(fq, fk, vv, causal=causal, offset=offset, eps=eps, chunk=chunk,
                               normalize=normalize, dtype=dtype, floor=floor)
 
@@ -389,9 +475,11 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
         fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
         return reference_form(fq, fk, vv, causal=causal, offset=offset, eps=eps, normalize=normalize, floor=floor)
 
-    decode = linear_decode(features, eps, normalize, floor) if causal else None
+    # impl: triton has no decode step or state scan of its own: the recurrent step and the CP state scan are
+    # the PyTorch forms (decode cases are refused above; CP layouts find no state scan)
+    decode = linear_decode(features, eps, normalize, floor) if causal and impl == "chunked" else None
     scan = linear_state_scan(features, causal=causal, eps=eps, chunk=chunk, normalize=normalize, dtype=dtype,
-                             floor=floor) if offset == 0 else None
+                             floor=floor) if offset == 0 and impl == "chunked" else None
     return Prepared(fn=fn, reference=reference, prepare=prepare, extras=dict(extras or {}),
                     parameters=tuple(parameters), decode=decode, softmax_comparable=softmax_comparable,
                     state_scan=scan)

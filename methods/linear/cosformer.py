@@ -5,6 +5,10 @@ code's choice), decomposed (Ptolemy) into the 2d-dimensional features ``[ReLU(x)
 ``a_p = π p / 2M`` at the token's absolute position p (query i at ``i + offset``), then the linear-attention
 skeleton, ε = 1e-6. A different operator (class N): no ``approx_err``. No parameters. M is fixed by the
 case's lengths, so a decode step uses the M of the whole cache.
+
+``impl``: ``chunked`` (default, the PyTorch chunked form) or ``triton``: the 2d-wide features above through
+the own Triton scan (causal self-attention, head dim <= 128 so that 2d <= 256; otherwise ``unsupported``;
+methods/linear/common.py ``kernelized``).
 """
 from __future__ import annotations
 
@@ -33,4 +37,4 @@ def build_cosformer(ctx):
         return (cos_features(q, q_pos, M), cos_features(expand_heads(k, heads), k_pos, M),
                 expand_heads(v, heads))
 
-    return kernelized(ctx, features, softmax_comparable=False)
+    return kernelized(ctx, features, softmax_comparable=False, feature_width=2 * ctx.case.head_dim)

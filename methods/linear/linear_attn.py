@@ -5,7 +5,9 @@ A different kernel from softmax (class N): rows say ``approx_err_na(different_op
 comes from the tasks. Forms: quadratic masked reference, chunked parallel form (``chunk``, default 128),
 recurrent decode with an O(m · dv) state (m = head_dim). Hyper-parameters: ``chunk``, ``eps``,
 ``compute_dtype`` (matmul dtype of the chunked form, default float32; states are always fp32),
-``reference_naive_max_pairs``.
+``reference_naive_max_pairs``. ``impl``: ``chunked`` (default) or ``triton`` (the features computed in PyTorch,
+then the own Triton scan with identity features: the kernelised methods' option, methods/linear/common.py;
+``linear_attn_triton`` below fuses elu+1 into its kernels instead).
 
 ``linear_attn_triton`` is the same operator (same features, eps and normalisation, gated against the same
 reference) through own Triton kernels (``linear_triton.py``: chunked scan, forward and backward), a separate
@@ -40,7 +42,7 @@ def elu_features(q, k, v, q_pos=None, k_pos=None):
 @register_method("linear_attn", Capabilities(**KERNELIZED_CAPS))
 def build_linear_attn(ctx):
     """Linear attention, elu+1 features (chunked PyTorch form; O(d²) recurrent decode)."""
-    return kernelized(ctx, elu_features, softmax_comparable=False)
+    return kernelized(ctx, elu_features, softmax_comparable=False, feature_width=ctx.case.head_dim)
 
 
 TRITON_CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, gqa=True, backward=True,

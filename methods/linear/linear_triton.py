@@ -111,6 +111,12 @@ tensor-core dots against a one-hot matrix; the dk scan's ``Σ eb · c`` that way
 dk and dv could share one kernel (both walk the same reverse segments and load φq, dN); ``seg_chunks`` could
 adapt to the length (fewer, longer segments at 1M where parallelism is ample).
 
+Identity features (``feature_map="identity"``): the scans take any given features ``[B, H, T, m]`` (m up to
+``MAX_WIDTH`` = 256, not necessarily v's width: the kernels pad both widths to powers of two in registers, with
+masked loads) and the backward skips the chain rule of elu+1: the kernelised methods' ``impl: triton``
+(performer, cosFormer, linear_attn; methods/linear/common.py) computes its feature maps in PyTorch and runs
+the causal normalised scan here.
+
 Kernels are decorated on first use, once per interpreter mode: ``triton.jit`` reads ``TRITON_INTERPRET`` when
 it decorates, so the CPU tests (which set it) and a GPU process get the right flavour whatever was imported
 first.
@@ -507,7 +513,10 @@ class _LinearAttn(torch.autograd.Function):
                 feature_map):
         opts = dict(chunk=chunk, block_v=block_v, num_warps=num_warps, mask_intra=mask_intra,
                     seg_chunks=seg_chunks, carry=carry)
-        if feature_map == "precomputed":
+        if feature_map == "identity":  # q, k are the features already (kernelised methods' own maps)
+            fq = fk = None
+            out, den, fwd = chunk_scan(q, k, v, eps=eps, normalize=True, return_states=True, **opts)
+        elif feature_map == "precomputed":
             fq, fk = elu1(q), elu1(k)
             out, den, fwd = chunk_scan(fq, fk, v, eps=eps, normalize=True, return_states=True, **opts)
         else:  # "fused": φ applied as q, k are loaded (the backward computes them again)
@@ -516,6 +525,7 @@ class _LinearAttn(torch.autograd.Function):
                                        **opts)
         ctx.save_for_backward(q, k, v, out, den, fq, fk, fwd.states, fwd.zsums)
         ctx.opts = opts
+        ctx.identity = feature_map == "identity"
         ctx.carry_u = carry_u
         return out
 
@@ -529,17 +539,22 @@ class _LinearAttn(torch.autograd.Function):
         opts = ctx.opts
         heads, kv_heads = q.shape[1], k.shape[1]
         group = heads // kv_heads
-        if fq is None:
+        identity = ctx.identity
+        if identity:  # the gradients are the features' own: no chain rule of elu+1 (grad_x None)
+            fq, fk = q, k
+        elif fq is None:
             fq, fk = elu1(q), elu1(k)
         dn, p = _rows(1, dout, out, den, out_dtype=q.dtype)
         dd = p / den
         # dq: the forward's states are this scan's, transposed (Σ φk_jᵀ v_j vs Σ v_jᵀ φk_j), and its key sums
         # are this scan's Σ c: no state pass
         fwd = Carried(s_fwd, None, z_fwd, transposed=True)
-        dq = chunk_scan(dout.to(q.dtype), v, fk, add_a=p, divide_rows=den, grad_x=q, carried=fwd,
+        dq = chunk_scan(dout.to(q.dtype), v, fk, add_a=p, divide_rows=den, grad_x=None if identity else q,
+                        carried=fwd,
                         carry_sums=ctx.carry_u, out_dtype=q.dtype, **opts)
         part = k.dtype if group == 1 else torch.float32  # GQA: per query head, summed over the group below
-        dk, rev = chunk_scan(v, dn, fq, reverse=True, add_b=dd, grad_x=k, return_states=True, out_dtype=part,
+        dk, rev = chunk_scan(v, dn, fq, reverse=True, add_b=dd, grad_x=None if identity else k,
+                             return_states=True, out_dtype=part,
                              carry_sums=ctx.carry_u, **opts)
         # dv: the dk scan's states, transposed (Σ dN_iᵀ φq_i vs Σ φq_iᵀ dN_i): no second state pass
         dv = chunk_scan(fk, fq, dn, reverse=True, carried=Carried(rev.states, transposed=True),
@@ -551,17 +566,33 @@ class _LinearAttn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
+FEATURE_MAPS = ("precomputed", "fused", "identity")
+# the widest feature (and value) dimension a scan takes: one [chunk, width] register tile per operand (padded to a
+# power of two in registers), as linear_attn_triton's max_head_dim
+MAX_WIDTH = 256
+
+
 def linear_attn(q, k, v, *, chunk: int = 64, block_v: int = 64, eps: float = 1e-6, num_warps: int = 4,
                 seg_chunks: int = 4, feature_map: str = "precomputed", mask_intra: bool = True,
                 carry: bool = True, carry_u: bool = True):
     """Causal linear attention with elu+1 features, normalised (``linear_attn``'s operator, self-attention,
     ``[B, H, T, D]`` inputs, GQA by kv heads), forward and backward in Triton. ``feature_map``:
     ``"precomputed"`` (φ(q), φ(k) written once by an elementwise pass and kept for the backward) or
-    ``"fused"`` (φ applied in the scan kernels as q, k are loaded). ``mask_intra=False`` (the intra-chunk
+    ``"fused"`` (φ applied in the scan kernels as q, k are loaded) or ``"identity"`` (q, k are the feature
+    maps already, ``[B, H, T, m]`` with any width m <= ``MAX_WIDTH``, padded to a power of two in registers,
+    which may differ from v's; no φ and no chain rule of φ in the backward: the gradients are those of the
+    features, for the kernelised methods' ``impl: triton``, methods/linear/common.py). ``mask_intra=False`` (the intra-chunk
     mask off), ``carry=False`` (segments start from a zero state) and ``carry_u=False`` (the backward's dD
     terms lose the sums carried into each segment) are deliberately broken variants for the tests' negative
     controls."""
-    if feature_map not in ("precomputed", "fused"):
-        raise ValueError(f"linear_attn: feature_map must be 'precomputed' or 'fused', got {feature_map!r}")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"linear_attn: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+    if feature_map == "identity":
+        if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_WIDTH or v.shape[-1] > MAX_WIDTH:
+            raise ValueError(f"linear_attn: identity features need q, k of one width and q, k, v widths <= "
+                             f"{MAX_WIDTH}, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"linear_attn: identity features need one dtype for q, k, v, got {q.dtype}, "
+                            f"{k.dtype}, {v.dtype}")
     return _LinearAttn.apply(q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry, carry_u,
                              feature_map)

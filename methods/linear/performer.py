@@ -19,6 +19,10 @@ inputs of ordinary scale.
 
 Hyper-parameters: ``features`` (m, default round(d·ln d)), ``orthogonal``, ``redraw``, ``per_head``,
 ``feature_seed``, plus the skeleton's ``chunk``, ``eps``, ``compute_dtype``, ``reference_naive_max_pairs``.
+
+``impl``: ``chunked`` (default, the PyTorch chunked form) or ``triton`` (the same features, then the own Triton
+scan over them, forward and backward; causal self-attention, m <= 256: otherwise the case is ``unsupported``;
+options ``chunk``, ``block_v``, ``seg_chunks``, ``num_warps``: methods/linear/common.py ``kernelized``).
 """
 from __future__ import annotations
 
@@ -93,4 +97,4 @@ def build_performer(ctx):
         return (favor_features(q, omega, True), favor_features(expand_heads(k, heads_q), omega, False),
                 expand_heads(v, heads_q))
 
-    return kernelized(ctx, features, softmax_comparable=True, prepare=prepare)
+    return kernelized(ctx, features, softmax_comparable=True, prepare=prepare, feature_width=m)

@@ -9,7 +9,8 @@ What RFA approximates is softmax attention over *normalised* q and k at temperat
 softmax(q·k/√d) on raw inputs, so rows carry no ``approx_err`` (``softmax_comparable=False``). The gated
 variant (RFA-Gate) is not implemented here. Hyper-parameters: ``features`` (D, default 2·d),
 ``sigma`` (default 1.0), ``floor``, ``feature_seed`` and the skeleton's ``chunk``, ``eps``,
-``compute_dtype``, ``reference_naive_max_pairs``.
+``compute_dtype``, ``reference_naive_max_pairs``. ``impl: triton`` (the kernelised methods' Triton scan) makes
+every case ``unsupported``: the scan has no denominator floor.
 """
 from __future__ import annotations
 
@@ -47,4 +48,4 @@ def build_rfa(ctx):
         fk = rfa_features(expand_heads(k, heads), omega)
         return fq, fk, expand_heads(v, heads)
 
-    return kernelized(ctx, features, softmax_comparable=False, prepare=prepare, floor=floor)
+    return kernelized(ctx, features, softmax_comparable=False, prepare=prepare, floor=floor, feature_width=2 * D)
