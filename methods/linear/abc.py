@@ -7,7 +7,8 @@ slot), then ``o_i = softmax_slots(K̃_i q_i / √d) · Ṽ_i``. Causal: prefix s
 Both reads are unnormalised linear attentions, so the chunked form is two passes of the kernelised skeleton:
 ``logits = LA(q, k; values e) / LA(1, 1; e)``, then ``o = LA(p / Z, e; v)``; the reference materialises
 ``K̃_i, Ṽ_i`` (``[B, H, Lq, n, d]``) up to ``reference_naive_max`` elements, else runs the chunked form in
-fp32 with half the chunk. ``s`` is shifted by its global per-slot maximum (it cancels exactly: no ε).
+fp32 with half the chunk; its ``rows=`` form (:func:`abc_rows`, long cases' sampled rows) streams the keys in
+chunks of ``reference_stream_chunk`` with the prefix sums carried. ``s`` is shifted by its global per-slot maximum (it cancels exactly: no ε).
 Recurrent decode: state ``(Σ e⊗k, Σ e⊗v, Σ e)``, O(n·d) per head. A different operator (class N): no
 approx_err. Hyper-parameters: ``slots`` (n, default 64), ``chunk`` (default 128), ``reference_naive_max``.
 """
@@ -19,7 +20,9 @@ import torch
 
 from ..contract import Extra, Prepared, RecurrentDecode
 from ..registry import Capabilities, register_method
+from . import common
 from .common import LINEAR_MASKS, causal_visible, chunked_linear, expand_heads, mask_mode, param_int
+from .rows import ROWS_CHUNK, last_keys
 
 
 def _controls(s):
@@ -61,6 +64,43 @@ def abc_reference(q, k, v, s, *, causal, offset):
     return torch.where(seen.any(-2), out, torch.zeros_like(out))
 
 
+def abc_rows(q, k, v, s, rows, *, causal, offset, chunk=ROWS_CHUNK, carry=True):
+    """The reference on query rows ``rows`` only (``[B, H, len(rows), d]``, fp32), for long cases: the three
+    unnormalised linear attentions of :func:`abc_chunked` (``Σ e⊗k`` read by ``q``, ``Σ e`` and ``Σ e⊗v`` read by
+    the slot weights) each streamed over the keys by ``common.streamed_rows`` with the prefix state carried;
+    the controls ``e`` are made per key chunk (shifted by the global per-slot maximum, as the full forms).
+    Extra memory O(r · chunk + chunk · n + n · d) per (batch, head). ``carry=False``: a broken variant (the
+    state is not carried between chunks) for the tests' negative control."""
+    heads = q.shape[1]
+    rows = rows.to(q.device).long()
+    seq_kv = k.shape[2]
+    last = last_keys(rows, causal=causal, offset=offset, seq_kv=seq_kv)
+    shift = s.float().amax(dim=2, keepdim=True)  # [B, H, 1, n]
+
+    def controls(start, stop):
+        return torch.exp(s[:, :, start:stop].float() - shift)
+
+    def keys(start, stop):
+        return expand_heads(k[:, :, start:stop], heads).float()
+
+    def values(start, stop):
+        return expand_heads(v[:, :, start:stop], heads).float()
+
+    def stream(fq, key_chunk):
+        return common.streamed_rows(fq, key_chunk, seq_kv, last, chunk=chunk, normalize=False, carry=carry)
+
+    qf = q[:, :, rows].float()
+    Z = stream(qf.new_ones(*qf.shape[:3], 1),
+               lambda a, b: (qf.new_ones(q.shape[0], heads, b - a, 1), controls(a, b), None))  # [B, H, r, n]
+    seen = Z > 0
+    Zs = torch.where(seen, Z, torch.ones_like(Z))
+    logits = stream(qf, lambda a, b: (keys(a, b), controls(a, b), None)) / Zs / math.sqrt(q.shape[-1])
+    p = torch.softmax(logits, dim=-1)
+    read = torch.where(seen, p / Zs, torch.zeros_like(p))
+    out = stream(read, lambda a, b: (controls(a, b), values(a, b), None))
+    return torch.where(seen.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
 def abc_decode() -> RecurrentDecode:
     def prefill(q, k, v, s):
         past = k.shape[2] - 1
@@ -95,8 +135,11 @@ def build_abc(ctx):
     slots = param_int(ctx, "slots", 64, minimum=1, maximum=4096)
     chunk = param_int(ctx, "chunk", 128, minimum=1, maximum=4096)
     naive_max = param_int(ctx, "reference_naive_max", 1 << 26)
+    stream = param_int(ctx, "reference_stream_chunk", ROWS_CHUNK)
 
-    def reference(q, k, v, s):
+    def reference(q, k, v, s, rows=None):
+        if rows is not None:  # a long case's sampled rows, streamed over the keys (forward only)
+            return abc_rows(q, k, v, s, rows, causal=causal, offset=offset, chunk=stream).to(q.dtype)
         if q.shape[1] * q.shape[2] * slots * q.shape[-1] <= naive_max:
             return abc_reference(q, k, v, s, causal=causal, offset=offset)
         return abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=max(1, chunk // 2))

@@ -7,7 +7,8 @@ projection ``W_o``. Equivalently a causal convolution with the kernel ``K_l = 2 
 
 Forms: the fast path builds K (Vandermonde) and convolves by FFT, O(L log L) (fp32/complex64); the reference
 is the recurrence, a loop over tokens, up to ``reference_loop_max_len`` (default 1024) and above that the FFT
-convolution in float64/complex128; :func:`s4d_step` is the O(N) per-channel decode
+convolution in float64/complex128 (the ``rows=`` form, :func:`s4d_rows`: long cases' sampled tokens, the state
+carried over token chunks in float64, memory flat in the length); :func:`s4d_step` is the O(N) per-channel decode
 step (tested on the CPU; the harness's decode mode serves q/k/v methods only). Causal only; a different operator
 (class N). Hyper-parameters: ``state_size`` (N, even, default 64).
 """
@@ -70,6 +71,46 @@ def s4d_fft64(x, params):
     return y[..., :length].transpose(1, 2).to(x.dtype)
 
 
+def s4d_rows(x, params, rows, *, chunk: int | None = None, carry: bool = True, budget: int = 1 << 22):
+    """The SSM part at tokens ``rows`` only (``[B, len(rows), C]``, ``x``'s dtype), for long cases, in
+    float64/complex128 like :func:`s4d_fft64`: the tokens are walked in chunks of ``chunk`` carrying the state
+    ``h`` [B, C, N/2] across chunks (``h ← e^{TΔA} h + Σ_j e^{(T−1−j)ΔA} B̄ x_j``, one weight tensor
+    [C, N/2, T] made once); a row ``t`` in a chunk starting at ``t0`` reads
+    ``2 Re Σ_n C_n e^{(t−t0+1)ΔA} h_n`` plus the kernel convolution over ``t0 .. t``. ``chunk`` defaults to
+    ``budget // (C · N/2)`` tokens (the weights stay ~64 MiB); extra memory O(C · N/2 · chunk + B · chunk · C),
+    whatever the length; tokens past the last row are not read. ``carry=False`` (every chunk starts from a zero
+    state) is a deliberately broken variant for the tests' negative control."""
+    p64 = {key: val.double() for key, val in params.items()}
+    dtA, coef = _modes(p64)  # complex128 [C, N/2]
+    Bbar = (torch.exp(dtA) - 1) / torch.complex(-torch.exp(p64["log_a_re"]), p64["a_im"])
+    Cc = torch.complex(p64["c_re"], p64["c_im"])
+    width, half = dtA.shape
+    if chunk is None:
+        chunk = max(1, min(4096, budget // max(1, width * half)))
+    if chunk < 1:
+        raise ValueError(f"s4d_rows: chunk must be >= 1, got {chunk}")
+    rows = rows.to(x.device).long()
+    end = int(rows.max()) + 1 if rows.numel() else 0
+    steps = torch.arange(chunk, device=x.device, dtype=torch.float64)
+    into = Bbar[..., None] * torch.exp(dtA[..., None] * (chunk - 1 - steps))  # [C, N/2, T]: x_j -> h at the end
+    across = torch.exp(dtA * chunk)  # [C, N/2]
+    kernel = 2 * torch.einsum("cn,cnl->cl", coef, torch.exp(dtA[..., None] * steps)).real  # [C, T]
+    out = torch.zeros(x.shape[0], rows.numel(), width, dtype=torch.float64, device=x.device)
+    h = torch.zeros(x.shape[0], width, half, dtype=torch.complex128, device=x.device)
+    for start in range(0, end, chunk):
+        stop = min(start + chunk, end)
+        xs = x[:, start:stop].double()  # [B, n, C]
+        for i in ((rows >= start) & (rows < stop)).nonzero().squeeze(1).tolist():
+            t = int(rows[i]) - start
+            conv = torch.einsum("bjc,cj->bc", xs[:, :t + 1], kernel[:, :t + 1].flip(-1))
+            prior = 2 * (Cc * torch.exp(dtA * (t + 1)) * h).sum(-1).real
+            out[:, i] = conv + prior
+        if stop < end:  # only full chunks come before the last one
+            add = torch.einsum("cnj,bjc->bcn", into, xs.to(torch.complex128))
+            h = across * h + add if carry else add
+    return out.to(x.dtype)
+
+
 def s4d_step(state, x_t, params):
     """Decode: state [B, C, N/2] complex, x_t [B, C] -> (state, y_t) (SSM part)."""
     dtA, _ = _modes(params)
@@ -108,6 +149,7 @@ def build_s4d(ctx):
     if state % 2:
         raise ValueError(f"method_options.s4d.state_size: must be even (complex-conjugate pairs), got {state}")
     loop_max = param_int(ctx, "reference_loop_max_len", 1024)
+    stream = param_int(ctx, "reference_stream_chunk", 0, minimum=0)  # 0: sized by s4d_rows's budget
     width = case.heads_q * case.head_dim
     params = init_parameters(width, state, torch.Generator(device=ctx.device).manual_seed(case.seed), ctx.device)
     ssm = {k: v for k, v in params.items() if k not in ("d", "w_o")}
@@ -119,7 +161,10 @@ def build_s4d(ctx):
         xf = x.float()
         return head(xf, s4d_fft(xf, ssm)).to(x.dtype)
 
-    def reference(x):
+    def reference(x, rows=None):
+        if rows is not None:  # a long case's sampled rows, the state carried over token chunks (forward only)
+            rows = rows.to(x.device).long()
+            return head(x[:, rows], s4d_rows(x, ssm, rows, chunk=stream or None))
         y = s4d_loop(x, ssm) if x.shape[1] <= loop_max else s4d_fft64(x, ssm)
         return head(x, y)
 

@@ -7,7 +7,10 @@ sum a):  ``m' = max(m, s_j)``, ``c' = c·e^(m−m') + e^(s_j−m')``, ``a' = a·
 
 Forms: :func:`token_recurrence` (one key per step, the plain loop: readable, slow) and the block form
 (keys consumed ``block`` at a time, all queries in parallel; a custom autograd backward recomputes the
-probabilities from the saved log-sum-exp, so memory stays O(L·d)). Computes in fp32.
+probabilities from the saved log-sum-exp, so memory stays O(L·d)). Computes in fp32. The reference (the token
+loop) has a ``rows=`` form for sampled query rows, :func:`softmax_rows` (keys streamed in chunks of
+``reference_stream_chunk``); the harness gates this exact method on its own fp32 softmax, so that form serves
+direct callers.
 
 Decode, decided honestly: the recurrence runs over *keys for a fixed query*. A new token brings a new
 query, whose state must be rebuilt from the whole cache, so there is no O(1) recurrent decode for softmax
@@ -22,6 +25,7 @@ import math
 import torch
 
 from ..registry import Capabilities, register_method
+from . import rows as rows_mod
 from .common import expand_heads, mask_mode, param_int
 
 
@@ -122,6 +126,23 @@ def block_recurrence(q, k, v, *, causal: bool, offset: int, block: int = 1024):
     return _BlockRecurrence.apply(q, expand_heads(k, heads), expand_heads(v, heads), causal, offset, block)
 
 
+def softmax_rows(q, k, v, rows, *, causal: bool, offset: int, chunk: int = rows_mod.ROWS_CHUNK, carry: bool = True):
+    """The recurrence's output on query rows ``rows`` only (``[B, H, len(rows), dv]``, fp32): the same online
+    softmax over the keys for just those queries, keys streamed ``chunk`` at a time (:func:`rows.softmax_rows`),
+    O(len(rows) · Skv) work, O(len(rows) · chunk) extra memory. ``carry``: see :func:`rows.softmax_rows`."""
+    heads = q.shape[1]
+    rows = rows.to(q.device).long()
+    qr = q[:, :, rows].float()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def chunk_fn(start, stop):
+        kc = expand_heads(k[:, :, start:stop], heads).float()
+        return (qr @ kc.transpose(-1, -2)) * scale, expand_heads(v[:, :, start:stop], heads)
+
+    last = rows_mod.last_keys(rows, causal=causal, offset=offset, seq_kv=k.shape[2])
+    return rows_mod.softmax_rows(chunk_fn, k.shape[2], last, chunk=chunk, carry=carry)
+
+
 @register_method("softmax_rnn", Capabilities(family="linear", exact=True, masks={"full", "causal", "decode"},
                                               cross=True, gqa=True, backward=True, decode=True))
 def build_softmax_rnn(ctx):
@@ -132,7 +153,11 @@ def build_softmax_rnn(ctx):
     def fn(q, k, v):
         return block_recurrence(q, k, v, causal=causal, offset=offset, block=block)
 
-    def reference(q, k, v):
+    stream = param_int(ctx, "reference_stream_chunk", rows_mod.ROWS_CHUNK)
+
+    def reference(q, k, v, rows=None):
+        if rows is not None:  # sampled query rows (long cases), streamed over the keys
+            return softmax_rows(q, k, v, rows, causal=causal, offset=offset, chunk=stream).to(q.dtype)
         return token_recurrence(q, k, v, causal=causal, offset=offset).to(q.dtype)
 
     from ..contract import Prepared
