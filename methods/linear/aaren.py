@@ -11,7 +11,8 @@ maximum; across chunks an exclusive prefix of the chunk summaries rescaled to th
 N×N lower-triangular matrix of ``exp(m_c' − max_{c''<c} m_c'') <= 1`` — every exponent is ≤ 0; within a chunk
 the reference is the chunk max, stable while a chunk's score range is < ~80 in fp32), and
 :func:`aaren_step` (O(D) state per head: the recurrent decode of a layer, tested on the CPU; the harness's
-decode mode serves q/k/v methods only). fp32 inside. Exact softmax of its fixed query (class E of its own
+decode mode serves q/k/v methods only); the reference's ``rows=`` form, :func:`aaren_rows` (long cases' sampled
+tokens, streamed in chunks of ``reference_stream_chunk``). fp32 inside. Exact softmax of its fixed query (class E of its own
 definition); no softmax-comparable q/k/v, so no approx_err. Hyper-parameters: ``chunk`` (default √L rounded
 to a power of two, at least 64), ``reference_loop_max_len`` (default 2048).
 """
@@ -23,6 +24,7 @@ import torch
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
+from . import rows as rows_mod
 from .common import mask_mode, param_int
 
 
@@ -116,6 +118,26 @@ def aaren_layer(params, heads, scan):
     return forward
 
 
+def aaren_rows(params, heads, x, rows, *, chunk: int = rows_mod.ROWS_CHUNK, carry: bool = True):
+    """The layer's output at tokens ``rows`` only (``[B, len(rows), width]``, ``x``'s dtype), for long cases: the
+    fixed query's softmax over each row's prefix, tokens streamed ``chunk`` at a time (keys, values and scores
+    made per chunk; :func:`rows.softmax_rows` carries (m, c, a) per row), then ``W_o``. Extra memory
+    O(len(rows) · chunk + chunk · width) per batch, whatever the length. ``carry``: see :func:`rows.softmax_rows`."""
+    rows = rows.to(x.device).long()
+    q0 = params["q0"].float()[None, :, None, :]
+    w_k, w_v = params["w_k"].float(), params["w_v"].float()
+
+    def chunk_fn(start, stop):
+        xs = x[:, start:stop].float()
+        k, v = _heads(xs @ w_k, heads), _heads(xs @ w_v, heads)
+        s = (k * q0).sum(-1) / math.sqrt(k.shape[-1])  # [B, H, n]: one score per token (the query is fixed)
+        return s[:, :, None, :], v
+
+    o = rows_mod.softmax_rows(chunk_fn, x.shape[1], rows, chunk=chunk, carry=carry)  # [B, H, r, D]
+    y = o.transpose(1, 2).reshape(x.shape[0], rows.numel(), x.shape[-1]) @ params["w_o"].float()
+    return y.to(x.dtype)
+
+
 @register_method("aaren", Capabilities(family="linear", exact=False, form="layer", masks={"causal"},
                                         causal_only=True, backward=True, trainable=True))
 def build_aaren(ctx):
@@ -134,6 +156,13 @@ def build_aaren(ctx):
     fast = aaren_layer(params, case.heads_q, lambda s, v: scan_chunked(s, v, chunk))
     ref = aaren_layer(params, case.heads_q,
                       lambda s, v: scan_loop(s, v) if s.shape[2] <= loop_max else scan_chunked(s, v, 2 * chunk))
+    stream = param_int(ctx, "reference_stream_chunk", rows_mod.ROWS_CHUNK)
+
+    def reference(x, rows=None):
+        if rows is not None:  # a long case's sampled tokens, streamed (forward only)
+            return aaren_rows(params, case.heads_q, x, rows, chunk=stream)
+        return ref(x)
+
     flops = 2.0 * case.batch * length * width * width * 3 + 6.0 * case.batch * length * width
-    return Prepared(fn=fast, reference=ref, parameters=list(params.values()), flops=flops,
+    return Prepared(fn=fast, reference=reference, parameters=list(params.values()), flops=flops,
                     softmax_comparable=False)

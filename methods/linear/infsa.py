@@ -8,7 +8,8 @@ no approx_err. ρ is a learnable scalar per layer through a sigmoid (initial ``r
   holds the L×L matrix; the reference materialises it.
 - ``linear_infsa`` (O(N d)): ``w_i = ‖q_i‖/Σ‖q‖``, ``q̄ = Σ w_i q_i/√d``, ``a_j = ReLU(q̄·k_j/√d)/(Σ ReLU + ε)``,
   ``o = ρ Σ a_j v_j`` broadcast to every query (rank-1 output). Full mask only (q̄ pools every query: no
-  faithful causal form). The fast path fuses the reductions; the reference spells them out.
+  faithful causal form). The fast path fuses the reductions; the reference spells them out (its ``rows=`` form,
+  :func:`linear_rows`, returns the same context on sampled rows).
 Hyper-parameters: ``rho`` (0 < ρ < 1), ``eps``, ``block`` (query rows per pass of the pure fast path).
 """
 from __future__ import annotations
@@ -90,11 +91,21 @@ def build_infsa(ctx):
                     softmax_comparable=False)
 
 
+def linear_rows(q, k, v, rho_logit, eps, rows):
+    """:func:`linear_reference` at query rows ``rows`` (``[B, H, len(rows), Dv]``, fp32): the pooled query
+    still pools every query and the context reads every key (O(L · d) time and memory, as the full reference:
+    only the rank-1 broadcast shrinks, from ``[B, H, Lq, Dv]`` to the rows)."""
+    context = linear_reference(q.float(), k.float(), v.float(), rho_logit.float(), eps)[:, :, :1]
+    return context.expand(-1, -1, rows.numel(), -1)
+
+
 @register_method("linear_infsa", Capabilities(**CAPS))
 def build_linear_infsa(ctx):
     """Linear-InfSA: one pooled query, ReLU attention, the context vector broadcast (O(N d), full mask)."""
     rho = _rho_parameter(ctx)
     eps = param_float(ctx, "eps", 1e-6, minimum=0.0)
     return Prepared(fn=lambda q, k, v: linear_fused(q, k, v, rho, eps),
-                    reference=lambda q, k, v: linear_reference(q, k, v, rho, eps), parameters=[rho],
+                    reference=lambda q, k, v, rows=None: (linear_reference(q, k, v, rho, eps) if rows is None
+                                                          else linear_rows(q, k, v, rho, eps, rows).to(q.dtype)),
+                    parameters=[rho],
                     softmax_comparable=False)
