@@ -1,5 +1,5 @@
 """The ``rows=`` forms of the references outside the kernelised skeleton (abc, s4d, softmax_rnn, aaren,
-metamixer, linear_infsa): a long case (above ``correctness.ref_full_pairs``) is gated on a strided sample of query
+lamamba, metamixer, linear_infsa): a long case (above ``correctness.ref_full_pairs``) is gated on a strided sample of query
 rows, and the method's own reference then runs on those rows only, with a state carried over key/token chunks
 (at 32K-1M tokens the full reference is O(L²) or does not fit). Here: each rows form equals the full reference's
 rows (first and last rows, rows at streaming-chunk boundaries; causal, cross and full where the method runs
@@ -17,7 +17,7 @@ from attnbench.config.plan import Case
 from attnbench.execute import case as case_module
 from attnbench.execute.case import CaseRunner, _accepts
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
-from attnbench.methods.hybrid import metamixer
+from attnbench.methods.hybrid import lamamba, metamixer
 from attnbench.methods.linear import aaren, abc, rows as rows_mod, s4d, softmax_rnn
 
 STREAM = 7  # keys (tokens) per streaming step here: several chunks at 40 tokens
@@ -77,6 +77,8 @@ CASES = [  # method, form, mask, seq_q, seq_kv, params
     ("s4d", "layer", "causal", 40, 40, {"state_size": 8}),  # reference: the token loop
     ("s4d", "layer", "causal", 40, 40, {"state_size": 8, "reference_loop_max_len": 8}),  # the float64 FFT
     ("aaren", "layer", "causal", 40, 40, {}),
+    ("lamamba", "layer", "causal", 40, 40, {"window": 6, "state_size": 4, "chunk": 4}),  # the token loop
+    ("lamamba", "layer", "causal", 40, 40, {"window": 8, "state_size": 4, "chunk": 4, "reference_loop_max_len": 8}),
     ("metamixer", "layer", "causal", 40, 40, {"k1": 5, "k2": 4}),
     ("metamixer", "layer", "full", 40, 40, {"k1": 5, "k2": 7}),
     ("linear_infsa", "qkv", "full", 24, 40, {}),
@@ -145,6 +147,18 @@ def test_softmax_streams_that_drop_the_running_state_are_caught():
     want = aaren.aaren_layer(params, 2, aaren.scan_loop)(x)[:, rows]
     assert _rel(aaren.aaren_rows(params, 2, x, rows, chunk=STREAM), want) < 2e-6
     assert _rel(aaren.aaren_rows(params, 2, x, rows, chunk=STREAM, carry=False), want) > 1e-2
+
+
+def test_a_lamamba_scan_that_drops_its_carried_state_is_caught():
+    prepared = _build("lamamba", "causal", 40, 40, {"window": 6, "state_size": 4, "chunk": 4})
+    names = ["w_in", "conv", "dt_bias", "a_log", "d", "w_out", "w_qkv", "w_o"]  # the builder's creation order
+    p = {n: t.detach() for n, t in zip(names, prepared.parameters)}
+    x = _rand(2, 40, HEADS * DIM, seed=1)
+    rows = _rows(40, 40, True)
+    with torch.no_grad():
+        want = prepared.reference(x)[:, rows]
+        assert _rel(lamamba.lamamba_rows(x, rows, p, HEADS, 4, 6, 8, STREAM), want) < 2e-6
+        assert _rel(lamamba.lamamba_rows(x, rows, p, HEADS, 4, 6, 8, STREAM, carry=False), want) > 1e-2
 
 
 @pytest.mark.parametrize("causal", [True, False])

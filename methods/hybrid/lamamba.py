@@ -12,7 +12,8 @@ bias, no adaLN). A different operator (class N).
 
 Forms: fast = chunked SSD (the WY code without delta) + SDPA over windows; reference = the SSD token loop (up
 to ``reference_loop_max_len``, else the chunked form in fp32 with twice the chunk) + a materialised masked
-softmax per window. fp32 inside. Hyper-parameters: ``window`` (default 256), ``state_size`` (default 64),
+softmax per window; its ``rows=`` form (:func:`lamamba_rows`, long cases' sampled tokens) streams the scan
+in pieces of ``reference_stream_chunk`` with the state carried and attends each row's window only. fp32 inside. Hyper-parameters: ``window`` (default 256), ``state_size`` (default 64),
 ``chunk`` (default 64).
 """
 from __future__ import annotations
@@ -63,6 +64,57 @@ def window_attention(x, p, heads: int, window: int, dense: bool):
     return merge_heads(o) @ p["w_o"]
 
 
+def lamamba_rows(x, rows, p, heads: int, state: int, window: int, chunk: int, stream: int, carry: bool = True):
+    """The reference layer at tokens ``rows`` only (``[B, len(rows), C]``, fp32), for long cases. A row ``t``
+    reads ``h`` at its window's tokens ``w0 .. t`` (``w0 = t − t mod window``), so ``h`` is kept at those
+    tokens only: the tokens are walked in pieces of ``stream`` (the causal conv given its 3 tokens of left
+    context), each piece's SSD scan (``gated_delta.chunked`` without the delta term) started from the state
+    carried out of the piece before; then each row's causal softmax over its window. Work O(L) (the scan runs
+    through every token up to the last row), extra memory O(stream · C + len(rows) · window · C), whatever the
+    length. ``carry=False`` (each piece starts from a zero state) is a deliberately broken variant for the
+    tests' negative control."""
+    if stream < 1:
+        raise ValueError(f"lamamba_rows: stream must be >= 1, got {stream}")
+    rows = rows.to(x.device).long()
+    width = x.shape[-1]
+    starts = rows - rows % window
+    need = torch.cat([torch.arange(int(a), int(b) + 1, device=x.device) for a, b in zip(starts, rows)]).unique()
+    kept = x.new_zeros(x.shape[0], need.numel(), width, dtype=torch.float32)  # h at the needed tokens
+    end = int(rows.max()) + 1 if rows.numel() else 0
+    lead = p["conv"].shape[-1] - 1
+    S = None
+    for start in range(0, end, stream):
+        stop = min(start + stream, end)
+        here = ((need >= start) & (need < stop)).nonzero().squeeze(1)
+        begin = max(0, start - lead)  # the causal conv's left context
+        xf = x[:, begin:stop].float()
+        proj = F.layer_norm(xf, (width,)) @ p["w_in"]
+        xs, z, Bm, Cm, dt = torch.split(proj, [width, width, heads * state, heads * state, heads], dim=-1)
+        xs = F.silu(dwconv_reference(xs, p["conv"], True))[:, start - begin:]
+        z, Bm, Cm, dt = (t[:, start - begin:] for t in (z, Bm, Cm, dt))
+        dt = F.softplus(dt + p["dt_bias"])
+        g = (dt * -torch.exp(p["a_log"])).transpose(1, 2)
+        xh = split_heads(xs, heads)
+        v = xh * dt.transpose(1, 2)[..., None]
+        k, q = split_heads(Bm, heads), split_heads(Cm, heads)
+        y, S_out = gated_delta.chunked(q, k, v, g, None, gated=True, delta=False, normalize=False, scale=1.0,
+                                       chunk=chunk, state0=S, return_state=True)
+        S = S_out if carry else None
+        if here.numel():
+            y = y + p["d"][None, :, None, None] * xh
+            h = xf[:, start - begin:] + (merge_heads(y) * F.silu(z)) @ p["w_out"]
+            kept[:, here] = h[:, need[here] - start]
+    out = x.new_zeros(x.shape[0], rows.numel(), width, dtype=torch.float32)
+    for i, (w0, t) in enumerate(zip(starts.tolist(), rows.tolist())):
+        idx = torch.searchsorted(need, torch.arange(w0, t + 1, device=x.device))
+        hw = kept[:, idx]  # [B, n, C]: the row's window, the row last
+        qkv = F.layer_norm(hw, (width,)) @ p["w_qkv"]
+        qw, kw, vw = (split_heads(t_, heads) for t_ in qkv.split(width, dim=-1))  # [B, H, n, P]
+        attn = torch.softmax(qw[:, :, -1:] @ kw.transpose(-1, -2) / math.sqrt(qw.shape[-1]), -1)
+        out[:, i] = hw[:, -1] + merge_heads(attn @ vw)[:, 0] @ p["w_o"]
+    return out
+
+
 @register_method("lamamba", Capabilities(family="hybrid", exact=False, form="layer", masks={"causal"},
                                           causal_only=True, backward=True, trainable=True))
 def build_lamamba(ctx):
@@ -108,10 +160,19 @@ def build_lamamba(ctx):
 
         return forward
 
+    stream = param_int(ctx, "reference_stream_chunk", 4096)
+    dense_ref = layer(ref_scan, dwconv_reference, True)
+
+    def reference(x, rows=None):
+        if rows is not None:  # a long case's sampled tokens: the scan streamed, each row's window only
+            plain = {key: val.float() for key, val in p.items()}
+            return lamamba_rows(x, rows, plain, heads, state, window, 2 * chunk, stream)
+        return dense_ref(x)
+
     length = case.seq_q
     P = case.head_dim
     flops = case.batch * length * (2.0 * width * (2 * width + 2 * heads * state + heads) + 4.0 * width * width
                                    + 2.0 * width * 3 * width + 2.0 * heads * (2 * chunk * (state + P) + 4 * state * P)
                                    + 2.0 * heads * window * P)
-    return Prepared(fn=layer(fast_scan, dwconv, False), reference=layer(ref_scan, dwconv_reference, True),
+    return Prepared(fn=layer(fast_scan, dwconv, False), reference=reference,
                     parameters=make.tensors, flops=flops, softmax_comparable=False)
