@@ -436,6 +436,10 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
         raise ValueError("chunk_scan: normalize does not combine with add_a / add_b / divide_rows")
     if (floor is not None) != (active is not None) or (floor is not None and not normalize):
         raise ValueError("chunk_scan: floor needs normalize and an active [B, H, T] fp32 output, and vice versa")
+    if active is not None and (tuple(active.shape) != (batch, heads, seq) or active.dtype != torch.float32
+                               or not active.is_contiguous()):
+        raise ValueError(f"chunk_scan: active must be contiguous fp32 {(batch, heads, seq)}, got {active.dtype} "
+                         f"{tuple(active.shape)}")
     extra, e = (1, add_a) if add_a is not None else (2, add_b) if add_b is not None else (0, None)
     if e is not None:
         want = (batch, heads if extra == 1 else heads_b, seq)
