@@ -165,10 +165,11 @@ def test_linear_attn_triton_fwd_bwd_within_the_gate_with_gqa(feature_map):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method,options", [("performer", {"features": 128}), ("cosformer", {})])
+@pytest.mark.parametrize("method,options", [("performer", {"features": 128}), ("cosformer", {}),
+                                            ("rfa", {"features": 64})])
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 def test_kernelized_impl_triton_passes_the_gate_in_bf16(method, options, mode):
-    """performer (m = 128) and cosFormer (2d = 256 features) with ``impl: triton`` (their PyTorch features
+    """performer (m = 128), cosFormer (2d = 256 features) and rfa (2D = 128, its floor in the scan) with ``impl: triton`` (their PyTorch features
     through the own Triton scan) at 16K tokens, hd 128, bf16: ok through the case runner (the gate against
     the method's own fp32 reference, gradients included in fwd_bwd)."""
     row = _run(method, mode, seq=16384, method_options={**options, "impl": "triton"})

@@ -389,8 +389,6 @@ def triton_supported(ctx, *, causal: bool, offset: int, normalize: bool, floor, 
 
     case = ctx.case
     name = f"{case.method} with method_options.{case.method}.impl=triton"
-    if floor is not None:
-        raise Unsupported(f"{name}: the Triton scan has no denominator floor ({case.method}'s features need one)")
     if not normalize:
         raise Unsupported(f"{name}: the Triton scan runs the normalised form only")
     if getattr(case, "mode", None) == "decode":
@@ -429,7 +427,8 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     ``impl`` (``method_options.<m>.impl``): ``chunked`` (the default: :func:`chunked_linear` in PyTorch) or
     ``triton``: the same feature maps (PyTorch, autograd through them), then the causal normalised scan over
     them by the own Triton kernel (``linear_triton.linear_attn(feature_map="identity")``, forward and backward)
-    in the inputs' dtype. ``triton`` takes causal self-attention with ``normalize``, no ``floor``, feature and
+    in the inputs' dtype. ``triton`` takes causal self-attention with ``normalize`` (``floor`` too: the kernel
+    clamps its denominator as :func:`_den` and the backward follows), feature and
     value widths up to 256 (``feature_width``: m, given by the method), on CUDA or under
     ``TRITON_INTERPRET=1``; anything else is ``Unsupported`` before any work (:func:`triton_supported`), and
     it has no decode step or state scan (those would be the PyTorch forms). Its own options (:func:`triton_options`):
@@ -463,7 +462,7 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
         fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
         if impl == "triton":  # the features as they are, in the inputs' dtype, through the Triton scan
             fq, fk = fq.to(vv.dtype), fk.to(vv.dtype)  # rebound: wider copies are freed before the scan
-            return scan_kernel(fq, fk, vv, eps=eps, feature_map="identity", **kernel_opts)
+            return scan_kernel(fq, fk, vv, eps=eps, feature_map="identity", floor=floor, **kernel_opts)
         return chunked_linear(fq, fk, vv, causal=causal, offset=offset, eps=eps, chunk=chunk,
                               normalize=normalize, dtype=dtype, floor=floor)
 

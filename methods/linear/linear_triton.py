@@ -115,7 +115,9 @@ Identity features (``feature_map="identity"``): the scans take any given feature
 ``MAX_WIDTH`` = 256, not necessarily v's width: the kernels pad both widths to powers of two in registers, with
 masked loads) and the backward skips the chain rule of elu+1: the kernelised methods' ``impl: triton``
 (performer, cosFormer, linear_attn; methods/linear/common.py) computes its feature maps in PyTorch and runs
-the causal normalised scan here.
+the causal normalised scan here. ``floor`` (rfa): the denominator ``max(Σ, floor) + eps`` (``FLOOR=1``; the
+forward also writes a per-row fp32 flag ``Σ >= floor``, and the backward multiplies ``p`` by it: the sum gets
+no gradient on floored rows, as autograd of ``clamp_min`` in methods/linear/common.py's ``_den``).
 
 Kernels are decorated on first use, once per interpreter mode: ``triton.jit`` reads ``TRITON_INTERPRET`` when
 it decorates, so the CPU tests (which set it) and a GPU process get the right flavour whatever was imported
@@ -131,12 +133,12 @@ import torch
 
 def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, E, U0, X, T, NSEG, H, GA, GB, GX,
                     sab, sah, sat, sad, sbb, sbh, sbt, sbd, scb, sch, sct, scd, sob, soh, sot, sod,
-                    sxb, sxh, sxt, sxd, eps,
+                    sxb, sxh, sxt, sxd, eps, ACT, floor,
                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
                     SEG: tl.constexpr, HAS_S0: tl.constexpr, HAS_U: tl.constexpr, TRANS_S: tl.constexpr,
                     FEATURE: tl.constexpr, NORM: tl.constexpr, EXTRA: tl.constexpr, DIVR: tl.constexpr,
                     GRADX: tl.constexpr, REVERSE: tl.constexpr, MASK_INTRA: tl.constexpr, PRECISION: tl.constexpr,
-                    DOT_T: tl.constexpr):
+                    DOT_T: tl.constexpr, FLOOR: tl.constexpr = 0):
     pid_v = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -219,7 +221,12 @@ def _chunk_scan_src(A, B, C, O, DEN, S0, Z0, E, U0, X, T, NSEG, H, GA, GB, GX,
             out += usum[None, :]
             usum += tl.sum(eb[:, None] * c.to(tl.float32), axis=0)
         if NORM:
-            den = tl.sum(a.to(tl.float32) * zsum[None, :], axis=1) + tl.sum(scores, axis=1) + eps
+            den = tl.sum(a.to(tl.float32) * zsum[None, :], axis=1) + tl.sum(scores, axis=1)
+            if FLOOR:  # max(den, floor) + eps (rfa's normaliser); ACT: 1 where den >= floor (the gradient passes)
+                if pid_v == 0:
+                    tl.store(ACT + pid_bh.to(tl.int64) * T + t, (den >= floor).to(tl.float32), mask=tmask)
+                den = tl.maximum(den, floor)
+            den = den + eps
             out = out / den[:, None]
             if pid_v == 0:
                 tl.store(DEN + pid_bh.to(tl.int64) * T + t, den, mask=tmask)
@@ -394,9 +401,12 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
                normalize: bool = False, reverse: bool = False, num_warps: int = 4, mask_intra: bool = True,
                seg_chunks: int = 4, out_dtype=None, carry: bool = True, add_a=None, add_b=None, grad_x=None,
                divide_rows=None, carried: Carried | None = None, carry_sums: bool = True,
-               return_states: bool = False):
+               return_states: bool = False, floor: float | None = None, active=None):
     """``o_i = Σ_{j<=i} (φ(a_i)·φ(b_j) + ea_i + eb_j) c_j`` (``reverse``: ``j >= i``), optionally divided by
     ``φ(a_i) · Σ_{j<=i} φ(b_j) + eps`` (``normalize``; then also returns that denominator, fp32 ``[B, H, T]``).
+    ``floor`` (with ``normalize``): the sum is clamped at ``floor`` before ``eps`` is added (``max(Σ, floor) +
+    eps``, rfa's normaliser, methods/linear/common.py ``_den``) and ``active`` (fp32 ``[B, H, T]``, given by the
+    caller) receives 1 where ``Σ >= floor`` (the sum's gradient passes, as autograd of ``clamp_min``) else 0.
 
     ``a`` ``[B, Ha, T, DK]``, ``b`` ``[B, Hb, T, DK]``, ``c`` ``[B, Hb, T, DV]`` (any strides, one dtype); the
     output has ``H = max(Ha, Hb)`` heads (head ``h`` reads a's head ``h // (H / Ha)`` and b's ``h // (H /
@@ -424,6 +434,12 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
         raise ValueError("chunk_scan: add_a and add_b cannot both be given")
     if normalize and (add_a is not None or add_b is not None or divide_rows is not None):
         raise ValueError("chunk_scan: normalize does not combine with add_a / add_b / divide_rows")
+    if (floor is not None) != (active is not None) or (floor is not None and not normalize):
+        raise ValueError("chunk_scan: floor needs normalize and an active [B, H, T] fp32 output, and vice versa")
+    if active is not None and (tuple(active.shape) != (batch, heads, seq) or active.dtype != torch.float32
+                               or not active.is_contiguous()):
+        raise ValueError(f"chunk_scan: active must be contiguous fp32 {(batch, heads, seq)}, got {active.dtype} "
+                         f"{tuple(active.shape)}")
     extra, e = (1, add_a) if add_a is not None else (2, add_b) if add_b is not None else (0, None)
     if e is not None:
         want = (batch, heads if extra == 1 else heads_b, seq)
@@ -492,12 +508,13 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
                           seq, nseg, heads, heads // heads_a, heads // heads_b,
                           1 if grad_x is None else heads // grad_x.shape[1],
                           *a.stride(), *b.stride(), *c.stride(), *out.stride(), *xs, float(eps),
+                          anything if active is None else active, 0.0 if floor is None else float(floor),
                           DK=dk, DV=dvv, BK=_block(dk), BV=bv, CH=chunk, SEG=seg_chunks,
                           HAS_S0=int(has_s0), HAS_U=int(has_u), TRANS_S=int(bool(carried.transposed)),
                           FEATURE=int(feature), NORM=int(normalize), EXTRA=extra,
                           DIVR=int(divide_rows is not None), GRADX=int(grad_x is not None),
                           REVERSE=int(reverse), MASK_INTRA=int(mask_intra), PRECISION=precision, DOT_T=dot_t,
-                          num_warps=num_warps)
+                          FLOOR=int(floor is not None), num_warps=num_warps)
     return _result(out, den if normalize else None, carried if return_states else None)
 
 
@@ -510,12 +527,17 @@ def _result(out, den, carried):
 class _LinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry, carry_u,
-                feature_map):
+                feature_map, floor, floor_grad):
         opts = dict(chunk=chunk, block_v=block_v, num_warps=num_warps, mask_intra=mask_intra,
                     seg_chunks=seg_chunks, carry=carry)
+        active = None
         if feature_map == "identity":  # q, k are the features already (kernelised methods' own maps)
             fq = fk = None
-            out, den, fwd = chunk_scan(q, k, v, eps=eps, normalize=True, return_states=True, **opts)
+            if floor is not None:  # rfa: max(den, floor) + eps, and where the floor holds (for the backward)
+                active = torch.empty(q.shape[0], max(q.shape[1], k.shape[1]), q.shape[2], device=q.device,
+                                     dtype=torch.float32)
+            out, den, fwd = chunk_scan(q, k, v, eps=eps, normalize=True, return_states=True, floor=floor,
+                                       active=active, **opts)
         elif feature_map == "precomputed":
             fq, fk = elu1(q), elu1(k)
             out, den, fwd = chunk_scan(fq, fk, v, eps=eps, normalize=True, return_states=True, **opts)
@@ -523,7 +545,8 @@ class _LinearAttn(torch.autograd.Function):
             fq = fk = None
             out, den, fwd = chunk_scan(q, k, v, eps=eps, feature=True, normalize=True, return_states=True,
                                        **opts)
-        ctx.save_for_backward(q, k, v, out, den, fq, fk, fwd.states, fwd.zsums)
+        ctx.save_for_backward(q, k, v, out, den, fq, fk, fwd.states, fwd.zsums,
+                              active if floor_grad else None)
         ctx.opts = opts
         ctx.identity = feature_map == "identity"
         ctx.carry_u = carry_u
@@ -535,7 +558,7 @@ class _LinearAttn(torch.autograd.Function):
         #   dq = φ'(q) ⊙ (1/D_i) Σ_{j<=i} (dO_i·v_j + p_i) φk_j    (scan a=dO, b=v, c=φk, add_a=p, divide_rows=D)
         #   dk = φ'(k) ⊙ Σ_{i>=j} (v_j·dN_i + dD_i) φq_i            (reverse scan a=v, b=dN, c=φq, add_b=dD)
         #   dv =         Σ_{i>=j} (φk_j·φq_i) dN_i                  (reverse scan a=φk, b=φq, c=dN)
-        q, k, v, out, den, fq, fk, s_fwd, z_fwd = ctx.saved_tensors
+        q, k, v, out, den, fq, fk, s_fwd, z_fwd, active = ctx.saved_tensors
         opts = ctx.opts
         heads, kv_heads = q.shape[1], k.shape[1]
         group = heads // kv_heads
@@ -545,6 +568,8 @@ class _LinearAttn(torch.autograd.Function):
         elif fq is None:
             fq, fk = elu1(q), elu1(k)
         dn, p = _rows(1, dout, out, den, out_dtype=q.dtype)
+        if active is not None:  # the floor: no gradient to the sum where max(sum, floor) took the floor
+            p = p * active
         dd = p / den
         # dq: the forward's states are this scan's, transposed (Σ φk_jᵀ v_j vs Σ v_jᵀ φk_j), and its key sums
         # are this scan's Σ c: no state pass
@@ -563,7 +588,7 @@ class _LinearAttn(torch.autograd.Function):
             b, _, t, d = dk.shape
             dk = dk.view(b, kv_heads, group, t, d).sum(2).to(k.dtype)
             dv = dv.view(b, kv_heads, group, t, dv.shape[-1]).sum(2).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 FEATURE_MAPS = ("precomputed", "fused", "identity")
@@ -574,16 +599,20 @@ MAX_WIDTH = 256
 
 def linear_attn(q, k, v, *, chunk: int = 64, block_v: int = 64, eps: float = 1e-6, num_warps: int = 4,
                 seg_chunks: int = 4, feature_map: str = "precomputed", mask_intra: bool = True,
-                carry: bool = True, carry_u: bool = True):
+                carry: bool = True, carry_u: bool = True, floor: float | None = None, floor_grad: bool = True):
     """Causal linear attention with elu+1 features, normalised (``linear_attn``'s operator, self-attention,
     ``[B, H, T, D]`` inputs, GQA by kv heads), forward and backward in Triton. ``feature_map``:
     ``"precomputed"`` (φ(q), φ(k) written once by an elementwise pass and kept for the backward) or
     ``"fused"`` (φ applied in the scan kernels as q, k are loaded) or ``"identity"`` (q, k are the feature
     maps already, ``[B, H, T, m]`` with any width m <= ``MAX_WIDTH``, padded to a power of two in registers,
     which may differ from v's; no φ and no chain rule of φ in the backward: the gradients are those of the
-    features, for the kernelised methods' ``impl: triton``, methods/linear/common.py). ``mask_intra=False`` (the intra-chunk
-    mask off), ``carry=False`` (segments start from a zero state) and ``carry_u=False`` (the backward's dD
-    terms lose the sums carried into each segment) are deliberately broken variants for the tests' negative
+    features, for the kernelised methods' ``impl: triton``, methods/linear/common.py). ``floor`` (identity
+    features only; rfa's): the denominator is ``max(Σ_j φq_i·φk_j, floor) + eps`` as methods/linear/common.py's
+    ``_den``, and the backward gives the sum no gradient on the rows where the floor holds (autograd of
+    ``clamp_min``: the forward records those rows). ``mask_intra=False`` (the intra-chunk
+    mask off), ``carry=False`` (segments start from a zero state), ``carry_u=False`` (the backward's dD
+    terms lose the sums carried into each segment) and ``floor_grad=False`` (the backward passes the
+    denominator's gradient through the floor) are deliberately broken variants for the tests' negative
     controls."""
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"linear_attn: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
@@ -594,5 +623,8 @@ def linear_attn(q, k, v, *, chunk: int = 64, block_v: int = 64, eps: float = 1e-
         if not (q.dtype == k.dtype == v.dtype):
             raise TypeError(f"linear_attn: identity features need one dtype for q, k, v, got {q.dtype}, "
                             f"{k.dtype}, {v.dtype}")
+    elif floor is not None:
+        raise ValueError(f"linear_attn: floor applies to feature_map 'identity' only (elu+1 features are positive), "
+                         f"got feature_map {feature_map!r}")
     return _LinearAttn.apply(q, k, v, chunk, block_v, eps, num_warps, mask_intra, seg_chunks, carry, carry_u,
-                             feature_map)
+                             feature_map, None if floor is None else float(floor), floor_grad)

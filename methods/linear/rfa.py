@@ -9,8 +9,12 @@ What RFA approximates is softmax attention over *normalised* q and k at temperat
 softmax(q·k/√d) on raw inputs, so rows carry no ``approx_err`` (``softmax_comparable=False``). The gated
 variant (RFA-Gate) is not implemented here. Hyper-parameters: ``features`` (D, default 2·d),
 ``sigma`` (default 1.0), ``floor``, ``feature_seed`` and the skeleton's ``chunk``, ``eps``,
-``compute_dtype``, ``reference_naive_max_pairs``. ``impl: triton`` (the kernelised methods' Triton scan) makes
-every case ``unsupported``: the scan has no denominator floor.
+``compute_dtype``, ``reference_naive_max_pairs``. ``impl: triton`` (the kernelised methods' Triton scan,
+methods/linear/common.py ``kernelized``): the same sin/cos features through the own Triton scan, whose
+normaliser is clamped as here (``max(Σ φq·φk, floor) + eps``; the backward gives the sum no gradient where the
+floor holds, as autograd of ``clamp_min``); causal self-attention with 2D <= 256 (the default D = 2d: head
+dim <= 64), otherwise ``unsupported``. RFA's form has no gate or per-token decay here (RFA-Gate is not
+implemented), so nothing is left that the scan cannot express.
 """
 from __future__ import annotations
 
