@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10 on one H200, what the seventh session built on the CPU and could not time (all NEW runs: method
 # options are not part of a case key, and changed code must not resume rows measured before it):
-#   1. the kernelised methods through the own Triton scan (method_options.<m>.impl=triton: PyTorch feature maps,
+#   1. the kernelised methods (performer, cosformer, rfa with its floor, features 64 = width 128) through the own Triton scan (method_options.<m>.impl=triton: PyTorch feature maps,
 #      then linear_attn_triton's kernels with identity features), performer (m = 128) and cosformer (2d = 256
 #      features), causal 8K / 32K / 128K / 1M, fwd and fwd_bwd (their PyTorch chunked forms `oom` at 1M in
 #      results/h200-linear); cosformer's 256-wide tiles also at num_warps=8 (a run of its own);
@@ -22,13 +22,13 @@ inv() {  # inv WALL_S LOG RUN ARGS...
 }
 L="seq_lens=[8192,32768,131072,1048576]"
 KT=h200-linear-kernelized-triton
-inv ${A1:-170} kernelized $KT "methods=[performer,cosformer]" "$L" +method_options.performer.impl=triton \
-  +method_options.cosformer.impl=triton method_options.performer.chunk=64 method_options.cosformer.chunk=64 \
-  case_timeout_s=45
+inv ${A1:-200} kernelized $KT "methods=[performer,cosformer,rfa]" "$L" +method_options.performer.impl=triton \
+  +method_options.cosformer.impl=triton +method_options.rfa.impl=triton method_options.performer.chunk=64 \
+  method_options.cosformer.chunk=64 method_options.rfa.chunk=64 case_timeout_s=45
 inv ${A2:-60} kernelized-w8 $KT-w8 "methods=[cosformer]" "seq_lens=[32768,131072]" +method_options.cosformer.impl=triton \
   method_options.cosformer.chunk=64 +method_options.cosformer.num_warps=8 case_timeout_s=40
 DV=h200-linear-delta-v2
-inv ${A3:-220} delta $DV "methods=[gated_delta_rule,delta_rule,simple_gla]" \
+inv ${A3:-190} delta $DV "methods=[gated_delta_rule,delta_rule,simple_gla]" \
   "seq_lens=[8192,32768,131072,262144,1048576]" case_timeout_s=60
 inv ${A4:-60} w8 h200-linear-triton-v3-w8 "methods=[linear_attn_triton]" "seq_lens=[32768,131072,1048576]" \
   method_options.linear_attn_triton.num_warps=8 case_timeout_s=40
