@@ -382,7 +382,7 @@ def triton_options(ctx) -> dict:
                 num_warps=param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16)))
 
 
-def triton_supported(ctx, *, causal: bool, offset: int, normalize: bool, floor, feature_width):
+def triton_supported(ctx, *, causal: bool, offset: int, normalize: bool, feature_width):
     """Raise ``Unsupported`` (the case's row: ``unsupported`` with this reason) for what ``impl: triton``
     cannot run; None when it can."""
     import importlib.util
@@ -450,8 +450,7 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     reference_form = linear_reference(naive_max, chunk)
     if impl == "triton":  # every refusal before any work: no silent fallback to the chunked form
-        triton_supported(ctx, causal=causal, offset=offset, normalize=normalize, floor=floor,
-                         feature_width=feature_width)
+        triton_supported(ctx, causal=causal, offset=offset, normalize=normalize, feature_width=feature_width)
         from .linear_triton import linear_attn as scan_kernel
 
     def positions(q, k):  # absolute positions: keys 0..Skv-1, query i at i + offset (0 for the full mask)
