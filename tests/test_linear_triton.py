@@ -398,6 +398,8 @@ def test_kernelized_triton_negative_control_elu_on_top_of_the_features(monkeypat
 
 
 @pytest.mark.parametrize("params,field", [({"impl": "fast"}, "impl"), ({"block_v": 32}, "block_v"),
+                                          ({"feature_dtype": "float32"}, "feature_dtype"),
+                                          ({"impl": "triton", "feature_dtype": "half"}, "feature_dtype"),
                                           ({"impl": "triton", "chunk": 48}, "chunk"),
                                           ({"impl": "triton", "compute_dtype": "bfloat16"}, "compute_dtype")])
 def test_kernelized_impl_bad_options_name_the_field(params, field):
@@ -457,6 +459,21 @@ def _rfa_floored_rows(shared) -> int:
     fq, fk = rfa_features(q.detach(), omega), rfa_features(k.detach(), omega)
     sums = (fq @ fk.transpose(-1, -2)).tril().sum(-1)
     return int((sums < ctx.param("floor", 1e-3)).sum())
+
+
+@interp
+def test_rfa_triton_bf16_near_the_floor_with_float32_features():
+    """bf16 inputs where rfa's floor holds: with ``feature_dtype: float32`` (features, values and the scan in fp32)
+    impl triton is within the bf16 gate against the own reference and the chunked form; with the default bf16
+    features it is not (dq / dk: the features' bf16 rounding divided by a denominator near the floor), which is
+    what the option is for (the chunked form computes its features in fp32 and passes on these inputs too)."""
+    assert _rfa_floored_rows(RFA_FLOORED) >= 10
+    out_tol, grad_tol = TOLERANCE["bfloat16"]
+    wide = _impl_errors("rfa", torch.bfloat16, {**TRITON_RUN, "feature_dtype": "float32"}, RFA_FLOORED)
+    for against, errors in wide.items():
+        assert errors[0] < out_tol and max(errors[1:]) < grad_tol, (against, errors)
+    narrow = _impl_errors("rfa", torch.bfloat16, TRITON_RUN, RFA_FLOORED)["reference"]
+    assert max(narrow[1:3]) > grad_tol, narrow
 
 
 @interp

@@ -352,7 +352,7 @@ def linear_decode(features, eps: float, normalize: bool = True, floor=None) -> R
 
 # ---- impl: triton (the kernelised methods through the own Triton scan) -------------------------------------
 IMPLS = ("chunked", "triton")
-TRITON_ONLY = ("block_v", "seg_chunks", "num_warps")  # options of impl: triton alone
+TRITON_ONLY = ("block_v", "seg_chunks", "num_warps", "feature_dtype")  # options of impl: triton alone
 TRITON_MAX_WIDTH = 256  # linear_triton.MAX_WIDTH (not imported here: importing it imports triton)
 
 
@@ -380,6 +380,23 @@ def triton_options(ctx) -> dict:
                 block_v=param_int(ctx, "block_v", 64, minimum=16, maximum=256, power_of_two=True),
                 seg_chunks=param_int(ctx, "seg_chunks", 4, minimum=1, maximum=1024),
                 num_warps=param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16)))
+
+
+FEATURE_DTYPES = ("input", "float32")
+
+
+def triton_feature_dtype(ctx) -> str:
+    """``feature_dtype`` of ``impl: triton``: ``input`` (the default: features, values and the scan in the
+    inputs' dtype) or ``float32`` (features, values and the scan in fp32, the output cast back). bf16 features
+    carry ~0.4 % rounding into Σ φq·φk; where that sum is small against the features (rfa's rows at or near
+    its denominator floor) the quotient's error grows by the same factor: on the CPU (Triton's interpreter),
+    rfa at sigma 0.5 misses the bf16 gate in dq / dk with bf16 features, while its chunked form (fp32
+    features) passes; ``float32`` is the fix at the cost of fp32 scans."""
+    value = ctx.param("feature_dtype", "input")
+    if value not in FEATURE_DTYPES:
+        raise ValueError(f"method_options.{ctx.case.method}.feature_dtype: must be one of {FEATURE_DTYPES}, "
+                         f"got {value!r}")
+    return value
 
 
 def triton_supported(ctx, *, causal: bool, offset: int, normalize: bool, feature_width):
@@ -433,7 +450,8 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     ``TRITON_INTERPRET=1``; anything else is ``Unsupported`` before any work (:func:`triton_supported`), and
     it has no decode step or state scan (those would be the PyTorch forms). Its own options (:func:`triton_options`):
     ``chunk`` (power of two in 16..256, default 64), ``block_v``, ``seg_chunks``, ``num_warps``, as
-    ``linear_attn_triton``'s; ``compute_dtype`` is the chunked form's only.
+    ``linear_attn_triton``'s, and ``feature_dtype`` (:func:`triton_feature_dtype`); ``compute_dtype`` is the
+    chunked form's only.
     """
     from ..contract import Prepared
 
@@ -442,6 +460,7 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     if impl == "triton":
         kernel_opts = triton_options(ctx)
         chunk = kernel_opts["chunk"]
+        wide_features = triton_feature_dtype(ctx) == "float32"
     else:
         chunk = param_int(ctx, "chunk", default_chunk, minimum=1, maximum=4096)
     eps = param_float(ctx, "eps", eps_default, minimum=0.0)
@@ -459,7 +478,11 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
     def fn(q, k, v, **kw):
         qpos, kpos = positions(q, k)
         fq, fk, vv = features(q, k, v, qpos, kpos, **kw)
-        if impl == "triton":  # the features as they are, in the inputs' dtype, through the Triton scan
+        if impl == "triton":  # the features as they are, in the inputs' dtype (or fp32), through the Triton scan
+            if wide_features:
+                out = scan_kernel(fq.float(), fk.float(), vv.float(), eps=eps, feature_map="identity", floor=floor,
+                                  **kernel_opts)
+                return out.to(vv.dtype)
             fq, fk = fq.to(vv.dtype), fk.to(vv.dtype)  # rebound: wider copies are freed before the scan
             return scan_kernel(fq, fk, vv, eps=eps, feature_map="identity", floor=floor, **kernel_opts)
         return chunked_linear(fq, fk, vv, causal=causal, offset=offset, eps=eps, chunk=chunk,
