@@ -106,22 +106,6 @@ def test_chunk_loop_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda u, kd, a, s: gated_delta.chunk_states(u, None, kd, a, s), (U, kd, last, s0))
 
 
-def _saved_bytes(run, inputs):
-    """Bytes of the distinct storages autograd saves while ``run()`` builds its graph, inputs not counted."""
-    given = {t.untyped_storage().data_ptr() for t in inputs}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in given:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return sum(seen.values()), out
-
-
 def _memory_script():
     spec = importlib.util.spec_from_file_location("linear_memory", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -134,11 +118,12 @@ def test_segmented_keeps_much_less_between_forward_and_backward(monkeypatch):
     (scripts/linear_memory.py's tracker) are a small fraction of the unsegmented form's; negative control:
     the same segments without the checkpoint save about as much as the unsegmented form."""
     inputs = _inputs(256, heads=2, dim=16)
-    LiveBytes = _memory_script().LiveBytes
+    script = _memory_script()
+    LiveBytes = script.LiveBytes
 
     def measure():
         with LiveBytes() as live:
-            saved, out = _saved_bytes(lambda: gated_delta.chunked(*inputs, chunk=8, segment=segment), inputs)
+            saved, out = script.saved_bytes(lambda: gated_delta.chunked(*inputs, chunk=8, segment=segment), inputs)
             kept = live.now
             torch.autograd.grad(out, inputs, torch.ones_like(out))
             del out

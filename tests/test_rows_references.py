@@ -13,15 +13,13 @@ import pytest
 import torch
 
 from attnbench import masks
-from attnbench.config.plan import Case
-from attnbench.execute import case as case_module
-from attnbench.execute.case import CaseRunner, _accepts
+from attnbench.execute.case import _accepts
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
 from attnbench.methods.hybrid import lamamba, metamixer
 from attnbench.methods.linear import aaren, abc, rows as rows_mod, s4d, softmax_rnn
+from tests.test_linear_rows import _run  # a long case through the CaseRunner with the rows gate forced
 
 STREAM = 7  # keys (tokens) per streaming step here: several chunks at 40 tokens
-TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False}
 HEADS, DIM = 2, 8
 
 
@@ -174,15 +172,6 @@ def test_a_mixer_window_that_ignores_the_sequence_edges_is_caught(causal):
 
 
 # ---- through the case runner --------------------------------------------------------------------------------------
-def _run(method, mode, opts, monkeypatch, seq=48):
-    monkeypatch.setattr(case_module, "GATE_SAMPLE_ROWS", 9)  # a strided sample of the rows, first and last among them
-    spec = masks.make_mask("causal")
-    options = {"timing": TIMING, "ref_full_pairs": 1000, "method_options": {method: dict(opts)}}
-    case = Case(method=method, mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=2, seq_q=seq,
-                seq_kv=seq, head_dim=8, dtype="float32", mode=mode, seed=0)
-    return CaseRunner("cpu", options).run(case)
-
-
 RUNNER = [("s4d", s4d, "s4d_rows", "fwd_bwd", {"state_size": 8}), ("abc", abc, "abc_rows", "fwd", {"slots": 4})]
 
 

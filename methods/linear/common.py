@@ -388,8 +388,8 @@ FEATURE_DTYPES = ("input", "float32")
 def triton_feature_dtype(ctx) -> str:
     """``feature_dtype`` of ``impl: triton``: ``input`` (the default: features, values and the scan in the
     inputs' dtype) or ``float32`` (features, values and the scan in fp32, the output cast back). bf16 features
-    carry ~0.4 % rounding into Σ φq·φk; where that sum is small against the features (rfa's rows at or near
-    its denominator floor) the quotient's error grows by the same factor: on the CPU (Triton's interpreter),
+    carry up to 2^-8 (~0.4 %) relative rounding into Σ φq·φk; where that sum is small against the features
+    (rfa's rows at or near its denominator floor) the quotient's error grows by the same factor: on the CPU (Triton's interpreter),
     rfa at sigma 0.5 misses the bf16 gate in dq / dk with bf16 features, while its chunked form (fp32
     features) passes; ``float32`` is the fix at the cost of fp32 scans."""
     value = ctx.param("feature_dtype", "input")
