@@ -1,84 +1,63 @@
-"""Compile the own linear-attention Triton kernels for an H100/H200 (sm_90a) without a GPU and print each
-variant's register spills (ptxas -v, the ptxas bundled with triton): a proxy for their speed that the CPU can
-give, and a check that they compile at all (Triton's interpreter, which the CPU tests use, compiles nothing).
-Head dim 128, chunk 64, block_v 64, bf16, as in the H200 sweep.
+"""Compile the own linear-attention Triton kernels for an H100/H200 (sm_90a) without a GPU and print, for every
+launch a forward + backward makes, the shared memory it needs (against the 227 KB limit) and its register
+spills (ptxas -v, the ptxas bundled with triton): a proxy for their speed that the CPU can give, and a check
+that they compile and fit at all (Triton's interpreter, which the CPU tests use, compiles nothing). The
+launches are the real ones (methods/triton_fit.py records them), specialised as the JIT would.
 
-    python scripts/triton_spills.py            # num_warps 4 and 8
-    python scripts/triton_spills.py 4 8 16
+    python scripts/triton_spills.py                 # head dim 128, num_warps 4 and 8
+    python scripts/triton_spills.py --width 256 4   # 256-wide q / k / v (cosFormer's features: --width 256 --v 128)
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import tempfile
+import argparse
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 
 from attnbench.methods.linear import gla_triton, linear_triton
-
-TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-SCAN = dict(DK=128, DV=128, BK=128, BV=64, CH=64, SEG=4, PRECISION="tf32", DOT_T=tl.bfloat16)
-OFF = dict(HAS_S0=1, HAS_U=0, TRANS_S=0, FEATURE=0, NORM=0, EXTRA=0, DIVR=0, GRADX=0, REVERSE=0, MASK_INTRA=1)
-LINEAR_SCANS = {  # what linear_triton.linear_attn launches
-    "forward (precomputed φ)": dict(NORM=1),
-    "forward (fused φ)": dict(NORM=1, FEATURE=1),
-    "dq": dict(HAS_U=1, TRANS_S=1, EXTRA=1, DIVR=1, GRADX=1),
-    "dk": dict(HAS_U=1, EXTRA=2, GRADX=1, REVERSE=1),
-    "dv": dict(TRANS_S=1, REVERSE=1),
-}
-STATES = dict(DK=128, DV=128, BK=64, BV=64, CH=64, SEG=4, PRECISION="tf32", NSEG_INTERP=0, DOT_T=tl.bfloat16)
-LINEAR_STATES = {"forward": dict(NORM=1, FEATURE=0, EXTRA=0, REVERSE=0),
-                 "forward (fused φ)": dict(NORM=1, FEATURE=1, EXTRA=0, REVERSE=0),
-                 "dk / dv": dict(NORM=0, FEATURE=0, EXTRA=2, REVERSE=1)}
-FP32_PTRS = {"DEN", "S0", "Z0", "E", "U0", "G", "R"}
-FLOATS = {"eps", "scale"}
+from attnbench.methods.triton_fit import SM90, compile_launch, ptxas_usage, record_launches
 
 
-def spills(src, constants: dict, num_warps: int) -> tuple[int, int, int]:
-    """(spill store bytes, spill load bytes, registers) of one kernel variant."""
-    fn = triton.jit(src)
-    signature = {}
-    for name in fn.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        elif name[0].isupper() and len(name) <= 3 and name not in ("T", "H", "GA", "GB", "GX", "NSEG"):
-            signature[name] = "*fp32" if name in FP32_PTRS else "*bf16"
-        else:
-            signature[name] = "i32"
-    constexprs = {(fn.arg_names.index(k),): v for k, v in constants.items()}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=TARGET,
-                            options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        log = subprocess.run([PTXAS, "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True).stderr
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    regs = re.search(r"Used (\d+) registers", log)
-    return int(spill.group(1)), int(spill.group(2)), int(regs.group(1))
+def calls(width: int, v_width: int, seq: int = 1024):
+    """(label, launches) of linear_attn (precomputed and fused φ) and simple_gla, forward and backward, bf16,
+    chunk 64, block_v 64, 2 heads (the kernels do not depend on the head count)."""
+    torch.manual_seed(0)
+
+    def tensors():
+        q, k = (torch.randn(1, 2, seq, width, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        return q, k, torch.randn(1, 2, seq, v_width, dtype=torch.bfloat16, requires_grad=True)
+
+    out = []
+    for fmap in ("precomputed", "fused"):
+        with record_launches() as launches:
+            linear_triton.linear_attn(*tensors(), feature_map=fmap).sum().backward()
+        out.append((f"linear_attn ({fmap} φ)", launches))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 2, seq)).requires_grad_()
+    with record_launches() as launches:
+        gla_triton.simple_gla(*tensors(), g).sum().backward()
+    out.append(("simple_gla", launches))
+    return out
 
 
-def main(warps: list[int]) -> None:
-    rows = [(f"linear scan {k}", linear_triton._chunk_scan_src, {**SCAN, **OFF, **v}) for k, v in LINEAR_SCANS.items()]
-    rows += [(f"linear states {k}", linear_triton._chunk_states_src, {**STATES, **v}) for k, v in LINEAR_STATES.items()]
-    rows += [("linear rows (dN, p)", linear_triton._rows_src, dict(D=128, BD=128, BT=32, OP=1)),
-             ("gla scan", gla_triton._gated_scan_src, {**SCAN, "HAS_S0": 1, "REVERSE": 0, "DECAY_STATE": 1}),
-             ("gla states", gla_triton._gated_states_src, {**STATES, "REVERSE": 0, "DECAY_STATE": 1})]
-    for name, src, constants in rows:
-        constants = {k: v for k, v in constants.items() if k in triton.jit(src).arg_names}
-        figures = [spills(src, constants, w) for w in warps]
-        print(f"{name:34s}" + "".join(f"  {w} warps: {s}/{l} B spilled, {r} regs" for w, (s, l, r) in zip(warps, figures)),
-              flush=True)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("warps", nargs="*", type=int, default=[4, 8])
+    ap.add_argument("--width", type=int, default=128, help="q / k width (default 128)")
+    ap.add_argument("--v", type=int, default=None, help="v width (default: --width)")
+    a = ap.parse_args()
+    for label, launches in calls(a.width, a.v or a.width):
+        print(f"== {label}: {len(launches)} launches")
+        for i, launch in enumerate(launches):
+            keys = {k: launch.kwargs[k] for k in ("BK", "BV", "NORM", "FEATURE", "EXTRA", "REVERSE", "TRANS_S")
+                    if k in launch.kwargs}
+            cells = []
+            for w in a.warps:
+                kernel = compile_launch(launch, num_warps=w)
+                st, ld, regs = ptxas_usage(kernel)
+                shared = kernel.metadata.shared
+                flag = "" if shared <= SM90["shared_limit"] else " OVER"
+                cells.append(f"{w} warps: {shared // 1024} KB{flag}, {st}/{ld} B spilled, {regs} regs")
+            print(f"  {i} {launch.name:24s} {keys}  " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
-    main([int(w) for w in sys.argv[1:]] or [4, 8])
+    main()

@@ -128,6 +128,25 @@ def test_s4d_fft_fft64_and_step_match_the_recurrence():
     assert _close(y, loop[:, -1], 1e-4)
 
 
+def test_s4d_kernel_in_blocks_equals_the_one_shot_kernel_values_and_gradients(monkeypatch):
+    params = s4d.init_parameters(3, 4, torch.Generator().manual_seed(0), "cpu")
+    ssm = {k: v for k, v in params.items() if k not in ("d", "w_o")}
+    upstream = _rand(3, 23, seed=3)
+
+    def kernel_and_grads(block):
+        K = s4d.s4d_kernel(ssm, 23, block=block)  # 23 = 3 blocks of 8 (the last short) / one block of 64
+        return (K,) + torch.autograd.grad((K * upstream).sum(), list(ssm.values()))
+
+    whole, blocks = kernel_and_grads(64), kernel_and_grads(8)
+    for a, b in zip(whole, blocks):
+        assert _close(b, a, 1e-5)
+    original = s4d._kernel_block  # negative control: every block restarts at position 0
+    monkeypatch.setattr(s4d, "_kernel_block", lambda dtA, coef, start, stop: original(dtA, coef, 0, stop - start))
+    assert not _close(s4d.s4d_kernel(ssm, 23, block=8), whole[0], 1e-3)
+    with pytest.raises(ValueError, match="block"):
+        s4d.s4d_kernel(ssm, 23, block=0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("k", [1, 3, 4, 7])
 def test_depthwise_conv_forms_agree(causal, k):

@@ -80,35 +80,28 @@ backward is 4.5 ms with four state passes), so fwd_bwd at 32K should drop from 3
 (PyTorch linear_attn: 13.8 ms) and scale linearly (1M: roughly 200-400 ms instead of 1,099 ms). These are
 estimates from the structure, not measurements; the spread is the register spills below.
 
-Register spills (scripts/triton_spills.py: the kernels compiled for sm_90a on the CPU, ptxas -v; head dim
-128, chunk 64, block_v 64, bf16), spill stores / loads per thread:
-
-    num_warps                      4              8
-    forward scan (NORM)         1952 / 1944     264 / 264
-    dq scan                     2588 / 3180     164 / 164
-    dk scan                     2552 / 2976     308 / 308
-    dv scan                      628 / 628       76 / 76
-    state kernels             188-364 / 288-592    0 / 0
-    simple_gla_triton's scan     312 / 312      156 / 156
-
-At 4 warps (the sweep's setting) the NORM forward spills 6 x what simple_gla_triton's scan does, a likely
-cause of this forward being 3 x slower than that one (3.28 vs 1.07 ms at 32K) besides the exponentials, and
-the new dq / dk scans (row terms, φ' epilogue) spill 5 x the former backward's plain scans (536 B); at 8 warps
-every kernel spills little or nothing. The default stays 4 (unmeasured); the H200 should time 8.
+Register spills and shared memory (scripts/triton_spills.py: the launches a forward + backward really makes,
+recorded and compiled for sm_90a on the CPU with the JIT's own specialisation, ptxas -v; head dim 128, chunk 64,
+block_v 64, bf16), spill stores / loads per thread at 4 / 8 warps: forward scan 52/48 / 0, dq scan 44/44 / 0,
+dk scan 52/52 / 0, dv scan 0 / 0, state kernels 0 / 0 (the fused-φ forward 884/976 / 204/144; simple_gla_triton's
+scans 164-392 B at 4 warps). An earlier version of that script compiled the kernels from a hand-written
+signature without the JIT's alignment specialisation and reported spills 20-60 x larger (1952 B for the
+forward): it was wrong, and so was the inference that the spills made this forward slow. The H200 agrees with
+the small figures: 8 warps are slower, not faster (results/h200-linear-triton-v3-w8 against
+results/h200-linear-triton-v3: fwd 1.45 vs 1.03 ms at 32K, 5.66 vs 4.01 at 128K; fwd_bwd 4.16 vs 3.46 ms
+at 32K, 16.4 vs 13.6 at 128K), so the default stays 4. Shared memory: up to 136 KB at 128-wide tiles; at
+256-wide tiles (cosFormer's 2d = 256 features, head dim 256) three pipeline stages need up to 248 KB, over the
+SM's 227 KB (the H200's ``OutOfResources`` in results/h200-linear-kernelized-triton), so those scans run two
+stages (``WIDE_SCAN_STAGES``, 180 KB; tests/test_triton_fit.py checks every launch offline).
 
 Numerics: the ``dD`` terms now meet the scores in fp32 before the one rounding to the input dtype (before: the
 bf16-rounded ``dN·v`` scores, then an fp32 ``dD · Σ φk`` added to the output), and dq no longer rounds dN.
 
-The next H200 call must check: fwd_bwd and fwd at 8K/32K/128K/1M, 16 heads, hd 128, bf16, against
-linear_attn and simple_gla_triton, with ``num_warps`` 4 and 8 (expected: fwd_bwd well under linear_attn's
-13.8 ms at 32K; 8 warps faster if the spills matter); ``feature_map: fused`` against the default (is the
-precomputed φ the faster forward?); that the rows are ok (gradient rel_err under 0.009 at 8K and 32K; before
-0.0067); peak memory at 1M (the forward's states, 4 GiB at 16 heads, and φ(q), φ(k), 8 GiB, are kept for the
-backward; a dozen 8 GiB fp32 temporaries are gone); tests/test_linear_gpu.py -m gpu.
+Measured on the H200 (results/h200-linear-triton-v3, 16 heads, hd 128, bf16, causal): fwd_bwd 1.28 / 3.46 /
+13.6 / 109 ms at 8K / 32K / 128K / 1M (the version before: 8.81 / 34.6 / 138 / 1,099), fwd 0.274 / 1.03 /
+4.01 / 32.0 ms.
 
-Not done (next steps): the NORM forward's spills at 4 warps (its ``a · z`` and ``Σ b`` row sums could be
-tensor-core dots against a one-hot matrix; the dk scan's ``Σ eb · c`` that way spills 1540 B instead of 2552);
-dk and dv could share one kernel (both walk the same reverse segments and load φq, dN); ``seg_chunks`` could
+Not done (next steps): dk and dv could share one kernel (both walk the same reverse segments and load φq, dN); ``seg_chunks`` could
 adapt to the length (fewer, longer segments at 1M where parallelism is ample).
 
 Identity features (``feature_map="identity"``): the scans take any given features ``[B, H, T, m]`` (m up to
@@ -364,6 +357,9 @@ def _kernel(name: str = "scan"):
     return _KERNELS[key]
 
 
+SCAN_STAGES, WIDE_SCAN_STAGES = 3, 2  # the scan's pipeline stages up to 128-wide a / b tiles, and above
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -500,6 +496,10 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
         raise ValueError("chunk_scan: add_a / add_b with carried states needs their usums")
     anything = out
     grid = (triton.cdiv(dvv, bv), batch * heads, nseg)
+    # the software pipeline's depth: 3 stages of [CH, 256]-wide tiles need up to 248 KB of shared memory, over
+    # an H100 / H200 SM's 227 KB (cosFormer's 2d = 256 features failed so on the H200); 2 stages fit (180 KB).
+    # Checked offline for sm_90 by tests/test_triton_fit.py (methods/triton_fit.py)
+    stages = SCAN_STAGES if _block(dk) <= 128 else WIDE_SCAN_STAGES
     xs = grad_x.stride() if grad_x is not None else (0, 0, 0, 0)
     _kernel("scan")[grid](a, b, c, out, den, carried.states if has_s0 else anything,
                           carried.zsums if has_s0 and normalize else anything,
@@ -514,7 +514,7 @@ def chunk_scan(a, b, c, *, chunk: int, block_v: int, eps: float = 0.0, feature: 
                           FEATURE=int(feature), NORM=int(normalize), EXTRA=extra,
                           DIVR=int(divide_rows is not None), GRADX=int(grad_x is not None),
                           REVERSE=int(reverse), MASK_INTRA=int(mask_intra), PRECISION=precision, DOT_T=dot_t,
-                          FLOOR=int(floor is not None), num_warps=num_warps)
+                          FLOOR=int(floor is not None), num_warps=num_warps, num_stages=stages)
     return _result(out, den if normalize else None, carried if return_states else None)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..contract import Prepared
 from ..registry import Capabilities, Unsupported, register_method
@@ -31,11 +32,32 @@ def _modes(params):
     return dtA, Cc * (torch.exp(dtA) - 1) / A  # decay exponent, input-side coefficient C·B̄
 
 
-def s4d_kernel(params, length: int, dtype=torch.complex64):
+KERNEL_BLOCK = 2048  # kernel positions per block: the [C, N/2, block] powers, 512 MB at C = 2048, N = 64
+
+
+def _kernel_block(dtA, coef, start: int, stop: int):
+    powers = torch.exp(dtA[..., None] * torch.arange(start, stop, device=dtA.device))  # [C, N/2, stop - start]
+    return 2 * torch.einsum("cn,cnl->cl", coef, powers).real
+
+
+def s4d_kernel(params, length: int, dtype=torch.complex64, block: int = KERNEL_BLOCK):
+    """The convolution kernel ``K`` [C, L], built ``block`` positions at a time: the Vandermonde powers
+    ``e^{lΔA}`` [C, N/2, block] live one block at a time (all at once they were C · N/2 · L complex numbers,
+    16 GB at 32K tokens, C = 2048, N = 64: s4d's `oom` above 32K in results/h200-linear). With gradients each
+    block is checkpointed (its powers recomputed in the backward instead of kept)."""
+    if block < 1:
+        raise ValueError(f"s4d_kernel: block must be >= 1, got {block}")
     dtA, coef = _modes(params)
     dtA, coef = dtA.to(dtype), coef.to(dtype)
-    powers = torch.exp(dtA[..., None] * torch.arange(length, device=dtA.device))  # [C, N/2, L]
-    return 2 * torch.einsum("cn,cnl->cl", coef, powers).real  # [C, L]
+    train = torch.is_grad_enabled() and (dtA.requires_grad or coef.requires_grad)
+    pieces = []
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        if train and length > block:
+            pieces.append(checkpoint(_kernel_block, dtA, coef, start, stop, use_reentrant=False))
+        else:
+            pieces.append(_kernel_block(dtA, coef, start, stop))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)  # [C, L]
 
 
 def s4d_fft(x, params):
