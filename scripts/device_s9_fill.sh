@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 10's remaining H200 cells, planned in the eighth session, in two parts (carry .whl, .triton-cache):
+# PART=a (~250 s; run after scripts/device_s9_linear.sh in the same call) is step 1 and the Triton kernels'
+# 256K / 512K rows; PART=b (~530 s, a call of its own) the other methods of step 2:
+#   1. cosFormer fwd_bwd through the own Triton scan, retried in results/h200-linear-kernelized-triton (its rows
+#      there are `error`: OutOfResources at 3 pipeline stages of 256-wide tiles; 2 stages since 9e103ed, checked
+#      offline by tests/test_triton_fit.py), and performer / cosformer / rfa at 256K and 512K (the issue asks
+#      128K, 256K, 512K, 1M);
+#   2. the linear-time methods without long rows, into a NEW run h200-linear-long: aaren, abc, s4d (its kernel
+#      built in blocks since 9e103ed: before, 16 GB of powers at 32K), lamamba, metamixer (causal) and
+#      nystromformer, linear_infsa, metamixer (full), 128K ... 1M, fwd and fwd_bwd; linear_attn_triton and
+#      simple_gla_triton at 256K / 512K. A case that does not fit in its step is a `timeout` / `oom` row.
+# Cases run shortest first (within a length: fwd_bwd, then fwd); what a step's wall cuts has no row yet and
+# runs when the step runs again (the run folders resume).
+#   PART=a WRAP_S=560 bash scripts/device_wrap.sh s9-a scripts/device_s9_linear.sh scripts/device_s9_fill.sh
+#   PART=b WRAP_S=560 bash scripts/device_wrap.sh s9-b scripts/device_s9_fill.sh
+set -u
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
+export TRITON_CACHE_AUTOTUNING=1
+AB="python3 -m attnbench.cli"
+fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
+inv() {  # inv WALL_S LOG RUN ARGS...
+  local wall=$1 log=$2 run=$3; shift 3
+  timeout -k 10 "$wall" $AB sweep=linear device=cuda results_dir="$OUT" run_id=$run "$@" > "$OUT/$log.txt" 2>&1
+  echo "== $log: exit $? after ${SECONDS}s"; fin $run
+}
+KT=h200-linear-kernelized-triton
+LL=h200-linear-long
+PART=${PART:?PART=a or PART=b}
+[ -d "$OUT/$LL" ] || { [ -d results/$LL ] && cp -r results/$LL "$OUT/"; }
+if [ "$PART" = a ]; then
+cp -r results/$KT "$OUT/"
+inv ${F1:-150} kernelized $KT "methods=[cosformer,performer,rfa]" "seq_lens=[8192,32768,131072,262144,524288,1048576]" \
+  "retry=[error]" +method_options.performer.impl=triton +method_options.cosformer.impl=triton \
+  +method_options.rfa.impl=triton method_options.performer.chunk=64 method_options.cosformer.chunk=64 \
+  method_options.rfa.chunk=64 case_timeout_s=45
+inv ${F2:-100} long-triton $LL "methods=[linear_attn_triton,simple_gla_triton]" "seq_lens=[262144,524288]" case_timeout_s=40
+fi
+if [ "$PART" = b ]; then
+inv ${F3:-380} long-causal $LL "methods=[metamixer,abc,aaren,s4d,lamamba]" "seq_lens=[131072,262144,524288,1048576]" \
+  case_timeout_s=45
+inv ${F4:-140} long-full $LL "methods=[linear_infsa,nystromformer,metamixer]" "masks=[full]" \
+  "seq_lens=[131072,262144,524288,1048576]" case_timeout_s=40
+fi
+for run in $KT $LL; do [ -d "$OUT/$run" ] || continue; python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1; done
+for f in "$OUT"/kernelized.txt "$OUT"/long-*.txt; do [ -f "$f" ] || continue; echo "== $(basename $f)"; grep -v "case/s" "$f" | grep "cases:\|not ok" -A4 | tail -n 8; done
+echo "== done after ${SECONDS}s"
