@@ -1,11 +1,11 @@
-"""The Triton kernels' CPU suites (tests/test_linear_triton.py, tests/test_simple_gla_triton.py), run in one child
-pytest with TRITON_INTERPRET=1.
+"""The Triton kernels' CPU suites (tests/test_linear_triton.py, tests/test_simple_gla_triton.py,
+tests/test_delta_triton.py), run in one child pytest with TRITON_INTERPRET=1.
 
 TRITON_INTERPRET=1 must be set before triton is first imported (triton decorates its own library functions,
 ``tl.sum`` among them, in the mode it finds at import), and setting it in the pytest process would switch every
 later test (the GPU ones included) to the interpreter. So, unless pytest itself was started with
 TRITON_INTERPRET=1, those files' tests skip here and run in one child pytest (one interpreter start-up, torch's and
-triton's imports, for both files); this test fails with the child's report when any test there fails, or when a
+triton's imports, for all files); this test fails with the child's report when any test there fails, or when a
 file ran no test at all.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = Path(__file__).resolve().parent
-SUITES = ("test_linear_triton.py", "test_simple_gla_triton.py")
+SUITES = ("test_linear_triton.py", "test_simple_gla_triton.py", "test_delta_triton.py")
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 

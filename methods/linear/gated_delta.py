@@ -38,7 +38,12 @@ see :func:`segment_tokens`; the timed form, the decode prefill and the state sca
 simple_gla_triton, :func:`delta_rows` for the delta rules). The delta rules' state update
 ``α(I − β k kᵀ)S + β k vᵀ`` is not a sum over keys, so their rows form still runs every token through the
 state (the chunked form, piece by piece, the state carried between pieces: O(L · d²) time) but keeps memory
-per piece and emits only the requested rows, forward only.
+per piece and emits only the requested rows, forward only. ``impl`` (:func:`states_impl`): ``torch`` (the
+default) or ``triton``: the loop over chunks (forward and its backward) through own Triton kernels
+(``delta_triton.py``: one launch each way instead of a few per chunk), everything else unchanged, in the timed
+form, the decode prefill and the state scan (the references stay PyTorch); with ``block_v`` (power of two
+16..128, default 64), ``num_warps`` (default 4), ``dot_precision`` (``ieee``, the default, or ``tf32``) and
+``chunk`` <= 256; CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
 """
 from __future__ import annotations
 
@@ -213,8 +218,12 @@ def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
 
 
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False, scale=None, segment=0, carry=True):
+            return_state=False, scale=None, segment=0, carry=True, states_fn=None):
     """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d.
+
+    ``states_fn``: the loop over chunks, ``(U, W, kd, last, state0) -> (states, final state)``; None (the
+    default) is :func:`chunk_states` (PyTorch); ``impl: triton`` passes :func:`delta_triton.chunk_states`
+    with its options bound. Everything else (the pieces, the outputs, the segments) is the same code.
 
     ``segment`` (tokens, 0 = off): above that many keys the sequence runs segment by segment through
     :func:`segmented` (the state carried across; in training each segment checkpointed), with the same
@@ -223,13 +232,14 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if segment and k.shape[2] > segment:
         return segmented(q, k, v, g, beta, gated=gated, delta=delta, normalize=normalize, chunk=chunk,
-                         state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry)
+                         state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry,
+                         states_fn=states_fn)
     out_dtype = v.dtype
     q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
     batch, heads, _, dk = k.shape
     qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk)
     S0 = q.new_zeros(batch, heads, dk, v.shape[-1]) if state0 is None else state0.float()
-    states, S = chunk_states(U, W, kd, last, S0)
+    states, S = (chunk_states if states_fn is None else states_fn)(U, W, kd, last, S0)
     out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
     out = (scale * out[:, :, lead:length]).to(out_dtype)
     return (out, S) if return_state else out
@@ -240,7 +250,7 @@ def _segment_step(q, k, v, g, beta, state0, kw):
 
 
 def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=True, normalize=True, chunk=64,
-              state0=None, return_state=False, scale=None, carry=True):
+              state0=None, return_state=False, scale=None, carry=True, states_fn=None):
     """:func:`chunked` one segment of ``segment`` tokens at a time: each segment is the chunked form started
     from the state carried out of the segment before (fp32 [B, H, dk, dv]), so the working memory (the WY
     pieces, the per-chunk states, and in training everything autograd saves) is one segment's, whatever the
@@ -249,13 +259,13 @@ def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=Tru
     kept, and the backward recomputes one segment's forward at a time (the cost: one more forward).
     Segments need not align with the chunks: a segment's last chunk is padded with tokens that neither write
     nor decay, so the result equals the unsegmented one up to float rounding. Queries aligned bottom-right
-    (zero queries in front, sliced off after)."""
+    (zero queries in front, sliced off after). ``states_fn``: as :func:`chunked`'s, used in every segment."""
     if segment < 1:
         raise ValueError(f"segmented: segment must be >= 1, got {segment}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, lead = _align(q, k)
     length = k.shape[2]
-    kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale)
+    kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale, states_fn=states_fn)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, state0))
     out = None if train else v.new_empty(*v.shape[:3], v.shape[-1])
     pieces = []
@@ -337,15 +347,18 @@ def delta_rows(q, k, v, g, beta, rows, *, gated: bool, chunk: int, stream: int =
     return out.to(v.dtype)
 
 
-def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int, segment=0) -> RecurrentDecode:
-    """``segment``: the prefill's (``'auto'`` or tokens, :func:`segment_tokens`); the step is one token."""
+def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int, segment=0,
+                     states_fn=None) -> RecurrentDecode:
+    """``segment``: the prefill's (``'auto'`` or tokens, :func:`segment_tokens`); the step is one token.
+    ``states_fn``: the prefill's chunk loop (:func:`chunked`'s; the step is PyTorch either way)."""
 
     def prefill(q, k, v, g=None, beta=None):
         past = k.shape[2] - 1
         gp = g[..., :past] if g is not None else None
         bp = beta[..., :past] if beta is not None else None
         _, S = chunked(k[:, :, :past], k[:, :, :past], v[:, :, :past], gp, bp, gated=gated, delta=delta,
-                       normalize=normalize, chunk=chunk, return_state=True, segment=segment_tokens(segment, past))
+                       normalize=normalize, chunk=chunk, return_state=True, segment=segment_tokens(segment, past),
+                       states_fn=states_fn)
         return S
 
     def step(S, q, k, v, g=None, beta=None):
@@ -406,8 +419,55 @@ def segment_tokens(option, length: int) -> int:
     return int(option)
 
 
+IMPLS = ("torch", "triton")
+TRITON_ONLY = ("block_v", "num_warps", "dot_precision")  # options of impl: triton alone
+
+
+def states_impl(ctx, chunk: int):
+    """``method_options.<method>.impl``: ``torch`` (the default: the chunk loop in PyTorch,
+    :func:`chunk_states`) or ``triton`` (the loop through own Triton kernels, :mod:`delta_triton`, with
+    ``block_v`` (power of two 16..128, default 64), ``num_warps`` (1, 2, 4, 8 or 16; default 4) and
+    ``dot_precision`` (``ieee``, the default, or ``tf32``)). Returns the ``states_fn`` for :func:`chunked`
+    (None for ``torch``). Bad values: ValueError naming the field; with ``triton``, ``Unsupported`` (the case's
+    row, with the reason) without CUDA or ``TRITON_INTERPRET=1``, or for head dims above 256. Never a silent
+    fallback to the PyTorch loop."""
+    from .common import param_choice
+
+    method = ctx.case.method
+    field = f"method_options.{method}"
+    impl = param_choice(ctx, "impl", "torch", IMPLS)
+    if impl == "torch":
+        for name in TRITON_ONLY:
+            if name in ctx.params:
+                raise ValueError(f"{field}.{name}: applies to impl 'triton' only (impl is 'torch')")
+        return None
+    block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=128, power_of_two=True)
+    num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
+    precision = param_choice(ctx, "dot_precision", "ieee", ("ieee", "tf32"))
+    if chunk > 256:
+        raise ValueError(f"{field}.chunk: must be <= 256 with impl 'triton' (one chunk's tiles live in "
+                         f"registers), got {chunk}")
+    name = f"{method} with {field}.impl=triton"
+    dims = {"head_dim": ctx.case.head_dim, "value head dim": ctx.head_dim_v}
+    for what, dim in dims.items():
+        if dim > 256:
+            raise Unsupported(f"{name}: {what} {dim} > 256 (the state block lives in registers)")
+    from .linear_attn import triton_runnable
+
+    why = triton_runnable(ctx.device)
+    if why:
+        raise Unsupported(f"{name}: {why}")
+    import functools
+
+    from .delta_triton import chunk_states as triton_states
+
+    return functools.partial(triton_states, block_v=block_v, num_warps=num_warps, dot_precision=precision)
+
+
 def build_variant(ctx, name: str, fast=None) -> Prepared:
-    """Prepared for one variant; ``fast`` replaces the own chunked form (the fla adapters)."""
+    """Prepared for one variant; ``fast`` replaces the own chunked form (the fla adapters). ``impl``
+    (:func:`states_impl`) picks the chunk loop of the timed form, the decode prefill and the state scan; the
+    references stay PyTorch."""
     gated, delta, normalize = VARIANTS[name]
     causal, offset = mask_mode(ctx)
     if not causal or offset != ctx.case.seq_kv - ctx.case.seq_q:
@@ -416,12 +476,14 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     segment = param_segment(ctx, chunk) if fast is None else 0
+    states_fn = states_impl(ctx, chunk) if fast is None else None
     kw = dict(gated=gated, delta=delta, normalize=normalize)
 
     def fn(q, k, v, g=None, beta=None):
         if fast is not None:
             return fast(q, k, v, g, beta)
-        return chunked(q, k, v, g, beta, chunk=chunk, segment=segment_tokens(segment, k.shape[2]), **kw)
+        return chunked(q, k, v, g, beta, chunk=chunk, segment=segment_tokens(segment, k.shape[2]),
+                       states_fn=states_fn, **kw)
 
     def reference(q, k, v, g=None, beta=None):
         if k.shape[2] <= naive_max:
@@ -438,10 +500,11 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         return delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=max(1, chunk // 2), stream=stream)
 
     extras = gate_extras(ctx.case, gated, delta)
-    scan = affine_state_scan(chunk, tuple(extras), segment=segment, **kw) if fast is None and offset == 0 else None
+    scan = affine_state_scan(chunk, tuple(extras), segment=segment, states_fn=states_fn, **kw) \
+        if fast is None and offset == 0 else None
     return Prepared(fn=fn, reference=reference, extras=extras,
-                    decode=recurrent_decode(gated, delta, normalize, chunk, segment), softmax_comparable=False,
-                    state_scan=scan)
+                    decode=recurrent_decode(gated, delta, normalize, chunk, segment, states_fn),
+                    softmax_comparable=False, state_scan=scan)
 
 
 def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> StateScan:
@@ -449,7 +512,8 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
     (``M`` [B, H, dk, dk]: the product of the pieces' ``α_t (I − β_t k_t k_tᵀ)``; ``b``: the final state
     from zero). ``M`` is the chunked form run on ``S0 = I`` with zero values (the same recurrence on a
     dk x dk state), so one code path serves every variant; pieces compose as ``(M₂M₁, M₂b₁ + b₂)``.
-    ``segment``: as the method's (``'auto'`` or tokens), applied to each rank's piece."""
+    ``segment``: as the method's (``'auto'`` or tokens), applied to each rank's piece; ``kw`` (the variant's
+    flags and ``states_fn``) go to every :func:`chunked` call."""
 
     def summary(q, k, v, positions, g=None, beta=None):
         batch, heads, length, dk = k.shape
@@ -478,19 +542,22 @@ CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_onl
 
 @register_method("gated_delta_rule", Capabilities(**CAPS))
 def build_gated_delta_rule(ctx):
-    """Gated DeltaNet, own chunked WY form (PyTorch, fp32) with O(dk·dv) recurrent decode."""
+    """Gated DeltaNet, own chunked WY form (PyTorch, fp32) with O(dk·dv) recurrent decode.
+    ``impl: triton``: the chunk loop through own Triton kernels (delta_triton.py)."""
     return build_variant(ctx, "gated_delta_rule")
 
 
 @register_method("delta_rule", Capabilities(**CAPS))
 def build_delta_rule(ctx):
-    """DeltaNet (no gate), own chunked WY form with recurrent decode."""
+    """DeltaNet (no gate), own chunked WY form with recurrent decode.
+    ``impl: triton``: the chunk loop through own Triton kernels (delta_triton.py)."""
     return build_variant(ctx, "delta_rule")
 
 
 @register_method("simple_gla", Capabilities(**CAPS))
 def build_simple_gla(ctx):
-    """Scalar-gated linear attention (no delta, no normalisation), own chunked form with recurrent decode."""
+    """Scalar-gated linear attention (no delta, no normalisation), own chunked form with recurrent decode.
+    ``impl: triton``: the chunk loop through own Triton kernels (delta_triton.py)."""
     return build_variant(ctx, "simple_gla")
 
 

@@ -1,0 +1,300 @@
+"""Triton kernels of the delta rules' inter-chunk state loop (``impl: triton`` of gated_delta_rule, delta_rule
+and simple_gla, methods/linear/gated_delta.py). Imported lazily by the builder: importing this module imports
+triton.
+
+Only the loop over chunks is replaced: :func:`gated_delta.chunk_pieces` (the WY pieces, batched over all
+chunks) and :func:`gated_delta.chunk_outputs` (the outputs from the per-chunk states, batched) stay PyTorch.
+The loop (the math of :class:`gated_delta._ChunkStates`), per (batch, head), over the N chunks in order:
+
+    states[c] = S;   N_c = U_c − W_c S   (no W, simple_gla: N_c = U_c);   S ← last_c · S + kd_cᵀ N_c
+
+with ``U`` ``[B, H, N, C, dv]``, ``W`` and ``kd`` ``[B, H, N, C, dk]``, ``last`` ``[B, H, N]`` (the chunk's
+total decay e^(γ_C)), ``S`` ``[dk, dv]``. In PyTorch each chunk is a few small launches, so at 16 heads,
+d = 128 the method is launch-bound (8K tokens: 22 ms fwd, 69 ms fwd_bwd on the H200).
+
+Kernels (one launch each way):
+
+- :func:`_fwd_src`, grid ``(B · H, cdiv(dv, BLOCK_V))``: each program holds the state block
+  ``S[:, vblock]`` (``[dk, BLOCK_V]``, fp32) in registers and walks the chunks in order, storing the state
+  entering every chunk into ``states`` (fp32 ``[B, H, N, dk, dv]``, as the PyTorch loop) and the final state.
+  The state's columns are independent (``W_c S`` and ``kd_cᵀ N_c`` mix rows only), so V-blocks need no
+  communication.
+- :func:`_bwd_src`, same grid: the reverse walk with ``dS`` (the gradient of the state leaving chunk c,
+  ``[dk, BLOCK_V]`` fp32, from the final state's gradient or zero) in registers:
+
+      dN_c = kd_c dS → dU_c;   N_c = U_c − W_c S_c (recomputed from the stored states[c]);
+      dkd_c += N_c dSᵀ;   dlast_c += ⟨S_c, dS⟩;   dW_c += −dN_c S_cᵀ;
+      dS ← last_c · dS − W_cᵀ dN_c + dstates[c]
+
+  and ``dstate0`` the final ``dS``. ``dU`` is per value column: written directly. ``dkd``, ``dW`` and
+  ``dlast`` are sums over the value columns: each V-block writes its partial into a ``[NV, ...]`` fp32 buffer,
+  summed in PyTorch afterwards (no atomics: deterministic; no buffer and no sum with one V-block).
+
+Everything is fp32 (inputs, states, registers, outputs); ``tl.dot`` runs with ``input_precision``
+``dot_precision``: ``ieee`` (the default: full fp32, as the PyTorch path's fp32 matmuls, which run without
+tf32) or ``tf32`` (tensor cores, ~1e-3 relative rounding per product). Shapes: ``tl.dot`` needs every
+dimension >= 16 and ``tl.arange`` powers of two, so the chunk C and dk are padded in registers to the next
+power of two >= 16 with masked loads (padded rows of U, W, kd load as 0 and so write nothing; padded state
+rows stay 0); dv is covered by V-blocks of ``block_v`` (masked at the edge). Inputs are read through their
+strides (``U`` and ``W`` are views of one solve's output), nothing is copied.
+
+Parameters: ``block_v`` (value columns per program, a power of two 16..128, default 64: fewer columns mean
+more programs, B · H · cdiv(dv, block_v), and fewer registers, but more partial-sum traffic in the backward),
+``num_warps`` (default 4), ``dot_precision``. Chunks up to :data:`MAX_CHUNK` tokens and head dims up to
+:data:`MAX_DIM` (the state block, one chunk's W and kd tiles live in registers).
+
+``skip_w=True`` drops the ``W_c S`` term in both kernels: a deliberately broken variant for the tests'
+negative control. Kernels are decorated on first use, once per interpreter mode (as in linear_triton.py).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_triton import _block, interpreting
+
+MAX_CHUNK = 256
+MAX_DIM = 256
+PRECISIONS = ("ieee", "tf32")
+
+
+def _fwd_src(U, W, KD, LAST, S0, STATES, SF, N, H, C,
+             sub, suh, sun, suc, sud, swb, swh, swn, swc, swd, skb, skh, skn, skc, skd,
+             slb, slh, sln, s0b, s0h, s0k, s0v,
+             DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             HAS_W: tl.constexpr, PRECISION: tl.constexpr, N_INTERP: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = tl.arange(0, BC)
+    kk = tl.arange(0, BK)
+    vv = pid_v * BV + tl.arange(0, BV)
+    rmask = rows < C
+    kmask = kk < DK
+    vmask = vv < DV
+    uv_mask = rmask[:, None] & vmask[None, :]
+    wk_mask = rmask[:, None] & kmask[None, :]
+    s_mask = kmask[:, None] & vmask[None, :]
+    u_ptr = U + b * sub + h * suh + rows[:, None] * suc + vv[None, :] * sud
+    w_ptr = W + b * swb + h * swh + rows[:, None] * swc + kk[None, :] * swd
+    k_ptr = KD + b * skb + h * skh + rows[:, None] * skc + kk[None, :] * skd
+    l_ptr = LAST + b * slb + h * slh
+    st_ptr = STATES + pid_bh.to(tl.int64) * N * (DK * DV) + kk[:, None] * DV + vv[None, :]
+    S = tl.load(S0 + b * s0b + h * s0h + kk[:, None] * s0k + vv[None, :] * s0v, mask=s_mask, other=0.0)
+    # N_INTERP > 0 in the interpreter only: Triton 3.6's interpreter cannot take a runtime scalar as a loop
+    # bound under numpy >= 2.3 (as in linear_triton.chunk_scan); compiled kernels loop over the runtime N
+    for i in range(0, N_INTERP if N_INTERP > 0 else N):
+        c = tl.cast(i, tl.int64)
+        tl.store(st_ptr + c * (DK * DV), S, mask=s_mask)
+        new = tl.load(u_ptr + c * sun, mask=uv_mask, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + c * swn, mask=wk_mask, other=0.0)
+            new -= tl.dot(w, S, input_precision=PRECISION)
+        kd = tl.load(k_ptr + c * skn, mask=wk_mask, other=0.0)
+        decay = tl.load(l_ptr + c * sln)
+        S = decay * S + tl.dot(tl.trans(kd), new, input_precision=PRECISION)
+    tl.store(SF + pid_bh.to(tl.int64) * (DK * DV) + kk[:, None] * DV + vv[None, :], S, mask=s_mask)
+
+
+def _bwd_src(U, W, KD, LAST, STATES, DSTATES, DSF, DU, DW, DKD, DLAST, DS0, N, H, C, BH,
+             sub, suh, sun, suc, sud, swb, swh, swn, swc, swd, skb, skh, skn, skc, skd,
+             slb, slh, sln, sdb, sdh, sdn, sdk, sdv, sfb, sfh, sfk, sfv,
+             DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             HAS_W: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_DSF: tl.constexpr, NEED_DU: tl.constexpr,
+             NEED_DW: tl.constexpr, NEED_DKD: tl.constexpr, NEED_DLAST: tl.constexpr, NEED_DS0: tl.constexpr,
+             PRECISION: tl.constexpr, N_INTERP: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    rows = tl.arange(0, BC)
+    kk = tl.arange(0, BK)
+    vv = pid_v * BV + tl.arange(0, BV)
+    rmask = rows < C
+    kmask = kk < DK
+    vmask = vv < DV
+    uv_mask = rmask[:, None] & vmask[None, :]
+    wk_mask = rmask[:, None] & kmask[None, :]
+    s_mask = kmask[:, None] & vmask[None, :]
+    u_ptr = U + b * sub + h * suh + rows[:, None] * suc + vv[None, :] * sud
+    w_ptr = W + b * swb + h * swh + rows[:, None] * swc + kk[None, :] * swd
+    k_ptr = KD + b * skb + h * skh + rows[:, None] * skc + kk[None, :] * skd
+    l_ptr = LAST + b * slb + h * slh
+    st_ptr = STATES + bh * N * (DK * DV) + kk[:, None] * DV + vv[None, :]
+    ds_ptr = DSTATES + b * sdb + h * sdh + kk[:, None] * sdk + vv[None, :] * sdv
+    # outputs, contiguous: dU [B, H, N, C, DV]; partials dW, dkd [NV, B, H, N, C, DK], dlast [NV, B, H, N]
+    du_ptr = DU + bh * N * (C * DV) + rows[:, None] * DV + vv[None, :]
+    part = pid_v.to(tl.int64) * BH + bh
+    dw_ptr = DW + part * N * (C * DK) + rows[:, None] * DK + kk[None, :]
+    dkd_ptr = DKD + part * N * (C * DK) + rows[:, None] * DK + kk[None, :]
+    dl_ptr = DLAST + part * N
+    if HAS_DSF:
+        dS = tl.load(DSF + b * sfb + h * sfh + kk[:, None] * sfk + vv[None, :] * sfv, mask=s_mask, other=0.0)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    for i in range(0, N_INTERP if N_INTERP > 0 else N):  # N_INTERP: see _fwd_src
+        c = tl.cast(N - 1 - i, tl.int64)
+        S_c = tl.load(st_ptr + c * (DK * DV), mask=s_mask, other=0.0)
+        kd = tl.load(k_ptr + c * skn, mask=wk_mask, other=0.0)
+        dnew = tl.dot(kd, dS, input_precision=PRECISION)  # [BC, BV]
+        if NEED_DU:
+            tl.store(du_ptr + c * (C * DV), dnew, mask=uv_mask)
+        if HAS_W:
+            w = tl.load(w_ptr + c * swn, mask=wk_mask, other=0.0)
+        if NEED_DKD:
+            new = tl.load(u_ptr + c * sun, mask=uv_mask, other=0.0)
+            if HAS_W:
+                new -= tl.dot(w, S_c, input_precision=PRECISION)
+            tl.store(dkd_ptr + c * (C * DK), tl.dot(new, tl.trans(dS), input_precision=PRECISION), mask=wk_mask)
+        if NEED_DLAST:
+            tl.store(dl_ptr + c, tl.sum(tl.sum(S_c * dS, axis=1), axis=0))
+        if HAS_W:
+            if NEED_DW:
+                tl.store(dw_ptr + c * (C * DK), -tl.dot(dnew, tl.trans(S_c), input_precision=PRECISION),
+                         mask=wk_mask)
+        decay = tl.load(l_ptr + c * sln)
+        dS = decay * dS
+        if HAS_W:
+            dS -= tl.dot(tl.trans(w), dnew, input_precision=PRECISION)
+        if HAS_DSTATES:
+            dS += tl.load(ds_ptr + c * sdn, mask=s_mask, other=0.0)
+    if NEED_DS0:
+        tl.store(DS0 + bh * (DK * DV) + kk[:, None] * DV + vv[None, :], dS, mask=s_mask)
+
+
+_KERNELS: dict[tuple[str, bool], object] = {}
+
+
+def _kernel(name: str):
+    key = (name, interpreting())
+    if key not in _KERNELS:
+        _KERNELS[key] = triton.jit({"fwd": _fwd_src, "bwd": _bwd_src}[name])
+    return _KERNELS[key]
+
+
+def _check(U, W, kd, last, state0, block_v, dot_precision):
+    batch, heads, n, chunk, dv = U.shape
+    dk = kd.shape[-1]
+    for name, t in (("U", U), ("W", W), ("kd", kd), ("last", last), ("state0", state0)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"delta_triton.chunk_states: {name} must be float32, got {t.dtype}")
+    shapes_ok = (kd.shape == (batch, heads, n, chunk, dk) and (W is None or W.shape == kd.shape)
+                 and last.shape == (batch, heads, n) and state0.shape == (batch, heads, dk, dv))
+    if not shapes_ok:
+        raise ValueError(f"delta_triton.chunk_states: shapes do not fit: U {tuple(U.shape)}, "
+                         f"W {None if W is None else tuple(W.shape)}, kd {tuple(kd.shape)}, "
+                         f"last {tuple(last.shape)}, state0 {tuple(state0.shape)}")
+    if chunk > MAX_CHUNK or dk > MAX_DIM or dv > MAX_DIM:
+        raise ValueError(f"delta_triton.chunk_states: chunk <= {MAX_CHUNK}, dk and dv <= {MAX_DIM} only, got "
+                         f"chunk {chunk}, dk {dk}, dv {dv}")
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"delta_triton.chunk_states: block_v must be a power of two >= 16, got {block_v}")
+    if dot_precision not in PRECISIONS:
+        raise ValueError(f"delta_triton.chunk_states: dot_precision must be one of {PRECISIONS}, "
+                         f"got {dot_precision!r}")
+
+
+def _strides(t, like):
+    """Strides of ``t`` (the 5-d pieces), or of ``like`` where ``t`` is None (the pointer is never read)."""
+    return (t if t is not None else like).stride()
+
+
+def states_forward(U, W, kd, last, state0, *, block_v=64, num_warps=4, dot_precision="ieee", skip_w=False):
+    """The forward kernel: (states [B, H, N, dk, dv] fp32, the state entering each chunk; the final state
+    [B, H, dk, dv] fp32). No autograd (see :func:`chunk_states`)."""
+    _check(U, W, kd, last, state0, block_v, dot_precision)
+    batch, heads, n, chunk, dv = U.shape
+    dk = kd.shape[-1]
+    states = torch.empty(batch, heads, n, dk, dv, device=U.device, dtype=torch.float32)
+    final = torch.empty(batch, heads, dk, dv, device=U.device, dtype=torch.float32)
+    if n == 0:
+        final.copy_(state0)
+        return states, final
+    has_w = W is not None and not skip_w
+    bv = min(block_v, _block(dv))
+    grid = (batch * heads, triton.cdiv(dv, bv))
+    _kernel("fwd")[grid](U, W if has_w else kd, kd, last, state0, states, final, n, heads, chunk,
+                         *U.stride(), *_strides(W if has_w else None, kd), *kd.stride(), *last.stride(),
+                         *state0.stride(),
+                         DK=dk, DV=dv, BC=_block(chunk), BK=_block(dk), BV=bv, HAS_W=int(has_w),
+                         PRECISION=dot_precision, N_INTERP=n if interpreting() else 0, num_warps=num_warps)
+    return states, final
+
+
+def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=64, num_warps=4,
+                    dot_precision="ieee", skip_w=False):
+    """The backward kernel: (dU, dW, dkd, dlast, dstate0), each None where ``needs`` (five flags, as
+    ``ctx.needs_input_grad``) says it is not wanted (dW also where W is None). ``dstates`` ([B, H, N, dk, dv])
+    and ``dfinal`` ([B, H, dk, dv]) may be None (no gradient flows into them)."""
+    batch, heads, n, chunk, dv = U.shape
+    dk = kd.shape[-1]
+    need_u, need_w, need_kd, need_last, need_s0 = needs
+    has_w = W is not None and not skip_w
+    need_w = need_w and W is not None
+    bv = min(block_v, _block(dv))
+    nv = triton.cdiv(dv, bv)
+    dev, f32 = U.device, torch.float32
+    dU = torch.empty(batch, heads, n, chunk, dv, device=dev, dtype=f32) if need_u else None
+    dW = torch.empty(nv, batch, heads, n, chunk, dk, device=dev, dtype=f32) if need_w else None
+    dkd = torch.empty(nv, batch, heads, n, chunk, dk, device=dev, dtype=f32) if need_kd else None
+    dlast = torch.empty(nv, batch, heads, n, device=dev, dtype=f32) if need_last else None
+    ds0 = torch.empty(batch, heads, dk, dv, device=dev, dtype=f32) if need_s0 else None
+    if need_w and not has_w:  # skip_w: the broken variant's W gets no gradient
+        dW.zero_()
+    if n == 0:
+        if need_s0:
+            ds0.copy_(dfinal if dfinal is not None else torch.zeros_like(ds0))
+        return dU, dW, dkd, dlast, ds0
+    for t in (dstates, dfinal):
+        if t is not None and t.dtype != f32:
+            raise TypeError(f"delta_triton.states_backward: gradients must be float32, got {t.dtype}")
+    dummy = states  # a pointer for arguments that are never read or written (constexpr flags off)
+    grid = (batch * heads, nv)
+    _kernel("bwd")[grid](U, W if has_w else kd, kd, last, states, dummy if dstates is None else dstates,
+                         dummy if dfinal is None else dfinal, dummy if dU is None else dU,
+                         dummy if (dW is None or not has_w) else dW, dummy if dkd is None else dkd,
+                         dummy if dlast is None else dlast, dummy if ds0 is None else ds0,
+                         n, heads, chunk, batch * heads,
+                         *U.stride(), *_strides(W if has_w else None, kd), *kd.stride(), *last.stride(),
+                         *(dstates.stride() if dstates is not None else states.stride()),
+                         *(dfinal.stride() if dfinal is not None else (0, 0, 0, 0)),
+                         DK=dk, DV=dv, BC=_block(chunk), BK=_block(dk), BV=bv, HAS_W=int(has_w),
+                         HAS_DSTATES=int(dstates is not None), HAS_DSF=int(dfinal is not None),
+                         NEED_DU=int(need_u), NEED_DW=int(need_w and has_w), NEED_DKD=int(need_kd),
+                         NEED_DLAST=int(need_last), NEED_DS0=int(need_s0), PRECISION=dot_precision,
+                         N_INTERP=n if interpreting() else 0, num_warps=num_warps)
+    # the sums over V-blocks (fp32, in PyTorch: deterministic); one V-block: the buffer's only slice, no copy
+    dW, dkd, dlast = (None if t is None else (t[0] if nv == 1 else t.sum(0)) for t in (dW, dkd, dlast))
+    return dU, dW, dkd, dlast, ds0
+
+
+class _ChunkStatesTriton(torch.autograd.Function):
+    """:func:`gated_delta.chunk_states` through the Triton kernels: the same inputs, outputs and gradients
+    (see :class:`gated_delta._ChunkStates`); saves the inputs and the stacked states only."""
+
+    @staticmethod
+    def forward(ctx, U, W, kd, last, state0, opts):
+        states, final = states_forward(U, W, kd, last, state0, **opts)
+        ctx.save_for_backward(U, W, kd, last, states)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return states, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dstates, dfinal):
+        U, W, kd, last, states = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        grads = states_backward(U, W, kd, last, states, dstates, dfinal, needs, **ctx.opts)
+        return (*grads, None)
+
+
+def chunk_states(U, W, kd, last, state0, *, block_v=64, num_warps=4, dot_precision="ieee", skip_w=False):
+    """The loop over chunks through the Triton kernels: (states [B, H, N, dk, dv], final state [B, H, dk, dv]),
+    differentiable in every input (``W`` may be None: simple_gla). Drop-in for
+    :func:`gated_delta.chunk_states` (fp32 inputs, CUDA or ``TRITON_INTERPRET=1``)."""
+    opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, skip_w=skip_w)
+    _check(U, W, kd, last, state0, block_v, dot_precision)
+    return _ChunkStatesTriton.apply(U, W, kd, last, state0, opts)

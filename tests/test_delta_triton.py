@@ -1,0 +1,284 @@
+"""``impl: triton`` of the delta rules (methods/linear/delta_triton.py: the chunk loop's forward and backward
+kernels) on the CPU through Triton's interpreter: the per-chunk states, the final state and every gradient
+(U, W, kd, last, state0) equal the PyTorch loop (gated_delta._ChunkStates), with and without W, with two
+V-blocks and with padded shapes; the whole chunked form through the kernels equals the fp32 token loop
+(values and gradients); a deliberately broken kernel (the ``W_c S`` term skipped) is caught by the same
+comparisons; option errors name the field; without CUDA or the interpreter the case is ``unsupported``.
+
+Tolerances: fp32 throughout (the kernels compute in fp32, the interpreter's dots are numpy fp32), so the
+comparisons with the PyTorch loop hold to rtol 1e-5 / atol 1e-5 (states) and 1e-4 / 1e-5 (gradients: sums in
+another order); against the token loop (a different algorithm) the relative norm error is < 1e-4.
+
+As in tests/test_simple_gla_triton.py, TRITON_INTERPRET=1 must be set before triton is first imported, so
+unless pytest itself was started with it, the interpreter tests here skip and tests/test_triton_interpreter.py
+runs this file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_delta_triton.py`` runs it alone).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+
+from attnbench.execute.runner import run_sweep  # noqa: E402
+from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
+from attnbench.methods.linear import gated_delta  # noqa: E402
+from attnbench.methods.registry import Unsupported  # noqa: E402
+
+STATE_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _kernels():
+    from attnbench.methods.linear import delta_triton
+
+    return delta_triton
+
+
+def _pieces(B=1, H=2, N=3, C=16, dk=32, dv=32, has_w=True, seed=0):
+    """Random loop inputs (fp32, leaf tensors with gradients): U, W (None without), kd, last in (0.5, 1),
+    a nonzero state0. Scales keep the state bounded over the chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(B, H, N, C, dv, generator=gen)
+    W = 0.1 * torch.randn(B, H, N, C, dk, generator=gen) if has_w else None
+    kd = 0.2 * torch.randn(B, H, N, C, dk, generator=gen)
+    last = 0.5 + 0.5 * torch.rand(B, H, N, generator=gen)
+    state0 = torch.randn(B, H, dk, dv, generator=gen)
+    return [None if t is None else t.requires_grad_() for t in (U, W, kd, last, state0)]
+
+
+def _loop_grads(fn, pieces, upstream):
+    """(states, final, grads of the inputs that are not None) of ``fn`` with upstream gradients
+    ``upstream`` (on (states, final); None: no gradient flows into that output)."""
+    states, final = fn(*pieces)
+    outs = [o for o, d in zip((states, final), upstream) if d is not None]
+    grads = torch.autograd.grad(outs, [t for t in pieces if t is not None], [d for d in upstream if d is not None])
+    return states.detach(), final.detach(), grads
+
+
+def _upstream(pieces, which, seed=5):
+    U, _, kd, _, state0 = pieces
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N = U.shape[:3]
+    d_states = torch.randn(B, H, N, *state0.shape[-2:], generator=gen)
+    d_final = torch.randn(state0.shape, generator=gen)
+    return {"both": (d_states, d_final), "final": (None, d_final), "states": (d_states, None)}[which]
+
+
+# ---- the loop: kernels against the PyTorch loop ------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("has_w", [True, False])
+def test_states_equal_the_pytorch_loop(has_w):
+    """B=1, H=2, 3 chunks of 16, dk = dv = 32, block_v 16: two V-blocks; a nonzero state0."""
+    dt = _kernels()
+    pieces = _pieces(has_w=has_w)
+    states, final = dt.chunk_states(*pieces, block_v=16)
+    want_states, want_final = gated_delta.chunk_states(*pieces)
+    assert states.shape == want_states.shape == (1, 2, 3, 32, 32)
+    torch.testing.assert_close(states, want_states, **STATE_TOL)
+    torch.testing.assert_close(final, want_final, **STATE_TOL)
+    assert final.abs().max() > 0.1 and not torch.allclose(final, pieces[4])  # the loop did something
+
+
+@interp
+@pytest.mark.parametrize("has_w,which", [(True, "both"), (False, "both"), (True, "final"), (True, "states")])
+def test_gradients_equal_the_pytorch_backward(has_w, which):
+    """Gradients of U, W, kd, last and state0 with random upstream gradients on both outputs (or on one only:
+    the other is None in the backward)."""
+    dt = _kernels()
+    pieces = _pieces(has_w=has_w, seed=1)
+    upstream = _upstream(pieces, which)
+    _, _, got = _loop_grads(functools.partial(dt.chunk_states, block_v=16), pieces, upstream)
+    _, _, want = _loop_grads(gated_delta.chunk_states, pieces, upstream)
+    assert len(got) == len(want) == (5 if has_w else 4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+        assert b.abs().max() > 0  # every gradient is a real one
+
+
+@interp
+def test_padded_shapes_and_partial_gradients():
+    """chunk 12, dk 24 (padded in registers to 16, 32), dv 40 with block_v 16 (three V-blocks, the last
+    partial), two heads of batch 2; only U and kd ask for gradients (the others are skipped)."""
+    dt = _kernels()
+    U, W, kd, last, state0 = _pieces(B=2, N=2, C=12, dk=24, dv=40, seed=2)
+    W, last, state0 = W.detach(), last.detach(), state0.detach()
+    pieces = [U, W, kd, last, state0]
+    states, final = dt.chunk_states(*pieces, block_v=16)
+    want_states, want_final = gated_delta.chunk_states(*pieces)
+    torch.testing.assert_close(states, want_states, **STATE_TOL)
+    torch.testing.assert_close(final, want_final, **STATE_TOL)
+    upstream = _upstream(pieces, "both")
+    got = torch.autograd.grad((states, final), (U, kd), upstream)
+    want = torch.autograd.grad((want_states, want_final), (U, kd), upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+
+
+@interp
+def test_negative_control_skipping_w_is_caught():
+    """The broken kernel (``W_c S`` skipped in the forward and the backward) fails the comparisons above."""
+    dt = _kernels()
+    pieces = _pieces(seed=3)
+    states, final = dt.chunk_states(*pieces, block_v=16, skip_w=True)
+    want_states, want_final = gated_delta.chunk_states(*pieces)
+    assert not torch.allclose(final, want_final, **STATE_TOL)
+    upstream = _upstream(pieces, "both")
+    _, _, got = _loop_grads(functools.partial(dt.chunk_states, block_v=16, skip_w=True), pieces, upstream)
+    _, _, want = _loop_grads(gated_delta.chunk_states, pieces, upstream)
+    assert not torch.allclose(got[4], want[4], **GRAD_TOL)  # dstate0 misses −Wᵀ dN in every chunk
+
+
+# ---- the chunked form through the kernels, against the token loop -----------------------------------------
+def _inputs(length=37, heads=2, dim=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, heads, length, generator=gen) + 2.0).requires_grad_()  # mild decays
+    beta = torch.rand(1, heads, length, generator=gen).requires_grad_()
+    return [q, k, v, g, beta]
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _errors(name, states_fn, segment=0):
+    """rel errors of (out, dq, dk, dv, dg, dbeta) of the chunked form (chunk 16, 37 tokens: three chunks, the
+    last padded) with ``states_fn`` against the fp32 token loop."""
+    gated, delta, normalize = gated_delta.VARIANTS[name]
+    kw = dict(gated=gated, delta=delta, normalize=normalize)
+    inputs = _inputs()
+    out = gated_delta.chunked(*inputs, chunk=16, states_fn=states_fn, segment=segment, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    used = inputs if delta else inputs[:4]  # simple_gla does not read beta
+    got = torch.autograd.grad(out, used, dout)
+    ref = gated_delta.naive_recurrence(*inputs, **kw)
+    want = torch.autograd.grad(ref, used, dout)
+    return [_rel(out, ref)] + [_rel(a, b) for a, b in zip(got, want)]
+
+
+TOKEN_LOOP_TOL = 1e-4  # relative norm error, values and every gradient
+
+
+@interp
+@pytest.mark.parametrize("name,segment", [("gated_delta_rule", 0), ("gated_delta_rule", 20), ("simple_gla", 0)])
+def test_chunked_through_the_kernels_equals_the_token_loop(name, segment):
+    """Values and gradients of q, k, v, g, beta (simple_gla: beta unused, g); segment 20: the kernels in
+    every segment, the state carried across (checkpointed)."""
+    dt = _kernels()
+    errors = _errors(name, functools.partial(dt.chunk_states, block_v=16), segment=segment)
+    assert len(errors) == (6 if gated_delta.VARIANTS[name][1] else 5)
+    assert max(errors) < TOKEN_LOOP_TOL, errors
+
+
+@interp
+def test_chunked_negative_control_is_caught():
+    """The broken kernel fails the same comparison with the token loop (values and gradients)."""
+    dt = _kernels()
+    errors = _errors("gated_delta_rule", functools.partial(dt.chunk_states, block_v=16, skip_w=True))
+    assert errors[0] > 10 * TOKEN_LOOP_TOL and min(errors) > TOKEN_LOOP_TOL, errors
+
+
+# ---- the method ------------------------------------------------------------------------------------------
+def _ctx(method="gated_delta_rule", params=None, head_dim=16, seq=20, device="cpu"):
+    from attnbench import masks
+
+    spec = masks.make_mask("causal")
+    bound = spec.bind(seq, seq)
+    case = SimpleNamespace(method=method, batch=1, heads_q=2, heads_kv=2, seq_q=seq, seq_kv=seq,
+                           head_dim=head_dim, seed=0, dtype="float32", mode="fwd")
+    return BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device(device),
+                        dtype=torch.float32, options={}, params=dict(params or {}))
+
+
+@interp
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_method_with_impl_triton_equals_its_reference(method, monkeypatch):
+    """The built method (impl: triton) against its own reference (the token loop) and against impl: torch;
+    the timed form and the decode prefill run through the kernels (counted), the reference does not."""
+    dt = _kernels()
+    calls = []
+    forward = dt.states_forward
+    monkeypatch.setattr(dt, "states_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    params = {"chunk": 16, "impl": "triton", "block_v": 16}
+    fast = as_prepared(METHODS[method].build(_ctx(method, params)))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    gated, delta, _ = gated_delta.VARIANTS[method]
+    inputs = [t.detach() for t in _inputs(length=20, dim=16)]
+    args = inputs[:3] + ([inputs[3]] if gated else []) + ([inputs[4]] if delta else [])
+    names = ["q", "k", "v"] + (["g"] if gated else []) + (["beta"] if delta else [])
+    extras = dict(zip(names[3:], args[3:]))
+    assert set(fast.extras) == set(extras)
+    out = fast.fn(*args[:3], **extras)
+    assert len(calls) == 1
+    assert _rel(out, fast.reference(*args[:3], **extras)) < 1e-4
+    assert _rel(out, plain.fn(*args[:3], **extras)) < 1e-5
+    assert len(calls) == 1  # neither the reference nor impl torch ran the kernels
+    state = fast.decode.prefill(*args[:3], **extras)
+    assert len(calls) == 2
+    torch.testing.assert_close(state, plain.decode.prefill(*args[:3], **extras), **STATE_TOL)
+
+
+@interp
+def test_state_scan_summary_through_the_kernels():
+    """The CP state scan's summary (the affine map M, b: the chunk loop on an identity state0, stride-0 expanded,
+    with dk-wide zero values) equals impl torch's."""
+    method = "gated_delta_rule"
+    fast = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16, "impl": "triton", "block_v": 16})))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    q, k, v, g, beta = (t.detach() for t in _inputs(length=20, dim=16))
+    got = fast.state_scan.summary(q, k, v, None, g=g, beta=beta)
+    want = plain.state_scan.summary(q, k, v, None, g=g, beta=beta)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **STATE_TOL)
+
+
+@interp
+def test_harness_rows(cfg):
+    """Through the case runner (the gate, gradients included): fp32 fwd_bwd with impl: triton is ok."""
+    method = "gated_delta_rule"
+    cfg.update(methods=[method], masks=["causal"], seq_lens=[20], modes=["fwd_bwd"], head_dim=16,
+               method_options={method: {"chunk": 16, "impl": "triton", "block_v": 16}})
+    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet")
+    assert len(frame) == 1
+    assert frame.loc[0, "status"] == "ok", frame.loc[0, "reason"]
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"impl": "cuda"}, "impl"),
+    ({"impl": "triton", "block_v": 8}, "block_v"),
+    ({"impl": "triton", "block_v": 256}, "block_v"),
+    ({"impl": "triton", "block_v": 48}, "block_v"),
+    ({"impl": "triton", "num_warps": 3}, "num_warps"),
+    ({"impl": "triton", "dot_precision": "fp16"}, "dot_precision"),
+    ({"impl": "triton", "chunk": 512}, "chunk"),
+    ({"block_v": 32}, "block_v"),  # a Triton-only option with impl torch
+    ({"impl": "torch", "num_warps": 4}, "num_warps"),
+])
+@pytest.mark.parametrize("method", ["gated_delta_rule", "simple_gla"])
+def test_bad_options_name_the_field(method, params, field):
+    with pytest.raises(ValueError, match=f"method_options.{method}.{field}"):
+        METHODS[method].build(_ctx(method, params))
+
+
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_without_cuda_or_interpreter_the_case_is_unsupported(method, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(Unsupported, match="impl=triton.*TRITON_INTERPRET=1"):
+        METHODS[method].build(_ctx(method, {"impl": "triton"}))
+    METHODS[method].build(_ctx(method, {"impl": "torch"}))  # the control: impl torch builds on the CPU
+
+
+def test_head_dims_above_256_are_unsupported():
+    with pytest.raises(Unsupported, match="head_dim 512 > 256"):
+        METHODS["delta_rule"].build(_ctx("delta_rule", {"impl": "triton"}, head_dim=512))
