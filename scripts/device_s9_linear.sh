@@ -4,10 +4,11 @@
 #   1. the delta rules and simple_gla with impl: triton: the inter-chunk state loop (forward and its backward)
 #      through the own kernels of methods/linear/delta_triton.py instead of the Python loop over chunks
 #      (launch-bound: 8K tokens 22 ms fwd / 69 ms fwd_bwd in h200-linear-delta-v2); everything else (the WY
-#      pieces, the outputs, `segment: auto` above 128K keys) as in that run; dot_precision ieee (the default);
-#      optional, each a run of its own at 8K / 128K / 1M: TF32=1: dot_precision tf32 (tensor cores);
-#      BV16=1: block_v 16 (grid B·H·dv/16 = 128 programs at 16 heads, d 128, against 32 at the default 64:
-#      about the H200's 132 SMs, a quarter of the sequential work per program).
+#      pieces, the outputs, `segment: auto` above 128K keys) as in that run; the kernels' defaults (tf32 dots,
+#      block_v 32, 2 stages, 4 warps: chosen offline for sm_90, delta_triton.DEFAULTS; does tf32 pass the gate?);
+#      then, each a run of its own at 8K / 128K (IEEE=0 or BV16=0 to skip): IEEE: dot_precision ieee at block_v
+#      16, 8 warps, 1 stage (the full-fp32 dots' configuration that spills least offline: 0.5 / 0.7 KB);
+#      BV16: tf32 at block_v 16 (grid B·H·dv/16 = 128 programs at 16 heads, d 128, against 64 at block_v 32).
 #   WRAP_S=560 bash scripts/device_wrap.sh s9-linear scripts/device_s9_linear.sh      (carry .whl, .triton-cache)
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
@@ -23,18 +24,21 @@ DM="methods=[gated_delta_rule,delta_rule,simple_gla]"
 DL="seq_lens=[8192,32768,131072,262144,524288,1048576]"
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton +method_options.simple_gla.impl=triton"
 DT=h200-linear-delta-triton
-inv ${A1:-240} delta-triton $DT "$DM" "$DL" $TRI case_timeout_s=90
+inv ${A1:-200} delta-triton $DT "$DM" "$DL" $TRI case_timeout_s=90
 RUNS="$DT"
-if [ "${TF32:-0}" = 1 ]; then
-  inv ${A2:-120} delta-triton-tf32 $DT-tf32 "$DM" "seq_lens=[8192,131072,1048576]" $TRI \
-    +method_options.gated_delta_rule.dot_precision=tf32 +method_options.delta_rule.dot_precision=tf32 \
-    +method_options.simple_gla.dot_precision=tf32 case_timeout_s=90
-  RUNS="$RUNS $DT-tf32"
+if [ "${IEEE:-1}" = 1 ]; then
+  opts=""
+  for m in gated_delta_rule delta_rule simple_gla; do
+    opts="$opts +method_options.$m.dot_precision=ieee +method_options.$m.block_v=16 +method_options.$m.num_warps=8"
+    opts="$opts +method_options.$m.num_stages=1"
+  done
+  inv ${A2:-50} delta-triton-ieee $DT-ieee "$DM" "seq_lens=[8192,131072]" $TRI $opts case_timeout_s=40
+  RUNS="$RUNS $DT-ieee"
 fi
-if [ "${BV16:-0}" = 1 ]; then
-  inv ${A3:-120} delta-triton-bv16 $DT-bv16 "$DM" "seq_lens=[8192,131072,1048576]" $TRI \
+if [ "${BV16:-1}" = 1 ]; then
+  inv ${A3:-50} delta-triton-bv16 $DT-bv16 "$DM" "seq_lens=[8192,131072]" $TRI \
     +method_options.gated_delta_rule.block_v=16 +method_options.delta_rule.block_v=16 \
-    +method_options.simple_gla.block_v=16 case_timeout_s=90
+    +method_options.simple_gla.block_v=16 case_timeout_s=40
   RUNS="$RUNS $DT-bv16"
 fi
 for run in $RUNS; do python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1; done

@@ -69,3 +69,30 @@ def test_record_launches_restores_the_launcher():
             assert JITFunction.run is not before
             raise RuntimeError("leave the block early")
     assert JITFunction.run is before
+
+
+def _delta_launches(dk, **opts):
+    from attnbench.methods.linear.delta_triton import chunk_states
+
+    torch.manual_seed(0)
+    shape = (1, 2, 8, 64)  # 8 chunks of 64 tokens
+    U = torch.randn(*shape, 128, requires_grad=True)
+    W, kd = (torch.randn(*shape, dk, requires_grad=True) for _ in range(2))
+    last = torch.rand(1, 2, 8, requires_grad=True)
+    state0 = torch.zeros(1, 2, dk, 128, requires_grad=True)
+    with record_launches() as launches:
+        states, final = chunk_states(U, W, kd, last, state0, **opts)
+        (states.sum() + final.sum()).backward()
+    assert [launch.name for launch in launches] == ["_fwd_src", "_bwd_src"], launches
+    return launches
+
+
+@pytest.mark.parametrize("dk", [128, 256])
+def test_delta_state_kernels_fit_h200_shared_memory_at_their_defaults(dk):
+    fits = compile_fits(_delta_launches(dk))
+    assert len(fits) == 2 and all(f.ok for f in fits), fits
+
+
+def test_negative_control_delta_kernels_at_block_v_64_and_3_stages_do_not_fit():
+    fits = compile_fits(_delta_launches(128, block_v=64, num_stages=3))
+    assert any(not f.ok for f in fits), fits

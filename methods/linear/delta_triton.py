@@ -31,16 +31,18 @@ Kernels (one launch each way):
   summed in PyTorch afterwards (no atomics: deterministic; no buffer and no sum with one V-block).
 
 Everything is fp32 (inputs, states, registers, outputs); ``tl.dot`` runs with ``input_precision``
-``dot_precision``: ``ieee`` (the default: full fp32, as the PyTorch path's fp32 matmuls, which run without
-tf32) or ``tf32`` (tensor cores, ~1e-3 relative rounding per product). Shapes: ``tl.dot`` needs every
+``dot_precision``: ``tf32`` (the default: tensor cores, ~1e-3 relative rounding per product, as fla's kernels
+round the state to bf16 for the same dots) or ``ieee`` (full fp32 as the PyTorch path's fp32 matmuls; on the
+GPU it spills heavily, see :data:`DEFAULTS`). Shapes: ``tl.dot`` needs every
 dimension >= 16 and ``tl.arange`` powers of two, so the chunk C and dk are padded in registers to the next
 power of two >= 16 with masked loads (padded rows of U, W, kd load as 0 and so write nothing; padded state
 rows stay 0); dv is covered by V-blocks of ``block_v`` (masked at the edge). Inputs are read through their
 strides (``U`` and ``W`` are views of one solve's output), nothing is copied.
 
-Parameters: ``block_v`` (value columns per program, a power of two 16..128, default 64: fewer columns mean
+Parameters: ``block_v`` (value columns per program, a power of two 16..128, default 32: fewer columns mean
 more programs, B · H · cdiv(dv, block_v), and fewer registers, but more partial-sum traffic in the backward),
-``num_warps`` (default 4), ``dot_precision``. Chunks up to :data:`MAX_CHUNK` tokens and head dims up to
+``num_warps`` (default 4), ``dot_precision``, ``num_stages`` (default: 2 up to dk 128, 1 above). Chunks up
+to :data:`MAX_CHUNK` tokens and head dims up to
 :data:`MAX_DIM` (the state block, one chunk's W and kd tiles live in registers).
 
 ``skip_w=True`` drops the ``W_c S`` term in both kernels: a deliberately broken variant for the tests'
@@ -56,6 +58,12 @@ from .linear_triton import _block, interpreting
 MAX_CHUNK = 256
 MAX_DIM = 256
 PRECISIONS = ("ieee", "tf32")
+# Defaults chosen offline (methods/triton_fit.py: the launches compiled for sm_90, chunk 64, dk = dv = 128; KB of
+# shared memory fwd / bwd and spilled bytes per thread, 4 warps): block_v 64 at 3 stages needs 196 / 294 KB
+# (ieee) and 278 / 278 KB (tf32), over the H200's 227 KB; ieee dots spill 5-100 KB per thread at block_v >= 32
+# (no tensor cores: the fp32 FMA dot keeps its operands in registers); tf32 at block_v 32, 2 stages: 168 / 176
+# KB, 0 / 1.4 KB spilled. tests/test_triton_fit.py holds the defaults to the limit. Not yet timed on the H200.
+DEFAULTS = dict(block_v=32, num_warps=4, dot_precision="tf32")
 
 
 def _fwd_src(U, W, KD, LAST, S0, STATES, SF, N, H, C,
@@ -201,7 +209,14 @@ def _strides(t, like):
     return (t if t is not None else like).stride()
 
 
-def states_forward(U, W, kd, last, state0, *, block_v=64, num_warps=4, dot_precision="ieee", skip_w=False):
+def _stages(num_stages, dk: int) -> int:
+    """The software pipeline's depth: ``num_stages`` as given, else 2 up to 128-wide states and 1 above (the
+    prefetched W / kd / U tiles of the next chunk; see :data:`DEFAULTS`)."""
+    return num_stages if num_stages else (2 if _block(dk) <= 128 else 1)
+
+
+def states_forward(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_warps=DEFAULTS["num_warps"],
+                   dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False):
     """The forward kernel: (states [B, H, N, dk, dv] fp32, the state entering each chunk; the final state
     [B, H, dk, dv] fp32). No autograd (see :func:`chunk_states`)."""
     _check(U, W, kd, last, state0, block_v, dot_precision)
@@ -219,12 +234,14 @@ def states_forward(U, W, kd, last, state0, *, block_v=64, num_warps=4, dot_preci
                          *U.stride(), *_strides(W if has_w else None, kd), *kd.stride(), *last.stride(),
                          *state0.stride(),
                          DK=dk, DV=dv, BC=_block(chunk), BK=_block(dk), BV=bv, HAS_W=int(has_w),
-                         PRECISION=dot_precision, N_INTERP=n if interpreting() else 0, num_warps=num_warps)
+                         PRECISION=dot_precision, N_INTERP=n if interpreting() else 0, num_warps=num_warps,
+                         num_stages=_stages(num_stages, dk))
     return states, final
 
 
-def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=64, num_warps=4,
-                    dot_precision="ieee", skip_w=False):
+def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=DEFAULTS["block_v"],
+                    num_warps=DEFAULTS["num_warps"], dot_precision=DEFAULTS["dot_precision"], num_stages=None,
+                    skip_w=False):
     """The backward kernel: (dU, dW, dkd, dlast, dstate0), each None where ``needs`` (five flags, as
     ``ctx.needs_input_grad``) says it is not wanted (dW also where W is None). ``dstates`` ([B, H, N, dk, dv])
     and ``dfinal`` ([B, H, dk, dv]) may be None (no gradient flows into them)."""
@@ -264,7 +281,8 @@ def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=6
                          HAS_DSTATES=int(dstates is not None), HAS_DSF=int(dfinal is not None),
                          NEED_DU=int(need_u), NEED_DW=int(need_w and has_w), NEED_DKD=int(need_kd),
                          NEED_DLAST=int(need_last), NEED_DS0=int(need_s0), PRECISION=dot_precision,
-                         N_INTERP=n if interpreting() else 0, num_warps=num_warps)
+                         N_INTERP=n if interpreting() else 0, num_warps=num_warps,
+                         num_stages=_stages(num_stages, dk))
     # the sums over V-blocks (fp32, in PyTorch: deterministic); one V-block: the buffer's only slice, no copy
     dW, dkd, dlast = (None if t is None else (t[0] if nv == 1 else t.sum(0)) for t in (dW, dkd, dlast))
     return dU, dW, dkd, dlast, ds0
@@ -291,10 +309,12 @@ class _ChunkStatesTriton(torch.autograd.Function):
         return (*grads, None)
 
 
-def chunk_states(U, W, kd, last, state0, *, block_v=64, num_warps=4, dot_precision="ieee", skip_w=False):
+def chunk_states(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_warps=DEFAULTS["num_warps"],
+                 dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False):
     """The loop over chunks through the Triton kernels: (states [B, H, N, dk, dv], final state [B, H, dk, dv]),
     differentiable in every input (``W`` may be None: simple_gla). Drop-in for
     :func:`gated_delta.chunk_states` (fp32 inputs, CUDA or ``TRITON_INTERPRET=1``)."""
-    opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, skip_w=skip_w)
+    opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, num_stages=num_stages,
+                skip_w=skip_w)
     _check(U, W, kd, last, state0, block_v, dot_precision)
     return _ChunkStatesTriton.apply(U, W, kd, last, state0, opts)

@@ -42,8 +42,8 @@ per piece and emits only the requested rows, forward only. ``impl`` (:func:`stat
 default) or ``triton``: the loop over chunks (forward and its backward) through own Triton kernels
 (``delta_triton.py``: one launch each way instead of a few per chunk), everything else unchanged, in the timed
 form, the decode prefill and the state scan (the references stay PyTorch); with ``block_v`` (power of two
-16..128, default 64), ``num_warps`` (default 4), ``dot_precision`` (``ieee``, the default, or ``tf32``) and
-``chunk`` <= 256; CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
+16..128, default 32), ``num_warps`` (default 4), ``dot_precision`` (``tf32``, the default, or ``ieee``),
+``num_stages`` (``auto``) and ``chunk`` <= 256 (:func:`states_impl`); CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
 """
 from __future__ import annotations
 
@@ -420,15 +420,17 @@ def segment_tokens(option, length: int) -> int:
 
 
 IMPLS = ("torch", "triton")
-TRITON_ONLY = ("block_v", "num_warps", "dot_precision")  # options of impl: triton alone
+TRITON_ONLY = ("block_v", "num_warps", "dot_precision", "num_stages")  # options of impl: triton alone
 
 
 def states_impl(ctx, chunk: int):
     """``method_options.<method>.impl``: ``torch`` (the default: the chunk loop in PyTorch,
     :func:`chunk_states`) or ``triton`` (the loop through own Triton kernels, :mod:`delta_triton`, with
-    ``block_v`` (power of two 16..128, default 64), ``num_warps`` (1, 2, 4, 8 or 16; default 4) and
-    ``dot_precision`` (``ieee``, the default, or ``tf32``)). Returns the ``states_fn`` for :func:`chunked`
-    (None for ``torch``). Bad values: ValueError naming the field; with ``triton``, ``Unsupported`` (the case's
+    ``block_v`` (power of two 16..128), ``num_warps`` (1, 2, 4, 8 or 16), ``dot_precision`` (``tf32`` or
+    ``ieee``) and ``num_stages``). Returns the ``states_fn`` for :func:`chunked`
+    (None for ``torch``). ``num_stages``: ``auto`` (2 up to head dim 128, 1 above) or 1, 2, 3. Defaults:
+    :data:`delta_triton.DEFAULTS` (block_v 32, 4 warps, tf32 dots: chosen offline for sm_90's shared memory
+    and spills). Bad values: ValueError naming the field; with ``triton``, ``Unsupported`` (the case's
     row, with the reason) without CUDA or ``TRITON_INTERPRET=1``, or for head dims above 256. Never a silent
     fallback to the PyTorch loop."""
     from .common import param_choice
@@ -441,9 +443,12 @@ def states_impl(ctx, chunk: int):
             if name in ctx.params:
                 raise ValueError(f"{field}.{name}: applies to impl 'triton' only (impl is 'torch')")
         return None
-    block_v = param_int(ctx, "block_v", 64, minimum=16, maximum=128, power_of_two=True)
-    num_warps = param_choice(ctx, "num_warps", 4, (1, 2, 4, 8, 16))
-    precision = param_choice(ctx, "dot_precision", "ieee", ("ieee", "tf32"))
+    from .delta_triton import DEFAULTS, PRECISIONS
+
+    block_v = param_int(ctx, "block_v", DEFAULTS["block_v"], minimum=16, maximum=128, power_of_two=True)
+    num_warps = param_choice(ctx, "num_warps", DEFAULTS["num_warps"], (1, 2, 4, 8, 16))
+    precision = param_choice(ctx, "dot_precision", DEFAULTS["dot_precision"], PRECISIONS)
+    num_stages = param_choice(ctx, "num_stages", "auto", ("auto", 1, 2, 3))
     if chunk > 256:
         raise ValueError(f"{field}.chunk: must be <= 256 with impl 'triton' (one chunk's tiles live in "
                          f"registers), got {chunk}")
@@ -461,7 +466,8 @@ def states_impl(ctx, chunk: int):
 
     from .delta_triton import chunk_states as triton_states
 
-    return functools.partial(triton_states, block_v=block_v, num_warps=num_warps, dot_precision=precision)
+    return functools.partial(triton_states, block_v=block_v, num_warps=num_warps, dot_precision=precision,
+                             num_stages=None if num_stages == "auto" else num_stages)
 
 
 def build_variant(ctx, name: str, fast=None) -> Prepared:
