@@ -5,12 +5,17 @@
 # causal 1M BlockMask build, routing causal 1M, combiner_axial full 256K). Here every case gets 75 s
 # (case_timeout_s; CT to change) and the steps share the call: 256K first (cheaper), then 1M fwd, then 1M fwd_bwd.
 # A case that does not fit is a `timeout` row again (the row that says why not); running the script again resumes.
+# RETRY (default: none since the eighth session, whose call re-ran the timeouts at 75 s and got 6 rows in 560 s:
+# flex causal 1M at ~12 s a forward call timed out again) lists the statuses to re-run, e.g. RETRY=timeout; the
+# ninth session runs the 33 cells that have no row yet (7 full 256K fwd_bwd, 26 at 1M: scripts/check_device_plan.py
+# results/h200-sparse "" sweep=sparse "seq_lens=[1048576]" lists them) with CT=60.
 # halo and long_short resume their implementation runs (h200-impl-strided*), as in scripts/device_fill_s3.sh.
 #   WRAP_S=560 bash scripts/device_wrap.sh s8-sparse scripts/device_s8_sparse.sh      (carry .whl)
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 AB="python3 -m attnbench.cli"
 CT=${CT:-75}
+RETRY=${RETRY:-}
 fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
 inv() {  # inv WALL_S LOG PRESET RUN ARGS...
   local wall=$1 log=$2 preset=$3 run=$4; shift 4
@@ -19,12 +24,12 @@ inv() {  # inv WALL_S LOG PRESET RUN ARGS...
 }
 cp -r results/h200-sparse results/h200-impl-strided "$OUT/"
 M="methods=[sdpa_cudnn,flex,biformer,biformer_2d,biformer_layer,halo_2d,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,superlinear]"
-inv ${S1:-150} sparse-256k sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[262144]" case_timeout_s=$CT
-inv ${S2:-170} sparse-1m-fwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=$CT
-inv ${S3:-150} sparse-1m-bwd sparse h200-sparse "$M" "retry=[timeout]" "seq_lens=[1048576]" "modes=[fwd_bwd]" \
+inv ${S1:-150} sparse-256k sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[262144]" case_timeout_s=$CT
+inv ${S2:-170} sparse-1m-fwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=$CT
+inv ${S3:-150} sparse-1m-bwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd_bwd]" \
   case_timeout_s=$CT
 inv ${S4:-60} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
-  "retry=[timeout]" case_timeout_s=45
+  "retry=[$RETRY]" case_timeout_s=45
 python3 scripts/sparse_summary.py "$OUT/h200-sparse" > "$OUT/sparse-summary.md" 2>&1
 for f in "$OUT"/sparse-*.txt "$OUT"/impl-*.txt; do echo "== $(basename $f)"; grep -v "case/s" "$f" | grep "cases:\|not ok" -A4 | tail -n 6; done
 echo "== done after ${SECONDS}s"
