@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """Per-method figures of the linear-family runs (issue 10's closing note), as Markdown.
 
-    python3 scripts/linear_summary.py RUN_DIR [DECODE_RUN_DIR] [--smoke SMOKE_RUN_DIR] [--min-fit 32768]
+    python3 scripts/linear_summary.py RUN_DIR [RUN_DIR ...] [--smoke SMOKE_RUN_DIR] [--min-fit 32768]
+
+Several runs are merged (issue 10's measurements are spread over runs, one per kernel version): a run whose
+rows are all ``decode`` is the decode run; of the others, each (method, mode) takes its rows from the run that
+measured it last (the latest ``started_at``: a later run measured newer code; never lengths of two runs mixed
+on one line), and a method run with ``impl`` other than its default is its own line (``performer [impl=triton]``). Runs measured with other options
+on purpose (num_warps 8, ...) are left out by not passing them.
 
 For each method and mode (fwd, fwd_bwd) over its ``ok`` rows: the log-log slope of time against length (a
 least-squares fit over lengths >= --min-fit; 1 = linear, 2 = quadratic), the 1M-token figures (ms, TFLOP/s
@@ -42,7 +48,38 @@ def load(run_dir: Path) -> pd.DataFrame:
         raise SystemExit(f"{run_dir}: no rows.parquet or rows.jsonl")
     if "case_id" in frame:  # the latest row of each case (a resumed run may retry)
         frame = frame.drop_duplicates("case_id", keep="last")
+    frame["run"] = run_dir.name
     return frame
+
+
+DEFAULT_IMPLS = ("chunked", "torch")
+
+
+def impl_label(method: str, options) -> str:
+    """``method``, or ``method [impl=X]`` when its row's method_options (JSON) set an impl other than the
+    default (chunked / torch)."""
+    try:
+        impl = json.loads(options).get("impl") if isinstance(options, str) and options else None
+    except (ValueError, AttributeError):
+        impl = None
+    return method if impl in (None, *DEFAULT_IMPLS) else f"{method} [impl={impl}]"
+
+
+def merge(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The runs' rows as one frame, ``method`` relabelled by :func:`impl_label`; each (method, mode) takes all its
+    rows from one run: the one that measured it last (latest ``started_at``; without it, the later run given).
+    Not length by length: a line mixing kernel versions across lengths would give a slope and an efficiency
+    length of neither."""
+    for order, frame in enumerate(frames):
+        frame["_run_order"] = order
+    frame = pd.concat(frames, ignore_index=True, sort=False)
+    options = frame["method_options"] if "method_options" in frame else pd.Series([None] * len(frame))
+    frame["method"] = [impl_label(m, o) for m, o in zip(frame["method"], options)]
+    started = frame["started_at"].fillna("") if "started_at" in frame else pd.Series([""] * len(frame))
+    frame["_when"] = list(zip(started, frame["_run_order"]))
+    latest = frame.groupby(["method", "mode"])["_when"].transform("max")
+    chosen = frame["_run_order"] == [when[1] for when in latest]
+    return frame[chosen].drop(columns=["_when", "_run_order"]).reset_index(drop=True)
 
 
 def slope(points: list[tuple[float, float]]) -> float | None:
@@ -81,16 +118,24 @@ def fmt(x, spec=".3g"):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
-    parser.add_argument("decode_run", nargs="?")
+    parser.add_argument("runs", nargs="+", metavar="run")
     parser.add_argument("--smoke")
     parser.add_argument("--min-fit", type=int, default=32768)
     args = parser.parse_args(argv)
-    frame = load(Path(args.run))
-    out = [f"# Linear family: {Path(args.run).name}", ""]
+    loaded = [load(Path(run)) for run in args.runs]
+    decode = [f for f in loaded if len(f) and (f["mode"] == "decode").all()]
+    timed = [f for f in loaded if not (len(f) and (f["mode"] == "decode").all())]
+    if not timed:
+        raise SystemExit("linear_summary: no run with fwd / fwd_bwd rows")
+    frame = merge(timed)
+    names = ", ".join(Path(run).name for run in args.runs)
+    out = [f"# Linear family: {names}", ""]
+    if len(timed) > 1:
+        out += ["Merged: each method (and impl) and mode from the run that measured it last; column `runs` names "
+                "it.", ""]
     base = curve(frame, YARDSTICK, "fwd_bwd")
-    out += ["| method | mode | slope (>= %dK) | 1M ms | 1M TFLOP/s | 1M peak GiB | efficiency length vs %s fwd_bwd | own/fla at >= 32K |"
-            % (args.min_fit // 1024, YARDSTICK), "|---|---|---|---|---|---|---|---|"]
+    out += ["| method | mode | slope (>= %dK) | 1M ms | 1M TFLOP/s | 1M peak GiB | efficiency length vs %s fwd_bwd | own/fla at >= 32K | lengths ok | runs |"
+            % (args.min_fit // 1024, YARDSTICK), "|---|---|---|---|---|---|---|---|---|---|"]
     for method in sorted(set(frame.method)):
         for mode in ("fwd", "fwd_bwd"):
             rows = frame[(frame.method == method) & (frame["mode"] == mode)]
@@ -108,23 +153,25 @@ def main(argv=None) -> int:
                 ms, tf, mem = "not run", "", ""
             eff = efficiency_length(times, base) if mode == "fwd_bwd" and base and method != YARDSTICK else ""
             ratio = ""
-            if method in FLA_OF:
-                fla = curve(frame, FLA_OF[method], mode)
+            own = method.split(" [")[0]
+            if own in FLA_OF:
+                fla = curve(frame, FLA_OF[own], mode)
                 common = [n for n in sorted(set(times) & set(fla)) if n >= 32768]
                 ratio = ", ".join(f"{n // 1024}K: {times[n] / fla[n]:.2f}x" for n in common)
                 if not common:
-                    fla_rows = frame[(frame.method == FLA_OF[method]) & (frame["mode"] == mode)]
+                    fla_rows = frame[(frame.method == FLA_OF[own]) & (frame["mode"] == mode)]
                     if not fla_rows.empty and (fla_rows.status != "ok").all():
                         ratio = f"fla {fla_rows.iloc[0].status}: {str(fla_rows.iloc[0].reason)[:50]}"
-            out.append(f"| {method} | {mode} | {fmt(fit, '.2f')} | {ms} | {tf} | {mem} | {eff} | {ratio} |")
+            lengths = ", ".join(f"{n // 1024}K" for n in sorted(times))
+            runs = ", ".join(sorted(set(rows["run"])))
+            out.append(f"| {method} | {mode} | {fmt(fit, '.2f')} | {ms} | {tf} | {mem} | {eff} | {ratio} | {lengths} | {runs} |")
     bad = frame[~frame.status.isin(["ok"])]
     if not bad.empty:
         out += ["", "## Rows not ok", "", "| method | mode | seq | status | reason |", "|---|---|---|---|---|"]
         for _, r in bad.sort_values(["method", "mode", "seq_q"]).iterrows():
             out.append(f"| {r.method} | {r['mode']} | {r.seq_q} | {r.status} | {str(r.reason)[:110]} |")
-    if args.decode_run:
-        dec = load(Path(args.decode_run))
-        dec = dec[dec["mode"] == "decode"]
+    if decode:
+        dec = merge(decode)
         out += ["", "## Decode: ms per step against context", ""]
         contexts = sorted(set(dec.seq_kv))
         out += ["| method | " + " | ".join(f"{c // 1024}K" for c in contexts) + " | slope | state bytes/seq |",

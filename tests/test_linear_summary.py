@@ -48,3 +48,29 @@ def test_efficiency_length_bounds():
     eff = _module().efficiency_length
     assert eff({1: 1.0, 2: 1.0}, {1: 2.0, 2: 4.0}).startswith("<=")
     assert eff({1024: 9.0, 2048: 9.0}, {1024: 1.0, 2048: 2.0}) == "> 2K"
+
+
+def test_runs_merge_latest_row_wins_impl_is_its_own_line_and_decode_run_is_found(tmp_path, capsys):
+    def write(name, rows):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return str(run)
+
+    lengths = [32768, 131072, 1 << 20]
+    old = write("old", [_row("linear_attn", n, 3e-3 * n, started_at="2026-12-01T10:00:00") for n in lengths]
+                + [_row("sdpa_cudnn", n, 1e-3 * n * n / 8192, started_at="2026-12-01T10:00:00") for n in lengths[:2]])
+    new = write("new", [_row("linear_attn", n, 1e-3 * n, started_at="2026-12-02T10:00:00") for n in lengths]
+                + [_row("performer", n, 2e-3 * n, method_options='{"impl": "triton"}', started_at="2026-12-02T10:00:00")
+                   for n in lengths])
+    dec = write("dec", [_row("linear_attn", n, 0.1, mode="decode") for n in lengths])
+    # the older run given last: started_at decides, not the order on the command line
+    assert _module().main([new, dec, old]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if l.startswith("| linear_attn | fwd_bwd"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[3] == "1.05e+03", line  # the newer run's 1M time (the older: 3.15e+03)
+    assert cells[9] == "new", line
+    assert any(l.startswith("| performer [impl=triton] | fwd_bwd") for l in text.splitlines())
+    assert "## Decode: ms per step against context" in text
+    assert _module().impl_label("performer", '{"impl": "chunked"}') == "performer"
