@@ -261,9 +261,12 @@ def test_harness_rows(cfg):
     ({"impl": "triton", "block_v": 48}, "block_v"),
     ({"impl": "triton", "num_warps": 3}, "num_warps"),
     ({"impl": "triton", "dot_precision": "fp16"}, "dot_precision"),
+    ({"impl": "triton", "num_stages": 4}, "num_stages"),
+    ({"impl": "triton", "num_stages": True}, "num_stages"),  # a bool is not the stage count 1
     ({"impl": "triton", "chunk": 512}, "chunk"),
     ({"block_v": 32}, "block_v"),  # a Triton-only option with impl torch
     ({"impl": "torch", "num_warps": 4}, "num_warps"),
+    ({"impl": "torch", "num_stages": 2}, "num_stages"),
 ])
 @pytest.mark.parametrize("method", ["gated_delta_rule", "simple_gla"])
 def test_bad_options_name_the_field(method, params, field):

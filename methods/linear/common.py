@@ -63,8 +63,9 @@ def param_float(ctx, name: str, default: float, minimum: float | None = None, ma
 
 def param_choice(ctx, name: str, default: str, choices):
     value = ctx.param(name, default)
-    if value not in choices:
-        raise ValueError(f"method_options.{ctx.case.method}.{name}: must be one of {sorted(choices)}, got {value!r}")
+    if isinstance(value, bool) or value not in choices:  # True == 1: a bool is never a valid choice here
+        raise ValueError(f"method_options.{ctx.case.method}.{name}: must be one of {sorted(choices, key=str)}, "
+                         f"got {value!r}")
     return value
 
 
