@@ -8,7 +8,9 @@
 # RETRY (default: none since the eighth session, whose call re-ran the timeouts at 75 s and got 6 rows in 560 s:
 # flex causal 1M at ~12 s a forward call timed out again) lists the statuses to re-run, e.g. RETRY=timeout; the
 # ninth session runs the 33 cells that have no row yet (7 full 256K fwd_bwd, 26 at 1M: scripts/check_device_plan.py
-# results/h200-sparse "" sweep=sparse "seq_lens=[1048576]" lists them) with CT=60.
+# results/h200-sparse "" sweep=sparse "seq_lens=[1048576]" lists them) with CT=60. At 1M the timing takes
+# budget_ms 400 and min_reps 1 (T1M="..." to change): a call of seconds (flex causal 1M fwd ~12 s) is timed once
+# after its warm-up instead of three times, a 40 ms call still ~10 times; rows record reps.
 # halo and long_short resume their implementation runs (h200-impl-strided*), as in scripts/device_fill_s3.sh.
 #   WRAP_S=560 bash scripts/device_wrap.sh s8-sparse scripts/device_s8_sparse.sh      (carry .whl)
 set -u
@@ -16,6 +18,7 @@ set -u
 AB="python3 -m attnbench.cli"
 CT=${CT:-75}
 RETRY=${RETRY:-}
+T1M=${T1M:-timing.budget_ms=400 timing.min_reps=1}
 fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
 inv() {  # inv WALL_S LOG PRESET RUN ARGS...
   local wall=$1 log=$2 preset=$3 run=$4; shift 4
@@ -25,9 +28,9 @@ inv() {  # inv WALL_S LOG PRESET RUN ARGS...
 cp -r results/h200-sparse results/h200-impl-strided "$OUT/"
 M="methods=[sdpa_cudnn,flex,biformer,biformer_2d,biformer_layer,halo_2d,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,superlinear]"
 inv ${S1:-150} sparse-256k sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[262144]" case_timeout_s=$CT
-inv ${S2:-170} sparse-1m-fwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=$CT
+inv ${S2:-170} sparse-1m-fwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=$CT $T1M
 inv ${S3:-150} sparse-1m-bwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd_bwd]" \
-  case_timeout_s=$CT
+  case_timeout_s=$CT $T1M
 inv ${S4:-60} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
   "retry=[$RETRY]" case_timeout_s=45
 python3 scripts/sparse_summary.py "$OUT/h200-sparse" > "$OUT/sparse-summary.md" 2>&1
