@@ -205,3 +205,26 @@ def test_superseded_by_fitted_keeps_rows_that_ran():
                           {**base, "status": "ok", "fitted_options": '{"block": 32}'}])
     kept = superseded_by_fitted(frame)
     assert list(kept["status"]) == ["ok", "ok"]  # only the unsupported default-sized row goes
+
+
+def test_methods_that_ran_nothing_of_a_pattern_leave_its_table_with_their_reasons():
+    import pandas as pd
+
+    from attnbench.report.sections.quality import split_unsupported, unsupported_note
+
+    rows = pd.DataFrame([
+        {"label": "flex", "status": "ok", "reason": ""},
+        {"label": "halo", "status": "unsupported", "reason": "block too big"},
+        {"label": "halo", "status": "ok", "reason": ""},  # ran once: keeps its line
+        {"label": "simple_gla", "status": "unsupported", "reason": "causal masks only"},
+        {"label": "delta_rule", "status": "unsupported", "reason": "causal masks only"},
+        {"label": "flash_attn", "status": "unsupported", "reason": "not importable"},
+        {"label": "routing", "status": "error", "reason": "boom"},  # failed, not unsupported: keeps its line
+    ])
+    kept, gone = split_unsupported(rows)
+    assert sorted(set(kept["label"])) == ["flex", "halo", "routing"]
+    assert gone == {"delta_rule": "causal masks only", "flash_attn": "not importable",
+                    "simple_gla": "causal masks only"}
+    note = unsupported_note(gone)
+    assert "delta_rule, simple_gla (causal masks only)" in note and "flash_attn (not importable)" in note
+    assert unsupported_note({}) == ""

@@ -77,6 +77,28 @@ def shared_device_note(rows: pd.DataFrame) -> str:
             "speed only between rows of equal `concurrent`.")
 
 
+def split_unsupported(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(the rows of methods that have a row other than ``unsupported``, {label: its reasons} of the methods whose
+    every row is ``unsupported``): those take no line of the pattern's table (a line of "unsupported" in every
+    cell ranks nothing) but are named under it with why."""
+    all_unsupported = (rows["status"] == "unsupported").groupby(rows["label"]).all()
+    only = sorted(label for label, yes in all_unsupported.items() if yes)
+    reasons = {label: "; ".join(sorted(set(rows.loc[rows["label"] == label, "reason"]) - {""}))
+               for label in only}
+    return rows[~rows["label"].isin(only)], reasons
+
+
+def unsupported_note(reasons: dict[str, str], limit: int = 160) -> str:
+    """The caption's sentence naming the methods that ran no case of the pattern, grouped by reason."""
+    if not reasons:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for label, reason in reasons.items():
+        by_reason.setdefault(reason[:limit] or "no reason recorded", []).append(label)
+    parts = [f"{', '.join(labels)} ({reason})" for reason, labels in sorted(by_reason.items(), key=lambda kv: kv[1])]
+    return f" Not in the table, every case `unsupported`: {'; '.join(parts)}."
+
+
 def _direction(rows: pd.DataFrame) -> bool:
     return bool(rows["higher_is_better"].dropna().iloc[0]) if rows["higher_is_better"].notna().any() else True
 
@@ -181,10 +203,15 @@ def section_quality(ctx: Context) -> Section | None:
         mine = trained[trained["pattern"] == pattern]
         if mine.empty:
             continue
-        header, table, _ = rank_table(mine)
+        mine, none_ran = split_unsupported(mine)
         lengths = ", ".join(plots.tokens(x) for x in sorted(set(mine["x"])))
         seeds = mine["seed"].nunique()
-        section.blocks.append(Table(header, table, f"{pattern}: lengths {lengths}; {seeds} seed(s)."))
+        caption = f"{pattern}: lengths {lengths}; {seeds} seed(s)." + unsupported_note(none_ran)
+        if mine.empty:
+            section.blocks.append(Text(caption))
+            continue
+        header, table, _ = rank_table(mine)
+        section.blocks.append(Table(header, table, caption))
     if len(trained):
         panels = _length_panels(trained)
         for start in range(0, len(panels), 6):
