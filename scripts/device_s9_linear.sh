@@ -20,6 +20,9 @@ inv() {  # inv WALL_S LOG RUN ARGS...
   timeout -k 10 "$wall" $AB sweep=linear device=cuda results_dir="$OUT" run_id=$run "$@" > "$OUT/$log.txt" 2>&1
   echo "== $log: exit $? after ${SECONDS}s"; fin $run
 }
+# first the GPU tests of the Triton state loop (2K tokens, bf16, both precisions; ~30 s), in the call's log
+timeout -k 5 ${GT:-80} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_linear_gpu.py -k triton_state_loop \
+  > "$OUT/gpu-tests-delta-triton.txt" 2>&1; echo "== gpu tests: exit $? after ${SECONDS}s"; tail -n 3 "$OUT/gpu-tests-delta-triton.txt"
 DM="methods=[gated_delta_rule,delta_rule,simple_gla]"
 DL="seq_lens=[8192,32768,131072,262144,524288,1048576]"
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton +method_options.simple_gla.impl=triton"
