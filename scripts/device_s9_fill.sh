@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's remaining H200 cells, planned in the eighth session, in two parts (carry .whl, .triton-cache):
-# PART=a (~250 s; run after scripts/device_s9_linear.sh in the same call) is step 1 and the Triton kernels'
+# PART=a (~170 s; run after scripts/device_s9_linear.sh in the same call) is step 1 and the Triton kernels'
 # 256K / 512K rows; PART=b (~530 s, a call of its own) the other methods of step 2:
 #   1. cosFormer fwd_bwd through the own Triton scan, retried in results/h200-linear-kernelized-triton (its rows
 #      there are `error`: OutOfResources at 3 pipeline stages of 256-wide tiles; 2 stages since 9e103ed, checked
@@ -30,11 +30,11 @@ PART=${PART:?PART=a or PART=b}
 [ -d "$OUT/$LL" ] || { [ -d results/$LL ] && cp -r results/$LL "$OUT/"; }
 if [ "$PART" = a ]; then
 cp -r results/$KT "$OUT/"
-inv ${F1:-150} kernelized $KT "methods=[cosformer,performer,rfa]" "seq_lens=[8192,32768,131072,262144,524288,1048576]" \
+inv ${F1:-110} kernelized $KT "methods=[cosformer,performer,rfa]" "seq_lens=[8192,32768,131072,262144,524288,1048576]" \
   "retry=[error]" +method_options.performer.impl=triton +method_options.cosformer.impl=triton \
   +method_options.rfa.impl=triton method_options.performer.chunk=64 method_options.cosformer.chunk=64 \
   method_options.rfa.chunk=64 case_timeout_s=45
-inv ${F2:-100} long-triton $LL "methods=[linear_attn_triton,simple_gla_triton]" "seq_lens=[262144,524288]" case_timeout_s=40
+inv ${F2:-60} long-triton $LL "methods=[linear_attn_triton,simple_gla_triton]" "seq_lens=[262144,524288]" case_timeout_s=40
 fi
 if [ "$PART" = b ]; then
 inv ${F3:-380} long-causal $LL "methods=[metamixer,abc,aaren,s4d,lamamba]" "seq_lens=[131072,262144,524288,1048576]" \

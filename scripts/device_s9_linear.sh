@@ -27,7 +27,7 @@ DM="methods=[gated_delta_rule,delta_rule,simple_gla]"
 DL="seq_lens=[8192,32768,131072,262144,524288,1048576]"
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton +method_options.simple_gla.impl=triton"
 DT=h200-linear-delta-triton
-inv ${A1:-200} delta-triton $DT "$DM" "$DL" $TRI case_timeout_s=90
+inv ${A1:-180} delta-triton $DT "$DM" "$DL" $TRI case_timeout_s=90
 RUNS="$DT"
 if [ "${IEEE:-1}" = 1 ]; then
   opts=""
