@@ -15,15 +15,8 @@
 #   WRAP_S=560 bash scripts/device_wrap.sh s8-sparse scripts/device_s8_sparse.sh      (carry .whl)
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
-AB="python3 -m attnbench.cli"
-CT=${CT:-75}
-RETRY=${RETRY:-}
-T1M=${T1M:-timing.budget_ms=400 timing.min_reps=1}
-fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
-inv() {  # inv WALL_S LOG PRESET RUN ARGS...
-  local wall=$1 log=$2 preset=$3 run=$4; shift 4
-  timeout -k 10 "$wall" $AB sweep=$preset device=cuda results_dir="$OUT" run_id=$run "$@" > "$OUT/$log.txt" 2>&1
-  echo "== $log: exit $? after ${SECONDS}s"; fin $run
+inv() {  # inv WALL_S LOG PRESET RUN ARGS... (sweep_step: scripts/device_env.sh)
+  local wall=$1 log=$2 preset=$3; shift 3; sweep_step "$preset" "$wall" "$log" "$@"
 }
 cp -r results/h200-sparse results/h200-impl-strided "$OUT/"
 M="methods=[sdpa_cudnn,flex,biformer,biformer_2d,biformer_layer,halo_2d,routing,combiner_fixed,combiner_axial,combiner_logsparse,sparsifiner,probsparse,superlinear]"

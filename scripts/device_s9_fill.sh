@@ -17,13 +17,7 @@
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 export TRITON_CACHE_AUTOTUNING=1
-AB="python3 -m attnbench.cli"
-fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
-inv() {  # inv WALL_S LOG RUN ARGS...
-  local wall=$1 log=$2 run=$3; shift 3
-  timeout -k 10 "$wall" $AB sweep=linear device=cuda results_dir="$OUT" run_id=$run "$@" > "$OUT/$log.txt" 2>&1
-  echo "== $log: exit $? after ${SECONDS}s"; fin $run
-}
+inv() { sweep_step linear "$@"; }  # inv WALL_S LOG RUN ARGS... (scripts/device_env.sh)
 KT=h200-linear-kernelized-triton
 LL=h200-linear-long
 PART=${PART:?PART=a or PART=b}

@@ -13,13 +13,7 @@
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 export TRITON_CACHE_AUTOTUNING=1
-AB="python3 -m attnbench.cli"
-fin() { python3 -c "from attnbench.record.store import RowStore; RowStore('$OUT/$1').finalize()" 2>/dev/null; }
-inv() {  # inv WALL_S LOG RUN ARGS...
-  local wall=$1 log=$2 run=$3; shift 3
-  timeout -k 10 "$wall" $AB sweep=linear device=cuda results_dir="$OUT" run_id=$run "$@" > "$OUT/$log.txt" 2>&1
-  echo "== $log: exit $? after ${SECONDS}s"; fin $run
-}
+inv() { sweep_step linear "$@"; }  # inv WALL_S LOG RUN ARGS... (scripts/device_env.sh)
 # first the GPU tests of the Triton state loop (2K tokens, bf16, both precisions; ~30 s), in the call's log
 timeout -k 5 ${GT:-80} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_linear_gpu.py -k triton_state_loop \
   > "$OUT/gpu-tests-delta-triton.txt" 2>&1; echo "== gpu tests: exit $? after ${SECONDS}s"; tail -n 3 "$OUT/gpu-tests-delta-triton.txt"
