@@ -18,7 +18,12 @@ Every adapter's reference takes ``rows=`` (the own method's rows form, rows in f
 Inputs in fla's ``[B, T, H, D]`` layout (``input_layout="bshd"``; gates ``[B, T, H]``), causal self-attention
 only, no decode rows (the own methods' recurrent steps serve decode). fla refuses its gated backward on Hopper
 with Triton >= 3.4, < 3.7.1 ("... produces incorrect results for gated ..."): that error is declared a
-decline, so those rows are ``unsupported`` with fla's own message as the reason.
+decline, so those rows are ``unsupported`` with fla's own message as the reason. The gated adapters
+(fla_simple_gla, fla_gated_delta_rule) also check fla's own condition before any work (:func:`gated_refusal`:
+fla's flags ``IS_NVIDIA_HOPPER``, ``TRITON_ABOVE_3_4_0``, ``TRITON_ABOVE_3_7_1``, and no ``tilelang`` to
+dispatch to): a case that needs the backward is then ``unsupported`` at build, with the same message, instead
+of after fla's Triton autotuning of the forward (60-110 s a first call on the H200, in every training case of
+the task grid).
 """
 from __future__ import annotations
 
@@ -35,6 +40,37 @@ DECLINES = ("produces incorrect results", "Triton is not supported")
 CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, backward=True, devices=("cuda",),
             dtypes=("float16", "bfloat16"),
             requires=("fla", "triton", "einops"), input_layout="bshd", declines=DECLINES)
+
+
+GATED_REFUSAL = ("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated "
+                 "chunk_bwd_dqkwg (see #640). Please upgrade Triton to >= 3.7.1 or install tilelang: "
+                 "`pip install tilelang`")
+
+
+def gated_refusal(device) -> str | None:
+    """fla's refusal of its gated backward (``chunk_bwd_dqkwg`` with a gate, fla.ops.common.chunk_o), decided
+    by fla's own flags for this process, or None where fla would run it (another GPU or Triton, tilelang
+    installed, or an fla without those flags: then its runtime error is still the decline)."""
+    import importlib.util
+
+    if torch.device(device).type != "cuda" or importlib.util.find_spec("tilelang") is not None:
+        return None
+    try:
+        from fla.ops.common import chunk_o
+    except ImportError:
+        return None
+    flags = [getattr(chunk_o, name, None) for name in ("IS_NVIDIA_HOPPER", "TRITON_ABOVE_3_4_0", "TRITON_ABOVE_3_7_1")]
+    if any(flag is None for flag in flags):
+        return None
+    hopper, above_3_4, above_3_7_1 = flags
+    return GATED_REFUSAL if (hopper and above_3_4 and not above_3_7_1) else None
+
+
+def _refuse_gated_backward(ctx):
+    if ctx.case.mode in ("fwd_bwd", "bwd"):
+        why = gated_refusal(ctx.device)
+        if why:
+            raise Unsupported(why)
 
 
 def _bhsd(t):
@@ -121,6 +157,7 @@ def _fla_variant(ctx, name: str, call):
 @register_method("fla_simple_gla", Capabilities(**CAPS))
 def build_fla_simple_gla(ctx):
     """fla chunk_simple_gla (scalar-gated linear attention): the same operator as simple_gla."""
+    _refuse_gated_backward(ctx)
     from fla.ops.simple_gla import chunk_simple_gla
 
     def fn(q, k, v, g):
@@ -143,6 +180,7 @@ def build_fla_delta_rule(ctx):
 @register_method("fla_gated_delta_rule", Capabilities(**CAPS))
 def build_fla_gated_delta_rule(ctx):
     """fla chunk_gated_delta_rule with in-kernel q/k l2 norm: the same operator as gated_delta_rule."""
+    _refuse_gated_backward(ctx)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     def fn(q, k, v, g, beta):
