@@ -1,9 +1,11 @@
 """The own Triton kernels fit an H200's shared memory at the widths their methods declare (256: cosFormer's
 2d-wide features through ``impl: triton``, ``linear_attn_triton`` / ``simple_gla_triton``'s ``max_head_dim``),
-compiled offline for sm_90 by methods/triton_fit.py (no GPU). The negative control is the configuration that
+compiled offline for sm_90 by methods/triton_fit.py (no GPU): every method that runs own Triton kernels, built as
+a sweep builds it at its default options, forward and backward (``OWN_TRITON``). The negative control is the configuration that
 failed on the H200 (3 pipeline stages at 256-wide tiles: ``OutOfResources ... Required: 253952, Hardware
 limit: 232448``, results/h200-linear-kernelized-triton): the same check flags it."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ def _inputs(width_qk, width_v, seq=1024, heads=2):
     return q, k, v
 
 
-def _linear_attn_launches(feature_map, width_qk, width_v):
+def _linear_attn_launches(feature_map, width_qk, width_v):  # for the negative control
     from attnbench.methods.linear.linear_triton import linear_attn
 
     q, k, v = _inputs(width_qk, width_v)
@@ -32,32 +34,10 @@ def _linear_attn_launches(feature_map, width_qk, width_v):
     return launches
 
 
-@pytest.mark.parametrize("feature_map, width_qk, width_v", [
-    ("identity", 256, 128),     # cosFormer, head dim 128: 2d = 256 features (the H200's OutOfResources)
-    ("precomputed", 256, 256),  # linear_attn_triton at its max_head_dim
-])
-def test_linear_scan_fits_h200_shared_memory(feature_map, width_qk, width_v):
-    fits = compile_fits(_linear_attn_launches(feature_map, width_qk, width_v))
-    too_big = [f for f in fits if not f.ok]
-    assert not too_big, too_big
-    assert any(f.constexprs.get("BK") == 256 for f in fits), "no 256-wide scan was compiled"
-
-
 def test_negative_control_three_stages_at_256_do_not_fit():
     fits = compile_fits(_linear_attn_launches("identity", 256, 128), num_stages=3)
     worst = max(fits, key=lambda f: f.shared)
     assert not worst.ok and worst.shared > SM90["shared_limit"], worst
-
-
-def test_gated_scan_fits_h200_shared_memory():
-    from attnbench.methods.linear.gla_triton import simple_gla
-
-    q, k, v = _inputs(256, 256)
-    g = torch.nn.functional.logsigmoid(torch.randn(1, 2, 1024)).requires_grad_()
-    with record_launches() as launches:
-        simple_gla(q, k, v, g).sum().backward()
-    fits = compile_fits(launches)
-    assert len(fits) >= 3 and all(f.ok for f in fits), fits
 
 
 def test_record_launches_restores_the_launcher():
@@ -87,12 +67,56 @@ def _delta_launches(dk, **opts):
     return launches
 
 
-@pytest.mark.parametrize("dk", [128, 256])
-def test_delta_state_kernels_fit_h200_shared_memory_at_their_defaults(dk):
-    fits = compile_fits(_delta_launches(dk))
-    assert len(fits) == 2 and all(f.ok for f in fits), fits
-
-
 def test_negative_control_delta_kernels_at_block_v_64_and_3_stages_do_not_fit():
     fits = compile_fits(_delta_launches(128, block_v=64, num_stages=3))
     assert any(not f.ok for f in fits), fits
+
+
+# Every method that runs own Triton kernels, built as a sweep builds it (default options; the head dims its
+# capabilities allow, up to 256), forward and backward, bf16: each launch must fit an H200. A new Triton method
+# or option belongs in this list.
+OWN_TRITON = [
+    ("linear_attn_triton", {}, (128, 256)),
+    ("simple_gla_triton", {}, (128, 256)),
+    ("linear_attn", {"impl": "triton"}, (128, 256)),
+    ("performer", {"impl": "triton", "features": 256}, (128,)),
+    ("cosformer", {"impl": "triton"}, (128,)),  # 2d = 256 features
+    ("rfa", {"impl": "triton", "features": 128}, (128,)),  # sin and cos: 256 wide
+    ("gated_delta_rule", {"impl": "triton"}, (128, 256)),
+    ("delta_rule", {"impl": "triton"}, (128,)),
+    ("simple_gla", {"impl": "triton"}, (128,)),
+]
+
+
+def _built_launches(method, params, head_dim, monkeypatch, seq=1024):
+    from attnbench import masks
+    from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
+    from attnbench.methods.linear import linear_attn
+
+    monkeypatch.setattr(linear_attn, "triton_runnable", lambda device: None)  # kernels are recorded, not run
+    spec = masks.make_mask("causal")
+    bound = spec.bind(seq, seq)
+    case = SimpleNamespace(method=method, batch=1, heads_q=2, heads_kv=2, seq_q=seq, seq_kv=seq, head_dim=head_dim,
+                           seed=0, dtype="bfloat16", mode="fwd_bwd")
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cpu"),
+                       dtype=torch.bfloat16, options={}, params=dict(params))
+    prepared = as_prepared(METHODS[method].build(ctx))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, seq, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    generator = torch.Generator().manual_seed(0)
+    extras = {name: extra.make(generator, "cpu", torch.bfloat16).requires_grad_(extra.grad)
+              for name, extra in (prepared.extras or {}).items()}
+    ready = prepared.prepare(q, k, v, **extras) if prepared.prepare else {}  # e.g. Performer's drawn features
+    with record_launches() as launches:
+        out = prepared.fn(q, k, v, **extras, **ready)
+        out.float().sum().backward()
+    return launches
+
+
+@pytest.mark.parametrize("method, params, head_dim",
+                         [(m, p, d) for m, p, dims in OWN_TRITON for d in dims])
+def test_every_own_triton_method_fits_h200_shared_memory(method, params, head_dim, monkeypatch):
+    launches = _built_launches(method, params, head_dim, monkeypatch)
+    assert len(launches) >= 2, f"{method}: no forward and backward launches recorded ({len(launches)})"
+    too_big = [f for f in compile_fits(launches) if not f.ok]
+    assert not too_big, too_big
