@@ -67,7 +67,7 @@ def gated_refusal(device) -> str | None:
 
 
 def _refuse_gated_backward(ctx):
-    if ctx.case.mode in ("fwd_bwd", "bwd"):
+    if getattr(ctx.case, "mode", None) in ("fwd_bwd", "bwd"):
         why = gated_refusal(ctx.device)
         if why:
             raise Unsupported(why)
