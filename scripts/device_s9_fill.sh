@@ -2,7 +2,7 @@
 # Issue 10's remaining H200 cells, planned in the eighth session, in two parts (carry .whl, .triton-cache):
 # PART=a (~170 s; run after scripts/device_s9_linear.sh in the same call) is step 1 and the Triton kernels'
 # 256K / 512K rows; PART=b (~530 s, a call of its own) simple_gla_triton at seg_chunks 1 and 2 (its fla ratio),
-# then the other methods of step 2:
+# the decode sweep's 1M cells of the delta rules, then the other methods of step 2:
 #   1. cosFormer fwd_bwd through the own Triton scan, retried in results/h200-linear-kernelized-triton (its rows
 #      there are `error`: OutOfResources at 3 pipeline stages of 256-wide tiles; 2 stages since 9e103ed, checked
 #      offline by tests/test_triton_fit.py), and performer / cosformer / rfa at 256K and 512K (the issue asks
@@ -39,7 +39,12 @@ for sc in 1 2; do
   inv ${F5:-25} gla-seg$sc h200-linear-gla-seg$sc "methods=[simple_gla_triton]" "seq_lens=[32768,131072]" \
     +method_options.simple_gla_triton.seg_chunks=$sc case_timeout_s=20
 done
-inv ${F3:-340} long-causal $LL "methods=[metamixer,abc,aaren,s4d,lamamba]" "seq_lens=[131072,262144,524288,1048576]" \
+# the decode sweep's 1M cells: gated_delta_rule's `oom` came from its reference (unsegmented at 1M; segmented
+# since), simple_gla's had no row (the step's cap)
+cp -r results/h200-linear-decode "$OUT/"
+inv ${F6:-45} decode-1m h200-linear-decode "modes=[decode]" "methods=[gated_delta_rule,simple_gla]" \
+  "seq_lens=[1048576]" "retry=[oom]" case_timeout_s=40
+inv ${F3:-300} long-causal $LL "methods=[metamixer,abc,aaren,s4d,lamamba]" "seq_lens=[131072,262144,524288,1048576]" \
   case_timeout_s=45
 inv ${F4:-140} long-full $LL "methods=[linear_infsa,nystromformer,metamixer]" "masks=[full]" \
   "seq_lens=[131072,262144,524288,1048576]" case_timeout_s=40

@@ -172,3 +172,26 @@ def test_segment_option_reaches_the_timed_function(monkeypatch):
     assert gated_delta.segment_tokens("auto", 131072) == 0
     assert gated_delta.segment_tokens("auto", 131073) == 65536
     assert gated_delta.segment_tokens(0, 1 << 20) == 0 and gated_delta.segment_tokens(4096, 10) == 4096
+
+
+def test_references_run_in_segments_above_the_auto_threshold(monkeypatch):
+    """The references' chunked form (above the token loop's length) segments like 'auto', whatever the method's
+    own segment option (segment: 0 here), and equals its unsegmented value: a 1M-token reference is one
+    segment's memory (unsegmented, the decode sweep's 1M reference was an `oom` row)."""
+    monkeypatch.setattr(gated_delta, "AUTO_SEGMENT_ABOVE", 32)
+    monkeypatch.setattr(gated_delta, "AUTO_SEGMENT", 16)
+    calls = []
+    original = gated_delta.segmented
+    monkeypatch.setattr(gated_delta, "segmented", lambda *a, **kw: calls.append(kw["segment"]) or original(*a, **kw))
+    inputs = [t.detach() for t in _inputs(40)]
+    for method in ("delta_rule", "gated_delta_rule", "simple_gla"):
+        prepared = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 4, "segment": 0,
+                                                                    "reference_naive_max_len": 8})))
+        extras = {n: t for n, t in zip(("g", "beta"), inputs[3:]) if n in prepared.extras}
+        calls.clear()
+        got = prepared.reference(*inputs[:3], **extras)
+        assert calls == [16], (method, calls)
+        gated, delta, normalize = gated_delta.VARIANTS[method]
+        want = original(*inputs[:3], extras.get("g"), extras.get("beta"), segment=10 ** 6, gated=gated, delta=delta,
+                        normalize=normalize, chunk=2)  # one segment: the unsegmented value
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), method

@@ -135,7 +135,8 @@ def _fla_variant(ctx, name: str, call):
         if k.shape[2] <= naive_max:
             out = gated_delta.naive_recurrence(q, k, v, g, beta, **kw)
         else:
-            out = gated_delta.chunked(q, k, v, g, beta, chunk=32, **kw)
+            out = gated_delta.chunked(q, k, v, g, beta, chunk=32, segment=gated_delta.reference_segment(k.shape[2]),
+                                      **kw)
         return _bhsd(out)
 
     full_reference = reference

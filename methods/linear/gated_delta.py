@@ -391,6 +391,13 @@ AUTO_SEGMENT_ABOVE = 131072  # 'auto': unsegmented up to 128K keys ...
 AUTO_SEGMENT = 65536  # ... and 64K-token segments above
 
 
+def reference_segment(length: int) -> int:
+    """The segments of the references' chunked form (fp32, half the method's chunk): ``'auto'``'s, whatever the
+    method's own ``segment`` (the same outputs up to rounding, memory one segment's). Unsegmented, the decode
+    sweep's reference at 1M asked for 32 GiB more and was an `oom` row (results/h200-linear-decode)."""
+    return segment_tokens("auto", length)
+
+
 def param_segment(ctx, chunk: int):
     """``method_options.<method>.segment``: ``'auto'`` (the default), 0 (off) or a segment length in tokens
     (an integer >= ``chunk``); ValueError naming the field otherwise. See :func:`segment_tokens`."""
@@ -494,7 +501,7 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     def reference(q, k, v, g=None, beta=None):
         if k.shape[2] <= naive_max:
             return naive_recurrence(q, k, v, g, beta, **kw).to(q.dtype)
-        return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), **kw)
+        return chunked(q, k, v, g, beta, chunk=max(1, chunk // 2), segment=reference_segment(k.shape[2]), **kw)
 
     full_reference = reference
 
@@ -609,7 +616,7 @@ def build_simple_gla_triton(ctx):
             return gated_rows(q, k, v, g, rows, chunk=stream)
         if k.shape[2] <= naive_max:
             return naive_recurrence(q, k, v, g, **kw).to(q.dtype)
-        return chunked(q, k, v, g, chunk=max(16, chunk // 2), **kw)
+        return chunked(q, k, v, g, chunk=max(16, chunk // 2), segment=reference_segment(k.shape[2]), **kw)
 
     return Prepared(fn=fn, reference=reference, extras=gate_extras(ctx.case, True, False),
                     softmax_comparable=False)
