@@ -47,9 +47,11 @@ def cited_paths(readme: Path) -> set[str]:
     return cited
 
 
-def is_tracked(path: str, tracked: list[str]) -> bool:
+def is_tracked(path: str, tracked: list[str], root: Path = REPO) -> bool:
     if path.startswith("*/"):  # a bare name: some tracked results file or folder of that name
         name = path[2:]
+        if (root / "results" / name.rstrip("/")).exists():  # it is results/<name> itself: that one must be in git
+            return is_tracked(f"results/{name}", tracked, root)
         return any(f.endswith("/" + name) or f"/{name.rstrip('/')}/" in f for f in tracked)
     if path.endswith("/") or path == "results":
         return any(f.startswith(path.rstrip("/") + "/") for f in tracked)
@@ -78,6 +80,11 @@ def test_the_parser_finds_what_the_readmes_cite(tmp_path):
                      "*/selfcheck-first.json", "results/h200-decode/flex-decode-probe.txt"}
     tracked = ["results/h200-probe/selfcheck-first.json", "results/run/a.png"]
     assert is_tracked("*/selfcheck-first.json", tracked) and is_tracked("*/h200-probe/", tracked)
+    # a bare name that is a file at the top of results/ must be that file in git, not a namesake in a run folder
+    (tmp_path / "results" / "summary.md").write_text("x")
+    namesake = ["results/h200-run/device-logs/summary.md"]
+    assert not is_tracked("*/summary.md", namesake, root=tmp_path)
+    assert is_tracked("*/summary.md", namesake + ["results/summary.md"], root=tmp_path)
     assert is_tracked("results/run", tracked) and not is_tracked("results/other", tracked)
     assert not is_tracked("*/selfcheck-h200.json", tracked) and not is_tracked("*/gpu-tests/", tracked)
     assert not is_tracked("*/h200", tracked)  # a prefix of a folder name is not that folder
