@@ -46,14 +46,14 @@ to :data:`MAX_CHUNK` tokens and head dims up to
 :data:`MAX_DIM` (the state block, one chunk's W and kd tiles live in registers).
 
 ``skip_w=True`` drops the ``W_c S`` term in both kernels: a deliberately broken variant for the tests'
-negative control. Kernels are decorated on first use, once per interpreter mode (as in linear_triton.py).
+negative control. Kernels are decorated on first use, once per interpreter mode (linear_triton.jit_kernel).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .linear_triton import _block, interpreting
+from .linear_triton import _block, interpreting, jit_kernel
 
 MAX_CHUNK = 256
 MAX_DIM = 256
@@ -172,14 +172,8 @@ def _bwd_src(U, W, KD, LAST, STATES, DSTATES, DSF, DU, DW, DKD, DLAST, DS0, N, H
         tl.store(DS0 + bh * (DK * DV) + kk[:, None] * DV + vv[None, :], dS, mask=s_mask)
 
 
-_KERNELS: dict[tuple[str, bool], object] = {}
-
-
 def _kernel(name: str):
-    key = (name, interpreting())
-    if key not in _KERNELS:
-        _KERNELS[key] = triton.jit({"fwd": _fwd_src, "bwd": _bwd_src}[name])
-    return _KERNELS[key]
+    return jit_kernel({"fwd": _fwd_src, "bwd": _bwd_src}[name])
 
 
 def _check(U, W, kd, last, state0, block_v, dot_precision):

@@ -44,14 +44,14 @@ states of the dq scan carried into the next segment and of the dk scan carried i
 pairs straddling the boundary), so the error no longer grows with T.
 ``decay_state=False`` (the carried state not decayed), ``carry=False`` (segments start from zero) and
 ``boundary=False`` (no closed-form tails in dg) are deliberately broken variants for the tests' negative
-controls. Kernels are decorated on first use, once per interpreter mode (as in linear_triton.py).
+controls. Kernels are decorated on first use, once per interpreter mode (linear_triton.jit_kernel).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .linear_triton import _TL_DTYPES, _block, interpreting
+from .linear_triton import _TL_DTYPES, _block, interpreting, jit_kernel
 
 
 def _gated_scan_src(A, B, C, G, O, S0, T, NSEG, H,
@@ -177,14 +177,8 @@ def _gated_states_src(B, C, G, S0, T, NSEG, H,
     tl.store(s_base + tl.cast(last, tl.int64) * (DK * DV), state, mask=s_mask)
 
 
-_KERNELS: dict[tuple[str, bool], object] = {}
-
-
 def _kernel(name: str):
-    key = (name, interpreting())
-    if key not in _KERNELS:
-        _KERNELS[key] = triton.jit({"scan": _gated_scan_src, "states": _gated_states_src}[name])
-    return _KERNELS[key]
+    return jit_kernel({"scan": _gated_scan_src, "states": _gated_states_src}[name])
 
 
 def gated_scan(a, b, c, g, *, chunk: int, block_v: int, scale: float = 1.0, reverse: bool = False,

@@ -340,7 +340,7 @@ def _rows_src(X, Y, O, DEN, R, T, H, sxb, sxh, sxt, sxd, syb, syh, syt, syd,
         tl.store(o_ptr, (x / den[:, None]).to(O.dtype.element_ty), mask=m)
 
 
-_KERNELS: dict[tuple[str, bool], object] = {}
+_KERNELS: dict[tuple[object, bool], object] = {}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _SRC = {"scan": _chunk_scan_src, "states": _chunk_states_src, "rows": _rows_src}
 
@@ -350,11 +350,17 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _kernel(name: str = "scan"):
-    key = (name, interpreting())
+def jit_kernel(src):
+    """``triton.jit(src)``, decorated once per interpreter mode (``triton.jit`` reads ``TRITON_INTERPRET`` when
+    it decorates); shared by the own kernel modules (gla_triton.py, delta_triton.py)."""
+    key = (src, interpreting())
     if key not in _KERNELS:
-        _KERNELS[key] = triton.jit(_SRC[name])
+        _KERNELS[key] = triton.jit(src)
     return _KERNELS[key]
+
+
+def _kernel(name: str = "scan"):
+    return jit_kernel(_SRC[name])
 
 
 SCAN_STAGES, WIDE_SCAN_STAGES = 3, 2  # the scan's pipeline stages up to 128-wide a / b tiles, and above
