@@ -310,5 +310,4 @@ def chunk_states(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_war
     :func:`gated_delta.chunk_states` (fp32 inputs, CUDA or ``TRITON_INTERPRET=1``)."""
     opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, num_stages=num_stages,
                 skip_w=skip_w)
-    _check(U, W, kd, last, state0, block_v, dot_precision)
     return _ChunkStatesTriton.apply(U, W, kd, last, state0, opts)
