@@ -6,8 +6,9 @@
 Several runs are merged (issue 10's measurements are spread over runs, one per kernel version): a run whose
 rows are all ``decode`` is the decode run; of the others, each (method, mode) takes its rows from the run that
 measured it last (the latest ``started_at``: a later run measured newer code; never lengths of two runs mixed
-on one line), and a method run with ``impl`` other than its default is its own line (``performer [impl=triton]``). Runs measured with other options
-on purpose (num_warps 8, ...) are left out by not passing them.
+on one line), and a method run with ``impl`` other than its default is its own line (``performer
+[impl=triton]``). Runs measured with other options on purpose (num_warps 8, ...) are left out by not passing
+them.
 
 For each method and mode (fwd, fwd_bwd) over its ``ok`` rows: the log-log slope of time against length (a
 least-squares fit over lengths >= --min-fit; 1 = linear, 2 = quadratic), the 1M-token figures (ms, TFLOP/s
