@@ -16,7 +16,12 @@
 #   RETRY=error,timeout bash scripts/device_task_grid.sh 2   # re-run the slices' cases whose rows have these
 #                                                # statuses (attnbench train retry=[..]); default: none
 #
-# Resumable: the committed results/h200-task-grid (if any) is copied into $OUT/results first, so cases that
+# Outputs: the device tool returns at most 8 files from $OUT (two folders down), and a call that writes more
+# loses the ones past the count: the run folder, the slices' logs and install.txt are written to a scratch folder
+# (SCRATCH, default /tmp/task-grid-out) and come back packed, $OUT holding only runs.tgz, logs.tgz,
+# slices.txt, slices-done.txt, report.txt and not-started.txt (if any).
+#
+# Resumable: the committed results/h200-task-grid (if any) is copied into $SCRATCH/results first, so cases that
 # already have rows are skipped, and a call cut by the wall cap (SIGTERM: finished rows kept, the case in
 # flight left without a row) is finished by running the same call again. Slices that cannot start before the
 # cap are listed in $OUT/not-started.txt, never dropped silently: they stay in the next plan
@@ -28,6 +33,10 @@ CALLS="$*"  # several calls of the plan in one device call: their slices in orde
 PLAN=${PLAN:-results/task-grid-plan.json}
 WALL=${WALL:-570}          # seconds for this whole script (the device tool allows 600 a command)
 FINISH_S=${FINISH_S:-35}   # kept back for finalize, report and the tarball
+SCRATCH=${SCRATCH:-/tmp/task-grid-out}
+LOGS=$SCRATCH/logs
+rm -rf "$SCRATCH"  # a warm machine keeps /tmp between calls: each call starts from the committed run folder
+mkdir -p "$LOGS"
 [ -f "$PLAN" ] || { echo "no plan at $PLAN: run scripts/plan_task_grid.py and commit it"; exit 2; }
 # cases run at once in each slice (attnbench train parallel=N): the plan's, unless PARALLEL is set
 PARALLEL=${PARALLEL:-$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('parallel', 1))" "$PLAN")}
@@ -36,7 +45,7 @@ if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: attnbench is importable already (
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
   fi
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > $OUT/install.txt 2>&1 \
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > $LOGS/install.txt 2>&1 \
     || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
@@ -56,7 +65,7 @@ for text in sys.argv[2:]:
 print("\n".join(lines))
 EOF
 RUN=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['run_id'])" "$PLAN")
-R=$OUT/results
+R=$SCRATCH/results
 mkdir -p $R
 [ -d results/$RUN ] && cp -r results/$RUN $R/
 i=0
@@ -68,7 +77,7 @@ while read -r line; do
   else
     # a slice with its own parallel (an autotuning method's: fewer at once) keeps it; the others get PARALLEL
     case " $line " in *" parallel="*) SLICE_PARALLEL="" ;; *) SLICE_PARALLEL="parallel=$PARALLEL" ;; esac
-    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line $SLICE_PARALLEL results_dir=$R ${RETRY:+retry=[$RETRY]} > $OUT/log-slice$i.txt 2>&1
+    timeout -s TERM -k 20 $left python3 -m attnbench.cli train $line $SLICE_PARALLEL results_dir=$R ${RETRY:+retry=[$RETRY]} > $LOGS/slice$i.txt 2>&1
     echo "slice $i rc=$? at ${SECONDS}s: $line" | tee -a $OUT/slices-done.txt
   fi
   i=$((i + 1))
@@ -77,6 +86,7 @@ set +f
 if [ -d $R/$RUN ]; then
   python3 -c "from attnbench.record.quality import QualityStore; QualityStore('$R/$RUN').finalize()"
   timeout $((FINISH_S > 10 ? FINISH_S - 10 : 5)) python3 -m attnbench.cli report $R/$RUN > $OUT/report.txt 2>&1
-  tar czf $OUT/runs.tgz -C $OUT results
+  tar czf $OUT/runs.tgz -C $SCRATCH results
 fi
-for f in $OUT/log-slice*.txt; do [ -f "$f" ] && tail -n 3 "$f"; done | grep -v "^$" | tail -n 40
+tar czf $OUT/logs.tgz -C $SCRATCH logs
+for f in $LOGS/slice*.txt; do [ -f "$f" ] && tail -n 3 "$f"; done | grep -v "^$" | tail -n 40

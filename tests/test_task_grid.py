@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -190,20 +191,27 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
     def call(out, *calls):
         out.mkdir()
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "INSTALL": "0",
-               "PLAN": str(plan_path)}
+               "PLAN": str(plan_path), "SCRATCH": str(tmp_path / "scratch")}
         script = str(ROOT / "scripts" / "device_task_grid.sh")
         subprocess.run(["bash", script, *(calls or ("0",))], cwd=work, env=env, check=True,
                        capture_output=True, timeout=240)
-        return [json.loads(line) for line in (out / "results" / "tiny-grid" / "quality.jsonl").read_text().splitlines()]
+        # what the device tool returns: at most 8 files, none more than 2 folders down (else the rest is lost)
+        files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+        assert len(files) <= 8 and all(len(p.parts) <= 3 for p in files), files
+        unpacked = out / "unpacked"
+        with tarfile.open(out / "runs.tgz") as tar:
+            tar.extractall(unpacked)
+        with tarfile.open(out / "logs.tgz") as tar:
+            assert any(name.startswith("logs/slice") for name in tar.getnames())
+        return [json.loads(line) for line in (unpacked / "results" / "tiny-grid" / "quality.jsonl").read_text().splitlines()]
 
     rows = call(tmp_path / "out1")
     assert {r["case_id"] for r in rows} == {e["case_id"] for e in plan["cases"]}
     assert {r["concurrent"] for r in rows} == {2}  # PARALLEL defaults to the plan's parallel
     assert {r["method"]: r["status"] for r in rows} == {"sdpa_math": "ok", "sdpa_cudnn": "unsupported"}
-    assert (tmp_path / "out1" / "runs.tgz").is_file()
     # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run
     (work / "results").mkdir()
-    os.rename(tmp_path / "out1" / "results" / "tiny-grid", work / "results" / "tiny-grid")
+    os.rename(tmp_path / "out1" / "unpacked" / "results" / "tiny-grid", work / "results" / "tiny-grid")
     assert len(call(tmp_path / "out2")) == len(rows)
     # several planned calls in one device call: their slices in order (a repeated slice resumes: no new rows)
     plan["calls"].append(plan["calls"][0])
