@@ -6,6 +6,7 @@
     attnbench report RUN [RUN ...]              report.md + report.html in the run folder
     attnbench compare BASE NEW                  per-case ratios, regressions beyond spread + threshold
     attnbench runs                              runs with date, device and case counts by status
+    attnbench merge INTO FROM [FROM ...]        fold run folders written apart (device calls, nodes) into one
     attnbench masks list|show|time ...          mask catalogue, pictures, build times
     attnbench selfcheck                         the harness's timer against triton.testing.do_bench
 """
@@ -89,6 +90,7 @@ def _subcommands():
         "report": lazy("attnbench.report.document"),
         "compare": lazy("attnbench.report.compare"),
         "runs": lazy("attnbench.record.runs"),
+        "merge": lazy("attnbench.record.merge"),
         "masks": lazy("attnbench.masks.cli"),
         "selfcheck": lazy("attnbench.measure.selfcheck"),
     }

@@ -34,10 +34,13 @@ inv ${F1:-110} kernelized $KT "methods=[cosformer,performer,rfa]" "seq_lens=[819
 inv ${F2:-60} long-triton $LL "methods=[linear_attn_triton,simple_gla_triton]" "seq_lens=[262144,524288]" case_timeout_s=40
 fi
 if [ "$PART" = c ]; then
-inv ${F4:-140} long-full $LL "methods=[linear_infsa,nystromformer,metamixer]" "masks=[full]" \
+# (ninth session: PART=b's long-causal step finished, every cell a row; its fla-delta step was cut after 8K / 32K)
+inv ${F4:-110} long-full $LL "methods=[linear_infsa,nystromformer,metamixer]" "masks=[full]" \
   "seq_lens=[131072,262144,524288,1048576]" case_timeout_s=40
-inv ${F3:-300} long-causal $LL "methods=[metamixer,abc,aaren,s4d,lamamba]" "seq_lens=[131072,262144,524288,1048576]" \
-  case_timeout_s=45
+DT=h200-linear-delta-triton
+[ -d "$OUT/$DT" ] || cp -r results/$DT "$OUT/"
+inv ${F7:-80} fla-delta $DT "methods=[fla_delta_rule]" "seq_lens=[8192,32768,131072,262144,524288,1048576]" \
+  case_timeout_s=60
 fi
 if [ "$PART" = b ]; then
 # simple_gla_triton's fwd is 1.69-1.70x fla's (the issue asks <= 1.5x): its segments of seg_chunks = 4 chunks
@@ -63,5 +66,5 @@ inv ${F3:-300} long-causal $LL "methods=[metamixer,abc,aaren,s4d,lamamba]" "seq_
   case_timeout_s=45
 fi
 for run in $KT $LL h200-linear-gla-seg1 h200-linear-gla-seg2 h200-linear-delta-triton; do [ -d "$OUT/$run" ] || continue; python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1; done
-for f in "$OUT"/kernelized.txt "$OUT"/long-*.txt; do [ -f "$f" ] || continue; echo "== $(basename $f)"; grep -v "case/s" "$f" | grep "cases:\|not ok" -A4 | tail -n 8; done
+for f in "$OUT"/kernelized.txt "$OUT"/long-*.txt "$OUT"/fla-delta.txt; do [ -f "$f" ] || continue; echo "== $(basename $f)"; grep -v "case/s" "$f" | grep "cases:\|not ok" -A4 | tail -n 8; done
 echo "== done after ${SECONDS}s"

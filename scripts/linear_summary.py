@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Per-method figures of the linear-family runs (issue 10's closing note), as Markdown.
 
-    python3 scripts/linear_summary.py RUN_DIR [RUN_DIR ...] [--smoke SMOKE_RUN_DIR] [--min-fit 32768]
+    python3 scripts/linear_summary.py RUN_DIR [RUN_DIR ...] [--fill RUN_DIR ...] [--smoke SMOKE_RUN_DIR] [--min-fit 32768]
 
 Several runs are merged (issue 10's measurements are spread over runs, one per kernel version): a run whose
 rows are all ``decode`` is the decode run; of the others, each (method, mode) takes its rows from the run that
 measured it last (the latest ``started_at``: a later run measured newer code; never lengths of two runs mixed
 on one line), and a method run with ``impl`` other than its default is its own line (``performer
-[impl=triton]``). Runs measured with other options on purpose (num_warps 8, ...) are left out by not passing
+[impl=triton]``). A ``--fill`` run (lengths measured later with the same code, e.g. 256K / 512K added to a
+sweep) adds its rows to the chosen line only at lengths that line lacks, and whole lines no other run has; the
+column ``runs`` then names both. Runs measured with other options on purpose (num_warps 8, ...) are left out by not passing
 them.
 
 For each method and mode (fwd, fwd_bwd) over its ``ok`` rows: the log-log slope of time against length (a
@@ -83,6 +85,20 @@ def merge(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return frame[chosen].drop(columns=["_when", "_run_order"]).reset_index(drop=True)
 
 
+def add_fill(frame: pd.DataFrame, fills: list[pd.DataFrame]) -> pd.DataFrame:
+    """``frame`` (from :func:`merge`) plus the ``fills``' rows at the (method, mode, length) points it lacks,
+    ``method`` relabelled the same way; a fill never replaces a measured point, and of two fills the first given
+    wins."""
+    for fill in fills:
+        fill = fill.copy()
+        options = fill["method_options"] if "method_options" in fill else pd.Series([None] * len(fill))
+        fill["method"] = [impl_label(m, o) for m, o in zip(fill["method"], options)]
+        have = set(zip(frame["method"], frame["mode"], frame["seq_kv"]))
+        new = [(m, mo, n) not in have for m, mo, n in zip(fill["method"], fill["mode"], fill["seq_kv"])]
+        frame = pd.concat([frame, fill[new]], ignore_index=True, sort=False)
+    return frame
+
+
 def slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of log(ms) against log(length) (attnbench.report.maths.loglog_slope, with this
     script's two-length minimum; the report's scaling section needs three)."""
@@ -120,6 +136,8 @@ def fmt(x, spec=".3g"):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="run")
+    parser.add_argument("--fill", action="append", default=[], metavar="run",
+                        help="a run whose rows only fill lengths the chosen lines lack (repeatable)")
     parser.add_argument("--smoke")
     parser.add_argument("--min-fit", type=int, default=32768)
     args = parser.parse_args(argv)
@@ -128,8 +146,10 @@ def main(argv=None) -> int:
     timed = [f for f in loaded if not (len(f) and (f["mode"] == "decode").all())]
     if not timed:
         raise SystemExit("linear_summary: no run with fwd / fwd_bwd rows")
-    frame = merge(timed)
+    frame = add_fill(merge(timed), [load(Path(run)) for run in args.fill])
     names = ", ".join(Path(run).name for run in args.runs)
+    if args.fill:
+        names += " (filled from " + ", ".join(Path(run).name for run in args.fill) + ")"
     out = [f"# Linear family: {names}", ""]
     if len(timed) > 1:
         out += ["Merged: each method (and impl) and mode from the run that measured it last; column `runs` names "

@@ -83,6 +83,40 @@ def test_nystromformer_is_softmax_with_one_landmark_per_token():
     assert not _close(nystrom.nystrom_fast(q, k, v, 2, 30), exact, 1e-2)  # fewer landmarks: an approximation
 
 
+def _largest_tensor(fn, *args, **kwargs) -> int:
+    """The most elements any op inside ``fn`` returns (run on meta tensors: no memory, any length)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with Largest():
+        fn(*args, **kwargs)
+    return Largest.most
+
+
+def test_nystromformer_reference_never_builds_a_length_squared_matrix():
+    """At 128K tokens the reference holds [L, landmarks] matrices at most, and its ``rows=`` sample matches the
+    full output; negative control: the left-to-right product F·A⁺·B builds [L, L] (1 TiB on the H200)."""
+    L, m = 131072, 16
+    q, k, v = (torch.empty(1, 2, L, 8, device="meta") for _ in range(3))
+    assert _largest_tensor(nystrom.nystrom_reference, q, k, v, m, 2) <= 2 * L * m * 2
+    left_to_right = lambda q, k, v: (torch.softmax(q @ k[:, :, :m].transpose(-1, -2), -1)  # noqa: E731
+                                     @ torch.softmax(q[:, :, :m] @ k.transpose(-1, -2), -1) @ v)
+    assert _largest_tensor(left_to_right, q, k, v) >= L * L
+    q, k, v = (_rand(1, 2, 40, 4, seed=s) for s in (1, 2, 3))
+    rows = torch.tensor([0, 7, 39])
+    full = nystrom.nystrom_reference(q, k, v, 5, 6)
+    assert _close(nystrom.nystrom_reference(q, k, v, 5, 6, rows=rows), full[:, :, rows], 1e-6)
+
+
 def test_lla_tends_to_softmax_with_a_large_ridge_and_forms_agree():
     q, k, v = (_rand(1, 2, 10, 4, seed=s, requires_grad=True) for s in (1, 2, 3))
     kw = dict(causal=True, offset=0, scale=0.5, absolute=False)

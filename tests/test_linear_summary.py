@@ -74,3 +74,21 @@ def test_runs_merge_latest_row_wins_impl_is_its_own_line_and_decode_run_is_found
     assert any(l.startswith("| performer [impl=triton] | fwd_bwd") for l in text.splitlines())
     assert "## Decode: ms per step against context" in text
     assert _module().impl_label("performer", '{"impl": "chunked"}') == "performer"
+
+
+def test_fill_run_adds_only_missing_lengths(tmp_path, capsys):
+    """A --fill run's 256K row joins the line; its 32K row (the line has one) does not replace the measured one."""
+    def write(name, rows):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return str(run)
+
+    main = write("main", [_row("linear_attn", n, 1e-3 * n, started_at="2026-12-01") for n in (32768, 131072)])
+    fill = write("fill", [_row("linear_attn", 32768, 999.0, started_at="2026-12-02"),
+                          _row("linear_attn", 262144, 1e-3 * 262144, started_at="2026-12-02")])
+    assert _module().main([main, "--fill", fill]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| linear_attn | fwd_bwd"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2] == "1.00", line  # slope 1 over 32K-256K: the fill's 999 ms at 32K would bend it
+    assert cells[8] == "32K, 128K, 256K" and cells[9] == "fill, main", line

@@ -55,15 +55,19 @@ def averaging_matrix(length: int, segments: int, device) -> torch.Tensor:
     return rows
 
 
-def nystrom_reference(q, k, v, landmarks: int, iters: int):
+def nystrom_reference(q, k, v, landmarks: int, iters: int, rows=None):
+    """``rows``: only those query rows of the output (the harness's sample at long lengths; landmarks still pool
+    every token). The product runs right to left, ``F · (A⁺ · (B · V))``: never an [L, L] matrix (left to right,
+    ``F · A⁺ · B`` is one: 1 TiB at 128K tokens and 16 heads, an H200 `oom` in the ninth session)."""
     k, v = expand_heads(k, q.shape[1]), expand_heads(v, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1])
     q_land = averaging_matrix(q.shape[2], landmarks, q.device).to(q.dtype) @ q
     k_land = averaging_matrix(k.shape[2], landmarks, k.device).to(k.dtype) @ k
-    kernel_q = torch.softmax(q @ k_land.transpose(-1, -2) * scale, -1)
+    q_rows = q if rows is None else q[:, :, rows]
+    kernel_q = torch.softmax(q_rows @ k_land.transpose(-1, -2) * scale, -1)
     kernel_a = torch.softmax(q_land @ k_land.transpose(-1, -2) * scale, -1)
     kernel_k = torch.softmax(q_land @ k.transpose(-1, -2) * scale, -1)
-    return kernel_q @ iterative_pinv(kernel_a, iters) @ kernel_k @ v
+    return kernel_q @ (iterative_pinv(kernel_a, iters) @ (kernel_k @ v))
 
 
 LANDMARKS = 64  # the default
@@ -88,4 +92,4 @@ def build_nystromformer(ctx):
     if landmarks > shortest:
         raise Unsupported(f"method_options.nystromformer.landmarks={landmarks} exceeds the sequence length {shortest}")
     return Prepared(fn=lambda q, k, v: nystrom_fast(q, k, v, landmarks, iters),
-                    reference=lambda q, k, v: nystrom_reference(q, k, v, landmarks, iters))
+                    reference=lambda q, k, v, rows=None: nystrom_reference(q, k, v, landmarks, iters, rows))

@@ -1,0 +1,172 @@
+"""``attnbench merge INTO FROM [FROM ...]``: fold run folders that were written apart (two device calls that each
+started the same run from nothing, the nodes of a cluster job, a step re-run elsewhere) into one folder, as if
+FROM's invocations had resumed INTO one after another.
+
+What moves, per FROM folder (DESIGN.md §2, §6):
+  * env.json: FROM's invocations are appended to INTO's; each row's ``invocation`` index is shifted by the
+    number INTO had, so it still names the command, host and versions that wrote it. The top-level facts follow
+    the latest invocation that wrote rows, and ``mixed`` lists the facts on which the invocations differ, as a
+    resume would leave them (``envinfo.end_invocation``).
+  * config.<k>.yaml / train_config.<k>.yaml: renumbered the same way; config.yaml is rebuilt as the merged view.
+  * plan.json: the union of the planned case ids.
+  * rows.jsonl and quality.jsonl: appended, then rows.parquet / quality.parquet and the csv files rewritten.
+  * logs/ and device-logs/: copied under ``<folder>/from-<FROM's name>/``.
+
+Refused before anything is written, naming the folder or the case: a FROM that is not a run folder, a case that
+has a row in both (a merge never decides which measurement wins: re-run it with ``retry=``), or files of an
+older attnbench without per-invocation env.json entries. FROM is left as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from attnbench.record import envinfo
+from attnbench.record.rundir import is_run_dir, parse_args, write_config
+
+ROW_LOGS = {"rows.jsonl": "kernel", "quality.jsonl": "task"}
+COPIED_FOLDERS = ("logs", "device-logs")
+
+
+class MergeError(ValueError):
+    """A merge that would lose or mix up data; the message names the folder or case."""
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            raise MergeError(f"{path}: line {number} is not JSON ({exc})") from None
+    return rows
+
+
+def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
+    found = {}
+    for path in folder.glob(f"{prefix}*.yaml"):
+        middle = path.name[len(prefix):-len(".yaml")]
+        if middle.isdigit():
+            found[int(middle)] = path
+    return found
+
+
+def check(into: Path, source: Path) -> None:
+    """Every reason to refuse, before any file is touched."""
+    for name, folder in (("INTO", into), ("FROM", source)):
+        if not is_run_dir(folder):
+            raise MergeError(f"{name} {str(folder)!r} is not a run folder (no rows, config.yaml or env.json)")
+    if into.resolve() == source.resolve():
+        raise MergeError(f"FROM {str(source)!r} is INTO itself")
+    for folder in (into, source):
+        env = envinfo.read_env(folder)
+        if env and "invocations" not in env:
+            raise MergeError(f"{str(folder)!r}: env.json of an older attnbench (no per-invocation entries); "
+                             "resume it once with the current attnbench first")
+    for name in ROW_LOGS:
+        ours = {row.get("case_id") for row in _jsonl(into / name)}
+        both = sorted(ours & {row.get("case_id") for row in _jsonl(source / name)} - {None})
+        if both:
+            raise MergeError(f"{name}: {len(both)} case(s) have rows in both {str(into)!r} and {str(source)!r} "
+                             f"(first: {both[0]}); a merge does not choose between measurements")
+
+
+def merge_into(into: Path, source: Path) -> dict:
+    """Fold ``source`` into ``into`` (module docstring); returns counts of what moved."""
+    into, source = Path(into), Path(source)
+    check(into, source)
+    env, extra = envinfo.read_env(into), envinfo.read_env(source)
+    offset = len(env.get("invocations") or [])
+    moved = {"invocations": len(extra.get("invocations") or []), "rows.jsonl": 0, "quality.jsonl": 0}
+
+    for name in ROW_LOGS:
+        rows = _jsonl(source / name)
+        if not rows:
+            continue
+        with open(into / name, "a") as handle:
+            for row in rows:
+                if row.get("invocation") is not None:
+                    row["invocation"] = int(row["invocation"]) + offset
+                if "run_id" in row:
+                    row["run_id"] = into.name
+                handle.write(json.dumps(row, default=str) + "\n")
+        moved[name] = len(rows)
+
+    for prefix, ours in (("config.", True), ("train_config.", False)):
+        for index, path in sorted(_numbered(source, prefix).items()):
+            cfg = yaml.safe_load(path.read_text()) or {}
+            if ours:
+                write_config(into, cfg, index + offset)  # also rebuilds the merged config.yaml
+            else:
+                (into / f"{prefix}{index + offset}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    plan_path, other_plan = into / "plan.json", source / "plan.json"
+    if other_plan.is_file():
+        plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+        other = json.loads(other_plan.read_text())
+        planned = sorted(set(plan.get("case_ids") or []) | set(other.get("case_ids") or []))
+        notes = list(dict.fromkeys([*(plan.get("notes") or []), *(other.get("notes") or [])]))
+        plan_path.write_text(json.dumps({"planned": len(planned), "case_ids": planned, **({"notes": notes} if notes else {})}))
+
+    if extra:
+        if not env:
+            env = {key: value for key, value in extra.items() if key != "invocations"}
+            env["invocations"] = []
+            env["commands"] = []
+        env["invocations"] = [*env["invocations"], *extra["invocations"]]
+        env["commands"] = [*(env.get("commands") or []), *(extra.get("commands") or [])]
+        env["run_id"] = into.name
+        env["finished_at"] = max(filter(None, [env.get("finished_at"), extra.get("finished_at")]), default=None)
+        writers = [e for e in env["invocations"] if e.get("rows_written")] or env["invocations"]
+        env.update({key: writers[-1].get(key) for key in envinfo.FACTS if key in writers[-1]})
+        recorded = [e for e in env["invocations"] if "host" in e]
+        mixed = {key: sorted({json.dumps(e.get(key)) for e in recorded}) for key in envinfo.MIXED_CHECK}
+        env["mixed"] = {key: [json.loads(v) for v in values] for key, values in mixed.items() if len(values) > 1}
+        env["merged_from"] = [*(env.get("merged_from") or []),
+                              {"folder": source.name, "invocations": [offset, offset + moved["invocations"] - 1]}]
+        (into / "env.json").write_text(json.dumps(env, indent=1, default=str))
+
+    for folder in COPIED_FOLDERS:
+        if (source / folder).is_dir():
+            shutil.copytree(source / folder, into / folder / f"from-{source.name}", dirs_exist_ok=True)
+
+    if moved["rows.jsonl"]:
+        from attnbench.record.store import RowStore
+
+        RowStore(into).finalize()
+    if moved["quality.jsonl"]:
+        from attnbench.record.quality import QualityStore
+
+        QualityStore(into).finalize()
+    return moved
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="attnbench merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("into", type=Path, help="run folder that receives the rows")
+    parser.add_argument("sources", type=Path, nargs="+", metavar="from", help="run folder(s) to fold in")
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        for i, source in enumerate(args.sources):  # all checked, against INTO and each other, before any is merged
+            check(args.into, source)
+            for other in args.sources[i + 1:]:
+                check(source, other)
+        for source in args.sources:
+            moved = merge_into(args.into, source)
+            print(f"merged {source} into {args.into}: {moved['invocations']} invocation(s), "
+                  f"{moved['rows.jsonl']} kernel row(s), {moved['quality.jsonl']} task row(s)")
+    except MergeError as exc:
+        print(f"attnbench merge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,86 @@
+"""``attnbench merge``: two run folders written apart become one, as if the second had resumed the first. Every row
+keeps the invocation (command, host) that wrote it, the plan and configs are the union, and a case measured in
+both is refused before anything is written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attnbench.cli import main as cli_main
+from attnbench.record import envinfo
+from attnbench.record.merge import MergeError, merge_into
+from attnbench.record.rundir import load_run, write_config
+from attnbench.record.store import RowStore
+
+from runfixtures import make_row
+
+
+def write_run(folder: Path, command: str, methods: list[str], lengths=(1024, 2048), invocations: int = 1) -> None:
+    """A run folder as the runner leaves it, ``invocations`` commands each writing every method's rows once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    store = RowStore(folder)
+    per = [methods[i::invocations] for i in range(invocations)]
+    for number, chunk in enumerate(per):
+        index, _ = envinfo.begin_invocation(folder, folder.name, f"{command} part {number}")
+        write_config(folder, {"methods": chunk, "seq_lens": list(lengths), "run_id": folder.name}, index)
+        rows = [make_row(folder.name, m, "causal", "fwd", n, invocation=index) for m in chunk for n in lengths]
+        for row in rows:
+            store.append(row)
+        envinfo.end_invocation(folder, index, len(rows))
+        plan = folder / "plan.json"
+        old = set(json.loads(plan.read_text())["case_ids"]) if plan.is_file() else set()
+        ids = sorted(old | {r["case_id"] for r in rows})
+        plan.write_text(json.dumps({"planned": len(ids), "case_ids": ids}))
+    store.finalize()
+    (folder / "logs").mkdir(exist_ok=True)
+    (folder / "logs" / "worker-cuda0.log").write_text(command)
+
+
+def test_merge_keeps_each_rows_invocation_and_unions_plan_and_config(tmp_path):
+    into, source = tmp_path / "runs" / "long", tmp_path / "call2" / "long"
+    write_run(into, "first call", ["sdpa", "flex"], invocations=2)
+    write_run(source, "second call", ["eager", "linear_attn"])
+    assert cli_main(["merge", str(into), str(source)]) == 0
+
+    env = json.loads((into / "env.json").read_text())
+    commands = [entry["command"] for entry in env["invocations"]]
+    assert commands == ["first call part 0", "first call part 1", "second call part 0"]
+    rows = [json.loads(line) for line in (into / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    for row in rows:  # each row's invocation still names the command that wrote it
+        written_by = commands[row["invocation"]]
+        assert written_by.startswith("second" if row["method"] in ("eager", "linear_attn") else "first")
+    run = load_run(into)
+    assert sorted(run.rows["method"].unique()) == ["eager", "flex", "linear_attn", "sdpa"]
+    assert not run.warnings  # plan.json covers every row: no "interrupted" or unplanned-case warning
+    assert json.loads((into / "plan.json").read_text())["planned"] == 8
+    assert sorted((p.name for p in into.glob("config.*.yaml"))) == ["config.0.yaml", "config.1.yaml", "config.2.yaml"]
+    assert "linear_attn" in (into / "config.yaml").read_text() and "flex" in (into / "config.yaml").read_text()
+    assert (into / "logs" / "from-long" / "worker-cuda0.log").read_text() == "second call"
+    assert env["merged_from"] == [{"folder": "long", "invocations": [2, 2]}]
+    assert (source / "rows.jsonl").read_text().count("\n") == 4  # FROM is left as it was
+
+
+def test_merge_refuses_a_case_in_both_before_writing(tmp_path, capsys):
+    """Negative control: the same case measured in both folders; nothing in INTO changes."""
+    into, source = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    write_run(into, "first", ["sdpa"])
+    write_run(source, "second", ["sdpa", "eager"])
+    before = {p.name: p.read_bytes() for p in into.iterdir() if p.is_file()}
+    with pytest.raises(MergeError, match="have rows in both"):
+        merge_into(into, source)
+    assert cli_main(["merge", str(into), str(source)]) == 2
+    assert "sdpa|causal|fwd|1024" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in into.iterdir() if p.is_file()} == before
+
+
+def test_merge_refuses_what_is_not_a_run_folder(tmp_path, capsys):
+    into = tmp_path / "run"
+    write_run(into, "first", ["sdpa"])
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["merge", str(into), str(tmp_path / "empty")]) == 2
+    assert "FROM" in capsys.readouterr().err
+    with pytest.raises(MergeError, match="INTO itself"):
+        merge_into(into, into)
