@@ -19,7 +19,7 @@
 # Outputs: the device tool returns at most 8 files from $OUT (two folders down), and a call that writes more
 # loses the ones past the count: the run folder, the slices' logs and install.txt are written to a scratch folder
 # (SCRATCH, default /tmp/task-grid-out) and come back packed, $OUT holding only runs.tgz, logs.tgz,
-# slices.txt, slices-done.txt, report.txt and not-started.txt (if any).
+# slices.txt, slices-done.txt, report.txt, triton-autotune.tgz and not-started.txt (if any).
 #
 # Resumable: the committed results/h200-task-grid (if any) is copied into $SCRATCH/results first, so cases that
 # already have rows are skipped, and a call cut by the wall cap (SIGTERM: finished rows kept, the case in
@@ -50,6 +50,10 @@ if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: attnbench is importable already (
 fi
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1  # fla's per-process autotuning (60-94 s) once per machine, not per invocation
+# ... and once across calls: the carried .triton-cache (git-ignored) holds the earlier calls' tuned configs, and
+# this call's come back as $OUT/triton-autotune.tgz (unpack it into .triton-cache, as for scripts/device_wrap.sh)
+mkdir -p .triton-cache
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 # the call's slices, one line of overrides each (the plan's suite and extra overrides first); exits 2 on a bad index
 python3 - "$PLAN" $CALLS > $OUT/slices.txt <<'EOF' || { cat $OUT/slices.txt; exit 2; }
 import json, sys
@@ -89,4 +93,5 @@ if [ -d $R/$RUN ]; then
   tar czf $OUT/runs.tgz -C $SCRATCH results
 fi
 tar czf $OUT/logs.tgz -C $SCRATCH logs
+( cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-autotune.tgz" --null -T - ) 2>/dev/null
 for f in $LOGS/slice*.txt; do [ -f "$f" ] && tail -n 3 "$f"; done | grep -v "^$" | tail -n 40
