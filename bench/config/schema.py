@@ -298,6 +298,8 @@ FIELDS: dict[str, Field] = {f.path: f for f in [
     Field("timing.cuda_graph", boolean, False, "replay a CUDA graph (forward modes)"),
     Field("timing.telemetry", boolean, True, "read NVML telemetry"),
     Field("timing.energy_window_ms", number(1), 250.0, "back-to-back calls for the energy reading"),
+    Field("timing.profile_calls", number(0, integral=True), 0,
+          "after timing, calls run under torch.profiler: the row's profile_top, profile_kernels, profile_launches"),
 ]}
 
 SECTIONS = tuple(dict.fromkeys(path.split(".", 1)[0] for path in FIELDS if "." in path))

@@ -261,6 +261,11 @@ class CaseRunner:
                                           allow_graph=case.mode in ("fwd", "decode"))
             telemetry = self._telemetry(timed, result.ms_median)
             phases = self._phases(prepared, call, result.ms_median)
+            if int(self.timing.get("profile_calls") or 0) > 0:  # after the timed calls: never in ms_median
+                from attnbench.measure.profile import profile_call
+
+                self._set_phase("profile")
+                phases.update(profile_call(timed, self.device, int(self.timing["profile_calls"])))
         row.update(result.columns())  # medians, spread, every repetition's time (ms_samples)
         if result.flags:  # e.g. cpu_interference(...) from the timer
             row["flags"] = ";".join([f for f in (row.get("flags") or "").split(";") if f] + list(result.flags))

@@ -80,6 +80,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "tflops_attended": ("Float64", "TFLOP/s on attended pairs: 4 * attended_pairs * head_dim * mode factor / time"),
     "phase_ms": ("string", "median ms of phases the method declares, timed alone ('routing=0.41;...')"),
     "routing_share": ("Float64", "routing phase median / whole call median (methods that declare a routing phase)"),
+    "profile_top": ("string", "timing.profile_calls > 0: the largest kernels of a call, 'name=µs per call (share %)'; "
+                              "bench/measure/profile.py"),
+    "profile_kernels": ("Int64", "timing.profile_calls > 0: distinct kernels (CPU: top-level operators) in a call"),
+    "profile_launches": ("Float64", "timing.profile_calls > 0: kernel launches per call"),
     "state_bytes": ("Int64", "recurrent decode: bytes of the state per sequence (batch element)"),
     "sm_clock_mhz": ("Float64", "SM clock read once at the end of the telemetry window (back-to-back calls "
                                 "for energy_window_ms after timing), MHz (NVML)"),
