@@ -21,6 +21,13 @@ def _row(method, n, ms, mode="fwd_bwd", status="ok", **kw):
             "peak_mem_mb": 2048.0, "mask": "causal", **kw}
 
 
+def _write_run(tmp_path, name, rows) -> str:
+    run = tmp_path / name
+    run.mkdir()
+    (run / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(run)
+
+
 def test_slope_efficiency_length_and_fla_ratio(tmp_path, capsys):
     lengths = [2048, 8192, 32768, 131072, 1 << 20]
     rows = []
@@ -52,10 +59,7 @@ def test_efficiency_length_bounds():
 
 def test_runs_merge_latest_row_wins_impl_is_its_own_line_and_decode_run_is_found(tmp_path, capsys):
     def write(name, rows):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-        return str(run)
+        return _write_run(tmp_path, name, rows)
 
     lengths = [32768, 131072, 1 << 20]
     old = write("old", [_row("linear_attn", n, 3e-3 * n, started_at="2026-12-01T10:00:00") for n in lengths]
@@ -79,10 +83,7 @@ def test_runs_merge_latest_row_wins_impl_is_its_own_line_and_decode_run_is_found
 def test_fill_run_adds_only_missing_lengths(tmp_path, capsys):
     """A --fill run's 256K row joins the line; its 32K row (the line has one) does not replace the measured one."""
     def write(name, rows):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-        return str(run)
+        return _write_run(tmp_path, name, rows)
 
     main = write("main", [_row("linear_attn", n, 1e-3 * n, started_at="2026-12-01") for n in (32768, 131072)])
     fill = write("fill", [_row("linear_attn", 32768, 999.0, started_at="2026-12-02"),
