@@ -120,8 +120,9 @@ AUDIT: dict[str, Audit] = {
     "simple_gla": _delta(lambda L: B * H * STREAM * max(rows_in(L, STREAM), D)),
     "lamamba": Audit(1 << 16, lambda L: B * L * max(2 * W + 2 * H * 64 + H, H * 256, H * 64),
                      lambda L: B * max(R * 256 * W, (ROWS_CHUNK + 3) * (2 * W + 2 * H * 64 + H), H * ROWS_CHUNK * 128),
-                     "fast: the in-projection [L, 2·width + 2·H·N + H] (N = 64), a window's dense scores "
-                     "[L/256, 256, 256] per head (SDPA's math form off the GPU), the scan's [L/64, 64, 64] blocks; "
+                     "fast: the in-projection [L, 2·width + 2·H·N + H] (N = 64), the windows' dense scores "
+                     "[L/256, 256, 256] per head (on meta SDPA always runs its math form; that a fused kernel takes "
+                     "the windows is checked below), the scan's [L/64, 64, 64] blocks; "
                      "reference: the rows' windows (256 tokens), one piece's projection and scan blocks"),
 }
 
@@ -344,3 +345,30 @@ def test_meta_shadow_pointwise_shortcut_matches_the_meta_kernel(layout):
         with MetaShadow():
             got = op(base, other)
         assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), (op, layout)
+
+
+# ---- what meta cannot show: which SDPA kernel a fast path reaches ----------------------------------------------------
+def test_lamamba_window_attention_reaches_a_fused_sdpa_kernel(monkeypatch):
+    """SDPA's fused kernels take 4-D inputs only. LaMamba's windows went in 5-D ([B, H, n, window, P]), so SDPA ran
+    its math form, which holds the [n, window, window] scores per head: on the H200 too (16 GiB fp32 per tensor,
+    several at once, at 1M tokens and 16 heads; lamamba's `oom` rows at 512K-1M). Meta always takes the math form,
+    so the audit above cannot see it: the inputs of the SDPA call are checked here on the CPU (whose fused choice
+    applies the same 4-D rule). Negative control: the 5-D layout gets the math form."""
+    from torch.nn.attention import SDPBackend
+
+    from test_linear_methods import _build
+
+    math_form = SDPBackend.MATH.value
+    choices = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        choices.append((q.dim(), torch._fused_sdp_choice(q, k, v, **kwargs)))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prepared = _build("lamamba", "causal", 40, 40, params={"window": 16, "state_size": 4, "chunk": 8})
+    prepared.fn(torch.randn(1, 40, 16))
+    assert choices and all(dim == 4 and choice != math_form for dim, choice in choices), choices
+    windows = torch.randn(1, 2, 3, 16, 8)  # [B, H, n, window, P]: the layout before the fix
+    assert torch._fused_sdp_choice(windows, windows, windows, is_causal=True) == math_form
