@@ -80,8 +80,8 @@ def _kernelized(features: int) -> Audit:
                  f"reference: per key chunk ({STREAM}) the scores of the rows it finishes and the chunk's features")
 
 
-def _delta(rows_width: Callable[[int], int]) -> Audit:
-    return Audit(1 << 14, lambda L: B * H * max(L * D, SEGMENT * max(64, 2 * D)), rows_width,
+def _delta(rows_width: Callable[[int], int], length: int = 1 << 14) -> Audit:
+    return Audit(length, lambda L: B * H * max(L * D, SEGMENT * max(64, 2 * D)), rows_width,
                  f"fast: [L, d] inputs and output; per segment ({SEGMENT}) the WY blocks [S/64, 64, 64] and "
                  f"[S/64, 64, 2d] (chunk 64); reference: per key piece ({STREAM}) the same with chunk 32 (delta), or "
                  "the rows' decayed scores [rows, piece] (simple_gla)", params={"segment": SEGMENT})
@@ -92,7 +92,8 @@ AUDIT: dict[str, Audit] = {
     "performer": _kernelized(round(D * math.log(D))),  # m = round(d ln d)
     "rfa": _kernelized(2 * 2 * D),  # sin and cos of D = 2d projections
     "cosformer": _kernelized(2 * D),
-    "abc": Audit(1 << 18, lambda L: B * H * L * max(128, 64, D), lambda L: B * H * ROWS_CHUNK * max(rows_in(L, ROWS_CHUNK), 64, D),
+    "abc": Audit(1 << 18, lambda L: B * H * L * max(128, 64, D),
+                 lambda L: B * H * ROWS_CHUNK * max(rows_in(L, ROWS_CHUNK), 64, D),
                  "fast: three chunked passes (chunk 128): scores [L/128, 128, 128], controls and slot weights "
                  "[L, 64 slots] per head; reference: per key chunk the rows' slot reads and the chunk's controls"),
     "aaren": Audit(1 << 18, lambda L: B * max(L * W, H * (L // 512) ** 2),
@@ -117,7 +118,8 @@ AUDIT: dict[str, Audit] = {
                          "(block 1024); gated on the harness's own fp32 reference, not its own"),
     "gated_delta_rule": _delta(lambda L: B * H * STREAM * max(32, 2 * D)),
     "delta_rule": _delta(lambda L: B * H * STREAM * max(32, 2 * D)),
-    "simple_gla": _delta(lambda L: B * H * STREAM * max(rows_in(L, STREAM), D)),
+    # 2^15: at 2^14 a key chunk of 8192 finishes half the sampled rows, too near L² for the check below
+    "simple_gla": _delta(lambda L: B * H * STREAM * max(rows_in(L, STREAM), D), length=1 << 15),
     "lamamba": Audit(1 << 16, lambda L: B * L * max(2 * W + 2 * H * 64 + H, H * 256, H * 64),
                      lambda L: B * max(R * 256 * W, (ROWS_CHUNK + 3) * (2 * W + 2 * H * 64 + H), H * ROWS_CHUNK * 128),
                      "fast: the in-projection [L, 2·width + 2·H·N + H] (N = 64), the windows' dense scores "
@@ -331,13 +333,14 @@ def test_meta_shadow_keeps_small_integers_real_and_measures_what_it_does_not_com
     assert shadow.largest == 0
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "slice", "select", "broadcast", "transposed", "scalar"])
+@pytest.mark.parametrize("layout", ["contiguous", "slice", "select", "broadcast", "expanded", "transposed", "scalar"])
 def test_meta_shadow_pointwise_shortcut_matches_the_meta_kernel(layout):
     base = torch.empty(2, 3, 8, 5, device="meta")
     other = {"contiguous": torch.empty(2, 3, 8, 5, device="meta"),
              "slice": torch.empty(2, 3, 16, 5, device="meta")[:, :, ::2],
              "select": torch.empty(2, 3, 4, 8, 5, device="meta")[:, :, 1],
              "broadcast": torch.empty(2, 1, 8, 1, device="meta"),
+             "expanded": torch.empty(2, 1, 8, 5, device="meta").expand(2, 3, 8, 5),
              "transposed": torch.empty(2, 3, 5, 8, device="meta").transpose(-1, -2),
              "scalar": 0.5}[layout]
     for op in (torch.add, torch.sub, torch.mul, torch.div):
