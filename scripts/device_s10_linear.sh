@@ -6,8 +6,12 @@
 #   2. fla_delta_rule 256K ... 1M into results/h200-linear-delta-triton (8K-128K there; cut by the step's wall);
 #   3. where the time goes (timing.profile_calls, bench/measure/profile.py), a NEW run h200-linear-profile at 32K,
 #      causal, fwd and fwd_bwd: the own delta rules and simple_gla with impl: triton (9.2x fla_delta_rule), fla's
-#      delta rule, simple_gla_triton and fla_simple_gla (fwd 1.7x), linear_attn_triton and sdpa_cudnn.
-#   WRAP_S=300 bash scripts/device_wrap.sh s10-linear scripts/device_s10_linear.sh
+#      delta rule, simple_gla_triton and fla_simple_gla (fwd 1.7x), linear_attn_triton and sdpa_cudnn;
+#   4. the memory audit's fixes (tests/test_memory_scaling.py, ninth session), a NEW run h200-linear-mem-v2:
+#      lamamba 8K ... 1M (its windows now reach a fused SDPA kernel: before, SDPA's math form on 5-D windows, so
+#      every committed lamamba row measured that), and the 1M cells that were `oom`: s4d (spectra dropped once
+#      used), abc, and the PyTorch chunked linear_attn / cosformer / performer (chunk states prefixed in place).
+#   WRAP_S=440 bash scripts/device_wrap.sh s10-linear scripts/device_s10_linear.sh
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 export TRITON_CACHE_AUTOTUNING=1
@@ -23,6 +27,10 @@ TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.imp
 inv ${P3:-70} profile h200-linear-profile \
   "methods=[delta_rule,gated_delta_rule,simple_gla,fla_delta_rule,simple_gla_triton,fla_simple_gla,linear_attn_triton,sdpa_cudnn]" \
   "seq_lens=[32768]" $TRI +timing.profile_calls=3 case_timeout_s=30
+inv ${P4:-130} mem-v2 h200-linear-mem-v2 "methods=[lamamba]" "seq_lens=[8192,32768,131072,262144,524288,1048576]" \
+  case_timeout_s=40
+inv ${P5:-60} mem-v2-1m h200-linear-mem-v2 "methods=[s4d,abc,linear_attn,cosformer,performer]" "seq_lens=[1048576]" \
+  case_timeout_s=40
 python3 - "$OUT/h200-linear-profile" > "$OUT/profile-table.md" 2>&1 <<'PY'
 import sys
 import pandas as pd
@@ -32,5 +40,5 @@ for _, r in f.sort_values(["method", "mode"]).iterrows():
           f"{r.get('profile_kernels')} kernels: {r.get('profile_top')}")
 PY
 cat "$OUT/profile-table.md"
-for run in $LL $DT; do python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1; done
+for run in $LL $DT h200-linear-mem-v2; do python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1; done
 echo "== done after ${SECONDS}s"
