@@ -84,3 +84,15 @@ def test_merge_refuses_what_is_not_a_run_folder(tmp_path, capsys):
     assert "FROM" in capsys.readouterr().err
     with pytest.raises(MergeError, match="INTO itself"):
         merge_into(into, into)
+
+
+def test_merge_into_a_new_folder_makes_it_from_the_sources(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, "node a", ["sdpa"])
+    write_run(b, "node b", ["eager"])
+    assert cli_main(["merge", str(tmp_path / "all"), str(a), str(b)]) == 0
+    run = load_run(tmp_path / "all")
+    assert sorted(run.rows["method"].unique()) == ["eager", "sdpa"] and not run.warnings
+    env = json.loads((tmp_path / "all" / "env.json").read_text())
+    assert [e["command"] for e in env["invocations"]] == ["node a part 0", "node b part 0"]
+    assert set(run.rows["run_id"]) == {"all"}

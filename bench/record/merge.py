@@ -12,6 +12,7 @@ What moves, per FROM folder (DESIGN.md §2, §6):
   * rows.jsonl and quality.jsonl: appended, then rows.parquet / quality.parquet and the csv files rewritten.
   * logs/ and device-logs/: copied under ``<folder>/from-<FROM's name>/``.
 
+INTO need not exist: ``attnbench merge results/all results/a results/b`` makes it from a and b.
 Refused before anything is written, naming the folder or the case: a FROM that is not a run folder, a case that
 has a row in both (a merge never decides which measurement wins: re-run it with ``retry=``), or files of an
 older attnbench without per-invocation env.json entries. FROM is left as it was.
@@ -63,9 +64,11 @@ def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
 def check(into: Path, source: Path) -> None:
     """Every reason to refuse, before any file is touched."""
     for name, folder in (("INTO", into), ("FROM", source)):
+        if name == "INTO" and not folder.exists():
+            continue  # created by the merge
         if not is_run_dir(folder):
             raise MergeError(f"{name} {str(folder)!r} is not a run folder (no rows, config.yaml or env.json)")
-    if into.resolve() == source.resolve():
+    if into.exists() and into.resolve() == source.resolve():
         raise MergeError(f"FROM {str(source)!r} is INTO itself")
     for folder in (into, source):
         env = envinfo.read_env(folder)
@@ -84,6 +87,7 @@ def merge_into(into: Path, source: Path) -> dict:
     """Fold ``source`` into ``into`` (module docstring); returns counts of what moved."""
     into, source = Path(into), Path(source)
     check(into, source)
+    into.mkdir(parents=True, exist_ok=True)
     env, extra = envinfo.read_env(into), envinfo.read_env(source)
     offset = len(env.get("invocations") or [])
     moved = {"invocations": len(extra.get("invocations") or []), "rows.jsonl": 0, "quality.jsonl": 0}
