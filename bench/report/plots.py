@@ -392,9 +392,9 @@ def pareto(title: str, panels: list[ParetoPanel], palette: Palette) -> Figure:
     return fig
 
 
-__all__ = ["STATUS_COLORS", "Palette", "Panel", "ParetoPanel", "Points", "RankBars", "ScalingPanel", "Series", "Tile",
-           "heatmap", "line_panels", "log_ticks", "mask_gallery", "number", "pareto", "rank_bars", "roofline",
-           "scaling_panels", "scatter", "to_png", "tokens"]
+__all__ = ["STATUS_COLORS", "KernelBar", "Palette", "Panel", "ParetoPanel", "Points", "RankBars", "ScalingPanel",
+           "Series", "Tile", "heatmap", "kernel_bars", "line_panels", "log_ticks", "mask_gallery", "number", "pareto",
+           "rank_bars", "roofline", "scaling_panels", "scatter", "to_png", "tokens"]
 
 
 @dataclass
@@ -598,6 +598,60 @@ def rank_bars(title: str, cases: list[RankBars]) -> Figure:
             ax.grid(axis="x", visible=False)
         _legend(fig, [Line2D([], [], color="0.3", linestyle="--", label="mean over ranks"),
                       Line2D([], [], color=COLORS[3], linewidth=6, label="slowest rank")])
+    return fig
+
+
+@dataclass
+class KernelBar:
+    """One method's profiled call: its largest kernels (name, µs per call), the rest of its summed kernel time
+    (µs; None when unknown) and its timed time per call (µs; None when not measured)."""
+
+    label: str
+    kernels: list[tuple[str, float]]
+    other_us: float | None
+    timed_us: float | None
+
+
+def kernel_bars(title: str, bars: list[KernelBar]) -> Figure:
+    """One horizontal bar per method, stacked from its largest kernels' µs per call (a colour per kernel name,
+    the same in every bar; names beyond the palette join "other kernels", grey), the timed time per call as a
+    black tick. Bars in the given order, the first on top."""
+    totals: dict[str, float] = {}
+    for bar in bars:
+        for name, us in bar.kernels:
+            totals[name] = totals.get(name, 0.0) + us
+    named = sorted(totals, key=lambda name: -totals[name])[:len(COLORS) - 1]
+    colors = dict(zip(named, (c for c in COLORS if c != "#7f7f7f")))
+    width = 9.0
+    left = 0.3 + 0.065 * max(len(bar.label) for bar in bars)
+    legend_rows = -(-(len(named) + 2) // 2)
+    bottom, top = 0.55 + 0.22 * legend_rows, 0.55
+    height = top + 0.38 * len(bars) + 0.3 + bottom
+    with rc_context(STYLE):
+        fig = Figure(figsize=(width, height), dpi=DPI)
+        ax = fig.subplots()
+        fig.subplots_adjust(left=left / width, right=1 - 0.3 / width, top=1 - top / height, bottom=bottom / height)
+        fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
+        for y, bar in enumerate(bars):
+            start = 0.0
+            other = sum(us for name, us in bar.kernels if name not in colors) + (bar.other_us or 0.0)
+            for name, us in [(n, us) for n, us in bar.kernels if n in colors] + [("other kernels", other)]:
+                if us > 0:
+                    ax.barh(y, us, left=start, height=0.6, color=colors.get(name, "#c8c8c8"), edgecolor="white",
+                            linewidth=0.5)
+                    start += us
+            if bar.timed_us is not None:
+                ax.plot([bar.timed_us], [y], marker="|", color="black", markersize=14, markeredgewidth=2)
+        ax.set_yticks(range(len(bars)), [bar.label for bar in bars])
+        ax.set_ylim(len(bars) - 0.5, -0.5)
+        ax.set_xlim(0, None)
+        ax.set_xlabel("µs per call")
+        ax.grid(axis="y", visible=False)
+        handles = [Line2D([], [], color=colors[name], linewidth=6, label=name) for name in named]
+        handles += [Line2D([], [], color="#c8c8c8", linewidth=6, label="other kernels"),
+                    Line2D([], [], color="black", marker="|", linestyle="none", markersize=10, markeredgewidth=2,
+                           label="timed time per call")]
+        _legend(fig, handles, columns=2)
     return fig
 
 
