@@ -56,7 +56,7 @@ def the_table(section) -> Table:
 
 
 def expected_top(top: str, distinct: int) -> str:
-    """The cell recomputed from the recorded string: the 4 largest as "name µs (share%)", then the count of the rest."""
+    """The cell recomputed from the recorded string: the 4 largest as "name µs (share%)", then how many more."""
     entries = [entry.rsplit("=", 1) for entry in top.split(";")]
     parts = [f"{name} {fmt(float(us.split('us')[0]))} µs ({us.split('(')[1].rstrip(')')})" for name, us in entries[:4]]
     if distinct > 4:
@@ -96,6 +96,8 @@ def test_a_malformed_profile_top_is_shown_raw_and_the_report_still_writes(tmp_pa
     # negative control for the parser itself: the well-formed strings parse, the broken ones do not
     assert profile.parse_top(PROFILED["sdpa"][1]) == [profile.Kernel("flash_fwd_kernel", 300.0, 86.0),
                                                        profile.Kernel("elementwise_kernel", 50.0, 14.0)]
+    assert profile.parse_top("a::b=1.234e+04us (97%);k:v=2us (0%)") == [profile.Kernel("a::b", 12340.0, 97.0),
+                                                                         profile.Kernel("k:v", 2.0, 0.0)]
     for bad in (BROKEN, "a=1.2.3us (5%)", "a=12us", "a=12us (x%)", ""):
         assert profile.parse_top(bad) is None, bad
     # the whole report (both renderers) writes with the broken rows in it; the section follows the scaling one

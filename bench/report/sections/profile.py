@@ -24,7 +24,7 @@ MALFORMED = "not in the form name=<µs>us (<share>%) of bench/measure/profile.py
 
 @dataclass(frozen=True)
 class Kernel:
-    """One kernel of ``profile_top``: its shortened name, device µs per call and share (%) of the summed kernel time."""
+    """One kernel of ``profile_top``: shortened name, device µs per call, share (%) of the summed kernel time."""
 
     name: str
     us: float
@@ -121,7 +121,8 @@ def section_profile(ctx: Context) -> Section | None:
     rows = rows[rows["kind"] == "kernel"]
     for column in ("profile_kernels", "profile_launches"):
         rows = rows.assign(**{column: pd.to_numeric(rows[column], errors="coerce") if column in rows else pd.NA})
-    profiled = (rows["status"] == "ok") & rows["profile_top"].notna() & (rows["profile_top"].astype(str).str.strip() != "")
+    top = rows["profile_top"]
+    profiled = (rows["status"] == "ok") & top.notna() & (top.astype(str).str.strip() != "")
     if not profiled.any():
         return None
     section = Section("profile", "Where the time goes")
