@@ -26,7 +26,7 @@ inv ${P2:-70} fla-delta $DT "methods=[fla_delta_rule]" "seq_lens=[8192,32768,131
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton +method_options.simple_gla.impl=triton"
 inv ${P3:-70} profile h200-linear-profile \
   "methods=[delta_rule,gated_delta_rule,simple_gla,fla_delta_rule,simple_gla_triton,fla_simple_gla,linear_attn_triton,sdpa_cudnn]" \
-  "seq_lens=[32768]" $TRI +timing.profile_calls=3 case_timeout_s=30
+  "seq_lens=[32768]" $TRI timing.profile_calls=3 case_timeout_s=30
 inv ${P4:-130} mem-v2 h200-linear-mem-v2 "methods=[lamamba]" "seq_lens=[8192,32768,131072,262144,524288,1048576]" \
   case_timeout_s=40
 inv ${P5:-60} mem-v2-1m h200-linear-mem-v2 "methods=[s4d,abc,linear_attn,cosformer,performer]" "seq_lens=[1048576]" \
