@@ -17,6 +17,7 @@ def test_summarize_ranks_kernels_per_call_with_shares():
     cols = summarize(events, calls=2)
     assert cols["profile_top"] == "flash_fwd_kernel=300us (86%);elementwise_kernel=50us (14%)"
     assert cols["profile_kernels"] == 2 and cols["profile_launches"] == 2.0
+    assert cols["profile_kernel_ms"] == pytest.approx(0.35)  # (300 + 50) µs a call
     assert short_name("void a::b<c<d>, 1>(int, float)") == "a::b"
     with pytest.raises(ValueError):
         summarize(events, calls=0)

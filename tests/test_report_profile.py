@@ -154,3 +154,16 @@ def test_absent_when_only_failed_rows_carry_a_profile(tmp_path):
     rows = profiled_rows("p", columns=False)
     rows.append(make_row("p", "late", "causal", "fwd", 32768, "error", profile_top="gemm=1us (100%)"))
     assert section_of(rows, tmp_path) is None
+
+
+def test_a_recorded_kernel_time_is_shown_exactly_not_derived(tmp_path):
+    """Rows with profile_kernel_ms (bench/measure/profile.py since it records it): the table shows that value,
+    without the ≈ of the share-derived estimate."""
+    rows = profiled_rows("p", broken=False)
+    for row in rows:
+        if row["method"] == "sdpa" and "profile_top" in row:
+            row["profile_kernel_ms"] = 0.3612
+    table = the_table(section_of(rows, tmp_path))
+    lines = {row[0]: dict(zip(table.header, map(text_of, row))) for row in table.rows}
+    assert lines["sdpa"]["kernel ms per call (profiled)"] == fmt(0.3612, 2)
+    assert lines["mid"]["kernel ms per call (profiled)"].startswith("≈")  # no recorded value: derived

@@ -2,8 +2,8 @@
 
 After the timed repetitions, ``profile_calls`` more calls run under the profiler (GPU kernels on CUDA, operators
 on the CPU). Each kernel's device time is summed over the calls and divided by their number; the row gets
-``profile_top`` ("name=µs per call (share %)" for the largest, ``;``-separated), ``profile_kernels`` (distinct
-kernels seen) and ``profile_launches`` (launches per call: a launch-bound method shows many small ones). The
+``profile_top`` ("name=µs per call (share %)" for the largest, ``;``-separated), ``profile_kernel_ms`` (the summed
+kernel time of a call), ``profile_kernels`` (distinct kernels seen) and ``profile_launches`` (launches per call: a launch-bound method shows many small ones). The
 profiled calls are not the timed ones: the profiler's own overhead never reaches ``ms_median``.
 
 Names are shortened (templates and argument lists dropped) so that a table stays readable; the share is of the
@@ -44,7 +44,8 @@ def summarize(events: list[tuple[str, float]], calls: int) -> dict:
     whole = sum(total.values())
     ranked = sorted(total.items(), key=lambda item: -item[1])
     top = ";".join(f"{name}={us / calls:.4g}us ({100 * us / whole:.0f}%)" for name, us in ranked[:TOP]) if whole else ""
-    return {"profile_top": top or None, "profile_kernels": len(total), "profile_launches": len(events) / calls}
+    return {"profile_top": top or None, "profile_kernels": len(total), "profile_launches": len(events) / calls,
+            "profile_kernel_ms": whole / calls / 1e3}
 
 
 def profile_call(call, device, calls: int) -> dict:

@@ -82,6 +82,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "routing_share": ("Float64", "routing phase median / whole call median (methods that declare a routing phase)"),
     "profile_top": ("string", "timing.profile_calls > 0: the largest kernels of a call, 'name=µs per call (share %)'; "
                               "bench/measure/profile.py"),
+    "profile_kernel_ms": ("Float64", "timing.profile_calls > 0: summed kernel (CPU: top-level operator) time of a "
+                                     "call, ms; against ms_median it shows the gaps between launches"),
     "profile_kernels": ("Int64", "timing.profile_calls > 0: distinct kernels (CPU: top-level operators) in a call"),
     "profile_launches": ("Float64", "timing.profile_calls > 0: kernel launches per call"),
     "state_bytes": ("Int64", "recurrent decode: bytes of the state per sequence (batch element)"),

@@ -54,6 +54,13 @@ def summed_us(kernels: list[Kernel]) -> float | None:
     return largest.us * 100 / largest.share
 
 
+def _total_us(row, kernels: list[Kernel]) -> float | None:
+    """The call's summed kernel µs: the recorded ``profile_kernel_ms`` where the row has it, else derived from the
+    shares (:func:`summed_us`, rows written before that column existed)."""
+    recorded = row.get("profile_kernel_ms")
+    return float(recorded) * 1000 if pd.notna(recorded) else summed_us(kernels)
+
+
 def top_text(kernels: list[Kernel], distinct) -> str:
     """"name 300 µs (86%) · name 50 µs (14%)", the largest ``SHOWN``, then how many more kernels the call ran."""
     shown = kernels[:SHOWN]
@@ -76,8 +83,9 @@ def profile_cells(row) -> list:
     kernels = parse_top(str(top))
     if kernels is None:
         return ["", launches, distinct, Cell(str(top), None, MALFORMED)]
-    total = summed_us(kernels)
-    return [f"≈{fmt(total / 1000, 2)}" if total is not None else "", launches, distinct,
+    total = _total_us(row, kernels)
+    exact = pd.notna(row.get("profile_kernel_ms"))
+    return [("" if exact else "≈") + fmt(total / 1000, 2) if total is not None else "", launches, distinct,
             top_text(kernels, row["profile_kernels"])]
 
 
@@ -99,7 +107,7 @@ def profile_blocks(rows: pd.DataFrame, where: str) -> list:
         kernels = parse_top(str(row["profile_top"])) if pd.notna(row["profile_top"]) else None
         if not kernels:
             continue
-        shown, total = kernels[:SHOWN], summed_us(kernels)
+        shown, total = kernels[:SHOWN], _total_us(row, kernels)
         other = None if total is None else max(total - sum(k.us for k in shown), 0.0)
         bars.append(plots.KernelBar(row["label"], [(k.name, k.us) for k in shown], other, row["ms_median"] * 1000))
     if bars:
@@ -119,7 +127,7 @@ def section_profile(ctx: Context) -> Section | None:
     if "profile_top" not in rows or rows.empty:
         return None
     rows = rows[rows["kind"] == "kernel"]
-    for column in ("profile_kernels", "profile_launches"):
+    for column in ("profile_kernels", "profile_launches", "profile_kernel_ms"):
         rows = rows.assign(**{column: pd.to_numeric(rows[column], errors="coerce") if column in rows else pd.NA})
     top = rows["profile_top"]
     profiled = (rows["status"] == "ok") & top.notna() & (top.astype(str).str.strip() != "")
@@ -131,8 +139,8 @@ def section_profile(ctx: Context) -> Section | None:
         "profiled calls are not the timed ones, so ms per call carries none of the profiler's overhead. Per "
         "call: the kernel launches, the distinct kernels and the largest kernels with their device µs; a share "
         "is of the summed kernel time, not of the wall time (gaps between launches are in neither; kernels on "
-        "several streams may overlap). The summed kernel time is derived from the largest kernel's share "
-        "(recorded in whole percents, so approximate). Many launches of small kernels, and a summed kernel time "
+        "several streams may overlap). The summed kernel time is recorded (profile_kernel_ms); for rows "
+        "without it, derived from the largest kernel's share (whole percents: marked ≈). Many launches of small kernels, and a summed kernel time "
         "well below the timed ms, mean the method is launch-bound: the host, not the GPU's arithmetic, sets its "
         "time. Kernel names are shortened (templates and arguments dropped); on a CPU run the 'kernels' are "
         "top-level operators."))
