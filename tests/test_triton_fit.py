@@ -84,6 +84,8 @@ OWN_TRITON = [
     ("rfa", {"impl": "triton", "features": 128}, (128,)),  # sin and cos: 256 wide
     ("gated_delta_rule", {"impl": "triton"}, (128, 256)),
     ("delta_rule", {"impl": "triton"}, (128,)),
+    ("delta_rule", {"solve": "triton"}, (128,)),  # tril_triton's inverse (the loop in PyTorch)
+    ("gated_delta_rule", {"solve": "triton", "chunk": 128}, (128,)),  # the inverse's largest tile
     ("simple_gla", {"impl": "triton"}, (128,)),
 ]
 

@@ -44,6 +44,10 @@ default) or ``triton``: the loop over chunks (forward and its backward) through 
 form, the decode prefill and the state scan (the references stay PyTorch); with ``block_v`` (power of two
 16..128, default 32), ``num_warps`` (default 4), ``dot_precision`` (``tf32``, the default, or ``ieee``),
 ``num_stages`` (``auto``) and ``chunk`` <= 256 (:func:`states_impl`); CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
+``solve`` (the delta rules only, :func:`solve_choice`, independent of ``impl``): ``torch`` (the default,
+``torch.linalg.solve_triangular`` on all chunks' systems at once) or ``triton``: each chunk's
+``(I + A)⁻¹`` by an own Triton kernel (``tril_triton.py``: forward substitution in registers, one program per
+chunk) and a matmul, in the same places as ``impl``; ``chunk`` <= 128; CUDA or ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -102,10 +106,17 @@ def naive_recurrence(q, k, v, g=None, beta=None, *, gated=True, delta=True, norm
     return (out, S) if return_state else out
 
 
-def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int):
+def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, solve: str = "torch"):
     """Per-chunk quantities of the WY form, for all chunks at once (inputs already fp32, normalised, padded
     to a multiple of ``chunk``): ``qg``, ``attn``, ``U``, ``W`` (None without the delta term), ``kd``,
-    ``last`` (see the module docstring)."""
+    ``last`` (see the module docstring).
+
+    ``solve`` (the delta term's unit lower-triangular systems): ``torch`` (the default:
+    ``torch.linalg.solve_triangular``) or ``triton`` (``T = (I + A)⁻¹`` by the own kernel,
+    :func:`tril_triton.tril_inverse`, then ``T @ rhs``; CUDA or ``TRITON_INTERPRET=1``). The same result up to
+    float rounding, gradients included."""
+    if solve not in SOLVES:
+        raise ValueError(f"chunk_pieces: solve must be one of {SOLVES}, got {solve!r}")
     batch, heads, length, dk = k.shape
     dv = v.shape[-1]
     n = length // chunk
@@ -121,9 +132,15 @@ def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int):
     last = torch.exp(gam[..., -1])  # [B, H, N]
     if delta:
         strict = decay.masked_fill(torch.eye(chunk, dtype=torch.bool, device=k.device), 0.0)
-        lower = torch.eye(chunk, device=k.device) + bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * strict
+        below = bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * strict  # A: zero on and above the diagonal
         rhs = bc[..., None] * torch.cat([vc, kc * torch.exp(gam)[..., None]], dim=-1)
-        sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        if solve == "triton":  # the kernel's unmasked backward is exact here: strict is 0 where A is (tril_triton)
+            from .tril_triton import tril_inverse
+
+            sol = tril_inverse(below) @ rhs
+        else:
+            lower = torch.eye(chunk, device=k.device) + below
+            sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
         U, W = sol[..., :dv], sol[..., dv:]
     else:
         U, W = vc * bc[..., None], None
@@ -218,8 +235,9 @@ def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
 
 
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False, scale=None, segment=0, carry=True, states_fn=None):
-    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d.
+            return_state=False, scale=None, segment=0, carry=True, states_fn=None, solve="torch"):
+    """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d. ``solve``: the
+    triangular solve of :func:`chunk_pieces` (``torch`` or ``triton``).
 
     ``states_fn``: the loop over chunks, ``(U, W, kd, last, state0) -> (states, final state)``; None (the
     default) is :func:`chunk_states` (PyTorch); ``impl: triton`` passes :func:`delta_triton.chunk_states`
@@ -233,11 +251,11 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     if segment and k.shape[2] > segment:
         return segmented(q, k, v, g, beta, gated=gated, delta=delta, normalize=normalize, chunk=chunk,
                          state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry,
-                         states_fn=states_fn)
+                         states_fn=states_fn, solve=solve)
     out_dtype = v.dtype
     q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
     batch, heads, _, dk = k.shape
-    qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk)
+    qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve=solve)
     S0 = q.new_zeros(batch, heads, dk, v.shape[-1]) if state0 is None else state0.float()
     states, S = (chunk_states if states_fn is None else states_fn)(U, W, kd, last, S0)
     out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
@@ -250,7 +268,7 @@ def _segment_step(q, k, v, g, beta, state0, kw):
 
 
 def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=True, normalize=True, chunk=64,
-              state0=None, return_state=False, scale=None, carry=True, states_fn=None):
+              state0=None, return_state=False, scale=None, carry=True, states_fn=None, solve="torch"):
     """:func:`chunked` one segment of ``segment`` tokens at a time: each segment is the chunked form started
     from the state carried out of the segment before (fp32 [B, H, dk, dv]), so the working memory (the WY
     pieces, the per-chunk states, and in training everything autograd saves) is one segment's, whatever the
@@ -259,13 +277,15 @@ def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=Tru
     kept, and the backward recomputes one segment's forward at a time (the cost: one more forward).
     Segments need not align with the chunks: a segment's last chunk is padded with tokens that neither write
     nor decay, so the result equals the unsegmented one up to float rounding. Queries aligned bottom-right
-    (zero queries in front, sliced off after). ``states_fn``: as :func:`chunked`'s, used in every segment."""
+    (zero queries in front, sliced off after). ``states_fn``, ``solve``: as :func:`chunked`'s, used in every
+    segment."""
     if segment < 1:
         raise ValueError(f"segmented: segment must be >= 1, got {segment}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, lead = _align(q, k)
     length = k.shape[2]
-    kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale, states_fn=states_fn)
+    kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale, states_fn=states_fn,
+              solve=solve)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, state0))
     out = None if train else v.new_empty(*v.shape[:3], v.shape[-1])
     pieces = []
@@ -348,9 +368,10 @@ def delta_rows(q, k, v, g, beta, rows, *, gated: bool, chunk: int, stream: int =
 
 
 def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int, segment=0,
-                     states_fn=None) -> RecurrentDecode:
+                     states_fn=None, solve="torch") -> RecurrentDecode:
     """``segment``: the prefill's (``'auto'`` or tokens, :func:`segment_tokens`); the step is one token.
-    ``states_fn``: the prefill's chunk loop (:func:`chunked`'s; the step is PyTorch either way)."""
+    ``states_fn``, ``solve``: the prefill's chunk loop and triangular solve (:func:`chunked`'s; the step is
+    PyTorch either way)."""
 
     def prefill(q, k, v, g=None, beta=None):
         past = k.shape[2] - 1
@@ -358,7 +379,7 @@ def recurrent_decode(gated: bool, delta: bool, normalize: bool, chunk: int, segm
         bp = beta[..., :past] if beta is not None else None
         _, S = chunked(k[:, :, :past], k[:, :, :past], v[:, :, :past], gp, bp, gated=gated, delta=delta,
                        normalize=normalize, chunk=chunk, return_state=True, segment=segment_tokens(segment, past),
-                       states_fn=states_fn)
+                       states_fn=states_fn, solve=solve)
         return S
 
     def step(S, q, k, v, g=None, beta=None):
@@ -477,10 +498,45 @@ def states_impl(ctx, chunk: int):
                              num_stages=None if num_stages == "auto" else num_stages)
 
 
+SOLVES = ("torch", "triton")
+
+
+def solve_choice(ctx, chunk: int, delta: bool) -> str:
+    """``method_options.<method>.solve`` (delta_rule, gated_delta_rule): the per-chunk unit lower-triangular
+    solve of :func:`chunk_pieces`, ``torch`` (the default: ``torch.linalg.solve_triangular``) or ``triton``
+    (the inverse by the own kernel, :mod:`tril_triton`, then a matmul), in the timed form, the decode prefill
+    and the state scan (the references stay PyTorch); independent of ``impl``. Bad values: ValueError naming
+    the field (``solve`` given to simple_gla, which solves nothing; ``chunk`` > 128 with ``triton``); with
+    ``triton``, ``Unsupported`` (the case's row, with the reason) without CUDA or ``TRITON_INTERPRET=1``. Never
+    a silent fallback."""
+    from .common import param_choice
+
+    field = f"method_options.{ctx.case.method}"
+    if not delta:
+        if "solve" in ctx.params:
+            raise ValueError(f"{field}.solve: applies to the delta rules only ({ctx.case.method} has no "
+                             f"triangular solve)")
+        return "torch"
+    solve = param_choice(ctx, "solve", "torch", SOLVES)
+    if solve == "torch":
+        return solve
+    from .tril_triton import MAX_CHUNK
+
+    if chunk > MAX_CHUNK:
+        raise ValueError(f"{field}.chunk: must be <= {MAX_CHUNK} with solve 'triton' (one chunk's inverse "
+                         f"lives in registers), got {chunk}")
+    from .linear_attn import triton_runnable
+
+    why = triton_runnable(ctx.device)
+    if why:
+        raise Unsupported(f"{ctx.case.method} with {field}.solve=triton: {why}")
+    return solve
+
+
 def build_variant(ctx, name: str, fast=None) -> Prepared:
     """Prepared for one variant; ``fast`` replaces the own chunked form (the fla adapters). ``impl``
-    (:func:`states_impl`) picks the chunk loop of the timed form, the decode prefill and the state scan; the
-    references stay PyTorch."""
+    (:func:`states_impl`) picks the chunk loop and ``solve`` (:func:`solve_choice`) the triangular solve of the
+    timed form, the decode prefill and the state scan; the references stay PyTorch."""
     gated, delta, normalize = VARIANTS[name]
     causal, offset = mask_mode(ctx)
     if not causal or offset != ctx.case.seq_kv - ctx.case.seq_q:
@@ -490,13 +546,14 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     segment = param_segment(ctx, chunk) if fast is None else 0
     states_fn = states_impl(ctx, chunk) if fast is None else None
+    solve = solve_choice(ctx, chunk, delta) if fast is None else "torch"
     kw = dict(gated=gated, delta=delta, normalize=normalize)
 
     def fn(q, k, v, g=None, beta=None):
         if fast is not None:
             return fast(q, k, v, g, beta)
         return chunked(q, k, v, g, beta, chunk=chunk, segment=segment_tokens(segment, k.shape[2]),
-                       states_fn=states_fn, **kw)
+                       states_fn=states_fn, solve=solve, **kw)
 
     def reference(q, k, v, g=None, beta=None):
         if k.shape[2] <= naive_max:
@@ -513,10 +570,10 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         return delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=max(1, chunk // 2), stream=stream)
 
     extras = gate_extras(ctx.case, gated, delta)
-    scan = affine_state_scan(chunk, tuple(extras), segment=segment, states_fn=states_fn, **kw) \
+    scan = affine_state_scan(chunk, tuple(extras), segment=segment, states_fn=states_fn, solve=solve, **kw) \
         if fast is None and offset == 0 else None
     return Prepared(fn=fn, reference=reference, extras=extras,
-                    decode=recurrent_decode(gated, delta, normalize, chunk, segment, states_fn),
+                    decode=recurrent_decode(gated, delta, normalize, chunk, segment, states_fn, solve),
                     softmax_comparable=False, state_scan=scan)
 
 
@@ -526,7 +583,7 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
     from zero). ``M`` is the chunked form run on ``S0 = I`` with zero values (the same recurrence on a
     dk x dk state), so one code path serves every variant; pieces compose as ``(M₂M₁, M₂b₁ + b₂)``.
     ``segment``: as the method's (``'auto'`` or tokens), applied to each rank's piece; ``kw`` (the variant's
-    flags and ``states_fn``) go to every :func:`chunked` call."""
+    flags, ``states_fn`` and ``solve``) go to every :func:`chunked` call."""
 
     def summary(q, k, v, positions, g=None, beta=None):
         batch, heads, length, dk = k.shape
