@@ -119,6 +119,8 @@ def _built_launches(method, params, head_dim, monkeypatch, seq=1024):
                          [(m, p, d) for m, p, dims in OWN_TRITON for d in dims])
 def test_every_own_triton_method_fits_h200_shared_memory(method, params, head_dim, monkeypatch):
     launches = _built_launches(method, params, head_dim, monkeypatch)
-    assert len(launches) >= 2, f"{method}: no forward and backward launches recorded ({len(launches)})"
+    # solve: triton alone launches its forward kernel only (the inverse's backward is two PyTorch matmuls)
+    least = 1 if set(params) <= {"solve", "chunk"} else 2
+    assert len(launches) >= least, f"{method}: no forward and backward launches recorded ({len(launches)})"
     too_big = [f for f in compile_fits(launches) if not f.ok]
     assert not too_big, too_big

@@ -37,7 +37,11 @@ differentiable entries on or above the diagonal must mask (``dA.tril(-1)``) itse
 
 Shapes: ``A`` ``[..., C, C]`` fp32 (any leading dims, read through its last two strides; the leading dims are
 flattened, which copies only when they are not contiguous), C <= :data:`MAX_CHUNK` (128: the tile is
-C² / (32 · num_warps) registers per thread, 64 at 8 warps). Warps: :func:`warps` (C/16, 1..8).
+C² / (32 · num_warps) registers per thread, 64 at 8 warps). Warps: :func:`warps` (C/16, 1..8). Compiled offline
+for sm_90 (methods/triton_fit.py, ``ptxas -v``; tests/test_triton_fit.py holds it to the shared-memory limit):
+shared memory 0.5 / 1 / 2 / 4 KB (the reduction's scratch) at C = 16 / 32 / 64 / 128; registers per thread at
+the default warps 64 (C 16, 1 warp), 65 (32, 2), 126 (64, 4), 243 (128, 8), no spills (C 64 at 8 warps: 79;
+C 128 spills below 8 warps). Not yet timed on the H200: the warps are a guess from these counts.
 
 ``skip_step`` (a row index, default −1: none) leaves row ``skip_step`` of T as ``e_i`` without the sum: a
 deliberately broken variant for the tests' negative control. Kernels are decorated on first use, once per
