@@ -83,7 +83,8 @@ def test_inverse_equals_linalg_inv(C):
     assert T.shape == A.shape and T.is_contiguous()
     torch.testing.assert_close(T, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(T @ (eye + A), eye.expand_as(A), rtol=0, atol=1e-5)
-    assert torch.equal(T.triu(1), torch.zeros_like(T)) and torch.equal(T.diagonal(dim1=-2, dim2=-1), torch.ones(T.shape[:-1]))
+    assert torch.equal(T.triu(1), torch.zeros_like(T))
+    assert torch.equal(T.diagonal(dim1=-2, dim2=-1), torch.ones(T.shape[:-1]))
     below = torch.ones(C, C, dtype=torch.bool).tril(-1)
     assert (T[..., below].abs() > 1e-3).float().mean() > 0.5  # a real inverse, not the identity
     noise = torch.randn(A.shape, generator=torch.Generator().manual_seed(7)).triu()
