@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -34,7 +33,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "
 interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
-from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
+from attnbench.methods import METHODS, as_prepared  # noqa: E402
 from attnbench.methods.linear import gated_delta  # noqa: E402
 from attnbench.methods.registry import Unsupported  # noqa: E402
 
@@ -221,14 +220,9 @@ def test_chunked_negative_control_is_caught(monkeypatch):
 
 # ---- the method --------------------------------------------------------------------------------------------
 def _ctx(method="delta_rule", params=None, head_dim=16, seq=20, device="cpu"):
-    from attnbench import masks
+    from test_delta_triton import _ctx as delta_ctx  # the same build context as the impl: triton tests
 
-    spec = masks.make_mask("causal")
-    bound = spec.bind(seq, seq)
-    case = SimpleNamespace(method=method, batch=1, heads_q=2, heads_kv=2, seq_q=seq, seq_kv=seq,
-                           head_dim=head_dim, seed=0, dtype="float32", mode="fwd")
-    return BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device(device),
-                        dtype=torch.float32, options={}, params=dict(params or {}))
+    return delta_ctx(method, params, head_dim=head_dim, seq=seq, device=device)
 
 
 @interp
