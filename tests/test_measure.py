@@ -29,6 +29,53 @@ def test_cpu_timer_respects_rep_bounds():
     assert result.reps == 7 and result.timer == "perf_counter" and len(calls) >= 8
 
 
+class _FakeClock:
+    """CUDA events and synchronize on a CPU machine: a call advances a fake clock by its length in ms."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def event(self, enable_timing=True):
+        clock = self
+
+        class Event:
+            def record(self):
+                self.t = clock.now
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return other.t - self.t
+
+        return Event()
+
+
+@pytest.mark.parametrize("call_ms,primed,calls", [(100.0, False, 2 + 1), (100.0, True, 1 + 1), (12000.0, True, 1 + 1),
+                                                   (10.0, True, 5 + 3), (10.0, False, 1 + 5 + 3)])
+def test_cuda_warmup_repeats_only_what_the_budget_asks(monkeypatch, call_ms, primed, calls):
+    """Warm-up calls within warmup_ms (50), at least one timed; a call longer than the budget is not repeated,
+    and a primed call (the case runner's memory phase ran it) gets no extra untimed call. Negative control: the
+    old rule (at least two timed warm-up calls after an untimed one) makes a 12 s call cost 3 calls before its
+    timed repetition (84 s a case at 1M with the case runner's other calls)."""
+    from attnbench.measure import timing as timing_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(timing_module, "CpuProbe", lambda cpu_rule=False: None)
+    monkeypatch.setattr(timing_module, "_flagged", lambda result, probe: result)
+    made = []
+
+    def fn():
+        made.append(1)
+        clock.now += call_ms
+
+    settings = {"budget_ms": 30, "warmup_ms": 50, "min_reps": 1, "max_reps": 3, "flush_l2": False}
+    result = timing_module.time_cuda(fn, torch.device("cpu"), settings, primed=primed)
+    assert len(made) == calls and result.ms_median == call_ms
+
+
 @pytest.mark.parametrize("heads_kv, seq_q, seq_kv", [(4, 24, 24), (2, 24, 24), (1, 8, 40)])
 def test_reference_matches_sdpa_math_with_gqa_cross_and_grads(heads_kv, seq_q, seq_kv):
     torch.manual_seed(0)
