@@ -24,7 +24,7 @@ inv ${S1:-150} sparse-256k sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[2
 inv ${S2:-170} sparse-1m-fwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd]" case_timeout_s=$CT $T1M
 inv ${S3:-150} sparse-1m-bwd sparse h200-sparse "$M" "retry=[$RETRY]" "seq_lens=[1048576]" "modes=[fwd_bwd]" \
   case_timeout_s=$CT $T1M
-inv ${S4:-60} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[262144,1048576]" \
+inv ${S4:-60} impl-strided-long sparse_impl h200-impl-strided "methods=[long_short]" "seq_lens=[65536,262144,1048576]" \
   "retry=[$RETRY]" case_timeout_s=45
 python3 scripts/sparse_summary.py "$OUT/h200-sparse" > "$OUT/sparse-summary.md" 2>&1
 for f in "$OUT"/sparse-*.txt "$OUT"/impl-*.txt; do echo "== $(basename $f)"; grep -v "case/s" "$f" | grep "cases:\|not ok" -A4 | tail -n 6; done
