@@ -15,6 +15,9 @@
 #   WRAP_S=560 bash scripts/device_wrap.sh s8-sparse scripts/device_s8_sparse.sh      (carry .whl)
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
+CT=${CT:-75}
+RETRY=${RETRY:-}
+T1M=${T1M:-timing.budget_ms=400 timing.min_reps=1}
 inv() {  # inv WALL_S LOG PRESET RUN ARGS... (sweep_step: scripts/device_env.sh)
   local wall=$1 log=$2 preset=$3; shift 3; sweep_step "$preset" "$wall" "$log" "$@"
 }
