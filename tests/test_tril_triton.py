@@ -169,17 +169,7 @@ def test_negative_controls_are_caught():
 
 
 # ---- the chunked form --------------------------------------------------------------------------------------
-def _inputs(length=37, heads=2, dim=32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))
-    g = F.logsigmoid(torch.randn(1, heads, length, generator=gen) + 2.0).requires_grad_()  # mild decays
-    beta = torch.rand(1, heads, length, generator=gen).requires_grad_()
-    return [q, k, v, g, beta]
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from test_delta_triton import _inputs, _rel  # noqa: E402  (the impl: triton tests' inputs and error)
 
 
 def _chunked(name, solve, chunk=16, segment=0):
