@@ -96,3 +96,15 @@ def test_merge_into_a_new_folder_makes_it_from_the_sources(tmp_path):
     env = json.loads((tmp_path / "all" / "env.json").read_text())
     assert [e["command"] for e in env["invocations"]] == ["node a part 0", "node b part 0"]
     assert set(run.rows["run_id"]) == {"all"}
+
+
+def test_a_line_cut_short_in_from_is_left_out_and_named(tmp_path, capsys):
+    """As a resume reads a rows.jsonl: a crash's partial last line is skipped (its case runs again), not merged."""
+    into, source = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    write_run(into, "first", ["sdpa"])
+    write_run(source, "second", ["eager"])
+    with open(source / "rows.jsonl", "a") as handle:
+        handle.write('{"case_id": "cut sh')
+    assert cli_main(["merge", str(into), str(source)]) == 0
+    assert "rows.jsonl:3: unreadable line skipped" in capsys.readouterr().out
+    assert len(load_run(into).rows) == 4

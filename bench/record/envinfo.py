@@ -138,12 +138,22 @@ def end_invocation(run_dir: Path, index: int, rows_written: int, devices: dict |
     if calibration:
         entry["calibration"] = calibration
     env["finished_at"] = entry["finished_at"]
-    if rows_written or index == 0:
-        env.update({key: entry.get(key) for key in FACTS if key in entry})
     if calibration:
         env["calibration"] = calibration
-    recorded = [e for e in env["invocations"] if "host" in e]
-    mixed = {key: sorted({json.dumps(e.get(key)) for e in recorded}) for key in MIXED_CHECK}
-    env["mixed"] = {key: [json.loads(v) for v in values] for key, values in mixed.items() if len(values) > 1}
+    summarize_invocations(env)
     _write_env(run_dir, env)
     return env
+
+
+def summarize_invocations(env: dict) -> None:
+    """The top-level facts of ``env`` follow the latest invocation that wrote rows (the first, when none did);
+    ``mixed`` lists the facts on which the recorded invocations differ (after a resume, or a merge of folders:
+    ``attnbench merge``)."""
+    invocations = env.get("invocations") or []
+    if invocations:
+        writers = [e for e in invocations if e.get("rows_written")]
+        latest = writers[-1] if writers else invocations[0]
+        env.update({key: latest.get(key) for key in FACTS if key in latest})
+    recorded = [e for e in invocations if "host" in e]
+    mixed = {key: sorted({json.dumps(e.get(key)) for e in recorded}) for key in MIXED_CHECK}
+    env["mixed"] = {key: [json.loads(v) for v in values] for key, values in mixed.items() if len(values) > 1}

@@ -9,7 +9,8 @@ What moves, per FROM folder (DESIGN.md §2, §6):
     resume would leave them (``envinfo.end_invocation``).
   * config.<k>.yaml / train_config.<k>.yaml: renumbered the same way; config.yaml is rebuilt as the merged view.
   * plan.json: the union of the planned case ids.
-  * rows.jsonl and quality.jsonl: appended, then rows.parquet / quality.parquet and the csv files rewritten.
+  * rows.jsonl and quality.jsonl: appended, then rows.parquet / quality.parquet and the csv files rewritten; a
+    line cut short by a crash is left out (as a resume reads it: its case runs again) and named in the output.
   * logs/ and device-logs/: copied under ``<folder>/from-<FROM's name>/``.
 
 INTO need not exist: ``attnbench merge results/all results/a results/b`` makes it from a and b.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from attnbench.record import envinfo
+from attnbench.record import envinfo, quality, store
 from attnbench.record.rundir import is_run_dir, parse_args, write_config
 
 ROW_LOGS = {"rows.jsonl": "kernel", "quality.jsonl": "task"}
@@ -38,18 +39,13 @@ class MergeError(ValueError):
     """A merge that would lose or mix up data; the message names the folder or case."""
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError as exc:
-            raise MergeError(f"{path}: line {number} is not JSON ({exc})") from None
-    return rows
+def _jsonl(path: Path, skipped: list[str] | None = None) -> list[dict]:
+    """The rows of a rows.jsonl / quality.jsonl as their stores read them on resume: a line cut short by a crash
+    (or, in rows.jsonl, a line that is not a row) is skipped, and named in ``skipped``; its case runs again
+    when the merged run is resumed."""
+    if path.name == "rows.jsonl":
+        return store.read_jsonl(path, skipped)
+    return quality.read_jsonl(path, skipped)
 
 
 def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
@@ -90,10 +86,10 @@ def merge_into(into: Path, source: Path) -> dict:
     into.mkdir(parents=True, exist_ok=True)
     env, extra = envinfo.read_env(into), envinfo.read_env(source)
     offset = len(env.get("invocations") or [])
-    moved = {"invocations": len(extra.get("invocations") or []), "rows.jsonl": 0, "quality.jsonl": 0}
+    moved = {"invocations": len(extra.get("invocations") or []), "rows.jsonl": 0, "quality.jsonl": 0, "skipped": []}
 
     for name in ROW_LOGS:
-        rows = _jsonl(source / name)
+        rows = _jsonl(source / name, moved["skipped"])
         if not rows:
             continue
         with open(into / name, "a") as handle:
@@ -130,11 +126,7 @@ def merge_into(into: Path, source: Path) -> dict:
         env["commands"] = [*(env.get("commands") or []), *(extra.get("commands") or [])]
         env["run_id"] = into.name
         env["finished_at"] = max(filter(None, [env.get("finished_at"), extra.get("finished_at")]), default=None)
-        writers = [e for e in env["invocations"] if e.get("rows_written")] or env["invocations"]
-        env.update({key: writers[-1].get(key) for key in envinfo.FACTS if key in writers[-1]})
-        recorded = [e for e in env["invocations"] if "host" in e]
-        mixed = {key: sorted({json.dumps(e.get(key)) for e in recorded}) for key in envinfo.MIXED_CHECK}
-        env["mixed"] = {key: [json.loads(v) for v in values] for key, values in mixed.items() if len(values) > 1}
+        envinfo.summarize_invocations(env)
         env["merged_from"] = [*(env.get("merged_from") or []),
                               {"folder": source.name, "invocations": [offset, offset + moved["invocations"] - 1]}]
         (into / "env.json").write_text(json.dumps(env, indent=1, default=str))
@@ -144,13 +136,9 @@ def merge_into(into: Path, source: Path) -> dict:
             shutil.copytree(source / folder, into / folder / f"from-{source.name}", dirs_exist_ok=True)
 
     if moved["rows.jsonl"]:
-        from attnbench.record.store import RowStore
-
-        RowStore(into).finalize()
+        store.RowStore(into).finalize()
     if moved["quality.jsonl"]:
-        from attnbench.record.quality import QualityStore
-
-        QualityStore(into).finalize()
+        quality.QualityStore(into).finalize()
     return moved
 
 
@@ -170,6 +158,8 @@ def main(argv: list[str]) -> int:
             moved = merge_into(args.into, source)
             print(f"merged {source} into {args.into}: {moved['invocations']} invocation(s), "
                   f"{moved['rows.jsonl']} kernel row(s), {moved['quality.jsonl']} task row(s)")
+            for line in moved["skipped"]:
+                print(f"  skipped {source}/{line}")
     except MergeError as exc:
         print(f"attnbench merge: error: {exc}", file=sys.stderr)
         return 2

@@ -143,20 +143,24 @@ class QualityStore:
         return self.run_dir / "quality.parquet"
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, skipped: list[str] | None = None) -> list[dict]:
+    """The rows of a ``quality.jsonl``; a line cut short by a crash (or not an object) is skipped, and named in
+    ``skipped`` when given (``quality.jsonl:7: ...``)."""
     rows = []
     if not Path(path).is_file():
         return rows
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
         if isinstance(row, dict):
             rows.append(row)
+        elif skipped is not None:
+            skipped.append(f"{Path(path).name}:{number}: unreadable line skipped")
     return rows
 
 
