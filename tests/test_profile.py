@@ -21,6 +21,7 @@ def test_summarize_ranks_kernels_per_call_with_shares():
     assert short_name("void a::b<c<d>, 1>(int, float)") == "a::b"
     with pytest.raises(ValueError):
         summarize(events, calls=0)
+    assert summarize([], calls=1)["profile_kernel_ms"] is None and summarize([], calls=1)["profile_top"] is None
 
 
 def test_profile_calls_fill_the_row_on_the_cpu_and_stay_out_of_the_timing():

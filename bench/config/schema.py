@@ -299,7 +299,7 @@ FIELDS: dict[str, Field] = {f.path: f for f in [
     Field("timing.telemetry", boolean, True, "read NVML telemetry"),
     Field("timing.energy_window_ms", number(1), 250.0, "back-to-back calls for the energy reading"),
     Field("timing.profile_calls", number(0, integral=True), 0,
-          "after timing, calls run under torch.profiler: the row's profile_top, profile_kernels, profile_launches"),
+          "after timing, calls run under torch.profiler: the row's profile_* columns (bench/measure/profile.py)"),
 ]}
 
 SECTIONS = tuple(dict.fromkeys(path.split(".", 1)[0] for path in FIELDS if "." in path))

@@ -262,16 +262,18 @@ class CaseRunner:
                                           allow_graph=case.mode in ("fwd", "decode"), primed=True)
             telemetry = self._telemetry(timed, result.ms_median)
             phases = self._phases(prepared, call, result.ms_median)
+            profiled = {}
             if int(self.timing.get("profile_calls") or 0) > 0:  # after the timed calls: never in ms_median
                 from attnbench.measure.profile import profile_call
 
                 self._set_phase("profile")
-                phases.update(profile_call(timed, self.device, int(self.timing["profile_calls"])))
+                profiled = profile_call(timed, self.device, int(self.timing["profile_calls"]))
         row.update(result.columns())  # medians, spread, every repetition's time (ms_samples)
         if result.flags:  # e.g. cpu_interference(...) from the timer
             row["flags"] = ";".join([f for f in (row.get("flags") or "").split(";") if f] + list(result.flags))
         row.update(telemetry)
         row.update(phases)
+        row.update(profiled)
         self._rates(case, prepared, row, result.ms_median)
         return self._finish(row, "ok", None, started)
 

@@ -45,7 +45,7 @@ def summarize(events: list[tuple[str, float]], calls: int) -> dict:
     ranked = sorted(total.items(), key=lambda item: -item[1])
     top = ";".join(f"{name}={us / calls:.4g}us ({100 * us / whole:.0f}%)" for name, us in ranked[:TOP]) if whole else ""
     return {"profile_top": top or None, "profile_kernels": len(total), "profile_launches": len(events) / calls,
-            "profile_kernel_ms": whole / calls / 1e3}
+            "profile_kernel_ms": whole / calls / 1e3 if whole else None}  # no kernel seen: not a 0 ms measurement
 
 
 def profile_call(call, device, calls: int) -> dict:
