@@ -68,6 +68,13 @@ def impl_label(method: str, options) -> str:
     return method if impl in (None, *DEFAULT_IMPLS) else f"{method} [impl={impl}]"
 
 
+def labelled(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``method`` relabelled by :func:`impl_label` from its rows' method_options (in place)."""
+    options = frame["method_options"] if "method_options" in frame else pd.Series([None] * len(frame))
+    frame["method"] = [impl_label(m, o) for m, o in zip(frame["method"], options)]
+    return frame
+
+
 def merge(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The runs' rows as one frame, ``method`` relabelled by :func:`impl_label`; each (method, mode) takes all its
     rows from one run: the one that measured it last (latest ``started_at``; without it, the later run given).
@@ -75,9 +82,7 @@ def merge(frames: list[pd.DataFrame]) -> pd.DataFrame:
     length of neither."""
     for order, frame in enumerate(frames):
         frame["_run_order"] = order
-    frame = pd.concat(frames, ignore_index=True, sort=False)
-    options = frame["method_options"] if "method_options" in frame else pd.Series([None] * len(frame))
-    frame["method"] = [impl_label(m, o) for m, o in zip(frame["method"], options)]
+    frame = labelled(pd.concat(frames, ignore_index=True, sort=False))
     started = frame["started_at"].fillna("") if "started_at" in frame else pd.Series([""] * len(frame))
     frame["_when"] = list(zip(started, frame["_run_order"]))
     latest = frame.groupby(["method", "mode"])["_when"].transform("max")
@@ -90,9 +95,7 @@ def add_fill(frame: pd.DataFrame, fills: list[pd.DataFrame]) -> pd.DataFrame:
     ``method`` relabelled the same way; a fill never replaces a measured point, and of two fills the first given
     wins."""
     for fill in fills:
-        fill = fill.copy()
-        options = fill["method_options"] if "method_options" in fill else pd.Series([None] * len(fill))
-        fill["method"] = [impl_label(m, o) for m, o in zip(fill["method"], options)]
+        fill = labelled(fill.copy())
         have = set(zip(frame["method"], frame["mode"], frame["seq_kv"]))
         new = [(m, mo, n) not in have for m, mo, n in zip(fill["method"], fill["mode"], fill["seq_kv"])]
         frame = pd.concat([frame, fill[new]], ignore_index=True, sort=False)
