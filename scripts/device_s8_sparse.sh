@@ -8,7 +8,9 @@
 # RETRY (default: none since the eighth session, whose call re-ran the timeouts at 75 s and got 6 rows in 560 s:
 # flex causal 1M at ~12 s a forward call timed out again) lists the statuses to re-run, e.g. RETRY=timeout; the
 # ninth session runs the 33 cells that have no row yet (7 full 256K fwd_bwd, 26 at 1M: scripts/check_device_plan.py
-# results/h200-sparse "" sweep=sparse "seq_lens=[1048576]" lists them) with CT=60. At 1M the timing takes
+# results/h200-sparse "" sweep=sparse "seq_lens=[1048576]" lists them); it did not run (device time went to
+# issue 10). Next: RETRY=timeout at CT 75 s, since the warm-up no longer repeats a multi-second call (8ef5386):
+# flex causal 1M, ~12 s a call, needs about 4 calls now instead of 6. At 1M the timing takes
 # budget_ms 400 and min_reps 1 (T1M="..." to change): a call of seconds (flex causal 1M fwd ~12 s) is timed once
 # after its warm-up instead of three times, a 40 ms call still ~10 times; rows record reps.
 # halo and long_short resume their implementation runs (h200-impl-strided*), as in scripts/device_fill_s3.sh.
