@@ -14,7 +14,8 @@
 #                                                # case_timeout_s=): an autotuning method's (fla), planned to
 #                                                # run fewer cases at once, keeps its own
 #   RETRY=error,timeout bash scripts/device_task_grid.sh 2   # re-run the slices' cases whose rows have these
-#                                                # statuses (attnbench train retry=[..]); default: none
+#                                                # statuses (attnbench train retry=[..]); default: the plan's
+#                                                # "retry" (plan_task_grid.py --retry), RETRY= for none
 #
 # Outputs: the device tool returns at most 8 files from $OUT (two folders down), and a call that writes more
 # loses the ones past the count: the run folder, the slices' logs and install.txt are written to a scratch folder
@@ -69,6 +70,9 @@ for text in sys.argv[2:]:
 print("\n".join(lines))
 EOF
 RUN=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['run_id'])" "$PLAN")
+# the statuses the plan re-plans (plan_task_grid.py --retry): the run resumes them too (RETRY= overrides, e.g. empty)
+RETRY=${RETRY-$(python3 -c "import json,sys; print(','.join(json.load(open(sys.argv[1])).get('retry', [])))" "$PLAN")}
+echo "retry: [${RETRY}]" > $LOGS/retry.txt
 R=$SCRATCH/results
 mkdir -p $R
 [ -d results/$RUN ] && cp -r results/$RUN $R/

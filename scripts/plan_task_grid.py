@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     plan["grid_overrides"] = list(args.overrides)
     plan["overrides"] = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in sliced]
     plan["done_from"] = str(args.done) if args.done is not None else None
+    # the statuses planned again: scripts/device_task_grid.sh passes them as retry=[...] (else the run folder's
+    # rows of those statuses count as done there and the slice re-runs nothing: the tenth session's call 0)
+    plan["retry"] = list(args.retry)
     stray = len(done - {e["case_id"] for e in plan["cases"]})
     plan["stray_rows"] = (task_grid.stray_rows(args.done, {e["case_id"] for e in plan["cases"]})
                           if args.done is not None else [])

@@ -213,6 +213,21 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
     (work / "results").mkdir()
     os.rename(tmp_path / "out1" / "unpacked" / "results" / "tiny-grid", work / "results" / "tiny-grid")
     assert len(call(tmp_path / "out2")) == len(rows)
+    # a row the plan re-plans (plan_task_grid.py --retry error): the call re-runs it because the plan says so
+    committed = work / "results" / "tiny-grid" / "quality.jsonl"
+    lines = committed.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if json.loads(line)["status"] == "ok")
+    first = json.loads(lines[at])
+    committed.write_text("\n".join([*lines[:at], json.dumps({**first, "status": "error", "reason": "x"}),
+                                     *lines[at + 1:]]) + "\n")
+    assert len(call(tmp_path / "out2b")) == len(rows)  # negative control: without the plan's retry, not re-run
+    plan["retry"] = ["error"]
+    plan_path.write_text(task_grid.to_json(plan))
+    again = call(tmp_path / "out2c")
+    assert len(again) == len(rows) + 1 and again[-1]["case_id"] == first["case_id"] and again[-1]["status"] == "ok"
+    committed.write_text("\n".join(lines) + "\n")
+    plan["retry"] = []
+    plan_path.write_text(task_grid.to_json(plan))
     # several planned calls in one device call: their slices in order (a repeated slice resumes: no new rows)
     plan["calls"].append(plan["calls"][0])
     plan_path.write_text(task_grid.to_json(plan))
