@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Per-method figures of the linear-family runs (issue 10's closing note), as Markdown.
 
-    python3 scripts/linear_summary.py RUN_DIR [RUN_DIR ...] [--fill RUN_DIR ...] [--smoke SMOKE_RUN_DIR] [--min-fit 32768]
+    python3 scripts/linear_summary.py RUN_DIR[=METHOD,...] ... [--fill RUN_DIR[=METHOD,...] ...] [--smoke SMOKE_RUN_DIR]
+                                      [--min-fit 32768]
 
 Several runs are merged (issue 10's measurements are spread over runs, one per kernel version): a run whose
 rows are all ``decode`` is the decode run; of the others, each (method, mode) takes its rows from the run that
 measured it last (the latest ``started_at``: a later run measured newer code; never lengths of two runs mixed
 on one line), and a method run with ``impl`` other than its default is its own line (``performer
 [impl=triton]``). A ``--fill`` run (lengths measured later with the same code, e.g. 256K / 512K added to a
-sweep) adds its rows to the chosen line only at lengths that line lacks, and whole lines no other run has; the
-column ``runs`` then names both. Runs measured with other options on purpose (num_warps 8, ...) are left out by not passing
+sweep) adds its rows to the chosen line only at lengths that line lacks or where that line's row is not ``ok``
+and older (a cell re-measured after a memory fix), and whole lines no other run has; the column ``runs`` then
+names both. ``RUN_DIR=METHOD,...`` takes only those methods from that run. Runs measured with other options on purpose (num_warps 8, ...) are left out by not passing
 them.
 
 For each method and mode (fwd, fwd_bwd) over its ``ok`` rows: the log-log slope of time against length (a
@@ -40,8 +42,17 @@ YARDSTICK = "sdpa_cudnn"
 MILLION = 1 << 20
 
 
-def load(run_dir: Path) -> pd.DataFrame:
-    run_dir = Path(run_dir)
+def load(run_arg) -> pd.DataFrame:
+    """A run's rows (the latest of each case). ``RUN_DIR=m1,m2`` keeps only those methods' rows: a run that
+    re-measured a few methods after a fix (``h200-linear-mem-v2=lamamba``) supplies their lines alone."""
+    text = str(run_arg)
+    only = None
+    if "=" in Path(text).name:
+        text, _, names = text.rpartition("=")
+        only = [name for name in names.split(",") if name]
+        if not only:
+            raise SystemExit(f"{run_arg}: no method after '='")
+    run_dir = Path(text)
     if (run_dir / "rows.parquet").exists():
         frame = pd.read_parquet(run_dir / "rows.parquet")
     elif (run_dir / "rows.jsonl").exists():
@@ -52,6 +63,11 @@ def load(run_dir: Path) -> pd.DataFrame:
     if "case_id" in frame:  # the latest row of each case (a resumed run may retry)
         frame = frame.drop_duplicates("case_id", keep="last")
     frame["run"] = run_dir.name
+    if only is not None:
+        unknown = sorted(set(only) - set(frame["method"]))
+        if unknown:
+            raise SystemExit(f"{run_arg}: no rows of {', '.join(unknown)} in {run_dir}")
+        frame = frame[frame["method"].isin(only)].reset_index(drop=True)
     return frame
 
 
@@ -92,12 +108,20 @@ def merge(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def add_fill(frame: pd.DataFrame, fills: list[pd.DataFrame]) -> pd.DataFrame:
     """``frame`` (from :func:`merge`) plus the ``fills``' rows at the (method, mode, length) points it lacks,
-    ``method`` relabelled the same way; a fill never replaces a measured point, and of two fills the first given
-    wins."""
+    ``method`` relabelled the same way. A fill never replaces an ``ok`` point; a point that is not ``ok`` (an
+    ``oom`` before a memory fix) gives way to a fill's row measured after it (later ``started_at``). Of two
+    fills the first given wins a point both lack."""
     for fill in fills:
         fill = labelled(fill.copy())
-        have = set(zip(frame["method"], frame["mode"], frame["seq_kv"]))
-        new = [(m, mo, n) not in have for m, mo, n in zip(fill["method"], fill["mode"], fill["seq_kv"])]
+        key = list(zip(frame["method"], frame["mode"], frame["seq_kv"]))
+        started = frame["started_at"].fillna("") if "started_at" in frame else pd.Series([""] * len(frame))
+        failed = {k: when for k, status, when in zip(key, frame["status"], started) if status != "ok"}
+        have = set(key)
+        fill_started = fill["started_at"].fillna("") if "started_at" in fill else pd.Series([""] * len(fill))
+        fill_key = list(zip(fill["method"], fill["mode"], fill["seq_kv"]))
+        redo = {k for k, when in zip(fill_key, fill_started) if k in failed and when > failed[k]}
+        new = [k not in have or k in redo for k in fill_key]
+        frame = frame[[k not in redo for k in key]]
         frame = pd.concat([frame, fill[new]], ignore_index=True, sort=False)
     return frame
 

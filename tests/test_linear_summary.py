@@ -93,3 +93,36 @@ def test_fill_run_adds_only_missing_lengths(tmp_path, capsys):
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[2] == "1.00", line  # slope 1 over 32K-256K: the fill's 999 ms at 32K would bend it
     assert cells[8] == "32K, 128K, 256K" and cells[9] == "fill, main", line
+
+
+def test_a_later_fill_replaces_a_failed_point_but_not_an_ok_one(tmp_path, capsys):
+    """The 1M cell that was `oom` before a memory fix takes the later fill's row; an older fill's row does not."""
+    main = _write_run(tmp_path, "main", [_row("abc", n, 1e-3 * n, started_at="2026-12-01") for n in (32768, 131072)]
+                      + [_row("abc", 1 << 20, None, status="oom", started_at="2026-12-01")])
+    later = _write_run(tmp_path, "later", [_row("abc", 1 << 20, 1e-3 * (1 << 20), started_at="2026-12-02"),
+                                           _row("abc", 32768, 999.0, started_at="2026-12-02")])
+    older = _write_run(tmp_path, "older", [_row("abc", 1 << 20, 5.0, started_at="2026-11-30")])
+
+    def line(*args):
+        assert _module().main([main, *args]) == 0
+        text = capsys.readouterr().out
+        return [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| abc | fwd_bwd")).split("|")[1:-1]]
+
+    cells = line("--fill", later)
+    assert cells[3] == "1.05e+03" and cells[2] == "1.00", cells  # the 1M row from the fill; 32K kept (ok)
+    cells = line("--fill", older)  # negative control: measured before the oom row, it does not replace it
+    assert cells[3].startswith("oom"), cells
+
+
+def test_run_with_methods_supplies_only_those_lines(tmp_path, capsys):
+    main = _write_run(tmp_path, "main", [_row(m, n, 1e-3 * n, started_at="2026-12-01")
+                                         for m in ("abc", "lamamba") for n in (32768, 131072)])
+    again = _write_run(tmp_path, "again", [_row(m, 32768, 7.0, started_at="2026-12-02") for m in ("abc", "lamamba")])
+    assert _module().main([main, again + "=lamamba"]) == 0
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[1:-1]]
+            for l in capsys.readouterr().out.splitlines() if "| fwd_bwd |" in l}
+    assert rows["lamamba"][9] == "again" and rows["lamamba"][8] == "32K"
+    assert rows["abc"][9] == "main" and rows["abc"][8] == "32K, 128K"  # not taken from `again`
+    import pytest
+    with pytest.raises(SystemExit, match="no rows of nope"):
+        _module().main([main, again + "=nope"])

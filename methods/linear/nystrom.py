@@ -32,12 +32,27 @@ def iterative_pinv(A, iters: int):
     return Z
 
 
+def segment_means(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """[..., L, D] -> [..., segments, D]: the means of ``torch.tensor_split``'s contiguous segments along dim 2,
+    in one reduction (a view's mean when they are even, else one ``index_add``). Not a mean per segment: their
+    backward wrote one full-size gradient per segment (64 at the default), which made the H200's fwd_bwd
+    superlinear (slope 1.45 from 128K to 1M, `results/h200-linear-long`)."""
+    length = x.shape[2]
+    if length % segments == 0:
+        return x.unflatten(2, (segments, length // segments)).mean(3)
+    base, extra = divmod(length, segments)  # tensor_split: the first `extra` segments have base + 1 tokens
+    sizes = torch.full((segments,), base, device=x.device, dtype=torch.long)
+    sizes[:extra] += 1
+    ids = torch.repeat_interleave(torch.arange(segments, device=x.device), sizes)
+    sums = x.new_zeros(*x.shape[:2], segments, x.shape[3]).index_add(2, ids, x)
+    return sums / sizes.to(x.dtype)[:, None]
+
+
 def nystrom_fast(q, k, v, landmarks: int, iters: int):
     dtype = q.dtype
     qf, kf, vf = q.float(), expand_heads(k, q.shape[1]).float(), expand_heads(v, q.shape[1]).float()
     scale = 1.0 / math.sqrt(q.shape[-1])
-    ql = torch.stack([seg.mean(2) for seg in torch.tensor_split(qf, landmarks, dim=2)], dim=2)
-    kl = torch.stack([seg.mean(2) for seg in torch.tensor_split(kf, landmarks, dim=2)], dim=2)
+    ql, kl = segment_means(qf, landmarks), segment_means(kf, landmarks)
     F_ = torch.softmax(qf @ kl.transpose(-1, -2) * scale, -1)
     A = torch.softmax(ql @ kl.transpose(-1, -2) * scale, -1)
     B = torch.softmax(ql @ kf.transpose(-1, -2) * scale, -1)
