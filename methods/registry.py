@@ -6,6 +6,13 @@ attended pairs, layer form — is in ``methods.contract``. Everything that is no
 masks, compiled functions, dense masks, parameters, workspaces — is made in the builder, outside the timed
 region. A builder that finds at run time that it cannot run the case raises ``Unsupported(reason)``.
 
+Hyper-parameters: a builder reads ``method_options.<method>.<name>`` through ``ctx.param(name, default)`` (or
+``ctx.params``). A key the method does not take is refused, never ignored (a misspelt ``blokc_v`` would
+otherwise run the default and look like a measurement of the option): ``register_method(..., options=(...))``
+declares the names a method takes, checked when the config is planned and again before the builder runs; for a
+method that declares none (a plugin), every key given must have been read by the time the builder returns.
+Either way the error is :class:`UnknownOption`, naming the field (``method_options.<method>.<key>``).
+
 Capabilities are opt-in: a method declared with no more than a family runs full and causal self-attention,
 forward only; cross-attention, GQA, backward and decode are each declared.
 
@@ -21,6 +28,7 @@ correctness gate checks the declaration against an fp32 reference.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +41,45 @@ ANY_MASK = "any"
 
 class Unsupported(Exception):
     """The method cannot run this case; the message is the reason shown in the row."""
+
+
+class UnknownOption(ValueError):
+    """A key of ``method_options.<method>`` that the method does not take (the message names the field)."""
+
+
+def unknown_option_message(method: str, keys, takes) -> str:
+    """``method_options.<method>.<key>: not an option of <method> (its options: ...)`` for ``keys`` (sorted)."""
+    keys = sorted(keys, key=str)
+    fields = ", ".join(f"method_options.{method}.{key}" for key in keys)
+    what = "not an option" if len(keys) == 1 else "not options"
+    takes = sorted(takes, key=str)
+    listing = f"its options: {', '.join(takes)}" if takes else "it takes no options"
+    return f"{fields}: {what} of {method} ({listing})"
+
+
+class OptionReads(dict):
+    """A method's options (``method_options.<method>``, a plain mapping) that records every key looked up
+    (``[]``, ``get``, ``pop``, ``setdefault``) in ``read``: the keys the builder read, used or defaulted."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def pop(self, key, *default):
+        self.read.add(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key, default=None):
+        self.read.add(key)
+        return super().setdefault(key, default)
 
 
 @dataclass(frozen=True)
@@ -101,11 +148,29 @@ class Capabilities:
 
 @dataclass
 class MethodSpec:
+    """A registered method. ``build``: the builder wrapped by :func:`checked_builder` (the options check);
+    ``build.__wrapped__`` is the builder as written. ``options``: the ``method_options`` keys the method takes
+    (None: not declared, checked only by what the builder reads)."""
+
     name: str
     build: Callable[[Any], Callable]
     caps: Capabilities
     description: str = ""
     module: str = ""
+    options: frozenset[str] | None = None
+
+    def __post_init__(self):
+        if self.options is not None:
+            if isinstance(self.options, str):
+                raise TypeError(f"method {self.name!r}: options must be a collection of names, got {self.options!r}")
+            self.options = frozenset(self.options)
+        self.build = checked_builder(self.build, self.name, self.options)
+
+    def unknown_options(self, given) -> list[str]:
+        """The keys of ``given`` (a method's ``method_options``) outside the declared options (none if undeclared)."""
+        if self.options is None:
+            return []
+        return sorted((key for key in given if key not in self.options), key=str)
 
     def availability(self) -> tuple[bool, str]:
         """(available, why not): a method whose required modules don't import is listed, never run."""
@@ -122,15 +187,66 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, caps: Capabilities | None = None, description: str = "", **cap_fields):
-    """Decorator registering ``build(ctx) -> fn`` as method ``name`` with its capabilities."""
+def raw_builder(build):
+    """The builder as written, under any :func:`checked_builder` wrapping."""
+    while getattr(build, "__options_checked__", False):
+        build = build.__wrapped__
+    return build
+
+
+def checked_builder(build, name: str, options: frozenset[str] | None):
+    """``build`` with the options check around it (DESIGN: no silent fallback). Before the builder runs, a
+    key of ``ctx.params`` outside the declared ``options`` is :class:`UnknownOption`; after it returns, so is a key
+    the builder never read (``ctx.param`` / ``ctx.params``), declared or not: an option the method does not
+    consume on this path must be refused by the method itself, or read. A declared method that reads a name it
+    does not declare is a registration bug (``RuntimeError``). A builder that raises (``Unsupported``, a bad
+    value) raises before the after-check: its own error is the case's reason."""
+    build = raw_builder(build)
+
+    @functools.wraps(build)
+    def checked(ctx):
+        params = getattr(ctx, "params", None)
+        if not isinstance(params, OptionReads) or getattr(ctx, "_building", False):
+            return build(ctx)  # not a BuildContext, or a builder calling another on the same context
+        method = str(getattr(ctx.case, "method", name))
+        if options is not None:
+            unknown = [key for key in params if key not in options]
+            if unknown:
+                raise UnknownOption(unknown_option_message(method, unknown, options))
+        ctx._building = True
+        try:
+            built = build(ctx)
+        finally:
+            ctx._building = False
+        if options is not None and not params.read <= options:
+            raise RuntimeError(f"method {name!r} reads method_options field(s) "
+                               f"{', '.join(sorted(map(str, params.read - options)))} that its registration does "
+                               f"not declare (register_method(..., options=...))")
+        unread = [key for key in params if key not in params.read]
+        if unread and options is None:
+            raise UnknownOption(unknown_option_message(method, unread, params.read))
+        if unread:  # declared, but this case's path never read it: refused rather than silently unused
+            fields = ", ".join(f"method_options.{method}.{key}" for key in sorted(unread, key=str))
+            read = ", ".join(sorted(map(str, params.read))) or "none"
+            raise UnknownOption(f"{fields}: not used by {method} for this case (the options it read: {read})")
+        return built
+
+    checked.__options_checked__ = True
+    return checked
+
+
+def register_method(name: str, caps: Capabilities | None = None, description: str = "",
+                    options=None, **cap_fields):
+    """Decorator registering ``build(ctx) -> fn`` as method ``name`` with its capabilities. ``options``: the
+    names of the ``method_options.<name>`` keys the builder reads (all of them, on every path); a method that
+    declares them has misspelt keys refused when the config is planned, before any case runs."""
     if caps is None:
         caps = Capabilities(**cap_fields)
     elif cap_fields:
         caps = dataclasses.replace(caps, **cap_fields)
 
     def decorate(build):
-        if name in METHODS and METHODS[name].build is not build:
+        if name in METHODS and raw_builder(METHODS[name].build) is not raw_builder(build):
             existing = METHODS[name].module
             if existing != build.__module__:
                 raise ValueError(f"method {name!r} is registered twice ({existing} and {build.__module__})")
@@ -140,7 +256,8 @@ def register_method(name: str, caps: Capabilities | None = None, description: st
             build=build,
             caps=caps,
             description=doc if isinstance(doc, str) else (doc[0] if doc else ""),
-            module=build.__module__,
+            module=raw_builder(build).__module__,
+            options=options,
         )
         return build
 
@@ -161,6 +278,10 @@ class BuildContext:
     params: dict = field(default_factory=dict)  # method_options[method]: the method's hyper-parameters
     value_dim: int | None = None  # v's width where it differs from q/k's (a task model's qk_dim); else head_dim
 
+    def __post_init__(self):
+        if not isinstance(self.params, OptionReads):  # every key looked up is recorded (the options check)
+            self.params = OptionReads(self.params or {})
+
     @property
     def head_dim_v(self) -> int:
         """The width of v (and of the output): ``case.head_dim`` unless the caller set ``value_dim``. A method
@@ -168,5 +289,6 @@ class BuildContext:
         return self.case.head_dim if self.value_dim is None else int(self.value_dim)
 
     def param(self, name: str, default):
-        """A hyper-parameter from ``method_options`` (config), else ``default``."""
+        """A hyper-parameter from ``method_options`` (config), else ``default``. Reading a name is what makes
+        it an option of the method: a key given in ``method_options`` and never read is refused."""
         return self.params.get(name, default)

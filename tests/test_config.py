@@ -69,10 +69,12 @@ def test_energy_window_ms_is_accepted_and_reaches_the_worker():
 
 
 def test_method_options_are_checked_and_reach_the_worker():
-    cfg = _cfg(method_options={"sdpa_math": {"scale": 0.5}})
+    cfg = _cfg(method_options={"linear_attn": {"chunk": 8}})
     build_plan(cfg)
-    assert worker_options(cfg)["method_options"] == {"sdpa_math": {"scale": 0.5}}
+    assert worker_options(cfg)["method_options"] == {"linear_attn": {"chunk": 8}}
     assert worker_options(_cfg())["method_options"] == {}
+    with pytest.raises(ConfigError, match=r"method_options\.sdpa_math\.scale.*takes no options"):
+        build_plan(_cfg(method_options={"sdpa_math": {"scale": 0.5}}))  # sdpa_math reads no options
 
 
 def test_a_cross_only_sweep_plans_only_its_pairs():

@@ -228,7 +228,7 @@ def test_routing_is_deterministic_for_a_seed(dense, method, opts):
     ("long_short", "full", {"window": 15}, "method_options.long_short.window: must be even"),
     ("long_short", "full", {"impl": "gather"}, "method_options.long_short.impl: must be one of strided, flex"),
     ("sparsifiner", "full", {"keep_rate": 0}, "method_options.sparsifiner.keep_rate: must be > 0"),
-    ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed: unknown field(s) segmnt"),
+    ("combiner_fixed", "full", {"segmnt": 4}, "method_options.combiner_fixed.segmnt: not an option of combiner_fixed"),
     ("combiner_fixed", "causal", {"impl": "dense"}, "method_options.combiner_fixed.impl: must be one of sdpa, flex"),
     ("combiner_axial", "full", {"impl": "strided"}, "method_options.combiner_axial.impl: must be one of sdpa, flex"),
     ("biformer", "causal", {"region": 16, "impl": "sdpa"}, "method_options.biformer.impl: must be one of gather, flex"),

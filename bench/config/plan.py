@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
@@ -78,13 +79,27 @@ def validate_timing(cfg: dict) -> dict:
 
 
 def check_method_options(cfg: dict) -> None:
-    """``method_options``: {registered method: {param: value}} (types checked by the schema)."""
+    """``method_options``: {registered method: {param: value}} (types checked by the schema); a key that the
+    method's registration does not declare (``register_method(..., options=...)``) is refused here, before any
+    work. A method that declares none has its keys checked at build, against what its builder reads."""
     from attnbench.methods import METHODS
+    from attnbench.methods.registry import unknown_option_message
 
-    for name in cfg["method_options"]:
+    options = cfg.get("method_options") or {}
+    if not isinstance(options, Mapping):
+        raise ConfigError("method_options", f"must be a mapping {{method: {{param: value}}}}, got {options!r}")
+    for name, given in options.items():
+        if given is not None and not isinstance(given, Mapping):
+            raise ConfigError(f"method_options.{name}", f"must be a mapping {{param: value}}, got {given!r}")
         if name not in METHODS:
             raise ConfigError(f"method_options.{name}", f"{name!r} is not a registered method; registered: "
                                                         f"{', '.join(sorted(METHODS))}")
+        unknown = METHODS[name].unknown_options(given or {})
+        if unknown:
+            message = unknown_option_message(name, unknown, METHODS[name].options)
+            if len(unknown) == 1:  # the field is the key's own path
+                raise ConfigError(f"method_options.{name}.{unknown[0]}", message.split(": ", 1)[1])
+            raise ConfigError(f"method_options.{name}", message)
 
 
 def resolve_devices(cfg: dict) -> list[str]:

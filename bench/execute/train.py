@@ -131,12 +131,13 @@ def build_train_plan(cfg: dict, target_device: str | None = None, check_availabi
     from attnbench.tasks import TASKS, TaskParamError
     from attnbench.tasks.train import attention_case
 
-    from attnbench.config.plan import resolve_methods
+    from attnbench.config.plan import check_method_options, resolve_methods
 
     if isinstance(cfg.get("methods"), str):  # `methods: all` (a scalar) as well as `methods: [all]`
         cfg = {**cfg, "methods": [cfg["methods"]]}
     tasks = resolve_tasks(cfg)
     methods = resolve_methods(cfg)
+    check_method_options(cfg)  # a misspelt key fails here, before any case
     seeds = _list(cfg, "seeds")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

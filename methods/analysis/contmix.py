@@ -131,7 +131,8 @@ def fit_contmix1d(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
 
 
 @register_method("contmix1d", Capabilities(family="analysis", exact=False, form="layer", masks={"full", "causal"},
-                                            backward=True, trainable=True))
+                                            backward=True, trainable=True),
+                 options=("regions", "kernel_small", "kernel_large"))
 def build_contmix1d(ctx):
     """ContMix: neighbourhood attention with logits from region keys (1-D causal/full; 2-D on a grid)."""
     causal, _ = mask_mode(ctx)

@@ -37,7 +37,7 @@ from .taylor import ANALYSIS_KERNEL, polynomial_attention, taylor_features, tayl
 
 # ---- decon_mlp ---------------------------------------------------------------------------------------------------
 @register_method("decon_mlp", Capabilities(family="analysis", exact=False, form="layer", masks={"full", "causal"},
-                                            backward=True, trainable=True))
+                                            backward=True, trainable=True), options=("hidden",))
 def build_decon_mlp(ctx):
     """Deconstructing Attention's MLP variant: a gated MLP per token in place of attention (no token mixing)."""
     mask_mode(ctx)
@@ -70,7 +70,7 @@ def outer_features(x: torch.Tensor) -> torch.Tensor:
     return (x[..., :, None] * x[..., None, :]).flatten(-2) / 2 ** 0.5
 
 
-@register_method("taylor2_attention", Capabilities(**ANALYSIS_KERNEL))
+@register_method("taylor2_attention", Capabilities(**ANALYSIS_KERNEL), options=("normalization", "chunk"))
 def build_taylor2_attention(ctx):
     """2nd-order Taylor attention (Based-style feature map; joint or separately normalised terms), linear time."""
     causal, offset = mask_mode(ctx)
@@ -139,7 +139,7 @@ def prefix_softmax_scan(s: torch.Tensor, v: torch.Tensor, *, causal: bool, chunk
 
 
 @register_method("decon_nonapprox", Capabilities(family="analysis", exact=False, masks={"full", "causal"}, gqa=True,
-                                                  backward=True))
+                                                  backward=True), options=("chunk",))
 def build_decon_nonapprox(ctx):
     """Deconstructing Attention's non-approximate variant: per-token scalar scores, softmax over keys only."""
     causal, _ = mask_mode(ctx)

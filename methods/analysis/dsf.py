@@ -62,7 +62,8 @@ def token_recurrence(q, k, v, eta_values, *, offset: int = 0):
 
 
 @register_method("normalized_attention", Capabilities(family="analysis", exact=False, masks={"full", "causal", "decode"},
-                                                       gqa=True, backward=True, decode=True, trainable=True))
+                                                       gqa=True, backward=True, decode=True, trainable=True),
+                 options=("eta", "chunk", "eta_init_std", "eta_bias"))
 def build_normalized_attention(ctx):
     """DSF normalized attention: η(n_i)·q_iᵀΣ k_j v_jᵀ (exp/softplus/sigmoid η; chunked state; O(d²) decode)."""
     causal, offset = mask_mode(ctx)

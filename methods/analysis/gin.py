@@ -67,7 +67,8 @@ def materialized_aggregate(q, k, x, alpha, *, temperature: float, causal: bool, 
 
 
 @register_method("gin_attention", Capabilities(family="analysis", exact=False, form="layer", masks={"full", "causal"},
-                                                backward=True, trainable=True))
+                                                backward=True, trainable=True),
+                 options=("mult", "alpha_init", "temperature", "mask_order", "mlp", "rope", "attention_dtype", "chunk"))
 def build_gin_attention(ctx):
     """GIN-Attention: softmax aggregation of the input (learnable sharpening, mask after it), per-head GIN MLP."""
     causal, _ = mask_mode(ctx)

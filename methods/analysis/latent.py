@@ -72,10 +72,10 @@ def _build(backend):
 _CAPS = dict(family="analysis", exact=True, masks={"full"}, cross=True, gqa=True, backward=True, declines=DECLINES)
 register_method("latent_xattn", Capabilities(**_CAPS),
                 description="latent cross-attention pooling kernel: m queries over a long sequence, noncausal, "
-                            "key padding mask (SDPA, PyTorch's backend choice)")(_build(None))
+                            "key padding mask (SDPA, PyTorch's backend choice)", options=())(_build(None))
 register_method("latent_xattn_flash", Capabilities(**_CAPS, dtypes_by_device=FLASH_DTYPES),
-                description="latent_xattn forced onto the flash backend (declined cases are unsupported rows)"
-                )(_build(SDPBackend.FLASH_ATTENTION))
+                description="latent_xattn forced onto the flash backend (declined cases are unsupported rows)",
+                options=())(_build(SDPBackend.FLASH_ATTENTION))
 
 
 # ---- readouts ----------------------------------------------------------------------------------------------------

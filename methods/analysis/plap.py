@@ -82,7 +82,8 @@ def plap_rows(qc, r0, r1, k, v, fq, p, mu, *, causal, offset, self_attn, gram: b
 
 
 @register_method("plap_attention", Capabilities(family="analysis", exact=False, masks={"full", "causal"}, cross=True,
-                                                 gqa=True, backward=True, trainable=True))
+                                                 gqa=True, backward=True, trainable=True),
+                 options=("p", "mu0", "learnable", "gram_dtype", "chunk"))
 def build_plap_attention(ctx):
     """p-Laplacian attention: softmax graph, edges reweighted by feature differences (Gram-matrix form)."""
     causal, offset = mask_mode(ctx)

@@ -111,7 +111,8 @@ def feature_dim(head_dim: int, order: int) -> int:
     return sum(head_dim ** k for k in range(order + 1))
 
 
-@register_method("taylor_softmax", Capabilities(**ANALYSIS_KERNEL, decode=True))
+@register_method("taylor_softmax", Capabilities(**ANALYSIS_KERNEL, decode=True),
+                 options=("order", "form", "max_features", "eps", "chunk"))
 def build_taylor_softmax(ctx):
     """Truncated Taylor softmax of order n (parallel polynomial form or recurrent feature-map form)."""
     causal, offset = mask_mode(ctx)
@@ -161,7 +162,7 @@ def _exp_weights(clamp):
     return weight
 
 
-@register_method("softmax_l2out", Capabilities(**ANALYSIS_KERNEL))
+@register_method("softmax_l2out", Capabilities(**ANALYSIS_KERNEL), options=("clamp", "eps", "chunk"))
 def build_softmax_l2out(ctx):
     """L2 norm of the exp-weighted value sum in place of the softmax denominator (norm-for-denominator)."""
     from ..exact.sdpa import sdpa_mask_args
@@ -203,7 +204,7 @@ def build_softmax_l2out(ctx):
 
 
 # ---- softmax_divs_gate -------------------------------------------------------------------------------------------
-@register_method("softmax_divs_gate", Capabilities(**ANALYSIS_KERNEL, trainable=True))
+@register_method("softmax_divs_gate", Capabilities(**ANALYSIS_KERNEL, trainable=True), options=("clamp", "chunk"))
 def build_softmax_divs_gate(ctx):
     """exp numerator (logits clamped), divided by the visible-key count, times a per-head sigmoid gate."""
     causal, offset = mask_mode(ctx)

@@ -12,6 +12,7 @@ from ..registry import Capabilities, register_method
     "eager",
     Capabilities(family="exact", masks={"any"}, materializes=True, cross=True, gqa=True, backward=True, decode=True),
     description="materialised softmax in the working dtype (CAB's vanilla attention)",
+    options=(),
 )
 def build_eager(ctx):
     """Scores, mask, softmax and weighted sum as separate PyTorch ops, in the working dtype."""

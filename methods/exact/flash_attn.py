@@ -76,10 +76,12 @@ register_method(
     "flash_attn",
     Capabilities(**_FLASH_CAPS, requires=("flash_attn",)),
     description="flash-attn 2 (flash_attn_func / flash_attn_varlen_func)",
+    options=(),
 )(_make_flash("flash_attn"))
 
 register_method(
     "flash_attn3",
     Capabilities(**_FLASH_CAPS, requires=("flash_attn_interface",)),
     description="FlashAttention-3 for Hopper (flash_attn_interface)",
+    options=(),
 )(_make_flash("flash_attn_interface"))

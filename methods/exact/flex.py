@@ -62,6 +62,7 @@ _FLEX_CAPS = dict(family="exact", compiled=True, cross=True, gqa=True, backward=
     "flex",
     Capabilities(masks={"any"}, **_FLEX_CAPS),
     description="torch.compile'd FlexAttention: a BlockMask from the mask's block layout; none for the full mask",
+    options=(),
 )
 def build_flex(ctx):
     """Compiled ``flex_attention`` the way users call it: with a ``BlockMask`` (block size 128) built from the
@@ -73,6 +74,7 @@ def build_flex(ctx):
     "flex_full_blockmask",
     Capabilities(masks={"full"}, **_FLEX_CAPS),
     description="FlexAttention on the full mask through an all-full-blocks BlockMask (the other path of flex)",
+    options=(),
 )
 def build_flex_full_blockmask(ctx):
     """The full mask as an all-full-blocks ``BlockMask``: shown beside ``flex`` because the two paths differ

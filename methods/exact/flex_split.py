@@ -107,6 +107,7 @@ def fixed_parts(length: int, stride: int, summary: int, device):
     Capabilities(family="exact", masks={"sparse_strided", "sparse_fixed"}, cross=False, decode=False,
                  compiled=True, gqa=True, backward=True),
     description="FlexAttention on Sparse Transformer masks split into dense-tile parts, merged by log-sum-exp",
+    options=(),
 )
 def build_flex_split(ctx):
     case, spec = ctx.case, ctx.bound.spec

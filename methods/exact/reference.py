@@ -170,6 +170,7 @@ def attend_rows(q, k, v, mask, rows: torch.Tensor, *, chunk_bytes=1 << 29) -> to
     "reference",
     Capabilities(family="exact", masks={"any"}, cross=True, gqa=True, backward=True, decode=True),
     description="fp32 materialised softmax, chunked over query rows (bounded memory): the correctness spec",
+    options=(),
 )
 def build_reference(ctx):
     """fp32 materialised softmax attention (the spec), cast back to the working dtype."""

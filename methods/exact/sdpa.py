@@ -76,6 +76,7 @@ register_method(
     "sdpa_math",
     Capabilities(**_COMMON, dense_mask=True, materializes=True),
     description="SDPA forced to its math backend (materialised, any dtype, any device)",
+    options=(),
 )(_make_sdpa(SDPBackend.MATH, allow_dense=True))
 
 # the flash backend takes fp16/bf16 on CUDA (FlashAttention-2), fp32 too on the CPU flash kernel
@@ -85,16 +86,19 @@ register_method(
     "sdpa_flash",
     Capabilities(**_COMMON, dtypes_by_device=FLASH_DTYPES),
     description="SDPA forced to its flash backend (FlashAttention-2 on CUDA, the flash CPU kernel on CPU)",
+    options=(),
 )(_make_sdpa(SDPBackend.FLASH_ATTENTION, allow_dense=False))
 
 register_method(
     "sdpa_efficient",
     Capabilities(**_COMMON, dense_mask=True, devices=("cuda",)),
     description="SDPA forced to its memory-efficient (xformers-derived) backend",
+    options=(),
 )(_make_sdpa(SDPBackend.EFFICIENT_ATTENTION, allow_dense=True))
 
 register_method(
     "sdpa_cudnn",
     Capabilities(**_COMMON, dense_mask=True, devices=("cuda",), dtypes=("float16", "bfloat16")),
     description="SDPA forced to its cuDNN backend",
+    options=(),
 )(_make_sdpa(SDPBackend.CUDNN_ATTENTION, allow_dense=True))

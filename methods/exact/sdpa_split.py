@@ -35,6 +35,7 @@ def prefix_rows(mask, seq: int) -> int:
     Capabilities(family="exact", masks={"prefix_lm"}, cross=False, decode=False, devices=("cuda",),
                  dtypes=("float16", "bfloat16"), declines=DECLINES, gqa=True, backward=True),
     description="prefix-LM split by rows into cuDNN full (prefix) and causal (rest) attention",
+    options=(),
 )
 def build_cudnn_split(ctx):
     case = ctx.case

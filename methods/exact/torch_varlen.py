@@ -91,6 +91,7 @@ def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, win
                  max_head_dim=256, input_layout="bshd", requires=(MODULE,), cross=True, gqa=True,
                  backward=True, decode=True),
     description="torch.nn.attention.varlen.varlen_attn (FlashAttention-2 in torch; documents, chunks, windows)",
+    options=(),
 )
 def build(ctx):
     form = varlen_form(ctx)

@@ -122,7 +122,8 @@ def lamamba_rows(x, rows, p, heads: int, state: int, window: int, chunk: int, st
 
 
 @register_method("lamamba", Capabilities(family="hybrid", exact=False, form="layer", masks={"causal"},
-                                          causal_only=True, backward=True, trainable=True))
+                                          causal_only=True, backward=True, trainable=True),
+                 options=("window", "state_size", "chunk", "reference_loop_max_len", "reference_stream_chunk"))
 def build_lamamba(ctx):
     """LaMamba layer: Mamba-2-style SSD branch + causal window attention, each with residual and LayerNorm."""
     mask_mode(ctx)

@@ -47,7 +47,7 @@ def mixer_rows(x, rows, w_pw, gamma, beta, c1, c2, causal: bool, *, pad: bool = 
 
 
 @register_method("metamixer", Capabilities(family="hybrid", exact=False, form="layer", masks={"full", "causal"},
-                                            backward=True, trainable=True))
+                                            backward=True, trainable=True), options=("k1", "k2"))
 def build_metamixer(ctx):
     """MetaMixer FFNified attention: pointwise projection, depthwise conv, GELU, depthwise conv (layer)."""
     causal, _ = mask_mode(ctx)

@@ -136,7 +136,8 @@ def fit_nats_l(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
 
 
 @register_method("nats_l", Capabilities(family="hybrid", exact=False, form="layer", masks={"causal"},
-                                         causal_only=True, backward=True, trainable=True))
+                                         causal_only=True, backward=True, trainable=True),
+                 options=("block", "max_len", "reference_loop_max_len"))
 def build_nats_l(ctx):
     """NAtS-L layer: per-chunk routing between Gated DeltaNet and softmax attention (straight-through router)."""
     mask_mode(ctx)

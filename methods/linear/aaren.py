@@ -139,7 +139,8 @@ def aaren_rows(params, heads, x, rows, *, chunk: int = rows_mod.ROWS_CHUNK, carr
 
 
 @register_method("aaren", Capabilities(family="linear", exact=False, form="layer", masks={"causal"},
-                                        causal_only=True, backward=True, trainable=True))
+                                        causal_only=True, backward=True, trainable=True),
+                 options=("chunk", "reference_loop_max_len", "reference_stream_chunk"))
 def build_aaren(ctx):
     """Aaren layer: learned query, prefix-scan softmax over each prefix (chunked scan; O(D) decode state)."""
     causal, offset = mask_mode(ctx)

@@ -127,7 +127,8 @@ def abc_decode() -> RecurrentDecode:
 
 
 @register_method("abc", Capabilities(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True,
-                                      backward=True, decode=True))
+                                      backward=True, decode=True),
+                 options=("slots", "chunk", "reference_naive_max", "reference_stream_chunk"))
 def build_abc(ctx):
     """ABC: n bounded memory slots written under control scores, read by softmax over slots (chunked)."""
     causal, offset = mask_mode(ctx)

@@ -531,3 +531,6 @@ def linear_state_scan(features, *, causal: bool, eps: float, chunk: int, normali
 
 KERNELIZED_CAPS = dict(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True, backward=True,
                        decode=True)
+# the method_options every kernelised method (``kernelized``) reads, on one impl or the other
+KERNELIZED_OPTIONS = ("impl", "chunk", "eps", "compute_dtype", "reference_naive_max_pairs", "reference_stream_chunk",
+                      "block_v", "seg_chunks", "num_warps", "feature_dtype")

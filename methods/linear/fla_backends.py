@@ -83,7 +83,8 @@ def _causal_self(ctx):
         raise Unsupported(f"{ctx.case.method}: fla's chunk kernels run causal self-attention only")
 
 
-@register_method("fla_linear_attn", Capabilities(**CAPS))
+@register_method("fla_linear_attn", Capabilities(**CAPS),
+                 options=("reference_naive_max_pairs", "reference_stream_chunk"))
 def build_fla_linear_attn(ctx):
     """fla chunk_linear_attn on elu+1 features (normalised): the same operator as linear_attn."""
     _causal_self(ctx)
@@ -155,7 +156,7 @@ def _fla_variant(ctx, name: str, call):
                     softmax_comparable=False)
 
 
-@register_method("fla_simple_gla", Capabilities(**CAPS))
+@register_method("fla_simple_gla", Capabilities(**CAPS), options=("reference_naive_max_len", "reference_stream_chunk"))
 def build_fla_simple_gla(ctx):
     """fla chunk_simple_gla (scalar-gated linear attention): the same operator as simple_gla."""
     _refuse_gated_backward(ctx)
@@ -167,7 +168,7 @@ def build_fla_simple_gla(ctx):
     return _fla_variant(ctx, "simple_gla", fn)
 
 
-@register_method("fla_delta_rule", Capabilities(**CAPS))
+@register_method("fla_delta_rule", Capabilities(**CAPS), options=("reference_naive_max_len", "reference_stream_chunk"))
 def build_fla_delta_rule(ctx):
     """fla chunk_delta_rule with in-kernel q/k l2 norm: the same operator as delta_rule."""
     from fla.ops.delta_rule import chunk_delta_rule
@@ -178,7 +179,8 @@ def build_fla_delta_rule(ctx):
     return _fla_variant(ctx, "delta_rule", fn)
 
 
-@register_method("fla_gated_delta_rule", Capabilities(**CAPS))
+@register_method("fla_gated_delta_rule", Capabilities(**CAPS),
+                 options=("reference_naive_max_len", "reference_stream_chunk"))
 def build_fla_gated_delta_rule(ctx):
     """fla chunk_gated_delta_rule with in-kernel q/k l2 norm: the same operator as gated_delta_rule."""
     _refuse_gated_backward(ctx)

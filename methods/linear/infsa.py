@@ -80,7 +80,7 @@ def linear_fused(q, k, v, rho_logit, eps):
 CAPS = dict(family="linear", exact=False, masks={"full"}, cross=True, gqa=True, backward=True, trainable=True)
 
 
-@register_method("infsa", Capabilities(**CAPS))
+@register_method("infsa", Capabilities(**CAPS), options=("rho", "eps", "block"))
 def build_infsa(ctx):
     """Pure InfSA: ReLU scores over their Frobenius norm, times a learnable rho (O(N^2 d), full mask)."""
     rho = _rho_parameter(ctx)
@@ -99,7 +99,7 @@ def linear_rows(q, k, v, rho_logit, eps, rows):
     return context.expand(-1, -1, rows.numel(), -1)
 
 
-@register_method("linear_infsa", Capabilities(**CAPS))
+@register_method("linear_infsa", Capabilities(**CAPS), options=("rho", "eps"))
 def build_linear_infsa(ctx):
     """Linear-InfSA: one pooled query, ReLU attention, the context vector broadcast (O(N d), full mask)."""
     rho = _rho_parameter(ctx)

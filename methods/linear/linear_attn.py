@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Capabilities, register_method
-from .common import KERNELIZED_CAPS, expand_heads, kernelized
+from .common import KERNELIZED_CAPS, KERNELIZED_OPTIONS, expand_heads, kernelized
 
 
 def elu_features(q, k, v, q_pos=None, k_pos=None):
@@ -39,7 +39,7 @@ def elu_features(q, k, v, q_pos=None, k_pos=None):
     return fq, fk, expand_heads(v, heads)
 
 
-@register_method("linear_attn", Capabilities(**KERNELIZED_CAPS))
+@register_method("linear_attn", Capabilities(**KERNELIZED_CAPS), options=KERNELIZED_OPTIONS)
 def build_linear_attn(ctx):
     """Linear attention, elu+1 features (chunked PyTorch form; O(d²) recurrent decode)."""
     return kernelized(ctx, elu_features, softmax_comparable=False, feature_width=ctx.case.head_dim)
@@ -60,7 +60,9 @@ def triton_runnable(device) -> str | None:
             f"device is {torch.device(device).type}")
 
 
-@register_method("linear_attn_triton", Capabilities(**TRITON_CAPS))
+@register_method("linear_attn_triton", Capabilities(**TRITON_CAPS),
+                 options=("chunk", "block_v", "num_warps", "seg_chunks", "feature_map", "eps",
+                          "reference_naive_max_pairs", "reference_stream_chunk"))
 def build_linear_attn_triton(ctx):
     """Linear attention, elu+1 features: own chunked Triton kernels (forward and backward), causal self."""
     from ..contract import Prepared

@@ -68,7 +68,7 @@ def lla_fast(q, k, v, *, causal, offset, scale, lam, absolute):
 
 
 @register_method("lla", Capabilities(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True,
-                                      backward=True))
+                                      backward=True), options=("max_len", "ridge_lambda", "ridge", "scale"))
 def build_lla(ctx):
     """Local Linear Attention: per-query weighted local linear regression (direct solve; short lengths)."""
     causal, offset = mask_mode(ctx)

@@ -98,7 +98,7 @@ def fit_nystromformer(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dic
 
 
 @register_method("nystromformer", Capabilities(family="linear", exact=False, masks={"full"}, cross=True, gqa=True,
-                                                backward=True))
+                                                backward=True), options=("landmarks", "iters"))
 def build_nystromformer(ctx):
     """Nystromformer: landmark (segment-mean) approximation with an iterative pseudo-inverse (full mask)."""
     landmarks = param_int(ctx, "landmarks", LANDMARKS, minimum=1)

@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..registry import Capabilities, register_method
-from .common import KERNELIZED_CAPS, expand_heads, kernelized, param_choice, param_int
+from .common import KERNELIZED_CAPS, KERNELIZED_OPTIONS, expand_heads, kernelized, param_choice, param_int
 
 REDRAW = ("per_input", "fixed")
 
@@ -68,7 +68,8 @@ def favor_features(x: torch.Tensor, omega: torch.Tensor, is_query: bool) -> torc
     return torch.exp(logits) / math.sqrt(omega.shape[-2])
 
 
-@register_method("performer", Capabilities(**KERNELIZED_CAPS))
+@register_method("performer", Capabilities(**KERNELIZED_CAPS),
+                 options=KERNELIZED_OPTIONS + ("features", "orthogonal", "per_head", "redraw", "feature_seed"))
 def build_performer(ctx):
     """Performer FAVOR+: positive orthogonal random features drawn untimed in prepare (redraw policy)."""
     case = ctx.case

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Capabilities, register_method
-from .common import KERNELIZED_CAPS, expand_heads, kernelized, param_float, param_int
+from .common import KERNELIZED_CAPS, KERNELIZED_OPTIONS, expand_heads, kernelized, param_float, param_int
 
 
 def rfa_features(x, omega):
@@ -33,7 +33,8 @@ def rfa_features(x, omega):
     return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) / math.sqrt(omega.shape[0])
 
 
-@register_method("rfa", Capabilities(**KERNELIZED_CAPS))
+@register_method("rfa", Capabilities(**KERNELIZED_CAPS),
+                 options=KERNELIZED_OPTIONS + ("features", "sigma", "floor", "feature_seed"))
 def build_rfa(ctx):
     """RFA: sin/cos random features of l2-normalised q, k (different operator from softmax on raw q, k)."""
     case = ctx.case

@@ -161,7 +161,8 @@ def init_parameters(width: int, state: int, generator, device):
 
 
 @register_method("s4d", Capabilities(family="linear", exact=False, form="layer", masks={"causal"}, causal_only=True,
-                                      backward=True, trainable=True))
+                                      backward=True, trainable=True),
+                 options=("state_size", "reference_loop_max_len", "reference_stream_chunk"))
 def build_s4d(ctx):
     """S4D layer: diagonal SSM, FFT convolution (fast) vs the token recurrence (reference)."""
     mask_mode(ctx)

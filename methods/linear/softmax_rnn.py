@@ -144,7 +144,8 @@ def softmax_rows(q, k, v, rows, *, causal: bool, offset: int, chunk: int = rows_
 
 
 @register_method("softmax_rnn", Capabilities(family="linear", exact=True, masks={"full", "causal", "decode"},
-                                              cross=True, gqa=True, backward=True, decode=True))
+                                              cross=True, gqa=True, backward=True, decode=True),
+                 options=("block", "reference_stream_chunk"))
 def build_softmax_rnn(ctx):
     """Softmax attention as an RNN over keys (online softmax, block form; exact, O(L²) work, O(L) memory)."""
     causal, offset = mask_mode(ctx)

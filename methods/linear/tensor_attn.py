@@ -67,7 +67,7 @@ def tensor_blocked(q, k1, v1, k2, v2, *, causal, offset, scale, block):
 
 
 @register_method("tensor_attn", Capabilities(family="linear", exact=False, masks={"full", "causal"}, cross=True,
-                                              backward=True))
+                                              backward=True), options=("max_len", "block", "scale"))
 def build_tensor_attn(ctx):
     """Tensor (Kronecker) attention over pairs of keys from two key/value sets; cubic, short lengths."""
     causal, offset = mask_mode(ctx)

@@ -230,10 +230,11 @@ def fit_biformer(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, cross=True, backward=True),
     description="BiFormer bi-level routing attention, 1-D: region top-k routing, token attention on gathered "
                 "regions (impl gather: SDPA tiles; impl flex: a BlockMask from the routed regions, FlexAttention)",
+    options=("region", "topk", "impl"),
 )
 def build_biformer(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "biformer", ("region", "topk", "impl"))
+    opts = Options(ctx, "biformer")
     region = opts.int("region", REGION, minimum=1)
     topk = opts.int("topk", TOPK, minimum=1)
     impl = opts.choice("impl", "gather", IMPLS)
@@ -325,10 +326,11 @@ def bra_2d(per_side: int, topk: int, side: int, device):
     "biformer_2d",
     Capabilities(family="sparse", exact=False, masks={"full"}, backward=True),
     description="BiFormer bi-level routing attention on a square image grid (seq = side^2), SDPA tiles",
+    options=("regions_per_side", "topk"),
 )
 def build_biformer_2d(ctx):
     case = ctx.case
-    opts = Options(ctx, "biformer_2d", ("regions_per_side", "topk"))
+    opts = Options(ctx, "biformer_2d")
     per_side = opts.int("regions_per_side", 8, minimum=1)
     side = grid_side(case.seq_q, per_side, "biformer_2d")
     topk = _topk_fits(opts, opts.int("topk", 4, minimum=1), per_side * per_side)
@@ -346,10 +348,11 @@ def build_biformer_2d(ctx):
     Capabilities(family="sparse", exact=False, masks={"full"}, backward=True, form="layer", trainable=True),
     description="BiFormer layer: q/k/v projections, 2-D bi-level routing attention, LCE (depthwise conv of V), "
                 "output projection",
+    options=("regions_per_side", "topk", "lce", "lce_kernel"),
 )
 def build_biformer_layer(ctx):
     case = ctx.case
-    opts = Options(ctx, "biformer_layer", ("regions_per_side", "topk", "lce", "lce_kernel"))
+    opts = Options(ctx, "biformer_layer")
     per_side = opts.int("regions_per_side", 8, minimum=1)
     side = grid_side(case.seq_q, per_side, "biformer_layer")
     topk = _topk_fits(opts, opts.int("topk", 4, minimum=1), per_side * per_side)

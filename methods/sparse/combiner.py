@@ -118,10 +118,11 @@ def fixed_sdpa(q, k, v, segment: int, causal: bool):
     description="Combiner-Fixed: own segment direct + every other segment as one span (max-pool key, "
                 "attention-pooled value), one joint softmax (impl sdpa: dense segment tiles + summary part "
                 "merged by log-sum-exp; impl flex: FlexAttention over augmented keys)",
+    options=("segment", "impl"),
 )
 def build_combiner_fixed(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "combiner_fixed", ("segment", "impl"))
+    opts = Options(ctx, "combiner_fixed")
     length = case.seq_q
     impl = opts.choice("impl", DEFAULT_IMPL, IMPLS)
     segment = _segment(opts, length)
@@ -219,10 +220,11 @@ def axial_step2_sdpa(q, k, v, key_row, row_out, segment: int, causal: bool):
     description="Combiner-Axial (row-major): row attention summaries as keys/values of previous rows at the "
                 "same column, one joint softmax (impl sdpa: row and column tiles as dense kernel calls merged by "
                 "log-sum-exp; impl flex: SDPA rows + two FlexAttention parts)",
+    options=("segment", "impl"),
 )
 def build_combiner_axial(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "combiner_axial", ("segment", "impl"))
+    opts = Options(ctx, "combiner_axial")
     length, dim = case.seq_q, case.head_dim
     impl = opts.choice("impl", DEFAULT_IMPL, IMPLS)
     segment = _segment(opts, length)
@@ -348,10 +350,11 @@ def logsparse_reference(q, k, v, rows=None):
     Capabilities(family="sparse", exact=False, masks={"causal"}, causal_only=True, backward=True),
     description="Combiner-Logsparse: the prefix as dyadic spans (log2 L + 1 logits per query), one joint "
                 "softmax (per-level shifted broadcasts, plain PyTorch)",
+    options=(),
 )
 def build_combiner_logsparse(ctx):
     case = ctx.case
-    Options(ctx, "combiner_logsparse", ())
+    Options(ctx, "combiner_logsparse")
     if not ctx.mask.causal:
         raise Unsupported("Combiner-Logsparse decomposes the causal prefix; non-causal masks are not defined")
     length = case.seq_q

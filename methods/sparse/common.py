@@ -27,15 +27,22 @@ NEG_INF = float("-inf")
 
 # ---- options ------------------------------------------------------------------------------------------------
 class Options:
-    """Reads and validates ``method_options.<method>.*`` for one builder."""
+    """Reads and validates ``method_options.<method>.*`` for one builder. ``known``: the fields the method
+    takes, by default those its registration declares (``register_method(..., options=...)``, which the
+    registry checks before the builder runs: the check here is for a builder called directly)."""
 
-    def __init__(self, ctx, method: str, known: Iterable[str]):
+    def __init__(self, ctx, method: str, known: Iterable[str] | None = None):
+        from ..registry import METHODS, UnknownOption, unknown_option_message
+
         self.ctx, self.method = ctx, method
+        if known is None:
+            known = METHODS[method].options
+            if known is None:
+                raise TypeError(f"Options({method!r}): the method declares no options (register_method(options=...))")
         self.known = set(known)
         unknown = sorted(set(ctx.params) - self.known)
         if unknown:
-            raise ValueError(f"method_options.{method}: unknown field(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(sorted(self.known))}")
+            raise UnknownOption(unknown_option_message(method, unknown, self.known))
 
     def field(self, name: str) -> str:
         return f"method_options.{self.method}.{name}"

@@ -206,6 +206,7 @@ def fit_halo(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
     Capabilities(family="local", exact=False, masks={"full", "causal"}, backward=True, compiled=True),
     description="HaloNet blocked local attention with halo, 1-D (impl: zero-copy strided windows through "
                 "SDPA, copied windows, or FlexAttention)",
+    options=("block", "halo", "mask_padding", "impl", "backend"),
 )
 def build_halo(ctx):
     """Options: ``block`` (256), ``halo`` (128), ``mask_padding`` (true), ``impl`` - ``strided`` (default:
@@ -215,7 +216,7 @@ def build_halo(ctx):
     pattern); ``backend`` (``auto``, ``cudnn``, ``flash``, ``efficient``: the SDPA backend of the strided
     paths)."""
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "halo", ("block", "halo", "mask_padding", "impl", "backend"))
+    opts = Options(ctx, "halo")
     block = opts.int("block", BLOCK, minimum=1)
     halo = opts.int("halo", HALO, minimum=0)
     mask_padding = opts.bool("mask_padding", True)
@@ -329,10 +330,11 @@ def halo_2d_fast(q, k, v, side, block, halo, mask_padding):
     "halo_2d",
     Capabilities(family="local", exact=False, masks={"full"}, backward=True),
     description="HaloNet blocked local attention with halo on a square grid (seq = side^2), SDPA tiles",
+    options=("block", "halo", "mask_padding"),
 )
 def build_halo_2d(ctx):
     case = ctx.case
-    opts = Options(ctx, "halo_2d", ("block", "halo", "mask_padding"))
+    opts = Options(ctx, "halo_2d")
     block = opts.int("block", 8, minimum=1)
     halo = opts.int("halo", 3, minimum=0)
     mask_padding = opts.bool("mask_padding", True)

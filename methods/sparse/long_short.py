@@ -155,10 +155,11 @@ def fit_long_short(seq_q: int, seq_kv: int, causal: bool, given: dict) -> dict:
     description="Long-Short Transformer: local window + dynamic low-rank projection keys in one softmax "
                 "(impl: zero-copy window tiles through flash merged with a FlexAttention long part, or one "
                 "FlexAttention call over augmented keys)",
+    options=("window", "rank", "impl"),
 )
 def build_long_short(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "long_short", ("window", "rank", "impl"))
+    opts = Options(ctx, "long_short")
     window = opts.int("window", WINDOW, minimum=2)
     rank = opts.int("rank", RANK, minimum=1)
     impl = opts.choice("impl", "strided", IMPLS)

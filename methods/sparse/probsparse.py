@@ -51,10 +51,11 @@ def active_queries(q, k, samples: torch.Tensor, top_u: int) -> torch.Tensor:
     Capabilities(family="sparse", exact=False, masks={"full"}, cross=True, backward=True),
     description="Informer ProbSparse: top-u queries by a sampled sparsity measurement attend, the rest take "
                 "mean(V) (SDPA on the active queries)",
+    options=("factor",),
 )
 def build_probsparse(ctx):
     case = ctx.case
-    opts = Options(ctx, "probsparse", ("factor",))
+    opts = Options(ctx, "probsparse")
     factor = opts.int("factor", 5, minimum=1)
     n_samples, top_u = sample_counts(case.seq_q, case.seq_kv, factor)
 

@@ -138,10 +138,11 @@ def routing_fast(q, k, v, members_q, members_k, causal: bool) -> torch.Tensor:
     Capabilities(family="sparse", exact=False, masks={"full", "causal"}, cross=True, backward=True),
     description="Routing Transformer: balanced online k-means clusters (EMA centroids), attention inside "
                 "clusters (SDPA tiles)",
+    options=("clusters", "share_qk", "ema_decay", "update_centroids"),
 )
 def build_routing(ctx):
     case, causal = ctx.case, ctx.mask.causal
-    opts = Options(ctx, "routing", ("clusters", "share_qk", "ema_decay", "update_centroids"))
+    opts = Options(ctx, "routing")
     auto = 2 ** round(math.log2(max(case.seq_q, 1)) / 2)
     n_clusters = opts.int("clusters", None, minimum=1, allow_none=True) or auto
     share_qk = opts.bool("share_qk", True)

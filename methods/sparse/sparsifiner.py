@@ -60,11 +60,11 @@ def predict_mask(q, k, w_cq, w_ck, p_n, p_back, keep: int, basis_topk: int, thre
     Capabilities(family="sparse", exact=False, masks={"full"}, cross=True, backward=True),
     description="Sparsifiner: low-rank connectivity predictor, top-k sparse mask per query, attention on it "
                 "(SDPA with the boolean mask)",
+    options=("keep_rate", "token_reduction", "channel_reduction", "basis_topk", "threshold", "max_seq"),
 )
 def build_sparsifiner(ctx):
     case = ctx.case
-    opts = Options(ctx, "sparsifiner", ("keep_rate", "token_reduction", "channel_reduction", "basis_topk",
-                                        "threshold", "max_seq"))
+    opts = Options(ctx, "sparsifiner")
     keep_rate = opts.float("keep_rate", 0.25, minimum=0.0, maximum=1.0, exclusive_min=True)
     token_reduction = opts.int("token_reduction", 8, minimum=1)
     channel_reduction = opts.int("channel_reduction", 2, minimum=1)

@@ -141,12 +141,14 @@ def span_pairs(start, end, sw_start, batch: int, heads: int, num_spans: int) -> 
     return int(span + win)
 
 
+SUPERLINEAR_OPTIONS = ("num_spans", "sw_index", "search_power", "backward_factor", "forward_factor", "span_power")
+
+
 def read_options(ctx, method: str) -> dict:
     """The validated options of a case (``method_options.<method>.*``) with the stripe distances and window
     they give at the case's length; shared with ``superlinear_pkg`` (same fields, same defaults)."""
     case = ctx.case
-    opts = Options(ctx, method, ("num_spans", "sw_index", "search_power", "backward_factor",
-                                 "forward_factor", "span_power"))
+    opts = Options(ctx, method)
     num_spans = opts.int("num_spans", 3, minimum=1)
     sw_index = opts.int("sw_index", 0, minimum=0)
     power = opts.float("search_power", 0.5, minimum=0.0, maximum=1.0, exclusive_min=True)
@@ -172,6 +174,7 @@ def read_options(ctx, method: str) -> dict:
     Capabilities(family="sparse", exact=False, masks={"causal"}, causal_only=True, backward=True, compiled=True),
     description="Superlinear multi-step attention (N=2): span search over ~sqrt(t) anchors, then attention on "
                 "the top spans (FlexAttention with per-call BlockMasks), gated by the search scores",
+    options=SUPERLINEAR_OPTIONS,
 )
 def build_superlinear(ctx):
     case = ctx.case

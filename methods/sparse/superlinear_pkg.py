@@ -43,7 +43,7 @@ import torch
 
 from ..contract import Extra, Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .superlinear import read_options, span_bounds, span_pairs, superlinear_reference
+from .superlinear import SUPERLINEAR_OPTIONS, read_options, span_bounds, span_pairs, superlinear_reference
 
 INT_POWERS = (2, 3, 4, 5, 6)  # the package's exact integer stripe exponents (1 / search_power)
 
@@ -98,6 +98,7 @@ def package_routing(q1, k, cache_position, kwargs: dict, window: int):
                  requires=("superlinear", "triton")),
     description="Superlinear attention (N=2) from the superlinear package (Triton prefill): the same operator "
                 "as superlinear, gated against its reference on the package's routing",
+    options=SUPERLINEAR_OPTIONS,
 )
 def build_superlinear_pkg(ctx):
     case = ctx.case
