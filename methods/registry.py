@@ -11,7 +11,10 @@ Hyper-parameters: a builder reads ``method_options.<method>.<name>`` through ``c
 otherwise run the default and look like a measurement of the option): ``register_method(..., options=(...))``
 declares the names a method takes, checked when the config is planned and again before the builder runs; for a
 method that declares none (a plugin), every key given must have been read by the time the builder returns.
-Either way the error is :class:`UnknownOption`, naming the field (``method_options.<method>.<key>``).
+Either way the error is :class:`UnknownOption`, naming the field (``method_options.<method>.<key>``). So read
+(and validate) every option in the builder, on every path that uses it: a read inside ``fn``, at call time,
+comes after the check; an option that only one path uses (``impl: triton``'s ``block_v``) is refused by the
+method on the other paths with its own reason, or it is refused as unused.
 
 Capabilities are opt-in: a method declared with no more than a family runs full and causal self-attention,
 forward only; cross-attention, GQA, backward and decode are each declared.
