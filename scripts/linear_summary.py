@@ -194,7 +194,7 @@ def work_table(frame: pd.DataFrame, ceiling: dict) -> list[str]:
             elif max(f_share, b_share) >= 0.5:
                 bound = "compute" if f_share >= b_share else "memory"
             else:
-                bound = "neither: scan latency / launches"
+                bound = "neither (< 50 % of both)"
             out.append(f"| {method} | {mode} | {int(r.seq_q) // 1024}K | {fmt(float(r.ms_median))} | {fmt(tflops)} | "
                        f"{fmt(f_share * 100 if f_share is not None else None, '.1f')} % | {fmt(gbps, '.0f')} | "
                        f"{fmt(b_share * 100 if b_share is not None else None, '.1f')} % | {bound} |")
