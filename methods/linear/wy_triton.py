@@ -29,19 +29,20 @@ and ``chunked`` converts, normalises and pads the inputs before it (a few more p
 5. ``U = T (β v)`` in blocks of ``block_v`` value columns and ``W = T (β e^γ k)`` in blocks of ``block_k``
    (``tl.dot``), stored.
 
-So the pieces cost one launch, one read of v, two of q and k (three with ``normalize``: the norms' pass, L2
-resident), and one write of each piece. The loop over chunks (``impl``: PyTorch or delta_triton.py) and the
-outputs (``chunk_outputs``, PyTorch) are unchanged.
+So the pieces cost one launch, one read of v and q and two of k (one more of q and k with ``normalize``: the
+norms' pass, the chunk's rows L2-resident after), and one write of each piece. The loop over chunks (``impl``:
+PyTorch or delta_triton.py) and the outputs (``chunk_outputs``, PyTorch) are unchanged.
 
 Dots: ``dot_precision`` ``ieee`` (the default: full fp32, as the PyTorch path's fp32 matmuls; the
 forward substitution is fp32 without dots anyway), ``tf32x3`` (fp32-like accuracy on tensor cores, three tf32
-products) or ``tf32`` (one tf32 product, ~1e-3 relative rounding in q kᵀ, k kᵀ and T's products). Shapes: any C <= :data:`MAX_CHUNK` (the [C, C] tiles live in
-registers; C is padded to a power of two >= 16 with masks), any head dims (blocked), the length need not be a
-multiple of C (the last chunk is padded in registers; the pieces have ``cdiv(L, C)`` chunks, as ``chunk_pieces``
-has on the padded inputs). Outputs are new contiguous fp32 tensors: ``qg`` ``[B, H, N, C, dk]``, ``attn``
-``[B, H, N, C, C]``, ``U`` ``[B, H, N, C, dv]``, ``W`` ``[B, H, N, C, dk]`` (None without the delta term),
-``kd`` ``[B, H, N, C, dk]``, ``last`` ``[B, H, N]``. Resources (methods/triton_fit.py, compiled offline for
-sm_90; tests/test_triton_fit.py holds them to the H200's shared memory): see :data:`DEFAULTS`.
+products) or ``tf32`` (one tf32 product, ~1e-3 relative rounding in q kᵀ, k kᵀ and T's products). Shapes: any
+C <= :data:`MAX_CHUNK` (the [C, C] tiles live in registers; C is padded to a power of two >= 16 with masks), any
+head dims (blocked), the length need not be a multiple of C (the last chunk is padded in registers; the pieces
+have ``cdiv(L, C)`` chunks, as ``chunk_pieces`` has on the padded inputs). Outputs are new contiguous fp32
+tensors: ``qg`` ``[B, H, N, C, dk]``, ``attn`` ``[B, H, N, C, C]``, ``U`` ``[B, H, N, C, dv]``, ``W``
+``[B, H, N, C, dk]`` (None without the delta term), ``kd`` ``[B, H, N, C, dk]``, ``last`` ``[B, H, N]``.
+Resources (methods/triton_fit.py, compiled offline for sm_90; tests/test_triton_fit.py holds them to the H200's
+shared memory and its defaults to no spills): see :data:`DEFAULTS`.
 
 Autograd (:class:`_WYPieces`): the forward saves its inputs only; the backward recomputes the pieces with the
 PyTorch code (:func:`reference_pieces`: conversion, normalisation, padding and ``chunk_pieces(solve='torch')``)
