@@ -126,6 +126,81 @@ def add_fill(frame: pd.DataFrame, fills: list[pd.DataFrame]) -> pd.DataFrame:
     return frame
 
 
+# the state-form methods whose work has a standard count (issue 10: achieved rate against the measured ceilings)
+LINEAR_STATE = ("linear_attn", "linear_attn_triton", "fla_linear_attn", "simple_gla", "simple_gla_triton",
+                "fla_simple_gla")
+DELTA_STATE = ("delta_rule", "gated_delta_rule", "fla_delta_rule", "fla_gated_delta_rule")
+DEFAULT_CHUNK = 64
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def model_work(method: str, mode: str, d: int, chunk: int = DEFAULT_CHUNK) -> tuple[float, int] | None:
+    """(FLOPs, tensors moved) per token and head of the chunked state form, or None for a method without a
+    standard count. Linear attention and simple GLA, forward: the state's update and read ``4·d²`` plus the
+    causal half of the intra-chunk scores and values ``C·2d``. The delta rules add the WY pieces (``k kᵀ``
+    within the chunk, ``w = T·βk``, ``u = T·βv``, the inverse ``C²/3``) and ``w·S``: ``6·d² + 7·C·d + C²/3``.
+    fwd_bwd counts the backward as twice the forward. Tensors: fwd reads q, k, v and writes o (4); fwd_bwd adds
+    q, k, v, o, dO read and dq, dk, dv written (11): the minimum traffic, gates and state spills left out."""
+    base = method.split(" [")[0]
+    if base in LINEAR_STATE:
+        flops = 4 * d * d + 2 * chunk * d
+    elif base in DELTA_STATE:
+        flops = 6 * d * d + 7 * chunk * d + chunk * chunk / 3
+    else:
+        return None
+    return (flops, 4) if mode == "fwd" else (3 * flops, 11)
+
+
+def ceilings(run_dir: Path) -> tuple[float | None, float | None]:
+    """The run's measured bf16 matmul TFLOP/s and copy TB/s (env.json's calibration, the latest invocation's)."""
+    path = Path(run_dir) / "env.json"
+    if not path.exists():
+        return None, None
+    env = json.loads(path.read_text())
+    env = env[-1] if isinstance(env, list) else env
+    calibration = env.get("calibration") or {}
+    return calibration.get("matmul_bf16_tflops"), calibration.get("copy_tbps")
+
+
+def work_table(frame: pd.DataFrame, ceiling: dict) -> list[str]:
+    """Achieved model TFLOP/s and minimum GB/s at each state-form line's longest ok length, as shares of the
+    run's measured ceilings, and the bound: compute or memory where a share reaches 50 %, else neither (the
+    sequential chunk scan's latency and the launches: what the profile runs show)."""
+    out = ["| method | mode | length | ms | model TFLOP/s | of matmul | min GB/s | of copy | bound |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for method in sorted(set(frame.method)):
+        for mode in ("fwd", "fwd_bwd"):
+            rows = frame[(frame.method == method) & (frame["mode"] == mode) & (frame.status == "ok")]
+            if rows.empty:
+                continue
+            r = rows.sort_values("seq_q").iloc[-1]
+            if any(pd.isna(r.get(name)) for name in ("head_dim", "heads_q", "batch")):
+                continue  # rows without their shape (hand-made test rows): no rate
+            options = json.loads(r["method_options"]) if isinstance(r.get("method_options"), str) and r.get(
+                "method_options") else {}
+            work = model_work(method, mode, int(r.head_dim), int(options.get("chunk", DEFAULT_CHUNK)))
+            if work is None:
+                continue
+            flops_tok, tensors = work
+            token_heads = int(r.batch) * int(r.heads_q) * int(r.seq_q)
+            seconds = float(r.ms_median) / 1e3
+            tflops = flops_tok * token_heads / seconds / 1e12
+            gbps = tensors * int(r.head_dim) * DTYPE_BYTES.get(str(r.dtype), 2) * token_heads / seconds / 1e9
+            matmul, copy = ceiling.get(r["run"], (None, None))
+            f_share = tflops / matmul if matmul else None
+            b_share = gbps / (copy * 1e3) if copy else None
+            if f_share is None or b_share is None:
+                bound = "no calibration"
+            elif max(f_share, b_share) >= 0.5:
+                bound = "compute" if f_share >= b_share else "memory"
+            else:
+                bound = "neither (< 50 % of both)"
+            out.append(f"| {method} | {mode} | {int(r.seq_q) // 1024}K | {fmt(float(r.ms_median))} | {fmt(tflops)} | "
+                       f"{fmt(f_share * 100 if f_share is not None else None, '.1f')} % | {fmt(gbps, '.0f')} | "
+                       f"{fmt(b_share * 100 if b_share is not None else None, '.1f')} % | {bound} |")
+    return out
+
+
 def slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of log(ms) against log(length) (attnbench.report.maths.loglog_slope, with this
     script's two-length minimum; the report's scaling section needs three)."""
@@ -213,6 +288,16 @@ def main(argv=None) -> int:
             lengths = ", ".join(f"{n // 1024}K" for n in sorted(times))
             runs = ", ".join(sorted(set(rows["run"])))
             out.append(f"| {method} | {mode} | {fmt(fit, '.2f')} | {ms} | {tf} | {mem} | {eff} | {ratio} | {lengths} | {runs} |")
+    ceiling = {Path(str(run).rpartition("=")[0] if "=" in Path(str(run)).name else run).name:
+               ceilings(Path(str(run).rpartition("=")[0] if "=" in Path(str(run)).name else run))
+               for run in [*args.runs, *args.fill]}
+    work = work_table(frame, ceiling)
+    if len(work) > 2:
+        out += ["", "## Work against the H200's measured ceilings (state-form methods, longest ok length)", "",
+                "Model FLOPs and minimum bytes per token and head (`model_work` in this script: 4·d² + 2·C·d for "
+                "linear attention and simple GLA, 6·d² + 7·C·d + C²/3 for the delta rules, fwd_bwd three times "
+                "the forward; 4 tensors moved fwd, 11 fwd_bwd), against the run's calibration in env.json "
+                "(bf16 matmul TFLOP/s, copy TB/s).", "", *work]
     bad = frame[~frame.status.isin(["ok"])]
     if not bad.empty:
         out += ["", "## Rows not ok", "", "| method | mode | seq | status | reason |", "|---|---|---|---|---|"]

@@ -38,7 +38,7 @@ def test_harness_rows(cfg):
     layer_rows = frame[frame.method.isin(LAYERS) & (frame.status == "ok")]
     assert (layer_rows.flops > 0).all()
     abc = frame[(frame.method == "abc") & (frame["mode"] == "decode") & (frame["mask"] == "causal")].iloc[0]
-    assert abc.state_bytes == 2 * (4 * 8 * 2 + 4) * 4
+    assert abc.state_bytes == 2 * (4 * 8 * 2 + 4 + 4) * 4  # [n, d] twice, Σ e and the running max m
 
 
 @pytest.mark.parametrize("method", LAYERS)
@@ -244,3 +244,26 @@ def test_nystrom_landmarks_backward_writes_a_few_full_size_gradients_not_one_per
     assert _full_size_backward_tensors(per_segment) >= 16
     assert _full_size_backward_tensors(nystrom.segment_means) <= 3
     assert _full_size_backward_tensors(nystrom.segment_means, length=67) <= 3
+
+
+@pytest.mark.parametrize("newest_is_largest", [False, True])
+def test_abc_decode_step_reads_the_newest_scores_only_and_matches_the_reference(newest_is_largest):
+    """abc's step keeps a running per-slot maximum (O(1) a step; it shifted by the maximum over every score, an
+    O(L) pass each step). It equals the reference's last row, also when the newest score raises the maximum
+    (the sums rescaled), and it does not read the older scores; negative control: changing the newest does."""
+    seq, slots = 11, 4
+    prepared = _build("abc", "causal", seq, seq, params={"slots": slots, "chunk": 4})
+    q, k, v = _rand(1, 2, seq, 8, seed=1), _rand(1, 2, seq, 8, seed=2), _rand(1, 2, seq, 8, seed=3)
+    s = _rand(1, 2, seq, slots, seed=4)
+    if newest_is_largest:
+        s[:, :, -1] += 5.0
+    full = prepared.reference(q, k, v, s=s)
+    state = prepared.decode.prefill(q[:, :, -1:], k, v, s=s)
+    step = prepared.decode.step(state, q[:, :, -1:], k, v, s=s)
+    assert _close(step, full[:, :, -1:])
+    older = s.clone()
+    older[:, :, :-1] = _rand(1, 2, seq - 1, slots, seed=5) * 9
+    assert torch.equal(prepared.decode.step(state, q[:, :, -1:], k, v, s=older), step)
+    newest = s.clone()
+    newest[:, :, -1] += 1.0
+    assert not _close(prepared.decode.step(state, q[:, :, -1:], k, v, s=newest), step, 1e-4)

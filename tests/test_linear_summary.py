@@ -126,3 +126,31 @@ def test_run_with_methods_supplies_only_those_lines(tmp_path, capsys):
     import pytest
     with pytest.raises(SystemExit, match="no rows of nope"):
         _module().main([main, again + "=nope"])
+
+
+def test_work_table_rates_against_the_runs_calibration_and_names_the_bound(tmp_path, capsys):
+    """linear_attn_triton at 1M, d 128, 16 heads: 4·d² + 2·64·d FLOPs per token-head; a time that makes it
+    60 % of the run's matmul ceiling reads `compute` (a copy ceiling of 40 TB/s keeps the bytes under it), a
+    slow one `neither`; a run without calibration says so."""
+    module = _module()
+    flops, tensors = module.model_work("linear_attn_triton", "fwd", 128)
+    assert flops == 4 * 128 * 128 + 2 * 64 * 128 and tensors == 4
+    assert module.model_work("delta_rule [impl=triton]", "fwd_bwd", 128)[0] == 3 * (6 * 128 ** 2 + 7 * 64 * 128 + 64 ** 2 / 3)
+    assert module.model_work("aaren", "fwd", 128) is None  # no standard count: no line
+    token_heads = 16 << 20
+    fast_ms = flops * token_heads / (0.6 * 700e12) * 1e3  # 60 % of a 700 TFLOP/s ceiling
+
+    def run(name, ms, calibrated=True):
+        path = _write_run(tmp_path, name, [_row("linear_attn_triton", 1 << 20, ms, mode="fwd", head_dim=128,
+                                                heads_q=16, batch=1, dtype="bfloat16")])
+        if calibrated:
+            (Path(path) / "env.json").write_text(json.dumps([{"calibration": {"matmul_bf16_tflops": 700.0,
+                                                                               "copy_tbps": 40.0}}]))
+        assert module.main([path]) == 0
+        text = capsys.readouterr().out
+        return [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| linear_attn_triton | fwd | 1024K")).split("|")[1:-1]]
+
+    cells = run("fast", fast_ms)
+    assert cells[5] == "60.0 %" and cells[8] == "compute", cells
+    assert run("slow", 100 * fast_ms)[8].startswith("neither"), "a 0.6 % rate is not compute-bound"
+    assert run("bare", fast_ms, calibrated=False)[8] == "no calibration"

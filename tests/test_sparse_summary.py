@@ -45,6 +45,13 @@ def test_slopes_are_measured_from_the_rows(summary):
     assert table.loc[("routed", "causal", "fwd"), "slope"] == pytest.approx(1.5)
     assert table.loc[("sdpa_cudnn", "causal", "fwd_bwd"), "slope"] == pytest.approx(2.0)
     assert table.loc[("local", "full", "fwd_bwd"), "slope"] == pytest.approx(1.0)
+    # the long-length slope fits >= 16K here: a flat overhead at 4K bends the all-length slope, not it
+    bent = frame()
+    bent.loc[(bent.method == "routed") & (bent.seq_q == 4096) & (bent["mode"] == "fwd"), "ms_median"] = 40.0
+    table = summary.slopes(bent, long_fit=16384).set_index(["method", "mask", "mode"])
+    assert table.loc[("routed", "causal", "fwd"), "slope_ge_16K"] == pytest.approx(1.5)
+    assert table.loc[("routed", "causal", "fwd"), "slope"] < 1.2
+    assert table.loc[("routed", "causal", "fwd"), "long_lengths"] == "16K, 64K"
 
 
 def test_efficiency_length_is_the_first_length_that_beats_the_baseline(summary):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attnbench.methods.triton_fit import SM90, compile_fits, record_launches
+from attnbench.methods.triton_fit import SM90, compile_fits, compile_launch, record_launches
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -87,6 +87,10 @@ OWN_TRITON = [
     ("delta_rule", {"solve": "triton"}, (128,)),  # tril_triton's inverse (the loop in PyTorch)
     ("gated_delta_rule", {"solve": "triton", "chunk": 128}, (128,)),  # the inverse's largest tile
     ("simple_gla", {"impl": "triton"}, (128,)),
+    ("delta_rule", {"solve": "fused"}, (128,)),  # wy_triton's fused pieces (backward: PyTorch, recomputed)
+    ("gated_delta_rule", {"solve": "fused", "impl": "triton"}, (128, 256)),
+    ("gated_delta_rule", {"solve": "fused", "chunk": 128}, (128,)),  # its largest tiles
+    ("simple_gla", {"solve": "fused"}, (128,)),
 ]
 
 
@@ -119,8 +123,33 @@ def _built_launches(method, params, head_dim, monkeypatch, seq=1024):
                          [(m, p, d) for m, p, dims in OWN_TRITON for d in dims])
 def test_every_own_triton_method_fits_h200_shared_memory(method, params, head_dim, monkeypatch):
     launches = _built_launches(method, params, head_dim, monkeypatch)
-    # solve: triton alone launches its forward kernel only (the inverse's backward is two PyTorch matmuls)
+    # solve: triton / fused alone launch their forward kernel only (their backwards are PyTorch)
     least = 1 if set(params) <= {"solve", "chunk"} else 2
     assert len(launches) >= least, f"{method}: no forward and backward launches recorded ({len(launches)})"
     too_big = [f for f in compile_fits(launches) if not f.ok]
     assert not too_big, too_big
+
+
+def _wy_launch(chunk=64, dim=128, **opts):
+    """The fused WY kernel's launch at gated_delta_rule's shape (bf16 inputs, normalised in the kernel)."""
+    from attnbench.methods.linear.wy_triton import pieces_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4 * chunk, dim, dtype=torch.bfloat16) for _ in range(3))
+    g, beta = torch.randn(1, 2, 4 * chunk), torch.rand(1, 2, 4 * chunk)
+    with record_launches() as launches:
+        pieces_forward(q, k, v, g, beta, delta=True, chunk=chunk, normalize=True, **opts)
+    assert [launch.name for launch in launches] == ["_wy_src"], launches
+    return compile_launch(launches[0])
+
+
+def test_fused_wy_kernel_does_not_spill_at_its_defaults():
+    """solve: fused at chunk 64, d 128 (the default chunk, the profiled width): its defaults (ieee dots, blocks
+    of 16, 8 warps) spill nothing (ptxas); the negative control, blocks of 64 at 4 warps, spills (the FMA dots'
+    operands: ~32 KB per thread when measured)."""
+    from attnbench.methods.triton_fit import ptxas_usage
+
+    stores, loads, registers = ptxas_usage(_wy_launch())
+    assert stores == loads == 0 and registers <= 255, (stores, loads, registers)
+    stores, loads, _ = ptxas_usage(_wy_launch(block_k=64, block_v=64, num_warps=4))
+    assert stores > 1024 and loads > 1024, (stores, loads)

@@ -44,10 +44,13 @@ default) or ``triton``: the loop over chunks (forward and its backward) through 
 form, the decode prefill and the state scan (the references stay PyTorch); with ``block_v`` (power of two
 16..128, default 32), ``num_warps`` (default 4), ``dot_precision`` (``tf32``, the default, or ``ieee``),
 ``num_stages`` (``auto``) and ``chunk`` <= 256 (:func:`states_impl`); CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
-``solve`` (the delta rules only, :func:`solve_choice`, independent of ``impl``): ``torch`` (the default,
-``torch.linalg.solve_triangular`` on all chunks' systems at once) or ``triton``: each chunk's
-``(I + A)⁻¹`` by an own Triton kernel (``tril_triton.py``: forward substitution in registers, one program per
-chunk) and a matmul, in the same places as ``impl``; ``chunk`` <= 128; CUDA or ``TRITON_INTERPRET=1``.
+``solve`` (:func:`solve_choice`, independent of ``impl``): ``torch`` (the default,
+``torch.linalg.solve_triangular`` on all chunks' systems at once), ``triton`` (the delta rules: each chunk's
+``(I + A)⁻¹`` by an own Triton kernel, ``tril_triton.py``: forward substitution in registers, one program per
+chunk, and a matmul) or ``fused`` (every WY piece, γ, the decays, ``attn``, ``qg``, ``kd``, ``last``, ``(I + A)⁻¹``,
+U and W, and the inputs' fp32 conversion, ℓ2 normalisation and padding, by one own kernel per chunk,
+``wy_triton.py``; backward through the PyTorch pieces, recomputed; simple_gla too, without the delta term), in
+the same places as ``impl``; ``chunk`` <= 128; CUDA or ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -112,11 +115,17 @@ def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, solve: str = "tor
     ``last`` (see the module docstring).
 
     ``solve`` (the delta term's unit lower-triangular systems): ``torch`` (the default:
-    ``torch.linalg.solve_triangular``) or ``triton`` (``T = (I + A)⁻¹`` by the own kernel,
-    :func:`tril_triton.tril_inverse`, then ``T @ rhs``; CUDA or ``TRITON_INTERPRET=1``). The same result up to
-    float rounding, gradients included."""
+    ``torch.linalg.solve_triangular``), ``triton`` (``T = (I + A)⁻¹`` by the own kernel,
+    :func:`tril_triton.tril_inverse`, then ``T @ rhs``) or ``fused`` (all six pieces by one kernel,
+    :func:`wy_triton.wy_pieces`, with or without the delta term; its backward recomputes them here with
+    ``torch``); the Triton ones on CUDA or with ``TRITON_INTERPRET=1``. The same result up to float rounding,
+    gradients included."""
     if solve not in SOLVES:
         raise ValueError(f"chunk_pieces: solve must be one of {SOLVES}, got {solve!r}")
+    if solve == "fused":  # every piece by one kernel (wy_triton.py); its backward recomputes this code
+        from .wy_triton import wy_pieces
+
+        return wy_pieces(q, k, v, g, beta, delta=delta, chunk=chunk)
     batch, heads, length, dk = k.shape
     dv = v.shape[-1]
     n = length // chunk
@@ -237,7 +246,8 @@ def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
             return_state=False, scale=None, segment=0, carry=True, states_fn=None, solve="torch"):
     """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d. ``solve``: the
-    triangular solve of :func:`chunk_pieces` (``torch`` or ``triton``).
+    triangular solve of :func:`chunk_pieces` (``torch`` or ``triton``), or ``fused``: every piece, the inputs'
+    conversion, normalisation and padding included, by one kernel (:func:`wy_triton.wy_pieces`).
 
     ``states_fn``: the loop over chunks, ``(U, W, kd, last, state0) -> (states, final state)``; None (the
     default) is :func:`chunk_states` (PyTorch); ``impl: triton`` passes :func:`delta_triton.chunk_states`
@@ -253,10 +263,18 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
                          state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry,
                          states_fn=states_fn, solve=solve)
     out_dtype = v.dtype
-    q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
+    if solve == "fused":  # the kernel reads the raw inputs: conversion, normalisation and padding fused in
+        from .wy_triton import wy_pieces
+
+        q, lead = _align(q, k)
+        length = k.shape[2]
+        qg, attn, U, W, kd, last = wy_pieces(q, k, v, g if gated else None, beta if delta else None, delta=delta,
+                                             chunk=chunk, normalize=normalize)
+    else:
+        q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
+        qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve=solve)
     batch, heads, _, dk = k.shape
-    qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve=solve)
-    S0 = q.new_zeros(batch, heads, dk, v.shape[-1]) if state0 is None else state0.float()
+    S0 = k.new_zeros(batch, heads, dk, v.shape[-1], dtype=torch.float32) if state0 is None else state0.float()
     states, S = (chunk_states if states_fn is None else states_fn)(U, W, kd, last, S0)
     out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
     out = (scale * out[:, :, lead:length]).to(out_dtype)
@@ -498,38 +516,48 @@ def states_impl(ctx, chunk: int):
                              num_stages=None if num_stages == "auto" else num_stages)
 
 
-SOLVES = ("torch", "triton")
+SOLVES = ("torch", "triton", "fused")
 
 
 def solve_choice(ctx, chunk: int, delta: bool) -> str:
-    """``method_options.<method>.solve`` (delta_rule, gated_delta_rule): the per-chunk unit lower-triangular
-    solve of :func:`chunk_pieces`, ``torch`` (the default: ``torch.linalg.solve_triangular``) or ``triton``
-    (the inverse by the own kernel, :mod:`tril_triton`, then a matmul), in the timed form, the decode prefill
-    and the state scan (the references stay PyTorch); independent of ``impl``. Bad values: ValueError naming
-    the field (``solve`` given to simple_gla, which solves nothing; ``chunk`` > 128 with ``triton``); with
-    ``triton``, ``Unsupported`` (the case's row, with the reason) without CUDA or ``TRITON_INTERPRET=1``. Never
-    a silent fallback."""
+    """``method_options.<method>.solve``: how :func:`chunk_pieces` builds the WY pieces, in the timed form, the
+    decode prefill and the state scan (the references stay PyTorch); independent of ``impl``. The delta rules
+    (delta_rule, gated_delta_rule): ``torch`` (the default: PyTorch, the per-chunk unit lower-triangular
+    systems by ``torch.linalg.solve_triangular``), ``triton`` (the same with the inverse by the own kernel,
+    :mod:`tril_triton`, then a matmul) or ``fused`` (every piece by one own kernel per chunk, :mod:`wy_triton`,
+    the inputs' conversion, normalisation and padding included; backward through the PyTorch pieces,
+    recomputed). simple_gla (no triangular solve): ``fused`` only (its pieces by the same kernel without the
+    delta term); no ``solve`` is its PyTorch pieces. Bad values: ValueError naming the field (an unknown value;
+    ``torch`` or ``triton`` given to simple_gla; ``chunk`` > 128 with ``triton`` or ``fused``); with
+    ``triton`` or ``fused``, ``Unsupported`` (the case's row, with the reason) without CUDA or
+    ``TRITON_INTERPRET=1``. Never a silent fallback."""
     from .common import param_choice
 
     field = f"method_options.{ctx.case.method}"
     if not delta:
-        if "solve" in ctx.params:
-            raise ValueError(f"{field}.solve: applies to the delta rules only ({ctx.case.method} has no "
-                             f"triangular solve)")
-        return "torch"
-    solve = param_choice(ctx, "solve", "torch", SOLVES)
+        if "solve" not in ctx.params:
+            return "torch"
+        if ctx.params["solve"] != "fused":
+            raise ValueError(f"{field}.solve: {ctx.case.method} has no triangular solve: only 'fused' (its chunk "
+                             f"pieces by one own kernel) applies, got {ctx.params['solve']!r}")
+        solve = "fused"
+    else:
+        solve = param_choice(ctx, "solve", "torch", SOLVES)
     if solve == "torch":
         return solve
-    from .tril_triton import MAX_CHUNK
+    if solve == "triton":
+        from .tril_triton import MAX_CHUNK
+    else:
+        from .wy_triton import MAX_CHUNK
 
     if chunk > MAX_CHUNK:
-        raise ValueError(f"{field}.chunk: must be <= {MAX_CHUNK} with solve 'triton' (one chunk's inverse "
-                         f"lives in registers), got {chunk}")
+        raise ValueError(f"{field}.chunk: must be <= {MAX_CHUNK} with solve '{solve}' (one chunk's [C, C] tiles "
+                         f"live in registers), got {chunk}")
     from .linear_attn import triton_runnable
 
     why = triton_runnable(ctx.device)
     if why:
-        raise Unsupported(f"{ctx.case.method} with {field}.solve=triton: {why}")
+        raise Unsupported(f"{ctx.case.method} with {field}.solve={solve}: {why}")
     return solve
 
 

@@ -1,0 +1,310 @@
+"""The delta rules' per-chunk WY pieces in one Triton kernel: ``solve: fused`` of delta_rule, gated_delta_rule
+(and simple_gla, without the delta term) in methods/linear/gated_delta.py. Imported lazily by the builder:
+importing this module imports triton.
+
+What it replaces. :func:`gated_delta.chunk_pieces` builds, for all chunks at once in PyTorch fp32, from the
+prepared inputs (fp32, q and k ℓ2-normalised, padded to whole chunks)
+
+    γ = cumsum of the log gate g within the chunk,   decay[r, i] = e^(γ_r−γ_i) for i <= r (else 0),
+    attn = (q kᵀ) ⊙ decay,   qg = diag(e^γ) q,   kd = diag(e^(γ_C−γ)) k,   last = e^(γ_C),
+    A[r, i] = β_r (k_r·k_i) e^(γ_r−γ_i) for i < r,   (I + A) [U | W] = diag(β) [V | diag(e^γ) K]
+
+(without the delta term: ``U = diag(β) V``, no W), about thirty launches over [B, H, N, C, C] and
+[B, H, N, C, d] tensors (the profile at 32K tokens, 16 heads, d 128 on the H200,
+results/h200-linear-profile: 3.3 ms of elementwise kernels and a 3.2 ms batched trsm of the 13.4 ms forward),
+and ``chunked`` converts, normalises and pads the inputs before it (a few more passes). Here one program per
+(batch·head, chunk) computes all of it from the raw inputs and writes the six pieces once:
+
+1. ``β`` and ``g`` of the chunk's C tokens (masked past the sequence's end: padded tokens have g = 0, β = 0,
+   q = k = v = 0, as ``chunked`` pads); ``γ = cumsum(g)``, ``γ_C = Σ g``; ``last = e^(γ_C)``.
+2. With ``normalize``: the row norms of q and k (one pass over the head dim), as ``F.normalize``
+   (``x / max(‖x‖, 1e-12)``); the inputs may be fp32, bf16 or fp16 (read as they are, computed in fp32).
+3. One pass over the head dim in blocks of ``block_k``: ``q kᵀ`` and ``k kᵀ`` accumulated with ``tl.dot``;
+   ``qg`` and ``kd`` of the block stored on the way.
+4. ``attn = (q kᵀ) ⊙ decay`` stored. The transposed strictly lower matrix ``Aᵀ`` (``Aᵀ[j, i] = A[i, j]``,
+   built directly from ``k kᵀ`` (symmetric), β and γ, so that row i of A comes out of a column reduction in
+   the layout the next step needs) and ``T = (I + A)⁻¹`` by forward substitution in registers, as
+   :mod:`tril_triton` does: for i = 0 .. C−1 in order ``T[i, :] = e_i − Σ_{j<i} A[i, j] T[j, :]``; rows j < i
+   of T are final when row i is computed, rows >= i are still 0. O(C³) per chunk, all fp32 without ``tl.dot``.
+5. ``U = T (β v)`` in blocks of ``block_v`` value columns and ``W = T (β e^γ k)`` in blocks of ``block_k``
+   (``tl.dot``), stored.
+
+So the pieces cost one launch, one read of v and q and two of k (one more of q and k with ``normalize``: the
+norms' pass, the chunk's rows L2-resident after), and one write of each piece. The loop over chunks (``impl``:
+PyTorch or delta_triton.py) and the outputs (``chunk_outputs``, PyTorch) are unchanged.
+
+Dots: ``dot_precision`` ``ieee`` (the default: full fp32, as the PyTorch path's fp32 matmuls; the
+forward substitution is fp32 without dots anyway), ``tf32x3`` (fp32-like accuracy on tensor cores, three tf32
+products) or ``tf32`` (one tf32 product, ~1e-3 relative rounding in q kᵀ, k kᵀ and T's products). Shapes: any
+C <= :data:`MAX_CHUNK` (the [C, C] tiles live in registers; C is padded to a power of two >= 16 with masks), any
+head dims (blocked), the length need not be a multiple of C (the last chunk is padded in registers; the pieces
+have ``cdiv(L, C)`` chunks, as ``chunk_pieces`` has on the padded inputs). Outputs are new contiguous fp32
+tensors: ``qg`` ``[B, H, N, C, dk]``, ``attn`` ``[B, H, N, C, C]``, ``U`` ``[B, H, N, C, dv]``, ``W``
+``[B, H, N, C, dk]`` (None without the delta term), ``kd`` ``[B, H, N, C, dk]``, ``last`` ``[B, H, N]``.
+Resources (methods/triton_fit.py, compiled offline for sm_90; tests/test_triton_fit.py holds them to the H200's
+shared memory and its defaults to no spills): see :data:`DEFAULTS`.
+
+Autograd (:class:`_WYPieces`): the forward saves its inputs only; the backward recomputes the pieces with the
+PyTorch code (:func:`reference_pieces`: conversion, normalisation, padding and ``chunk_pieces(solve='torch')``)
+under ``enable_grad`` and backpropagates through it, so the gradients are the PyTorch path's (the backward
+costs one PyTorch forward of the pieces more than ``solve: torch``'s, which keeps that graph from the forward).
+
+``fault`` (tests only, the negative controls): ``'transpose_t'`` uses ``Tᵀ`` for U and W, ``'no_beta'``
+leaves β out of the right-hand side. Kernels are decorated on first use, once per interpreter mode
+(linear_triton.jit_kernel); CUDA or ``TRITON_INTERPRET=1``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_triton import _block, jit_kernel
+
+MAX_CHUNK = 128
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+FAULTS = {None: 0, "transpose_t": 1, "no_beta": 2}
+
+
+def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
+            sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sgb, sgh, sgl, sbb, sbh, sbl,
+            C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
+            NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, FAULT: tl.constexpr):
+    """One program: the pieces of chunk ``c`` of head ``bh`` (program id ``bh · N + c``, which is also the
+    chunk's index in the contiguous outputs)."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // N
+    c = pid % N
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BC)  # token r of the chunk (the tiles' row index)
+    cols = tl.arange(0, BC)  # token i of the chunk (the [C, C] tiles' column index)
+    tok = c * C + rows
+    live = (rows < C) & (tok < L)  # real tokens; the rest read as 0 (g = β = 0: no write, no decay)
+    stored = rows < C  # rows of the outputs (the padded tokens of the last chunk included, as chunk_pieces)
+
+    # 1. gates: β, γ = cumsum(g) within the chunk, the chunk's total log-decay γ_C
+    if HAS_BETA:
+        beta = tl.load(BETA + b * sbb + h * sbh + tok * sbl, mask=live, other=0.0).to(tl.float32)
+    else:
+        beta = tl.where(live, 1.0, 0.0)
+    if HAS_G:
+        g = tl.load(G + b * sgb + h * sgh + tok * sgl, mask=live, other=0.0).to(tl.float32)
+        gam = tl.cumsum(g, axis=0)
+        gam_last = tl.sum(g, axis=0)
+    else:
+        gam = tl.zeros([BC], dtype=tl.float32)
+        gam_last = tl.sum(gam, axis=0)
+    tl.store(LAST + pid, tl.exp(gam_last))
+
+    q_base = Q + b * sqb + h * sqh + tok[:, None] * sql
+    k_base = K + b * skb + h * skh + tok[:, None] * skl
+    v_base = V + b * svb + h * svh + tok[:, None] * svl
+    out_rows = pid * C + rows  # the row of each token in the [B·H·N·C, ...] views of the outputs
+
+    # 2. ℓ2 norms of q and k rows (F.normalize: x / max(‖x‖, eps))
+    q_scale = tl.full([BC], 1.0, tl.float32)
+    k_scale = tl.full([BC], 1.0, tl.float32)
+    if NORMALIZE:
+        q_sq = tl.zeros([BC], dtype=tl.float32)
+        k_sq = tl.zeros([BC], dtype=tl.float32)
+        for d0 in range(0, DK, BK):
+            d = d0 + tl.arange(0, BK)
+            m = live[:, None] & (d < DK)[None, :]
+            qb = tl.load(q_base + d[None, :] * sqd, mask=m, other=0.0).to(tl.float32)
+            kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32)
+            q_sq += tl.sum(qb * qb, axis=1)
+            k_sq += tl.sum(kb * kb, axis=1)
+        q_scale = 1.0 / tl.maximum(tl.sqrt(q_sq), 1e-12)
+        k_scale = 1.0 / tl.maximum(tl.sqrt(k_sq), 1e-12)
+
+    # 3. q kᵀ and k kᵀ over the head dim; qg = e^γ q and kd = e^(γ_C−γ) k stored on the way
+    qk = tl.zeros([BC, BC], dtype=tl.float32)
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    for d0 in range(0, DK, BK):
+        d = d0 + tl.arange(0, BK)
+        m = live[:, None] & (d < DK)[None, :]
+        qb = tl.load(q_base + d[None, :] * sqd, mask=m, other=0.0).to(tl.float32) * q_scale[:, None]
+        kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32) * k_scale[:, None]
+        qk += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+        if DELTA:
+            kk += tl.dot(kb, tl.trans(kb), input_precision=PRECISION)
+        out_mask = stored[:, None] & (d < DK)[None, :]
+        tl.store(QG + out_rows[:, None] * DK + d[None, :], qb * tl.exp(gam)[:, None], mask=out_mask)
+        tl.store(KD + out_rows[:, None] * DK + d[None, :], kb * tl.exp(gam_last - gam)[:, None], mask=out_mask)
+
+    # 4. attn = (q kᵀ) ⊙ decay, decay[r, i] = e^(γ_r−γ_i) for i <= r (the exponent is <= 0 there; masked
+    #    before exp elsewhere so nothing overflows)
+    lower = rows[:, None] >= cols[None, :]
+    decay = tl.where(lower, tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    tl.store(ATTN + out_rows[:, None] * C + cols[None, :], qk * decay,
+             mask=stored[:, None] & (cols < C)[None, :])
+
+    if DELTA:
+        # Aᵀ[j, i] = A[i, j] = β_i (k_i·k_j) e^(γ_i−γ_j) for j < i (k kᵀ is symmetric), else 0
+        above = cols[None, :] > rows[:, None]
+        a_t = tl.where(above, beta[None, :] * kk * tl.exp(tl.where(above, gam[None, :] - gam[:, None], 0.0)), 0.0)
+        # T = (I + A)⁻¹ by forward substitution: row i of (I + A) T = I gives T[i, :] = e_i − Σ_j A[i, j] T[j, :]
+        T = tl.zeros([BC, BC], dtype=tl.float32)
+        for i in range(0, C):
+            a_row = tl.sum(tl.where(cols[None, :] == i, a_t, 0.0), axis=1)  # A[i, j], indexed by j on the rows
+            acc = tl.sum(a_row[:, None] * T, axis=0)  # Σ_j A[i, j] T[j, :]; rows j >= i of T are still 0
+            new = tl.where(cols == i, 1.0, 0.0) - acc
+            T = tl.where(rows[:, None] == i, new[None, :], T)
+        if FAULT == 1:  # negative control: the transposed inverse
+            T = tl.trans(T)
+        coef_v = beta if FAULT != 2 else tl.where(live, 1.0, 0.0)  # FAULT 2, negative control: β left out
+        coef_k = coef_v * tl.exp(gam)
+
+    # 5. U = T (β v) (no delta term: U = β v), W = T (β e^γ k)
+    for d0 in range(0, DV, BV):
+        d = d0 + tl.arange(0, BV)
+        vb = tl.load(v_base + d[None, :] * svd, mask=live[:, None] & (d < DV)[None, :], other=0.0).to(tl.float32)
+        if DELTA:
+            ub = tl.dot(T, vb * coef_v[:, None], input_precision=PRECISION)
+        else:
+            ub = vb * beta[:, None]
+        tl.store(U + out_rows[:, None] * DV + d[None, :], ub, mask=stored[:, None] & (d < DV)[None, :])
+    if DELTA:
+        for d0 in range(0, DK, BK):
+            d = d0 + tl.arange(0, BK)
+            m = live[:, None] & (d < DK)[None, :]
+            kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32) * k_scale[:, None]
+            wb = tl.dot(T, kb * coef_k[:, None], input_precision=PRECISION)
+            tl.store(W + out_rows[:, None] * DK + d[None, :], wb, mask=stored[:, None] & (d < DK)[None, :])
+
+
+# Defaults chosen offline (methods/triton_fit.py + ptxas_usage: the kernel compiled for sm_90 at d = 128, bf16
+# inputs, normalize; shared KB / registers per thread / spilled bytes per thread). C = 64: ieee dots at block 64
+# and 4 warps spill ~32 KB per thread (the FMA dot keeps its operands in registers), at block 32 and 8 warps 0.2
+# KB; ieee at block 16 and 8 warps: 24 KB / 165 / 0 (d = 256: 172, 0); tf32x3 at block 16 and 8 warps: 45 KB /
+# 186 / 0; tf32 at block 32, 8 warps: 40 KB / 128 / 0. C = 16 and 32 at 4 warps: 76 and 114 registers, 0 spilled.
+# C = 128 spills whatever the setting (16 warps: ~1.4 KB per thread; 82 KB shared): allowed, but slow. Not yet
+# timed on the H200.
+DEFAULTS = dict(block_k=16, block_v=16, dot_precision="ieee")
+
+
+def warps(chunk: int) -> int:
+    """Warps per program: 4 up to C = 32, 8 above (the [C, C] fp32 tiles T, Aᵀ, q kᵀ, k kᵀ: at C = 64 and 4
+    warps they spill; see :data:`DEFAULTS`)."""
+    return 4 if _block(chunk) <= 32 else 8
+
+
+def _check(q, k, v, g, beta, chunk, dot_precision, block_k, block_v, fault):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape != k.shape or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"wy_triton.wy_pieces: q, k [B, H, L, dk] and v [B, H, L, dv] expected, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    for name, t in (("g", g), ("beta", beta)):
+        if t is not None and t.shape != k.shape[:3]:
+            raise ValueError(f"wy_triton.wy_pieces: {name} must be [B, H, L] = {tuple(k.shape[:3])}, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"wy_triton.wy_pieces: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"wy_triton.wy_pieces: chunk must be in 1..{MAX_CHUNK}, got {chunk}")
+    if dot_precision not in PRECISIONS:
+        raise ValueError(f"wy_triton.wy_pieces: dot_precision must be one of {PRECISIONS}, got {dot_precision!r}")
+    for name, block in (("block_k", block_k), ("block_v", block_v)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"wy_triton.wy_pieces: {name} must be a power of two >= 16, got {block}")
+    if fault not in FAULTS:
+        raise ValueError(f"wy_triton.wy_pieces: fault must be one of {list(FAULTS)}, got {fault!r}")
+
+
+def pieces_forward(q, k, v, g, beta, *, delta: bool, chunk: int, normalize: bool = False,
+                   dot_precision=DEFAULTS["dot_precision"], block_k=DEFAULTS["block_k"],
+                   block_v=DEFAULTS["block_v"], num_warps=None, fault=None):
+    """The kernel (no autograd): ``(qg, attn, U, W, kd, last)`` as :func:`gated_delta.chunk_pieces` returns
+    them for these inputs converted to fp32, normalised (``normalize``) and padded to whole chunks. ``g``
+    None: no gate (γ = 0); ``beta`` None: β = 1; ``delta`` False: no W (``U = β v``)."""
+    _check(q, k, v, g, beta, chunk, dot_precision, block_k, block_v, fault)
+    batch, heads, length, dk = k.shape
+    dv = v.shape[-1]
+    n = triton.cdiv(length, chunk)
+    dev, f32 = k.device, torch.float32
+    qg = torch.empty(batch, heads, n, chunk, dk, device=dev, dtype=f32)
+    attn = torch.empty(batch, heads, n, chunk, chunk, device=dev, dtype=f32)
+    U = torch.empty(batch, heads, n, chunk, dv, device=dev, dtype=f32)
+    W = torch.empty(batch, heads, n, chunk, dk, device=dev, dtype=f32) if delta else None
+    kd = torch.empty(batch, heads, n, chunk, dk, device=dev, dtype=f32)
+    last = torch.empty(batch, heads, n, device=dev, dtype=f32)
+    programs = batch * heads * n
+    if programs:
+        gs = g.stride() if g is not None else (0, 0, 0)
+        bs = beta.stride() if beta is not None else (0, 0, 0)
+        jit_kernel(_wy_src)[(programs,)](
+            q, k, v, k if g is None else g, k if beta is None else beta, qg, attn, U, kd if W is None else W, kd,
+            last, length, n, heads, *q.stride(), *k.stride(), *v.stride(), *gs, *bs,
+            C=chunk, DK=dk, DV=dv, BC=_block(chunk), BK=min(block_k, _block(dk)), BV=min(block_v, _block(dv)),
+            HAS_G=int(g is not None), HAS_BETA=int(beta is not None), DELTA=int(delta),
+            NORMALIZE=int(normalize), PRECISION=dot_precision, FAULT=FAULTS[fault],
+            num_warps=num_warps or warps(chunk))
+    return qg, attn, U, W, kd, last
+
+
+def reference_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, normalize: bool = False):
+    """The same pieces by the PyTorch code (differentiable): the inputs converted to fp32, q and k
+    ℓ2-normalised (``normalize``), g = 0 / β = 1 where None, padded to whole chunks (zeros), then
+    :func:`gated_delta.chunk_pieces` with ``solve='torch'``. What the backward recomputes, and what the tests
+    compare the kernel with."""
+    import torch.nn.functional as F
+
+    from .gated_delta import chunk_pieces
+
+    q, k, v = q.float(), k.float(), v.float()
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    shape = k.shape[:3]
+    g = g.float() if g is not None else k.new_zeros(shape)
+    beta = beta.float() if beta is not None else k.new_ones(shape)
+    pad = -k.shape[2] % chunk
+    if pad:  # padded tokens: q = k = v = 0, g = 0, β = 0 (as gated_delta._prepare)
+        q, k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[-1])], 2) for t in (q, k, v))
+        g, beta = (torch.cat([t, t.new_zeros(*t.shape[:2], pad)], 2) for t in (g, beta))
+    return chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve="torch")
+
+
+class _WYPieces(torch.autograd.Function):
+    """:func:`pieces_forward` with the backward of :func:`reference_pieces` (recomputed under enable_grad;
+    saves the inputs only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, opts):
+        pieces = pieces_forward(q, k, v, g, beta, **opts)
+        ctx.save_for_backward(q, k, v, g, beta)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return pieces
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *dpieces):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+        wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
+        grads = {}
+        if wanted:
+            opts = ctx.opts
+            with torch.enable_grad():
+                pieces = reference_pieces(*leaves, delta=opts["delta"], chunk=opts["chunk"],
+                                          normalize=opts["normalize"])
+            pairs = [(p, d) for p, d in zip(pieces, dpieces)  # last has no graph without a gate that needs one
+                     if p is not None and d is not None and p.requires_grad]
+            if pairs:
+                got = torch.autograd.grad([p for p, _ in pairs], wanted, [d for _, d in pairs], allow_unused=True)
+                grads = {id(t): d for t, d in zip(wanted, got)}
+        return (*(None if t is None else grads.get(id(t)) for t in leaves), None)
+
+
+def wy_pieces(q, k, v, g=None, beta=None, *, delta: bool, chunk: int, normalize: bool = False,
+              dot_precision=DEFAULTS["dot_precision"], block_k=DEFAULTS["block_k"], block_v=DEFAULTS["block_v"],
+              num_warps=None, fault=None):
+    """``(qg, attn, U, W, kd, last)`` of :func:`gated_delta.chunk_pieces` by the fused kernel, differentiable
+    in q, k, v, g and beta (the backward recomputes through PyTorch, :class:`_WYPieces`). Inputs [B, H, L, d]
+    (fp32, bf16 or fp16, any strides; L need not be a multiple of ``chunk``); ``normalize``: q and k
+    ℓ2-normalised here (else they are used as given). CUDA or ``TRITON_INTERPRET=1``."""
+    opts = dict(delta=bool(delta), chunk=int(chunk), normalize=bool(normalize), dot_precision=dot_precision,
+                block_k=block_k, block_v=block_v, num_warps=num_warps, fault=fault)
+    return _WYPieces.apply(q, k, v, g, beta, opts)

@@ -1,0 +1,322 @@
+"""``solve: fused`` of the delta rules and simple_gla (methods/linear/wy_triton.py: every WY piece of a chunk,
+with the inputs' fp32 conversion, ℓ2 normalisation and padding, by one Triton kernel) on the CPU through Triton's
+interpreter:
+
+- the kernel's six pieces (qg, attn, U, W, kd, last) equal ``gated_delta.chunk_pieces(solve='torch')`` on the
+  inputs as ``chunked`` prepares them (``_prepare``), gated and ungated, with and without the delta term, with
+  and without the normalisation, fp32 and bf16, strided inputs, a ragged last chunk, dk and dv over two blocks;
+  ``chunk_pieces(solve='fused')`` (prepared inputs) equals them too;
+- the gradients through the autograd Function (the backward recomputes the PyTorch pieces) equal autograd
+  through the PyTorch pieces, also with upstream gradients on some pieces only and some inputs only;
+- the built methods (delta_rule, gated_delta_rule, simple_gla) with ``solve: fused`` equal ``solve: torch``:
+  outputs and every gradient, the decode prefill, the state scan's summary, a segmented run, bf16 inputs; a
+  harness row is ok;
+- negative controls: the kernel with the transposed inverse, or without β in the right-hand side, fails the
+  same comparisons (pieces and the method's output); a backward that recomputes without the normalisation fails
+  the gradient comparison;
+- option errors name the field; without CUDA or the interpreter the case is ``unsupported``.
+
+Tolerances: fp32 throughout (the interpreter's dots are numpy fp32; the kernel's forward substitution and the
+triangular solve round differently), so the pieces agree to rtol 1e-5 / atol 1e-5 and the gradients to
+rtol 1e-4 / atol 1e-5; the method's relative norm error between the two solves < 1e-5 (values and gradients).
+
+As in tests/test_tril_triton.py, TRITON_INTERPRET=1 must be set before triton is first imported, so unless
+pytest itself was started with it, the interpreter tests here skip and tests/test_triton_interpreter.py runs this
+file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_wy_triton.py`` runs it alone).
+"""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+
+from attnbench.execute.runner import run_sweep  # noqa: E402
+from attnbench.methods import METHODS, as_prepared  # noqa: E402
+from attnbench.methods.linear import gated_delta  # noqa: E402
+from attnbench.methods.registry import Unsupported  # noqa: E402
+from test_delta_triton import _ctx, _rel  # noqa: E402  (the impl: triton tests' build context and error)
+
+PIECE_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+SOLVE_TOL = 1e-5  # relative norm error between solve fused and solve torch, the method's values and gradients
+NAMES = ("qg", "attn", "U", "W", "kd", "last")
+
+
+def _wy():
+    from attnbench.methods.linear import wy_triton
+
+    return wy_triton
+
+
+def _raw(length=37, heads=2, dk=32, dv=24, seed=0, dtype=torch.float32, strided=False, unit=False):
+    """Raw inputs (q, k, v [1, H, L, d] not normalised; g log-sigmoid, mild; β in (0, 1)). 37 tokens: the last
+    chunk of 16 padded; dk 32, dv 24 with the kernel's blocks of 16: two blocks each, the last of v partial.
+    ``strided``: q, k, v as [B, L, H, d] tensors seen through a transpose (token stride H·d). ``unit``: q and k
+    ℓ2-normalised here (the inputs chunk_pieces receives; the delta term's system on raw keys, k·k ~ d, is
+    ill-conditioned: two exact solvers differ by ~1e-4 there)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(dim):
+        if strided:
+            return torch.randn(1, length, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(1, heads, length, dim, generator=gen).to(dtype)
+
+    q, k, v = make(dk), make(dk), make(dv)
+    if unit:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    g = F.logsigmoid(torch.randn(1, heads, length, generator=gen) + 2.0)
+    beta = torch.rand(1, heads, length, generator=gen)
+    return q, k, v, g, beta
+
+
+def _want(q, k, v, g, beta, *, gated, delta, normalize, chunk=16):
+    """chunk_pieces(solve='torch') on the inputs as ``chunked`` prepares them (fp32, normalised, padded)."""
+    prepared = gated_delta._prepare(q, k, v, g, beta, gated, delta, normalize, chunk)[:5]
+    return gated_delta.chunk_pieces(*prepared, delta=delta, chunk=chunk, solve="torch"), prepared
+
+
+def _fused(q, k, v, g, beta, *, gated, delta, normalize, chunk=16, **kw):
+    return _wy().wy_pieces(q, k, v, g if gated else None, beta if delta else None, delta=delta, chunk=chunk,
+                           normalize=normalize, **kw)
+
+
+def _assert_pieces_equal(got, want):
+    assert len(got) == len(want) == 6
+    for name, a, b in zip(NAMES, got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape and a.dtype == torch.float32, (name, a.shape, b.shape, a.dtype)
+        torch.testing.assert_close(a, b, **PIECE_TOL, msg=lambda m: f"{name}: {m}")
+
+
+# ---- the kernel's pieces -----------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("gated,delta,normalize,dtype,strided", [
+    (True, True, True, torch.float32, False),  # gated_delta_rule
+    (False, True, True, torch.bfloat16, True),  # delta_rule, bf16, strided
+    (True, False, False, torch.float32, True),  # simple_gla
+    (True, True, False, torch.float32, False),  # the delta term on unit q, k used as given
+])
+def test_pieces_equal_chunk_pieces(gated, delta, normalize, dtype, strided):
+    raw = _raw(dtype=dtype, strided=strided, unit=delta and not normalize)
+    want, prepared = _want(*raw, gated=gated, delta=delta, normalize=normalize)
+    got = _fused(*raw, gated=gated, delta=delta, normalize=normalize)
+    _assert_pieces_equal(got, want)
+    assert got[2].shape == (1, 2, 3, 16, 24)  # 37 tokens: three chunks of 16
+    # chunk_pieces(solve='fused') on the prepared inputs (what the loop gets): the same pieces
+    _assert_pieces_equal(gated_delta.chunk_pieces(*prepared, delta=delta, chunk=16, solve="fused"), want)
+    # the pieces are not trivial: a real decay, a real solve
+    qg, attn, U, W, kd, last = got
+    beta_v = prepared[2] * prepared[4][..., None]
+    assert (last < 1).all() if gated else torch.equal(last, torch.ones_like(last))
+    if delta:
+        assert _rel(U.reshape(beta_v.shape), beta_v) > 0.05 and W.abs().max() > 0.1
+
+
+@interp
+@pytest.mark.parametrize("fault,wrong", [("transpose_t", ("U", "W")), ("no_beta", ("U", "W"))])
+def test_negative_controls_are_caught(fault, wrong):
+    """A kernel with the transposed inverse, or without β on the right-hand side: the same comparison fails for
+    U and W (the other pieces, which do not use T, still agree)."""
+    raw = _raw(seed=3)
+    kw = dict(gated=True, delta=True, normalize=True)
+    want, _ = _want(*raw, **kw)
+    got = _fused(*raw, **kw, fault=fault)
+    for name, a, b in zip(NAMES, got, want):
+        if name in wrong:
+            assert not torch.allclose(a, b, **PIECE_TOL), name
+            assert _rel(a, b) > 1e-2, name
+        else:
+            torch.testing.assert_close(a, b, **PIECE_TOL)
+
+
+# ---- gradients ---------------------------------------------------------------------------------------------
+def _piece_grads(fn, raw, gated, delta, which=NAMES, need=(True,) * 5, seed=4):
+    """Gradients of a random linear functional of the pieces named in ``which``, in the inputs flagged by
+    ``need`` (q, k, v, g, beta) that the variant reads."""
+    leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(raw, need)]
+    pieces = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((p * torch.randn(p.shape, generator=gen)).sum() for name, p in zip(NAMES, pieces)
+               if p is not None and name in which)
+    used = [t for t, n, read in zip(leaves, need, (True, True, True, gated, delta)) if n and read]
+    return torch.autograd.grad(loss, used)
+
+
+@interp
+@pytest.mark.parametrize("gated,delta,which,need", [
+    (True, True, NAMES, (True,) * 5),
+    (False, True, ("U", "W"), (False, True, True, False, True)),  # some pieces, some inputs
+    (True, False, ("qg", "attn", "last"), (False, True, False, True, False)),
+])
+def test_gradients_equal_the_pytorch_pieces(gated, delta, which, need):
+    raw = _raw(seed=1)
+    kw = dict(gated=gated, delta=delta, normalize=True)
+
+    def fused(*leaves):
+        return _fused(*leaves, **kw)
+
+    def torch_pieces(*leaves):
+        return _want(*leaves, **kw)[0]
+
+    got = _piece_grads(fused, raw, gated, delta, which, need)
+    want = _piece_grads(torch_pieces, raw, gated, delta, which, need)
+    assert len(got) == len(want) >= 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+        assert b.abs().max() > 1e-3  # a real gradient
+
+
+@interp
+def test_gradient_negative_control_is_caught(monkeypatch):
+    """A backward that recomputes the pieces without the normalisation (its forward is right): the gradient
+    comparison above fails."""
+    wt = _wy()
+    recompute = wt.reference_pieces
+    monkeypatch.setattr(wt, "reference_pieces", lambda *a, **kw: recompute(*a, **{**kw, "normalize": False}))
+    raw = _raw(seed=1)
+    kw = dict(gated=True, delta=True, normalize=True)
+    got = _piece_grads(lambda *leaves: _fused(*leaves, **kw), raw, True, True)
+    want = _piece_grads(lambda *leaves: _want(*leaves, **kw)[0], raw, True, True)
+    assert not torch.allclose(got[0], want[0], **GRAD_TOL)  # dq
+    assert not torch.allclose(got[1], want[1], **GRAD_TOL)  # dk
+
+
+# ---- the method --------------------------------------------------------------------------------------------
+def _method_inputs(method, length=20, dim=16, seed=0, dtype=torch.float32):
+    gated, delta, _ = gated_delta.VARIANTS[method]
+    q, k, v, g, beta = _raw(length=length, dk=dim, dv=dim, seed=seed)
+    args = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    extras = {}
+    if gated:
+        extras["g"] = g.requires_grad_()
+    if delta:
+        extras["beta"] = beta.requires_grad_()
+    return args, extras
+
+
+def _run(prepared, args, extras, seed=9):
+    """(out, gradients of q, k, v and the extras) of the method's timed form."""
+    out = prepared.fn(*args, **extras)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return [out, *torch.autograd.grad(out, [*args, *extras.values()], dout)]
+
+
+@interp
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_method_with_solve_fused_equals_solve_torch(method, monkeypatch):
+    """Through the method builder: the timed form's output and the gradients of q, k, v, g, beta; the decode
+    prefill; the state scan's summary (M and b) — each through the kernel (counted); the reference does not
+    run it."""
+    wt = _wy()
+    calls = []
+    forward = wt.pieces_forward
+    monkeypatch.setattr(wt, "pieces_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    fast = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16, "solve": "fused"})))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    args, extras = _method_inputs(method)
+    got = _run(fast, args, extras)
+    assert len(calls) == 1
+    want = _run(plain, args, extras)
+    assert len(got) == 3 + 1 + len(extras)
+    errors = [_rel(a, b) for a, b in zip(got, want)]
+    assert max(errors) < SOLVE_TOL, errors
+    assert _rel(got[0], fast.reference(*args, **extras)) < 1e-4
+    assert len(calls) == 1  # neither solve torch nor the reference ran the kernel
+    detached = [t.detach() for t in args]
+    plain_extras = {name: t.detach() for name, t in extras.items()}
+    assert _rel(fast.decode.prefill(*detached, **plain_extras), plain.decode.prefill(*detached, **plain_extras)) \
+        < SOLVE_TOL
+    assert len(calls) == 2
+    for a, b in zip(fast.state_scan.summary(*detached, None, **plain_extras),
+                    plain.state_scan.summary(*detached, None, **plain_extras)):
+        assert _rel(a, b) < SOLVE_TOL
+    assert len(calls) == 4  # b and M: two chunked calls
+
+
+@interp
+@pytest.mark.parametrize("segment,dtype", [(20, torch.float32), (0, torch.bfloat16)])
+def test_chunked_segmented_and_bf16(segment, dtype):
+    """gated_delta_rule's chunked form with solve fused equals solve torch: in segments of 20 tokens (the
+    kernel in every segment, each checkpointed, the state carried) and with bf16 inputs (converted in the
+    kernel); values and gradients."""
+    args, extras = _method_inputs("gated_delta_rule", length=37, dtype=dtype)
+
+    def run(solve):
+        out = gated_delta.chunked(*args, **extras, chunk=16, segment=segment, solve=solve)
+        assert out.dtype == dtype
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+        return [out, *torch.autograd.grad(out, [*args, *extras.values()], dout)]
+
+    tol = SOLVE_TOL if dtype == torch.float32 else 1e-2  # bf16: the output (and the input grads) rounded to bf16
+    errors = [_rel(a, b) for a, b in zip(run("fused"), run("torch"))]
+    assert max(errors) < tol, errors
+
+
+@interp
+def test_method_negative_control_is_caught(monkeypatch):
+    """The method through a kernel without β on the right-hand side: its output fails the comparison."""
+    wt = _wy()
+    method = "gated_delta_rule"
+    forward = wt.pieces_forward
+    monkeypatch.setattr(wt, "pieces_forward", lambda *a, **kw: forward(*a, **{**kw, "fault": "no_beta"}))
+    fast = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16, "solve": "fused"})))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    args, extras = _method_inputs(method)
+    error = _rel(fast.fn(*args, **extras), plain.fn(*args, **extras))
+    assert error > 100 * SOLVE_TOL, error
+
+
+@interp
+def test_harness_row(cfg):
+    """Through the case runner (the gate, gradients included): fp32 fwd_bwd with solve: fused is ok."""
+    method = "gated_delta_rule"
+    cfg.update(methods=[method], masks=["causal"], seq_lens=[20], modes=["fwd_bwd"], head_dim=16,
+               method_options={method: {"chunk": 16, "solve": "fused"}})
+    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet")
+    assert len(frame) == 1
+    assert frame.loc[0, "status"] == "ok", frame.loc[0, "reason"]
+
+
+# ---- options and arguments (no interpreter needed) ---------------------------------------------------------
+@pytest.mark.parametrize("method,params,field", [
+    ("delta_rule", {"solve": "fuse"}, "solve"),
+    ("gated_delta_rule", {"solve": "fused", "chunk": 256}, "chunk"),
+    ("simple_gla", {"solve": "triton"}, "solve"),  # no triangular solve: only fused applies
+    ("simple_gla", {"solve": "fused", "chunk": 200}, "chunk"),
+])
+def test_bad_options_name_the_field(method, params, field):
+    with pytest.raises(ValueError, match=f"method_options.{method}.{field}"):
+        METHODS[method].build(_ctx(method, params))
+
+
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_without_cuda_or_interpreter_the_case_is_unsupported(method, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(Unsupported, match="solve=fused.*TRITON_INTERPRET=1"):
+        METHODS[method].build(_ctx(method, {"solve": "fused"}))
+    METHODS[method].build(_ctx(method, {"chunk": 16}))  # the control: the PyTorch pieces build
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(chunk=0), "chunk must be in"),
+    (dict(chunk=16, dot_precision="fp16"), "dot_precision"),
+    (dict(chunk=16, block_k=24), "block_k"),
+    (dict(chunk=16, fault="other"), "fault"),
+    (dict(chunk=16, beta=torch.rand(1, 2, 5)), "beta must be"),
+    (dict(chunk=16, v=torch.randn(1, 2, 37, 8, dtype=torch.float64)), "v must be"),
+])
+def test_bad_arguments_fail_before_the_kernel(kw, match):
+    q, k, v, g, beta = _raw()
+    args = dict(q=q, k=k, v=v, g=g, beta=beta, delta=True)
+    with pytest.raises((ValueError, TypeError), match=match):
+        _wy().pieces_forward(**{**args, **kw})
