@@ -634,28 +634,28 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
     return StateScan(summary=summary, combine=combine, finish=finish, token_extras=token_extras)
 
 
-# the method_options of the own variants (:func:`build_variant`): simple_gla has no triangular solve
-GLA_OPTIONS = ("chunk", "reference_naive_max_len", "reference_stream_chunk", "segment", "impl") + TRITON_ONLY
-DELTA_OPTIONS = GLA_OPTIONS + ("solve",)
+# the method_options of the own variants (:func:`build_variant`; simple_gla's ``solve`` takes ``fused`` only)
+VARIANT_OPTIONS = ("chunk", "reference_naive_max_len", "reference_stream_chunk", "segment", "impl",
+                   "solve") + TRITON_ONLY
 CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
             backward=True, decode=True)
 
 
-@register_method("gated_delta_rule", Capabilities(**CAPS), options=DELTA_OPTIONS)
+@register_method("gated_delta_rule", Capabilities(**CAPS), options=VARIANT_OPTIONS)
 def build_gated_delta_rule(ctx):
     """Gated DeltaNet, own chunked WY form (PyTorch, fp32) with O(dk·dv) recurrent decode.
     ``impl: triton``: the chunk loop through own Triton kernels (delta_triton.py)."""
     return build_variant(ctx, "gated_delta_rule")
 
 
-@register_method("delta_rule", Capabilities(**CAPS), options=DELTA_OPTIONS)
+@register_method("delta_rule", Capabilities(**CAPS), options=VARIANT_OPTIONS)
 def build_delta_rule(ctx):
     """DeltaNet (no gate), own chunked WY form with recurrent decode.
     ``impl: triton``: the chunk loop through own Triton kernels (delta_triton.py)."""
     return build_variant(ctx, "delta_rule")
 
 
-@register_method("simple_gla", Capabilities(**CAPS), options=GLA_OPTIONS)
+@register_method("simple_gla", Capabilities(**CAPS), options=VARIANT_OPTIONS)
 def build_simple_gla(ctx):
     """Scalar-gated linear attention (no delta, no normalisation), own chunked form with recurrent decode.
     ``impl: triton``: the chunk loop through own Triton kernels (delta_triton.py)."""
