@@ -10,7 +10,8 @@
 #   4. h200-linear-delta-solve: the delta rules with impl: triton AND solve: triton (17-25 % faster at 32K / 128K
 #      in h200-linear-profile-solve), 8K ... 1M: the family's best own figures;
 #   5. h200-linear-profile-fused: the delta rules and simple_gla with solve: fused (wy_triton.py), profiled;
-#   6. fla_delta_rule 512K / 1M into h200-linear-delta-triton (cut twice by step walls; its tuning is cached now).
+#   6. h200-linear-lamamba-triton: lamamba's scan through the Triton loop (impl: triton), 32K / 128K;
+#   7. fla_delta_rule 512K / 1M into h200-linear-delta-triton (cut twice by step walls; its tuning is cached now).
 #   WRAP_S=540 bash scripts/device_wrap.sh s11-linear scripts/device_s11_linear.sh
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
@@ -22,13 +23,13 @@ inv ${P1:-70} short-causal h200-linear-short "methods=[tensor_attn,lla,softmax_r
   "seq_lens=[128,512,2048,8192]" case_timeout_s=30
 inv ${P2:-45} short-full h200-linear-short "methods=[infsa,sdpa_cudnn]" "masks=[full]" \
   "seq_lens=[2048,8192,32768]" case_timeout_s=30
-inv ${P3:-80} nystrom h200-linear-nystrom-v2 "methods=[nystromformer]" "masks=[full]" \
+inv ${P3:-70} nystrom h200-linear-nystrom-v2 "methods=[nystromformer]" "masks=[full]" \
   "seq_lens=[32768,131072,262144,524288,1048576]" case_timeout_s=40
 inv ${P4:-40} decode-abc h200-linear-decode-abc "modes=[decode]" "methods=[abc]" \
   "seq_lens=[4096,32768,262144,1048576]" case_timeout_s=30
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton"
 SOLVE="+method_options.gated_delta_rule.solve=triton +method_options.delta_rule.solve=triton"
-inv ${P5:-140} delta-solve h200-linear-delta-solve "methods=[delta_rule,gated_delta_rule]" \
+inv ${P5:-120} delta-solve h200-linear-delta-solve "methods=[delta_rule,gated_delta_rule]" \
   "seq_lens=[8192,32768,131072,262144,524288,1048576]" $TRI $SOLVE case_timeout_s=40
 # the fused WY preparation (solve: fused, methods/linear/wy_triton.py, merged in the tenth session, CPU-tested only),
 # profiled beside solve: triton: does it take the ~30 launches of PyTorch glue away? (fwd_bwd recomputes the pieces
@@ -36,6 +37,10 @@ inv ${P5:-140} delta-solve h200-linear-delta-solve "methods=[delta_rule,gated_de
 FUSED="+method_options.gated_delta_rule.solve=fused +method_options.delta_rule.solve=fused +method_options.simple_gla.solve=fused"
 inv ${P7:-60} profile-fused h200-linear-profile-fused "methods=[delta_rule,gated_delta_rule,simple_gla]" \
   "seq_lens=[32768,131072]" $TRI +method_options.simple_gla.impl=triton $FUSED timing.profile_calls=3 case_timeout_s=30
+# lamamba's SSD scan through the gated variants' Triton loop (impl: triton, tenth session, CPU-tested only): its
+# fused-window rows (h200-linear-mem-v2) ran the PyTorch chunk loop
+inv ${P8:-35} lamamba-triton h200-linear-lamamba-triton "methods=[lamamba]" "seq_lens=[32768,131072]" \
+  +method_options.lamamba.impl=triton case_timeout_s=30
 inv ${P6:-60} fla-delta $DT "methods=[fla_delta_rule]" "seq_lens=[524288,1048576]" case_timeout_s=40
 for run in h200-linear-short h200-linear-nystrom-v2 h200-linear-delta-solve h200-linear-profile-fused $DT; do
   python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1

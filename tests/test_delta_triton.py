@@ -285,3 +285,31 @@ def test_without_cuda_or_interpreter_the_case_is_unsupported(method, monkeypatch
 def test_head_dims_above_256_are_unsupported():
     with pytest.raises(Unsupported, match="head_dim 512 > 256"):
         METHODS["delta_rule"].build(_ctx("delta_rule", {"impl": "triton"}, head_dim=512))
+
+
+@interp
+def test_lamamba_scan_through_the_triton_loop_equals_the_torch_loop(monkeypatch):
+    """LaMamba's SSD branch (state 8, head dim 16: dk != dv) with impl: triton: the layer's output and its input
+    gradient equal impl: torch; negative control: a broken carry (each chunk from a zero state) is caught."""
+    from attnbench.methods import METHODS, as_prepared
+
+    def build(params):
+        return as_prepared(METHODS["lamamba"].build(_ctx("lamamba", {"window": 8, "state_size": 8, "chunk": 8,
+                                                                     **params}, seq=40, head_dim=16)))
+
+    x = torch.randn(1, 40, 2 * 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    plain, fast = build({}), build({"impl": "triton", "block_v": 16})
+    y0, y1 = plain.fn(x), fast.fn(x)
+    assert _rel(y1, y0) < 1e-4
+    (g0,), (g1,) = (torch.autograd.grad(y.square().sum(), x) for y in (y0, y1))
+    assert _rel(g1, g0) < 1e-3
+    from attnbench.methods.linear import delta_triton
+
+    real = delta_triton.chunk_states
+
+    def no_carry(*args, **kwargs):  # the states entering the chunks dropped: each chunk starts from zero
+        states, final = real(*args, **kwargs)
+        return torch.zeros_like(states), final
+
+    monkeypatch.setattr(delta_triton, "chunk_states", no_carry)
+    assert _rel(build({"impl": "triton", "block_v": 16}).fn(x), y0) > 1e-2

@@ -13,8 +13,11 @@ bias, no adaLN). A different operator (class N).
 Forms: fast = chunked SSD (the WY code without delta) + SDPA over windows; reference = the SSD token loop (up
 to ``reference_loop_max_len``, else the chunked form in fp32 with twice the chunk) + a materialised masked
 softmax per window; its ``rows=`` form (:func:`lamamba_rows`, long cases' sampled tokens) streams the scan
-in pieces of ``reference_stream_chunk`` with the state carried and attends each row's window only. fp32 inside. Hyper-parameters: ``window`` (default 256), ``state_size`` (default 64),
-``chunk`` (default 64).
+in pieces of ``reference_stream_chunk`` with the state carried and attends each row's window only. fp32 inside
+(so the window attention reaches SDPA in fp32: its memory-efficient kernel, not flash or cuDNN). Hyper-parameters:
+``window`` (default 256), ``state_size`` (default 64), ``chunk`` (default 64), ``impl`` (``torch``, the default, or
+``triton``: the scan's chunk loop through the gated variants' own Triton kernels, with their options,
+:func:`gated_delta.states_impl`).
 """
 from __future__ import annotations
 
@@ -123,7 +126,8 @@ def lamamba_rows(x, rows, p, heads: int, state: int, window: int, chunk: int, st
 
 @register_method("lamamba", Capabilities(family="hybrid", exact=False, form="layer", masks={"causal"},
                                           causal_only=True, backward=True, trainable=True),
-                 options=("window", "state_size", "chunk", "reference_loop_max_len", "reference_stream_chunk"))
+                 options=("window", "state_size", "chunk", "reference_loop_max_len", "reference_stream_chunk",
+                          "impl") + gated_delta.TRITON_ONLY)
 def build_lamamba(ctx):
     """LaMamba layer: Mamba-2-style SSD branch + causal window attention, each with residual and LayerNorm."""
     mask_mode(ctx)
@@ -148,9 +152,13 @@ def build_lamamba(ctx):
         "w_o": make.randn(width, width, std=std),
     }
     kw = dict(gated=True, delta=False, normalize=False, scale=1.0)
+    # impl: torch (default) | triton: the SSD scan's loop over chunks through the own Triton kernels of the
+    # gated variants (delta_triton.py, with their block_v / num_warps / dot_precision / num_stages), the rest
+    # of the layer unchanged; the reference stays PyTorch
+    states_fn = gated_delta.states_impl(ctx, chunk)
 
     def fast_scan(q, k, v, g):
-        return gated_delta.chunked(q, k, v, g, None, chunk=chunk, **kw)
+        return gated_delta.chunked(q, k, v, g, None, chunk=chunk, states_fn=states_fn, **kw)
 
     def ref_scan(q, k, v, g):
         if q.shape[2] <= loop_max:
