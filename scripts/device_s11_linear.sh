@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's last H200 rows (planned in the tenth session; carry .whl, .triton-cache; `make device-wheel` first),
-# ~540 s, each into a NEW run (options and code changed since the runs they sit beside):
+# ~560 s, each into a NEW run (options and code changed since the runs they sit beside):
 #   1. h200-linear-short: the methods with no H200 timing yet or only `unsupported` rows, at the lengths they are
 #      built for: tensor_attn (cubic) and lla (O(L² d²)) at 128 / 512 (max_len 512: 2K is their row saying why),
 #      softmax_rnn (exact, quadratic) causal 128 ... 8K, infsa (quadratic, full) 2K ... 32K, sdpa_cudnn beside;
@@ -12,7 +12,8 @@
 #   5. h200-linear-profile-fused: the delta rules and simple_gla with solve: fused (wy_triton.py), profiled;
 #   6. h200-linear-lamamba-triton: lamamba's scan through the Triton loop (impl: triton), 32K / 128K;
 #   7. fla_delta_rule 512K / 1M into h200-linear-delta-triton (cut twice by step walls; its tuning is cached now).
-#   WRAP_S=540 bash scripts/device_wrap.sh s11-linear scripts/device_s11_linear.sh
+#   8. simple_gla_triton at seg_chunks 8 and 16 (new runs h200-linear-gla-seg8, -seg16).
+#   WRAP_S=560 bash scripts/device_wrap.sh s11-linear scripts/device_s11_linear.sh
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 export TRITON_CACHE_AUTOTUNING=1
@@ -42,6 +43,12 @@ inv ${P7:-60} profile-fused h200-linear-profile-fused "methods=[delta_rule,gated
 inv ${P8:-35} lamamba-triton h200-linear-lamamba-triton "methods=[lamamba]" "seq_lens=[32768,131072]" \
   +method_options.lamamba.impl=triton case_timeout_s=30
 inv ${P6:-60} fla-delta $DT "methods=[fla_delta_rule]" "seq_lens=[524288,1048576]" case_timeout_s=40
+# last (cut first if the wall comes): simple_gla_triton at seg_chunks 8 and 16 (1 / 2 / 4 were slower to faster:
+# 1.18 / 1.12 / 1.04 ms fwd at 32K, h200-linear-gla-seg1/-seg2 and h200-linear-triton-v3: does the trend go on?)
+for sc in 8 16; do
+  inv ${P9:-25} gla-seg$sc h200-linear-gla-seg$sc "methods=[simple_gla_triton]" "seq_lens=[32768,131072]" \
+    +method_options.simple_gla_triton.seg_chunks=$sc case_timeout_s=20
+done
 for run in h200-linear-short h200-linear-nystrom-v2 h200-linear-delta-solve h200-linear-profile-fused $DT; do
   python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1
 done
