@@ -285,3 +285,35 @@ def test_fla_variant_reference_is_the_own_reference_in_bshd(name):
     assert {n: e.shape for n, e in prepared.extras.items()} == {n: (1, 9, 2) for n in own.extras}
     got = prepared.reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **fla_extras)
     assert _close(got.transpose(1, 2), own.reference(q, k, v, **own_extras))
+
+
+@pytest.mark.parametrize("method", ["linear_attn", "performer", "cosformer"])
+def test_recurrent_step_builds_no_tensor_from_host_data(method):
+    """A decode step is timed as the GPU runs it: a tensor made from host data (``torch.tensor([last],
+    device=...)``, a host-to-device copy per step) would stall the stream each step. The step's ops contain no
+    ``lift_fresh`` (what torch.tensor dispatches); negative control: a step that does build one is caught."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seq = 9
+    prepared = _build(method, "causal", seq, seq, params={"chunk": 4})
+    q, k, v = _rand(1, 2, seq, 8, seed=1), _rand(1, 2, seq, 8, seed=2), _rand(1, 2, seq, 8, seed=3)
+    extras = {n: e.make(torch.Generator().manual_seed(1), "cpu", torch.float32) for n, e in prepared.extras.items()}
+    if prepared.prepare:
+        extras.update(prepared.prepare(q, k, v, **extras))
+    state = prepared.decode.prefill(q[:, :, -1:], k, v, **extras)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as seen:
+        prepared.decode.step(state, q[:, :, -1:], k, v, **extras)
+    assert not [n for n in seen.names if "lift_fresh" in n], seen.names
+    with Ops() as control:
+        torch.tensor([seq - 1], device=k.device)
+    assert any("lift_fresh" in n for n in control.names)

@@ -338,7 +338,7 @@ def linear_decode(features, eps: float, normalize: bool = True, floor=None) -> R
 
     def step(state: LinearState, q, k, v, **kw):
         last = k.shape[2] - 1
-        pos = torch.tensor([last], device=k.device)
+        pos = torch.arange(last, last + 1, device=k.device)  # on the device: torch.tensor([last]) copied from the host each step
         fq, fk, vv = features(q[:, :, -1:], k[:, :, last:], v[:, :, last:], pos, pos, **kw)
         fq, fk, vv = fq.float(), fk.float(), vv.float()
         S = state.S + fk.transpose(-1, -2) @ vv
