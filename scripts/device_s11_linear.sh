@@ -6,7 +6,7 @@
 #      softmax_rnn (exact, quadratic) causal 128 ... 8K, infsa (quadratic, full) 2K ... 32K, sdpa_cudnn beside;
 #   2. h200-linear-nystrom-v2: nystromformer full 32K ... 1M after its landmarks' fix (segment_means; the fwd_bwd
 #      slope was 1.45 in h200-linear-long);
-#   3. h200-linear-decode-abc: abc's decode 4K ... 1M after its O(1) step (0.22 -> 6.46 ms in h200-linear-decode);
+#   3. (abc's decode after its O(1) step moved to scripts/device_s11_sparse_b.sh's decode-v2 step: room here)
 #   4. h200-linear-delta-solve: the delta rules with impl: triton AND solve: triton (17-25 % faster at 32K / 128K
 #      in h200-linear-profile-solve), 8K ... 1M: the family's best own figures;
 #   5. h200-linear-profile-fused: the delta rules and simple_gla with solve: fused (wy_triton.py), profiled;
@@ -26,8 +26,6 @@ inv ${P2:-45} short-full h200-linear-short "methods=[infsa,sdpa_cudnn]" "masks=[
   "seq_lens=[2048,8192,32768]" case_timeout_s=30
 inv ${P3:-70} nystrom h200-linear-nystrom-v2 "methods=[nystromformer]" "masks=[full]" \
   "seq_lens=[32768,131072,262144,524288,1048576]" case_timeout_s=40
-inv ${P4:-40} decode-abc h200-linear-decode-abc "modes=[decode]" "methods=[abc]" \
-  "seq_lens=[4096,32768,262144,1048576]" case_timeout_s=30
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton"
 SOLVE="+method_options.gated_delta_rule.solve=triton +method_options.delta_rule.solve=triton"
 inv ${P5:-120} delta-solve h200-linear-delta-solve "methods=[delta_rule,gated_delta_rule]" \
@@ -52,6 +50,5 @@ done
 for run in h200-linear-short h200-linear-nystrom-v2 h200-linear-delta-solve h200-linear-profile-fused $DT; do
   python3 scripts/linear_summary.py "$OUT/$run" > "$OUT/$run-summary.md" 2>&1
 done
-python3 scripts/linear_summary.py "$OUT/h200-linear-decode-abc" > "$OUT/h200-linear-decode-abc-summary.md" 2>&1 || true
 for f in "$OUT"/*-summary.md; do echo "== $(basename $f)"; head -n 30 "$f"; done
 echo "== done after ${SECONDS}s"
