@@ -9,7 +9,7 @@
 #   3. halo (strided_square) and long_short (strided) in their implementation runs, 128K / 512K fwd;
 #   4. sdpa_cudnn and flex beside them (the slopes' and rates' yardsticks), 128K / 512K fwd;
 #   5. (issue 10) the decode sweep again for abc, linear_attn, performer, cosformer after their step fixes.
-#   WRAP_S=480 bash scripts/device_wrap.sh s11-sparse-b scripts/device_s11_sparse_b.sh
+#   WRAP_S=500 bash scripts/device_wrap.sh s11-sparse-b scripts/device_s11_sparse_b.sh
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
 CT=${CT:-60}
