@@ -2,7 +2,7 @@
 
 - **Options**: hyper-parameters come from ``method_options.<method>.<field>`` (``ctx.param``); every reader
   here validates its value and raises ``ValueError`` naming that path, so a bad config fails at build with the
-  field in the message. Unknown fields are refused too (a typo must not silently use a default). A valid
+  field in the message. Unknown fields are refused by the registry (a typo must not silently use a default). A valid
   value that does not fit the case (a block or region longer than the sequence, more regions than it holds)
   is :meth:`Options.unfit`: ``Unsupported`` naming the field, so the case is an ``unsupported`` row, not an
   error (the methods' defaults are sized for long sequences; a 128-token task is outside them).
@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +27,12 @@ NEG_INF = float("-inf")
 
 # ---- options ------------------------------------------------------------------------------------------------
 class Options:
-    """Reads and validates ``method_options.<method>.*`` for one builder. ``known``: the fields the method
-    takes, by default those its registration declares (``register_method(..., options=...)``, which the
-    registry checks before the builder runs: the check here is for a builder called directly)."""
+    """Reads and validates ``method_options.<method>.*`` for one builder. Keys the method does not take are
+    refused by the registry (its registration's ``options=``, checked when the config is planned and around
+    every builder call: ``methods.registry.checked_builder``), not here."""
 
-    def __init__(self, ctx, method: str, known: Iterable[str] | None = None):
-        from ..registry import METHODS, UnknownOption, unknown_option_message
-
+    def __init__(self, ctx, method: str):
         self.ctx, self.method = ctx, method
-        if known is None:
-            known = METHODS[method].options
-            if known is None:
-                raise TypeError(f"Options({method!r}): the method declares no options (register_method(options=...))")
-        self.known = set(known)
-        unknown = sorted(set(ctx.params) - self.known)
-        if unknown:
-            raise UnknownOption(unknown_option_message(method, unknown, self.known))
 
     def field(self, name: str) -> str:
         return f"method_options.{self.method}.{name}"
