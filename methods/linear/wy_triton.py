@@ -244,24 +244,13 @@ def pieces_forward(q, k, v, g, beta, *, delta: bool, chunk: int, normalize: bool
 
 
 def reference_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, normalize: bool = False):
-    """The same pieces by the PyTorch code (differentiable): the inputs converted to fp32, q and k
-    ℓ2-normalised (``normalize``), g = 0 / β = 1 where None, padded to whole chunks (zeros), then
+    """The same pieces by the PyTorch code (differentiable): :func:`gated_delta._prepare` (the inputs converted
+    to fp32, q and k ℓ2-normalised with ``normalize``, g = 0 / β = 1 where None, padded to whole chunks), then
     :func:`gated_delta.chunk_pieces` with ``solve='torch'``. What the backward recomputes, and what the tests
     compare the kernel with."""
-    import torch.nn.functional as F
+    from .gated_delta import _prepare, chunk_pieces
 
-    from .gated_delta import chunk_pieces
-
-    q, k, v = q.float(), k.float(), v.float()
-    if normalize:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    shape = k.shape[:3]
-    g = g.float() if g is not None else k.new_zeros(shape)
-    beta = beta.float() if beta is not None else k.new_ones(shape)
-    pad = -k.shape[2] % chunk
-    if pad:  # padded tokens: q = k = v = 0, g = 0, β = 0 (as gated_delta._prepare)
-        q, k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[-1])], 2) for t in (q, k, v))
-        g, beta = (torch.cat([t, t.new_zeros(*t.shape[:2], pad)], 2) for t in (g, beta))
+    q, k, v, g, beta, _, _ = _prepare(q, k, v, g, beta, g is not None, beta is not None, normalize, chunk)
     return chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve="torch")
 
 
