@@ -42,17 +42,22 @@ YARDSTICK = "sdpa_cudnn"
 MILLION = 1 << 20
 
 
-def load(run_arg) -> pd.DataFrame:
+def run_arg(text) -> tuple[Path, list[str] | None]:
+    """``RUN_DIR`` or ``RUN_DIR=m1,m2`` -> (the run folder, the methods to keep or None for all)."""
+    text = str(text)
+    if "=" not in Path(text).name:
+        return Path(text), None
+    folder, _, names = text.rpartition("=")
+    only = [name for name in names.split(",") if name]
+    if not only:
+        raise SystemExit(f"{text}: no method after '='")
+    return Path(folder), only
+
+
+def load(arg) -> pd.DataFrame:
     """A run's rows (the latest of each case). ``RUN_DIR=m1,m2`` keeps only those methods' rows: a run that
     re-measured a few methods after a fix (``h200-linear-mem-v2=lamamba``) supplies their lines alone."""
-    text = str(run_arg)
-    only = None
-    if "=" in Path(text).name:
-        text, _, names = text.rpartition("=")
-        only = [name for name in names.split(",") if name]
-        if not only:
-            raise SystemExit(f"{run_arg}: no method after '='")
-    run_dir = Path(text)
+    run_dir, only = run_arg(arg)
     if (run_dir / "rows.parquet").exists():
         frame = pd.read_parquet(run_dir / "rows.parquet")
     elif (run_dir / "rows.jsonl").exists():
@@ -66,7 +71,7 @@ def load(run_arg) -> pd.DataFrame:
     if only is not None:
         unknown = sorted(set(only) - set(frame["method"]))
         if unknown:
-            raise SystemExit(f"{run_arg}: no rows of {', '.join(unknown)} in {run_dir}")
+            raise SystemExit(f"{arg}: no rows of {', '.join(unknown)} in {run_dir}")
         frame = frame[frame["method"].isin(only)].reset_index(drop=True)
     return frame
 
@@ -288,9 +293,8 @@ def main(argv=None) -> int:
             lengths = ", ".join(f"{n // 1024}K" for n in sorted(times))
             runs = ", ".join(sorted(set(rows["run"])))
             out.append(f"| {method} | {mode} | {fmt(fit, '.2f')} | {ms} | {tf} | {mem} | {eff} | {ratio} | {lengths} | {runs} |")
-    ceiling = {Path(str(run).rpartition("=")[0] if "=" in Path(str(run)).name else run).name:
-               ceilings(Path(str(run).rpartition("=")[0] if "=" in Path(str(run)).name else run))
-               for run in [*args.runs, *args.fill]}
+    folders = [run_arg(run)[0] for run in [*args.runs, *args.fill]]
+    ceiling = {folder.name: ceilings(folder) for folder in folders}
     work = work_table(frame, ceiling)
     if len(work) > 2:
         out += ["", "## Work against the H200's measured ceilings (state-form methods, longest ok length)", "",
