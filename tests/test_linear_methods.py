@@ -154,14 +154,21 @@ def _build(method, mask, seq_q, seq_kv, params=None, **kw):
     return as_prepared(METHODS[method].build(_ctx(method, mask, seq_q, seq_kv, params, **kw)))
 
 
-@pytest.mark.parametrize("method", ["linear_attn", "performer", "cosformer", "gated_delta_rule", "simple_gla"])
-def test_recurrent_step_equals_last_row_of_the_parallel_form(method):
-    seq = 11
+def _decode_case(method, seq):
+    """A causal build (chunk 4), seeded q, k, v [1, 2, seq, 8] and the method's extras (prepared), for the
+    recurrent-step tests."""
     prepared = _build(method, "causal", seq, seq, params={"chunk": 4})
     q, k, v = _rand(1, 2, seq, 8, seed=1), _rand(1, 2, seq, 8, seed=2), _rand(1, 2, seq, 8, seed=3)
     extras = {n: e.make(torch.Generator().manual_seed(1), "cpu", torch.float32) for n, e in prepared.extras.items()}
     if prepared.prepare:
         extras.update(prepared.prepare(q, k, v, **extras))
+    return prepared, (q, k, v), extras
+
+
+@pytest.mark.parametrize("method", ["linear_attn", "performer", "cosformer", "gated_delta_rule", "simple_gla"])
+def test_recurrent_step_equals_last_row_of_the_parallel_form(method):
+    seq = 11
+    prepared, (q, k, v), extras = _decode_case(method, seq)
     full = prepared.reference(q, k, v, **extras)
     state = prepared.decode.prefill(q[:, :, -1:], k, v, **extras)
     step = prepared.decode.step(state, q[:, :, -1:], k, v, **extras)
@@ -295,11 +302,7 @@ def test_recurrent_step_builds_no_tensor_from_host_data(method):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seq = 9
-    prepared = _build(method, "causal", seq, seq, params={"chunk": 4})
-    q, k, v = _rand(1, 2, seq, 8, seed=1), _rand(1, 2, seq, 8, seed=2), _rand(1, 2, seq, 8, seed=3)
-    extras = {n: e.make(torch.Generator().manual_seed(1), "cpu", torch.float32) for n, e in prepared.extras.items()}
-    if prepared.prepare:
-        extras.update(prepared.prepare(q, k, v, **extras))
+    prepared, (q, k, v), extras = _decode_case(method, seq)
     state = prepared.decode.prefill(q[:, :, -1:], k, v, **extras)
 
     class Ops(TorchDispatchMode):
