@@ -108,3 +108,73 @@ def test_a_line_cut_short_in_from_is_left_out_and_named(tmp_path, capsys):
     assert cli_main(["merge", str(into), str(source)]) == 0
     assert "rows.jsonl:3: unreadable line skipped" in capsys.readouterr().out
     assert len(load_run(into).rows) == 4
+
+
+def _went_on(committed: Path, copy: Path, command: str, methods: list[str], retry: str | None = None) -> None:
+    """``copy``: the committed run copied to a device and resumed there by ``command`` (``retry``: a method of
+    the committed run whose case is measured again, as ``retry=`` does)."""
+    import shutil
+    shutil.copytree(committed, copy)
+    write_run(copy, command, methods)
+    if retry:
+        store = RowStore(copy)
+        index, _ = envinfo.begin_invocation(copy, copy.name, f"{command} retry")
+        write_config(copy, {"methods": [retry], "retry": ["ok"], "run_id": copy.name}, index)
+        store.append(make_row(copy.name, retry, "causal", "fwd", 1024, invocation=index, ms=1.0))
+        envinfo.end_invocation(copy, index, 1)
+        store.finalize()
+
+
+def test_two_copies_that_resumed_the_committed_run_merge_without_repeating_its_history(tmp_path, capsys):
+    """Two device calls each resumed a copy of the committed run: only what each added moves, once, each row
+    still naming its own command; the committed rows are not doubled and a retry row stays after the old one."""
+    committed = tmp_path / "results" / "run"
+    write_run(committed, "committed", ["sdpa", "flex"], invocations=2)
+    call_a, call_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    _went_on(committed, call_a, "call a", ["eager"], retry="sdpa")
+    _went_on(committed, call_b, "call b", ["linear_attn"])
+    assert cli_main(["merge", str(committed), str(call_a), str(call_b)]) == 0
+    assert "after 2 shared" in capsys.readouterr().out
+
+    env = json.loads((committed / "env.json").read_text())
+    commands = [entry["command"] for entry in env["invocations"]]
+    assert commands == ["committed part 0", "committed part 1", "call a part 0", "call a retry", "call b part 0"]
+    assert len(env["commands"]) == 5
+    rows = [json.loads(line) for line in (committed / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 + 2 + 1 + 2  # committed, call a's eager + its retry, call b's linear_attn
+    for row in rows:
+        written_by = commands[row["invocation"]]
+        expected = {"eager": "call a part", "linear_attn": "call b"}.get(row["method"], "committed")
+        if row.get("ms_median") == 1.0:
+            expected = "call a retry"
+        assert written_by.startswith(expected), (row["case_id"], written_by)
+    sdpa = [r for r in rows if r["case_id"] == "sdpa|causal|fwd|1024|1|16|128|bf16"]
+    assert [r["ms_median"] == 1.0 for r in sdpa] == [False, True]  # the retry after the older row
+    assert sorted(p.name for p in committed.glob("config.*.yaml")) == [f"config.{k}.yaml" for k in range(5)]
+    assert (committed / "logs" / "from-run" / "worker-cuda0.log").read_text() == "call a"
+    assert (committed / "logs" / "from-run-2" / "worker-cuda0.log").read_text() == "call b"
+    assert [m["invocations"] for m in env["merged_from"]] == [[2, 3], [4, 4]]
+    run = load_run(committed)
+    assert sorted(run.rows["method"].unique()) == ["eager", "flex", "linear_attn", "sdpa"]
+
+
+def test_a_copy_whose_history_differs_is_refused(tmp_path):
+    """Negative control: a shared-history row changed in the copy (not the run INTO holds) is refused, nothing
+    written; and both copies measuring the same new case is refused as any case in both is."""
+    committed = tmp_path / "results" / "run"
+    write_run(committed, "committed", ["sdpa"])
+    call_a, call_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    _went_on(committed, call_a, "call a", ["eager"])
+    _went_on(committed, call_b, "call b", ["eager"])
+    lines = (call_a / "rows.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["ms_median"] = 123.0
+    (call_a / "rows.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    before = (committed / "rows.jsonl").read_bytes()
+    with pytest.raises(MergeError, match="do not share that history"):
+        merge_into(committed, call_a)
+    assert (committed / "rows.jsonl").read_bytes() == before
+    (call_a / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    merge_into(committed, call_a)
+    with pytest.raises(MergeError, match="have rows in both"):
+        merge_into(committed, call_b)

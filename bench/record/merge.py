@@ -14,9 +14,18 @@ What moves, per FROM folder (DESIGN.md §2, §6):
   * logs/ and device-logs/: copied under ``<folder>/from-<FROM's name>/``.
 
 INTO need not exist: ``attnbench merge results/all results/a results/b`` makes it from a and b.
+
+Shared history: FROM may be a copy of INTO that went on (two device calls that each resumed the committed run).
+Its leading invocations that equal INTO's, entry for entry in env.json, are history both hold: their configs and
+rows are not copied again (each such row must be in INTO as it is in FROM, or the merge is refused), only what
+FROM added after them moves. A row FROM added for a case of that history (a ``retry=`` re-run) is kept, after
+the older row, as a resume would keep it. Log files identical at the same place in both are not copied again; a
+second FROM of the same name gets ``from-<name>-2``.
+
 Refused before anything is written, naming the folder or the case: a FROM that is not a run folder, a case that
-has a row in both (a merge never decides which measurement wins: re-run it with ``retry=``), or files of an
-older attnbench without per-invocation env.json entries. FROM is left as it was.
+both measured after their shared history (a merge never decides which measurement wins: re-run it with
+``retry=``), a shared-history row of FROM that INTO does not hold, or files of an older attnbench without
+per-invocation env.json entries. FROM is left as it was.
 """
 from __future__ import annotations
 
@@ -57,6 +66,29 @@ def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
     return found
 
 
+def shared_history(into: Path, source: Path) -> int:
+    """How many leading invocations INTO and FROM hold alike (equal env.json entries): FROM resumed a copy of
+    INTO; 0 for folders written apart."""
+    if not into.exists():
+        return 0
+    ours = envinfo.read_env(into).get("invocations") or []
+    theirs = envinfo.read_env(source).get("invocations") or []
+    shared = 0
+    for a, b in zip(ours, theirs):
+        if a != b:
+            break
+        shared += 1
+    return shared
+
+
+def _is_history(row: dict, shared: int) -> bool:
+    return row.get("invocation") is not None and int(row["invocation"]) < shared
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, default=str)
+
+
 def check(into: Path, source: Path) -> None:
     """Every reason to refuse, before any file is touched."""
     for name, folder in (("INTO", into), ("FROM", source)):
@@ -71,9 +103,19 @@ def check(into: Path, source: Path) -> None:
         if env and "invocations" not in env:
             raise MergeError(f"{str(folder)!r}: env.json of an older attnbench (no per-invocation entries); "
                              "resume it once with the current attnbench first")
+    shared = shared_history(into, source)
     for name in ROW_LOGS:
-        ours = {row.get("case_id") for row in _jsonl(into / name)}
-        both = sorted(ours & {row.get("case_id") for row in _jsonl(source / name)} - {None})
+        ours_all = _jsonl(into / name)
+        theirs = _jsonl(source / name)
+        history = {_key(row) for row in ours_all if _is_history(row, shared)}
+        missing = [row for row in theirs if _is_history(row, shared) and _key(row) not in history]
+        if missing:
+            raise MergeError(f"{name}: {len(missing)} row(s) of the {shared} invocation(s) {str(into)!r} and "
+                             f"{str(source)!r} share are not in {str(into)!r} as they are in {str(source)!r} "
+                             f"(first: {missing[0].get('case_id')}); the folders do not share that history")
+        ours = {row.get("case_id") for row in ours_all if not _is_history(row, shared)}
+        added = {row.get("case_id") for row in theirs if not _is_history(row, shared)}
+        both = sorted(ours & added - {None})
         if both:
             raise MergeError(f"{name}: {len(both)} case(s) have rows in both {str(into)!r} and {str(source)!r} "
                              f"(first: {both[0]}); a merge does not choose between measurements")
@@ -83,13 +125,15 @@ def merge_into(into: Path, source: Path) -> dict:
     """Fold ``source`` into ``into`` (module docstring); returns counts of what moved."""
     into, source = Path(into), Path(source)
     check(into, source)
+    shared = shared_history(into, source)
     into.mkdir(parents=True, exist_ok=True)
     env, extra = envinfo.read_env(into), envinfo.read_env(source)
-    offset = len(env.get("invocations") or [])
-    moved = {"invocations": len(extra.get("invocations") or []), "rows.jsonl": 0, "quality.jsonl": 0, "skipped": []}
+    offset = len(env.get("invocations") or []) - shared  # FROM's invocation k >= shared becomes k + offset
+    moved = {"invocations": len(extra.get("invocations") or []) - shared, "shared": shared,
+             "rows.jsonl": 0, "quality.jsonl": 0, "skipped": []}
 
     for name in ROW_LOGS:
-        rows = _jsonl(source / name, moved["skipped"])
+        rows = [row for row in _jsonl(source / name, moved["skipped"]) if not _is_history(row, shared)]
         if not rows:
             continue
         with open(into / name, "a") as handle:
@@ -103,6 +147,8 @@ def merge_into(into: Path, source: Path) -> dict:
 
     for prefix, ours in (("config.", True), ("train_config.", False)):
         for index, path in sorted(_numbered(source, prefix).items()):
+            if index < shared:
+                continue  # INTO holds it
             cfg = yaml.safe_load(path.read_text()) or {}
             if ours:
                 write_config(into, cfg, index + offset)  # also rebuilds the merged config.yaml
@@ -122,24 +168,44 @@ def merge_into(into: Path, source: Path) -> dict:
             env = {key: value for key, value in extra.items() if key != "invocations"}
             env["invocations"] = []
             env["commands"] = []
-        env["invocations"] = [*env["invocations"], *extra["invocations"]]
-        env["commands"] = [*(env.get("commands") or []), *(extra.get("commands") or [])]
+        env["invocations"] = [*env["invocations"], *extra["invocations"][shared:]]
+        env["commands"] = [*(env.get("commands") or []), *(extra.get("commands") or [])[shared:]]
         env["run_id"] = into.name
         env["finished_at"] = max(filter(None, [env.get("finished_at"), extra.get("finished_at")]), default=None)
         envinfo.summarize_invocations(env)
         env["merged_from"] = [*(env.get("merged_from") or []),
-                              {"folder": source.name, "invocations": [offset, offset + moved["invocations"] - 1]}]
+                              {"folder": source.name, "invocations": [shared + offset,
+                                                                      shared + offset + moved["invocations"] - 1],
+                               **({"shared_invocations": shared} if shared else {})}]
         (into / "env.json").write_text(json.dumps(env, indent=1, default=str))
 
     for folder in COPIED_FOLDERS:
         if (source / folder).is_dir():
-            shutil.copytree(source / folder, into / folder / f"from-{source.name}", dirs_exist_ok=True)
+            _copy_new_files(source / folder, into / folder, source.name)
 
     if moved["rows.jsonl"]:
         store.RowStore(into).finalize()
     if moved["quality.jsonl"]:
         quality.QualityStore(into).finalize()
     return moved
+
+
+def _copy_new_files(source: Path, into: Path, name: str) -> None:
+    """``source``'s files under ``into/from-<name>/`` (``from-<name>-2`` ... when an earlier FROM of that name is
+    there), leaving out those identical at the same place in ``into`` (the shared history's logs)."""
+    new = [p for p in sorted(source.rglob("*")) if p.is_file()
+           and not ((into / p.relative_to(source)).is_file()
+                    and (into / p.relative_to(source)).read_bytes() == p.read_bytes())]
+    if not new:
+        return
+    target, n = into / f"from-{name}", 1
+    while target.exists():
+        n += 1
+        target = into / f"from-{name}-{n}"
+    for path in new:
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
 
 
 def main(argv: list[str]) -> int:
@@ -156,7 +222,8 @@ def main(argv: list[str]) -> int:
                 check(source, other)
         for source in args.sources:
             moved = merge_into(args.into, source)
-            print(f"merged {source} into {args.into}: {moved['invocations']} invocation(s), "
+            print(f"merged {source} into {args.into}: {moved['invocations']} invocation(s)"
+                  + (f" after {moved['shared']} shared" if moved["shared"] else "") + ", "
                   f"{moved['rows.jsonl']} kernel row(s), {moved['quality.jsonl']} task row(s)")
             for line in moved["skipped"]:
                 print(f"  skipped {source}/{line}")
