@@ -77,16 +77,29 @@ def load(arg) -> pd.DataFrame:
 
 
 DEFAULT_IMPLS = ("chunked", "torch")
+# the options that pick another code path (its own line), with their defaults: impl (the chunked form's kernel),
+# solve (the delta rules' triangular solve: torch.linalg.solve_triangular by default)
+VARIANTS = {"impl": DEFAULT_IMPLS, "solve": ("torch",)}
+
+
+def klen(n) -> str:
+    """A length as the tables write it: 32K for multiples of 1024, else the number (128, 512)."""
+    n = int(n)
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def impl_label(method: str, options) -> str:
-    """``method``, or ``method [impl=X]`` when its row's method_options (JSON) set an impl other than the
-    default (chunked / torch)."""
+    """``method``, or ``method [impl=X, solve=Y]`` naming the options of VARIANTS that its row's method_options
+    (JSON) set to other than their defaults."""
     try:
-        impl = json.loads(options).get("impl") if isinstance(options, str) and options else None
-    except (ValueError, AttributeError):
-        impl = None
-    return method if impl in (None, *DEFAULT_IMPLS) else f"{method} [impl={impl}]"
+        chosen = json.loads(options) if isinstance(options, str) and options else {}
+    except ValueError:
+        chosen = {}
+    if not isinstance(chosen, dict):
+        chosen = {}
+    parts = [f"{key}={chosen[key]}" for key, defaults in VARIANTS.items()
+             if chosen.get(key) not in (None, *defaults)]
+    return f"{method} [{', '.join(parts)}]" if parts else method
 
 
 def labelled(frame: pd.DataFrame) -> pd.DataFrame:
@@ -200,7 +213,7 @@ def work_table(frame: pd.DataFrame, ceiling: dict) -> list[str]:
                 bound = "compute" if f_share >= b_share else "memory"
             else:
                 bound = "neither (< 50 % of both)"
-            out.append(f"| {method} | {mode} | {int(r.seq_q) // 1024}K | {fmt(float(r.ms_median))} | {fmt(tflops)} | "
+            out.append(f"| {method} | {mode} | {klen(int(r.seq_q))} | {fmt(float(r.ms_median))} | {fmt(tflops)} | "
                        f"{fmt(f_share * 100 if f_share is not None else None, '.1f')} % | {fmt(gbps, '.0f')} | "
                        f"{fmt(b_share * 100 if b_share is not None else None, '.1f')} % | {bound} |")
     return out
@@ -227,17 +240,30 @@ def efficiency_length(own: dict[int, float], base: dict[int, float]) -> str:
         return "n/a (no common lengths)"
     ratio = [(n, math.log(own[n] / base[n])) for n in common]
     if ratio[0][1] <= 0:
-        return f"<= {common[0] // 1024}K"
+        return f"<= {klen(common[0])}"
     for (n0, r0), (n1, r1) in zip(ratio, ratio[1:]):
         if r1 <= 0:
             t = r0 / (r0 - r1)
             cross = math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
             return f"~{cross / 1024:.1f}K"
-    return f"> {common[-1] // 1024}K"
+    return f"> {klen(common[-1])}"
 
 
 def fmt(x, spec=".3g"):
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def short_table(frame: pd.DataFrame, min_fit: int) -> list[str]:
+    """Markdown rows ``| method | mode | 128: 5.63 ms, 512: 28 ms |`` for the lines whose longest ok length is
+    below ``min_fit`` (their figures would otherwise appear nowhere in the summary)."""
+    out = []
+    for method in sorted(set(frame.method)):
+        for mode in ("fwd", "fwd_bwd"):
+            times = curve(frame, method, mode)
+            if times and max(times) < min_fit:
+                cells = ", ".join(f"{klen(n)}: {fmt(t)} ms" for n, t in sorted(times.items()))
+                out.append(f"| {method} | {mode} | {cells} |")
+    return ["| method | mode | ms per call |", "|---|---|---|", *out] if out else []
 
 
 def main(argv=None) -> int:
@@ -285,14 +311,19 @@ def main(argv=None) -> int:
             if own in FLA_OF:
                 fla = curve(frame, FLA_OF[own], mode)
                 common = [n for n in sorted(set(times) & set(fla)) if n >= 32768]
-                ratio = ", ".join(f"{n // 1024}K: {times[n] / fla[n]:.2f}x" for n in common)
+                ratio = ", ".join(f"{klen(n)}: {times[n] / fla[n]:.2f}x" for n in common)
                 if not common:
                     fla_rows = frame[(frame.method == FLA_OF[own]) & (frame["mode"] == mode)]
                     if not fla_rows.empty and (fla_rows.status != "ok").all():
                         ratio = f"fla {fla_rows.iloc[0].status}: {str(fla_rows.iloc[0].reason)[:50]}"
-            lengths = ", ".join(f"{n // 1024}K" for n in sorted(times))
+            lengths = ", ".join(f"{klen(n)}" for n in sorted(times))
             runs = ", ".join(sorted(set(rows["run"])))
             out.append(f"| {method} | {mode} | {fmt(fit, '.2f')} | {ms} | {tf} | {mem} | {eff} | {ratio} | {lengths} | {runs} |")
+    short = short_table(frame, args.min_fit)
+    if short:
+        out += ["", f"## Lines measured only below {klen(args.min_fit)}: ms per call at each ok length", "",
+                "(cubic or direct-solve methods capped by their max_len, exact recurrences run as loops; the slope "
+                "and 1M columns above have nothing to fit for them)", "", *short]
     folders = [run_arg(run)[0] for run in [*args.runs, *args.fill]]
     ceiling = {folder.name: ceilings(folder) for folder in folders}
     work = work_table(frame, ceiling)
@@ -311,7 +342,7 @@ def main(argv=None) -> int:
         dec = merge(decode)
         out += ["", "## Decode: ms per step against context", ""]
         contexts = sorted(set(dec.seq_kv))
-        out += ["| method | " + " | ".join(f"{c // 1024}K" for c in contexts) + " | slope | state bytes/seq |",
+        out += ["| method | " + " | ".join(f"{klen(c)}" for c in contexts) + " | slope | state bytes/seq |",
                 "|---" * (len(contexts) + 3) + "|"]
         for method in sorted(set(dec.method)):
             times = curve(dec, method, "decode", length="seq_kv")

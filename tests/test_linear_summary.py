@@ -154,3 +154,30 @@ def test_work_table_rates_against_the_runs_calibration_and_names_the_bound(tmp_p
     assert cells[5] == "60.0 %" and cells[8] == "compute", cells
     assert run("slow", 100 * fast_ms)[8].startswith("neither"), "a 0.6 % rate is not compute-bound"
     assert run("bare", fast_ms, calibrated=False)[8] == "no calibration"
+
+
+def test_label_names_each_code_path_option_and_lengths_below_1k_keep_their_number():
+    """delta_rule measured with solve=triton is its own line, not folded into the impl=triton line (whose fla
+    ratio would then mix two solves); lengths 128 / 512 print as numbers, not as 0K."""
+    module = _module()
+    assert module.impl_label("delta_rule", '{"chunk": 64, "impl": "triton"}') == "delta_rule [impl=triton]"
+    assert (module.impl_label("delta_rule", '{"chunk": 64, "impl": "triton", "solve": "triton"}')
+            == "delta_rule [impl=triton, solve=triton]")
+    assert module.impl_label("delta_rule", '{"impl": "triton", "solve": "torch"}') == "delta_rule [impl=triton]"
+    assert module.impl_label("delta_rule", "not json") == "delta_rule"
+    assert [module.klen(n) for n in (128, 512, 2048, 1 << 20, 1536)] == ["128", "512", "2K", "1024K", "1536"]
+
+
+def test_lines_measured_only_below_min_fit_get_their_own_table(tmp_path, capsys):
+    """tensor_attn (128 / 512 only) lists its times; linear_attn (to 128K) does not; with no short line the
+    table is absent (negative control)."""
+    rows = [_row("tensor_attn", 128, 5.6), _row("tensor_attn", 512, 28.0),
+            _row("tensor_attn", 2048, None, status="unsupported"),
+            *[_row("linear_attn", n, 1e-3 * n) for n in (8192, 32768, 131072)]]
+    assert _module().main([_write_run(tmp_path, "short", rows)]) == 0
+    text = capsys.readouterr().out
+    assert "## Lines measured only below 32K" in text
+    assert "| tensor_attn | fwd_bwd | 128: 5.6 ms, 512: 28 ms |" in text
+    assert not any(l.startswith("| linear_attn | fwd_bwd | 8K:") for l in text.splitlines())
+    assert _module().main([_write_run(tmp_path, "long", rows[3:])]) == 0
+    assert "measured only below" not in capsys.readouterr().out
