@@ -55,6 +55,10 @@ export TRITON_CACHE_AUTOTUNING=1  # fla's per-process autotuning (60-94 s) once 
 # this call's come back as $OUT/triton-autotune.tgz (unpack it into .triton-cache, as for scripts/device_wrap.sh)
 mkdir -p .triton-cache
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+# the tuned configs committed in scripts/device-cache (a fresh checkout has no .triton-cache: it is git-ignored);
+# files already carried win. Refresh the tarball after a call: scripts/refresh_autotune_cache.sh <files_at>
+[ -f scripts/device-cache/triton-autotune.tgz ] && \
+  tar xzf scripts/device-cache/triton-autotune.tgz -C "$TRITON_CACHE_DIR" --skip-old-files 2>/dev/null
 # the call's slices, one line of overrides each (the plan's suite and extra overrides first); exits 2 on a bad index
 python3 - "$PLAN" $CALLS > $OUT/slices.txt <<'EOF' || { cat $OUT/slices.txt; exit 2; }
 import json, sys

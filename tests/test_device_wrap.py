@@ -67,3 +67,52 @@ def test_the_device_scripts_setup_installs_the_carried_wheels_and_stops_when_it_
         wheel.unlink()
     done = subprocess.run(["bash", "-c", job], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "after" not in done.stdout
+
+
+def test_the_committed_autotune_cache_is_unpacked_on_the_device_and_carried_files_win(tmp_path):
+    """A fresh checkout has no .triton-cache (git-ignored): the wrap unpacks scripts/device-cache's tuned configs
+    into it, without overwriting a carried file of the same name; and refresh_autotune_cache.sh folds a call's
+    tarball into the committed one. Control: without the committed tarball the job finds nothing."""
+    work = tmp_path / "work"
+    (work / "scripts" / "device-cache").mkdir(parents=True)
+    for script in ("device_wrap.sh", "refresh_autotune_cache.sh"):
+        shutil.copy(REPO / "scripts" / script, work / "scripts")
+    seed = tmp_path / "seed"
+    (seed / "h1").mkdir(parents=True)
+    (seed / "h1" / "old.autotune.json").write_text("committed")
+    (seed / "h1" / "carried.autotune.json").write_text("committed")
+    with tarfile.open(work / "scripts" / "device-cache" / "triton-autotune.tgz", "w:gz") as tar:
+        tar.add(seed / "h1", arcname="./h1")
+    (work / ".triton-cache" / "h1").mkdir(parents=True)
+    (work / ".triton-cache" / "h1" / "carried.autotune.json").write_text("carried")
+    (work / "job.sh").write_text('cat "$TRITON_CACHE_DIR/h1/old.autotune.json" "$TRITON_CACHE_DIR/h1/carried.autotune.json" '
+                                 '> "$OUT/seen.txt"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "WRAP_S": "60"}
+    done = subprocess.run(["bash", "scripts/device_wrap.sh", "job", "job.sh"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(out / "job.tgz") as tar:
+        assert tar.extractfile("./seen.txt").read().decode() == "committedcarried"
+
+    # refresh: a call's new tuned kernel joins the committed tarball
+    call = tmp_path / "call"
+    (call / "h2").mkdir(parents=True)
+    (call / "h2" / "new.autotune.json").write_text("new")
+    with tarfile.open(call / "triton-autotune.tgz", "w:gz") as tar:
+        tar.add(call / "h2", arcname="./h2")
+    done = subprocess.run(["bash", "scripts/refresh_autotune_cache.sh", str(call)], cwd=work, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(work / "scripts" / "device-cache" / "triton-autotune.tgz") as tar:
+        names = sorted(n for n in tar.getnames() if n.endswith(".json"))
+    assert names == ["./h1/carried.autotune.json", "./h1/old.autotune.json", "./h2/new.autotune.json"]
+
+    # control: no committed tarball, no carried cache -> the job sees no tuned config
+    shutil.rmtree(work / ".triton-cache")
+    (work / "scripts" / "device-cache" / "triton-autotune.tgz").unlink()
+    done = subprocess.run(["bash", "scripts/device_wrap.sh", "job", "job.sh"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+    with tarfile.open(out / "job.tgz") as tar:
+        assert tar.extractfile("./seen.txt").read().decode() == ""
