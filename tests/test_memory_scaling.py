@@ -139,7 +139,8 @@ REFERENCE_ONLY: dict[str, tuple[Audit, str]] = {
 }
 
 EXCLUDED: dict[str, str] = {
-    "nats_l": "refuses lengths above max_len (8192): its routed softmax branch is dense, O(L²) by design",
+    "nats_l": "refuses lengths above max_len (8192) in its dense softmax form (the default off CUDA, and on meta); "
+              "the flex form (CUDA only: FlexAttention tiles, no [L, L]) is not audited here",
     "tensor_attn": "refuses lengths above max_len: cubic (tensor) attention",
     "lla": "refuses lengths above max_len: a direct solve per query",
     "infsa": "quadratic by design (pure InfSA, O(L² d) time): the fast path holds [block, L] score blocks, "
