@@ -1,6 +1,6 @@
 """The Triton kernels' CPU suites (tests/test_linear_triton.py, tests/test_simple_gla_triton.py,
 tests/test_delta_triton.py, tests/test_tril_triton.py,
-tests/test_wy_triton.py), run in one child pytest with TRITON_INTERPRET=1.
+tests/test_wy_triton.py, tests/test_superlinear_search_triton.py), run in one child pytest with TRITON_INTERPRET=1.
 
 TRITON_INTERPRET=1 must be set before triton is first imported (triton decorates its own library functions,
 ``tl.sum`` among them, in the mode it finds at import), and setting it in the pytest process would switch every
@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 
 HERE = Path(__file__).resolve().parent
 SUITES = ("test_linear_triton.py", "test_simple_gla_triton.py", "test_delta_triton.py", "test_tril_triton.py",
-          "test_wy_triton.py")
+          "test_wy_triton.py", "test_superlinear_search_triton.py")
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 

@@ -14,9 +14,10 @@ For the query at position t (T = t + 1 visible tokens), one head:
    all invalid: 1 / num_spans). Gradients reach q, k, v through the span attentions and q1, k through ``g``;
    the top-k selection itself is not differentiated.
 
-The search (the ``routing`` phase) is one function shared by fast path and reference, computed in fp32 from
-diagonal bands of ``q1 . k`` stripe by stripe (no gather; O(L^1.5 d) multiply-adds, memory-bound) with a
-running top-k. Fast path: one compiled FlexAttention call per span index j with a ``mask_mod`` reading the
+The search (the ``routing`` phase) is :func:`search`, computed in fp32 from diagonal bands of ``q1 . k``
+stripe by stripe (no gather; O(L^1.5 d) multiply-adds, memory-bound) with a running top-k, in the reference
+always and in the fast path by default (``search: triton``, below, gives the fast path the same anchors from
+one kernel: the gate still compares the same routing). Fast path: one compiled FlexAttention call per span index j with a ``mask_mod`` reading the
 per-query span bounds and a ``BlockMask`` built per call from the bounds (``BlockMask.from_kv_blocks``:
 per query block, the union of its queries' spans and windows). Reference: the per-span boolean patterns
 written out, masked softmax, the gated sum. The ``superlinear`` package (Triton, CUDA only) is not used here: it
@@ -24,7 +25,13 @@ computes the same operator with the same parameters and defaults (num_spans 2-3 
 is registered beside this method as ``superlinear_pkg`` (superlinear_pkg.py: the finding and the mapping).
 
 Options: ``num_spans`` (3), ``sw_index`` (s, 0), ``search_power`` (p, 0.5, in (0, 1]), ``backward_factor``
-(2.0), ``forward_factor`` (0.0), ``span_power`` (sigma, 0.5).
+(2.0), ``forward_factor`` (0.0), ``span_power`` (sigma, 0.5), ``search`` (``torch``, the default, or ``triton``):
+how the fast path and the ``routing`` phase search. ``torch`` is :func:`search` below; ``triton`` is one own
+kernel (superlinear_search_triton.py: per head and block of queries, q1 loaded once, the stripes walked with a
+running top-k in registers; the same anchors, ties included), ``num_spans`` <= 8, on CUDA or with
+``TRITON_INTERPRET=1`` (elsewhere the case is ``unsupported`` naming the field: no silent fallback). The
+reference (the gate) always routes with :func:`search`. ``superlinear_pkg`` does not take ``search`` (it has
+the package's own search kernel): the registry refuses the key there, naming the field.
 """
 from __future__ import annotations
 
@@ -58,7 +65,13 @@ def window_size(search_power: float, sw_index: int) -> int:
 
 def search(q1, k, distances: list[int], num_spans: int):
     """Top ``num_spans`` anchors per query from fp32 raw dot products: ``(anchors [B, H, L, n] long, -1 when
-    invalid)``, best first. Stripe by stripe over diagonal bands (no gather), running top-k every group."""
+    invalid)``, best first. Stripe by stripe over diagonal bands (no gather), running top-k every group.
+
+    Order: higher score first; on equal scores the smaller distance (the later anchor) first. The running top-k
+    is a *stable* descending sort of ``cat([best so far, group])`` (earlier stripes come first in it, and among
+    the best so far in this same order), cut to ``num_spans``: ``torch.topk`` orders ties arbitrarily (on the
+    CPU it gave indices 1, 6, 4 of ``[1, 2, 2, 0, 2, -inf, 2]``), and ``search: triton``
+    (superlinear_search_triton.py) must give the same anchors on ties."""
     batch, heads, length, _ = q1.shape
     q1f, kf = q1.detach().float(), k.detach().float()
     t = torch.arange(length, device=q1.device)
@@ -73,9 +86,9 @@ def search(q1, k, distances: list[int], num_spans: int):
             anchors[d:, g] = t[d:] - d
         all_scores = torch.cat([best_score, scores], dim=-1)
         all_anchors = torch.cat([best_anchor, anchors.expand(batch, heads, length, len(group))], dim=-1)
-        top = all_scores.topk(num_spans, dim=-1)
-        best_score = top.values
-        best_anchor = all_anchors.gather(-1, top.indices)
+        top = torch.sort(all_scores, dim=-1, descending=True, stable=True)
+        best_score = top.values[..., :num_spans]
+        best_anchor = all_anchors.gather(-1, top.indices[..., :num_spans])
     return torch.where(torch.isfinite(best_score), best_anchor, torch.full_like(best_anchor, -1))
 
 
@@ -141,12 +154,16 @@ def span_pairs(start, end, sw_start, batch: int, heads: int, num_spans: int) -> 
     return int(span + win)
 
 
-SUPERLINEAR_OPTIONS = ("num_spans", "sw_index", "search_power", "backward_factor", "forward_factor", "span_power")
+PKG_OPTIONS = ("num_spans", "sw_index", "search_power", "backward_factor", "forward_factor", "span_power")
+SUPERLINEAR_OPTIONS = PKG_OPTIONS + ("search",)  # superlinear_pkg takes all but search (its own search kernel)
+SEARCHES = ("torch", "triton")
+TRITON_MAX_SPANS = 8  # search: triton keeps the running top-k in registers (superlinear_search_triton.py)
 
 
-def read_options(ctx, method: str) -> dict:
+def read_options(ctx, method: str, with_search: bool = True) -> dict:
     """The validated options of a case (``method_options.<method>.*``) with the stripe distances and window
-    they give at the case's length; shared with ``superlinear_pkg`` (same fields, same defaults)."""
+    they give at the case's length; shared with ``superlinear_pkg`` (same fields, same defaults), which passes
+    ``with_search=False`` (``search`` is not one of its options: cfg["search"] is then None)."""
     case = ctx.case
     opts = Options(ctx, method)
     num_spans = opts.int("num_spans", 3, minimum=1)
@@ -165,8 +182,28 @@ def read_options(ctx, method: str) -> dict:
     if num_spans > len(distances):
         opts.unfit("num_spans", f"must be <= the number of search stripes at seq {length} ({len(distances)}), "
                                f"got {num_spans}")
+    search_impl = search_choice(ctx, opts, num_spans) if with_search else None
     return dict(options=opts, num_spans=num_spans, sw_index=sw_index, search_power=power, backward_factor=back,
-                forward_factor=fwd, span_power=sigma, distances=distances, window=window)
+                forward_factor=fwd, span_power=sigma, distances=distances, window=window, search=search_impl)
+
+
+def search_choice(ctx, opts: Options, num_spans: int) -> str:
+    """``method_options.<method>.search``: ``torch`` or ``triton``. A bad value, or ``triton`` with more than
+    :data:`TRITON_MAX_SPANS` spans: ValueError naming the field. ``triton`` without CUDA (and without
+    ``TRITON_INTERPRET=1``) or without triton installed: ``Unsupported`` naming the field."""
+    value = opts.choice("search", "torch", SEARCHES)
+    if value == "triton":
+        if num_spans > TRITON_MAX_SPANS:
+            opts.fail("num_spans", f"must be <= {TRITON_MAX_SPANS} with {opts.field('search')}=triton (the "
+                                   f"running top-k lives in registers), got {num_spans}")
+        import importlib.util
+
+        from ..linear.linear_attn import triton_runnable
+
+        why = "triton is not installed" if importlib.util.find_spec("triton") is None else triton_runnable(ctx.device)
+        if why:
+            raise Unsupported(f"{ctx.case.method} with {opts.field('search')}=triton: {why}")
+    return value
 
 
 @register_method(
@@ -194,10 +231,26 @@ def build_superlinear(ctx):
             return in_span | ((kv_idx >= sw[q_idx]) & (kv_idx <= q_idx))
         return mask_mod
 
-    def routing(q1, k):
-        anchors = search(q1, k, distances, num_spans)
-        start, end, sw_start = span_bounds(anchors, window, back, fwd, sigma)
-        return anchors, start, end, sw_start
+    if cfg["search"] == "triton":  # the own kernel; the distances as an int32 tensor, made once
+        from . import superlinear_search_triton
+
+        dist_t = torch.tensor(distances, dtype=torch.int32, device=ctx.device)
+
+        def fast_search(q1, k):
+            return superlinear_search_triton.search(q1, k, dist_t, num_spans)
+    else:
+        def fast_search(q1, k):
+            return search(q1, k, distances, num_spans)
+
+    def routes(find):
+        def routing(q1, k):
+            anchors = find(q1, k)
+            start, end, sw_start = span_bounds(anchors, window, back, fwd, sigma)
+            return anchors, start, end, sw_start
+        return routing
+
+    routing = routes(fast_search)  # the fast path, its pairs and the routing phase: the chosen search
+    reference_routing = routes(lambda q1, k: search(q1, k, distances, num_spans))  # the gate: always PyTorch
 
     def fn(q, k, v, q1):
         anchors, start, end, sw_start = routing(q1, k)
@@ -215,7 +268,7 @@ def build_superlinear(ctx):
         return out.to(q.dtype)
 
     def reference(q, k, v, q1, rows=None):
-        return superlinear_reference(q, k, v, q1, routing, rows)
+        return superlinear_reference(q, k, v, q1, reference_routing, rows)
 
     def pairs(q, k, v, q1):
         _, start, end, sw_start = routing(q1, k)

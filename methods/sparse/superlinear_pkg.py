@@ -8,7 +8,10 @@ ceil(b_fwd T^sigma), t, sw_start - 1)]``, window ``W = floor((s+1)^(1/p)) - 1``,
 -1e9, all invalid uniform). Parameters map one to one (same names, same defaults) with these restrictions of the
 package, refused as ``unsupported`` with the reason: ``num_spans`` 2 or 3 only (its Triton search), ``search_power``
 in (0, 1) (``1/p`` in 2..6 goes to its exact integer path ``inv_search_power_int``, other ``p`` to its float
-path), ``backward_factor > 0``, ``span_power`` in (0, 1) when ``forward_factor > 0``, head dim <= 256.
+path), ``backward_factor > 0``, ``span_power`` in (0, 1) when ``forward_factor > 0``, head dim <= 256. The own
+method's ``search`` (``torch`` / ``triton``: which own search routes it) is not an option here: the package
+always routes with its own search kernel, so the registry refuses ``method_options.superlinear_pkg.search``
+(``not an option of superlinear_pkg``) rather than accept a value that would change nothing.
 
 Differences to expect, all rounding: the package computes the span reach ``ceil(b T^sigma)`` in fp32 as
 ``exp(sigma log T)`` inside its Triton search (ours: float64 powers), so at lengths where ``b T^sigma`` is an
@@ -43,7 +46,7 @@ import torch
 
 from ..contract import Extra, Prepared
 from ..registry import Capabilities, Unsupported, register_method
-from .superlinear import SUPERLINEAR_OPTIONS, read_options, span_bounds, span_pairs, superlinear_reference
+from .superlinear import PKG_OPTIONS, read_options, span_bounds, span_pairs, superlinear_reference
 
 INT_POWERS = (2, 3, 4, 5, 6)  # the package's exact integer stripe exponents (1 / search_power)
 
@@ -98,11 +101,11 @@ def package_routing(q1, k, cache_position, kwargs: dict, window: int):
                  requires=("superlinear", "triton")),
     description="Superlinear attention (N=2) from the superlinear package (Triton prefill): the same operator "
                 "as superlinear, gated against its reference on the package's routing",
-    options=SUPERLINEAR_OPTIONS,
+    options=PKG_OPTIONS,  # not ``search``: the package searches with its own kernel (refused by the registry)
 )
 def build_superlinear_pkg(ctx):
     case = ctx.case
-    cfg = read_options(ctx, "superlinear_pkg")
+    cfg = read_options(ctx, "superlinear_pkg", with_search=False)
     kwargs = package_kwargs(cfg)
     if case.head_dim > 256:
         raise Unsupported("the superlinear package's search kernel takes head_dim <= 256")
