@@ -11,13 +11,17 @@ fp32 with half the chunk; its ``rows=`` form (:func:`abc_rows`, long cases' samp
 chunks of ``reference_stream_chunk`` with the prefix sums carried. ``s`` is shifted by its global per-slot maximum (it cancels exactly: no ε).
 Recurrent decode: state ``(Σ e⊗k, Σ e⊗v, Σ e, m)`` (``m``: the running per-slot maximum, :func:`abc_decode`),
 O(n·d) per head and step. A different operator (class N): no
-approx_err. Hyper-parameters: ``slots`` (n, default 64), ``chunk`` (default 128), ``reference_naive_max``.
+approx_err. Hyper-parameters: ``slots`` (n, default 64), ``chunk`` (default 128), ``segment`` (causal self
+attention runs in segments of this many tokens with the slot sums carried, checkpointed with gradients:
+:func:`abc_segmented`; default 65536, 0: the whole sequence at once; a multiple of ``chunk``),
+``reference_naive_max``.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..contract import Extra, Prepared, RecurrentDecode
 from ..registry import Capabilities, register_method
@@ -44,6 +48,61 @@ def abc_chunked(q, k, v, s, *, causal, offset, chunk):
     p = torch.softmax(logits, dim=-1)
     read = torch.where(seen, p / Zs, torch.zeros_like(p))
     return chunked_linear(read, e, vf, **kw).to(dtype)
+
+
+SEGMENT = 1 << 16  # tokens per segment of the causal fast path (``method_options.abc.segment``)
+
+
+def _segment(q, k, v, s, shift, mem_k, mem_v, z, chunk: int):
+    """One causal segment of :func:`abc_chunked` (queries and keys the same tokens), entering with the sums
+    over the earlier tokens ``mem_k = Σ e⊗k`` [B, H, n, d], ``mem_v = Σ e⊗v`` [B, H, n, dv], ``z = Σ e``
+    [B, H, n]: the same three chunked passes, each starting from that state; returns the segment's output
+    (``q``'s dtype) and the sums through its last token."""
+    heads = q.shape[1]
+    qf, kf, vf = q.float(), expand_heads(k, heads).float(), expand_heads(v, heads).float()
+    e = torch.exp(s.float() - shift)
+    kw = dict(causal=True, offset=0, eps=0.0, chunk=chunk, normalize=False)
+    ones_q, ones_k = qf.new_ones(*qf.shape[:3], 1), kf.new_ones(*kf.shape[:3], 1)
+    unused = z.new_zeros(1)  # chunked_linear reads a state's normaliser only when it normalises
+    Z = chunked_linear(ones_q, ones_k, e, state0=(z[:, :, None, :], unused), **kw)
+    seen = Z > 0
+    Zs = torch.where(seen, Z, torch.ones_like(Z))
+    logits = chunked_linear(qf, kf, e, state0=(mem_k.transpose(-1, -2), unused), **kw) / Zs / math.sqrt(q.shape[-1])
+    p = torch.softmax(logits, dim=-1)
+    read = torch.where(seen, p / Zs, torch.zeros_like(p))
+    out = chunked_linear(read, e, vf, state0=(mem_v, unused), **kw).to(q.dtype)
+    et = e.transpose(-1, -2)
+    return out, mem_k + et @ kf, mem_v + et @ vf, z + e.sum(2)
+
+
+def abc_segmented(q, k, v, s, *, chunk, segment=SEGMENT, fault: str | None = None):
+    """Causal self-attention ABC (``offset`` 0, ``Lq == Lk``) in segments of ``segment`` tokens carrying the
+    slot sums between them: the same operator and the same chunked passes as :func:`abc_chunked`, whose
+    fp32 copies of q, k, v, controls, scores [L/chunk, chunk, chunk] and slot weights for the whole sequence
+    were kept for the backward (abc's fwd_bwd `oom` at 1M tokens on the H200, 113 GiB in its fwd). With
+    gradients each segment runs under a checkpoint (it keeps its inputs, which are views, and the entering
+    sums [B, H, n, d]; the rest is recomputed segment by segment in the backward); the inputs are split with
+    ``split`` (one gradient concatenation in the backward). ``segment`` should be a multiple of ``chunk`` (the
+    chunks then fall where the whole form's do). ``fault="nocheckpoint"``: a deliberately broken variant (the
+    segments' intermediates saved) for the tests' negative control."""
+    if segment < 1:
+        raise ValueError(f"abc_segmented: segment must be >= 1, got {segment}")
+    batch, heads, _, dim = q.shape
+    slots, dv = s.shape[-1], v.shape[-1]
+    shift = s.float().amax(dim=2, keepdim=True).detach()  # the global per-slot maximum, as _controls
+    mem_k = q.new_zeros(batch, heads, slots, dim, dtype=torch.float32)
+    mem_v = q.new_zeros(batch, heads, slots, dv, dtype=torch.float32)
+    z = q.new_zeros(batch, heads, slots, dtype=torch.float32)
+    train = (torch.is_grad_enabled() and fault != "nocheckpoint" and q.shape[2] > segment
+             and any(t.requires_grad for t in (q, k, v, s)))  # one segment: nothing to gain, no recomputation
+    outs = []
+    for parts in zip(*(t.split(segment, dim=2) for t in (q, k, v, s))):
+        if train:
+            out, mem_k, mem_v, z = checkpoint(_segment, *parts, shift, mem_k, mem_v, z, chunk, use_reentrant=False)
+        else:
+            out, mem_k, mem_v, z = _segment(*parts, shift, mem_k, mem_v, z, chunk)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def abc_reference(q, k, v, s, *, causal, offset):
@@ -138,13 +197,16 @@ def abc_decode() -> RecurrentDecode:
 
 @register_method("abc", Capabilities(family="linear", exact=False, masks=LINEAR_MASKS, cross=True, gqa=True,
                                       backward=True, decode=True),
-                 options=("slots", "chunk", "reference_naive_max", "reference_stream_chunk"))
+                 options=("slots", "chunk", "segment", "reference_naive_max", "reference_stream_chunk"))
 def build_abc(ctx):
     """ABC: n bounded memory slots written under control scores, read by softmax over slots (chunked)."""
     causal, offset = mask_mode(ctx)
     case = ctx.case
     slots = param_int(ctx, "slots", 64, minimum=1, maximum=4096)
     chunk = param_int(ctx, "chunk", 128, minimum=1, maximum=4096)
+    segment = param_int(ctx, "segment", SEGMENT, minimum=0)  # 0: the whole sequence at once (the form before)
+    if segment % chunk:
+        raise ValueError(f"method_options.abc.segment: must be 0 or a multiple of chunk ({chunk}), got {segment}")
     naive_max = param_int(ctx, "reference_naive_max", 1 << 26)
     stream = param_int(ctx, "reference_stream_chunk", ROWS_CHUNK)
 
@@ -155,7 +217,11 @@ def build_abc(ctx):
             return abc_reference(q, k, v, s, causal=causal, offset=offset)
         return abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=max(1, chunk // 2))
 
-    return Prepared(fn=lambda q, k, v, s: abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=chunk),
-                    reference=reference,
+    def fast(q, k, v, s):
+        if segment and causal and offset == 0 and q.shape[2] == k.shape[2]:
+            return abc_segmented(q, k, v, s, chunk=chunk, segment=segment)
+        return abc_chunked(q, k, v, s, causal=causal, offset=offset, chunk=chunk)
+
+    return Prepared(fn=fast, reference=reference,
                     extras={"s": Extra(shape=(case.batch, case.heads_q, case.seq_kv, slots), dtype="float32")},
                     decode=abc_decode() if causal else None, softmax_comparable=False)

@@ -10,7 +10,9 @@ is the recurrence, a loop over tokens, up to ``reference_loop_max_len`` (default
 convolution in float64/complex128 (the ``rows=`` form, :func:`s4d_rows`: long cases' sampled tokens, the state
 carried over token chunks in float64, memory flat in the length); :func:`s4d_step` is the O(N) per-channel decode
 step (tested on the CPU; the harness's decode mode serves q/k/v methods only). Causal only; a different operator
-(class N). Hyper-parameters: ``state_size`` (N, even, default 64).
+(class N). Hyper-parameters: ``state_size`` (N, even, default 64), ``group`` (channels per FFT group, default
+128: the FFT over 2L runs a group of channels at a time, checkpointed with gradients, so its spectra are
+group · L, not C · L; a Python loop of C / group steps, see :func:`s4d_conv`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def _modes(params):
     return dtA, Cc * (torch.exp(dtA) - 1) / A  # decay exponent, input-side coefficient C·B̄
 
 
-KERNEL_BLOCK = 2048  # kernel positions per block: the [C, N/2, block] powers, 512 MB at C = 2048, N = 64
+KERNEL_BLOCK = 2048  # kernel positions per block: the [C, N/2, block] powers, 1 GiB complex64 at C = 2048, N = 64
+GROUP = 128  # channels per FFT group (``method_options.s4d.group``): a group's buffers are group · L, not C · L
 
 
 def _kernel_block(dtA, coef, start: int, stop: int):
@@ -40,15 +43,10 @@ def _kernel_block(dtA, coef, start: int, stop: int):
     return 2 * torch.einsum("cn,cnl->cl", coef, powers).real
 
 
-def s4d_kernel(params, length: int, dtype=torch.complex64, block: int = KERNEL_BLOCK):
-    """The convolution kernel ``K`` [C, L], built ``block`` positions at a time: the Vandermonde powers
-    ``e^{lΔA}`` [C, N/2, block] live one block at a time (all at once they were C · N/2 · L complex numbers,
-    16 GB at 32K tokens, C = 2048, N = 64: s4d's `oom` above 32K in results/h200-linear). With gradients each
-    block is checkpointed (its powers recomputed in the backward instead of kept)."""
+def _kernel(dtA, coef, length: int, block: int = KERNEL_BLOCK):
+    """K [C, L] from the modes (``dtA``, ``coef`` [C, N/2] complex), ``block`` positions at a time."""
     if block < 1:
         raise ValueError(f"s4d_kernel: block must be >= 1, got {block}")
-    dtA, coef = _modes(params)
-    dtA, coef = dtA.to(dtype), coef.to(dtype)
     train = torch.is_grad_enabled() and (dtA.requires_grad or coef.requires_grad)
     pieces = []
     for start in range(0, length, block):
@@ -60,15 +58,61 @@ def s4d_kernel(params, length: int, dtype=torch.complex64, block: int = KERNEL_B
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)  # [C, L]
 
 
-def s4d_fft(x, params):
-    """x [B, L, C] fp32 -> y [B, L, C] (the SSM part, before D and W_o)."""
+def s4d_kernel(params, length: int, dtype=torch.complex64, block: int = KERNEL_BLOCK):
+    """The convolution kernel ``K`` [C, L], built ``block`` positions at a time: the Vandermonde powers
+    ``e^{lΔA}`` [C, N/2, block] live one block at a time (all at once they were C · N/2 · L complex numbers,
+    16 GB at 32K tokens, C = 2048, N = 64: s4d's `oom` above 32K in results/h200-linear). With gradients each
+    block is checkpointed (its powers recomputed in the backward instead of kept)."""
+    dtA, coef = _modes(params)
+    return _kernel(dtA.to(dtype), coef.to(dtype), length, block)
+
+
+def _conv_group(x, dtA, coef, block: int, fault: str | None = None):
+    """One channel group: x [B, L, G] real -> y [B, G, L] (contiguous), the causal convolution with the
+    group's kernel (``block`` positions at a time) by FFT over 2L. Each spectrum ([G, L + 1] complex) is
+    dropped once used."""
     length = x.shape[1]
     n = 2 * length
-    # each spectrum ([C, L + 1] complex64, twice x's fp32 size) is dropped once used: the kernel, both spectra
-    # and their product held through the inverse transform were 24 GiB more at 1M tokens, C = 2048 (fwd `oom`)
-    spectrum = torch.fft.rfft(s4d_kernel(params, length), n=n)
+    spectrum = torch.fft.rfft(_kernel(dtA, coef, length, block), n=n)
     spectrum = torch.fft.rfft(x.transpose(1, 2), n=n) * spectrum
-    return torch.fft.irfft(spectrum, n=n)[..., :length].transpose(1, 2)
+    y = torch.fft.irfft(spectrum, n=n)[..., :length]
+    return y if fault == "view" else y.contiguous()  # a view of [B, G, 2L] keeps twice the output alive
+
+
+def s4d_conv(x, params, *, group: int = GROUP, dtype=torch.complex64, fault: str | None = None):
+    """x [B, L, C] real -> y [B, L, C] (the SSM part, before D and W_o), the channels ``group`` at a time.
+
+    The FFT convolution over 2L of all C channels at once held C · L-sized spectra, padded inputs and
+    products (several times x's size: s4d's fwd and fwd_bwd `oom` at 1M tokens, C = 2048, on the H200, and the
+    float64 gate at 32K); one group's are ``group / C`` of that. With gradients each group runs under a
+    checkpoint (its spectra and kernel recomputed in the backward, group by group, not saved) and x and the
+    modes are split with ``split`` (one gradient concatenation in the backward, not one full-size zero-padded
+    gradient per group). The per-channel operator is unchanged. ``fault``: deliberately broken variants for
+    the tests' negative controls (``group >= C``: the form before, all channels at once, not checkpointed;
+``"nocheckpoint"``: the groups' buffers saved for the backward; ``"view"``:
+    each group's output kept as a view of its 2L-long inverse transform)."""
+    if group < 1:
+        raise ValueError(f"s4d_conv: group must be >= 1, got {group}")
+    dtA, coef = _modes(params)
+    dtA, coef = dtA.to(dtype), coef.to(dtype)
+    train = torch.is_grad_enabled() and fault != "nocheckpoint" and x.shape[-1] > group and any(
+        t.requires_grad for t in (x, dtA, coef))  # one group (the form before): nothing to gain, not recomputed
+    # a group's kernel blocks are C / group times longer: the powers [group, N/2, block] are as large as the
+    # all-channel form's [C, N/2, KERNEL_BLOCK], and there are as many blocks in all (L / KERNEL_BLOCK)
+    block = KERNEL_BLOCK * max(1, x.shape[-1] // group)
+    outs = []
+    for xg, ag, cg in zip(x.split(group, dim=-1), dtA.split(group), coef.split(group)):
+        if train:
+            outs.append(checkpoint(_conv_group, xg, ag, cg, block, fault, use_reentrant=False))
+        else:
+            outs.append(_conv_group(xg, ag, cg, block, fault))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return y.transpose(1, 2)
+
+
+def s4d_fft(x, params, *, group: int = GROUP, fault: str | None = None):
+    """x [B, L, C] fp32 -> y [B, L, C] (the SSM part, before D and W_o): :func:`s4d_conv` in complex64."""
+    return s4d_conv(x, params, group=group, fault=fault)
 
 
 def s4d_loop(x, params):
@@ -84,14 +128,13 @@ def s4d_loop(x, params):
     return torch.stack(outs, dim=1)
 
 
-def s4d_fft64(x, params):
+def s4d_fft64(x, params, *, group: int = GROUP):
     """The FFT convolution with the kernel and transforms in float64/complex128 (the reference above the loop
-    length: the same algebra as the fast path at twice the precision, with autograd memory O(C·L))."""
-    length = x.shape[1]
-    K = s4d_kernel({k: v.double() for k, v in params.items()}, length, torch.complex128)
-    n = 2 * length
-    y = torch.fft.irfft(torch.fft.rfft(x.double().transpose(1, 2), n=n) * torch.fft.rfft(K, n=n), n=n)
-    return y[..., :length].transpose(1, 2).to(x.dtype)
+    length: the same algebra as the fast path at twice the precision, channels in groups as
+    :func:`s4d_conv`: with gradients (the gate up to ``ref_full_pairs``: 32K and 64K tokens) the groups'
+    complex128 buffers are recomputed in the backward, not kept)."""
+    y = s4d_conv(x.double(), {k: v.double() for k, v in params.items()}, group=group, dtype=torch.complex128)
+    return y.to(x.dtype)
 
 
 def s4d_rows(x, params, rows, *, chunk: int | None = None, carry: bool = True, budget: int = 1 << 22):
@@ -162,7 +205,7 @@ def init_parameters(width: int, state: int, generator, device):
 
 @register_method("s4d", Capabilities(family="linear", exact=False, form="layer", masks={"causal"}, causal_only=True,
                                       backward=True, trainable=True),
-                 options=("state_size", "reference_loop_max_len", "reference_stream_chunk"))
+                 options=("state_size", "group", "reference_loop_max_len", "reference_stream_chunk"))
 def build_s4d(ctx):
     """S4D layer: diagonal SSM, FFT convolution (fast) vs the token recurrence (reference)."""
     mask_mode(ctx)
@@ -172,6 +215,7 @@ def build_s4d(ctx):
     state = param_int(ctx, "state_size", 64, minimum=2, maximum=4096)
     if state % 2:
         raise ValueError(f"method_options.s4d.state_size: must be even (complex-conjugate pairs), got {state}")
+    group = param_int(ctx, "group", GROUP)  # channels per FFT group (fast path and the float64 reference)
     loop_max = param_int(ctx, "reference_loop_max_len", 1024)
     stream = param_int(ctx, "reference_stream_chunk", 0, minimum=0)  # 0: sized by s4d_rows's budget
     width = case.heads_q * case.head_dim
@@ -183,13 +227,13 @@ def build_s4d(ctx):
 
     def fast(x):
         xf = x.float()
-        return head(xf, s4d_fft(xf, ssm)).to(x.dtype)
+        return head(xf, s4d_fft(xf, ssm, group=group)).to(x.dtype)
 
     def reference(x, rows=None):
         if rows is not None:  # a long case's sampled rows, the state carried over token chunks (forward only)
             rows = rows.to(x.device).long()
             return head(x[:, rows], s4d_rows(x, ssm, rows, chunk=stream or None))
-        y = s4d_loop(x, ssm) if x.shape[1] <= loop_max else s4d_fft64(x, ssm)
+        y = s4d_loop(x, ssm) if x.shape[1] <= loop_max else s4d_fft64(x, ssm, group=group)
         return head(x, y)
 
     length = case.seq_q
