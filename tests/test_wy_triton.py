@@ -11,7 +11,11 @@ interpreter:
 - the built methods (delta_rule, gated_delta_rule, simple_gla) with ``solve: fused`` equal ``solve: torch``:
   outputs and every gradient, the decode prefill, the state scan's summary, a segmented run, bf16 inputs; a
   harness row is ok;
-- negative controls: the kernel with the transposed inverse, or without β in the right-hand side, fails the
+- the blocked inverse (16 x 16 diagonal blocks, then the off-diagonal merge by tl.dot): chunks of 32, 48
+  (padded to 64), 64 and 20 (padded to 32), ragged lengths, fp32 and bf16, gated and ungated, normalised or not,
+  equal the same pieces;
+- negative controls: the kernel with the transposed inverse, or without β in the right-hand side, or without
+  the inverse's off-diagonal merge (C = 32, 64; at C = 16, one block, that fault changes nothing), fails the
   same comparisons (pieces and the method's output); a backward that recomputes without the normalisation fails
   the gradient comparison;
 - option errors name the field; without CUDA or the interpreter the case is ``unsupported``.
@@ -137,6 +141,56 @@ def test_negative_controls_are_caught(fault, wrong):
             assert _rel(a, b) > 1e-2, name
         else:
             torch.testing.assert_close(a, b, **PIECE_TOL)
+
+
+@interp
+@pytest.mark.parametrize("chunk,length,gated,normalize,dtype", [
+    (32, 75, True, True, torch.float32),  # two blocks of 16; the last chunk ragged
+    (64, 100, False, True, torch.bfloat16),  # four blocks (the default chunk), delta_rule, bf16
+    (64, 130, True, False, torch.float32),  # unit q, k used as given
+    (48, 100, True, True, torch.float32),  # C not a power of two: padded to 64, a fourth block of padding
+    (20, 45, False, False, torch.float32),  # C not a multiple of 16: padded to 32
+])
+def test_blocked_inverse_pieces_equal_chunk_pieces(chunk, length, gated, normalize, dtype):
+    """Chunks of several 16 x 16 blocks (the blocked inverse's merge runs): the six pieces equal
+    chunk_pieces(solve='torch'), at the same tolerance."""
+    raw = _raw(length=length, heads=1, dk=16, dv=16, seed=5, dtype=dtype, unit=not normalize)
+    kw = dict(gated=gated, delta=True, normalize=normalize, chunk=chunk)
+    want, prepared = _want(*raw, **kw)
+    got = _fused(*raw, **kw)
+    _assert_pieces_equal(got, want)
+    assert got[2].shape == (1, 1, -(-length // chunk), chunk, 16)
+    # the off-diagonal blocks of T matter here: U differs from the diagonal blocks' solution
+    beta_v = prepared[2] * prepared[4][..., None]
+    assert _rel(got[2].reshape(beta_v.shape), beta_v) > 0.05
+
+
+@interp
+@pytest.mark.parametrize("chunk,fault", [(64, "no_offdiag"), (32, "no_offdiag"), (64, "transpose_t"),
+                                         (64, "no_beta")])
+def test_blocked_negative_controls_are_caught(chunk, fault):
+    """At C = 32 and 64 (two and four blocks): the inverse without its off-diagonal merge (the diagonal blocks
+    only), the transposed inverse, or no β on the right-hand side fail the comparison for U and W; the pieces
+    that do not use T still agree."""
+    raw = _raw(length=2 * chunk + 7, heads=1, dk=16, dv=16, seed=6)
+    kw = dict(gated=True, delta=True, normalize=True, chunk=chunk)
+    want, _ = _want(*raw, **kw)
+    got = _fused(*raw, **kw, fault=fault)
+    for name, a, b in zip(NAMES, got, want):
+        if name in ("U", "W"):
+            assert _rel(a, b) > 1e-2, name
+        else:
+            torch.testing.assert_close(a, b, **PIECE_TOL)
+
+
+@interp
+def test_no_offdiag_is_a_no_op_with_one_block():
+    """C = 16 is one block: dropping the merge changes nothing (so the control above tests the merge, not
+    something else the fault touches)."""
+    raw = _raw(seed=3)
+    kw = dict(gated=True, delta=True, normalize=True)
+    for a, b in zip(_fused(*raw, **kw, fault="no_offdiag"), _fused(*raw, **kw)):
+        assert torch.equal(a, b)
 
 
 # ---- gradients ---------------------------------------------------------------------------------------------

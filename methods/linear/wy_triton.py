@@ -21,11 +21,21 @@ and ``chunked`` converts, normalises and pads the inputs before it (a few more p
    (``x / max(‖x‖, 1e-12)``); the inputs may be fp32, bf16 or fp16 (read as they are, computed in fp32).
 3. One pass over the head dim in blocks of ``block_k``: ``q kᵀ`` and ``k kᵀ`` accumulated with ``tl.dot``;
    ``qg`` and ``kd`` of the block stored on the way.
-4. ``attn = (q kᵀ) ⊙ decay`` stored. The transposed strictly lower matrix ``Aᵀ`` (``Aᵀ[j, i] = A[i, j]``,
-   built directly from ``k kᵀ`` (symmetric), β and γ, so that row i of A comes out of a column reduction in
-   the layout the next step needs) and ``T = (I + A)⁻¹`` by forward substitution in registers, as
-   :mod:`tril_triton` does: for i = 0 .. C−1 in order ``T[i, :] = e_i − Σ_{j<i} A[i, j] T[j, :]``; rows j < i
-   of T are final when row i is computed, rows >= i are still 0. O(C³) per chunk, all fp32 without ``tl.dot``.
+4. ``attn = (q kᵀ) ⊙ decay`` stored. ``A`` (strictly lower, from ``k kᵀ``, β and γ) and ``T = (I + A)⁻¹``
+   blocked by 16 x 16 tiles (NB = BC / 16 blocks; C is padded to BC with zero rows and columns of A, so
+   every C goes this way and T is the identity on the padding): (a) the NB diagonal blocks
+   ``Tᵢᵢ = (I + Aᵢᵢ)⁻¹`` at once by forward substitution on one ``[NB, 16, 16]`` tile (``A``'s diagonal blocks,
+   taken out of the ``[BC, BC]`` tile by a reshape to ``[NB, 16, NB, 16]`` and a masked sum): 16 steps, step s
+   ``Tᵢᵢ[s, :] = e_s − Σ_{j<s} Aᵢᵢ[s, j] Tᵢᵢ[j, :]`` for every i, fp32 without dots, O(16 · C) per step;
+   (b) the off-diagonal blocks, the block forward substitution ``Tᵢⱼ = −Tᵢᵢ Σ_{j<=m<i} Aᵢₘ Tₘⱼ``, written
+   with ``D = blockdiag(Tᵢᵢ)``, ``Lb`` the strictly block-lower part of A and ``N = D Lb`` (``I + A =
+   (I + blockdiag(Aᵢᵢ)) (I + N)``, N strictly block-lower, ``N^NB = 0``) as ``T = (I + N)⁻¹ D``: ``P ← D − N P``
+   from ``P = D``, NB − 1 times (after step s the block band s below the diagonal is final: the Neumann
+   series of a nilpotent N ends, so this is the inverse, not an approximation). NB ``[BC, BC] x [BC, BC]`` dots
+   (N and the NB − 1 steps; C = 64: 4), O(NB · C³) multiply-adds, on tensor cores with ``tf32x3`` / ``tf32``. This replaced (results/
+   h200-linear-profile-fused: ``_wy_src`` 6.0 ms of the 10.1 ms delta_rule forward at 32K tokens, 16 heads,
+   d 128, C 64) the forward substitution over all C rows in registers: C sequential steps of masked [C, C]
+   reductions, O(C³) fp32 without ``tl.dot``, and ieee dots elsewhere.
 5. ``U = T (β v)`` in blocks of ``block_v`` value columns and ``W = T (β e^γ k)`` in blocks of ``block_k``
    (``tl.dot``), stored.
 
@@ -33,11 +43,17 @@ So the pieces cost one launch, one read of v and q and two of k (one more of q a
 norms' pass, the chunk's rows L2-resident after), and one write of each piece. The loop over chunks (``impl``:
 PyTorch or delta_triton.py) and the outputs (``chunk_outputs``, PyTorch) are unchanged.
 
-Dots: ``dot_precision`` ``ieee`` (the default: full fp32, as the PyTorch path's fp32 matmuls; the
-forward substitution is fp32 without dots anyway), ``tf32x3`` (fp32-like accuracy on tensor cores, three tf32
-products) or ``tf32`` (one tf32 product, ~1e-3 relative rounding in q kᵀ, k kᵀ and T's products). Shapes: any
-C <= :data:`MAX_CHUNK` (the [C, C] tiles live in registers; C is padded to a power of two >= 16 with masks), any
-head dims (blocked), the length need not be a multiple of C (the last chunk is padded in registers; the pieces
+Dots (q kᵀ, k kᵀ: one each per ``block_k`` columns; the inverse: NB; U, W: one each per ``block_v`` /
+``block_k`` columns): ``dot_precision`` ``tf32x3`` (the default since the blocked inverse: fp32-like accuracy on
+tensor cores, three tf32 products, ~2⁻²¹ relative rounding per product against fp32's 2⁻²⁴), ``ieee`` (full
+fp32 FMA dots, as the PyTorch path's fp32 matmuls; the default before: at C = 64 the inverse's [64, 64] x
+[64, 64] FMA dots spill a little, see :data:`DEFAULTS`) or ``tf32`` (one tf32 product, ~1e-3 relative rounding
+in q kᵀ, k kᵀ, the inverse's and U, W's products). Under ``TRITON_INTERPRET=1`` every dot is a numpy fp32
+matmul whatever the precision, so the tests (fp32 tolerances) check the algebra, not tf32x3's rounding on the
+GPU.
+
+Shapes: any C <= :data:`MAX_CHUNK` (the [C, C] tiles live in registers; C is padded to a power of two >= 16
+with masks), any head dims (blocked), the length need not be a multiple of C (the last chunk is padded in registers; the pieces
 have ``cdiv(L, C)`` chunks, as ``chunk_pieces`` has on the padded inputs). Outputs are new contiguous fp32
 tensors: ``qg`` ``[B, H, N, C, dk]``, ``attn`` ``[B, H, N, C, C]``, ``U`` ``[B, H, N, C, dv]``, ``W``
 ``[B, H, N, C, dk]`` (None without the delta term), ``kd`` ``[B, H, N, C, dk]``, ``last`` ``[B, H, N]``.
@@ -50,7 +66,8 @@ under ``enable_grad`` and backpropagates through it, so the gradients are the Py
 costs one PyTorch forward of the pieces more than ``solve: torch``'s, which keeps that graph from the forward).
 
 ``fault`` (tests only, the negative controls): ``'transpose_t'`` uses ``Tᵀ`` for U and W, ``'no_beta'``
-leaves β out of the right-hand side. Kernels are decorated on first use, once per interpreter mode
+leaves β out of the right-hand side, ``'no_offdiag'`` keeps the diagonal blocks of T only (no merge; C <= 16 has
+one block, so nothing changes there). Kernels are decorated on first use, once per interpreter mode
 (linear_triton.jit_kernel); CUDA or ``TRITON_INTERPRET=1``.
 """
 
@@ -62,14 +79,14 @@ from .linear_triton import _block, jit_kernel
 
 MAX_CHUNK = 128
 PRECISIONS = ("ieee", "tf32", "tf32x3")
-FAULTS = {None: 0, "transpose_t": 1, "no_beta": 2}
+FAULTS = {None: 0, "transpose_t": 1, "no_beta": 2, "no_offdiag": 3}
 
 
 def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
             sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sgb, sgh, sgl, sbb, sbh, sbl,
             C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
             BV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
-            NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, FAULT: tl.constexpr):
+            NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, FAULT: tl.constexpr, NB: tl.constexpr):
     """One program: the pieces of chunk ``c`` of head ``bh`` (program id ``bh · N + c``, which is also the
     chunk's index in the contiguous outputs)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -141,16 +158,40 @@ def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
              mask=stored[:, None] & (cols < C)[None, :])
 
     if DELTA:
-        # Aᵀ[j, i] = A[i, j] = β_i (k_i·k_j) e^(γ_i−γ_j) for j < i (k kᵀ is symmetric), else 0
+        # A[r, i] = β_r (k_r·k_i) e^(γ_r−γ_i) for i < r, else 0; Aᵀ the same built transposed (k kᵀ is symmetric)
+        strict = rows[:, None] > cols[None, :]
+        a = tl.where(strict, beta[:, None] * kk * decay, 0.0)
         above = cols[None, :] > rows[:, None]
         a_t = tl.where(above, beta[None, :] * kk * tl.exp(tl.where(above, gam[None, :] - gam[:, None], 0.0)), 0.0)
-        # T = (I + A)⁻¹ by forward substitution: row i of (I + A) T = I gives T[i, :] = e_i − Σ_j A[i, j] T[j, :]
-        T = tl.zeros([BC, BC], dtype=tl.float32)
-        for i in range(0, C):
-            a_row = tl.sum(tl.where(cols[None, :] == i, a_t, 0.0), axis=1)  # A[i, j], indexed by j on the rows
-            acc = tl.sum(a_row[:, None] * T, axis=0)  # Σ_j A[i, j] T[j, :]; rows j >= i of T are still 0
-            new = tl.where(cols == i, 1.0, 0.0) - acc
-            T = tl.where(rows[:, None] == i, new[None, :], T)
+        # T = (I + A)⁻¹ by 16 x 16 blocks (NB = BC / 16 of them; padded rows and columns of A are 0, so T is
+        # the identity there). (a) the diagonal blocks Tᵢᵢ = (I + Aᵢᵢ)⁻¹, all NB at once, by forward
+        # substitution on a [NB, 16, 16] tile: 16 steps, step s gives row s of every block,
+        # Tᵢᵢ[s, :] = e_s − Σ_{j<s} Aᵢᵢ[s, j] Tᵢᵢ[j, :] (the blocks of Aᵀ, so that row s of Aᵢᵢ comes out of a
+        # reduction in the layout the product needs).
+        blk = tl.arange(0, NB)
+        r16 = tl.arange(0, 16)
+        same = (blk[:, None, None, None] == blk[None, None, :, None])  # [NB, 1, NB, 1]: block i == block j
+        a3_t = tl.sum(tl.where(same, tl.reshape(a_t, [NB, 16, NB, 16]), 0.0), axis=2)  # [i, j, r] = Aᵢᵢ[r, j]
+        t3 = tl.zeros([NB, 16, 16], dtype=tl.float32)
+        for s in range(0, 16):
+            a_row = tl.sum(tl.where(r16[None, None, :] == s, a3_t, 0.0), axis=2)  # Aᵢᵢ[s, j], j on axis 1
+            acc = tl.sum(a_row[:, :, None] * t3, axis=1)  # Σ_j Aᵢᵢ[s, j] Tᵢᵢ[j, :]; rows j >= s still 0
+            new = tl.where(r16[None, :] == s, 1.0, 0.0) - acc
+            t3 = tl.where(r16[None, :, None] == s, new[:, None, :], t3)
+        # D = blockdiag(Tᵢᵢ) as a [BC, BC] tile
+        D = tl.reshape(tl.where(same, t3[:, :, None, :], 0.0), [BC, BC])
+        # (b) the off-diagonal blocks: with Lb the strictly block-lower part of A, I + A = (I + blockdiag(Aᵢᵢ))
+        #     (I + N), N = D Lb (strictly block-lower, so N^NB = 0) and T = (I + N)⁻¹ D, evaluated by
+        #     P ← D − N P from P = D, NB − 1 times: after step s, block band s of P is final
+        #     (Tᵢⱼ = −Tᵢᵢ Σ_{j<=m<i} Aᵢₘ Tₘⱼ, the block forward substitution), each step one [BC, BC] tl.dot.
+        if FAULT == 3:  # negative control: the diagonal blocks only, no off-diagonal merge
+            T = D
+        else:
+            Lb = tl.where((rows // 16)[:, None] > (cols // 16)[None, :], a, 0.0)
+            N = tl.dot(D, Lb, input_precision=PRECISION)
+            T = D
+            for _ in range(NB - 1):
+                T = D - tl.dot(N, T, input_precision=PRECISION)
         if FAULT == 1:  # negative control: the transposed inverse
             T = tl.trans(T)
         coef_v = beta if FAULT != 2 else tl.where(live, 1.0, 0.0)  # FAULT 2, negative control: β left out
@@ -175,18 +216,20 @@ def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
 
 
 # Defaults chosen offline (methods/triton_fit.py + ptxas_usage: the kernel compiled for sm_90 at d = 128, bf16
-# inputs, normalize; shared KB / registers per thread / spilled bytes per thread). C = 64: ieee dots at block 64
-# and 4 warps spill ~32 KB per thread (the FMA dot keeps its operands in registers), at block 32 and 8 warps 0.2
-# KB; ieee at block 16 and 8 warps: 24 KB / 165 / 0 (d = 256: 172, 0); tf32x3 at block 16 and 8 warps: 45 KB /
-# 186 / 0; tf32 at block 32, 8 warps: 40 KB / 128 / 0. C = 16 and 32 at 4 warps: 76 and 114 registers, 0 spilled.
-# C = 128 spills whatever the setting (16 warps: ~1.4 KB per thread; 82 KB shared): allowed, but slow. Not yet
-# timed on the H200.
-DEFAULTS = dict(block_k=16, block_v=16, dot_precision="ieee")
+# inputs, normalize; shared KB / registers per thread / spilled bytes per thread), the blocked inverse (the merge a
+# runtime loop: unrolled, tl.static_range, its dots' operand buffers added up, 96 KB at C = 64 with tf32x3 and
+# 256 KB, over the H200's 227, at C = 128). C = 64, blocks of 16, 8 warps: tf32x3 64 / 231 / 0 (d = 256: 64 /
+# 231 / 0), ieee 32 / 182 / 0, tf32 32 / 120 / 0; at 4 warps ieee spills (~0.9 KB), tf32x3 at blocks of 64
+# too (~0.9 KB). C = 32 and 16 (tf32x3, 4 warps): 16 / 168 / 0 and 6 / 128 / 0. C = 128 (8 warps) spills
+# (tf32x3: 128 KB shared, ~1.3 KB per thread; tf32 ~0.2 KB): allowed, but slow. Before the blocked inverse
+# (the forward substitution over all C rows, ieee): C = 64, 8 warps, 24 / 165 / 0; the profile above.
+# Not yet timed on the H200.
+DEFAULTS = dict(block_k=16, block_v=16, dot_precision="tf32x3")
 
 
 def warps(chunk: int) -> int:
-    """Warps per program: 4 up to C = 32, 8 above (the [C, C] fp32 tiles T, Aᵀ, q kᵀ, k kᵀ: at C = 64 and 4
-    warps they spill; see :data:`DEFAULTS`)."""
+    """Warps per program: 4 up to C = 32, 8 above (the [C, C] fp32 tiles T, N, D, A, Aᵀ, q kᵀ, k kᵀ: at C = 64
+    and 4 warps they spill with ieee dots; see :data:`DEFAULTS`)."""
     return 4 if _block(chunk) <= 32 else 8
 
 
@@ -238,7 +281,7 @@ def pieces_forward(q, k, v, g, beta, *, delta: bool, chunk: int, normalize: bool
             last, length, n, heads, *q.stride(), *k.stride(), *v.stride(), *gs, *bs,
             C=chunk, DK=dk, DV=dv, BC=_block(chunk), BK=min(block_k, _block(dk)), BV=min(block_v, _block(dv)),
             HAS_G=int(g is not None), HAS_BETA=int(beta is not None), DELTA=int(delta),
-            NORMALIZE=int(normalize), PRECISION=dot_precision, FAULT=FAULTS[fault],
+            NORMALIZE=int(normalize), PRECISION=dot_precision, FAULT=FAULTS[fault], NB=_block(chunk) // 16,
             num_warps=num_warps or warps(chunk))
     return qg, attn, U, W, kd, last
 
