@@ -26,7 +26,7 @@ inv ${P1:-130} delta-fused h200-linear-delta-fused-v2 "methods=[delta_rule,gated
 inv ${P2:-30} profile-fused h200-linear-profile-fused-v2 "methods=[delta_rule]" "seq_lens=[32768]" \
   +method_options.delta_rule.impl=triton +method_options.delta_rule.solve=fused timing.profile_calls=3 \
   case_timeout_s=25
-inv ${P3:-60} fla-delta $DT "methods=[fla_delta_rule]" "seq_lens=[524288,1048576]" case_timeout_s=50
+inv ${P3:-60} fla-delta $DT "methods=[fla_delta_rule]" "seq_lens=[524288,1048576]" "retry=[timeout]" case_timeout_s=50
 inv ${P4:-110} nats-flex h200-linear-nats-flex "methods=[nats_l]" "seq_lens=[2048,8192,32768,131072]" \
   +method_options.nats_l.softmax=flex correctness.ref_full_pairs=67108864 case_timeout_s=45
 # s4d: FFT convolution in channel groups (group 128, checkpointed); abc: causal segments of 64K tokens
