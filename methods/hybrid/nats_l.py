@@ -48,7 +48,7 @@ from ..contract import Prepared
 from ..fitting import fits_length, pow2_divisor
 from ..linear import gated_delta
 from ..linear.common import mask_mode, param_int
-from ..sparse.common import pattern_reference
+from ..sparse.common import block_visible, pattern_reference
 from ..registry import Capabilities, Unsupported, register_method
 from .layers import ParamMaker, dwconv, dwconv_reference, merge_heads, rms_norm, split_heads
 
@@ -112,25 +112,7 @@ def block_attend_scored(q, k, v, block_mask, score_mod):
     visible in a *full* block listed for its query block whatever the mask_mod says, in a listed *partial*
     block where the mask_mod says so, nowhere else (so a wrong block list is seen); scores ``q·k/√d`` pass
     through ``score_mod`` (indices broadcast [B, H, Lq, Lk]) before the masked softmax."""
-    seq_q, seq_kv = q.shape[2], k.shape[2]
-    block_q, block_kv = block_mask.BLOCK_SIZE
-    n_kv = -(-seq_kv // block_kv)
-
-    def listed(counts, indices):
-        keep = torch.arange(indices.shape[-1], device=q.device) < counts[..., None]
-        flags = torch.zeros(*indices.shape[:-1], n_kv + 1, dtype=torch.bool, device=q.device)
-        flags.scatter_(-1, torch.where(keep, indices.long(), n_kv), True)
-        flags = flags[..., :n_kv].repeat_interleave(block_q, dim=2)[:, :, :seq_q]
-        return flags.repeat_interleave(block_kv, dim=3)[..., :seq_kv]
-
-    partial = listed(block_mask.kv_num_blocks, block_mask.kv_indices)
-    full = torch.zeros_like(partial) if block_mask.full_kv_num_blocks is None else \
-        listed(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
-    h = torch.arange(q.shape[1], device=q.device)[None, :, None, None]
-    qi = torch.arange(seq_q, device=q.device)[None, None, :, None]
-    ki = torch.arange(seq_kv, device=q.device)[None, None, None, :]
-    visible = (full | (partial & block_mask.mask_mod(b, h, qi, ki))).expand(*q.shape[:3], seq_kv)
+    visible, (b, h, qi, ki) = block_visible(q, k, block_mask)
     scores = score_mod(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), b, h, qi, ki)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)

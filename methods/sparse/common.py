@@ -252,11 +252,11 @@ def dense_attend(q, k, v, block_mask, return_lse: bool = False):
     return out, torch.logsumexp(scores, dim=-1)
 
 
-def block_attend(q, k, v, block_mask, return_lse: bool = False):
-    """The contract of :func:`flex_attend` with a real ``BlockMask``, written out block by block (CPU tests):
-    a key is visible in a *full* block listed for its query block whatever the mask_mod says, in a listed
-    *partial* block where the mask_mod says so, and nowhere else - so a wrong block list is caught even when
-    the mask_mod alone is right (which :func:`dense_attend`, reading the mask_mod only, cannot see)."""
+def block_visible(q, k, block_mask):
+    """What a ``BlockMask`` lets each query see, written out: a key is visible in a *full* block listed for its
+    query block whatever the mask_mod says, in a listed *partial* block where the mask_mod says so, and nowhere
+    else. Returns ``(visible [B, H, Lq, Lk] bool, (b, h, q_idx, kv_idx))``, the index grids broadcastable to it
+    (for a score_mod)."""
     seq_q, seq_kv = q.shape[2], k.shape[2]
     block_q, block_kv = block_mask.BLOCK_SIZE
     n_kv = -(-seq_kv // block_kv)
@@ -276,7 +276,14 @@ def block_attend(q, k, v, block_mask, return_lse: bool = False):
     qi = torch.arange(seq_q, device=q.device)[None, None, :, None]
     ki = torch.arange(seq_kv, device=q.device)[None, None, None, :]
     visible = full | (partial & block_mask.mask_mod(b, h, qi, ki))
-    visible = visible.expand(q.shape[0], q.shape[1], seq_q, seq_kv)
+    return visible.expand(q.shape[0], q.shape[1], seq_q, seq_kv), (b, h, qi, ki)
+
+
+def block_attend(q, k, v, block_mask, return_lse: bool = False):
+    """The contract of :func:`flex_attend` with a real ``BlockMask``, written out block by block (CPU tests):
+    :func:`block_visible` - so a wrong block list is caught even when the mask_mod alone is right (which
+    :func:`dense_attend`, reading the mask_mod only, cannot see)."""
+    visible, _ = block_visible(q, k, block_mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = masked_attention(q, k, v, visible, scale)
     if not return_lse:
