@@ -9,6 +9,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _wrap(work: Path, out: Path) -> subprocess.CompletedProcess:
+    """``bash scripts/device_wrap.sh job job.sh`` in ``work`` with ``$OUT`` = ``out`` (made if missing)."""
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OUT": str(out), "WRAP_S": "60"}
+    return subprocess.run(["bash", "scripts/device_wrap.sh", "job", "job.sh"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_the_wrap_packs_outputs_and_brings_back_only_the_autotune_results(tmp_path):
     work = tmp_path / "work"
     (work / "scripts").mkdir(parents=True)
@@ -18,10 +26,7 @@ def test_the_wrap_packs_outputs_and_brings_back_only_the_autotune_results(tmp_pa
         'head -c 1000 /dev/zero > "$TRITON_CACHE_DIR/abc/k.cubin"\n'
         'echo row > "$OUT/rows.txt"\n')
     out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "WRAP_S": "60"}
-    done = subprocess.run(["bash", "scripts/device_wrap.sh", "job", "job.sh"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = _wrap(work, out)
     assert done.returncode == 0, done.stderr
     with tarfile.open(out / "job.tgz") as tar:
         assert "./rows.txt" in tar.getnames()
@@ -88,10 +93,7 @@ def test_the_committed_autotune_cache_is_unpacked_on_the_device_and_carried_file
     (work / "job.sh").write_text('cat "$TRITON_CACHE_DIR/h1/old.autotune.json" "$TRITON_CACHE_DIR/h1/carried.autotune.json" '
                                  '> "$OUT/seen.txt"\n')
     out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "WRAP_S": "60"}
-    done = subprocess.run(["bash", "scripts/device_wrap.sh", "job", "job.sh"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = _wrap(work, out)
     assert done.returncode == 0, done.stderr
     with tarfile.open(out / "job.tgz") as tar:
         assert tar.extractfile("./seen.txt").read().decode() == "committedcarried"
@@ -112,7 +114,6 @@ def test_the_committed_autotune_cache_is_unpacked_on_the_device_and_carried_file
     # control: no committed tarball, no carried cache -> the job sees no tuned config
     shutil.rmtree(work / ".triton-cache")
     (work / "scripts" / "device-cache" / "triton-autotune.tgz").unlink()
-    done = subprocess.run(["bash", "scripts/device_wrap.sh", "job", "job.sh"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = _wrap(work, out)
     with tarfile.open(out / "job.tgz") as tar:
         assert tar.extractfile("./seen.txt").read().decode() == ""
