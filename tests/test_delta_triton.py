@@ -4,6 +4,9 @@ kernels) on the CPU through Triton's interpreter: the per-chunk states, the fina
 V-blocks and with padded shapes; the whole chunked form through the kernels equals the fp32 token loop
 (values and gradients); a deliberately broken kernel (the ``W_c S`` term skipped) is caught by the same
 comparisons; option errors name the field; without CUDA or the interpreter the case is ``unsupported``.
+``dot_precision: bf16``: the kernels equal a PyTorch emulation of their bf16 operand rounding and stay within
+the bf16 bound of the fp32 loop (see the section's comment for what the CPU proves and what only the device
+gate does).
 
 Tolerances: fp32 throughout (the kernels compute in fp32, the interpreter's dots are numpy fp32), so the
 comparisons with the PyTorch loop hold to rtol 1e-5 / atol 1e-5 (states) and 1e-4 / 1e-5 (gradients: sums in
@@ -138,6 +141,151 @@ def test_negative_control_skipping_w_is_caught():
     assert not torch.allclose(got[4], want[4], **GRAD_TOL)  # dstate0 misses −Wᵀ dN in every chunk
 
 
+# ---- dot_precision: bf16 ----------------------------------------------------------------------------------
+# What the CPU can prove. Triton's interpreter cannot run bf16 dots (its fp32 -> bf16 cast truncates and its
+# tl.dot multiplies bf16 operands as raw uint16 bits), so under the interpreter the kernels round operands by
+# hand to nearest even and dot them in fp32 (delta_triton._operand_emulated): products of two bf16 values are
+# exact in fp32, so this is the GPU's bf16 MMA with fp32 accumulation up to the order of the fp32 sums.
+# (1) The kernels' arithmetic equals a PyTorch emulation that rounds exactly the intended operands (every dot
+#     operand, the state among them, rounded to bf16 just before its dot; the state carried, the decay and
+#     dlast's ⟨S, dS⟩ in fp32) to fp32 accumulation-order level: BF16_EMULATION_TOL. A kernel that rounded the
+#     carried state itself (state_bf16), or did not round at all (the interpreter's tf32 is exact fp32), is
+#     ~1e-3 away: caught by a factor of ~100.
+# (2) Against the fp32 loop the error is what bf16 rounding gives: u = 2⁻⁸ (8 significant bits), a product of
+#     two rounded operands errs by <= 2u + u² relative and fp32 accumulation adds ~1e-7; the errors of
+#     independent products partly cancel and the loop (decays <= 1, these W / kd scales) does not amplify them,
+#     so the normwise relative error of the states and of every gradient stays below 2u (BF16_TOL = 7.8e-3;
+#     measured 1.2e-3 .. 5.1e-3 over seeds, 2-8 chunks, with and without W) and above u / 16 (it does round).
+#     A missing term (skip_w) is caught.
+# Only the device gate proves the GPU's own conversion (.to(tl.bfloat16), cvt.rn) and bf16 MMA, and the error
+# at d = 128, chunk 64, long sequences (CPU emulation, scripts/delta_bf16_check.py: outputs 2e-4 .. 5.1e-3
+# relative at 8K against the bf16 gate's 8e-3; gradients not emulated).
+BF16_U = 2.0 ** -8
+BF16_TOL = 2 * BF16_U
+BF16_EMULATION_TOL = 1e-5
+
+
+def _round_bf16(x):
+    return x.bfloat16().float()
+
+
+def _bf16_emulated_states(U, W, kd, last, state0):
+    """The forward of :func:`_bf16_emulated_loop` (no autograd): (states, final state), a ``states_fn``."""
+    r = _round_bf16
+    with torch.no_grad():
+        states = state0.new_empty(*U.shape[:3], *state0.shape[-2:])
+        S = state0
+        for c in range(U.shape[2]):
+            states[:, :, c] = S
+            new = U[:, :, c] if W is None else U[:, :, c] - r(W[:, :, c]) @ r(S)
+            S = last[:, :, c, None, None] * S + r(kd[:, :, c]).transpose(-1, -2) @ r(new)
+    return states, S
+
+
+def _bf16_emulated_loop(U, W, kd, last, state0, dstates, dfinal):
+    """The kernels' bf16 arithmetic in PyTorch (fp32 matmuls of bf16-rounded operands, RNE): (states, final,
+    gradients of U, [W,] kd, last, state0) for upstream gradients ``dstates``, ``dfinal`` (either may be None);
+    the operands rounded where delta_triton rounds them, nothing else."""
+    r = _round_bf16
+    U, kd, last, state0 = (t.detach() for t in (U, kd, last, state0))
+    W = None if W is None else W.detach()
+    n = U.shape[2]
+    states, final = _bf16_emulated_states(U, W, kd, last, state0)
+    dU, dkd, dlast = torch.empty_like(U), torch.empty_like(kd), torch.empty_like(last)
+    dW = None if W is None else torch.empty_like(W)
+    dS = torch.zeros_like(state0) if dfinal is None else dfinal.clone()
+    for c in reversed(range(n)):
+        S_c = states[:, :, c]
+        dnew = r(kd[:, :, c]) @ r(dS)
+        dU[:, :, c] = dnew
+        new = U[:, :, c] if W is None else U[:, :, c] - r(W[:, :, c]) @ r(S_c)
+        dkd[:, :, c] = r(new) @ r(dS).transpose(-1, -2)
+        dlast[:, :, c] = (S_c * dS).sum((-1, -2))
+        before = last[:, :, c, None, None] * dS
+        if W is not None:
+            dW[:, :, c] = -(r(dnew) @ r(S_c).transpose(-1, -2))
+            before = before - r(W[:, :, c]).transpose(-1, -2) @ r(dnew)
+        if dstates is not None:
+            before = before + dstates[:, :, c]
+        dS = before
+    return states, final, tuple(t for t in (dU, dW, dkd, dlast, dS) if t is not None)
+
+
+def _loop_errors(got, want):
+    """rel errors of (states, final, every gradient) between two ``_loop_grads``-like triples."""
+    return [_rel(got[0], want[0]), _rel(got[1], want[1])] + [_rel(a, b) for a, b in zip(got[2], want[2])]
+
+
+@interp
+@pytest.mark.parametrize("has_w,N", [(True, 3), (False, 3), (True, 8)])
+def test_bf16_kernels_round_the_intended_operands(has_w, N):
+    """(1): states, final state and gradients equal the PyTorch bf16 emulation; negative controls: the carried
+    state rounded (state_bf16) and no rounding at all (tf32, exact fp32 in the interpreter) are caught."""
+    dt = _kernels()
+    pieces = _pieces(has_w=has_w, N=N, seed=4)
+    upstream = _upstream(pieces, "both")
+    want = _bf16_emulated_loop(*pieces, *upstream)
+
+    def run(**opts):
+        return _loop_grads(functools.partial(dt.chunk_states, block_v=16, **opts), pieces, upstream)
+
+    errors = _loop_errors(run(dot_precision="bf16"), want)
+    assert len(errors) == (7 if has_w else 6)
+    assert max(errors) < BF16_EMULATION_TOL, errors
+    for broken in (dict(dot_precision="bf16", state_bf16=True), dict(dot_precision="tf32")):
+        errors = _loop_errors(run(**broken), want)
+        assert max(errors[:2]) > 50 * BF16_EMULATION_TOL, (broken, errors)
+
+
+@interp
+def test_bf16_padded_shapes_equal_the_emulation():
+    """chunk 12, dk 24, dv 40 (padded tiles, three V-blocks): padding rows round to 0 and write nothing."""
+    dt = _kernels()
+    pieces = _pieces(B=2, N=2, C=12, dk=24, dv=40, seed=2)
+    upstream = _upstream(pieces, "both")
+    got = _loop_grads(functools.partial(dt.chunk_states, block_v=16, dot_precision="bf16"), pieces, upstream)
+    assert max(_loop_errors(got, _bf16_emulated_loop(*pieces, *upstream))) < BF16_EMULATION_TOL
+
+
+@interp
+@pytest.mark.parametrize("has_w", [True, False])
+def test_bf16_kernels_agree_with_the_fp32_loop_within_the_bf16_bound(has_w):
+    """(2): states, final and every gradient within BF16_TOL of the fp32 PyTorch loop, and not closer than
+    u / 16 (the option reached the kernels); negative control: skip_w with bf16 is caught."""
+    dt = _kernels()
+    pieces = _pieces(has_w=has_w, N=4, seed=6)
+    upstream = _upstream(pieces, "both")
+    want = _loop_grads(gated_delta.chunk_states, pieces, upstream)
+    got = _loop_grads(functools.partial(dt.chunk_states, block_v=16, dot_precision="bf16"), pieces, upstream)
+    errors = _loop_errors(got, want)
+    assert max(errors) < BF16_TOL, errors
+    assert min(errors[:2]) > BF16_U / 16, errors
+    if has_w:
+        broken = _loop_grads(functools.partial(dt.chunk_states, block_v=16, dot_precision="bf16", skip_w=True),
+                             pieces, upstream)
+        assert max(_loop_errors(broken, want)) > 10 * BF16_TOL
+
+
+def test_chunk_outputs_bf16_rounds_the_operands():
+    """``chunk_outputs(..., bf16=True)``: bf16 operands, the result within 2u (normwise) of fp32 and equal to
+    the fp32 matmuls of the rounded operands up to the bf16 rounding of each product's sum (< u);
+    gradients flow in fp32."""
+    gen = torch.Generator().manual_seed(7)
+    qg, attn = torch.randn(1, 2, 3, 16, 32, generator=gen), torch.randn(1, 2, 3, 16, 16, generator=gen).tril()
+    U, W = torch.randn(1, 2, 3, 16, 32, generator=gen), 0.1 * torch.randn(1, 2, 3, 16, 32, generator=gen)
+    states = torch.randn(1, 2, 3, 32, 32, generator=gen).requires_grad_()
+    exact = gated_delta.chunk_outputs(qg, attn, U, W, states)
+    got = gated_delta.chunk_outputs(qg, attn, U, W, states, bf16=True)
+    assert got.dtype == torch.float32
+    r = _round_bf16
+    rounded = r(qg) @ r(states) + r(attn) @ r(U - r(W) @ r(states))
+    assert _rel(got, rounded) < BF16_U
+    assert BF16_U / 16 < _rel(got, exact) < BF16_TOL
+    (grad,) = torch.autograd.grad(got.sum(), states)
+    (want,) = torch.autograd.grad(exact.sum(), states)
+    assert grad.dtype == torch.float32 and _rel(grad, want) < BF16_TOL
+
+
 # ---- the chunked form through the kernels, against the token loop -----------------------------------------
 def _inputs(length=37, heads=2, dim=32, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -152,13 +300,14 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _errors(name, states_fn, segment=0):
+def _errors(name, states_fn, segment=0, bf16_outputs=False):
     """rel errors of (out, dq, dk, dv, dg, dbeta) of the chunked form (chunk 16, 37 tokens: three chunks, the
     last padded) with ``states_fn`` against the fp32 token loop."""
     gated, delta, normalize = gated_delta.VARIANTS[name]
     kw = dict(gated=gated, delta=delta, normalize=normalize)
     inputs = _inputs()
-    out = gated_delta.chunked(*inputs, chunk=16, states_fn=states_fn, segment=segment, **kw)
+    out = gated_delta.chunked(*inputs, chunk=16, states_fn=states_fn, segment=segment, bf16_outputs=bf16_outputs,
+                              **kw)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     used = inputs if delta else inputs[:4]  # simple_gla does not read beta
     got = torch.autograd.grad(out, used, dout)
@@ -187,6 +336,33 @@ def test_chunked_negative_control_is_caught():
     dt = _kernels()
     errors = _errors("gated_delta_rule", functools.partial(dt.chunk_states, block_v=16, skip_w=True))
     assert errors[0] > 10 * TOKEN_LOOP_TOL and min(errors) > TOKEN_LOOP_TOL, errors
+
+
+@interp
+@pytest.mark.parametrize("name,segment", [("gated_delta_rule", 0), ("gated_delta_rule", 20), ("simple_gla", 0)])
+def test_chunked_with_bf16_dots_within_the_bf16_bound(name, segment):
+    """The chunked form with dot_precision bf16 (the loop's kernels and chunk_outputs): values and every
+    gradient within BF16_TOL of the fp32 token loop (measured 2.3e-3 .. 3.1e-3) and not closer than u / 16.
+    That bound alone is not a fault detector at this size: the W_c S term skipped errs by only ~4e-3 here
+    (37 tokens, three chunks). What catches it is (1) at the method level: the values equal the chunked form
+    with the PyTorch bf16 emulation as its loop to BF16_EMULATION_TOL, and skip_w is ~4e-3 from it."""
+    dt = _kernels()
+    states_fn = functools.partial(dt.chunk_states, block_v=16, dot_precision="bf16")
+    errors = _errors(name, states_fn, segment=segment, bf16_outputs=True)
+    assert BF16_U / 16 < min(errors) and max(errors) < BF16_TOL, errors
+    if segment:
+        return
+    gated, delta, normalize = gated_delta.VARIANTS[name]
+    inputs = [t.detach() for t in _inputs()]
+
+    def run(fn):
+        return gated_delta.chunked(*inputs, chunk=16, states_fn=fn, bf16_outputs=True, gated=gated, delta=delta,
+                                   normalize=normalize)
+
+    emulated = run(_bf16_emulated_states)
+    assert _rel(run(states_fn), emulated) < BF16_EMULATION_TOL
+    if delta:
+        assert _rel(run(functools.partial(states_fn, skip_w=True)), emulated) > 100 * BF16_EMULATION_TOL
 
 
 # ---- the method ------------------------------------------------------------------------------------------
@@ -230,6 +406,36 @@ def test_method_with_impl_triton_equals_its_reference(method, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_method_with_dot_precision_bf16(method, monkeypatch):
+    """``method_options.<method>.dot_precision: bf16`` (impl: triton) reaches the kernels (bf16 passed) and
+    chunk_outputs (bf16=True): the output within BF16_TOL of its reference and of impl torch, and not equal to
+    the tf32 build's (which the interpreter runs as exact fp32)."""
+    dt = _kernels()
+    seen = []
+    forward = dt.states_forward
+    monkeypatch.setattr(dt, "states_forward",
+                        lambda *a, **kw: seen.append(kw["dot_precision"]) or forward(*a, **kw))
+    outputs = []
+    real_outputs = gated_delta.chunk_outputs
+    monkeypatch.setattr(gated_delta, "chunk_outputs",
+                        lambda *a, **kw: outputs.append(kw.get("bf16", False)) or real_outputs(*a, **kw))
+    base = {"chunk": 16, "impl": "triton", "block_v": 16}
+    fast = as_prepared(METHODS[method].build(_ctx(method, {**base, "dot_precision": "bf16"})))
+    tf32 = as_prepared(METHODS[method].build(_ctx(method, base)))
+    gated, delta, _ = gated_delta.VARIANTS[method]
+    q, k, v, g, beta = (t.detach() for t in _inputs(length=40, dim=16))
+    extras = {name: t for name, t, used in (("g", g, gated), ("beta", beta, delta)) if used}
+    out = fast.fn(q, k, v, **extras)
+    assert seen == ["bf16"] and outputs == [True]
+    other = tf32.fn(q, k, v, **extras)
+    assert seen == ["bf16", "tf32"] and outputs == [True, False]
+    ref = fast.reference(q, k, v, **extras)
+    assert BF16_U / 16 < _rel(out, ref) < BF16_TOL
+    assert BF16_U / 16 < _rel(out, other) < BF16_TOL
+
+
+@interp
 def test_state_scan_summary_through_the_kernels():
     """The CP state scan's summary (the affine map M, b: the chunk loop on an identity state0, stride-0 expanded,
     with dk-wide zero values) equals impl torch's."""
@@ -267,6 +473,8 @@ def test_harness_rows(cfg):
     ({"block_v": 32}, "block_v"),  # a Triton-only option with impl torch
     ({"impl": "torch", "num_warps": 4}, "num_warps"),
     ({"impl": "torch", "num_stages": 2}, "num_stages"),
+    ({"impl": "torch", "dot_precision": "bf16"}, "dot_precision"),
+    ({"impl": "triton", "dot_precision": "bfloat16"}, "dot_precision"),
 ])
 @pytest.mark.parametrize("method", ["gated_delta_rule", "simple_gla"])
 def test_bad_options_name_the_field(method, params, field):

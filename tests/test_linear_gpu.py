@@ -179,9 +179,11 @@ def test_kernelized_impl_triton_passes_the_gate_in_bf16(method, options, mode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["gated_delta_rule", "delta_rule", "simple_gla"])
-@pytest.mark.parametrize("options", [{}, {"dot_precision": "ieee", "block_v": 16, "num_warps": 8, "num_stages": 1}])
+@pytest.mark.parametrize("options", [{}, {"dot_precision": "ieee", "block_v": 16, "num_warps": 8, "num_stages": 1},
+                                     {"dot_precision": "bf16"}])
 def test_delta_rules_with_the_triton_state_loop_pass_the_gate_in_bf16(method, options):
-    """impl: triton (methods/linear/delta_triton.py) at its defaults (tf32 dots) and the full-fp32 variant:
+    """impl: triton (methods/linear/delta_triton.py) at its defaults (tf32 dots), the full-fp32 variant and bf16
+    dots (the loop's and chunk_outputs'; the GPU's own bf16 conversion and MMA, which the CPU tests emulate):
     fwd_bwd rows ok against the method's fp32 reference (its gate), as the PyTorch loop's are."""
     row = _run(method, "fwd_bwd", method_options={"impl": "triton", **options})
     assert row["status"] == "ok", row["reason"]

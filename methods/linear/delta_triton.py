@@ -32,8 +32,16 @@ Kernels (one launch each way):
 
 Everything is fp32 (inputs, states, registers, outputs); ``tl.dot`` runs with ``input_precision``
 ``dot_precision``: ``tf32`` (the default: tensor cores, ~1e-3 relative rounding per product, as fla's kernels
-round the state to bf16 for the same dots) or ``ieee`` (full fp32 as the PyTorch path's fp32 matmuls; on the
-GPU it spills heavily, see :data:`DEFAULTS`). Shapes: ``tl.dot`` needs every
+round the state to bf16 for the same dots), ``ieee`` (full fp32 as the PyTorch path's fp32 matmuls; on the
+GPU it spills heavily, see :data:`DEFAULTS`) or ``bf16`` (as fla's ``chunk_gated_delta_rule_fwd_kernel_h`` and
+its backward: every dot operand, the state among them, rounded to bf16 (round to nearest even; unit roundoff
+u = 2⁻⁸ ≈ 3.9e-3, so a product of two rounded operands errs by <= 2u + u² relative) just before the dot, the
+products accumulated in fp32 by the bf16 tensor-core MMA; the state itself is carried and updated in fp32 and
+stored in fp32; the loads and stores are fp32 as before, only the dots' operand tiles are bf16). Triton's CPU
+interpreter cannot run bf16 dots (see :func:`_operand_emulated`): there the rounding is emulated on fp32 bits,
+so the CPU tests prove which operands are rounded and how (against a PyTorch emulation of the same rounding)
+and that the error against the fp32 loop is what bf16 rounding gives; the GPU's own conversion and MMA are
+proved only by the device gate. Shapes: ``tl.dot`` needs every
 dimension >= 16 and ``tl.arange`` powers of two, so the chunk C and dk are padded in registers to the next
 power of two >= 16 with masked loads (padded rows of U, W, kd load as 0 and so write nothing; padded state
 rows stay 0); dv is covered by V-blocks of ``block_v`` (masked at the edge). Inputs are read through their
@@ -45,8 +53,9 @@ more programs, B · H · cdiv(dv, block_v), and fewer registers, but more partia
 to :data:`MAX_CHUNK` tokens and head dims up to
 :data:`MAX_DIM` (the state block, one chunk's W and kd tiles live in registers).
 
-``skip_w=True`` drops the ``W_c S`` term in both kernels: a deliberately broken variant for the tests'
-negative control. Kernels are decorated on first use, once per interpreter mode (linear_triton.jit_kernel).
+``skip_w=True`` drops the ``W_c S`` term in both kernels, ``state_bf16=True`` (forward, with bf16) rounds the
+carried state itself to bf16 after every chunk (fla keeps it fp32): deliberately broken variants for the tests'
+negative controls. Kernels are decorated on first use, once per interpreter mode (linear_triton.jit_kernel).
 """
 
 import torch
@@ -57,20 +66,53 @@ from .linear_triton import _block, interpreting, jit_kernel
 
 MAX_CHUNK = 256
 MAX_DIM = 256
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32", "bf16")
 # Defaults chosen offline (methods/triton_fit.py: the launches compiled for sm_90, chunk 64, dk = dv = 128; KB of
 # shared memory fwd / bwd and spilled bytes per thread, 4 warps): block_v 64 at 3 stages needs 196 / 294 KB
 # (ieee) and 278 / 278 KB (tf32), over the H200's 227 KB; ieee dots spill 5-100 KB per thread at block_v >= 32
 # (no tensor cores: the fp32 FMA dot keeps its operands in registers); tf32 at block_v 32, 2 stages: 168 / 176
 # KB, 0 / 1.4 KB spilled. tests/test_triton_fit.py holds the defaults to the limit. Not yet timed on the H200.
+# dot_precision bf16 at the same defaults: 88 / 124 KB, 0 / 1.1 KB spilled (255 registers both; 8 warps: 0 / 0.5
+# KB; block_v 64: 96 / 168 KB, 0.14 / 2.2 KB); its bf16 operand tiles halve the dots' shared memory. Not timed.
 DEFAULTS = dict(block_v=32, num_warps=4, dot_precision="tf32")
+
+
+def _operand_src(x, BF16: tl.constexpr):
+    """A dot operand: ``x`` as it is (fp32: the dot's ``input_precision`` rounds it, tf32 or not at all) or,
+    with ``BF16``, ``x`` rounded to bf16 (round to nearest even, Triton's default fp32 -> bf16 conversion): the
+    tensor-core bf16 dot then accumulates the exact products in fp32. ``x`` itself (the carried state among
+    them) stays fp32."""
+    if BF16:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x
+    return y
+
+
+def _operand_emulated(x, BF16):
+    """:func:`_operand_src` for Triton's CPU interpreter (3.6), whose bf16 is not usable for this: its fp32 ->
+    bf16 cast truncates (round toward zero, not the GPU's round to nearest even) and its ``tl.dot`` multiplies
+    bf16 operands as their raw uint16 bit patterns (it converts fp8 operands only). So the interpreter rounds
+    to nearest even by hand on the fp32 bits and keeps the bf16 value in fp32; its numpy fp32 dot of those
+    operands is then the GPU's bf16 dot up to the order of the fp32 accumulation (the products of two bf16
+    values, 8 + 8 significant bits, are exact in fp32 either way). A plain function: the interpreter runs
+    kernels as Python (chosen at import, as Triton reads ``TRITON_INTERPRET`` once)."""
+    if BF16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # finite inputs (a carry into the exponent is right)
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+_operand = _operand_emulated if interpreting() else triton.jit(_operand_src)
 
 
 def _fwd_src(U, W, KD, LAST, S0, STATES, SF, N, H, C,
              sub, suh, sun, suc, sud, swb, swh, swn, swc, swd, skb, skh, skn, skc, skd,
              slb, slh, sln, s0b, s0h, s0k, s0v,
              DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             HAS_W: tl.constexpr, PRECISION: tl.constexpr, N_INTERP: tl.constexpr):
+             HAS_W: tl.constexpr, PRECISION: tl.constexpr, BF16: tl.constexpr, FAULT: tl.constexpr,
+             N_INTERP: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -98,10 +140,12 @@ def _fwd_src(U, W, KD, LAST, S0, STATES, SF, N, H, C,
         new = tl.load(u_ptr + c * sun, mask=uv_mask, other=0.0)
         if HAS_W:
             w = tl.load(w_ptr + c * swn, mask=wk_mask, other=0.0)
-            new -= tl.dot(w, S, input_precision=PRECISION)
+            new -= tl.dot(_operand(w, BF16), _operand(S, BF16), input_precision=PRECISION)
         kd = tl.load(k_ptr + c * skn, mask=wk_mask, other=0.0)
         decay = tl.load(l_ptr + c * sln)
-        S = decay * S + tl.dot(tl.trans(kd), new, input_precision=PRECISION)
+        S = decay * S + tl.dot(_operand(tl.trans(kd), BF16), _operand(new, BF16), input_precision=PRECISION)
+        if FAULT == 1:  # the broken variant: the carried state itself rounded to bf16 (fla keeps it fp32)
+            S = _operand(S, 1).to(tl.float32)
     tl.store(SF + pid_bh.to(tl.int64) * (DK * DV) + kk[:, None] * DV + vv[None, :], S, mask=s_mask)
 
 
@@ -111,7 +155,7 @@ def _bwd_src(U, W, KD, LAST, STATES, DSTATES, DSF, DU, DW, DKD, DLAST, DS0, N, H
              DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              HAS_W: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_DSF: tl.constexpr, NEED_DU: tl.constexpr,
              NEED_DW: tl.constexpr, NEED_DKD: tl.constexpr, NEED_DLAST: tl.constexpr, NEED_DS0: tl.constexpr,
-             PRECISION: tl.constexpr, N_INTERP: tl.constexpr):
+             PRECISION: tl.constexpr, BF16: tl.constexpr, N_INTERP: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -146,26 +190,30 @@ def _bwd_src(U, W, KD, LAST, STATES, DSTATES, DSF, DU, DW, DKD, DLAST, DS0, N, H
         c = tl.cast(N - 1 - i, tl.int64)
         S_c = tl.load(st_ptr + c * (DK * DV), mask=s_mask, other=0.0)
         kd = tl.load(k_ptr + c * skn, mask=wk_mask, other=0.0)
-        dnew = tl.dot(kd, dS, input_precision=PRECISION)  # [BC, BV]
+        dS_op = _operand(dS, BF16)  # the dot operands, each rounded once per chunk (bf16) or as they are
+        S_op = _operand(S_c, BF16)
+        dnew = tl.dot(_operand(kd, BF16), dS_op, input_precision=PRECISION)  # [BC, BV]
         if NEED_DU:
             tl.store(du_ptr + c * (C * DV), dnew, mask=uv_mask)
+        dnew_op = _operand(dnew, BF16)
         if HAS_W:
             w = tl.load(w_ptr + c * swn, mask=wk_mask, other=0.0)
         if NEED_DKD:
             new = tl.load(u_ptr + c * sun, mask=uv_mask, other=0.0)
             if HAS_W:
-                new -= tl.dot(w, S_c, input_precision=PRECISION)
-            tl.store(dkd_ptr + c * (C * DK), tl.dot(new, tl.trans(dS), input_precision=PRECISION), mask=wk_mask)
+                new -= tl.dot(_operand(w, BF16), S_op, input_precision=PRECISION)
+            tl.store(dkd_ptr + c * (C * DK), tl.dot(_operand(new, BF16), tl.trans(dS_op), input_precision=PRECISION),
+                     mask=wk_mask)
         if NEED_DLAST:
             tl.store(dl_ptr + c, tl.sum(tl.sum(S_c * dS, axis=1), axis=0))
         if HAS_W:
             if NEED_DW:
-                tl.store(dw_ptr + c * (C * DK), -tl.dot(dnew, tl.trans(S_c), input_precision=PRECISION),
+                tl.store(dw_ptr + c * (C * DK), -tl.dot(dnew_op, tl.trans(S_op), input_precision=PRECISION),
                          mask=wk_mask)
         decay = tl.load(l_ptr + c * sln)
         dS = decay * dS
         if HAS_W:
-            dS -= tl.dot(tl.trans(w), dnew, input_precision=PRECISION)
+            dS -= tl.dot(_operand(tl.trans(w), BF16), dnew_op, input_precision=PRECISION)
         if HAS_DSTATES:
             dS += tl.load(ds_ptr + c * sdn, mask=s_mask, other=0.0)
     if NEED_DS0:
@@ -209,8 +257,15 @@ def _stages(num_stages, dk: int) -> int:
     return num_stages if num_stages else (2 if _block(dk) <= 128 else 1)
 
 
+def _precision(dot_precision: str) -> dict:
+    """The kernels' constexprs for ``dot_precision``: bf16 rounds the operands itself (:func:`_operand_src`) and
+    leaves ``tl.dot`` its default ``input_precision`` (tf32, which bf16 operands do not use), as fla's kernels."""
+    bf16 = dot_precision == "bf16"
+    return dict(PRECISION="tf32" if bf16 else dot_precision, BF16=int(bf16))
+
+
 def states_forward(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_warps=DEFAULTS["num_warps"],
-                   dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False):
+                   dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False, state_bf16=False):
     """The forward kernel: (states [B, H, N, dk, dv] fp32, the state entering each chunk; the final state
     [B, H, dk, dv] fp32). No autograd (see :func:`chunk_states`)."""
     _check(U, W, kd, last, state0, block_v, dot_precision)
@@ -228,14 +283,15 @@ def states_forward(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_w
                          *U.stride(), *_strides(W if has_w else None, kd), *kd.stride(), *last.stride(),
                          *state0.stride(),
                          DK=dk, DV=dv, BC=_block(chunk), BK=_block(dk), BV=bv, HAS_W=int(has_w),
-                         PRECISION=dot_precision, N_INTERP=n if interpreting() else 0, num_warps=num_warps,
+                         **_precision(dot_precision), FAULT=int(state_bf16),
+                         N_INTERP=n if interpreting() else 0, num_warps=num_warps,
                          num_stages=_stages(num_stages, dk))
     return states, final
 
 
 def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=DEFAULTS["block_v"],
                     num_warps=DEFAULTS["num_warps"], dot_precision=DEFAULTS["dot_precision"], num_stages=None,
-                    skip_w=False):
+                    skip_w=False, state_bf16=False):
     """The backward kernel: (dU, dW, dkd, dlast, dstate0), each None where ``needs`` (five flags, as
     ``ctx.needs_input_grad``) says it is not wanted (dW also where W is None). ``dstates`` ([B, H, N, dk, dv])
     and ``dfinal`` ([B, H, dk, dv]) may be None (no gradient flows into them)."""
@@ -274,7 +330,7 @@ def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=D
                          DK=dk, DV=dv, BC=_block(chunk), BK=_block(dk), BV=bv, HAS_W=int(has_w),
                          HAS_DSTATES=int(dstates is not None), HAS_DSF=int(dfinal is not None),
                          NEED_DU=int(need_u), NEED_DW=int(need_w and has_w), NEED_DKD=int(need_kd),
-                         NEED_DLAST=int(need_last), NEED_DS0=int(need_s0), PRECISION=dot_precision,
+                         NEED_DLAST=int(need_last), NEED_DS0=int(need_s0), **_precision(dot_precision),
                          N_INTERP=n if interpreting() else 0, num_warps=num_warps,
                          num_stages=_stages(num_stages, dk))
     # the sums over V-blocks (fp32, in PyTorch: deterministic); one V-block: the buffer's only slice, no copy
@@ -304,10 +360,10 @@ class _ChunkStatesTriton(torch.autograd.Function):
 
 
 def chunk_states(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_warps=DEFAULTS["num_warps"],
-                 dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False):
+                 dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False, state_bf16=False):
     """The loop over chunks through the Triton kernels: (states [B, H, N, dk, dv], final state [B, H, dk, dv]),
     differentiable in every input (``W`` may be None: simple_gla). Drop-in for
     :func:`gated_delta.chunk_states` (fp32 inputs, CUDA or ``TRITON_INTERPRET=1``)."""
     opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, num_stages=num_stages,
-                skip_w=skip_w)
+                skip_w=skip_w, state_bf16=state_bf16)
     return _ChunkStatesTriton.apply(U, W, kd, last, state0, opts)

@@ -42,7 +42,9 @@ per piece and emits only the requested rows, forward only. ``impl`` (:func:`stat
 default) or ``triton``: the loop over chunks (forward and its backward) through own Triton kernels
 (``delta_triton.py``: one launch each way instead of a few per chunk), everything else unchanged, in the timed
 form, the decode prefill and the state scan (the references stay PyTorch); with ``block_v`` (power of two
-16..128, default 32), ``num_warps`` (default 4), ``dot_precision`` (``tf32``, the default, or ``ieee``),
+16..128, default 32), ``num_warps`` (default 4), ``dot_precision`` (``tf32``, the default, ``ieee``, or
+``bf16``: the loop's dot operands and :func:`chunk_outputs`' matmul operands rounded to bf16, fp32
+accumulation, the state carried in fp32, as fla's kernels; outside a bf16 case's gate it fails fp32's),
 ``num_stages`` (``auto``) and ``chunk`` <= 256 (:func:`states_impl`); CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
 ``solve`` (:func:`solve_choice`, independent of ``impl``): ``torch`` (the default,
 ``torch.linalg.solve_triangular`` on all chunks' systems at once), ``triton`` (the delta rules: each chunk's
@@ -226,10 +228,20 @@ def chunk_states(U, W, kd, last, state0):
     return _ChunkStates.apply(U, W, kd, last, state0)
 
 
-def chunk_outputs(qg, attn, U, W, states):
-    """Every chunk's outputs from the state entering it, all chunks at once: [B, H, N, C, dv]."""
-    new = U if W is None else U - W @ states
-    return qg @ states + attn @ new
+def chunk_outputs(qg, attn, U, W, states, bf16: bool = False):
+    """Every chunk's outputs from the state entering it, all chunks at once: [B, H, N, C, dv] (fp32).
+
+    ``bf16`` (``dot_precision: bf16`` of ``impl: triton``, as fla's output kernels): the three matmuls take
+    bf16 operands (each rounded to nearest even from fp32; the states stay fp32 in memory and are rounded
+    here only as operands), the products accumulated in fp32 by the bf16 GEMM, its result rounded once to
+    bf16 and taken back to fp32, where ``U − W S`` and the sum of the two terms are formed. Their backward
+    runs through the same bf16 matmuls (autograd), the gradients taken back to fp32 at the casts."""
+    if not bf16:
+        new = U if W is None else U - W @ states
+        return qg @ states + attn @ new
+    sb = states.bfloat16()
+    new = U if W is None else U - (W.bfloat16() @ sb).float()
+    return (qg.bfloat16() @ sb).float() + (attn.bfloat16() @ new.bfloat16()).float()
 
 
 def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
@@ -244,7 +256,8 @@ def _prepare(q, k, v, g, beta, gated, delta, normalize, chunk):
 
 
 def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=True, chunk=64, state0=None,
-            return_state=False, scale=None, segment=0, carry=True, states_fn=None, solve="torch"):
+            return_state=False, scale=None, segment=0, carry=True, states_fn=None, solve="torch",
+            bf16_outputs=False):
     """The WY chunked form (fp32), see the module docstring. ``scale`` defaults to 1/√d. ``solve``: the
     triangular solve of :func:`chunk_pieces` (``torch`` or ``triton``), or ``fused``: every piece, the inputs'
     conversion, normalisation and padding included, by one kernel (:func:`wy_triton.wy_pieces`).
@@ -252,6 +265,7 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     ``states_fn``: the loop over chunks, ``(U, W, kd, last, state0) -> (states, final state)``; None (the
     default) is :func:`chunk_states` (PyTorch); ``impl: triton`` passes :func:`delta_triton.chunk_states`
     with its options bound. Everything else (the pieces, the outputs, the segments) is the same code.
+    ``bf16_outputs``: :func:`chunk_outputs` with bf16 operands (``dot_precision: bf16``; default fp32).
 
     ``segment`` (tokens, 0 = off): above that many keys the sequence runs segment by segment through
     :func:`segmented` (the state carried across; in training each segment checkpointed), with the same
@@ -261,7 +275,7 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     if segment and k.shape[2] > segment:
         return segmented(q, k, v, g, beta, gated=gated, delta=delta, normalize=normalize, chunk=chunk,
                          state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry,
-                         states_fn=states_fn, solve=solve)
+                         states_fn=states_fn, solve=solve, bf16_outputs=bf16_outputs)
     out_dtype = v.dtype
     if solve == "fused":  # the kernel reads the raw inputs: conversion, normalisation and padding fused in
         from .wy_triton import wy_pieces
@@ -276,7 +290,7 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
     batch, heads, _, dk = k.shape
     S0 = k.new_zeros(batch, heads, dk, v.shape[-1], dtype=torch.float32) if state0 is None else state0.float()
     states, S = (chunk_states if states_fn is None else states_fn)(U, W, kd, last, S0)
-    out = chunk_outputs(qg, attn, U, W, states).reshape(batch, heads, -1, v.shape[-1])
+    out = chunk_outputs(qg, attn, U, W, states, bf16=bf16_outputs).reshape(batch, heads, -1, v.shape[-1])
     out = (scale * out[:, :, lead:length]).to(out_dtype)
     return (out, S) if return_state else out
 
@@ -286,7 +300,8 @@ def _segment_step(q, k, v, g, beta, state0, kw):
 
 
 def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=True, normalize=True, chunk=64,
-              state0=None, return_state=False, scale=None, carry=True, states_fn=None, solve="torch"):
+              state0=None, return_state=False, scale=None, carry=True, states_fn=None, solve="torch",
+              bf16_outputs=False):
     """:func:`chunked` one segment of ``segment`` tokens at a time: each segment is the chunked form started
     from the state carried out of the segment before (fp32 [B, H, dk, dv]), so the working memory (the WY
     pieces, the per-chunk states, and in training everything autograd saves) is one segment's, whatever the
@@ -295,15 +310,15 @@ def segmented(q, k, v, g=None, beta=None, *, segment: int, gated=True, delta=Tru
     kept, and the backward recomputes one segment's forward at a time (the cost: one more forward).
     Segments need not align with the chunks: a segment's last chunk is padded with tokens that neither write
     nor decay, so the result equals the unsegmented one up to float rounding. Queries aligned bottom-right
-    (zero queries in front, sliced off after). ``states_fn``, ``solve``: as :func:`chunked`'s, used in every
-    segment."""
+    (zero queries in front, sliced off after). ``states_fn``, ``solve``, ``bf16_outputs``: as :func:`chunked`'s,
+    used in every segment."""
     if segment < 1:
         raise ValueError(f"segmented: segment must be >= 1, got {segment}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, lead = _align(q, k)
     length = k.shape[2]
     kw = dict(gated=gated, delta=delta, normalize=normalize, chunk=chunk, scale=scale, states_fn=states_fn,
-              solve=solve)
+              solve=solve, bf16_outputs=bf16_outputs)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, state0))
     out = None if train else v.new_empty(*v.shape[:3], v.shape[-1])
     pieces = []
@@ -472,9 +487,11 @@ TRITON_ONLY = ("block_v", "num_warps", "dot_precision", "num_stages")  # options
 def states_impl(ctx, chunk: int):
     """``method_options.<method>.impl``: ``torch`` (the default: the chunk loop in PyTorch,
     :func:`chunk_states`) or ``triton`` (the loop through own Triton kernels, :mod:`delta_triton`, with
-    ``block_v`` (power of two 16..128), ``num_warps`` (1, 2, 4, 8 or 16), ``dot_precision`` (``tf32`` or
-    ``ieee``) and ``num_stages``). Returns the ``states_fn`` for :func:`chunked`
-    (None for ``torch``). ``num_stages``: ``auto`` (2 up to head dim 128, 1 above) or 1, 2, 3. Defaults:
+    ``block_v`` (power of two 16..128), ``num_warps`` (1, 2, 4, 8 or 16), ``dot_precision`` (``tf32``,
+    ``ieee`` or ``bf16``; ``bf16`` also gives :func:`chunk_outputs` bf16 operands, see :func:`build_variant`)
+    and ``num_stages``). Returns the ``states_fn`` for :func:`chunked` (None for ``torch``), a
+    ``functools.partial`` whose ``keywords`` hold the options. ``num_stages``: ``auto`` (2 up to head dim 128,
+    1 above) or 1, 2, 3. Defaults:
     :data:`delta_triton.DEFAULTS` (block_v 32, 4 warps, tf32 dots: chosen offline for sm_90's shared memory
     and spills). Bad values: ValueError naming the field; with ``triton``, ``Unsupported`` (the case's
     row, with the reason) without CUDA or ``TRITON_INTERPRET=1``, or for head dims above 256. Never a silent
@@ -564,7 +581,9 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
 def build_variant(ctx, name: str, fast=None) -> Prepared:
     """Prepared for one variant; ``fast`` replaces the own chunked form (the fla adapters). ``impl``
     (:func:`states_impl`) picks the chunk loop and ``solve`` (:func:`solve_choice`) the triangular solve of the
-    timed form, the decode prefill and the state scan; the references stay PyTorch."""
+    timed form, the decode prefill and the state scan; the references stay PyTorch. ``dot_precision: bf16``
+    (``impl: triton``) rounds the operands of the loop's dots and of :func:`chunk_outputs`' matmuls to bf16
+    (fp32 accumulation, the state fp32): one option for the chunk path's dots, as fla's kernels have them."""
     gated, delta, normalize = VARIANTS[name]
     causal, offset = mask_mode(ctx)
     if not causal or offset != ctx.case.seq_kv - ctx.case.seq_q:
@@ -575,13 +594,14 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     segment = param_segment(ctx, chunk) if fast is None else 0
     states_fn = states_impl(ctx, chunk) if fast is None else None
     solve = solve_choice(ctx, chunk, delta) if fast is None else "torch"
+    bf16_outputs = states_fn is not None and states_fn.keywords["dot_precision"] == "bf16"
     kw = dict(gated=gated, delta=delta, normalize=normalize)
 
     def fn(q, k, v, g=None, beta=None):
         if fast is not None:
             return fast(q, k, v, g, beta)
         return chunked(q, k, v, g, beta, chunk=chunk, segment=segment_tokens(segment, k.shape[2]),
-                       states_fn=states_fn, solve=solve, **kw)
+                       states_fn=states_fn, solve=solve, bf16_outputs=bf16_outputs, **kw)
 
     def reference(q, k, v, g=None, beta=None):
         if k.shape[2] <= naive_max:
@@ -598,7 +618,8 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         return delta_rows(q, k, v, g, beta, rows, gated=gated, chunk=max(1, chunk // 2), stream=stream)
 
     extras = gate_extras(ctx.case, gated, delta)
-    scan = affine_state_scan(chunk, tuple(extras), segment=segment, states_fn=states_fn, solve=solve, **kw) \
+    scan = affine_state_scan(chunk, tuple(extras), segment=segment, states_fn=states_fn, solve=solve,
+                             bf16_outputs=bf16_outputs, **kw) \
         if fast is None and offset == 0 else None
     return Prepared(fn=fn, reference=reference, extras=extras,
                     decode=recurrent_decode(gated, delta, normalize, chunk, segment, states_fn, solve),
