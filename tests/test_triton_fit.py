@@ -120,6 +120,7 @@ OWN_TRITON = [
     ("gated_delta_rule", {"solve": "fused", "impl": "triton"}, (128, 256)),
     ("gated_delta_rule", {"solve": "fused", "chunk": 128}, (128,)),  # its largest tiles
     ("simple_gla", {"solve": "fused"}, (128,)),
+    ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton"}, (128, 256)),  # the backward kernel too
 ]
 
 
@@ -197,3 +198,43 @@ def test_negative_control_fused_wy_kernel_spills_at_4_warps():
 
     stores, loads, _ = ptxas_usage(_wy_launch(dot_precision="ieee", num_warps=4))
     assert stores > 256 and loads > 256, (stores, loads)
+
+
+def _wy_bwd_launch(chunk=64, dim=128, **opts):
+    """The fused WY pieces' backward kernel's launch at gated_delta_rule's shape (bf16 inputs, normalised)."""
+    from attnbench.methods.linear.wy_triton import pieces_backward
+
+    torch.manual_seed(0)
+    length = 4 * chunk
+    q, k, v = (torch.randn(1, 2, length, dim, dtype=torch.bfloat16) for _ in range(3))
+    g, beta = torch.randn(1, 2, length), torch.rand(1, 2, length)
+    with record_launches() as launches:
+        pieces_backward(q, k, v, g, beta, [None] * 6, delta=True, chunk=chunk, normalize=True, **opts)
+    assert [launch.name for launch in launches] == ["_wy_bwd_src"], launches
+    return compile_launch(launches[0])
+
+
+@pytest.mark.parametrize("chunk,dim,opts", [
+    (32, 128, {}),  # the defaults (tf32x3 dots, blocks of 16; 4 warps up to C = 32)
+    (16, 128, {}),
+    (64, 128, {"dot_precision": "tf32"}),  # C = 64 (8 warps) fits with tf32 dots only, see wy_triton.DEFAULTS
+])
+def test_fused_wy_backward_kernel_does_not_spill(chunk, dim, opts):
+    """wy_backward: triton (the pieces' backward kernel: A, T recomputed, dT, dA, the [C, C] gradient tiles):
+    no spills (ptxas), within the H200's shared memory. Not covered (they spill when measured, see
+    wy_triton.DEFAULTS): C = 64 with the default tf32x3 dots (~0.6 KB per thread), tf32 at d = 256 (16 B).
+    C = 128 needs ~296 KB of shared memory: refused (wy_triton.MAX_BACKWARD_CHUNK)."""
+    from attnbench.methods.triton_fit import ptxas_usage
+
+    kernel = _wy_bwd_launch(chunk, dim, **opts)
+    stores, loads, registers = ptxas_usage(kernel)
+    assert stores == loads == 0 and registers <= 255, (stores, loads, registers)
+    assert kernel.metadata.shared <= SM90["shared_limit"], kernel.metadata.shared
+
+
+def test_negative_control_fused_wy_backward_kernel_spills_at_4_warps():
+    """The same check flags a setting that spills: the backward at C = 64 with ieee dots on 4 warps."""
+    from attnbench.methods.triton_fit import ptxas_usage
+
+    stores, loads, _ = ptxas_usage(_wy_bwd_launch(dot_precision="ieee", num_warps=4))
+    assert stores > 0 and loads > 0, (stores, loads)

@@ -18,6 +18,12 @@ interpreter:
   the inverse's off-diagonal merge (C = 32, 64; at C = 16, one block, that fault changes nothing), fails the
   same comparisons (pieces and the method's output); a backward that recomputes without the normalisation fails
   the gradient comparison;
+- the backward kernel (``wy_backward: triton``, ``wy_triton.pieces_backward``): dq, dk, dv, dg, dβ equal
+  autograd through ``reference_pieces`` with random incoming gradients on all six pieces (gated and ungated, with
+  and without the delta term, normalised or not, C = 16, 32 and 20 padded to 32, ragged lengths, dk 8 / 16 / 32,
+  fp32 and bf16) and with one piece's gradient at a time; through the built methods, outputs and every gradient
+  equal ``solve: torch`` with the PyTorch recompute never run; negative controls (dA = −Tᵀ dT Tᵀ dropped, no
+  reverse cumsum for dg, no normalisation projection) fail the comparisons they break;
 - option errors name the field; without CUDA or the interpreter the case is ``unsupported``.
 
 Tolerances: fp32 throughout (the interpreter's dots are numpy fp32; the kernel's forward substitution and the
@@ -374,3 +380,151 @@ def test_bad_arguments_fail_before_the_kernel(kw, match):
     args = dict(q=q, k=k, v=v, g=g, beta=beta, delta=True)
     with pytest.raises((ValueError, TypeError), match=match):
         _wy().pieces_forward(**{**args, **kw})
+
+
+# ---- the backward kernel (wy_backward: triton, wy_triton.pieces_backward) -----------------------------------
+BF16_GRAD_TOL = dict(rtol=1e-2, atol=1e-4)  # bf16 inputs: both gradients rounded to bf16 (one ulp ~ 4e-3)
+
+
+def _reference_grads(raw, dpieces, *, delta, chunk, normalize):
+    """Autograd through reference_pieces (conversion, normalisation, padding, chunk_pieces(solve='torch')) for
+    the incoming gradients ``dpieces`` (None: none), in every input the variant reads (zeros where unused)."""
+    wt = _wy()
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in raw]
+    pieces = wt.reference_pieces(*leaves, delta=delta, chunk=chunk, normalize=normalize)
+    pairs = [(p, d) for p, d in zip(pieces, dpieces) if p is not None and d is not None and p.requires_grad]
+    used = [t for t in leaves if t is not None]
+    if not pairs:
+        return [torch.zeros_like(t) for t in used]
+    got = torch.autograd.grad([p for p, _ in pairs], used, [d for _, d in pairs], allow_unused=True)
+    return [torch.zeros_like(t) if d is None else d for t, d in zip(used, got)]
+
+
+def _random_dpieces(raw, *, delta, chunk, only=None, seed=5):
+    """Random incoming gradients of the six pieces (all, or only the one named ``only``; the others None)."""
+    q, _, v, _, _ = raw
+    batch, heads, length, dk = q.shape
+    n = -(-length // chunk)
+    shapes = dict(qg=(n, chunk, dk), attn=(n, chunk, chunk), U=(n, chunk, v.shape[-1]), W=(n, chunk, dk),
+                  kd=(n, chunk, dk), last=())
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name in NAMES:
+        skip = (name == "W" and not delta) or (only is not None and name != only)
+        out.append(None if skip else torch.randn(batch, heads, *((n,) if name == "last" else shapes[name]),
+                                                  generator=gen))
+    return out
+
+
+def _kernel_vs_autograd(gated, delta, normalize, *, chunk=16, length=37, dk=16, dv=24, dtype=torch.float32,
+                        only=None, fault=None):
+    raw = list(_raw(length=length, dk=dk, dv=dv, dtype=dtype, unit=delta and not normalize))
+    raw[3] = raw[3] if gated else None
+    raw[4] = raw[4] if delta else None
+    dpieces = _random_dpieces(raw, delta=delta, chunk=chunk, only=only)
+    got = [t for t in _wy().pieces_backward(*raw, dpieces, delta=delta, chunk=chunk, normalize=normalize,
+                                             fault=fault) if t is not None]
+    want = _reference_grads(raw, dpieces, delta=delta, chunk=chunk, normalize=normalize)
+    assert [t.dtype for t in got] == [t.dtype for t in want] and [t.shape for t in got] == [t.shape for t in want]
+    return got, want
+
+
+@interp
+@pytest.mark.parametrize("gated,delta,normalize,chunk,length,dk,dtype", [
+    (True, True, True, 16, 37, 16, torch.float32),  # gated_delta_rule
+    (False, True, True, 16, 37, 8, torch.float32),  # delta_rule, dk 8 (one partial block)
+    (True, False, False, 16, 37, 32, torch.float32),  # simple_gla, dk over two blocks
+    (True, True, False, 16, 37, 16, torch.float32),  # the delta term on unit q, k used as given
+    (True, True, True, 32, 45, 32, torch.float32),  # two 16 x 16 blocks of the inverse, ragged
+    (True, True, True, 20, 45, 16, torch.float32),  # C = 20 padded to 32 in registers
+    (False, True, True, 16, 37, 16, torch.bfloat16),  # bf16 inputs, bf16 gradients
+])
+def test_backward_kernel_equals_autograd(gated, delta, normalize, chunk, length, dk, dtype):
+    """pieces_backward with random incoming gradients on all six pieces equals autograd through
+    reference_pieces, in every input the variant reads (q, k, v; g gated; β with the delta term)."""
+    got, want = _kernel_vs_autograd(gated, delta, normalize, chunk=chunk, length=length, dk=dk, dtype=dtype)
+    tol = GRAD_TOL if dtype == torch.float32 else BF16_GRAD_TOL
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), got, want):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+        assert b.abs().max() > 1e-3, name  # a real gradient
+
+
+@interp
+@pytest.mark.parametrize("only", NAMES)
+def test_backward_kernel_one_piece_at_a_time(only):
+    """Incoming gradient on one piece only (the others None: zero), gated_delta_rule at C = 32, ragged: each
+    piece's path through the backward on its own."""
+    got, want = _kernel_vs_autograd(True, True, True, chunk=32, length=45, only=only)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), got, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL, msg=lambda m: f"{only} -> {name}: {m}")
+    assert max(b.abs().max() for b in want) > 1e-3
+
+
+@interp
+@pytest.mark.parametrize("fault,caught", [
+    ("no_dinv", ("dk", "dg", "dbeta")),  # the −Tᵀ dT Tᵀ term dropped
+    ("no_revcumsum", ("dg",)),  # dg = dγ, no reverse cumsum
+    ("no_norm_proj", ("dq", "dk")),  # the normalisation's projection left out
+])
+def test_backward_kernel_negative_controls_are_caught(fault, caught):
+    got, want = _kernel_vs_autograd(True, True, True, chunk=32, length=45, fault=fault)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), got, want):
+        if name in caught:
+            assert not torch.allclose(a, b, **GRAD_TOL), (fault, name)
+
+
+@interp
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_method_with_triton_wy_backward_equals_solve_torch(method, monkeypatch):
+    """Through the method builder with ``solve: fused, wy_backward: triton``: the output and every gradient
+    equal ``solve: torch``; the backward kernel ran (counted) and the PyTorch recompute did not."""
+    wt = _wy()
+    calls = []
+    backward = wt.pieces_backward
+    monkeypatch.setattr(wt, "pieces_backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
+    monkeypatch.setattr(wt, "reference_pieces", lambda *a, **kw: pytest.fail("the PyTorch recompute ran"))
+    fast = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16, "solve": "fused", "wy_backward": "triton"})))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    args, extras = _method_inputs(method, length=37)
+    got = _run(fast, args, extras)
+    assert len(calls) == 1
+    want = _run(plain, args, extras)
+    errors = [_rel(a, b) for a, b in zip(got, want)]
+    assert max(errors) < SOLVE_TOL, errors
+
+
+@interp
+def test_method_backward_negative_control_is_caught(monkeypatch):
+    """The method with the backward kernel's reverse cumsum left out: the gate's gradient fails."""
+    wt = _wy()
+    backward = wt.pieces_backward
+    monkeypatch.setattr(wt, "pieces_backward", lambda *a, **kw: backward(*a, **{**kw, "fault": "no_revcumsum"}))
+    method = "gated_delta_rule"
+    fast = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16, "solve": "fused", "wy_backward": "triton"})))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    args, extras = _method_inputs(method, length=37)
+    got, want = _run(fast, args, extras), _run(plain, args, extras)
+    assert max(_rel(a, b) for a, b in zip(got[:4], want[:4])) < SOLVE_TOL  # out, dq, dk, dv untouched
+    assert _rel(got[4], want[4]) > 100 * SOLVE_TOL  # dg
+
+
+@pytest.mark.parametrize("method,params,field", [
+    ("delta_rule", {"solve": "fused", "wy_backward": "cuda"}, "wy_backward"),
+    ("delta_rule", {"wy_backward": "triton"}, "wy_backward"),  # no solve fused: nothing to run it
+    ("gated_delta_rule", {"solve": "triton", "wy_backward": "triton"}, "wy_backward"),
+    ("simple_gla", {"wy_backward": "torch"}, "wy_backward"),
+    ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton", "chunk": 128}, "chunk"),  # shared memory
+])
+def test_bad_wy_backward_names_the_field(method, params, field):
+    with pytest.raises(ValueError, match=f"method_options.{method}.{field}"):
+        METHODS[method].build(_ctx(method, params))
+
+
+def test_wy_backward_default_is_torch(monkeypatch):
+    """solve: fused alone keeps the PyTorch recompute (the internal solve 'fused'); wy_backward: triton
+    selects the kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ctx = _ctx("delta_rule", {"solve": "fused"})
+    assert gated_delta.solve_choice(ctx, 16, True) == "fused"
+    ctx = _ctx("delta_rule", {"solve": "fused", "wy_backward": "triton"})
+    assert gated_delta.FUSED[gated_delta.solve_choice(ctx, 16, True)] == "triton"

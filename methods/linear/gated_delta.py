@@ -51,8 +51,9 @@ accumulation, the state carried in fp32, as fla's kernels; outside a bf16 case's
 ``(I + A)⁻¹`` by an own Triton kernel, ``tril_triton.py``: forward substitution in registers, one program per
 chunk, and a matmul) or ``fused`` (every WY piece, γ, the decays, ``attn``, ``qg``, ``kd``, ``last``, ``(I + A)⁻¹``,
 U and W, and the inputs' fp32 conversion, ℓ2 normalisation and padding, by one own kernel per chunk,
-``wy_triton.py``; backward through the PyTorch pieces, recomputed; simple_gla too, without the delta term), in
-the same places as ``impl``; ``chunk`` <= 128; CUDA or ``TRITON_INTERPRET=1``.
+``wy_triton.py``; backward through the PyTorch pieces, recomputed, or with ``wy_backward: triton``
+(``chunk`` <= 64) by an own backward kernel per chunk; simple_gla too, without the delta term), in the same
+places as ``impl``; ``chunk`` <= 128; CUDA or ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -122,12 +123,12 @@ def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, solve: str = "tor
     :func:`wy_triton.wy_pieces`, with or without the delta term; its backward recomputes them here with
     ``torch``); the Triton ones on CUDA or with ``TRITON_INTERPRET=1``. The same result up to float rounding,
     gradients included."""
-    if solve not in SOLVES:
+    if solve not in SOLVES and solve not in FUSED:
         raise ValueError(f"chunk_pieces: solve must be one of {SOLVES}, got {solve!r}")
-    if solve == "fused":  # every piece by one kernel (wy_triton.py); its backward recomputes this code
+    if solve in FUSED:  # every piece by one kernel (wy_triton.py); its backward: this code recomputed, or a kernel
         from .wy_triton import wy_pieces
 
-        return wy_pieces(q, k, v, g, beta, delta=delta, chunk=chunk)
+        return wy_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, backward=FUSED[solve])
     batch, heads, length, dk = k.shape
     dv = v.shape[-1]
     n = length // chunk
@@ -277,13 +278,13 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
                          state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry,
                          states_fn=states_fn, solve=solve, bf16_outputs=bf16_outputs)
     out_dtype = v.dtype
-    if solve == "fused":  # the kernel reads the raw inputs: conversion, normalisation and padding fused in
+    if solve in FUSED:  # the kernel reads the raw inputs: conversion, normalisation and padding fused in
         from .wy_triton import wy_pieces
 
         q, lead = _align(q, k)
         length = k.shape[2]
         qg, attn, U, W, kd, last = wy_pieces(q, k, v, g if gated else None, beta if delta else None, delta=delta,
-                                             chunk=chunk, normalize=normalize)
+                                             chunk=chunk, normalize=normalize, backward=FUSED[solve])
     else:
         q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
         qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve=solve)
@@ -534,6 +535,10 @@ def states_impl(ctx, chunk: int):
 
 
 SOLVES = ("torch", "triton", "fused")
+# the solves that run the fused kernel, and its backward (wy_triton._WYPieces): ``fused`` recomputes the PyTorch
+# pieces; ``fused+triton_backward`` (what solve_choice returns for ``wy_backward: triton``) runs the backward kernel
+FUSED = {"fused": "torch", "fused+triton_backward": "triton"}
+WY_BACKWARDS = ("torch", "triton")
 
 
 def solve_choice(ctx, chunk: int, delta: bool) -> str:
@@ -547,10 +552,19 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
     delta term); no ``solve`` is its PyTorch pieces. Bad values: ValueError naming the field (an unknown value;
     ``torch`` or ``triton`` given to simple_gla; ``chunk`` > 128 with ``triton`` or ``fused``); with
     ``triton`` or ``fused``, ``Unsupported`` (the case's row, with the reason) without CUDA or
-    ``TRITON_INTERPRET=1``. Never a silent fallback."""
+    ``TRITON_INTERPRET=1``. Never a silent fallback.
+
+    ``method_options.<method>.wy_backward`` (with ``solve: fused`` only, else a ValueError naming it): the fused
+    pieces' backward, ``torch`` (the default: the PyTorch pieces recomputed and backpropagated) or ``triton``
+    (one backward kernel per chunk, :func:`wy_triton.pieces_backward`, ``chunk`` <= 64; returned as the internal
+    solve ``fused+triton_backward``). Not yet timed on a GPU."""
     from .common import param_choice
 
     field = f"method_options.{ctx.case.method}"
+    wy_backward = param_choice(ctx, "wy_backward", "torch", WY_BACKWARDS)
+    if "wy_backward" in ctx.params and ctx.params.get("solve") != "fused":
+        raise ValueError(f"{field}.wy_backward: applies to solve 'fused' only (the fused pieces' backward), "
+                         f"got solve {ctx.params.get('solve', 'torch')!r}")
     if not delta:
         if "solve" not in ctx.params:
             return "torch"
@@ -570,12 +584,18 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
     if chunk > MAX_CHUNK:
         raise ValueError(f"{field}.chunk: must be <= {MAX_CHUNK} with solve '{solve}' (one chunk's [C, C] tiles "
                          f"live in registers), got {chunk}")
+    if wy_backward == "triton":
+        from .wy_triton import MAX_BACKWARD_CHUNK
+
+        if chunk > MAX_BACKWARD_CHUNK:
+            raise ValueError(f"{field}.chunk: must be <= {MAX_BACKWARD_CHUNK} with wy_backward 'triton' (the "
+                             f"backward kernel's shared memory at C = 128 is over the H200's), got {chunk}")
     from .linear_attn import triton_runnable
 
     why = triton_runnable(ctx.device)
     if why:
         raise Unsupported(f"{ctx.case.method} with {field}.solve={solve}: {why}")
-    return solve
+    return "fused+triton_backward" if wy_backward == "triton" else solve
 
 
 def build_variant(ctx, name: str, fast=None) -> Prepared:
@@ -657,7 +677,7 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
 
 # the method_options of the own variants (:func:`build_variant`; simple_gla's ``solve`` takes ``fused`` only)
 VARIANT_OPTIONS = ("chunk", "reference_naive_max_len", "reference_stream_chunk", "segment", "impl",
-                   "solve") + TRITON_ONLY
+                   "solve", "wy_backward") + TRITON_ONLY
 CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
             backward=True, decode=True)
 

@@ -60,15 +60,27 @@ tensors: ``qg`` ``[B, H, N, C, dk]``, ``attn`` ``[B, H, N, C, C]``, ``U`` ``[B, 
 Resources (methods/triton_fit.py, compiled offline for sm_90; tests/test_triton_fit.py holds them to the H200's
 shared memory and its defaults to no spills): see :data:`DEFAULTS`.
 
-Autograd (:class:`_WYPieces`): the forward saves its inputs only; the backward recomputes the pieces with the
-PyTorch code (:func:`reference_pieces`: conversion, normalisation, padding and ``chunk_pieces(solve='torch')``)
-under ``enable_grad`` and backpropagates through it, so the gradients are the PyTorch path's (the backward
-costs one PyTorch forward of the pieces more than ``solve: torch``'s, which keeps that graph from the forward).
+Autograd (:class:`_WYPieces`): the forward saves its inputs only. Its backward, by ``backward``
+(``method_options.<method>.wy_backward``, gated_delta.solve_choice): ``torch`` (the default) recomputes the
+pieces with the PyTorch code (:func:`reference_pieces`: conversion, normalisation, padding and
+``chunk_pieces(solve='torch')``) under ``enable_grad`` and backpropagates through it, so the gradients are the
+PyTorch path's (the backward costs one PyTorch forward of the pieces more than ``solve: torch``'s, which keeps
+that graph from the forward; on the H200 at 32K tokens, 16 heads, d 128, most of delta_rule's 44.8 ms fwd_bwd,
+results/h200-linear-profile-fused). ``triton``: one more kernel, :func:`pieces_backward` (``_wy_bwd_src``), one
+program per (batch·head, chunk) as the forward: it recomputes γ, k̂ k̂ᵀ, A and T (the same blocked inverse,
+the code repeated) in registers, takes the six pieces' incoming gradients and writes dq, dk, dv, dg, dβ (the
+formulas in its docstring; dA = −Tᵀ dT Tᵀ as two [C, C] dots, dT accumulated over the head dims so that no
+U or W is recomputed; the normalisation's row dots from the [C, C] tiles). Its reads: k four times (five with
+``normalize``), q three times, v, the pieces' gradients once (dW and dkd twice); its β e^γ Tᵀ dW part of dk is
+written to dk's output and read back by the last pass (a barrier between). ``chunk`` <= 64 (C = 128 needs
+~296 KB of shared memory). Not yet timed on a GPU.
 
 ``fault`` (tests only, the negative controls): ``'transpose_t'`` uses ``Tᵀ`` for U and W, ``'no_beta'``
 leaves β out of the right-hand side, ``'no_offdiag'`` keeps the diagonal blocks of T only (no merge; C <= 16 has
-one block, so nothing changes there). Kernels are decorated on first use, once per interpreter mode
-(linear_triton.jit_kernel); CUDA or ``TRITON_INTERPRET=1``.
+one block, so nothing changes there). The backward's (``backward_fault``): ``'no_dinv'`` drops dA,
+``'no_revcumsum'`` writes dg without the reverse cumsum, ``'no_norm_proj'`` leaves the normalisation's projection
+out. Kernels are decorated on first use, once per interpreter mode (linear_triton.jit_kernel); CUDA or
+``TRITON_INTERPRET=1``.
 """
 
 import torch
@@ -78,8 +90,11 @@ import triton.language as tl
 from .linear_triton import _block, jit_kernel
 
 MAX_CHUNK = 128
+MAX_BACKWARD_CHUNK = 64  # the backward kernel at C = 128: ~296 KB of shared memory (tf32x3, d 128), over the H200's
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 FAULTS = {None: 0, "transpose_t": 1, "no_beta": 2, "no_offdiag": 3}
+BACKWARDS = ("torch", "triton")  # _WYPieces.backward: the PyTorch recompute, or the kernel _wy_bwd_src
+BACKWARD_FAULTS = {None: 0, "no_dinv": 1, "no_revcumsum": 2, "no_norm_proj": 3}
 
 
 def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
@@ -215,6 +230,229 @@ def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
             tl.store(W + out_rows[:, None] * DK + d[None, :], wb, mask=stored[:, None] & (d < DK)[None, :])
 
 
+def _wy_bwd_src(Q, K, V, G, BETA, DQG, DATTN, DU, DW, DKD, DLAST, DQ, DKO, DVO, DG, DBETA, L, N, H,
+                sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sgb, sgh, sgl, sbb, sbh, sbl,
+                C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
+                NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, FAULT: tl.constexpr, NB: tl.constexpr):
+    """One program: the gradients of chunk ``c`` of head ``bh`` (program id ``bh · N + c``) in q, k, v, g and
+    β from the incoming gradients of its six pieces (contiguous fp32, zeros where a piece had none), the
+    forward's γ, decays, A and T recomputed in registers (:func:`pieces_backward` has the formulas)."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // N
+    c = pid % N
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BC)
+    cols = tl.arange(0, BC)
+    tok = c * C + rows
+    live = (rows < C) & (tok < L)
+    stored = rows < C
+
+    # 1. gates (as the forward)
+    if HAS_BETA:
+        beta = tl.load(BETA + b * sbb + h * sbh + tok * sbl, mask=live, other=0.0).to(tl.float32)
+    else:
+        beta = tl.where(live, 1.0, 0.0)
+    if HAS_G:
+        g = tl.load(G + b * sgb + h * sgh + tok * sgl, mask=live, other=0.0).to(tl.float32)
+        gam = tl.cumsum(g, axis=0)
+        gam_last = tl.sum(g, axis=0)
+    else:
+        gam = tl.zeros([BC], dtype=tl.float32)
+        gam_last = tl.sum(gam, axis=0)
+
+    q_base = Q + b * sqb + h * sqh + tok[:, None] * sql
+    k_base = K + b * skb + h * skh + tok[:, None] * skl
+    v_base = V + b * svb + h * svh + tok[:, None] * svl
+    out_rows = pid * C + rows  # each token's row in the pieces' [B·H·N·C, ...] views
+    in_rows = bh * L + tok  # each token's row in the gradients' [B·H·L, ...] views
+
+    # 2. ℓ2 norms (as the forward); q_live / k_live: the norm not clamped (F.normalize's norm has a gradient)
+    q_scale = tl.full([BC], 1.0, tl.float32)
+    k_scale = tl.full([BC], 1.0, tl.float32)
+    q_live = tl.full([BC], 0.0, tl.float32)
+    k_live = tl.full([BC], 0.0, tl.float32)
+    if NORMALIZE:
+        q_sq = tl.zeros([BC], dtype=tl.float32)
+        k_sq = tl.zeros([BC], dtype=tl.float32)
+        for d0 in range(0, DK, BK):
+            d = d0 + tl.arange(0, BK)
+            m = live[:, None] & (d < DK)[None, :]
+            qb = tl.load(q_base + d[None, :] * sqd, mask=m, other=0.0).to(tl.float32)
+            kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32)
+            q_sq += tl.sum(qb * qb, axis=1)
+            k_sq += tl.sum(kb * kb, axis=1)
+        q_scale = 1.0 / tl.maximum(tl.sqrt(q_sq), 1e-12)
+        k_scale = 1.0 / tl.maximum(tl.sqrt(k_sq), 1e-12)
+        if FAULT != 3:  # FAULT 3, negative control: the normalisation's projection left out
+            q_live = tl.where(tl.sqrt(q_sq) > 1e-12, 1.0, 0.0)
+            k_live = tl.where(tl.sqrt(k_sq) > 1e-12, 1.0, 0.0)
+
+    # 3. the delta term first (its [C, C] tiles are the most; little else is live yet): k̂ k̂ᵀ, A and
+    #    T = (I + A)⁻¹ as the forward (_wy_src, steps 3-4), then what needs T: dv, the dR part of dk, dA
+    dbeta = tl.zeros([BC], dtype=tl.float32)
+    dgam = tl.zeros([BC], dtype=tl.float32)
+    k_dk = tl.zeros([BC], dtype=tl.float32)  # k̂·dk̂ (the normalisation's projection), summed as the terms come
+    if DELTA:
+        strict = rows[:, None] > cols[None, :]
+        kk = tl.zeros([BC, BC], dtype=tl.float32)
+        for d0 in range(0, DK, BK):
+            d = d0 + tl.arange(0, BK)
+            kb = tl.load(k_base + d[None, :] * skd, mask=live[:, None] & (d < DK)[None, :], other=0.0).to(tl.float32)
+            kb = kb * k_scale[:, None]
+            kk += tl.dot(kb, tl.trans(kb), input_precision=PRECISION)
+        a = tl.where(strict, beta[:, None] * kk * tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
+        a_t = tl.trans(a)
+        blk = tl.arange(0, NB)
+        r16 = tl.arange(0, 16)
+        same = (blk[:, None, None, None] == blk[None, None, :, None])
+        a3_t = tl.sum(tl.where(same, tl.reshape(a_t, [NB, 16, NB, 16]), 0.0), axis=2)
+        t3 = tl.zeros([NB, 16, 16], dtype=tl.float32)
+        for s in range(0, 16):
+            a_row = tl.sum(tl.where(r16[None, None, :] == s, a3_t, 0.0), axis=2)
+            acc = tl.sum(a_row[:, :, None] * t3, axis=1)
+            new = tl.where(r16[None, :] == s, 1.0, 0.0) - acc
+            t3 = tl.where(r16[None, :, None] == s, new[:, None, :], t3)
+        D = tl.reshape(tl.where(same, t3[:, :, None, :], 0.0), [BC, BC])
+        Lb = tl.where((rows // 16)[:, None] > (cols // 16)[None, :], a, 0.0)
+        Nm = tl.dot(D, Lb, input_precision=PRECISION)
+        T = D
+        for _ in range(NB - 1):
+            T = D - tl.dot(Nm, T, input_precision=PRECISION)
+        coef_k = beta * tl.exp(gam)
+        # W = T R, R = β e^γ k̂: dR = Tᵀ dW; its part of dk̂, β e^γ dR, goes to dk's output now (step 6 adds the
+        # rest); dT = dW Rᵀ + dU (β v)ᵀ; R's β and γ terms from k̂·dR
+        dT = tl.zeros([BC, BC], dtype=tl.float32)
+        k_dr = tl.zeros([BC], dtype=tl.float32)
+        for d0 in range(0, DK, BK):
+            d = d0 + tl.arange(0, BK)
+            m = live[:, None] & (d < DK)[None, :]
+            kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32) * k_scale[:, None]
+            dwb = tl.load(DW + out_rows[:, None] * DK + d[None, :], mask=stored[:, None] & (d < DK)[None, :],
+                          other=0.0)
+            dr = tl.dot(tl.trans(T), dwb, input_precision=PRECISION)
+            dT += tl.dot(dwb, tl.trans(kb * coef_k[:, None]), input_precision=PRECISION)
+            k_dr += tl.sum(kb * dr, axis=1)
+            tl.store(DKO + in_rows[:, None] * DK + d[None, :], dr * coef_k[:, None], mask=m)
+        dbeta += tl.exp(gam) * k_dr
+        dgam += coef_k * k_dr
+        k_dk += coef_k * k_dr
+        # U = T (β v): d(β v) = Tᵀ dU, dv = β d(β v), dβ += rowsum(v ⊙ d(β v))
+        for d0 in range(0, DV, BV):
+            d = d0 + tl.arange(0, BV)
+            vb = tl.load(v_base + d[None, :] * svd, mask=live[:, None] & (d < DV)[None, :], other=0.0).to(tl.float32)
+            dub = tl.load(DU + out_rows[:, None] * DV + d[None, :], mask=stored[:, None] & (d < DV)[None, :],
+                          other=0.0)
+            dbv = tl.dot(tl.trans(T), dub, input_precision=PRECISION)
+            dT += tl.dot(dub, tl.trans(vb * beta[:, None]), input_precision=PRECISION)
+            dbeta += tl.sum(vb * dbv, axis=1)
+            tl.store(DVO + in_rows[:, None] * DV + d[None, :], dbv * beta[:, None],
+                     mask=live[:, None] & (d < DV)[None, :])
+        # dA = −Tᵀ dT Tᵀ (T = (I + A)⁻¹), on i < r (A is strictly lower)
+        da = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PRECISION), input_precision=PRECISION)
+        if FAULT == 1:  # negative control: the inverse's term −Tᵀ dT Tᵀ dropped
+            da = tl.zeros([BC, BC], dtype=tl.float32)
+        da = tl.where(strict, da, 0.0)
+    else:
+        # U = β v: dv = β dU, dβ = rowsum(v ⊙ dU)
+        for d0 in range(0, DV, BV):
+            d = d0 + tl.arange(0, BV)
+            vb = tl.load(v_base + d[None, :] * svd, mask=live[:, None] & (d < DV)[None, :], other=0.0).to(tl.float32)
+            dub = tl.load(DU + out_rows[:, None] * DV + d[None, :], mask=stored[:, None] & (d < DV)[None, :],
+                          other=0.0)
+            dbeta += tl.sum(vb * dub, axis=1)
+            tl.store(DVO + in_rows[:, None] * DV + d[None, :], dub * beta[:, None],
+                     mask=live[:, None] & (d < DV)[None, :])
+
+    # 4. q kᵀ (and k kᵀ again) recomputed; the row dots q̂·dqg, k̂·dkd (qg = e^γ q̂, kd = e^(γ_C−γ) k̂)
+    qk = tl.zeros([BC, BC], dtype=tl.float32)
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    q_dqg = tl.zeros([BC], dtype=tl.float32)
+    k_dkd = tl.zeros([BC], dtype=tl.float32)
+    for d0 in range(0, DK, BK):
+        d = d0 + tl.arange(0, BK)
+        m = live[:, None] & (d < DK)[None, :]
+        piece = out_rows[:, None] * DK + d[None, :]
+        pm = stored[:, None] & (d < DK)[None, :]
+        qb = tl.load(q_base + d[None, :] * sqd, mask=m, other=0.0).to(tl.float32) * q_scale[:, None]
+        kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32) * k_scale[:, None]
+        qk += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+        if DELTA:
+            kk += tl.dot(kb, tl.trans(kb), input_precision=PRECISION)
+        q_dqg += tl.sum(qb * tl.load(DQG + piece, mask=pm, other=0.0), axis=1)
+        k_dkd += tl.sum(kb * tl.load(DKD + piece, mask=pm, other=0.0), axis=1)
+    eg = tl.exp(gam)
+    ekd = tl.exp(gam_last - gam)
+    dgam += eg * q_dqg - ekd * k_dkd
+    dgam_last = tl.sum(ekd * k_dkd, axis=0) + tl.exp(gam_last) * tl.load(DLAST + pid)
+    k_dk += ekd * k_dkd
+
+    # 5. attn = (q kᵀ) ⊙ decay: d(q kᵀ) = dattn ⊙ decay; γ: rows +, columns − of dattn ⊙ attn. A[r, i] =
+    #    β_r (k̂_r·k̂_i) e^(γ_r−γ_i), i < r: dβ_r, d(k̂ k̂ᵀ) = dA ⊙ β decay, γ: rows +, columns − of dA ⊙ A
+    lower = rows[:, None] >= cols[None, :]
+    decay = tl.where(lower, tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    dattn = tl.load(DATTN + out_rows[:, None] * C + cols[None, :], mask=stored[:, None] & (cols < C)[None, :],
+                    other=0.0)
+    dqk = dattn * decay
+    y = dqk * qk
+    dgam += tl.sum(y, axis=1) - tl.sum(y, axis=0)
+    q_dq = eg * q_dqg + tl.sum(y, axis=1)  # q̂·dq̂
+    k_dk += tl.sum(y, axis=0)
+    if DELTA:
+        kkd = kk * decay  # used where da is nonzero (i < r) only
+        x = da * beta[:, None] * kkd  # dA ⊙ A (= dKK ⊙ k̂k̂ᵀ)
+        dgam += tl.sum(x, axis=1) - tl.sum(x, axis=0)
+        k_dk += tl.sum(x, axis=1) + tl.sum(x, axis=0)  # k̂·((dKK + dKKᵀ) k̂)
+        dbeta += tl.sum(da * kkd, axis=1)
+        dkk = da * beta[:, None] * decay
+        dkk = dkk + tl.trans(dkk)  # k̂ k̂ᵀ is symmetric: dk̂ += (dKK + dKKᵀ) k̂
+
+    # 6. dq̂ = e^γ dqg + d(q kᵀ) k̂; dk̂ = e^(γ_C−γ) dkd + d(q kᵀ)ᵀ q̂ (+ β e^γ dR, stored in step 3, + (dKK + dKKᵀ)
+    #    k̂); through the normalisation dx = (dx̂ − x̂ (x̂·dx̂)) / max(‖x‖, eps) (no projection where the norm is
+    #    clamped)
+    q_dq = q_dq * q_live
+    k_dk = k_dk * k_live
+    if DELTA:
+        tl.debug_barrier()  # step 3's writes to dk's output, read back below by other threads of the program
+    for d0 in range(0, DK, BK):  # dq
+        d = d0 + tl.arange(0, BK)
+        m = live[:, None] & (d < DK)[None, :]
+        pm = stored[:, None] & (d < DK)[None, :]
+        kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32) * k_scale[:, None]
+        dqb = eg[:, None] * tl.load(DQG + out_rows[:, None] * DK + d[None, :], mask=pm, other=0.0) \
+            + tl.dot(dqk, kb, input_precision=PRECISION)
+        if NORMALIZE:
+            qb = tl.load(q_base + d[None, :] * sqd, mask=m, other=0.0).to(tl.float32) * q_scale[:, None]
+            dqb = (dqb - qb * q_dq[:, None]) * q_scale[:, None]
+        tl.store(DQ + in_rows[:, None] * DK + d[None, :], dqb, mask=m)
+    for d0 in range(0, DK, BK):  # dk
+        d = d0 + tl.arange(0, BK)
+        m = live[:, None] & (d < DK)[None, :]
+        pm = stored[:, None] & (d < DK)[None, :]
+        out = in_rows[:, None] * DK + d[None, :]
+        qb = tl.load(q_base + d[None, :] * sqd, mask=m, other=0.0).to(tl.float32) * q_scale[:, None]
+        kb = tl.load(k_base + d[None, :] * skd, mask=m, other=0.0).to(tl.float32) * k_scale[:, None]
+        dkb = ekd[:, None] * tl.load(DKD + out_rows[:, None] * DK + d[None, :], mask=pm, other=0.0) \
+            + tl.dot(tl.trans(dqk), qb, input_precision=PRECISION)
+        if DELTA:
+            dkb += tl.load(DKO + out, mask=m, other=0.0) + tl.dot(dkk, kb, input_precision=PRECISION)
+        if NORMALIZE:
+            dkb = (dkb - kb * k_dk[:, None]) * k_scale[:, None]
+        tl.store(DKO + out, dkb, mask=m)
+
+    # 7. dg: γ = cumsum(g) within the chunk, γ_C = Σ g: dg_j = Σ_{r >= j} dγ_r + dγ_C
+    if HAS_G:
+        dgam = tl.where(stored, dgam, 0.0)
+        if FAULT == 2:  # negative control: no reverse cumsum
+            dg = dgam + dgam_last
+        else:
+            dg = tl.cumsum(dgam, axis=0, reverse=True) + dgam_last
+        tl.store(DG + in_rows, dg, mask=live)
+    if HAS_BETA:
+        tl.store(DBETA + in_rows, dbeta, mask=live)
+
+
 # Defaults chosen offline (methods/triton_fit.py + ptxas_usage: the kernel compiled for sm_90 at d = 128, bf16
 # inputs, normalize; shared KB / registers per thread / spilled bytes per thread), the blocked inverse (the merge a
 # runtime loop: unrolled, tl.static_range, its dots' operand buffers added up, 96 KB at C = 64 with tf32x3 and
@@ -224,6 +462,10 @@ def _wy_src(Q, K, V, G, BETA, QG, ATTN, U, W, KD, LAST, L, N, H,
 # (tf32x3: 128 KB shared, ~1.3 KB per thread; tf32 ~0.2 KB): allowed, but slow. Before the blocked inverse
 # (the forward substitution over all C rows, ieee): C = 64, 8 warps, 24 / 165 / 0; the profile above.
 # Not yet timed on the H200.
+# The backward kernel (_wy_bwd_src, the same defaults and warps; d = 128, bf16, normalize): C = 16 6 KB / 224 / 0,
+# C = 32 24 KB / 246 / 0; C = 64 spills with tf32x3 (96 KB / 255 / ~620 B: the inverse and the delta term's
+# loops alone spill ~240 B; recomputing k kᵀ instead of holding it, dT instead of U and W, the delta term first:
+# tried), ieee (~3 KB, 4 warps) too; tf32 52 KB / 255 / 0 (d = 256: 16 B); 16 warps: worse (128 registers).
 DEFAULTS = dict(block_k=16, block_v=16, dot_precision="tf32x3")
 
 
@@ -297,13 +539,70 @@ def reference_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, normalize: bo
     return chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve="torch")
 
 
+def pieces_backward(q, k, v, g, beta, dpieces, *, delta: bool, chunk: int, normalize: bool = False,
+                    dot_precision=DEFAULTS["dot_precision"], block_k=DEFAULTS["block_k"],
+                    block_v=DEFAULTS["block_v"], num_warps=None, fault=None):
+    """The backward kernel (no autograd): ``(dq, dk, dv, dg, dbeta)`` (the inputs' dtypes; dg None without
+    ``g``, dbeta None without ``beta``) of :func:`pieces_forward` for the incoming gradients ``dpieces``
+    ``(dqg, dattn, dU, dW, dkd, dlast)`` (any may be None: zero). One program per (batch·head, chunk), as the
+    forward, recomputing what it needs (γ, the decays, q kᵀ, k kᵀ, A, T = (I + A)⁻¹ by the same blocked
+    inverse, U and W block by block) in registers; with ``q̂``, ``k̂`` the (normalised) rows, ``b = β``:
+
+        d(b v) = Tᵀ dU,   dR = Tᵀ dW  (R = b e^γ k̂),   dA = −(d(b v) Uᵀ + dR Wᵀ) on i < r  (= −Tᵀ dT Tᵀ),
+        dv = b d(b v),   dβ = rowsum(v ⊙ d(b v)) + e^γ (k̂·dR) + rowsum(dA ⊙ k̂k̂ᵀ ⊙ decay),
+        dQK = dattn ⊙ decay,   dKK = dA ⊙ b decay (strict),
+        dq̂ = e^γ dqg + dQK k̂,   dk̂ = e^(γ_C−γ) dkd + dQKᵀ q̂ + b e^γ dR + (dKK + dKKᵀ) k̂,
+        dγ = e^γ (q̂·dqg) − e^(γ_C−γ) (k̂·dkd) + b e^γ (k̂·dR) + (rows − columns of dattn ⊙ attn and dA ⊙ A),
+        dγ_C = Σ e^(γ_C−γ) (k̂·dkd) + e^(γ_C) dlast,   dg_j = Σ_{r >= j} dγ_r + dγ_C,
+
+    then ``dx = (dx̂ − x̂ (x̂·dx̂)) / max(‖x‖, 1e-12)`` with ``normalize`` (the row dots x̂·dx̂ from the [C, C]
+    tiles and the row sums above: no extra pass). Without the delta term ``U = b v``: ``dv = b dU``,
+    ``dβ = rowsum(v ⊙ dU)``. ``fault`` (tests only, negative controls): ``'no_dinv'`` drops dA (the
+    −Tᵀ dT Tᵀ term), ``'no_revcumsum'`` writes dg = dγ + dγ_C (no reverse cumsum), ``'no_norm_proj'`` leaves the
+    normalisation's projection out."""
+    _check(q, k, v, g, beta, chunk, dot_precision, block_k, block_v, None)
+    if fault not in BACKWARD_FAULTS:
+        raise ValueError(f"wy_triton.pieces_backward: fault must be one of {list(BACKWARD_FAULTS)}, got {fault!r}")
+    if chunk > MAX_BACKWARD_CHUNK:
+        raise ValueError(f"wy_triton.pieces_backward: chunk must be <= {MAX_BACKWARD_CHUNK}, got {chunk}")
+    batch, heads, length, dk = k.shape
+    dv = v.shape[-1]
+    n = triton.cdiv(length, chunk)
+    dev, f32 = k.device, torch.float32
+    shapes = ((batch, heads, n, chunk, dk), (batch, heads, n, chunk, chunk), (batch, heads, n, chunk, dv),
+              (batch, heads, n, chunk, dk), (batch, heads, n, chunk, dk), (batch, heads, n))
+    incoming = [torch.zeros(shape, device=dev, dtype=f32) if d is None or (i == 3 and not delta)
+                else d.to(f32).contiguous() for i, (d, shape) in enumerate(zip(dpieces, shapes))]
+    dq = torch.empty(batch, heads, length, dk, device=dev, dtype=f32)
+    dkk = torch.empty(batch, heads, length, dk, device=dev, dtype=f32)
+    dvv = torch.empty(batch, heads, length, dv, device=dev, dtype=f32)
+    dg = torch.empty(batch, heads, length, device=dev, dtype=f32) if g is not None else None
+    dbeta = torch.empty(batch, heads, length, device=dev, dtype=f32) if beta is not None else None
+    programs = batch * heads * n
+    if programs:
+        gs = g.stride() if g is not None else (0, 0, 0)
+        bs = beta.stride() if beta is not None else (0, 0, 0)
+        jit_kernel(_wy_bwd_src)[(programs,)](
+            q, k, v, k if g is None else g, k if beta is None else beta, *incoming,
+            dq, dkk, dvv, dq if dg is None else dg, dq if dbeta is None else dbeta,
+            length, n, heads, *q.stride(), *k.stride(), *v.stride(), *gs, *bs,
+            C=chunk, DK=dk, DV=dv, BC=_block(chunk), BK=min(block_k, _block(dk)), BV=min(block_v, _block(dv)),
+            HAS_G=int(g is not None), HAS_BETA=int(beta is not None), DELTA=int(delta),
+            NORMALIZE=int(normalize), PRECISION=dot_precision, FAULT=BACKWARD_FAULTS[fault], NB=_block(chunk) // 16,
+            num_warps=num_warps or warps(chunk))
+    return (dq.to(q.dtype), dkk.to(k.dtype), dvv.to(v.dtype), None if g is None else dg.to(g.dtype),
+            None if beta is None else dbeta.to(beta.dtype))
+
+
 class _WYPieces(torch.autograd.Function):
-    """:func:`pieces_forward` with the backward of :func:`reference_pieces` (recomputed under enable_grad;
-    saves the inputs only)."""
+    """:func:`pieces_forward` (saves the inputs only) with, by ``opts['backward']``, the backward of
+    :func:`reference_pieces` (``torch``: recomputed under enable_grad and backpropagated) or the backward
+    kernel (``triton``: :func:`pieces_backward`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, opts):
-        pieces = pieces_forward(q, k, v, g, beta, **opts)
+        forward_opts = {key: val for key, val in opts.items() if key not in ("backward", "backward_fault")}
+        pieces = pieces_forward(q, k, v, g, beta, **forward_opts)
         ctx.save_for_backward(q, k, v, g, beta)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
@@ -314,11 +613,19 @@ class _WYPieces(torch.autograd.Function):
     def backward(ctx, *dpieces):
         inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
+        opts = ctx.opts
+        if opts.get("backward", "torch") == "triton":
+            if not any(need and t is not None for t, need in zip(inputs, needs)):
+                return None, None, None, None, None, None
+            grads = pieces_backward(*inputs, dpieces, delta=opts["delta"], chunk=opts["chunk"],
+                                    normalize=opts["normalize"], dot_precision=opts["dot_precision"],
+                                    block_k=opts["block_k"], block_v=opts["block_v"], num_warps=opts["num_warps"],
+                                    fault=opts.get("backward_fault"))
+            return (*(d if need else None for d, need in zip(grads, needs)), None)
         leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
         wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
         grads = {}
         if wanted:
-            opts = ctx.opts
             with torch.enable_grad():
                 pieces = reference_pieces(*leaves, delta=opts["delta"], chunk=opts["chunk"],
                                           normalize=opts["normalize"])
@@ -332,11 +639,22 @@ class _WYPieces(torch.autograd.Function):
 
 def wy_pieces(q, k, v, g=None, beta=None, *, delta: bool, chunk: int, normalize: bool = False,
               dot_precision=DEFAULTS["dot_precision"], block_k=DEFAULTS["block_k"], block_v=DEFAULTS["block_v"],
-              num_warps=None, fault=None):
+              num_warps=None, fault=None, backward="torch", backward_fault=None):
     """``(qg, attn, U, W, kd, last)`` of :func:`gated_delta.chunk_pieces` by the fused kernel, differentiable
-    in q, k, v, g and beta (the backward recomputes through PyTorch, :class:`_WYPieces`). Inputs [B, H, L, d]
+    in q, k, v, g and beta (:class:`_WYPieces`; ``backward``: ``torch``, the default, recomputes through
+    PyTorch; ``triton``: the backward kernel, :func:`pieces_backward`, with ``backward_fault`` its negative
+    controls). Inputs [B, H, L, d]
     (fp32, bf16 or fp16, any strides; L need not be a multiple of ``chunk``); ``normalize``: q and k
     ℓ2-normalised here (else they are used as given). CUDA or ``TRITON_INTERPRET=1``."""
     opts = dict(delta=bool(delta), chunk=int(chunk), normalize=bool(normalize), dot_precision=dot_precision,
-                block_k=block_k, block_v=block_v, num_warps=num_warps, fault=fault)
+                block_k=block_k, block_v=block_v, num_warps=num_warps, fault=fault, backward=backward,
+                backward_fault=backward_fault)
+    if backward not in BACKWARDS:
+        raise ValueError(f"wy_triton.wy_pieces: backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward_fault not in BACKWARD_FAULTS:
+        raise ValueError(f"wy_triton.wy_pieces: backward_fault must be one of {list(BACKWARD_FAULTS)}, "
+                         f"got {backward_fault!r}")
+    if backward == "triton" and chunk > MAX_BACKWARD_CHUNK:
+        raise ValueError(f"wy_triton.wy_pieces: chunk must be <= {MAX_BACKWARD_CHUNK} with backward 'triton', "
+                         f"got {chunk}")
     return _WYPieces.apply(q, k, v, g, beta, opts)
