@@ -3,7 +3,9 @@
 # first), ~560 s, each into a NEW run unless said (options and code changed since the runs they sit beside):
 #   1. h200-linear-delta-fused-v2: the delta rules with impl: triton and solve: fused after the fused WY kernel's
 #      blocked inverse (wy_triton.py; in h200-linear-profile-fused its 64-row fp32 forward substitution took 6.0 of
-#      the 10.1 ms forward at 32K), 8K ... 1M, fwd and fwd_bwd, and profiled at 32K (h200-linear-profile-fused-v2);
+#      the 10.1 ms forward at 32K) and with its own Triton backward (wy_backward: triton; the PyTorch recompute
+#      took most of the 44.8 ms fwd_bwd), 8K ... 1M, fwd and fwd_bwd, and profiled at 32K
+#      (h200-linear-profile-fused-v2);
 #   1b. h200-linear-delta-bf16: impl: triton, solve: triton, dot_precision: bf16 at 32K / 128K / 1M;
 #   2. fla_delta_rule 512K / 1M into h200-linear-delta-triton (its tuned configs now come from scripts/device-cache);
 #   3. h200-linear-nats-flex: nats_l with its softmax branch through block-sparse FlexAttention (softmax: flex),
@@ -21,11 +23,11 @@ inv() { sweep_step linear "$@"; }  # inv WALL_S LOG RUN ARGS... (scripts/device_
 DT=h200-linear-delta-triton
 cp -r results/$DT results/h200-linear-lamamba-triton results/h200-linear-gla-seg16 "$OUT/"
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton"
-FUSED="+method_options.gated_delta_rule.solve=fused +method_options.delta_rule.solve=fused"
+FUSED="+method_options.gated_delta_rule.solve=fused +method_options.delta_rule.solve=fused +method_options.gated_delta_rule.wy_backward=triton +method_options.delta_rule.wy_backward=triton"
 inv ${P1:-120} delta-fused h200-linear-delta-fused-v2 "methods=[delta_rule,gated_delta_rule]" \
   "seq_lens=[8192,32768,131072,262144,524288,1048576]" $TRI $FUSED case_timeout_s=40
 inv ${P2:-25} profile-fused h200-linear-profile-fused-v2 "methods=[delta_rule]" "seq_lens=[32768]" \
-  +method_options.delta_rule.impl=triton +method_options.delta_rule.solve=fused timing.profile_calls=3 \
+  +method_options.delta_rule.impl=triton +method_options.delta_rule.solve=fused +method_options.delta_rule.wy_backward=triton timing.profile_calls=3 \
   case_timeout_s=25
 # bf16 operands in the chunk loop and the outputs (dot_precision: bf16, as fla's kernels; fp32 state), with
 # solve: triton: the gate (8e-3 in bf16, gradients included) decides whether it can be the default
