@@ -21,8 +21,8 @@ inv() {  # inv WALL_S LOG RUN ARGS... (sweep_step: scripts/device_env.sh)
   local wall=$1 log=$2; shift 2; sweep_step sparse "$wall" "$log" "$@"
 }
 cp -r results/h200-sparse "$OUT/"
-inv ${S1:-160} search-short $RUN "methods=[superlinear]" "masks=[causal]" \
-  "seq_lens=[4096,16384,65536,262144]" "modes=[fwd,fwd_bwd]" $SEARCH case_timeout_s=${CT:-60}
+inv ${S1:-170} search-short $RUN "methods=[superlinear]" "masks=[causal]" \
+  "seq_lens=[4096,16384,65536,262144]" "modes=[fwd,fwd_bwd]" $SEARCH case_timeout_s=${CT:-75}
 inv ${S2:-130} search-1m-fwd $RUN "methods=[superlinear]" "masks=[causal]" "seq_lens=[1048576]" "modes=[fwd]" \
   $SEARCH case_timeout_s=${CT2:-120} $T1M
 inv ${S3:-230} search-1m-bwd $RUN "methods=[superlinear]" "masks=[causal]" "seq_lens=[1048576]" "modes=[fwd_bwd]" \
