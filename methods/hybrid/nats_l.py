@@ -48,7 +48,7 @@ from ..contract import Prepared
 from ..fitting import fits_length, pow2_divisor
 from ..linear import gated_delta
 from ..linear.common import mask_mode, param_int
-from ..sparse.common import block_visible, pattern_reference
+from ..sparse.common import block_visible, compiled_primitive, pattern_reference
 from ..registry import Capabilities, Unsupported, register_method
 from .layers import ParamMaker, dwconv, dwconv_reference, merge_heads, rms_norm, split_heads
 
@@ -126,15 +126,8 @@ ATTEND = flex_scored  # the CPU tests swap in block_attend_scored (the same cont
 
 def _attend(ctx):
     """The primitive of the flex form, compiled from a fresh dynamo cache (CUDA only, unless swapped)."""
-    if ATTEND is not flex_scored:
-        return ATTEND
-    if ctx.device.type != "cuda":
-        raise Unsupported("method_options.nats_l.softmax=flex runs on CUDA (compiled FlexAttention has no "
-                          "backward on the CPU); softmax=dense or auto run here")
-    from ..exact.flex import allow_backward_replay, fresh_compile
-
-    allow_backward_replay(ctx.case)
-    return fresh_compile(flex_scored)
+    return compiled_primitive(ctx, ATTEND, flex_scored, "method_options.nats_l.softmax=flex runs on CUDA "
+                              "(compiled FlexAttention has no backward on the CPU); softmax=dense or auto run here")
 
 
 def softmax_block_flags(routed, block: int, length: int, flex_block: int = FLEX_BLOCK, fault=None):

@@ -404,21 +404,28 @@ def from_tiles(t: torch.Tensor, heads: int) -> torch.Tensor:
 ATTEND = flex_attend  # the CPU tests swap in dense_attend (the same contract, written out)
 
 
-def flex_path(ctx):
-    """The attention primitive of a FlexAttention fast path: ``attend(q, k, v, block_mask, return_lse)``,
-    compiled from a fresh dynamo cache; on a device without a usable compiled FlexAttention (the CPU has no
-    backward and no log-sum-exp there) the case is ``Unsupported`` - unless ``ATTEND`` was swapped (tests)."""
+def compiled_primitive(ctx, chosen, default, why: str):
+    """``default`` (a FlexAttention primitive) compiled from a fresh dynamo cache for the case, or ``chosen`` when
+    the tests swapped another in; ``Unsupported(why)`` off CUDA (compiled FlexAttention on the CPU has no
+    backward and no log-sum-exp). Shared by :func:`flex_path` and nats_l's scored form."""
     from ..registry import Unsupported
 
-    if ATTEND is not flex_attend:
-        return ATTEND
+    if chosen is not default:
+        return chosen
     if ctx.device.type != "cuda":
-        raise Unsupported("the FlexAttention fast path runs on CUDA (compiled FlexAttention on the CPU has no "
-                          "backward and no log-sum-exp)")
+        raise Unsupported(why)
     from ..exact.flex import allow_backward_replay, fresh_compile
 
     allow_backward_replay(ctx.case)
-    return fresh_compile(flex_attend)
+    return fresh_compile(default)
+
+
+def flex_path(ctx):
+    """The attention primitive of a FlexAttention fast path: ``attend(q, k, v, block_mask, return_lse)``,
+    compiled from a fresh dynamo cache; on a device without a usable compiled FlexAttention the case is
+    ``Unsupported`` - unless ``ATTEND`` was swapped (tests)."""
+    return compiled_primitive(ctx, ATTEND, flex_attend, "the FlexAttention fast path runs on CUDA (compiled "
+                              "FlexAttention on the CPU has no backward and no log-sum-exp)")
 
 
 def static_block_mask(mask_mod, batch, heads, seq_q, seq_kv, device):
