@@ -21,7 +21,7 @@ For every method (mask = full or causal, mode = fwd / fwd_bwd), from rows with s
 - **approx_err** (against exact softmax on the same inputs) and the routing share of the call, at each
   method's longest forward length;
 - **grid coverage** (with ``--grid``): every (method, full/causal, length, fwd/fwd_bwd) cell of the grid that has
-  no row at all (a row of any status, ``unsupported`` or ``timeout`` included, says why not).
+  no row at all in any of the runs (``--from`` included) (a row of any status, ``unsupported`` or ``timeout`` included, says why not).
 """
 from __future__ import annotations
 
@@ -177,7 +177,10 @@ def _table(frame: pd.DataFrame, floats: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(frame: pd.DataFrame, baseline: str = "sdpa_cudnn", grid=None) -> str:
+def render(frame: pd.DataFrame, baseline: str = "sdpa_cudnn", grid=None, covered: pd.DataFrame | None = None) -> str:
+    """The summary of ``frame``; the grid coverage (``grid``) counts a cell covered where ``covered`` (default
+    ``frame``: the union of all runs before ``--from``) has a row for it: a method taken from one run keeps the
+    other runs' rows for the cells that run did not plan (superlinear's ``unsupported`` full-mask rows)."""
     counts = frame.groupby("status").size().to_dict()
     parts = [f"# Sparse methods: {len(frame)} rows ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})\n"]
     if "source" in frame and frame.source.nunique() > 1:
@@ -196,7 +199,7 @@ def render(frame: pd.DataFrame, baseline: str = "sdpa_cudnn", grid=None) -> str:
              "## approx_err and routing share at the longest forward length\n",
              _table(fidelity(frame), {"approx_err": ".3g", "routing_share": ".0%"})]
     if grid:
-        missing = missing_cells(frame, grid)
+        missing = missing_cells(frame if covered is None else covered, grid)
         parts.append(f"## Grid cells without a row ({len(missing)} of "
                      f"{frame.method.nunique() * 2 * len(grid) * 2}: methods x full/causal x "
                      f"{', '.join(_k(x) for x in grid)} x fwd/fwd_bwd)\n")
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
     frame = combine({str(Path(r)): f for r, f in frames.items()}, take) if len(frames) > 1 or take else \
         next(iter(frames.values()))
     grid = [int(x) for x in args.grid.split(",")] if args.grid else None
-    sys.stdout.write(render(frame, args.baseline, grid))
+    union = pd.concat(frames.values(), ignore_index=True)
+    sys.stdout.write(render(frame, args.baseline, grid, covered=union))
     return 0
 
 

@@ -108,3 +108,23 @@ def test_the_grid_lists_exactly_the_cells_without_any_row(summary):
     assert len(missing) == 3 * 2 * 2 * 2 - len(set(zip(rows.method, rows["mask"], rows.seq_q, rows["mode"]))
                                                & {(m, k, s, o) for m in set(rows.method) for k in ("full", "causal")
                                                   for s in (4096, 262144) for o in ("fwd", "fwd_bwd")})
+
+
+def test_grid_coverage_counts_rows_of_the_runs_a_from_drops(summary, tmp_path, capsys):
+    """--from RUN=m keeps m's rows of RUN only for the tables, but a cell another run has a row for (an
+    ``unsupported`` row saying why) is covered; without that union (negative control) it would be listed."""
+    main = frame()
+    impl = main[(main.method == "local") & (main.seq_q == 4096)].copy()  # the impl run: 4K only
+    for name, rows in (("main", main), ("impl", impl)):
+        (tmp_path / name).mkdir()
+        rows.to_json(tmp_path / name / "rows.jsonl", orient="records", lines=True)
+    argv = [str(tmp_path / "main"), str(tmp_path / "impl"), "--from", f"{tmp_path / 'impl'}=local",
+            "--grid", "4096,65536"]
+    assert summary.main(argv) == 0
+    out = capsys.readouterr().out
+    grid = out.split("## Grid cells without a row")[1].split("##")[0]
+    assert "| local | full | 64K | fwd_bwd |" not in grid  # the main run's 64K row covers it
+    assert "| local | full | 64K | fwd |" in grid  # no run has that one
+    taken = summary.combine({"main": main, "impl": impl}, {"local": "impl"})
+    dropped = summary.missing_cells(taken, [4096, 65536])
+    assert ((dropped.method == "local") & (dropped.seq == 65536) & (dropped["mode"] == "fwd_bwd")).any()
