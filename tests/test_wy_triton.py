@@ -514,10 +514,28 @@ def test_method_backward_negative_control_is_caught(monkeypatch):
     ("gated_delta_rule", {"solve": "triton", "wy_backward": "triton"}, "wy_backward"),
     ("simple_gla", {"wy_backward": "torch"}, "wy_backward"),
     ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton", "chunk": 128}, "chunk"),  # shared memory
+    ("delta_rule", {"solve": "fused", "wy_backward": "triton"}, "chunk"),  # the default chunk, 64: wrong on the H200
+    ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton", "chunk": 64}, "chunk"),
 ])
 def test_bad_wy_backward_names_the_field(method, params, field):
     with pytest.raises(ValueError, match=f"method_options.{method}.{field}"):
         METHODS[method].build(_ctx(method, params))
+
+
+def test_wy_backward_kernel_refuses_chunk_64_on_a_gpu_only():
+    """pieces_backward takes C = 64 off the GPU (the interpreter, ptxas studies) and refuses it for CUDA inputs
+    (MAX_BACKWARD_CHUNK: wrong gradients on the H200); C = 32 passes the check on both."""
+    wt = _wy()
+    assert wt.MAX_BACKWARD_CHUNK == 32 < wt.COMPILE_BACKWARD_CHUNK == 64
+
+    class FakeCuda(torch.Tensor):  # is_cuda only: the check runs before any launch
+        @property
+        def is_cuda(self):
+            return True
+
+    q = torch.zeros(1, 1, 64, 16).as_subclass(FakeCuda)
+    with pytest.raises(ValueError, match="chunk must be <= 32 on a GPU"):
+        wt.pieces_backward(q, q, q, None, None, [None] * 6, delta=True, chunk=64)
 
 
 def test_wy_backward_default_is_torch(monkeypatch):

@@ -556,8 +556,10 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
 
     ``method_options.<method>.wy_backward`` (with ``solve: fused`` only, else a ValueError naming it): the fused
     pieces' backward, ``torch`` (the default: the PyTorch pieces recomputed and backpropagated) or ``triton``
-    (one backward kernel per chunk, :func:`wy_triton.pieces_backward`, ``chunk`` <= 64; returned as the internal
-    solve ``fused+triton_backward``). Not yet timed on a GPU."""
+    (one backward kernel per chunk, :func:`wy_triton.pieces_backward`, ``chunk`` <= 32: at the default 64 the
+    compiled kernel gave wrong gradients on the H200, see ``wy_triton.MAX_BACKWARD_CHUNK``; returned as the
+    internal solve ``fused+triton_backward``). Timed at C = 64 only (h200-linear-delta-fused-v2: its fwd_bwd rows
+    are not valid, the gate caught the gradients at 8K and 32K)."""
     from .common import param_choice
 
     field = f"method_options.{ctx.case.method}"
@@ -588,8 +590,9 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
         from .wy_triton import MAX_BACKWARD_CHUNK
 
         if chunk > MAX_BACKWARD_CHUNK:
-            raise ValueError(f"{field}.chunk: must be <= {MAX_BACKWARD_CHUNK} with wy_backward 'triton' (the "
-                             f"backward kernel's shared memory at C = 128 is over the H200's), got {chunk}")
+            raise ValueError(f"{field}.chunk: must be <= {MAX_BACKWARD_CHUNK} with wy_backward 'triton' (at C = 64 "
+                             f"the compiled backward kernel gave wrong gradients on the H200; "
+                             f"wy_triton.MAX_BACKWARD_CHUNK), got {chunk}")
     from .linear_attn import triton_runnable
 
     why = triton_runnable(ctx.device)
