@@ -165,6 +165,12 @@ def test_label_names_each_code_path_option_and_lengths_below_1k_keep_their_numbe
             == "delta_rule [impl=triton, solve=triton]")
     assert module.impl_label("delta_rule", '{"impl": "triton", "solve": "torch"}') == "delta_rule [impl=triton]"
     assert module.impl_label("delta_rule", "not json") == "delta_rule"
+    assert (module.impl_label("delta_rule", '{"impl": "triton", "solve": "fused", "wy_backward": "triton"}')
+            == "delta_rule [impl=triton, solve=fused, wy_backward=triton]")
+    assert (module.impl_label("delta_rule", '{"impl": "triton", "dot_precision": "bf16", "solve": "triton"}')
+            == "delta_rule [impl=triton, solve=triton, dot_precision=bf16]")
+    assert module.impl_label("nats_l", '{"softmax": "flex"}') == "nats_l [softmax=flex]"
+    assert module.impl_label("nats_l", '{"softmax": "auto", "dot_precision": "tf32"}') == "nats_l"
     assert [module.klen(n) for n in (128, 512, 2048, 1 << 20, 1536)] == ["128", "512", "2K", "1024K", "1536"]
 
 
@@ -181,3 +187,22 @@ def test_lines_measured_only_below_min_fit_get_their_own_table(tmp_path, capsys)
     assert not any(l.startswith("| linear_attn | fwd_bwd | 8K:") for l in text.splitlines())
     assert _module().main([_write_run(tmp_path, "long", rows[3:])]) == 0
     assert "measured only below" not in capsys.readouterr().out
+
+
+def test_ungated_rows_of_a_line_that_failed_its_gate_leave_the_figures():
+    """A line wrong at 8K whose 128K / 1M rows passed on the forward only (grads_not_gated): those rows become
+    ``ungated`` and leave the curve; another line's flagged rows (no wrong row: negative control) stay ok."""
+    import pandas as pd
+
+    module = _module()
+    flag = "grads_not_gated(seq_q*seq_kv>ref_full_pairs)"
+    frame = pd.DataFrame([_row("broken", 8192, None, status="wrong"),
+                          _row("broken", 131072, 10.0, flags=flag), _row("broken", 1 << 20, 80.0, flags=flag),
+                          _row("broken", 131072, 3.0, mode="fwd"),
+                          _row("fine", 8192, 1.0), _row("fine", 131072, 10.0, flags=flag)])
+    out = module.distrust_ungated(frame)
+    assert list(out.status) == ["wrong", "ungated", "ungated", "ok", "ok", "ok"]
+    assert "failed (wrong) at 8K" in out.reason.iloc[1]
+    assert module.curve(out, "broken", "fwd_bwd") == {}
+    assert module.curve(out, "fine", "fwd_bwd") == {8192: 1.0, 131072: 10.0}
+    assert module.curve(out, "broken", "fwd") == {131072: 3.0}  # another mode of the line: its own gate

@@ -309,7 +309,10 @@ def _wy_bwd_src(Q, K, V, G, BETA, DQG, DATTN, DU, DW, DKD, DLAST, DQ, DKO, DVO, 
             kb = kb * k_scale[:, None]
             kk += tl.dot(kb, tl.trans(kb), input_precision=PRECISION)
         a = tl.where(strict, beta[:, None] * kk * tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
-        a_t = tl.trans(a)
+        # Aᵀ built transposed as the forward builds it (k kᵀ is symmetric); the build checked on the H200 at C = 16
+        # and 32 (scripts/wy_backward_check.py, s12-d / s12-e; with tl.trans(a) it was checked at C = 64 only)
+        above = cols[None, :] > rows[:, None]
+        a_t = tl.where(above, beta[None, :] * kk * tl.exp(tl.where(above, gam[None, :] - gam[:, None], 0.0)), 0.0)
         blk = tl.arange(0, NB)
         r16 = tl.arange(0, 16)
         same = (blk[:, None, None, None] == blk[None, None, :, None])
