@@ -189,6 +189,15 @@ def test_softmax_option_is_validated_with_its_field():
         _build("nats_l", "causal", 32, 32, params={"block": 4, "softmax": "sparse"})
 
 
+def test_auto_is_dense_up_to_max_len_and_flex_above_on_cuda_only():
+    from attnbench.methods.hybrid.nats_l import softmax_form
+
+    assert softmax_form("auto", "cuda", 8192, 8192) == "dense"  # measured faster at 2K on the H200
+    assert softmax_form("auto", "cuda", 16384, 8192) == "flex"  # the dense form's cap
+    assert softmax_form("auto", "cpu", 16384, 8192) == "dense"  # no compiled flex backward on the CPU
+    assert softmax_form("flex", "cuda", 2048, 8192) == "flex" and softmax_form("dense", "cuda", 1 << 20, 8) == "dense"
+
+
 def test_flex_needs_cuda_and_dense_keeps_its_cap():
     with pytest.raises(Unsupported, match=r"softmax=flex runs on CUDA"):
         _build("nats_l", "causal", 32, 32, params={"block": 4, "softmax": "flex"})
