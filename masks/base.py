@@ -11,7 +11,9 @@ every representation a method may need:
 * ``block_layout()`` — per q-block the kv-blocks, split into partial and full blocks (FlexAttention's layout);
 * ``block_mask()`` — a FlexAttention ``BlockMask`` built from the block layout;
 * ``varlen()`` — ``cu_seqlens`` and window sizes where FA-style varlen kernels can run the mask natively;
-* ``visible_pairs()`` — the exact count of visible (q, kv) pairs, the FLOP basis, in O(Sq) memory at most.
+* ``visible_pairs()`` — the exact count of visible (q, kv) pairs, the FLOP basis, in O(Sq) memory at most;
+* ``pairs_past_prefix(P)`` / ``prefix_corner(P)`` — does any query before ``P`` see a key at or after ``P``, and the
+  ``P x P`` corner as a mask of its own (the correctness gate's backward on long cases).
 
 Masks are the same for every batch element and head (``b`` and ``h`` are accepted and ignored), so the
 FLOP basis of a case is ``batch * heads_q * visible_pairs()``. Query ``i`` and key ``j`` are token indices
@@ -99,6 +101,8 @@ class VarlenForm:
 
 ROW_CHUNK_ELEMENTS = 1 << 24
 """Elements of one row chunk the generic evaluators materialise at a time (16 Mi bools = 16 MiB)."""
+PREFIX_CHECK_PAIRS = 1 << 36
+"""Most (query, key) pairs ``BoundMask.pairs_past_prefix`` evaluates through a generic ``mask_mod``."""
 
 
 def _row_chunk(seq_kv: int, budget_elems: int = ROW_CHUNK_ELEMENTS) -> int:
@@ -238,6 +242,39 @@ class BoundMask:
         """The varlen form, or None where the mask cannot be expressed that way."""
         return None
 
+    # ---- prefixes (the correctness gate's backward on long cases) -------------------------------------
+    def pairs_past_prefix(self, prefix: int, max_pairs: int = PREFIX_CHECK_PAIRS) -> int | None:
+        """Visible pairs whose query is before ``prefix`` and whose key is not: 0 when the first ``prefix``
+        queries see only the first ``prefix`` keys (the mask is *prefix-closed* at ``prefix``: causal, sliding
+        window, causal documents; not full, nor a prefix-LM whose prefix is longer). Read from the mask itself,
+        never from its name: from the closed-form tile counts where the mask has them (one row of
+        ``prefix x prefix`` tiles, O(Sq + tiles)), else by evaluating ``mask_mod`` over those
+        ``prefix x (seq_kv - prefix)`` pairs in row chunks, or None (not checked) when they are more than
+        ``max_pairs``."""
+        prefix = int(prefix)
+        if prefix <= 0 or prefix >= self.seq_kv:
+            return 0
+        if type(self).block_counts is not BoundMask.block_counts:  # a closed form: O(Sq + tiles)
+            return int(self.block_counts(prefix, prefix)[0, 1:].sum())
+        rows = min(prefix, self.seq_q)
+        if rows * (self.seq_kv - prefix) > max_pairs:
+            return None
+        chunk = _row_chunk(self.seq_kv - prefix)
+        total = 0
+        for start in range(0, rows, chunk):
+            index = torch.arange(start, min(rows, start + chunk), device=self.device)
+            total += int(self.visible_rows(index, prefix, self.seq_kv).sum())
+        return total
+
+    def prefix_corner(self, length: int) -> "BoundMask":
+        """The mask on the first ``length`` queries and keys (self-attention): the same pairs, as a mask of
+        its own ``[length, length]`` (what the reference takes for a prefix of the inputs)."""
+        if self.seq_q != self.seq_kv:
+            raise ValueError(f"prefix_corner: a self-attention mask only, got {self.seq_q}x{self.seq_kv}")
+        if not 0 < int(length) <= self.seq_q:
+            raise ValueError(f"prefix_corner: length must be in 1..{self.seq_q}, got {length!r}")
+        return PrefixCorner(self, int(length))
+
     # ---- description -------------------------------------------------------------------------------
     @property
     def label(self) -> str:
@@ -249,6 +286,29 @@ class BoundMask:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label} {self.seq_q}x{self.seq_kv}>"
+
+
+class PrefixCorner(BoundMask):
+    """The first ``seq_q`` queries and keys of a self-attention mask ``parent`` (``BoundMask.prefix_corner``):
+    its ``mask_mod`` is the parent's, whose pairs below the corner are the same; every other representation is
+    the generic one (O(length²), the size of what a reference on the corner computes anyway)."""
+
+    def __init__(self, parent: BoundMask, length: int):
+        super().__init__(parent.spec, length, length)
+        self.parent = parent
+        self.device = parent.device
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return self.parent.mask_mod(b, h, q_idx, kv_idx)
+
+    def to(self, device) -> "PrefixCorner":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return PrefixCorner(self.parent.to(device), self.seq_q)
+
+    def __repr__(self) -> str:
+        return f"<PrefixCorner {self.seq_q}x{self.seq_kv} of {self.parent!r}>"
 
 
 def layout_from_block_flags(partial: torch.Tensor, full: torch.Tensor, block_q: int, block_kv: int) -> BlockLayout:

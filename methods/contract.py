@@ -12,7 +12,10 @@ which is shorthand for ``Prepared(fn)``). The harness then, for each case:
 3. gates ``fn`` against a reference before timing it: exact methods against the harness's fp32 softmax
    reference; approximate methods (``Capabilities.exact=False``) against their *own* ``reference`` (their
    readable naive form, like flash-linear-attention's ``naive.py``), with the same dtype rule, so ``wrong``
-   still means a bug. Their distance from exact softmax attention is recorded as ``approx_err``, never gated;
+   still means a bug. Their distance from exact softmax attention is recorded as ``approx_err``, never gated.
+   Above ``correctness.ref_full_pairs`` the output is gated on sampled rows and the gradients on the first P
+   positions, where the mask is closed at P and the method declares ``Capabilities.prefix_closed`` (then its
+   ``reference`` gets the per-token inputs cut at P: it must take any length);
 4. times ``fn`` (CUDA events) and, in backward modes, the gradients of q, k, v, every extra with ``grad=True``
    and every tensor in ``parameters``.
 
@@ -153,7 +156,9 @@ class Prepared:
     alone (e.g. ``{"routing": ...}``), reported as a share of the call. ``softmax_comparable``: False for
     methods that are a different operator, whose distance from softmax attention means nothing (their row
     says so instead of giving ``approx_err``). ``state_scan``: the method as a scan over sequence pieces
-    (:class:`StateScan`), for the ``state_pass`` CP layout.
+    (:class:`StateScan`), for the ``state_pass`` CP layout. ``chunk``: the token block of a chunked form (a
+    linear method's chunk), where it has one: the prefix a long case's gradients are gated on
+    (``Capabilities.prefix_closed``) is a multiple of it, so the chunks before it are the same chunks.
     """
 
     fn: Callable[..., torch.Tensor]
@@ -167,10 +172,14 @@ class Prepared:
     phases: dict[str, Callable[..., Any]] = field(default_factory=dict)
     softmax_comparable: bool = True
     state_scan: StateScan | None = None
+    chunk: int | None = None
 
     def __post_init__(self):
         if not callable(self.fn):
             raise TypeError("Prepared.fn must be callable")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
+                                       or self.chunk < 1):
+            raise ValueError(f"Prepared.chunk must be a positive int or None, got {self.chunk!r}")
         for name, extra in self.extras.items():
             if name in ("q", "k", "v", "x"):
                 raise ValueError(f"extra input name {name!r} clashes with a main input")

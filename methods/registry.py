@@ -119,6 +119,10 @@ class Capabilities:
     declines: tuple[str, ...] = ()  # substrings of errors that mean "this backend declined the case"
     form: str = "qkv"  # "qkv": fn(q, k, v); "layer": a module fn(x) over [batch, seq, heads_q * head_dim]
     causal_only: bool = False  # runs causal masks only (recurrences, scans): noncausal cases are unsupported
+    # outputs before any position P depend on the inputs before P only, whenever the mask lets no query before P
+    # see a key at or after P (causal per token): the gate then checks a long case's gradients on a prefix
+    # (``closed_on_prefixes``; None: True for exact q/k/v methods, False for methods gated by their own reference)
+    prefix_closed: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "masks", frozenset(self.masks))
@@ -129,6 +133,18 @@ class Capabilities:
         object.__setattr__(self, "dtypes_by_device", tuple(sorted((k, tuple(v)) for k, v in by_device.items())))
         if self.form not in ("qkv", "layer"):
             raise ValueError(f"Capabilities.form must be 'qkv' or 'layer', got {self.form!r}")
+
+    def closed_on_prefixes(self) -> bool:
+        """Whether the gate may check a long case's gradients on a prefix (``bench/execute/case.py``): the
+        method's outputs before position P are a function of its per-token inputs before P (and of inputs that
+        are not per token: parameters, feature draws) whenever the mask is closed at P, and its own reference
+        (if it is gated by one) takes those inputs' prefix and computes the same. Declared by ``prefix_closed``;
+        undeclared, True for exact q/k/v methods (gated against exact softmax attention, which is such a
+        function) and False for the others: global statistics (k-means centroids, routing over the whole
+        sequence, a normaliser over every token) break it, and only the method knows."""
+        if self.prefix_closed is not None:
+            return bool(self.prefix_closed)
+        return self.exact and self.form == "qkv"
 
     def dtypes_on(self, device_kind: str) -> tuple[str, ...]:
         """The dtypes the method takes on ``device_kind`` (``cpu``, ``cuda``)."""

@@ -288,7 +288,10 @@ FIELDS: dict[str, Field] = {f.path: f for f in [
     Field("correctness.tolerance", mapping(choice(*DTYPES), tolerance_value, what="a mapping {dtype: tol or [out, grads]}"),
           {}, "per-dtype gate tolerance (number, or [out, grads]); default bench/measure/gate.py TOLERANCE"),
     Field("correctness.ref_full_pairs", number(1, integral=True), 2**32,
-          "above seq_q*seq_kv pairs the gate checks a strided sample of query rows (forward only)"),
+          "above seq_q*seq_kv pairs the gate checks a strided sample of query rows (forward only) and, where the "
+          "mask and method allow it, the gradients on a prefix of P tokens, P*P <= ref_full_pairs"),
+    Field("correctness.grad_prefix_min", number(1, integral=True), 1024,
+          "the shortest prefix the gradients of a case above ref_full_pairs are gated on (shorter: not gated)"),
     # timing
     Field("timing.budget_ms", number(1), 300.0, "time budget of the repetitions"),
     Field("timing.warmup_ms", number(0), 50.0, "warm-up time"),

@@ -38,6 +38,11 @@ DATASHEET_GBPS = {"H100": 3350.0, "H200": 4800.0, "H800": 3350.0, "A100": 2039.0
 # above this many (query, key) pairs the gate samples query rows (forward only); see correctness.ref_full_pairs
 REF_FULL_PAIRS = 1 << 32
 GATE_SAMPLE_ROWS = 512
+# ... and checks the gradients on a prefix of P tokens, P² <= ref_full_pairs, a multiple of this block (or of the
+# largest power of two below √ref_full_pairs, and of the method's chunk), where the case allows it
+# (CaseRunner._grad_prefix); a prefix shorter than correctness.grad_prefix_min is not used
+PREFIX_BLOCK = 4096
+GRAD_PREFIX_MIN = 1024
 
 
 @dataclass
@@ -118,6 +123,7 @@ class CaseRunner:
         self.phase_hook = None  # called with each new phase (the worker reports it to the parent)
         self._inputs: Inputs | None = None
         self._reference: Reference | None = None
+        self._prefix_grads: tuple | None = None  # ((input key, P), the exact reference's gradients on the prefix)
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.telemetry = None
         if self.device.type == "cuda" and self.timing.get("telemetry", True):
@@ -149,7 +155,7 @@ class CaseRunner:
         key = case.input_key()
         if self._inputs is not None and self._inputs.key == key:
             return self._inputs
-        self._inputs = self._reference = None
+        self._inputs = self._reference = self._prefix_grads = None
         gen = torch.Generator(device=self.device).manual_seed(case.seed)
         dtype = TORCH_DTYPES[case.dtype]
 
@@ -190,6 +196,20 @@ class CaseRunner:
         self._reference = Reference(inputs.key, out32, grads32, rows, rows_visible)
         return self._reference
 
+    def prefix_reference(self, inputs: Inputs, bound, length: int) -> tuple:
+        """The fp32 reference's gradients (dq, dk, dv) on the first ``length`` positions of a self-attention
+        case: q, k, v and dout cut there, the mask's ``length x length`` corner (cached per input key and length).
+        Where the mask is closed at ``length`` and dout is 0 from ``length`` on, they are the whole case's
+        gradients before ``length`` (and 0 after): the prefix gate of long cases (``_grad_prefix``)."""
+        key = (inputs.key, length)
+        if self._prefix_grads is not None and self._prefix_grads[0] == key:
+            return self._prefix_grads[1]
+        chunk = self.options.get("ref_chunk_bytes", 1 << 29)
+        q, k, v, dout = (t[:, :, :length] for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
+        _, grads = reference_attention(q, k, v, bound.prefix_corner(length), dout=dout, chunk_bytes=chunk)
+        self._prefix_grads = (key, grads)
+        return grads
+
     # ---- the case ------------------------------------------------------------------------------------------
     def run(self, case: Case, run_id: str = "") -> dict:
         """Measure ``case``; compiler settings a builder changes are restored afterwards (DESIGN.md §7)."""
@@ -226,15 +246,19 @@ class CaseRunner:
                                     "a layer is gated against its own reference only")
         recurrent = case.mode == "decode" and prepared.decode is not None
         call = self._call(case, caps, prepared, recurrent)
+        prefix = self._grad_prefix(case, caps, prepared, call, bound, recurrent)
+        # the gate's backward on a prefix: the first call's output gradient is 0 from position P on
+        gate_dout = _zero_after(call.dout, _seq_axis(caps), prefix[0]) if prefix[0] else None
 
         self._set_phase("first call")
-        timed, first = self._closures(case.mode, prepared, call, recurrent)
+        timed, first = self._closures(case.mode, prepared, call, recurrent, gate_dout)
         out, grads = self._declined(caps, first)
+        del first, gate_dout  # the timed calls use the case's own dout
         self._sync()
         row["compile_s"] = time.perf_counter() - t0
 
         self._set_phase("correctness")
-        self._gate(case, caps, prepared, call, bound, out, grads, row, recurrent)
+        self._gate(case, caps, prepared, call, bound, out, grads, row, recurrent, prefix)
         del out, grads
 
         if not caps.exact and caps.form == "qkv" and not recurrent:
@@ -338,8 +362,10 @@ class CaseRunner:
                 call.kwargs["_state"] = prepared.decode.prefill(*call.args, **call.kwargs)
         return call
 
-    def _closures(self, mode, prepared, call: Call, recurrent: bool):
-        """(timed call, first call returning (out, grads or None)) for a mode."""
+    def _closures(self, mode, prepared, call: Call, recurrent: bool, gate_dout: torch.Tensor | None = None):
+        """(timed call, first call returning (out, grads or None)) for a mode. The first call's gradients (the
+        ones the gate compares) are taken with ``gate_dout`` where given (the prefix gate's, 0 from position P
+        on), else with the case's ``call.dout``, as every timed call is."""
         fn = prepared.fn
         args, kwargs = call.args, call.kwargs
         if recurrent:
@@ -364,7 +390,8 @@ class CaseRunner:
             if not out.requires_grad:
                 raise _Verdict("wrong", "the output does not depend on the inputs (no gradient path from "
                                         f"{', '.join(names)}): it cannot be a function of q, k, v")
-            grads = torch.autograd.grad(out, targets, call.dout, retain_graph=mode == "bwd", allow_unused=True)
+            dout = call.dout if gate_dout is None else gate_dout
+            grads = torch.autograd.grad(out, targets, dout, retain_graph=mode == "bwd", allow_unused=True)
             unused = [n for n, g in zip(names, grads) if g is None]
             if unused:
                 raise _Verdict("wrong", f"the output does not depend on {', '.join(unused)} (no gradient)")
@@ -389,9 +416,15 @@ class CaseRunner:
         return call_fwd_bwd, first
 
     # ---- the gate --------------------------------------------------------------------------------------------
-    def _gate(self, case, caps, prepared, call: Call, bound, out, grads, row, recurrent: bool) -> None:
+    def _gate(self, case, caps, prepared, call: Call, bound, out, grads, row, recurrent: bool,
+              prefix: tuple = (None, None)) -> None:
         """Compare with the reference (exact: harness fp32 softmax; approximate: the method's own, in fp32);
-        record ``rel_err``, ``err_tol`` and, for approximate methods, ``approx_err``. Raises a verdict."""
+        record ``rel_err``, ``err_tol`` and, for approximate methods, ``approx_err``. Raises a verdict.
+        ``prefix``: ``_grad_prefix``'s (P, reason): a long case's gradients (taken with dout 0 from P on) are
+        compared with the reference's on the first P positions, or, with a reason, not compared."""
+        length, why_not = prefix
+        not_gated = "grads_not_gated(seq_q*seq_kv>ref_full_pairs" + (f": {why_not})" if why_not else ")")
+        method_grads = grads  # in the method's layout (the own reference's prefix gradients are too)
         bshd = caps.input_layout == "bshd" and caps.form == "qkv"
         if bshd:
             out = out.transpose(1, 2)
@@ -405,8 +438,12 @@ class CaseRunner:
             pairs = [("out", self._rows(out, exact_ref), self._rows(exact_ref.out, exact_ref, sampled=True))]
             if grads is not None and exact_ref.grads is not None:
                 pairs += [(n, g, w) for n, g, w in zip(names, grads, exact_ref.grads)]
+            elif grads is not None and length:  # q, k, v gradients, [B, H, S, D] here: the sequence is axis 2
+                want = self.prefix_reference(self.inputs(case), bound, length)
+                pairs += [(n, gate.Prefixed(g, 2, length), w) for n, g, w in zip(names, grads, want)]
+                row["flags"] = _add_flag(row.get("flags"), f"grads_gated_on_prefix({length})")
             elif grads is not None:
-                row["flags"] = _add_flag(row.get("flags"), "grads_not_gated(seq_q*seq_kv>ref_full_pairs)")
+                row["flags"] = _add_flag(row.get("flags"), not_gated)
             verdict = gate.compare(pairs, case.dtype, tolerance)
             if verdict.failure is None and caps.form == "qkv":
                 empty = ~exact_ref.rows_visible
@@ -418,8 +455,12 @@ class CaseRunner:
                 pairs = [("out", out, want_out)]
             else:  # a long case: the own reference ran on a sample of query rows, forward only
                 pairs = [("out", out[:, rows] if caps.form == "layer" else out[:, :, rows], want_out)]
-                if grads is not None:
-                    row["flags"] = _add_flag(row.get("flags"), "grads_not_gated(seq_q*seq_kv>ref_full_pairs)")
+                if grads is not None and length:  # gradients: the own reference's on the prefix
+                    pairs += self._own_prefix_pairs(case, caps, prepared, call, method_grads, length)
+                    row["flags"] = _add_flag(row.get("flags"), f"grads_gated_on_prefix({length})")
+                    grads = None
+                elif grads is not None:
+                    row["flags"] = _add_flag(row.get("flags"), not_gated)
                     grads = None
             if grads is not None:
                 pairs += [(n, g, w) for n, g, w in zip(names, grads, want_grads)]
@@ -454,6 +495,87 @@ class CaseRunner:
         if recurrent or not _accepts(prepared.reference, "rows"):
             return None
         return self._gate_rows(case)
+
+    # ---- the prefix gate of long cases' gradients ---------------------------------------------------------------
+    def _prefix_length(self, prepared) -> int:
+        """P: the largest multiple of the prefix block with P² <= ``ref_full_pairs``. The block is
+        ``PREFIX_BLOCK`` (or the largest power of two <= √ref_full_pairs, when that is smaller), times what
+        makes it a multiple of the method's ``Prepared.chunk`` too (else the chunk alone); 0 where none fits."""
+        root = math.isqrt(int(self.options.get("ref_full_pairs", REF_FULL_PAIRS)))
+        if root < 1:
+            return 0
+        block = min(PREFIX_BLOCK, 1 << (root.bit_length() - 1))
+        chunk = prepared.chunk
+        if chunk:
+            block = math.lcm(block, chunk) if math.lcm(block, chunk) <= root else chunk
+        return root // block * block
+
+    def _grad_prefix(self, case, caps, prepared, call: Call, bound, recurrent: bool) -> tuple:
+        """(P, None) where a backward case whose gradients the gate would not check (above ``ref_full_pairs``:
+        the reference runs on sampled rows, forward only) can have them checked on its first P positions; else
+        (None, why not), or (None, None) where the gate computes every gradient anyway (or there are none).
+
+        The gate's backward then runs with an output gradient that is 0 from position P on. If no query before
+        P sees a key at or after P (the bound mask is closed at P, checked on the mask, not read from its name)
+        and the method's outputs before P depend on its inputs before P only (``Capabilities.closed_on_prefixes``),
+        its gradients before P are those of the same computation on the first P positions, and 0 after; the
+        reference computes those on P x P pairs (the exact one on the mask's corner, an own reference on the
+        inputs cut at P), so the cost is a case's at ``ref_full_pairs`` whatever the length, and no extra call
+        of the method is made. Self-attention only (cross attention has no common prefix)."""
+        if not case.needs_grad or recurrent or not call.grad_targets:
+            return None, None
+        if caps.exact and caps.form == "qkv":
+            long = self._gate_rows(case) is not None
+        else:
+            long = self._own_reference_rows(case, caps, prepared, recurrent) is not None
+        if not long:
+            return None, None
+        if not caps.closed_on_prefixes():
+            return None, "not prefix_closed"
+        if case.seq_q != case.seq_kv:
+            return None, "cross attention"
+        length = self._prefix_length(prepared)
+        minimum = int(self.options.get("grad_prefix_min", GRAD_PREFIX_MIN))
+        if length < max(1, minimum):
+            return None, f"prefix {length} < grad_prefix_min {minimum}"
+        past = bound.pairs_past_prefix(length)
+        if past is None:
+            return None, f"mask closure at {length} not checked"
+        if past:
+            return None, f"mask not closed at {length}"
+        if not (caps.exact and caps.form == "qkv"):
+            try:
+                _token_axes(call, case.seq_q, _seq_axis(caps))
+            except ValueError as exc:
+                return None, str(exc)
+        return length, None
+
+    def _own_prefix_pairs(self, case, caps, prepared, call: Call, grads, length: int) -> list:
+        """(name, got, want) for every gradient target: the method's gradients (``grads``, its layout; taken
+        with dout 0 from ``length`` on) against its own reference's in fp32 on the inputs cut at ``length``
+        (each per-token tensor along its sequence axis, the others whole: parameters, feature draws), with the
+        cut dout. Per-token gradients are :class:`gate.Prefixed` (0 expected after the prefix)."""
+        arg_axes, kwarg_axes, target_axes = _token_axes(call, case.seq_q, _seq_axis(caps))
+
+        def head(t, axis):
+            return t if axis is None else t.narrow(axis, 0, length)
+
+        args = tuple(_float_copy(head(a, axis), True) for a, axis in zip(call.args, arg_axes))
+        kwargs = {k: (_float_copy(head(v, kwarg_axes[k]), True) if isinstance(v, torch.Tensor) else v)
+                  for k, v in call.kwargs.items() if k != "_state"}
+        with torch.enable_grad():
+            raw = prepared.reference(*args, **kwargs)  # the method's layout, as dout
+            lookup = {**{n: a for n, a in zip(("dq", "dk", "dv") if caps.form == "qkv" else ("dx",), args)},
+                      **{f"d{k}": v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}}
+            targets = [lookup.get(name, original) for name, original in call.grad_targets]
+            dout = head(call.dout, _seq_axis(caps)).float()
+            want = torch.autograd.grad(raw, targets, dout, allow_unused=True)
+        want = tuple(torch.zeros_like(t) if w is None else w.detach() for w, t in zip(want, targets))
+        pairs = []
+        for (name, _), got, wanted in zip(call.grad_targets, grads, want):
+            axis = target_axes[name]
+            pairs.append((name, got if axis is None else gate.Prefixed(got, axis, length), wanted))
+        return pairs
 
     def _own_reference(self, case, caps, prepared, call: Call, bshd: bool, recurrent: bool, rows=None):
         """The method's own reference in fp32 on fp32 copies of the inputs (and its gradients); on the query
@@ -671,6 +793,55 @@ class CaseRunner:
 
 def _add_flag(flags: str | None, flag: str) -> str:
     return ";".join([f for f in (flags or "").split(";") if f] + [flag])
+
+
+def _seq_axis(caps) -> int:
+    """The sequence axis of the method's inputs and dout: 1 for ``bshd`` and layers ([B, L, width]), else 2."""
+    return 1 if caps.form == "layer" or caps.input_layout == "bshd" else 2
+
+
+def _zero_after(dout: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    """A copy of ``dout`` that is 0 from position ``length`` on along ``axis``."""
+    masked = dout.detach().clone()
+    masked.narrow(axis, length, dout.shape[axis] - length).zero_()
+    return masked
+
+
+def _token_axis(t: torch.Tensor, length: int, axis: int) -> int | None:
+    """The sequence axis of ``t`` in the method's layout: ``axis`` when that is the only axis of ``length``
+    entries; None when none is (not per token: whole, as a parameter or a feature draw); ValueError when
+    another axis has ``length`` entries (where the tokens lie is not clear, so it cannot be cut)."""
+    hits = [i for i, size in enumerate(t.shape) if size == length]
+    if not hits:
+        return None
+    if hits == [axis]:
+        return axis
+    raise ValueError(f"token axis of a {tuple(t.shape)} input unclear")
+
+
+def _token_axes(call: Call, length: int, axis: int) -> tuple[list, dict, dict]:
+    """(axes of ``call.args``, of the tensor keyword arguments, of the gradient targets by name) for the prefix
+    gate (``_token_axis``, None: whole); ValueError naming the input whose token axis is unclear, or a parameter
+    with a token axis (the reference uses the same parameter tensors: they cannot be cut)."""
+    def find(name, t):
+        try:
+            return _token_axis(t, length, axis)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+    arg_axes = [find(name, a) for name, a in zip(("q", "k", "v") if len(call.args) == 3 else ("x",), call.args)]
+    kwarg_axes = {k: find(k, v) for k, v in call.kwargs.items() if k != "_state" and isinstance(v, torch.Tensor)}
+    by_tensor = {id(a): ax for a, ax in zip(call.args, arg_axes)}
+    by_tensor.update({id(call.kwargs[k]): ax for k, ax in kwarg_axes.items()})
+    target_axes = {}
+    for name, t in call.grad_targets:
+        if id(t) in by_tensor:
+            target_axes[name] = by_tensor[id(t)]
+        elif find(name, t) is not None:
+            raise ValueError(f"{name}: a parameter with a token axis")
+        else:
+            target_axes[name] = None
+    return arg_axes, kwarg_axes, target_axes
 
 
 def _sampled_reference(q, k, v, bound, rows: torch.Tensor, chunk_bytes: int) -> torch.Tensor:

@@ -128,6 +128,8 @@ def worker_options(cfg: dict) -> dict:
         options["tolerance"] = dict(correctness["tolerance"])
     if correctness.get("ref_full_pairs"):
         options["ref_full_pairs"] = int(correctness["ref_full_pairs"])
+    if correctness.get("grad_prefix_min"):
+        options["grad_prefix_min"] = int(correctness["grad_prefix_min"])
     options.update(plan_options(cfg))
     return options
 

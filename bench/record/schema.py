@@ -69,7 +69,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "rel_err": ("Float64", "max over out (query rows with a visible key; a strided sample of rows above "
                            "correctness.ref_full_pairs) and, in backward modes, every gradient (dq, dk, dv, extras, "
                            "parameters) of ||got - ref|| / ||ref|| (Frobenius norms) against the fp32 reference (the "
-                           "method's own for approximate methods); NaN when got is non-finite"),
+                           "method's own for approximate methods; above ref_full_pairs the gradients of a prefix, "
+                           "flag grads_gated_on_prefix, else none); NaN when got is non-finite"),
     "err_tol": ("Float64", "tolerance of the gate for the tensor that came closest to failing: a constant per dtype, "
                            "output and gradients apart (bench/measure/gate.py TOLERANCE), never widened with length; "
                            "exact methods against the fp32 softmax reference, approximate ones against their own"),
@@ -97,7 +98,12 @@ COLUMNS: dict[str, tuple[str, str]] = {
                              "(empty when the counter did not tick or implies more than 1.1 x the power limit)"),
     "flags": ("string", "sanity flags, ';'-separated: tflops_above_peak(P), gbps_above_peak(P), "
                         "cuda_graph_fwd_only, cpu_interference(...) (during the timed repetitions the process's threads "
-                        "waited for a CPU, summed over threads, more than 10 % of the wall time)"),
+                        "waited for a CPU, summed over threads, more than 10 % of the wall time), "
+                        "approx_err_na(different_operator); above correctness.ref_full_pairs in backward modes "
+                        "grads_gated_on_prefix(P) (the gradients compared with the reference's on the first P "
+                        "positions, with dout 0 after them, and 0 expected there) or grads_not_gated(seq_q*seq_kv>"
+                        "ref_full_pairs: why) (not compared: not prefix_closed, cross attention, mask not closed at P, "
+                        "prefix P < grad_prefix_min N, an input's token axis unclear)"),
     "device": ("string", "device name as torch reports it (torch.cuda.get_device_name, or cpu); empty where no "
                          "worker reported it (cases the planner marked unsupported, a worker that never started)"),
     "gpu_uuid": ("string", "UUID of the GPU the case ran on, lower-case, without NVML's GPU- prefix (torch's "

@@ -505,7 +505,7 @@ def kernelized(ctx, features, *, softmax_comparable: bool, normalize: bool = Tru
                              floor=floor) if offset == 0 and impl == "chunked" else None
     return Prepared(fn=fn, reference=reference, prepare=prepare, extras=dict(extras or {}),
                     parameters=tuple(parameters), decode=decode, softmax_comparable=softmax_comparable,
-                    state_scan=scan)
+                    state_scan=scan, chunk=chunk)
 
 
 def linear_state_scan(features, *, causal: bool, eps: float, chunk: int, normalize: bool, dtype, floor=None):

@@ -27,7 +27,7 @@ def cos_features(x, pos, M: int):
     return torch.cat([rx * torch.sin(angle)[:, None], rx * torch.cos(angle)[:, None]], dim=-1)
 
 
-@register_method("cosformer", Capabilities(**KERNELIZED_CAPS), options=KERNELIZED_OPTIONS)
+@register_method("cosformer", Capabilities(**KERNELIZED_CAPS, prefix_closed=True), options=KERNELIZED_OPTIONS)
 def build_cosformer(ctx):
     """cosFormer: ReLU features with cos re-weighting by position (Ptolemy decomposition)."""
     M = max(ctx.case.seq_q, ctx.case.seq_kv)

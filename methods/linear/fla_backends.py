@@ -39,7 +39,8 @@ from .linear_attn import elu_features
 DECLINES = ("produces incorrect results", "Triton is not supported")
 CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, backward=True, devices=("cuda",),
             dtypes=("float16", "bfloat16"),
-            requires=("fla", "triton", "einops"), input_layout="bshd", declines=DECLINES)
+            requires=("fla", "triton", "einops"), input_layout="bshd", declines=DECLINES, prefix_closed=True)
+FLA_CHUNK = 64  # the chunk of fla's chunk_* kernels: a long case's gradient prefix is a multiple of it
 
 
 GATED_REFUSAL = ("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated "
@@ -109,7 +110,7 @@ def build_fla_linear_attn(ctx):
         out = linear_reference(naive_max, 128)(fq, fk, vv, causal=True, offset=0, eps=eps)  # chunk 64 above
         return _bhsd(out)
 
-    return Prepared(fn=fn, reference=reference, softmax_comparable=False)
+    return Prepared(fn=fn, reference=reference, softmax_comparable=False, chunk=FLA_CHUNK)
 
 
 def _gate_extras(case, gated: bool, delta: bool) -> dict:
@@ -153,7 +154,7 @@ def _fla_variant(ctx, name: str, call):
                                             stream=stream))
 
     return Prepared(fn=call, reference=reference, extras=_gate_extras(ctx.case, gated, delta),
-                    softmax_comparable=False)
+                    softmax_comparable=False, chunk=FLA_CHUNK)
 
 
 @register_method("fla_simple_gla", Capabilities(**CAPS), options=("reference_naive_max_len", "reference_stream_chunk"))

@@ -646,7 +646,7 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
         if fast is None and offset == 0 else None
     return Prepared(fn=fn, reference=reference, extras=extras,
                     decode=recurrent_decode(gated, delta, normalize, chunk, segment, states_fn, solve),
-                    softmax_comparable=False, state_scan=scan)
+                    softmax_comparable=False, state_scan=scan, chunk=chunk)
 
 
 def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> StateScan:
@@ -681,8 +681,10 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
 # the method_options of the own variants (:func:`build_variant`; simple_gla's ``solve`` takes ``fused`` only)
 VARIANT_OPTIONS = ("chunk", "reference_naive_max_len", "reference_stream_chunk", "segment", "impl",
                    "solve", "wy_backward") + TRITON_ONLY
+# a recurrence over tokens (g and beta per token): outputs before P depend on the tokens before P only, and the
+# references take any length, so long cases' gradients are gated on a prefix (Capabilities.prefix_closed)
 CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
-            backward=True, decode=True)
+            backward=True, decode=True, prefix_closed=True)
 
 
 @register_method("gated_delta_rule", Capabilities(**CAPS), options=VARIANT_OPTIONS)
@@ -707,7 +709,7 @@ def build_simple_gla(ctx):
 
 
 TRITON_CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, backward=True,
-                   requires=("triton",), max_head_dim=256)
+                   requires=("triton",), max_head_dim=256, prefix_closed=True)
 
 
 @register_method("simple_gla_triton", Capabilities(**TRITON_CAPS),
@@ -753,4 +755,4 @@ def build_simple_gla_triton(ctx):
         return chunked(q, k, v, g, chunk=max(16, chunk // 2), segment=reference_segment(k.shape[2]), **kw)
 
     return Prepared(fn=fn, reference=reference, extras=gate_extras(ctx.case, True, False),
-                    softmax_comparable=False)
+                    softmax_comparable=False, chunk=chunk)

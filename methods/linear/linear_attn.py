@@ -39,14 +39,14 @@ def elu_features(q, k, v, q_pos=None, k_pos=None):
     return fq, fk, expand_heads(v, heads)
 
 
-@register_method("linear_attn", Capabilities(**KERNELIZED_CAPS), options=KERNELIZED_OPTIONS)
+@register_method("linear_attn", Capabilities(**KERNELIZED_CAPS, prefix_closed=True), options=KERNELIZED_OPTIONS)
 def build_linear_attn(ctx):
     """Linear attention, elu+1 features (chunked PyTorch form; O(d²) recurrent decode)."""
     return kernelized(ctx, elu_features, softmax_comparable=False, feature_width=ctx.case.head_dim)
 
 
 TRITON_CAPS = dict(family="linear", exact=False, masks={"causal"}, causal_only=True, gqa=True, backward=True,
-                   requires=("triton",), max_head_dim=256)
+                   requires=("triton",), max_head_dim=256, prefix_closed=True)
 
 
 def triton_runnable(device) -> str | None:
@@ -97,4 +97,4 @@ def build_linear_attn_triton(ctx):
         fq, fk, vv = elu_features(q, k, v)
         return reference_form(fq, fk, vv, causal=True, offset=0, eps=eps)
 
-    return Prepared(fn=fn, reference=reference, softmax_comparable=False)
+    return Prepared(fn=fn, reference=reference, softmax_comparable=False, chunk=chunk)

@@ -68,7 +68,7 @@ def favor_features(x: torch.Tensor, omega: torch.Tensor, is_query: bool) -> torc
     return torch.exp(logits) / math.sqrt(omega.shape[-2])
 
 
-@register_method("performer", Capabilities(**KERNELIZED_CAPS),
+@register_method("performer", Capabilities(**KERNELIZED_CAPS, prefix_closed=True),
                  options=KERNELIZED_OPTIONS + ("features", "orthogonal", "per_head", "redraw", "feature_seed"))
 def build_performer(ctx):
     """Performer FAVOR+: positive orthogonal random features drawn untimed in prepare (redraw policy)."""

@@ -33,7 +33,7 @@ def rfa_features(x, omega):
     return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1) / math.sqrt(omega.shape[0])
 
 
-@register_method("rfa", Capabilities(**KERNELIZED_CAPS),
+@register_method("rfa", Capabilities(**KERNELIZED_CAPS, prefix_closed=True),
                  options=KERNELIZED_OPTIONS + ("features", "sigma", "floor", "feature_seed"))
 def build_rfa(ctx):
     """RFA: sin/cos random features of l2-normalised q, k (different operator from softmax on raw q, k)."""
