@@ -128,3 +128,80 @@ def test_strided_windows_on_each_sdpa_backend(backend, causal):
     wants = torch.autograd.grad(want.float().square().sum(), (q, k, v))
     for g, w in zip(grads, wants):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+# ---- superlinear: search auto, query chunks (checkpointed) and the memory the CPU replay projects ---------------
+def _superlinear(seq, params, heads=4, dim=64, mode="fwd_bwd"):
+    spec = masks.make_mask("causal")
+    bound = spec.bind(seq, seq).to("cuda:0")
+    case = Case(method="superlinear", mask=spec.label, mask_name=spec.name, batch=1, heads_q=heads, heads_kv=heads,
+                seq_q=seq, seq_kv=seq, head_dim=dim, dtype="bfloat16", mode=mode, device="cuda:0")
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cuda:0"),
+                       dtype=torch.bfloat16, options={}, params=dict(params))
+    return METHODS["superlinear"].build(ctx)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "bwd"])
+def test_superlinear_query_chunks_are_gated_ok(mode):
+    """2048 tokens in chunks of 768 rows (768, 768, 512: two compiled shapes), checkpointed with gradients; bwd
+    replays one held graph through the checkpoints."""
+    row = run_case("superlinear", "causal", mode, seq=2048, options={"superlinear": {"query_chunk": 768}})
+    assert row["status"] == "ok", row["reason"]
+
+
+def test_superlinear_chunks_equal_the_whole_sequence_and_do_not_recompile():
+    """Values and gradients of the chunked form against the whole-sequence form (bf16: both round the same
+    FlexAttention outputs; the gates' dk is summed in fp32 by both), a second fwd_bwd call (new inputs, the
+    checkpoints' recompute included) without a recompilation, and search auto resolved to the kernel."""
+    import torch._dynamo
+
+    seq = 2048
+    gen = torch.Generator(device="cuda:0").manual_seed(0)
+    inputs = [torch.randn(1, 4, seq, 64, generator=gen, device="cuda:0", dtype=torch.bfloat16) for _ in range(5)]
+    results = []
+    for chunk in (seq, 512):
+        prepared = _superlinear(seq, {"query_chunk": chunk})
+        assert prepared.fn.resolved == {"search": "triton", "query_chunk": chunk}
+        leaves = [t.clone().requires_grad_() for t in inputs[:4]]
+        out = prepared.fn(*leaves[:3], q1=leaves[3])
+        results.append((out, *torch.autograd.grad(out, leaves, inputs[4])))
+        again = [t.flip(2).clone().requires_grad_() for t in inputs[:4]]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out2 = prepared.fn(*again[:3], q1=again[3])
+            torch.autograd.grad(out2, again, inputs[4])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_superlinear_peak_memory_is_what_the_cpu_replay_projects():
+    """tests/test_superlinear_memory.py projects the 1M peak from a replay on the CPU; here the same replay at
+    64K's ratios (16 heads, d 128, bf16, 3 spans, 8 chunks of 8K rows: ``L / b^2`` = 4 block entries per query,
+    the gates in 6 steps) against the allocator's peak of a fwd_bwd call above its inputs on the device. The
+    CUDA sorts' own scratch is not in the replay (~12 B a sorted entry: 16 x 64 x 512 entries a chunk here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import test_superlinear_memory as replayed
+
+    seq, heads, dim = 65536, 16, 128
+    small = 256
+    with pytest.MonkeyPatch.context() as mp:
+        per = replayed.replay(mp, small, heads, dim, torch.bfloat16, {"query_chunk": small // 8}, 8,
+                              round(small * 10922 / seq))
+    expect = per["fwd_bwd"] * heads * seq
+    prepared = _superlinear(seq, {"query_chunk": seq // 8}, heads=heads, dim=dim)
+    gen = torch.Generator(device="cuda:0").manual_seed(0)
+    q, k, v, q1, dout = (torch.randn(1, heads, seq, dim, generator=gen, device="cuda:0", dtype=torch.bfloat16)
+                         for _ in range(5))
+    leaves = [t.requires_grad_() for t in (q, k, v, q1)]
+    for _ in range(2):  # the first call compiles
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = prepared.fn(q, k, v, q1=q1)
+        grads = torch.autograd.grad(out, leaves, dout)
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated() - base
+        del out, grads
+    assert abs(measured - expect) < 0.15 * expect, (measured / 2**20, expect / 2**20)

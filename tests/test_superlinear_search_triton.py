@@ -8,7 +8,9 @@ strided inputs; the built method with ``search=triton`` equal to ``search=torch`
 and gated ``ok`` by the harness, while its reference keeps routing with the PyTorch search; negative controls
 (``fault=``: the key one row off, the top-k unsorted, a later stripe winning a tie, and the off-by-one kernel
 inside the method) caught by the same checks; option errors name the field; without CUDA or the interpreter
-the case is ``unsupported``; ``superlinear_pkg`` refuses ``search``.
+the case is ``unsupported``; ``search: auto`` (the default) is ``triton`` on a CUDA device (only named here:
+nothing runs there) and ``torch`` on the CPU, also under the interpreter, or where the kernel cannot run
+(triton missing, more than 8 spans); ``superlinear_pkg`` refuses ``search`` and ``query_chunk``.
 
 As in tests/test_tril_triton.py, TRITON_INTERPRET=1 must be set before triton is first imported, so unless
 pytest itself was started with it, the interpreter tests here skip and tests/test_triton_interpreter.py runs
@@ -229,9 +231,57 @@ def test_an_off_by_one_kernel_in_the_method_is_wrong(dense, monkeypatch):
 
 # ---- options -------------------------------------------------------------------------------------------------------
 def test_a_bad_search_value_names_the_field():
-    with pytest.raises(ValueError, match=r"method_options\.superlinear\.search: must be one of torch, triton, "
-                                         r"got 'cuda'"):
+    with pytest.raises(ValueError, match=r"method_options\.superlinear\.search: must be one of auto, torch, "
+                                         r"triton, got 'cuda'"):
         build(opts={"search": "cuda"})
+    # checked before a value that does not fit the case is refused (99 spans at seq 128: unsupported)
+    with pytest.raises(ValueError, match=r"method_options\.superlinear\.search"):
+        build(opts={"search": "cuda", "num_spans": 99})
+
+
+def _resolved(device, opts=None, seq=128):
+    """``read_options``' resolved search for a case on ``device`` (nothing runs there: a CUDA device is only
+    named, so the choice is tested without one)."""
+    spec = masks.make_mask("causal")
+    bound = spec.bind(seq, seq)
+    case = Case(method="superlinear", mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=2,
+                seq_q=seq, seq_kv=seq, head_dim=16, dtype="float32", mode="fwd", seed=0)
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device(device),
+                       dtype=torch.float32, options={}, params=dict(opts or {}))
+    return superlinear.read_options(ctx, "superlinear")["search"]
+
+
+def test_search_auto_is_triton_on_cuda_and_torch_elsewhere(monkeypatch):
+    """``auto`` (the default): the measured-faster Triton search where it runs (a CUDA device), PyTorch
+    elsewhere - also under TRITON_INTERPRET=1 on the CPU (the interpreter is for tests, not a fast path)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, as far as torch says
+    assert _resolved("cpu") == "torch"
+    assert _resolved("cpu", {"search": "auto"}) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _resolved("cpu") == "torch"
+    assert _resolved("cuda") == "triton" and _resolved("cuda", {"search": "auto"}) == "triton"
+    # explicit values are kept
+    assert _resolved("cuda", {"search": "torch"}) == "torch"
+    assert _resolved("cpu", {"search": "triton"}) == "triton"  # the interpreter runs it
+    # negative controls: where the kernel cannot run, auto does not pick it
+    assert _resolved("cuda", {"num_spans": 9}, seq=256) == "torch"  # more spans than its registers hold
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert _resolved("cuda") == "torch"  # triton not installed
+
+
+def test_the_default_search_on_the_cpu_does_not_call_the_kernel(dense, monkeypatch):
+    """The built method on the CPU (the default options): fn and the routing phase search with PyTorch, and
+    ``fn.resolved`` says so."""
+    module = kernel()
+    monkeypatch.setattr(module, "search", lambda *a, **kw: pytest.fail("the Triton search was called"))
+    prepared, case = build(seq=128)
+    assert prepared.fn.resolved["search"] == "torch"
+    q, k, v, q1 = (torch.randn(1, 2, 128, 16) for _ in range(4))
+    prepared.fn(q, k, v, q1)
+    prepared.phases["routing"](q, k, v, q1)
 
 
 def test_too_many_spans_for_the_kernel_names_the_field(dense):
@@ -245,13 +295,16 @@ def test_without_cuda_or_interpreter_the_case_is_unsupported(dense, monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(Unsupported, match=r"method_options\.superlinear\.search=triton: .*TRITON_INTERPRET=1"):
         build(opts={"search": "triton"})
-    build(opts={"search": "torch"})  # the default path needs neither
+    build(opts={"search": "torch"})  # the PyTorch search needs neither
+    assert build()[0].fn.resolved["search"] == "torch"  # nor the default (auto) on the CPU
 
 
 def test_superlinear_pkg_refuses_search():
-    """The package routes with its own search kernel: ``search`` is not its option (refused before the
-    builder runs, so also where the package is not installed)."""
-    assert "search" in METHODS["superlinear"].options and "search" not in METHODS["superlinear_pkg"].options
-    with pytest.raises(UnknownOption, match=r"method_options\.superlinear_pkg\.search: not an option of "
-                                            r"superlinear_pkg"):
-        build("superlinear_pkg", opts={"search": "torch"})
+    """The package routes with its own search kernel and attends with its own span kernel: ``search`` and
+    ``query_chunk`` are not its options (refused before the builder runs, so also where the package is not
+    installed)."""
+    for key, value in (("search", "torch"), ("query_chunk", 128)):
+        assert key in METHODS["superlinear"].options and key not in METHODS["superlinear_pkg"].options
+        with pytest.raises(UnknownOption, match=rf"method_options\.superlinear_pkg\.{key}: not an option of "
+                                                r"superlinear_pkg"):
+            build("superlinear_pkg", opts={key: value})
