@@ -27,11 +27,10 @@ import torch
 
 from attnbench import masks
 from attnbench.config.plan import Case
-from attnbench.execute.case import CaseRunner
 from attnbench.methods import METHODS, BuildContext, MaskInfo
 from attnbench.methods.sparse import common, superlinear
 
-TIMING = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False}
+from test_superlinear_search_triton import run_case as search_run_case  # noqa: E402
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_memory.py"
 
 
@@ -59,12 +58,7 @@ def draw(shape, count, seed=0, dtype=torch.float32):
 
 
 def run_case(mode, opts, seq=160):
-    spec = masks.make_mask("causal")
-    options = {"timing": TIMING, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 32,
-               "method_options": {"superlinear": dict(opts)}}
-    case = Case(method="superlinear", mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=2,
-                seq_q=seq, seq_kv=seq, head_dim=16, dtype="float32", mode=mode, seed=0)
-    return CaseRunner("cpu", options).run(case)
+    return search_run_case(mode, opts, seq=seq)  # the harness on one superlinear case (tiny timing), 160 tokens
 
 
 # ---- the gates in steps ----------------------------------------------------------------------------------------
