@@ -30,7 +30,8 @@ from attnbench.config.plan import Case
 from attnbench.methods import METHODS, BuildContext, MaskInfo
 from attnbench.methods.sparse import common, superlinear
 
-from test_superlinear_search_triton import run_case as search_run_case  # noqa: E402
+from test_superlinear_search_triton import run_case as search_run_case
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_memory.py"
 
 
