@@ -6,7 +6,9 @@ V-blocks and with padded shapes; the whole chunked form through the kernels equa
 comparisons; option errors name the field; without CUDA or the interpreter the case is ``unsupported``.
 ``dot_precision: bf16``: the kernels equal a PyTorch emulation of their bf16 operand rounding and stay within
 the bf16 bound of the fp32 loop (see the section's comment for what the CPU proves and what only the device
-gate does).
+gate does). ``outputs: triton`` (the forward kernel writes the chunks' outputs, delta_triton.chunk_forward): outputs,
+final state and gradients equal outputs: torch and the fp32 PyTorch path for the three variants (ragged length,
+padded tiles, three V-blocks), its bf16 operands equal the emulation, a kernel dropping ``attn_c N_c`` is caught.
 
 Tolerances: fp32 throughout (the kernels compute in fp32, the interpreter's dots are numpy fp32), so the
 comparisons with the PyTorch loop hold to rtol 1e-5 / atol 1e-5 (states) and 1e-4 / 1e-5 (gradients: sums in
@@ -365,6 +367,111 @@ def test_chunked_with_bf16_dots_within_the_bf16_bound(name, segment):
         assert _rel(run(functools.partial(states_fn, skip_w=True)), emulated) > 100 * BF16_EMULATION_TOL
 
 
+# ---- outputs: triton (the forward kernel writes every chunk's outputs, delta_triton.chunk_forward) ---------
+def _with_outputs(**opts):
+    """A ``states_fn`` as states_impl builds it for ``outputs: triton`` (block_v 16: several V-blocks)."""
+    dt = _kernels()
+    fn = functools.partial(dt.chunk_states, block_v=16, **{k: v for k, v in opts.items() if k != "drop_attn"})
+    fn.outputs_fn = functools.partial(dt.chunk_forward, block_v=16, **opts)
+    return fn
+
+
+def _outputs_case(name, states_fn, length=37, dk=24, dv=40, seed=0):
+    """(out, final, grads of q, k, v, [g,] [beta,] state0) of the chunked form (chunk 16: 37 tokens are three
+    chunks, the last padded; dk 24 and dv 40 padded in registers, dv over three V-blocks of 16, the last
+    partial) from a nonzero state0, with random upstream gradients on the outputs and the final state."""
+    gated, delta, normalize = gated_delta.VARIANTS[name]
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, 2, length, dk, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, length, dv, generator=gen).requires_grad_()
+    g = F.logsigmoid(torch.randn(1, 2, length, generator=gen) + 2.0).requires_grad_()
+    beta = torch.rand(1, 2, length, generator=gen).requires_grad_()
+    state0 = (0.3 * torch.randn(1, 2, dk, dv, generator=gen)).requires_grad_()
+    out, final = gated_delta.chunked(q, k, v, g, beta, chunk=16, state0=state0, return_state=True,
+                                     states_fn=states_fn, gated=gated, delta=delta, normalize=normalize)
+    used = [q, k, v] + ([g] if gated else []) + ([beta] if delta else []) + [state0]
+    dout = torch.randn(out.shape, generator=gen)
+    dfinal = torch.randn(final.shape, generator=gen)
+    return out, final, torch.autograd.grad((out, final), used, (dout, dfinal))
+
+
+@interp
+@pytest.mark.parametrize("name", list(gated_delta.VARIANTS))
+def test_outputs_triton_equal_outputs_torch(name, monkeypatch):
+    """outputs: triton against outputs: torch (the same loop kernel, then chunk_outputs in PyTorch) and against
+    the fp32 PyTorch path: the outputs, the final state and the gradients of q, k, v, g, beta and state0
+    (ragged length, padded dk and dv, three V-blocks). The forward does not call chunk_outputs."""
+    calls = []
+    real = gated_delta.chunk_outputs
+    monkeypatch.setattr(gated_delta, "chunk_outputs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dt = _kernels()
+    got = _outputs_case(name, _with_outputs())
+    want = _outputs_case(name, functools.partial(dt.chunk_states, block_v=16))
+    fp32 = _outputs_case(name, None)
+    assert len(calls) == 3  # once each: in this path's backward (recomputed there), in the others' forwards
+    assert len(got[2]) == len(want[2]) == {"gated_delta_rule": 6, "delta_rule": 5, "simple_gla": 5}[name]
+    for other in (want, fp32):
+        torch.testing.assert_close(got[0], other[0], **STATE_TOL)
+        torch.testing.assert_close(got[1], other[1], **STATE_TOL)
+        for a, b in zip(got[2], other[2]):
+            torch.testing.assert_close(a, b, **GRAD_TOL)
+            assert b.abs().max() > 0
+    with torch.no_grad():  # forward only: the states are not stored (no backward needs them)
+        out, final = gated_delta.chunked(*(t.detach() for t in _inputs(dim=24)), chunk=16, return_state=True,
+                                         states_fn=_with_outputs(), **dict(zip(("gated", "delta", "normalize"),
+                                                                                gated_delta.VARIANTS[name])))
+    assert len(calls) == 3  # no backward, and the forward does not call it
+    assert out.shape == (1, 2, 37, 24) and final.abs().max() > 0
+
+
+@interp
+def test_outputs_triton_forward_only_skips_the_states_and_the_negative_control_is_caught():
+    """states_forward with qg and attn: the outputs equal chunk_outputs of its states, with and without the
+    states stored (store_states=False returns None); the broken kernel (drop_attn: attn_c N_c dropped) is caught,
+    by the comparison at the kernel and at the chunked form's outputs."""
+    dt = _kernels()
+    U, W, kd, last, state0 = (None if t is None else t.detach() for t in _pieces(N=3, C=12, dk=24, dv=40, seed=8))
+    gen = torch.Generator().manual_seed(8)
+    qg = torch.randn(1, 2, 3, 12, 24, generator=gen)
+    attn = torch.randn(1, 2, 3, 12, 12, generator=gen).tril()
+    states, final, out = dt.states_forward(U, W, kd, last, state0, qg=qg, attn=attn, block_v=16)
+    want = gated_delta.chunk_outputs(qg, attn, U, W, states)
+    torch.testing.assert_close(out, want, **STATE_TOL)
+    none, final2, out2 = dt.states_forward(U, W, kd, last, state0, qg=qg, attn=attn, block_v=16, store_states=False)
+    assert none is None
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    torch.testing.assert_close(final2, final, rtol=0, atol=0)
+    _, _, broken = dt.states_forward(U, W, kd, last, state0, qg=qg, attn=attn, block_v=16, drop_attn=True)
+    assert _rel(broken, want) > 0.1
+    got = _outputs_case("gated_delta_rule", _with_outputs(drop_attn=True))
+    right = _outputs_case("gated_delta_rule", None)
+    assert _rel(got[0], right[0]) > 1e-2  # the final state is right: only the outputs miss the term
+    torch.testing.assert_close(got[1], right[1], **STATE_TOL)
+
+
+@interp
+@pytest.mark.parametrize("has_w", [True, False])
+def test_outputs_triton_bf16_rounds_the_intended_operands(has_w):
+    """dot_precision bf16 with the outputs in the kernel: equal to the PyTorch emulation (the states of
+    _bf16_emulated_states; outputs r(qg) r(S) + r(attn) r(U − r(W) r(S)), the sum in fp32), within 2u of fp32;
+    negative control: the tf32 kernel (exact fp32 in the interpreter) is far from the emulation."""
+    dt = _kernels()
+    r = _round_bf16
+    U, W, kd, last, state0 = (None if t is None else t.detach() for t in _pieces(N=4, has_w=has_w, seed=4))
+    gen = torch.Generator().manual_seed(4)
+    qg = torch.randn(1, 2, 4, 16, 32, generator=gen)
+    attn = torch.randn(1, 2, 4, 16, 16, generator=gen).tril()
+    states, _ = _bf16_emulated_states(U, W, kd, last, state0)
+    new = U if W is None else U - r(W) @ r(states)
+    emulated = r(qg) @ r(states) + r(attn) @ r(new)
+    _, _, out = dt.states_forward(U, W, kd, last, state0, qg=qg, attn=attn, block_v=16, dot_precision="bf16")
+    assert _rel(out, emulated) < BF16_EMULATION_TOL
+    exact = gated_delta.chunk_outputs(qg, attn, U, W, gated_delta.chunk_states(U, W, kd, last, state0)[0])
+    assert BF16_U / 16 < _rel(out, exact) < BF16_TOL
+    _, _, tf32 = dt.states_forward(U, W, kd, last, state0, qg=qg, attn=attn, block_v=16)
+    assert _rel(tf32, emulated) > 50 * BF16_EMULATION_TOL
+
+
 # ---- the method ------------------------------------------------------------------------------------------
 def _ctx(method="gated_delta_rule", params=None, head_dim=16, seq=20, device="cpu"):
     from attnbench import masks
@@ -436,11 +543,42 @@ def test_method_with_dot_precision_bf16(method, monkeypatch):
 
 
 @interp
-def test_state_scan_summary_through_the_kernels():
+@pytest.mark.parametrize("method", ["gated_delta_rule", "simple_gla"])
+def test_method_with_outputs_triton(method, monkeypatch):
+    """``method_options.<method>.outputs: triton`` (impl: triton): the built method's forward takes its outputs
+    from the kernel (chunk_outputs not called, chunk_forward called once) and equals impl torch; the forward
+    launch gets OUTPUT_DEFAULTS unless num_warps / num_stages are given."""
+    dt = _kernels()
+    calls = []
+    real = gated_delta.chunk_outputs
+    monkeypatch.setattr(gated_delta, "chunk_outputs", lambda *a, **kw: calls.append("torch") or real(*a, **kw))
+    forward = dt.chunk_forward
+    monkeypatch.setattr(dt, "chunk_forward", lambda *a, **kw: calls.append(kw) or forward(*a, **kw))
+    base = {"chunk": 16, "impl": "triton", "block_v": 16}
+    fast = as_prepared(METHODS[method].build(_ctx(method, {**base, "outputs": "triton"})))
+    plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
+    gated, delta, _ = gated_delta.VARIANTS[method]
+    q, k, v, g, beta = (t.detach() for t in _inputs(length=20, dim=16))
+    extras = {name: t for name, t, used in (("g", g, gated), ("beta", beta, delta)) if used}
+    out = fast.fn(q, k, v, **extras)
+    assert len(calls) == 1 and calls[0]["fwd_num_warps"] == dt.OUTPUT_DEFAULTS["num_warps"], calls
+    assert calls[0]["fwd_num_stages"] == dt.OUTPUT_DEFAULTS["num_stages"] and calls[0]["num_warps"] == 4
+    assert _rel(out, plain.fn(q, k, v, **extras)) < 1e-5
+    assert calls[1:] == ["torch"]  # impl torch computes its outputs in PyTorch
+    given = {**base, "outputs": "triton", "num_warps": 2, "num_stages": 2}
+    fn = gated_delta.states_impl(_ctx(method, given), 16)
+    assert fn.outputs_fn.keywords["fwd_num_warps"] == 2 and fn.outputs_fn.keywords["fwd_num_stages"] == 2
+    assert not hasattr(gated_delta.states_impl(_ctx(method, base), 16), "outputs_fn")  # the default: torch
+
+
+@interp
+@pytest.mark.parametrize("outputs", ["torch", "triton"])
+def test_state_scan_summary_through_the_kernels(outputs):
     """The CP state scan's summary (the affine map M, b: the chunk loop on an identity state0, stride-0 expanded,
-    with dk-wide zero values) equals impl torch's."""
+    with dk-wide zero values) equals impl torch's; with outputs: triton too (the kernel that writes outputs)."""
     method = "gated_delta_rule"
-    fast = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16, "impl": "triton", "block_v": 16})))
+    params = {"chunk": 16, "impl": "triton", "block_v": 16, "outputs": outputs}
+    fast = as_prepared(METHODS[method].build(_ctx(method, params)))
     plain = as_prepared(METHODS[method].build(_ctx(method, {"chunk": 16})))
     q, k, v, g, beta = (t.detach() for t in _inputs(length=20, dim=16))
     got = fast.state_scan.summary(q, k, v, None, g=g, beta=beta)
@@ -475,6 +613,10 @@ def test_harness_rows(cfg):
     ({"impl": "torch", "num_stages": 2}, "num_stages"),
     ({"impl": "torch", "dot_precision": "bf16"}, "dot_precision"),
     ({"impl": "triton", "dot_precision": "bfloat16"}, "dot_precision"),
+    ({"impl": "triton", "outputs": "cuda"}, "outputs"),
+    ({"impl": "triton", "outputs": True}, "outputs"),
+    ({"outputs": "triton"}, "outputs"),  # the outputs are the Triton loop kernel's: impl torch has none
+    ({"impl": "torch", "outputs": "torch"}, "outputs"),
 ])
 @pytest.mark.parametrize("method", ["gated_delta_rule", "simple_gla"])
 def test_bad_options_name_the_field(method, params, field):

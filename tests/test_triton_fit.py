@@ -100,6 +100,45 @@ def test_negative_control_delta_forward_bf16_at_block_v_64_spills():
     assert stores > 0 and loads > 0, (stores, loads)
 
 
+def _delta_output_launch(**opts):
+    """The forward kernel with the outputs (delta_triton.chunk_forward, outputs: triton) at dk = dv = 128, chunk 64."""
+    from attnbench.methods.linear.delta_triton import chunk_forward
+
+    torch.manual_seed(0)
+    shape = (1, 2, 8, 64)
+    U = torch.randn(*shape, 128, requires_grad=True)
+    W, kd, qg = (torch.randn(*shape, 128, requires_grad=True) for _ in range(3))
+    attn = torch.randn(*shape, 64, requires_grad=True)
+    last = torch.rand(1, 2, 8, requires_grad=True)
+    state0 = torch.zeros(1, 2, 128, 128, requires_grad=True)
+    with record_launches() as launches:
+        chunk_forward(qg, attn, U, W, kd, last, state0, **opts)
+    assert [launch.name for launch in launches] == ["_fwd_src"], launches
+    return compile_launch(launches[0])
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_delta_forward_with_outputs_fits_at_its_defaults(precision):
+    """outputs: triton's forward kernel at its launch defaults (OUTPUT_DEFAULTS: 8 warps, 1 stage; block_v 32):
+    no spills, within the H200's shared memory (measured: tf32 56 KB, bf16 44 KB, 0 spilled, 255 registers)."""
+    from attnbench.methods.triton_fit import ptxas_usage
+
+    kernel = _delta_output_launch(dot_precision=precision)
+    stores, loads, registers = ptxas_usage(kernel)
+    assert stores == loads == 0 and registers <= 255, (stores, loads, registers)
+    assert kernel.metadata.shared <= SM90["shared_limit"], kernel.metadata.shared
+
+
+def test_negative_control_delta_forward_with_outputs_at_the_loops_launch_settings():
+    """The same checks flag the loop kernel's own settings for it: 2 stages need ~264 KB of shared memory, and
+    1 stage at 4 warps spills (~0.46 KB per thread when measured)."""
+    from attnbench.methods.triton_fit import ptxas_usage
+
+    assert _delta_output_launch(fwd_num_warps=4, fwd_num_stages=2).metadata.shared > SM90["shared_limit"]
+    stores, loads, _ = ptxas_usage(_delta_output_launch(fwd_num_warps=4, fwd_num_stages=1))
+    assert stores > 0 and loads > 0, (stores, loads)
+
+
 # Every method that runs own Triton kernels, built as a sweep builds it (default options; the widest head dim
 # its capabilities allow, up to 256, and 128 where no committed H200 row has run it yet), forward and backward,
 # bf16: each launch must fit an H200. A new Triton method or option belongs in this list.
@@ -113,6 +152,7 @@ OWN_TRITON = [
     ("gated_delta_rule", {"impl": "triton"}, (128, 256)),
     ("gated_delta_rule", {"impl": "triton", "dot_precision": "bf16"}, (256,)),  # 128: the test below
     ("delta_rule", {"impl": "triton"}, (128,)),
+    ("gated_delta_rule", {"impl": "triton", "outputs": "triton"}, (128,)),  # the forward kernel writes the outputs
     ("delta_rule", {"solve": "triton"}, (128,)),  # tril_triton's inverse (the loop in PyTorch)
     ("gated_delta_rule", {"solve": "triton", "chunk": 128}, (128,)),  # the inverse's largest tile
     ("simple_gla", {"impl": "triton"}, (128,)),

@@ -3,7 +3,10 @@ and simple_gla, methods/linear/gated_delta.py). Imported lazily by the builder: 
 triton.
 
 Only the loop over chunks is replaced: :func:`gated_delta.chunk_pieces` (the WY pieces, batched over all
-chunks) and :func:`gated_delta.chunk_outputs` (the outputs from the per-chunk states, batched) stay PyTorch.
+chunks) and :func:`gated_delta.chunk_outputs` (the outputs from the per-chunk states, batched) stay PyTorch;
+with ``outputs: triton`` (:func:`chunk_forward`) the forward kernel also writes every chunk's outputs
+``qg_c S_c + attn_c N_c`` (per V-block: ``qg_c`` [C, dk] and ``attn_c`` [C, C] loaded, ``S_c`` and ``N_c`` the
+loop's own) and ``chunk_outputs`` runs in the backward only.
 The loop (the math of :class:`gated_delta._ChunkStates`), per (batch, head), over the N chunks in order:
 
     states[c] = S;   N_c = U_c − W_c S   (no W, simple_gla: N_c = U_c);   S ← last_c · S + kd_cᵀ N_c
@@ -75,6 +78,13 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 # dot_precision bf16 at the same defaults: 88 / 124 KB, 0 / 1.1 KB spilled (255 registers both; 8 warps: 0 / 0.5
 # KB; block_v 64: 96 / 168 KB, 0.14 / 2.2 KB); its bf16 operand tiles halve the dots' shared memory. Not timed.
 DEFAULTS = dict(block_v=32, num_warps=4, dot_precision="tf32")
+# The forward kernel with the outputs (chunk_forward, outputs: triton) holds a chunk's qg [C, dk] and attn [C, C]
+# tiles besides and needs its own launch settings (triton_fit, sm_90, chunk 64, dk = dv = 128, block_v 32; KB of
+# shared memory, spilled bytes per thread, registers): tf32 at the loop's defaults (4 warps, 2 stages) 264 KB,
+# over the H200's 227 KB; 1 stage, 4 warps: 56 KB but 464 / 332 B spilled; 1 stage, 8 warps: 56 KB, 0 spilled,
+# 255 registers; bf16 at 8 warps: 136 KB (2 stages) / 44 KB (1 stage), 0 spilled. So 8 warps and 1 stage for
+# that launch unless num_warps / num_stages are given (tests/test_triton_fit.py). Not yet timed on the H200.
+OUTPUT_DEFAULTS = dict(num_warps=8, num_stages=1)
 
 
 def _operand_src(x, BF16: tl.constexpr):
@@ -107,12 +117,12 @@ def _operand_emulated(x, BF16):
 _operand = _operand_emulated if interpreting() else triton.jit(_operand_src)
 
 
-def _fwd_src(U, W, KD, LAST, S0, STATES, SF, N, H, C,
+def _fwd_src(U, W, KD, LAST, S0, STATES, SF, QG, ATTN, OUT, N, H, C,
              sub, suh, sun, suc, sud, swb, swh, swn, swc, swd, skb, skh, skn, skc, skd,
-             slb, slh, sln, s0b, s0h, s0k, s0v,
+             slb, slh, sln, s0b, s0h, s0k, s0v, sqb, sqh, sqn, sqc, sqd, sab, sah, san, sar, sac,
              DK: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             HAS_W: tl.constexpr, PRECISION: tl.constexpr, BF16: tl.constexpr, FAULT: tl.constexpr,
-             N_INTERP: tl.constexpr):
+             HAS_W: tl.constexpr, HAS_OUT: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr,
+             BF16: tl.constexpr, FAULT: tl.constexpr, N_INTERP: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -131,19 +141,34 @@ def _fwd_src(U, W, KD, LAST, S0, STATES, SF, N, H, C,
     k_ptr = KD + b * skb + h * skh + rows[:, None] * skc + kk[None, :] * skd
     l_ptr = LAST + b * slb + h * slh
     st_ptr = STATES + pid_bh.to(tl.int64) * N * (DK * DV) + kk[:, None] * DV + vv[None, :]
+    # HAS_OUT: each chunk's outputs qg_c S_c + attn_c N_c for this V-block, into OUT [B, H, N, C, DV] (contiguous)
+    q_ptr = QG + b * sqb + h * sqh + rows[:, None] * sqc + kk[None, :] * sqd
+    a_ptr = ATTN + b * sab + h * sah + rows[:, None] * sar + rows[None, :] * sac
+    a_mask = rmask[:, None] & rmask[None, :]
+    o_ptr = OUT + pid_bh.to(tl.int64) * N * (C * DV) + rows[:, None] * DV + vv[None, :]
     S = tl.load(S0 + b * s0b + h * s0h + kk[:, None] * s0k + vv[None, :] * s0v, mask=s_mask, other=0.0)
     # N_INTERP > 0 in the interpreter only: Triton 3.6's interpreter cannot take a runtime scalar as a loop
     # bound under numpy >= 2.3 (as in linear_triton.chunk_scan); compiled kernels loop over the runtime N
     for i in range(0, N_INTERP if N_INTERP > 0 else N):
         c = tl.cast(i, tl.int64)
-        tl.store(st_ptr + c * (DK * DV), S, mask=s_mask)
+        if STORE_STATES:
+            tl.store(st_ptr + c * (DK * DV), S, mask=s_mask)
+        S_op = _operand(S, BF16)
         new = tl.load(u_ptr + c * sun, mask=uv_mask, other=0.0)
         if HAS_W:
             w = tl.load(w_ptr + c * swn, mask=wk_mask, other=0.0)
-            new -= tl.dot(_operand(w, BF16), _operand(S, BF16), input_precision=PRECISION)
+            new -= tl.dot(_operand(w, BF16), S_op, input_precision=PRECISION)
+        new_op = _operand(new, BF16)
+        if HAS_OUT:
+            qg = tl.load(q_ptr + c * sqn, mask=wk_mask, other=0.0)
+            o = tl.dot(_operand(qg, BF16), S_op, input_precision=PRECISION)
+            if FAULT != 2:  # FAULT 2, the broken variant: the intra-chunk term attn_c N_c dropped
+                a = tl.load(a_ptr + c * san, mask=a_mask, other=0.0)
+                o += tl.dot(_operand(a, BF16), new_op, input_precision=PRECISION)
+            tl.store(o_ptr + c * (C * DV), o, mask=uv_mask)
         kd = tl.load(k_ptr + c * skn, mask=wk_mask, other=0.0)
         decay = tl.load(l_ptr + c * sln)
-        S = decay * S + tl.dot(_operand(tl.trans(kd), BF16), _operand(new, BF16), input_precision=PRECISION)
+        S = decay * S + tl.dot(_operand(tl.trans(kd), BF16), new_op, input_precision=PRECISION)
         if FAULT == 1:  # the broken variant: the carried state itself rounded to bf16 (fla keeps it fp32)
             S = _operand(S, 1).to(tl.float32)
     tl.store(SF + pid_bh.to(tl.int64) * (DK * DV) + kk[:, None] * DV + vv[None, :], S, mask=s_mask)
@@ -265,28 +290,49 @@ def _precision(dot_precision: str) -> dict:
 
 
 def states_forward(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_warps=DEFAULTS["num_warps"],
-                   dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False, state_bf16=False):
+                   dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False, state_bf16=False,
+                   qg=None, attn=None, store_states=True, drop_attn=False):
     """The forward kernel: (states [B, H, N, dk, dv] fp32, the state entering each chunk; the final state
-    [B, H, dk, dv] fp32). No autograd (see :func:`chunk_states`)."""
+    [B, H, dk, dv] fp32). No autograd (see :func:`chunk_states`).
+
+    With ``qg`` ([B, H, N, C, dk]) and ``attn`` ([B, H, N, C, C]), fp32: the kernel also writes every chunk's
+    outputs ``qg_c S_c + attn_c (U_c − W_c S_c)`` and returns (states, final, outputs [B, H, N, C, dv] fp32)
+    (:func:`chunk_forward`); ``store_states=False`` then skips the states (returned as None: no backward
+    needs them). ``drop_attn=True`` drops the ``attn_c N_c`` term: a deliberately broken variant for the
+    tests' negative control."""
     _check(U, W, kd, last, state0, block_v, dot_precision)
     batch, heads, n, chunk, dv = U.shape
     dk = kd.shape[-1]
-    states = torch.empty(batch, heads, n, dk, dv, device=U.device, dtype=torch.float32)
-    final = torch.empty(batch, heads, dk, dv, device=U.device, dtype=torch.float32)
+    has_out = qg is not None
+    if has_out:
+        for name, t, shape in (("qg", qg, kd.shape), ("attn", attn, (batch, heads, n, chunk, chunk))):
+            if t is None or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"delta_triton.states_forward: {name} must be float32 {tuple(shape)}, got "
+                                 f"{None if t is None else (t.dtype, tuple(t.shape))}")
+    if not has_out and not store_states:
+        raise ValueError("delta_triton.states_forward: store_states=False needs the outputs (qg, attn)")
+    dev = U.device
+    states = torch.empty(batch, heads, n, dk, dv, device=dev, dtype=torch.float32) if store_states else None
+    final = torch.empty(batch, heads, dk, dv, device=dev, dtype=torch.float32)
+    out = torch.empty(batch, heads, n, chunk, dv, device=dev, dtype=torch.float32) if has_out else None
     if n == 0:
         final.copy_(state0)
-        return states, final
+        return (states, final, out) if has_out else (states, final)
     has_w = W is not None and not skip_w
     bv = min(block_v, _block(dv))
     grid = (batch * heads, triton.cdiv(dv, bv))
-    _kernel("fwd")[grid](U, W if has_w else kd, kd, last, state0, states, final, n, heads, chunk,
+    fault = 2 if drop_attn else int(state_bf16)
+    _kernel("fwd")[grid](U, W if has_w else kd, kd, last, state0, final if states is None else states, final,
+                         qg if has_out else kd, attn if has_out else kd, out if has_out else final,
+                         n, heads, chunk,
                          *U.stride(), *_strides(W if has_w else None, kd), *kd.stride(), *last.stride(),
-                         *state0.stride(),
+                         *state0.stride(), *(qg if has_out else kd).stride(), *(attn if has_out else kd).stride(),
                          DK=dk, DV=dv, BC=_block(chunk), BK=_block(dk), BV=bv, HAS_W=int(has_w),
-                         **_precision(dot_precision), FAULT=int(state_bf16),
+                         HAS_OUT=int(has_out), STORE_STATES=int(store_states),
+                         **_precision(dot_precision), FAULT=fault,
                          N_INTERP=n if interpreting() else 0, num_warps=num_warps,
                          num_stages=_stages(num_stages, dk))
-    return states, final
+    return (states, final, out) if has_out else (states, final)
 
 
 def states_backward(U, W, kd, last, states, dstates, dfinal, needs, *, block_v=DEFAULTS["block_v"],
@@ -367,3 +413,76 @@ def chunk_states(U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_war
     opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, num_stages=num_stages,
                 skip_w=skip_w, state_bf16=state_bf16)
     return _ChunkStatesTriton.apply(U, W, kd, last, state0, opts)
+
+
+class _ChunkForwardTriton(torch.autograd.Function):
+    """:func:`chunk_forward`: the chunk loop and every chunk's outputs by the forward kernel. Backward: the
+    outputs' part through :func:`gated_delta.chunk_outputs` (PyTorch autograd on the saved states: the
+    gradients of qg, attn, U, W and of the states), then the loop's through :func:`states_backward` with those
+    state gradients, the two parts of U's and W's gradients summed: the same computation as the default path
+    (``chunk_states`` then ``chunk_outputs``) takes backward. Saves the inputs and the stacked states (as
+    :class:`_ChunkStatesTriton`); forward only (no input needs a gradient), the states are not stored."""
+
+    @staticmethod
+    def forward(ctx, qg, attn, U, W, kd, last, state0, opts, store_states):
+        launch = dict(opts, num_warps=opts["fwd_num_warps"], num_stages=opts["fwd_num_stages"])
+        del launch["fwd_num_warps"], launch["fwd_num_stages"]
+        states, final, out = states_forward(U, W, kd, last, state0, qg=qg, attn=attn, store_states=store_states,
+                                            **launch)
+        ctx.save_for_backward(qg, attn, U, W, kd, last, states)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dfinal):
+        from .gated_delta import chunk_outputs
+
+        qg, attn, U, W, kd, last, states = ctx.saved_tensors
+        need_qg, need_attn, need_u, need_w, need_kd, need_last, need_s0 = ctx.needs_input_grad[:7]
+        need_w = need_w and W is not None
+        dqg = dattn = dU_out = dW_out = dstates = None
+        if dout is not None:
+            with torch.enable_grad():
+                wants = (need_qg, need_attn, need_u, need_w, True)
+                leaves = [None if t is None else t.detach().requires_grad_(want)
+                          for t, want in zip((qg, attn, U, W, states), wants)]
+                out = chunk_outputs(*leaves, bf16=ctx.opts["dot_precision"] == "bf16")
+                asked = [t for t, want in zip(leaves, wants) if want]
+                got = iter(torch.autograd.grad(out, asked, dout))
+            dqg, dattn, dU_out, dW_out, dstates = (next(got) if want else None for want in wants)
+        dU, dW, dkd, dlast, ds0 = states_backward(U, W, kd, last, states, dstates, dfinal,
+                                                  (need_u, need_w, need_kd, need_last, need_s0),
+                                                  **{k: v for k, v in ctx.opts.items() if k in BACKWARD_OPTS})
+        dU = dU if dU_out is None else dU_out + dU
+        dW = dW if dW_out is None else dW_out + dW
+        return dqg, dattn, dU, dW, dkd, dlast, ds0, None, None
+
+
+BACKWARD_OPTS = ("block_v", "num_warps", "dot_precision", "num_stages", "skip_w", "state_bf16")
+
+
+def chunk_forward(qg, attn, U, W, kd, last, state0, *, block_v=DEFAULTS["block_v"], num_warps=DEFAULTS["num_warps"],
+                  dot_precision=DEFAULTS["dot_precision"], num_stages=None, skip_w=False, state_bf16=False,
+                  fwd_num_warps=OUTPUT_DEFAULTS["num_warps"], fwd_num_stages=OUTPUT_DEFAULTS["num_stages"],
+                  drop_attn=False):
+    """The loop over chunks and every chunk's outputs by the forward kernel (``outputs: triton`` of
+    ``impl: triton``, see :func:`gated_delta.states_impl`): (outputs [B, H, N, C, dv] fp32, final state
+    [B, H, dk, dv]), differentiable in every input (``W`` may be None: simple_gla). Replaces
+    ``chunk_states`` followed by :func:`gated_delta.chunk_outputs` (``qg @ S + attn @ (U − W @ S)``, three
+    fp32 matmuls over all chunks and their elementwise kernels): the kernel has each chunk's entering state
+    block and ``N_c = U_c − W_c S_c`` in registers for the recurrence already, and adds ``qg_c S_c[:, vblock]``
+    and ``attn_c N_c[:, vblock]`` (two more dots per chunk, with the loop's ``dot_precision``; bf16: operands
+    rounded, fp32 accumulation, the sum kept in fp32, where :func:`gated_delta.chunk_outputs`' bf16 form also
+    rounds each matmul's result to bf16). The states are stored only where a gradient is wanted (the backward
+    needs them); otherwise the forward writes the outputs and the final state alone. The forward kernel
+    launches with ``fwd_num_warps`` and ``fwd_num_stages`` (default :data:`OUTPUT_DEFAULTS`: its extra tiles do
+    not fit sm_90's shared memory at the loop's 2 stages), the backward kernel with ``num_warps`` and
+    ``num_stages``."""
+    opts = dict(block_v=block_v, num_warps=num_warps, dot_precision=dot_precision, num_stages=num_stages,
+                skip_w=skip_w, state_bf16=state_bf16, drop_attn=drop_attn, fwd_num_warps=fwd_num_warps,
+                fwd_num_stages=fwd_num_stages)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (qg, attn, U, W, kd, last, state0))
+    return _ChunkForwardTriton.apply(qg, attn, U, W, kd, last, state0, opts, train)

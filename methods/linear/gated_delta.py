@@ -45,7 +45,9 @@ form, the decode prefill and the state scan (the references stay PyTorch); with 
 16..128, default 32), ``num_warps`` (default 4), ``dot_precision`` (``tf32``, the default, ``ieee``, or
 ``bf16``: the loop's dot operands and :func:`chunk_outputs`' matmul operands rounded to bf16, fp32
 accumulation, the state carried in fp32, as fla's kernels; outside a bf16 case's gate it fails fp32's),
-``num_stages`` (``auto``) and ``chunk`` <= 256 (:func:`states_impl`); CUDA or ``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
+``num_stages`` (``auto``), ``outputs`` (``torch``, the default: :func:`chunk_outputs` in PyTorch; ``triton``: the
+loop's forward kernel writes every chunk's outputs too) and ``chunk`` <= 256 (:func:`states_impl`); CUDA or
+``TRITON_INTERPRET=1``, else the rows are ``unsupported``.
 ``solve`` (:func:`solve_choice`, independent of ``impl``): ``torch`` (the default,
 ``torch.linalg.solve_triangular`` on all chunks' systems at once), ``triton`` (the delta rules: each chunk's
 ``(I + A)⁻¹`` by an own Triton kernel, ``tril_triton.py``: forward substitution in registers, one program per
@@ -265,7 +267,10 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
 
     ``states_fn``: the loop over chunks, ``(U, W, kd, last, state0) -> (states, final state)``; None (the
     default) is :func:`chunk_states` (PyTorch); ``impl: triton`` passes :func:`delta_triton.chunk_states`
-    with its options bound. Everything else (the pieces, the outputs, the segments) is the same code.
+    with its options bound. Everything else (the pieces, the outputs, the segments) is the same code, except
+    where ``states_fn`` carries an ``outputs_fn`` attribute (``outputs: triton``, :func:`states_impl`):
+    ``(qg, attn, U, W, kd, last, state0) -> (outputs [B, H, N, C, dv], final state)``, the loop and the
+    outputs in one kernel (:func:`delta_triton.chunk_forward`), and :func:`chunk_outputs` is not called.
     ``bf16_outputs``: :func:`chunk_outputs` with bf16 operands (``dot_precision: bf16``; default fp32).
 
     ``segment`` (tokens, 0 = off): above that many keys the sequence runs segment by segment through
@@ -290,8 +295,13 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
         qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve=solve)
     batch, heads, _, dk = k.shape
     S0 = k.new_zeros(batch, heads, dk, v.shape[-1], dtype=torch.float32) if state0 is None else state0.float()
-    states, S = (chunk_states if states_fn is None else states_fn)(U, W, kd, last, S0)
-    out = chunk_outputs(qg, attn, U, W, states, bf16=bf16_outputs).reshape(batch, heads, -1, v.shape[-1])
+    outputs_fn = getattr(states_fn, "outputs_fn", None)
+    if outputs_fn is not None:  # outputs: triton, the loop's kernel writes every chunk's outputs too
+        out, S = outputs_fn(qg, attn, U, W, kd, last, S0)
+    else:
+        states, S = (chunk_states if states_fn is None else states_fn)(U, W, kd, last, S0)
+        out = chunk_outputs(qg, attn, U, W, states, bf16=bf16_outputs)
+    out = out.reshape(batch, heads, -1, v.shape[-1])
     out = (scale * out[:, :, lead:length]).to(out_dtype)
     return (out, S) if return_state else out
 
@@ -483,6 +493,7 @@ def segment_tokens(option, length: int) -> int:
 
 IMPLS = ("torch", "triton")
 TRITON_ONLY = ("block_v", "num_warps", "dot_precision", "num_stages")  # options of impl: triton alone
+OUTPUTS = ("torch", "triton")  # method_options.<variant>.outputs (impl: triton only; the variants, not lamamba)
 
 
 def states_impl(ctx, chunk: int):
@@ -491,7 +502,13 @@ def states_impl(ctx, chunk: int):
     ``block_v`` (power of two 16..128), ``num_warps`` (1, 2, 4, 8 or 16), ``dot_precision`` (``tf32``,
     ``ieee`` or ``bf16``; ``bf16`` also gives :func:`chunk_outputs` bf16 operands, see :func:`build_variant`)
     and ``num_stages``). Returns the ``states_fn`` for :func:`chunked` (None for ``torch``), a
-    ``functools.partial`` whose ``keywords`` hold the options. ``num_stages``: ``auto`` (2 up to head dim 128,
+    ``functools.partial`` whose ``keywords`` hold the options. ``outputs`` (``impl: triton`` only, else a
+    ValueError naming it): ``torch`` (the default: :func:`chunk_outputs` in PyTorch from the stored states) or
+    ``triton`` (the loop's forward kernel writes every chunk's outputs, :func:`delta_triton.chunk_forward`,
+    with the same ``dot_precision``; its backward is the PyTorch :func:`chunk_outputs`' on the saved states
+    and the loop's kernel; the partial then carries it as ``outputs_fn``; its forward launch takes
+    ``num_warps`` / ``num_stages`` where given, else :data:`delta_triton.OUTPUT_DEFAULTS`: 8 warps, 1 stage).
+    Not timed on the GPU yet. ``num_stages``: ``auto`` (2 up to head dim 128,
     1 above) or 1, 2, 3. Defaults:
     :data:`delta_triton.DEFAULTS` (block_v 32, 4 warps, tf32 dots: chosen offline for sm_90's shared memory
     and spills). Bad values: ValueError naming the field; with ``triton``, ``Unsupported`` (the case's
@@ -502,7 +519,12 @@ def states_impl(ctx, chunk: int):
     method = ctx.case.method
     field = f"method_options.{method}"
     impl = param_choice(ctx, "impl", "torch", IMPLS)
+    # read only where given: lamamba shares this function without declaring the option (the registry checks reads)
+    outputs = param_choice(ctx, "outputs", "torch", OUTPUTS) if "outputs" in ctx.params else "torch"
     if impl == "torch":
+        if "outputs" in ctx.params:
+            raise ValueError(f"{field}.outputs: applies to impl 'triton' only (the outputs are written by the "
+                             f"Triton chunk-loop kernel; impl is 'torch')")
         for name in TRITON_ONLY:
             if name in ctx.params:
                 raise ValueError(f"{field}.{name}: applies to impl 'triton' only (impl is 'torch')")
@@ -530,8 +552,16 @@ def states_impl(ctx, chunk: int):
 
     from .delta_triton import chunk_states as triton_states
 
-    return functools.partial(triton_states, block_v=block_v, num_warps=num_warps, dot_precision=precision,
-                             num_stages=None if num_stages == "auto" else num_stages)
+    fn = functools.partial(triton_states, block_v=block_v, num_warps=num_warps, dot_precision=precision,
+                           num_stages=None if num_stages == "auto" else num_stages)
+    if outputs == "triton":  # chunked() takes the outputs from the loop's kernel (delta_triton.chunk_forward)
+        from .delta_triton import OUTPUT_DEFAULTS, chunk_forward
+
+        # its forward launch: num_warps / num_stages where given, else the settings that fit sm_90 with the outputs
+        fwd = dict(fwd_num_warps=num_warps if "num_warps" in ctx.params else OUTPUT_DEFAULTS["num_warps"],
+                   fwd_num_stages=num_stages if num_stages != "auto" else OUTPUT_DEFAULTS["num_stages"])
+        fn.outputs_fn = functools.partial(chunk_forward, **fn.keywords, **fwd)
+    return fn
 
 
 SOLVES = ("torch", "triton", "fused")
@@ -680,7 +710,7 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
 
 # the method_options of the own variants (:func:`build_variant`; simple_gla's ``solve`` takes ``fused`` only)
 VARIANT_OPTIONS = ("chunk", "reference_naive_max_len", "reference_stream_chunk", "segment", "impl",
-                   "solve", "wy_backward") + TRITON_ONLY
+                   "solve", "wy_backward", "outputs") + TRITON_ONLY
 # a recurrence over tokens (g and beta per token): outputs before P depend on the tokens before P only, and the
 # references take any length, so long cases' gradients are gated on a prefix (Capabilities.prefix_closed)
 CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
