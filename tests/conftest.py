@@ -24,6 +24,38 @@ def one_thread():
 
 os.environ.setdefault("ATTNBENCH_CACHE", str(TESTS.parent / ".pytest_cache" / "attnbench"))
 
+
+CALLER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # kept when set
+
+
+def xdist_thread_share() -> int | None:
+    """CPU threads per pytest-xdist worker (the CPUs this process may use over the number of workers, at least
+    one), or None outside xdist."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // workers)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker and every process it starts (sweep workers, CLI runs, the Triton
+    interpreter's child pytest) gets its share of the CPUs: torch's intra-op threads and OMP_NUM_THREADS
+    (inherited; one set by the caller is kept). Otherwise each of them starts a thread per core, and on CI's
+    2 cores with 2 workers the spinning OpenMP threads contend: test_masks.py, test_masks_semantics.py,
+    test_memory_scaling.py and test_sparse_methods.py took 41.6 s (73.5 s of CPU) at -n 2, 23.3 s (41.5 s)
+    with one thread each. Without xdist nothing changes."""
+    threads = xdist_thread_share()
+    if threads is None:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 BASE = {
     "methods": ["reference", "sdpa_math"],
     "masks": ["full", "causal"],
@@ -69,8 +101,15 @@ def benchmarks_enabled(config) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip every test that uses the ``benchmark`` fixture unless benchmarks are enabled: timings are read,
-    never asserted, and never gate CI (run them with ``--benchmark-enable``)."""
+    """Tests marked ``slow`` run first (otherwise in collection order), and every test that uses the
+    ``benchmark`` fixture is skipped unless benchmarks are enabled: timings are read, never asserted, and never
+    gate CI (run them with ``--benchmark-enable``).
+
+    Slow first: pytest-xdist's worksteal hands each worker a contiguous half of the collection and an idle worker
+    takes queued tests from the end of another's; a long test late in the collection (the Triton interpreter
+    suites, ~2 min) started last and ran alone while the other worker idled. First, it runs beside the short ones
+    (longest first: the usual rule for spreading jobs over workers)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order otherwise kept
     if benchmarks_enabled(config):
         return
     skip = pytest.mark.skip(reason="benchmark: run with --benchmark-enable")

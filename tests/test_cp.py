@@ -133,6 +133,7 @@ def test_runner_runs_cp_layouts_after_single_and_records_scaling(cp_cfg):
     assert len(pd.read_parquet(again / "rows.parquet")) == 3
 
 
+@pytest.mark.slow  # t_cp_rank1_hangs waits out its 20 s
 def test_rank_failures_get_their_status_and_the_gang_is_replaced(cp_cfg):
     # case_timeout_s: the good case must finish within it on a busy 2-core box (under pytest-xdist a 4 s
     # timeout cut t_cp_zgood, both ranks still "queued"); only the hanging case waits it out

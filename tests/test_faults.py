@@ -219,6 +219,22 @@ def test_a_worker_asks_the_kernel_for_sigkill_when_its_parent_dies():
     assert done.stdout.strip() == str(int(signal.SIGKILL)), done.stderr
 
 
+def test_a_finished_worker_exits_with_its_code_and_its_log_flushed(tmp_path):
+    """``exit_now`` (how a worker or a rank ends, without the interpreter's teardown): the exit code is kept and
+    what Python and C code wrote into the log (a file: block-buffered) reaches it. The control: ``os._exit`` alone
+    loses both."""
+    code = ("import ctypes, os, sys; from attnbench.execute.worker import exit_now; sys.stdout.write('py-out '); "
+            "sys.stderr.write('py-err '); ctypes.CDLL(None).printf(b'c-out'); {}(3)")
+    for end, kept in (("exit_now", True), ("os._exit", False)):
+        log = tmp_path / f"{end}.log"
+        with open(log, "w") as handle:
+            done = subprocess.run([sys.executable, "-c", code.format(end)], stdout=handle, stderr=handle,
+                                  timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 3
+        text = log.read_text()
+        assert all((part in text) == kept for part in ("py-out", "py-err", "c-out")), (end, text)
+
+
 # ---- rows files with junk --------------------------------------------------------------------------------------
 JUNK = ['[1, 2]', '"text"', '7', 'null', '{"a": 1}', '{"case_id": 5, "status": "ok"}',
         '{"case_id": "x", "status": "ok", "seq_q": [1]}', '{"case_id": "y", "status": "sideways"}']

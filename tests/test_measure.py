@@ -115,6 +115,7 @@ def test_exact_methods_pass_the_gate_in_every_mode():
             assert row["rel_err"] < row["err_tol"] < 1e-3
 
 
+@pytest.mark.slow  # an inductor compile on the CPU
 def test_flex_compiled_runs_on_cpu_and_declines_backward():
     runner = _runner()
     row = runner.run(_case("flex", "fwd", mask="causal", seq_q=128, seq_kv=128))

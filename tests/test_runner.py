@@ -26,6 +26,7 @@ def _explain(frame):
     return frame[["method", "status", "reason"]].to_string()
 
 
+@pytest.mark.slow  # t_hangs waits out its 20 s
 def test_every_failure_mode_gets_its_status_and_the_sweep_goes_on(cfg, faulty):
     # case_timeout_s: every case but t_hangs must finish within it on a busy box: under pytest-xdist, with other
     # work on the 2 cores, 4 s cut t_raises and 8 s cut t_good, at load ~5; t_hangs waits it out

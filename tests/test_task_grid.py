@@ -209,10 +209,10 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
     assert {r["case_id"] for r in rows} == {e["case_id"] for e in plan["cases"]}
     assert {r["concurrent"] for r in rows} == {2}  # PARALLEL defaults to the plan's parallel
     assert {r["method"]: r["status"] for r in rows} == {"sdpa_math": "ok", "sdpa_cudnn": "unsupported"}
-    # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run
+    # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run: out2b (a row turned
+    # error, no retry) and out3 (the rows as committed, the call twice) add no row
     (work / "results").mkdir()
     os.rename(tmp_path / "out1" / "unpacked" / "results" / "tiny-grid", work / "results" / "tiny-grid")
-    assert len(call(tmp_path / "out2")) == len(rows)
     # a row the plan re-plans (plan_task_grid.py --retry error): the call re-runs it because the plan says so
     committed = work / "results" / "tiny-grid" / "quality.jsonl"
     lines = committed.read_text().splitlines()

@@ -24,8 +24,8 @@ CASES = {
     "digits": (64, dict(lr=3e-3), 0.6, 0.25),
     "sort": (16, dict(steps=400, lr=3e-3, batch=64), 0.8, 0.1),
     "lookup": (16, dict(vocab=64), 0.9, 0.2),
-    "delayed_copy": (32, dict(lr=3e-3), 0.9, 0.2),
-    "chunk_reverse": (32, dict(lr=3e-3), 0.9, 0.2),
+    "delayed_copy": (32, dict(lr=3e-3, steps=150), 0.9, 0.2),  # 1.000 at 150 steps (and at 300)
+    "chunk_reverse": (32, dict(lr=3e-3, steps=150), 0.9, 0.2),  # 0.999 at 150 steps
 }
 SLOW = {"listops", "digits"}
 

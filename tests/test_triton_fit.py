@@ -273,8 +273,9 @@ def test_fused_wy_backward_kernel_does_not_spill(chunk, dim, opts):
 
 
 def test_negative_control_fused_wy_backward_kernel_spills_at_4_warps():
-    """The same check flags a setting that spills: the backward at C = 64 with ieee dots on 4 warps."""
+    """The same check flags a setting that spills: the backward at its default C = 32 and 4 warps with ieee dots
+    (~0.2 KB per thread when measured; at C = 64, ~9 KB, and ptxas takes 4x as long)."""
     from attnbench.methods.triton_fit import ptxas_usage
 
-    stores, loads, _ = ptxas_usage(_wy_bwd_launch(dot_precision="ieee", num_warps=4))
+    stores, loads, _ = ptxas_usage(_wy_bwd_launch(32, dot_precision="ieee", num_warps=4))
     assert stores > 0 and loads > 0, (stores, loads)

@@ -27,6 +27,7 @@ SUITES = ("test_linear_triton.py", "test_simple_gla_triton.py", "test_delta_trit
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@pytest.mark.slow  # ~1.5-2 min: the six suites in one child
 @pytest.mark.skipif(INTERPRETING, reason="pytest runs under the interpreter already: the suites' tests run as they are")
 def test_interpreter_suites(tmp_path):
     report = tmp_path / "junit.xml"

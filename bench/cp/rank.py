@@ -88,4 +88,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from attnbench.execute.worker import exit_now
+
+    exit_now(main(sys.argv[1:]))  # flushed, without the interpreter's teardown (the gang's stop waits for it)
