@@ -522,11 +522,19 @@ def test_bad_wy_backward_names_the_field(method, params, field):
         METHODS[method].build(_ctx(method, params))
 
 
-def test_wy_backward_kernel_refuses_chunk_64_on_a_gpu_only():
+def test_wy_backward_kernel_refuses_chunk_64_on_a_gpu_only(monkeypatch):
     """pieces_backward takes C = 64 off the GPU (the interpreter, ptxas studies) and refuses it for CUDA inputs
-    (MAX_BACKWARD_CHUNK: wrong gradients on the H200); C = 32 passes the check on both."""
+    (MAX_BACKWARD_CHUNK: wrong gradients on the H200); C = 32 passes the check on both. The launch is stubbed
+    (recorded, not run): only the check is under test."""
     wt = _wy()
     assert wt.MAX_BACKWARD_CHUNK == 32 < wt.COMPILE_BACKWARD_CHUNK == 64
+    launched = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["C"])
+
+    monkeypatch.setattr(wt, "jit_kernel", lambda src: Stub())
 
     class FakeCuda(torch.Tensor):  # is_cuda only: the check runs before any launch
         @property
@@ -536,6 +544,10 @@ def test_wy_backward_kernel_refuses_chunk_64_on_a_gpu_only():
     q = torch.zeros(1, 1, 64, 16).as_subclass(FakeCuda)
     with pytest.raises(ValueError, match="chunk must be <= 32 on a GPU"):
         wt.pieces_backward(q, q, q, None, None, [None] * 6, delta=True, chunk=64)
+    wt.pieces_backward(q, q, q, None, None, [None] * 6, delta=True, chunk=32)  # within the GPU limit
+    plain = torch.zeros(1, 1, 64, 16)
+    wt.pieces_backward(plain, plain, plain, None, None, [None] * 6, delta=True, chunk=64)  # off the GPU
+    assert launched == [32, 64]
 
 
 def test_wy_backward_default_is_torch(monkeypatch):
