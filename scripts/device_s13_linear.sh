@@ -21,7 +21,7 @@ DT=h200-linear-delta-triton
 cp -r results/$DT results/h200-linear-lamamba-triton results/h200-linear-nats-flex "$OUT/"
 TRI="+method_options.gated_delta_rule.impl=triton +method_options.delta_rule.impl=triton"
 FUSED="+method_options.gated_delta_rule.solve=fused +method_options.delta_rule.solve=fused"
-C32="+method_options.gated_delta_rule.wy_backward=triton +method_options.delta_rule.wy_backward=triton +method_options.gated_delta_rule.chunk=32 +method_options.delta_rule.chunk=32"
+C32="+method_options.gated_delta_rule.wy_backward=triton +method_options.delta_rule.wy_backward=triton ++method_options.gated_delta_rule.chunk=32 ++method_options.delta_rule.chunk=32"  # ++: the linear preset sets chunk already (a single + was refused by Hydra in the fourteenth session)
 inv ${P0:-60} delta-fwdo h200-linear-delta-fwdo "methods=[delta_rule,gated_delta_rule]" \
   "seq_lens=[32768,131072,1048576]" "modes=[fwd]" $TRI $FUSED +method_options.delta_rule.outputs=triton \
   +method_options.gated_delta_rule.outputs=triton case_timeout_s=30

@@ -6,7 +6,9 @@ usage: python scripts/sparse_summary.py RUN_DIR [RUN_DIR ...] [--from RUN_DIR=ME
 
 Several runs are read as one; ``--from RUN=m1,m2`` takes methods m1 and m2 from that run only (their rows in the
 other runs are dropped), e.g. halo and long_short from their implementation runs while the main run holds their
-first implementations.
+first implementations. A method named in several ``--from`` takes its rows from those runs, and where two of them
+hold the same case (mask, mode, lengths) the run named later wins: ``--from old=m --from new=m`` reads m's new
+measurements and keeps the old run's rows for the lengths the new run did not measure.
 
 For every method (mask = full or causal, mode = fwd / fwd_bwd), from rows with status ok:
 - **rate**: TFLOP/s on the pairs the method attends (``tflops_attended``, the whole call: routing included) and
@@ -42,19 +44,36 @@ def load(run_dir: Path) -> pd.DataFrame:
     return pd.read_json(run_dir / "rows.jsonl", lines=True)
 
 
-def combine(frames: dict[str, pd.DataFrame], take: dict[str, str]) -> pd.DataFrame:
-    """Rows of several runs as one frame (column ``source`` = the run); ``take`` maps a method to the one run its
-    rows come from (a method named there with no row in that run is an error: a typo would drop it silently)."""
+CASE_KEY = ["mask", "mode", "seq_q", "seq_kv"]
+"""What makes two rows of one method the same case across runs (the later ``--from`` run's row wins)."""
+
+
+def combine(frames: dict[str, pd.DataFrame], take: dict[str, str | list[str]]) -> pd.DataFrame:
+    """Rows of several runs as one frame (column ``source`` = the run); ``take`` maps a method to the run (or the
+    runs, in order) its rows come from: with several, a case both hold is taken from the later run (a method named
+    there with no row in one of its runs is an error: a typo would drop it silently)."""
+    take = {method: [runs] if isinstance(runs, str) else list(runs) for method, runs in take.items()}
+    for method, runs in take.items():
+        for run in runs:
+            if run not in frames:
+                raise SystemExit(f"--from {run}={method}: {run} is not among the runs given")
+            if not (frames[run].method == method).any():
+                raise SystemExit(f"--from {run}={method}: {run} has no row of {method}")
     parts = []
     for run, frame in frames.items():
         frame = frame.assign(source=run)
-        chosen = frame.method.map(take)
-        parts.append(frame[chosen.isna() | (chosen == run)])
-    for method, run in take.items():
-        if run not in frames:
-            raise SystemExit(f"--from {run}={method}: {run} is not among the runs given")
-        if not (frames[run].method == method).any():
-            raise SystemExit(f"--from {run}={method}: {run} has no row of {method}")
+        keep = frame.method.map(lambda m: m not in take or run in take[m])
+        frame = frame[keep]
+        for method, runs in take.items():
+            if run not in runs or runs.index(run) == len(runs) - 1:
+                continue
+            key = [k for k in CASE_KEY if k in frame]
+            later = pd.concat([frames[r][frames[r].method == method][key] for r in runs[runs.index(run) + 1:]])
+            mine = frame[frame.method == method]
+            shadowed = mine[key].merge(later.drop_duplicates(), how="left", on=key, indicator=True)
+            drop = mine.index[(shadowed["_merge"] == "both").to_numpy()]
+            frame = frame.drop(index=drop)
+        parts.append(frame)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -228,7 +247,7 @@ def main(argv=None) -> int:
         if not methods:
             parser.error(f"--from {item!r}: expected RUN=METHOD[,METHOD]")
         for method in methods.split(","):
-            take[method] = str(Path(run))
+            take.setdefault(method, []).append(str(Path(run)))
     frame = combine({str(Path(r)): f for r, f in frames.items()}, take) if len(frames) > 1 or take else \
         next(iter(frames.values()))
     grid = [int(x) for x in args.grid.split(",")] if args.grid else None

@@ -99,6 +99,22 @@ def test_several_runs_read_as_one_with_methods_taken_from_one_run(summary):
         summary.combine({"main": main, "impl": impl}, {"routed": "impl"})
 
 
+def test_a_method_from_several_runs_takes_each_case_from_the_later_run(summary):
+    """--from old=m --from new=m: the new run's rows win where both hold a case, the old run's rows fill the
+    lengths the new run lacks; the negative control (one --from) loses the old lengths."""
+    old = frame()
+    new = old[(old.method == "routed") & (old.seq_q >= 16384) & (old.seq_q == old.seq_kv)]
+    new = new.assign(ms_median=new.ms_median / 4)
+    both = summary.combine({"main": frame(), "old": old, "new": new}, {"routed": ["old", "new"]})
+    routed = both[both.method == "routed"]
+    assert set(routed[routed.seq_q == 4096].source) == {"old"}  # only the old run measured 4K
+    assert set(routed[routed.seq_q >= 16384].source) == {"new"}  # the new run's rows shadow the old ones
+    assert len(routed) == len(old[old.method == "routed"])  # one row per case: none duplicated
+    assert "main" not in set(routed.source)  # a run not named for the method gives none of its rows
+    only_new = summary.combine({"main": frame(), "old": old, "new": new}, {"routed": "new"})
+    assert 4096 not in set(only_new[only_new.method == "routed"].seq_q)
+
+
 def test_the_grid_lists_exactly_the_cells_without_any_row(summary):
     rows = frame()
     missing = summary.missing_cells(rows, [4096, 262144])
