@@ -638,6 +638,27 @@ def test_head_dims_above_256_are_unsupported():
 
 
 @interp
+def test_lamamba_streamed_through_the_triton_loop_equals_the_whole_layer():
+    """LaMamba's streamed form (``stream``: pieces of 16 of 40 tokens) with impl: triton: the carried state enters
+    each piece's kernel as its state0 and its gradient leaves as dstate0; output, input and parameter gradients
+    equal the whole layer's (the torch-side negative controls: tests/test_lamamba_stream.py)."""
+    def build(stream):
+        return as_prepared(METHODS["lamamba"].build(_ctx("lamamba", {"window": 8, "state_size": 8, "chunk": 8,
+                                                                     "impl": "triton", "block_v": 16,
+                                                                     "stream": stream}, seq=40, head_dim=16)))
+
+    whole, streamed = build(0), build(16)
+    x = torch.randn(1, 40, 2 * 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y0, y1 = whole.fn(x), streamed.fn(x)
+    assert _rel(y1, y0) < 1e-4
+    g0 = torch.autograd.grad(y0.square().sum(), [x, *whole.parameters], allow_unused=True)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, *streamed.parameters], allow_unused=True)
+    for a, b in zip(g1, g0):
+        if b is not None and b.abs().max() > 0:
+            assert _rel(a, b) < 1e-3
+
+
+@interp
 def test_lamamba_scan_through_the_triton_loop_equals_the_torch_loop(monkeypatch):
     """LaMamba's SSD branch (state 8, head dim 16: dk != dv) with impl: triton: the layer's output and its input
     gradient equal impl: torch; negative control: a broken carry (each chunk from a zero state) is caught."""

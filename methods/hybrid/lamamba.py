@@ -17,7 +17,10 @@ in pieces of ``reference_stream_chunk`` with the state carried and attends each 
 (so the window attention reaches SDPA in fp32: its memory-efficient kernel, not flash or cuDNN). Hyper-parameters:
 ``window`` (default 256), ``state_size`` (default 64), ``chunk`` (default 64), ``impl`` (``torch``, the default, or
 ``triton``: the scan's chunk loop through the gated variants' own Triton kernels, with their options,
-:func:`gated_delta.states_impl`).
+:func:`gated_delta.states_impl`), ``stream`` (``auto``, the default: the whole sequence at once up to 256K tokens,
+above it pieces of 128K; 0: always whole; or tokens per piece, a multiple of ``window`` and ``chunk``): the fast
+form a piece at a time with the scan's state carried and, with gradients, each piece checkpointed
+(:func:`streamed_layer`), so the working memory is one piece's whatever the length.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..contract import Prepared
 from ..linear import gated_delta
@@ -33,19 +37,27 @@ from ..registry import Capabilities, Unsupported, register_method
 from .layers import ParamMaker, dwconv, dwconv_reference, merge_heads, split_heads
 
 
-def ssd_branch(x, p, heads: int, state: int, scan, conv):
-    """x [B, L, C] fp32 (normalised) -> [B, L, C]."""
+def ssd_branch(x, p, heads: int, state: int, scan, conv, lead: int = 0):
+    """x [B, lead + L, C] fp32 (normalised) -> [B, L, C]. ``lead``: tokens in front that are only the causal
+    conv's left context (a piece of the streamed form, :func:`streamed_layer`; 0 for the whole sequence, whose
+    conv pads zeros). ``scan(q, k, v, g)`` returns the scan's output, or (output, state) for the streamed form:
+    then so does this function."""
     width = x.shape[-1]
     proj = x @ p["w_in"]
     xs, z, Bm, Cm, dt = torch.split(proj, [width, width, heads * state, heads * state, heads], dim=-1)
     xs = F.silu(conv(xs, p["conv"], True))
+    if lead:
+        xs, z, Bm, Cm, dt = (t[:, lead:] for t in (xs, z, Bm, Cm, dt))
     dt = F.softplus(dt + p["dt_bias"])  # [B, L, H]
     g = (dt * -torch.exp(p["a_log"])).transpose(1, 2)  # log decay [B, H, L] (<= 0)
     xh = split_heads(xs, heads)  # [B, H, L, P]
     v = xh * dt.transpose(1, 2)[..., None]
     k, q = split_heads(Bm, heads), split_heads(Cm, heads)
-    y = scan(q, k, v, g) + p["d"][None, :, None, None] * xh
-    return (merge_heads(y) * F.silu(z)) @ p["w_out"]
+    scanned = scan(q, k, v, g)
+    y, S = scanned if isinstance(scanned, tuple) else (scanned, None)
+    y = y + p["d"][None, :, None, None] * xh
+    out = (merge_heads(y) * F.silu(z)) @ p["w_out"]
+    return out if S is None else (out, S)
 
 
 def window_windows(t, heads: int, window: int):
@@ -71,6 +83,73 @@ def window_attention(x, p, heads: int, window: int, dense: bool):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     o = o.transpose(1, 2).reshape(batch, length + pad, width)[:, :length]
     return o @ p["w_o"]
+
+
+STREAM_AUTO_ABOVE = 262144
+"""``stream: auto`` streams the layer above this many tokens (the H200's 1M fwd and 512K fwd_bwd were ``oom``
+whole: 57.6 GB at 512K fwd, ``h200-linear-lamamba-triton``), in pieces of :data:`STREAM_AUTO_PIECE`."""
+STREAM_AUTO_PIECE = 131072
+
+
+def stream_piece(length: int, stream, window: int, chunk: int, field: str) -> int:
+    """Tokens per piece of the streamed layer for ``stream`` (``auto``, 0 = whole, or a positive multiple of both
+    ``window`` and ``chunk``: pieces hold whole windows and whole chunks); 0 when the layer runs whole.
+    ValueError naming ``field`` otherwise."""
+    if stream == "auto":
+        if length <= STREAM_AUTO_ABOVE:
+            return 0
+        unit = window * chunk // math.gcd(window, chunk)
+        return max(unit, STREAM_AUTO_PIECE // unit * unit)
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+        raise ValueError(f"{field}: must be 'auto', 0 (the whole sequence) or a positive number of tokens, "
+                         f"got {stream!r}")
+    if stream and (stream % window or stream % chunk):
+        raise ValueError(f"{field}: {stream} tokens must be a multiple of both window ({window}) and chunk "
+                         f"({chunk}): a piece holds whole windows and whole chunks")
+    return 0 if stream >= length else stream
+
+
+def _layer_piece(x, start: int, stop: int, S, p, heads: int, state: int, window: int, scan_state, conv,
+                 carry: bool = True):
+    """Tokens ``start .. stop`` of the layer (``x``'s dtype) and the scan's state after them, from the state
+    ``S`` before them (None: zero) and ``x`` (the conv reads up to 3 tokens in front of ``start``)."""
+    lead = min(start, p["conv"].shape[-1] - 1)
+    xf = x[:, start - lead:stop].float()
+    width = xf.shape[-1]
+
+    def scan(q, k, v, g):
+        return scan_state(q, k, v, g, S if carry else None)
+
+    ssd, S_out = ssd_branch(F.layer_norm(xf, (width,)), p, heads, state, scan, conv, lead=lead)
+    h = xf[:, lead:] + ssd
+    y = h + window_attention(F.layer_norm(h, (width,)), p, heads, window, False)
+    return y.to(x.dtype), S_out
+
+
+def streamed_layer(x, p, heads: int, state: int, window: int, piece: int, scan_state, conv, carry: bool = True):
+    """The layer (fast form) ``piece`` tokens at a time: the SSD scan's state [B, H, N, P] carried from piece to
+    piece, each piece's causal conv given its 3 tokens of left context, the window attention per piece (pieces
+    hold whole windows, :func:`stream_piece`). Same outputs and gradients as the whole layer up to float
+    rounding; the working memory is one piece's. With gradients, each piece runs under
+    ``torch.utils.checkpoint`` (non-reentrant): between forward and backward only ``x`` (the caller's) and the
+    carried states are kept, and the backward recomputes one piece's forward at a time (the cost: one more
+    forward). ``carry=False`` (each piece from a zero state) is a deliberately broken variant for the tests'
+    negative control."""
+    length = x.shape[1]
+    train = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in p.values()))
+    out = None if train else torch.empty_like(x)
+    pieces, S = [], None
+    for start in range(0, length, piece):
+        stop = min(start + piece, length)
+        args = (x, start, stop, S, p, heads, state, window, scan_state, conv, carry)
+        if train:
+            y, S = checkpoint(_layer_piece, *args, use_reentrant=False, preserve_rng_state=False)
+            pieces.append(y)
+        else:
+            y, S = _layer_piece(*args)
+            out[:, start:stop] = y
+            del y
+    return torch.cat(pieces, dim=1) if train else out
 
 
 def lamamba_rows(x, rows, p, heads: int, state: int, window: int, chunk: int, stream: int, carry: bool = True):
@@ -127,7 +206,7 @@ def lamamba_rows(x, rows, p, heads: int, state: int, window: int, chunk: int, st
 @register_method("lamamba", Capabilities(family="hybrid", exact=False, form="layer", masks={"causal"},
                                           causal_only=True, backward=True, trainable=True),
                  options=("window", "state_size", "chunk", "reference_loop_max_len", "reference_stream_chunk",
-                          "impl") + gated_delta.TRITON_ONLY)
+                          "impl", "stream") + gated_delta.TRITON_ONLY)
 def build_lamamba(ctx):
     """LaMamba layer: Mamba-2-style SSD branch + causal window attention, each with residual and LayerNorm."""
     mask_mode(ctx)
@@ -165,6 +244,19 @@ def build_lamamba(ctx):
             return gated_delta.naive_recurrence(q, k, v, g, None, **kw)
         return gated_delta.chunked(q, k, v, g, None, chunk=2 * chunk, **kw)
 
+    # stream: auto (default: whole up to STREAM_AUTO_ABOVE tokens, pieces of STREAM_AUTO_PIECE above) | 0 (whole)
+    # | tokens per piece: the fast form's layer a piece at a time (streamed_layer), state carried
+    piece = stream_piece(case.seq_q, ctx.param("stream", "auto"), window, chunk, f"method_options.{case.method}.stream")
+
+    def scan_state(q, k, v, g, S0):
+        return gated_delta.chunked(q, k, v, g, None, chunk=chunk, states_fn=states_fn, state0=S0,
+                                   return_state=True, **kw)
+
+    def fast_layer(x):
+        if piece:
+            return streamed_layer(x, p, heads, state, window, piece, scan_state, dwconv)
+        return layer(fast_scan, dwconv, False)(x)
+
     def layer(scan, conv, dense):
         def forward(x):
             xf = x.float()
@@ -189,5 +281,5 @@ def build_lamamba(ctx):
     flops = case.batch * length * (2.0 * width * (2 * width + 2 * heads * state + heads) + 4.0 * width * width
                                    + 2.0 * width * 3 * width + 2.0 * heads * (2 * chunk * (state + P) + 4 * state * P)
                                    + 2.0 * heads * window * P)
-    return Prepared(fn=layer(fast_scan, dwconv, False), reference=reference,
+    return Prepared(fn=fast_layer, reference=reference,
                     parameters=make.tensors, flops=flops, softmax_comparable=False)
