@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 9's last cells (planned in the fourteenth session; carry .whl, .triton-cache; `make device-wheel` first):
+#   1. superlinear causal 128K / 512K fwd into h200-superlinear-v2 (the issue's scale rows with the current code:
+#      its 512K row in h200-sparse is the PyTorch search's `timeout`); ~4 s a 512K call, ~7 calls a case;
+#   2. long_short (strided) causal 1M fwd and fwd_bwd into h200-impl-strided, its `timeout` rows retried (20-45 s
+#      budgets then; at its 512K rate a 1M call is ~3 s fwd, ~12 s fwd_bwd);
+#   3. superlinear causal 1M fwd_bwd into h200-superlinear-v2 (62.8 s a call in the thirteenth session, whose files
+#      were lost; a case makes ~5 calls: budget 370 s).
+#   P3=0 WRAP_S=560 bash scripts/device_wrap.sh s15-sparse scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
+#   P1=0 P2=0 P3=400 ... (the 1M fwd_bwd alone, ~400 s)
+# A wall of 0 skips the step; each case's budget is its step's wall less 30 s (the worker's start).
+set -u
+. scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
+for run in h200-superlinear-v2 h200-impl-strided; do [ -d "$OUT/$run" ] || cp -r results/$run "$OUT/"; done
+T1M="timing.budget_ms=400 timing.min_reps=1"
+inv() {  # inv SWEEP WALL_S LOG RUN ARGS...
+  local sweep=$1 wall=$2; shift 2; [ "$wall" = 0 ] && return 0
+  sweep_step $sweep "$wall" "$@" case_timeout_s=$((wall - 30)) $T1M
+}
+inv sparse ${P1:-150} superlinear-scale h200-superlinear-v2 "methods=[superlinear]" "masks=[causal]" \
+  "seq_lens=[131072,524288]" "modes=[fwd]"
+# two cases in one step: each gets the step's budget less the other's likely share
+inv sparse_impl ${P2:-210} long-short-causal-1m h200-impl-strided "methods=[long_short]" "masks=[causal]" \
+  "seq_lens=[1048576]" "retry=[timeout]"
+inv sparse ${P3:-0} superlinear-1m-bwd h200-superlinear-v2 "methods=[superlinear]" "masks=[causal]" \
+  "seq_lens=[1048576]" "modes=[fwd_bwd]"
+python3 scripts/sparse_summary.py "$OUT/h200-superlinear-v2" > "$OUT/superlinear-summary.md" 2>&1
+for f in "$OUT"/superlinear-*.txt "$OUT"/long-short-*.txt; do
+  [ -f "$f" ] || continue
+  echo "== $(basename $f)"; tr '\r' '\n' < "$f" | grep -v "case/s" | grep "cases:\|not ok\|median" -A6 | tail -n 12
+done
+echo "== done after ${SECONDS}s"
