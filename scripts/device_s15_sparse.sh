@@ -6,8 +6,12 @@
 #      budgets then; at its 512K rate a 1M call is ~3 s fwd, ~12 s fwd_bwd);
 #   3. superlinear causal 1M fwd_bwd into h200-superlinear-v2 (62.8 s a call in the thirteenth session, whose files
 #      were lost; a case makes ~5 calls: budget 370 s).
-#   P3=0 WRAP_S=560 bash scripts/device_wrap.sh s15-sparse scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
-#   P1=0 P2=0 P3=400 ... (the 1M fwd_bwd alone, ~400 s)
+# Planned calls (the fourteenth session's note):
+#   L2=0 WRAP_S=560 bash scripts/device_wrap.sh s15-a scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
+#       (steps 1-2 here, then lamamba's streamed 512K / 1M: ~530 s)
+#   P1=0 P2=0 L1=0 L3=120 WRAP_S=270 bash scripts/device_wrap.sh s15-b scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
+#       (the fused WY kernel with tf32 dots, the chunk-32 Triton backward: ~240 s)
+#   P1=0 P2=0 P3=400 L1=0 L2=0 WRAP_S=440 ... (superlinear's 1M fwd_bwd alone, ~400 s; optional: issue 9 asks 256K)
 # A wall of 0 skips the step; each case's budget is its step's wall less 30 s (the worker's start).
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH

@@ -161,6 +161,7 @@ OWN_TRITON = [
     ("gated_delta_rule", {"solve": "fused", "chunk": 128}, (128,)),  # its largest tiles
     ("simple_gla", {"solve": "fused"}, (128,)),
     ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton", "chunk": 32}, (128, 256)),  # the backward kernel too
+    ("delta_rule", {"solve": "fused", "wy_precision": "tf32"}, (128,)),  # the fused kernel's one-product dots
 ]
 
 
@@ -194,7 +195,7 @@ def _built_launches(method, params, head_dim, monkeypatch, seq=1024):
 def test_every_own_triton_method_fits_h200_shared_memory(method, params, head_dim, monkeypatch):
     launches = _built_launches(method, params, head_dim, monkeypatch)
     # solve: triton / fused alone launch their forward kernel only (their backwards are PyTorch)
-    least = 1 if set(params) <= {"solve", "chunk"} else 2
+    least = 1 if set(params) <= {"solve", "chunk", "wy_precision"} else 2
     assert len(launches) >= least, f"{method}: no forward and backward launches recorded ({len(launches)})"
     too_big = [f for f in compile_fits(launches) if not f.ok]
     assert not too_big, too_big
@@ -279,3 +280,16 @@ def test_negative_control_fused_wy_backward_kernel_spills_at_4_warps():
 
     stores, loads, _ = ptxas_usage(_wy_bwd_launch(32, dot_precision="ieee", num_warps=4))
     assert stores > 0 and loads > 0, (stores, loads)
+
+
+@pytest.mark.parametrize("params, precision", [
+    ({"solve": "fused", "wy_precision": "tf32"}, "tf32"),
+    ({"solve": "fused", "wy_precision": "ieee", "impl": "triton"}, "ieee"),
+    ({"solve": "fused"}, "tf32x3"),  # the default: the option is what changes the launch (negative control)
+])
+def test_wy_precision_reaches_the_fused_kernel_launch(params, precision, monkeypatch):
+    """``method_options.<method>.wy_precision`` through the builder, gated_delta.solve_choice and chunked: the
+    fused kernel is launched with that dot precision (forward; the backward recompute is PyTorch)."""
+    launches = _built_launches("gated_delta_rule", params, 128, monkeypatch)
+    wy = [launch for launch in launches if launch.name == "_wy_src"]
+    assert wy and {launch.kwargs["PRECISION"] for launch in wy} == {precision}

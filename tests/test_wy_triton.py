@@ -516,6 +516,9 @@ def test_method_backward_negative_control_is_caught(monkeypatch):
     ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton", "chunk": 128}, "chunk"),  # shared memory
     ("delta_rule", {"solve": "fused", "wy_backward": "triton"}, "chunk"),  # the default chunk, 64: wrong on the H200
     ("gated_delta_rule", {"solve": "fused", "wy_backward": "triton", "chunk": 64}, "chunk"),
+    ("delta_rule", {"solve": "fused", "wy_precision": "bf16"}, "wy_precision"),  # not a precision of the kernel
+    ("delta_rule", {"wy_precision": "tf32"}, "wy_precision"),  # no solve fused: no kernel to take it
+    ("gated_delta_rule", {"solve": "triton", "wy_precision": "tf32"}, "wy_precision"),
 ])
 def test_bad_wy_backward_names_the_field(method, params, field):
     with pytest.raises(ValueError, match=f"method_options.{method}.{field}"):
@@ -558,3 +561,11 @@ def test_wy_backward_default_is_torch(monkeypatch):
     assert gated_delta.solve_choice(ctx, 16, True) == "fused"
     ctx = _ctx("delta_rule", {"solve": "fused", "wy_backward": "triton"})
     assert gated_delta.FUSED[gated_delta.solve_choice(ctx, 16, True)] == "triton"
+
+
+def test_fused_options_parse_the_internal_solve():
+    """solve_choice's ``<solve>@<precision>`` strings map to the kernel's options; anything else is not fused."""
+    assert gated_delta.fused_options("fused") == {"backward": "torch"}
+    assert gated_delta.fused_options("fused@tf32") == {"backward": "torch", "dot_precision": "tf32"}
+    assert gated_delta.fused_options("fused+triton_backward@ieee") == {"backward": "triton", "dot_precision": "ieee"}
+    assert gated_delta.fused_options("torch") is None and gated_delta.fused_options("fused@bf16") is None

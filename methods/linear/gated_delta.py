@@ -125,12 +125,13 @@ def chunk_pieces(q, k, v, g, beta, *, delta: bool, chunk: int, solve: str = "tor
     :func:`wy_triton.wy_pieces`, with or without the delta term; its backward recomputes them here with
     ``torch``); the Triton ones on CUDA or with ``TRITON_INTERPRET=1``. The same result up to float rounding,
     gradients included."""
-    if solve not in SOLVES and solve not in FUSED:
+    fused = fused_options(solve)
+    if solve not in SOLVES and fused is None:
         raise ValueError(f"chunk_pieces: solve must be one of {SOLVES}, got {solve!r}")
-    if solve in FUSED:  # every piece by one kernel (wy_triton.py); its backward: this code recomputed, or a kernel
+    if fused is not None:  # every piece by one kernel (wy_triton.py); its backward: this code recomputed, or a kernel
         from .wy_triton import wy_pieces
 
-        return wy_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, backward=FUSED[solve])
+        return wy_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, **fused)
     batch, heads, length, dk = k.shape
     dv = v.shape[-1]
     n = length // chunk
@@ -283,13 +284,14 @@ def chunked(q, k, v, g=None, beta=None, *, gated=True, delta=True, normalize=Tru
                          state0=state0, return_state=return_state, scale=scale, segment=segment, carry=carry,
                          states_fn=states_fn, solve=solve, bf16_outputs=bf16_outputs)
     out_dtype = v.dtype
-    if solve in FUSED:  # the kernel reads the raw inputs: conversion, normalisation and padding fused in
+    fused = fused_options(solve)
+    if fused is not None:  # the kernel reads the raw inputs: conversion, normalisation and padding fused in
         from .wy_triton import wy_pieces
 
         q, lead = _align(q, k)
         length = k.shape[2]
         qg, attn, U, W, kd, last = wy_pieces(q, k, v, g if gated else None, beta if delta else None, delta=delta,
-                                             chunk=chunk, normalize=normalize, backward=FUSED[solve])
+                                             chunk=chunk, normalize=normalize, **fused)
     else:
         q, k, v, g, beta, lead, length = _prepare(q, k, v, g, beta, gated, delta, normalize, chunk)
         qg, attn, U, W, kd, last = chunk_pieces(q, k, v, g, beta, delta=delta, chunk=chunk, solve=solve)
@@ -569,6 +571,17 @@ SOLVES = ("torch", "triton", "fused")
 # pieces; ``fused+triton_backward`` (what solve_choice returns for ``wy_backward: triton``) runs the backward kernel
 FUSED = {"fused": "torch", "fused+triton_backward": "triton"}
 WY_BACKWARDS = ("torch", "triton")
+WY_PRECISIONS = ("tf32x3", "tf32", "ieee")  # the fused kernel's dots (wy_triton.PRECISIONS; default its DEFAULTS')
+
+
+def fused_options(solve: str) -> dict | None:
+    """The fused kernel's options for an internal ``solve`` (None: not a fused solve): ``backward`` from
+    :data:`FUSED` and, after an ``@``, the kernel's ``dot_precision`` (``wy_precision``, :func:`solve_choice`:
+    ``fused@tf32`` runs its dots in one tf32 product)."""
+    base, _, precision = solve.partition("@")
+    if base not in FUSED or (precision and precision not in WY_PRECISIONS):
+        return None
+    return {"backward": FUSED[base], **({"dot_precision": precision} if precision else {})}
 
 
 def solve_choice(ctx, chunk: int, delta: bool) -> str:
@@ -589,14 +602,22 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
     (one backward kernel per chunk, :func:`wy_triton.pieces_backward`, ``chunk`` <= 32: at the default 64 the
     compiled kernel gave wrong gradients on the H200, see ``wy_triton.MAX_BACKWARD_CHUNK``; returned as the
     internal solve ``fused+triton_backward``). Timed at C = 64 only (h200-linear-delta-fused-v2: its fwd_bwd rows
-    are not valid, the gate caught the gradients at 8K and 32K)."""
+    are not valid, the gate caught the gradients at 8K and 32K).
+
+    ``method_options.<method>.wy_precision`` (with ``solve: fused`` only, else a ValueError naming it): the fused
+    kernel's dots, ``tf32x3`` (the default: three tf32 products, fp32-like), ``tf32`` (one product, ~1e-3 relative
+    rounding; compiled for sm_90 at C = 64 it holds 120 registers a thread against tf32x3's 231) or ``ieee``;
+    returned as the internal solve ``<solve>@<precision>`` (:func:`fused_options`). The gate decides whether the
+    rounding is acceptable on a case."""
     from .common import param_choice
 
     field = f"method_options.{ctx.case.method}"
     wy_backward = param_choice(ctx, "wy_backward", "torch", WY_BACKWARDS)
-    if "wy_backward" in ctx.params and ctx.params.get("solve") != "fused":
-        raise ValueError(f"{field}.wy_backward: applies to solve 'fused' only (the fused pieces' backward), "
-                         f"got solve {ctx.params.get('solve', 'torch')!r}")
+    wy_precision = param_choice(ctx, "wy_precision", "tf32x3", WY_PRECISIONS)
+    for name, what in (("wy_backward", "the fused pieces' backward"), ("wy_precision", "the fused kernel's dots")):
+        if name in ctx.params and ctx.params.get("solve") != "fused":
+            raise ValueError(f"{field}.{name}: applies to solve 'fused' only ({what}), "
+                             f"got solve {ctx.params.get('solve', 'torch')!r}")
     if not delta:
         if "solve" not in ctx.params:
             return "torch"
@@ -628,7 +649,8 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
     why = triton_runnable(ctx.device)
     if why:
         raise Unsupported(f"{ctx.case.method} with {field}.solve={solve}: {why}")
-    return "fused+triton_backward" if wy_backward == "triton" else solve
+    solve = "fused+triton_backward" if wy_backward == "triton" else solve
+    return solve if wy_precision == "tf32x3" else f"{solve}@{wy_precision}"
 
 
 def build_variant(ctx, name: str, fast=None) -> Prepared:
@@ -710,7 +732,7 @@ def affine_state_scan(chunk: int, token_extras: tuple, segment=0, **kw) -> State
 
 # the method_options of the own variants (:func:`build_variant`; simple_gla's ``solve`` takes ``fused`` only)
 VARIANT_OPTIONS = ("chunk", "reference_naive_max_len", "reference_stream_chunk", "segment", "impl",
-                   "solve", "wy_backward", "outputs") + TRITON_ONLY
+                   "solve", "wy_backward", "wy_precision", "outputs") + TRITON_ONLY
 # a recurrence over tokens (g and beta per token): outputs before P depend on the tokens before P only, and the
 # references take any length, so long cases' gradients are gated on a prefix (Capabilities.prefix_closed)
 CAPS = dict(family="linear", exact=False, masks={"causal", "decode"}, causal_only=True, cross=True,
