@@ -81,7 +81,7 @@ DEFAULT_IMPLS = ("chunked", "torch")
 # solve (the delta rules' triangular solve: torch.linalg.solve_triangular by default), wy_backward (the fused
 # pieces' backward), dot_precision (the own Triton kernels' dots: tf32 by default), softmax (nats_l's softmax form)
 VARIANTS = {"impl": DEFAULT_IMPLS, "solve": ("torch",), "wy_backward": ("torch",), "dot_precision": ("tf32",),
-            "softmax": ("auto",)}
+            "softmax": ("auto",), "outputs": ("torch",), "wy_precision": ("tf32x3",), "stream": ("auto",)}
 
 
 def klen(n) -> str:

@@ -170,6 +170,13 @@ def test_label_names_each_code_path_option_and_lengths_below_1k_keep_their_numbe
     assert (module.impl_label("delta_rule", '{"impl": "triton", "dot_precision": "bf16", "solve": "triton"}')
             == "delta_rule [impl=triton, solve=triton, dot_precision=bf16]")
     assert module.impl_label("nats_l", '{"softmax": "flex"}') == "nats_l [softmax=flex]"
+    # the fourteenth session's options: the in-loop outputs and the fused kernel's precision are lines of their own
+    assert (module.impl_label("delta_rule", '{"impl": "triton", "solve": "fused", "outputs": "triton"}')
+            == "delta_rule [impl=triton, solve=fused, outputs=triton]")
+    assert (module.impl_label("delta_rule", '{"solve": "fused", "wy_precision": "tf32", "outputs": "torch"}')
+            == "delta_rule [solve=fused, wy_precision=tf32]")
+    assert module.impl_label("lamamba", '{"stream": 0}') == "lamamba [stream=0]"
+    assert module.impl_label("lamamba", '{"stream": "auto"}') == "lamamba"
     assert module.impl_label("nats_l", '{"softmax": "auto", "dot_precision": "tf32"}') == "nats_l"
     assert [module.klen(n) for n in (128, 512, 2048, 1 << 20, 1536)] == ["128", "512", "2K", "1024K", "1536"]
 
