@@ -9,8 +9,9 @@
 # Planned calls (the fourteenth session's note):
 #   L2=0 WRAP_S=560 bash scripts/device_wrap.sh s15-a scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
 #       (steps 1-2 here, then lamamba's streamed 512K / 1M: ~530 s)
-#   P1=0 P2=0 L1=0 L3=120 WRAP_S=270 bash scripts/device_wrap.sh s15-b scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
-#       (the fused WY kernel with tf32 dots, the chunk-32 Triton backward: ~240 s)
+#   P1=0 P2=0 P4=240 L1=0 WRAP_S=560 bash scripts/device_wrap.sh s15-b scripts/device_s15_sparse.sh scripts/device_s15_linear.sh
+#       (superlinear's sorted query order: GPU tests and 16K-1M; the fused WY kernel with tf32 dots: ~510 s;
+#       L3=120 adds the chunk-32 Triton backward where time allows)
 #   P1=0 P2=0 P3=400 L1=0 L2=0 WRAP_S=440 ... (superlinear's 1M fwd_bwd alone, ~400 s; optional: issue 9 asks 256K)
 # A wall of 0 skips the step; each case's budget is its step's wall less 30 s (the worker's start).
 set -u
@@ -28,8 +29,19 @@ inv sparse_impl ${P2:-210} long-short-causal-1m h200-impl-strided "methods=[long
   "seq_lens=[1048576]" "retry=[timeout]"
 inv sparse ${P3:-0} superlinear-1m-bwd h200-superlinear-v2 "methods=[superlinear]" "masks=[causal]" \
   "seq_lens=[1048576]" "modes=[fwd_bwd]"
+# 4. query_order: sorted (each span's query rows grouped by the span's start: ~2-3x the attended pairs in the
+#    BlockMasks' tiles instead of ~70-90x, results/cpu-superlinear-tiles): its GPU tests, then a new run
+#    h200-superlinear-sorted, causal 16K / 64K / 256K / 1M, fwd and fwd_bwd (against h200-superlinear-v2)
+if [ "${P4:-0}" != 0 ]; then
+  timeout -k 5 ${G4:-150} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_gpu.py -k "superlinear" \
+    > "$OUT/gpu-tests-superlinear-sorted.txt" 2>&1
+  echo "== gpu tests after ${SECONDS}s"; tail -n 5 "$OUT/gpu-tests-superlinear-sorted.txt"
+  inv sparse ${P4} superlinear-sorted h200-superlinear-sorted "methods=[superlinear]" "masks=[causal]" \
+    "seq_lens=[16384,65536,262144,1048576]" +method_options.superlinear.query_order=sorted
+  python3 scripts/sparse_summary.py "$OUT/h200-superlinear-sorted" > "$OUT/superlinear-sorted-summary.md" 2>&1
+fi
 python3 scripts/sparse_summary.py "$OUT/h200-superlinear-v2" > "$OUT/superlinear-summary.md" 2>&1
-for f in "$OUT"/superlinear-*.txt "$OUT"/long-short-*.txt; do
+for f in "$OUT"/superlinear-*.txt "$OUT"/long-short-*.txt; do  # superlinear-sorted.txt included
   [ -f "$f" ] || continue
   echo "== $(basename $f)"; tr '\r' '\n' < "$f" | grep -v "case/s" | grep "cases:\|not ok\|median" -A6 | tail -n 12
 done

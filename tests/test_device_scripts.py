@@ -40,3 +40,15 @@ def test_an_unset_variable_is_caught(tmp_path):
     script.write_text("set -u\n. scripts/device_env.sh\necho \"step $NOT_SET\"\necho '== done after 0s'\n")
     done = dry_run(script, tmp_path)
     assert "unbound variable" in done.stderr
+
+
+@pytest.mark.parametrize("name, env", [
+    ("device_s15_sparse.sh", {"P3": "400", "P4": "240"}),  # the optional steps' branches too
+    ("device_s15_linear.sh", {"L3": "120"}),
+    ("device_s14_dense.sh", {"D1": "150", "D2": "180", "D3": "300", "D4": "140", "D5": "300"}),
+])
+def test_optional_steps_have_every_variable(name, env, tmp_path):
+    done = dry_run(ROOT / "scripts" / name, tmp_path, **env)
+    assert "unbound variable" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "== done after" in done.stdout

@@ -161,7 +161,39 @@ def test_superlinear_chunks_equal_the_whole_sequence_and_do_not_recompile():
     results = []
     for chunk in (seq, 512):
         prepared = _superlinear(seq, {"query_chunk": chunk})
-        assert prepared.fn.resolved == {"search": "triton", "query_chunk": chunk}
+        assert prepared.fn.resolved == {"search": "triton", "query_chunk": chunk, "query_order": "natural"}
+        leaves = [t.clone().requires_grad_() for t in inputs[:4]]
+        out = prepared.fn(*leaves[:3], q1=leaves[3])
+        results.append((out, *torch.autograd.grad(out, leaves, inputs[4])))
+        again = [t.flip(2).clone().requires_grad_() for t in inputs[:4]]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out2 = prepared.fn(*again[:3], q1=again[3])
+            torch.autograd.grad(out2, again, inputs[4])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_superlinear_sorted_query_order_is_gated_ok(mode):
+    """query_order: sorted through compiled FlexAttention (a mask_mod reading [B, H, rows] positions), whole and
+    in chunks of 768 rows: the harness's gate against the reference."""
+    for chunk in (2048, 768):
+        row = run_case("superlinear", "causal", mode, seq=2048,
+                       options={"superlinear": {"query_order": "sorted", "query_chunk": chunk}})
+        assert row["status"] == "ok", row["reason"]
+
+
+def test_superlinear_sorted_order_equals_natural_and_does_not_recompile():
+    """Values and gradients of query_order sorted against natural (bf16, the same FlexAttention roundings up to
+    the order of the rows), and a second call on new inputs (new permutations) without a recompilation."""
+    import torch._dynamo
+
+    seq = 2048
+    gen = torch.Generator(device="cuda:0").manual_seed(1)
+    inputs = [torch.randn(1, 4, seq, 64, generator=gen, device="cuda:0", dtype=torch.bfloat16) for _ in range(5)]
+    results = []
+    for order in ("natural", "sorted"):
+        prepared = _superlinear(seq, {"query_order": order})
         leaves = [t.clone().requires_grad_() for t in inputs[:4]]
         out = prepared.fn(*leaves[:3], q1=leaves[3])
         results.append((out, *torch.autograd.grad(out, leaves, inputs[4])))

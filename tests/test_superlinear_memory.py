@@ -311,3 +311,59 @@ def test_projected_1m_peak_is_well_under_the_h200(monkeypatch):
     monkeypatch.setattr(superlinear, "gates_chunked", lambda q1, k, anchors: superlinear.gates(q1, k, anchors))
     before = replay(monkeypatch, length, 2, 128, torch.bfloat16, {"query_chunk": length}, 2, length // 16)
     assert project(before)[1] > 100
+
+
+# ---- query_order: sorted (the rows of each span's call grouped by the span's start) ----------------------------
+@pytest.mark.parametrize("opts", [{}, {"query_chunk": 48}, {"sw_index": 4, "num_spans": 2, "forward_factor": 1.0}])
+def test_sorted_query_order_equals_natural_values_and_gradients(blocks, opts):
+    """The same outputs and gradients (q, k, v, q1) as the position order, through the block lists (block_attend:
+    a block list built from unsorted rows would drop keys), whole, in chunks and with a local window."""
+    length = 160
+    q, k, v, q1 = draw((1, 2, length, 16), 4, seed=5)
+    dout = draw((1, 2, length, 16), 1, seed=6)[0]
+    results = []
+    for order in ("natural", "sorted"):
+        prepared = build(length, {**opts, "query_order": order})
+        assert prepared.fn.resolved["query_order"] == order
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, q1)]
+        out = prepared.fn(*leaves[:3], q1=leaves[3])
+        results.append((out, *torch.autograd.grad(out, leaves, dout)))
+        with torch.no_grad():
+            torch.testing.assert_close(prepared.fn(q, k, v, q1=q1), out.detach(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][0], build(length, opts).reference(q, k, v, q1), rtol=1e-5, atol=1e-6)
+
+
+def test_sorted_rows_left_in_place_are_caught(blocks, monkeypatch):
+    """Negative control: the outputs not scattered back from the sorted order to the positions."""
+    length = 160
+    q, k, v, q1 = draw((1, 2, length, 16), 4, seed=5)
+    want = build(length, {}).fn(q, k, v, q1=q1)
+    monkeypatch.setattr(superlinear, "ORDER_FAULT", True)
+    got = build(length, {"query_order": "sorted"}).fn(q, k, v, q1=q1)
+    assert not torch.allclose(got, want, atol=1e-3)
+
+
+def test_sorted_order_lists_fewer_tiles(monkeypatch):
+    """What the option is for: on random inputs at 4,096 tokens (128-row blocks) the sorted rows' block lists
+    hold far fewer tiles than the position order's (the BlockMasks handed to the primitive are counted)."""
+    seen = {}
+
+    def counting(q, k, v, block_mask, return_lse=False):
+        seen.setdefault(order, 0)
+        seen[order] += int(block_mask.kv_num_blocks.sum())
+        return common.dense_attend(q, k, v, block_mask, return_lse)
+
+    monkeypatch.setattr(common, "ATTEND", counting)
+    length = 4096
+    q, k, v, q1 = draw((1, 1, length, 16), 4, seed=7)
+    for order in ("natural", "sorted"):
+        build(length, {"query_order": order}, heads=1).fn(q, k, v, q1=q1)
+    assert seen["sorted"] * 4 < seen["natural"], seen
+
+
+@pytest.mark.parametrize("value", ["random", 1, None])
+def test_a_bad_query_order_names_the_field(value):
+    with pytest.raises(ValueError, match=r"method_options\.superlinear\.query_order"):
+        build(160, {"query_order": value})
