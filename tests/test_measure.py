@@ -51,13 +51,18 @@ class _FakeClock:
         return Event()
 
 
-@pytest.mark.parametrize("call_ms,primed,calls", [(100.0, False, 2 + 1), (100.0, True, 1 + 1), (12000.0, True, 1 + 1),
-                                                   (10.0, True, 5 + 3), (10.0, False, 1 + 5 + 3)])
-def test_cuda_warmup_repeats_only_what_the_budget_asks(monkeypatch, call_ms, primed, calls):
+@pytest.mark.parametrize("call_ms,primed,calls,long_ms", [
+    (100.0, False, 2 + 1, 1000.0), (100.0, True, 1 + 1, 1000.0),
+    (12000.0, True, 1, 1000.0),  # a primed long call: its first timed call is the repetition
+    (12000.0, True, 1 + 1, 0.0),  # long_call_ms 0 (off): a warm-up call apart, as before (negative control)
+    (12000.0, False, 1 + 1 + 1, 1000.0),  # not primed: untimed, warm-up, repetition (the rule needs a primed call)
+    (10.0, True, 5 + 3, 1000.0), (10.0, False, 1 + 5 + 3, 1000.0)])
+def test_cuda_warmup_repeats_only_what_the_budget_asks(monkeypatch, call_ms, primed, calls, long_ms):
     """Warm-up calls within warmup_ms (50), at least one timed; a call longer than the budget is not repeated,
-    and a primed call (the case runner's memory phase ran it) gets no extra untimed call. Negative control: the
-    old rule (at least two timed warm-up calls after an untimed one) makes a 12 s call cost 3 calls before its
-    timed repetition (84 s a case at 1M with the case runner's other calls)."""
+    and a primed call (the case runner's memory phase ran it) gets no extra untimed call; a primed call of at
+    least long_call_ms is timed once and that is the first repetition (flagged). Negative control: the old rule
+    (at least two timed warm-up calls after an untimed one) makes a 12 s call cost 3 calls before its timed
+    repetition (84 s a case at 1M with the case runner's other calls)."""
     from attnbench.measure import timing as timing_module
 
     clock = _FakeClock()
@@ -71,9 +76,31 @@ def test_cuda_warmup_repeats_only_what_the_budget_asks(monkeypatch, call_ms, pri
         made.append(1)
         clock.now += call_ms
 
-    settings = {"budget_ms": 30, "warmup_ms": 50, "min_reps": 1, "max_reps": 3, "flush_l2": False}
+    settings = {"budget_ms": 30, "warmup_ms": 50, "min_reps": 1, "max_reps": 3, "flush_l2": False,
+                "long_call_ms": long_ms}
     result = timing_module.time_cuda(fn, torch.device("cpu"), settings, primed=primed)
     assert len(made) == calls and result.ms_median == call_ms
+    assert ("first_call_as_sample" in result.flags) == (primed and 0 < long_ms <= call_ms)
+    assert result.reps == 1 if call_ms > 30 else result.reps == 3
+
+
+def test_a_long_call_with_repetitions_left_keeps_its_first_sample(monkeypatch):
+    """A 2 s primed call with min_reps 3: the first timed call and two more (three samples, three calls)."""
+    from attnbench.measure import timing as timing_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(timing_module, "CpuProbe", lambda cpu_rule=False: None)
+    monkeypatch.setattr(timing_module, "_flagged", lambda result, probe: result)
+    times = iter([2000.0, 2100.0, 1900.0, 5000.0])
+
+    def fn():
+        clock.now += next(times)
+
+    settings = {"budget_ms": 30, "warmup_ms": 50, "min_reps": 3, "max_reps": 3, "flush_l2": False}
+    result = timing_module.time_cuda(fn, torch.device("cpu"), settings, primed=True)
+    assert sorted(result.samples) == [1900.0, 2000.0, 2100.0] and result.ms_median == 2000.0
 
 
 @pytest.mark.parametrize("heads_kv, seq_q, seq_kv", [(4, 24, 24), (2, 24, 24), (1, 8, 40)])

@@ -298,6 +298,9 @@ FIELDS: dict[str, Field] = {f.path: f for f in [
     Field("timing.min_reps", number(1, integral=True), 5, "fewest repetitions"),
     Field("timing.max_reps", number(1, integral=True), 1000, "most repetitions"),
     Field("timing.flush_l2", boolean, True, "flush the L2 cache before each repetition"),
+    Field("timing.long_call_ms", number(0), 1000.0,
+          "a call at least this long (ms) is not warmed up apart: its first timed call is the first repetition "
+          "(row flag first_call_as_sample); 0: off"),
     Field("timing.cuda_graph", boolean, False, "replay a CUDA graph (forward modes)"),
     Field("timing.telemetry", boolean, True, "read NVML telemetry"),
     Field("timing.energy_window_ms", number(1), 250.0, "back-to-back calls for the energy reading"),

@@ -188,17 +188,22 @@ def _flagged(result: Timing, probe: CpuProbe) -> Timing:
     return result
 
 
-def _estimate_cuda_ms(fn, device, warmup_ms: float, primed: bool = False) -> float:
+LONG_CALL_MS = 1000.0
+"""``timing.long_call_ms`` default: a primed call at least this long is timed once (L2 flushed before it, as every
+repetition) and that measurement is the first repetition, not a separate warm-up estimate (:func:`time_cuda`)."""
+
+
+def _estimate_cuda_ms(fn, device, warmup_ms: float, primed: bool = False, done: tuple = (0.0, 0)) -> float:
     """Warm up for ``warmup_ms`` and return the mean call time, ms: an untimed call first (unless ``primed``: the
     caller has just run ``fn``, as the case runner's memory phase does), then timed calls until ``warmup_ms`` is
     spent, at least one. A call longer than the warm-up budget is not repeated: at 1M tokens one call takes
     seconds (flex causal ~12 s), and two warm-up calls more than the budget asks for decided whether a case fit
-    its time limit."""
+    its time limit. ``done``: (ms, calls) of timed warm-up calls already made (:func:`time_cuda`'s first call)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if not primed:
         fn()
     torch.cuda.synchronize(device)
-    calls, elapsed = 0, 0.0
+    elapsed, calls = float(done[0]), int(done[1])
     while calls < 1 or elapsed < warmup_ms:
         start.record()
         fn()
@@ -211,16 +216,11 @@ def _estimate_cuda_ms(fn, device, warmup_ms: float, primed: bool = False) -> flo
     return elapsed / calls
 
 
-def time_cuda(fn, device, timing: dict, primed: bool = False) -> Timing:
-    """CUDA events around each call; the L2 is flushed (a 256 MiB write) before each one. ``primed``: ``fn`` has
-    just run (no untimed warm-up call needed)."""
-    estimate_ms = _estimate_cuda_ms(fn, device, timing["warmup_ms"], primed)
-    reps = _reps_for(estimate_ms, timing)
-    flush = flush_buffer(device) if timing["flush_l2"] else None
+def _repetitions(fn, device, flush, reps: int) -> list[float]:
+    """``reps`` calls, each with CUDA events around it and the L2 flushed (``flush``) before it."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     torch.cuda.synchronize(device)
-    probe = CpuProbe(cpu_rule=False)  # a descheduled host delays the launches of a launch-bound call
     for i in range(reps):
         if flush is not None:
             flush.zero_()
@@ -228,7 +228,31 @@ def time_cuda(fn, device, timing: dict, primed: bool = False) -> Timing:
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return _flagged(summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda_events"), probe)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def time_cuda(fn, device, timing: dict, primed: bool = False) -> Timing:
+    """CUDA events around each call; the L2 is flushed (a 256 MiB write) before each one. ``primed``: ``fn`` has
+    just run (no untimed warm-up call needed); then the first warm-up call is timed as a repetition is, and if it
+    took at least ``timing.long_call_ms`` (default :data:`LONG_CALL_MS`; 0: off) it is the first repetition (the
+    row's ``flags`` say ``first_call_as_sample``): a 1M-token dense fwd_bwd call takes ~1 min, and a warm-up
+    estimate apart from the repetitions cost one such call more per case."""
+    flush = flush_buffer(device) if timing["flush_l2"] else None
+    long_ms = float(timing.get("long_call_ms", LONG_CALL_MS) or 0.0)
+    probe = CpuProbe(cpu_rule=False)  # a descheduled host delays the launches of a launch-bound call
+    if primed and long_ms > 0:
+        first_ms = _repetitions(fn, device, flush, 1)[0]
+        if first_ms >= long_ms:
+            samples = [first_ms] + _repetitions(fn, device, flush, _reps_for(first_ms, timing) - 1)
+            result = _flagged(summarize(samples, "cuda_events"), probe)
+            result.flags.append("first_call_as_sample")
+            return result
+        estimate_ms = _estimate_cuda_ms(fn, device, timing["warmup_ms"], primed, done=(first_ms, 1))
+    else:
+        estimate_ms = _estimate_cuda_ms(fn, device, timing["warmup_ms"], primed)
+    reps = _reps_for(estimate_ms, timing)
+    probe = CpuProbe(cpu_rule=False)
+    return _flagged(summarize(_repetitions(fn, device, flush, reps), "cuda_events"), probe)
 
 
 def time_cuda_graph(fn, device, timing: dict) -> Timing:
