@@ -3,9 +3,10 @@
 per length, the pairs the method attends (``span_pairs``: every span's keys, the window once per span) against
 the pairs in the 128 x 128 tiles its BlockMasks list (``ranges_to_blocks``: per query block, the union of its
 queries' ranges, per span index), in the position order (``query_order: natural``) and in the order of each
-span's start (``query_order: sorted``, column ``sorted_computed_over_attended``), on the benchmark's kind of inputs (q1, k standard normal, fp32 here, seeded),
-with the method's defaults (3 spans, p = 1/2, backward factor 2, sigma 1/2, no window). CPU only, no kernel is run:
-the routing is :func:`superlinear.search` and the tiles are exactly the flags the fast path builds.
+span's start (``query_order: sorted``, column ``sorted_computed_over_attended``), on the benchmark's kind of
+inputs (q1, k standard normal, fp32 here, seeded), with the method's defaults (3 spans, p = 1/2, backward
+factor 2, sigma 1/2, no window). CPU only, no kernel is run: the routing is :func:`superlinear.search` and the
+tiles are exactly the flags the fast path builds.
 
 usage: python scripts/superlinear_tiles.py [--lengths 4096,16384,65536,262144] [--heads 2] [--seed 0] [--out DIR]
 Writes DIR/tiles.csv and DIR/tiles.md (DIR: results/cpu-superlinear-tiles) and prints the table.

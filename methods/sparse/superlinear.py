@@ -36,8 +36,8 @@ causal tiles per span at 64K (27 % at 1M): FlexAttention computes 70x (64K) to 1
 attends (results/cpu-superlinear-tiles, scripts/superlinear_tiles.py). ``sorted`` gathers the rows per (batch,
 head) in the order of span j's start (stable), runs the call with a mask_mod that reads each row's position from
 that order (:func:`sorted_span_mask_mod`) and scatters the outputs back: the same outputs and gradients, 2.9x
-(16K) to 1.6x (1M) the attended pairs on the same inputs; one gather of q and one scatter of the output per span more. It
-suits configurations without a local window (the default ``sw_index`` 0): a window follows the position, so in
+(16K) to 1.6x (1M) the attended pairs on the same inputs; one gather of q and one scatter of the output per
+span more. It suits configurations without a local window (the default ``sw_index`` 0): a window follows the position, so in
 sorted order the windows of a block's rows are scattered. Not timed on the GPU yet.
 
 ``search`` (``auto``, the default; ``torch``; ``triton``): how the fast path and the ``routing`` phase search.
