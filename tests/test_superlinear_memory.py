@@ -367,3 +367,13 @@ def test_sorted_order_lists_fewer_tiles(monkeypatch):
 def test_a_bad_query_order_names_the_field(value):
     with pytest.raises(ValueError, match=r"method_options\.superlinear\.query_order"):
         build(160, {"query_order": value})
+
+
+@pytest.mark.parametrize("mode", ["fwd_bwd", "bwd"])
+def test_a_harness_row_with_sorted_query_order_is_ok(blocks, mode):
+    """query_order sorted through the harness: values and gradients gated against the reference, whole and in
+    checkpointed chunks (bwd replays one held graph)."""
+    for chunk in (128, 48):
+        row = run_case(mode, {"query_order": "sorted", "query_chunk": chunk, "num_spans": 2}, seq=128)
+        assert row["status"] == "ok", row["reason"]
+        assert row["rel_err"] < 2e-5
