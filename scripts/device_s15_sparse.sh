@@ -13,6 +13,7 @@
 #       (superlinear's sorted query order: GPU tests and 16K-1M; the fused WY kernel with tf32 dots: ~510 s;
 #       L3=120 adds the chunk-32 Triton backward where time allows)
 #   P1=0 P2=0 P3=400 L1=0 L2=0 WRAP_S=440 ... (superlinear's 1M fwd_bwd alone, ~400 s; optional: issue 9 asks 256K)
+#   P5=150 (with P1=0 P2=0 L1=0 L2=0, or beside a short call): probsparse's measurement kernel (step 5)
 # A wall of 0 skips the step; each case's budget is its step's wall less 30 s (the worker's start).
 set -u
 . scripts/device_env.sh  # OUT, the carried wheels installed, PYTHONPATH
@@ -40,8 +41,19 @@ if [ "${P4:-0}" != 0 ]; then
     "seq_lens=[16384,65536,262144,1048576]" +method_options.superlinear.query_order=sorted
   python3 scripts/sparse_summary.py "$OUT/h200-superlinear-sorted" > "$OUT/superlinear-sorted-summary.md" 2>&1
 fi
+# 5. probsparse with measure: triton (its sparsity measurement by one kernel instead of gathering the sampled keys in
+#    fp32: 99 % of its 1M full fwd in h200-sparse): GPU tests, then a new run h200-probsparse-triton, full 16K / 64K /
+#    256K / 1M, fwd and fwd_bwd (against h200-sparse's probsparse rows)
+if [ "${P5:-0}" != 0 ]; then
+  timeout -k 5 ${G5:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_gpu.py -k "probsparse" \
+    > "$OUT/gpu-tests-probsparse.txt" 2>&1
+  echo "== gpu tests after ${SECONDS}s"; tail -n 5 "$OUT/gpu-tests-probsparse.txt"
+  inv sparse ${P5} probsparse-triton h200-probsparse-triton "methods=[probsparse]" "masks=[full]" \
+    "seq_lens=[16384,65536,262144,1048576]" +method_options.probsparse.measure=triton
+  python3 scripts/sparse_summary.py "$OUT/h200-probsparse-triton" > "$OUT/probsparse-triton-summary.md" 2>&1
+fi
 python3 scripts/sparse_summary.py "$OUT/h200-superlinear-v2" > "$OUT/superlinear-summary.md" 2>&1
-for f in "$OUT"/superlinear-*.txt "$OUT"/long-short-*.txt; do  # superlinear-sorted.txt included
+for f in "$OUT"/superlinear-*.txt "$OUT"/long-short-*.txt "$OUT"/probsparse-*.txt; do
   [ -f "$f" ] || continue
   echo "== $(basename $f)"; tr '\r' '\n' < "$f" | grep -v "case/s" | grep "cases:\|not ok\|median" -A6 | tail -n 12
 done

@@ -43,7 +43,7 @@ def test_an_unset_variable_is_caught(tmp_path):
 
 
 @pytest.mark.parametrize("name, env", [
-    ("device_s15_sparse.sh", {"P3": "400", "P4": "240"}),  # the optional steps' branches too
+    ("device_s15_sparse.sh", {"P3": "400", "P4": "240", "P5": "150"}),  # the optional steps' branches too
     ("device_s15_linear.sh", {"L3": "120"}),
     ("device_s14_dense.sh", {"D1": "150", "D2": "180", "D3": "300", "D4": "140", "D5": "300"}),
 ])

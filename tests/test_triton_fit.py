@@ -293,3 +293,20 @@ def test_wy_precision_reaches_the_fused_kernel_launch(params, precision, monkeyp
     launches = _built_launches("gated_delta_rule", params, 128, monkeypatch)
     wy = [launch for launch in launches if launch.name == "_wy_src"]
     assert wy and {launch.kwargs["PRECISION"] for launch in wy} == {precision}
+
+
+def test_probsparse_measure_kernel_compiles_for_sm90_without_spills():
+    """probsparse's measurement kernel (measure: triton), compiled offline for sm_90 at the H200 rows' shape (bf16,
+    d 128, 70 samples a query as at 1M): no spills, within the shared memory."""
+    from attnbench.methods.triton_fit import ptxas_usage
+    from attnbench.methods.sparse.probsparse_triton import measure
+
+    q, k = (torch.randn(1, 2, 256, 128, dtype=torch.bfloat16) for _ in range(2))
+    samples = torch.randint(256, (256, 70))
+    with record_launches() as launches:
+        measure(q, k, samples)
+    assert [launch.name for launch in launches] == ["_measure_src"], launches
+    kernel = compile_launch(launches[0])
+    stores, loads, registers = ptxas_usage(kernel)
+    assert stores == loads == 0 and registers <= 255, (stores, loads, registers)
+    assert kernel.metadata.shared <= SM90["shared_limit"], kernel.metadata.shared

@@ -14,7 +14,11 @@ CAB): the causal decoder form of Informer fills the others with ``cumsum(V)`` an
 scores over future keys. Cross attention is fine.
 
 Fast path: the u active queries gathered, one SDPA call against all keys (cuDNN first), scattered into the
-``mean(V)`` background. O(L log L) work. Options: ``factor`` (5).
+``mean(V)`` background. O(L log L) work. Options: ``factor`` (5), ``measure`` (``torch``, the default: the sampled
+keys gathered in fp32, :func:`measurements`; ``triton``: one kernel reading each sampled key row once,
+:mod:`probsparse_triton`, CUDA or ``TRITON_INTERPRET=1``, else the case is ``unsupported`` naming the field; not
+timed on the GPU yet). The reference always measures with PyTorch, so the gate compares the same routing up to
+fp32 summation order (a near-tie at the u-th place could differ).
 """
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import Prepared
-from ..registry import Capabilities, register_method
+from ..registry import Capabilities, Unsupported, register_method
 from .common import Options, pattern_reference, row_chunks, sdpa_tiles
+
+
+MEASURES = ("torch", "triton")  # the sparsity measurement of the fast path (the reference's is always torch)
 
 
 def sample_counts(seq_q: int, seq_kv: int, factor: int) -> tuple[int, int]:
@@ -33,9 +40,9 @@ def sample_counts(seq_q: int, seq_kv: int, factor: int) -> tuple[int, int]:
     return min(factor * math.ceil(math.log(seq_kv)), seq_kv), min(factor * math.ceil(math.log(seq_q)), seq_q)
 
 
-def active_queries(q, k, samples: torch.Tensor, top_u: int) -> torch.Tensor:
-    """Indices ``[B, H, u]`` (ascending) of the queries with the largest sparsity measurement, from fp32
-    scores on the sampled keys ``samples [Lq, U]``; computed in query chunks."""
+def measurements(q, k, samples: torch.Tensor) -> torch.Tensor:
+    """The sparsity measurement ``M [B, H, Lq]`` (fp32) of every query on its sampled keys ``samples [Lq, U]``:
+    the sampled keys gathered (fp32) in query chunks, readable."""
     batch, heads, seq_q, dim = q.shape
     seq_kv = k.shape[2]
     measure = []
@@ -43,7 +50,14 @@ def active_queries(q, k, samples: torch.Tensor, top_u: int) -> torch.Tensor:
         keys = k[:, :, samples[chunk]].float()  # [B, H, R, U, D]
         scores = torch.einsum("bhrd,bhrud->bhru", q[:, :, chunk].float(), keys)
         measure.append(scores.amax(dim=-1) - scores.sum(dim=-1) / seq_kv)
-    return torch.cat(measure, dim=2).topk(top_u, dim=-1).indices.sort(dim=-1).values
+    return torch.cat(measure, dim=2)
+
+
+def active_queries(q, k, samples: torch.Tensor, top_u: int, measure=None) -> torch.Tensor:
+    """Indices ``[B, H, u]`` (ascending) of the queries with the largest sparsity measurement (``measure``:
+    :func:`measurements`, the default, or :func:`probsparse_triton.measure`)."""
+    values = (measurements if measure is None else measure)(q, k, samples)
+    return values.topk(top_u, dim=-1).indices.sort(dim=-1).values
 
 
 @register_method(
@@ -51,20 +65,29 @@ def active_queries(q, k, samples: torch.Tensor, top_u: int) -> torch.Tensor:
     Capabilities(family="sparse", exact=False, masks={"full"}, cross=True, backward=True),
     description="Informer ProbSparse: top-u queries by a sampled sparsity measurement attend, the rest take "
                 "mean(V) (SDPA on the active queries)",
-    options=("factor",),
+    options=("factor", "measure"),
 )
 def build_probsparse(ctx):
     case = ctx.case
     opts = Options(ctx, "probsparse")
     factor = opts.int("factor", 5, minimum=1)
+    measure_impl = opts.choice("measure", "torch", MEASURES)
     n_samples, top_u = sample_counts(case.seq_q, case.seq_kv, factor)
+    fast_measure = None  # measurements(), PyTorch
+    if measure_impl == "triton":
+        from ..linear.linear_attn import triton_runnable
+
+        why = triton_runnable(ctx.device)
+        if why:
+            raise Unsupported(f"probsparse with method_options.probsparse.measure=triton: {why}")
+        from .probsparse_triton import measure as fast_measure
 
     def prepare(q, k, v):
         gen = torch.Generator(device="cpu").manual_seed(case.seed * 104729 + 5)
         return {"samples": torch.randint(case.seq_kv, (case.seq_q, n_samples), generator=gen).to(q.device)}
 
-    def routing(q, k, v, samples):
-        return active_queries(q, k, samples, top_u)
+    def routing(q, k, v, samples):  # the fast path's (and the routing phase's): the chosen measurement
+        return active_queries(q, k, samples, top_u, fast_measure)
 
     def fn(q, k, v, samples):
         active = routing(q, k, v, samples)  # [B, H, u]
@@ -74,7 +97,7 @@ def build_probsparse(ctx):
         return background.scatter(2, index, picked)
 
     def reference(q, k, v, samples, rows=None):
-        active = routing(q, k, v, samples)
+        active = active_queries(q, k, samples, top_u)  # always the readable PyTorch measurement
         idx = torch.arange(q.shape[2], device=q.device) if rows is None else rows.to(q.device)
         is_active = (active[..., None] == idx).any(dim=2)  # [B, H, R]
         attended = pattern_reference(  # every key visible to an active query: plain softmax, chunked
