@@ -85,3 +85,21 @@ def test_streaming_bounds_the_largest_allocation_by_the_piece(mode):
     fast_whole, _ = run_audit("lamamba", whole, mode, reference=False)
     assert fast_whole.largest > SLACK * bound * 4, (fast_whole.largest, fast_whole.where)
 
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "bwd"])
+def test_a_harness_row_with_the_streamed_layer_is_ok(mode):
+    """The streamed layer through the case runner: gated against the reference (values and, in the backward
+    modes, input and parameter gradients); bwd replays one held graph through the pieces' checkpoints."""
+    from attnbench import masks
+    from attnbench.config.plan import Case
+    from attnbench.execute.case import CaseRunner
+
+    spec = masks.make_mask("causal")
+    timing = {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False}
+    options = {"timing": timing, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 32,
+               "method_options": {"lamamba": {**SMALL, "stream": 16}}}
+    case = Case(method="lamamba", mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=2, seq_q=56,
+                seq_kv=56, head_dim=8, dtype="float32", mode=mode, seed=0)
+    row = CaseRunner("cpu", options).run(case)
+    assert row["status"] == "ok", row["reason"]
