@@ -838,3 +838,19 @@ def test_block_attend_is_compiled_flex_attention_on_the_cpu():
     torch.testing.assert_close(common.block_attend(q, k, v, biformer.bra_block_mask(
         index, selected, region, True, seq, seq, 128)), want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, want, atol=1e-3)  # the shifted lists do change the kernel's output
+
+
+def test_touched_first_is_the_stable_argsort_of_untouched():
+    """common.touched_first (the BlockMask builder's column order, no sort) equals the stable argsort it replaced,
+    on random flags with empty and full rows; an unstable order (negative control) differs."""
+    from attnbench.methods.sparse import common as sparse_common
+
+    gen = torch.Generator().manual_seed(0)
+    touched = torch.rand(2, 3, 17, 40, generator=gen) < 0.3
+    touched[0, 0, 0] = False
+    touched[0, 0, 1] = True
+    want = torch.argsort((~touched).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    got = sparse_common.touched_first(touched)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    reversed_groups = torch.argsort((~touched).to(torch.int8) * 2 - torch.arange(40) / 40, dim=-1).to(torch.int32)
+    assert not torch.equal(reversed_groups, want)  # the order within each group matters, and is checked

@@ -365,8 +365,20 @@ def block_mask_from_flags(touched: torch.Tensor, mask_mod, seq_q: int, seq_kv: i
     from torch.nn.attention.flex_attention import BlockMask
 
     counts = touched.sum(dim=-1, dtype=torch.int32)
-    order = torch.argsort((~touched).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(seq_q, seq_kv))
+    return BlockMask.from_kv_blocks(counts, touched_first(touched), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(seq_q, seq_kv))
+
+
+def touched_first(touched: torch.Tensor) -> torch.Tensor:
+    """The key-block columns of each row, touched ones first, each group in column order (int32): what a stable
+    ``argsort(~touched)`` gives, by two cumulative sums and one scatter (O(n), no sort: at 1M tokens a span's flags
+    are ``[16, 1024, 8192]`` per chunk of query rows, sorted 24 times a call by superlinear before)."""
+    flags = touched.to(torch.int32)
+    before = flags.cumsum(dim=-1) - flags  # touched columns before this one
+    counts = flags.sum(dim=-1, keepdim=True)
+    columns = torch.arange(touched.shape[-1], device=touched.device, dtype=torch.int32).expand_as(flags)
+    slot = torch.where(touched, before, counts + (columns - before))  # untouched: after every touched, in order
+    return torch.empty_like(flags).scatter_(-1, slot.long(), columns)
 
 
 def ranges_to_blocks(starts: torch.Tensor, ends: torch.Tensor, seq_kv: int, block: int, q_block: int = 128):
