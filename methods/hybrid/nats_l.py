@@ -49,7 +49,7 @@ from ..contract import Prepared
 from ..fitting import fits_length, pow2_divisor
 from ..linear import gated_delta
 from ..linear.common import mask_mode, param_int
-from ..sparse.common import block_visible, compiled_primitive, pattern_reference
+from ..sparse.common import block_visible, compiled_primitive, pattern_reference, touched_first
 from ..registry import Capabilities, Unsupported, register_method
 from .layers import ParamMaker, dwconv, dwconv_reference, merge_heads, rms_norm, split_heads
 
@@ -174,9 +174,7 @@ def _block_mask(partial, full, mask_mod, length: int, flex_block: int):
     from torch.nn.attention.flex_attention import BlockMask
 
     def listed(flags):  # every key block in the index width (torch 2.11's transpose reads it as the count)
-        counts = flags.sum(dim=-1, dtype=torch.int32)
-        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts, order
+        return flags.sum(dim=-1, dtype=torch.int32), touched_first(flags)  # the stable argsort's order, no sort
 
     counts, order = listed(partial)
     full_counts, full_order = listed(full)
