@@ -1,0 +1,115 @@
+"""scripts/ingest_device_call.py: a device call's packed run folders folded into the results folder as
+`attnbench merge` does (a resumed copy: only its new rows move), a new run copied, each step log filed under the
+runs it names, consoles under every run; a device run that re-measured a committed case is refused (negative
+control), and nothing is written on a dry run."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from attnbench.execute.runner import run_sweep
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ingest_device_call.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("ingest_device_call", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
+
+
+def _sweep(cfg, results: Path, run_id: str, seq_lens, methods=("reference",)):
+    config = copy.deepcopy(cfg)
+    config.update(results_dir=str(results), run_id=run_id, seq_lens=list(seq_lens), methods=list(methods),
+                  masks=["full"])
+    return run_sweep(config, "test", show_progress=False)
+
+
+def _pack(tmp_path: Path, device_out: Path, name: str = "call") -> Path:
+    files_at = tmp_path / "files_at"
+    files_at.mkdir()
+    with tarfile.open(files_at / f"{name}.tgz", "w:gz") as tar:
+        for item in device_out.iterdir():
+            tar.add(item, arcname=item.name)
+    (files_at / f"{name}-console.txt").write_text("== step: exit 0\n")
+    return files_at
+
+
+def test_a_resumed_copy_merges_a_new_run_copies_and_logs_are_filed(cfg, tmp_path):
+    module = _module()
+    results = tmp_path / "results"
+    _sweep(cfg, results, "kept", [16])
+    committed = len(_rows(results / "kept"))
+    device_out = tmp_path / "device"
+    shutil.copytree(results / "kept", device_out / "kept")  # the device call resumed a copy of the committed run
+    _sweep(cfg, device_out, "kept", [16, 24])
+    _sweep(cfg, device_out, "fresh", [16])
+    (device_out / "step-a.txt").write_text(f"run folder: /tmp/out-x/kept\ncases: ok 1\n")
+    files_at = _pack(tmp_path, device_out)
+
+    dry = module.ingest(files_at, "s99", results, tmp_path / "scratch-dry", report=False, dry_run=True,
+                        refresh_cache=False)
+    assert dry["runs"]["kept"]["action"] == "merge" and dry["runs"]["fresh"]["action"] == "copy"
+    assert not (results / "fresh").exists() and len(_rows(results / "kept")) == committed  # nothing written
+
+    plan = module.ingest(files_at, "s99", results, tmp_path / "scratch", report=False, refresh_cache=False)
+    kept = _rows(results / "kept")
+    assert len(kept) == len(_rows(device_out / "kept")) > committed  # the device call's new rows, once each
+    assert len({r["case_id"] for r in kept}) == len(kept)
+    assert (results / "fresh" / "rows.jsonl").is_file()
+    logs = results / "kept" / "device-logs" / "s99"
+    assert (logs / "step-a.txt").is_file() and (logs / "call-console.txt").is_file()
+    fresh_logs = results / "fresh" / "device-logs" / "s99"
+    assert (fresh_logs / "call-console.txt").is_file() and not (fresh_logs / "step-a.txt").exists()
+    assert plan["runs"]["kept"]["after"]["ok"] == len(kept)
+
+
+def test_a_device_run_that_remeasured_a_committed_case_is_refused(cfg, tmp_path):
+    """Negative control: a device run started from nothing (no shared history) measured the committed case again:
+    `attnbench merge` refuses it and the script stops, naming the runs, with the committed rows untouched."""
+    module = _module()
+    results = tmp_path / "results"
+    _sweep(cfg, results, "kept", [16])
+    before = (results / "kept" / "rows.jsonl").read_text()
+    device_out = tmp_path / "device"
+    _sweep(cfg, device_out, "kept", [16])
+    files_at = _pack(tmp_path, device_out)
+    with pytest.raises(SystemExit, match="attnbench merge"):
+        module.ingest(files_at, "s99", results, tmp_path / "scratch", report=False, refresh_cache=False)
+    assert (results / "kept" / "rows.jsonl").read_text() == before
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
+    module = _module()
+    with pytest.raises(SystemExit, match="FILES_AT"):
+        module.ingest(tmp_path / "missing", "s99", tmp_path, tmp_path / "scratch")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="--tag"):
+        module.ingest(tmp_path / "empty", "../x", tmp_path, tmp_path / "scratch")
+    with pytest.raises(SystemExit, match="no archive"):
+        module.ingest(tmp_path / "empty", "s99", tmp_path, tmp_path / "scratch")
+
+
+def test_a_step_cut_before_its_summary_is_filed_by_the_run_it_names(cfg, tmp_path):
+    module = _module()
+    results = tmp_path / "results"
+    device_out = tmp_path / "device"
+    _sweep(cfg, device_out, "cut-run", [16])
+    _sweep(cfg, device_out, "cut-run-b", [16])
+    (device_out / "step.txt").write_text("cut-run:  50%|##   | 1/2 [00:10<00:10]\nattnbench: interrupted by SIGTERM\n")
+    files_at = _pack(tmp_path, device_out)
+    plan = module.ingest(files_at, "s99", results, tmp_path / "scratch", report=False, dry_run=True,
+                         refresh_cache=False)
+    assert any(log.endswith("step.txt") for log in plan["logs"]["cut-run"])
+    assert not any(log.endswith("step.txt") for log in plan["logs"]["cut-run-b"])  # a longer name is not a match
