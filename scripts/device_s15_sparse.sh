@@ -30,28 +30,26 @@ inv sparse_impl ${P2:-210} long-short-causal-1m h200-impl-strided "methods=[long
   "seq_lens=[1048576]" "retry=[timeout]"
 inv sparse ${P3:-0} superlinear-1m-bwd h200-superlinear-v2 "methods=[superlinear]" "masks=[causal]" \
   "seq_lens=[1048576]" "modes=[fwd_bwd]"
+tests_then_run() {  # tests_then_run WALL_S TESTS_S KEYWORD LOG RUN ARGS...: the GPU tests -k KEYWORD, then the run
+  local wall=$1 tests=$2 key=$3 log=$4 run=$5; shift 5
+  timeout -k 5 "$tests" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_gpu.py -k "$key" \
+    > "$OUT/gpu-tests-$log.txt" 2>&1
+  echo "== gpu tests ($key) after ${SECONDS}s"; tail -n 5 "$OUT/gpu-tests-$log.txt"
+  inv sparse "$wall" "$log" "$run" "$@"
+  python3 scripts/sparse_summary.py "$OUT/$run" > "$OUT/$log-summary.md" 2>&1
+}
 # 4. query_order: sorted (each span's query rows grouped by the span's start: ~2-3x the attended pairs in the
-#    BlockMasks' tiles instead of ~70-90x, results/cpu-superlinear-tiles): its GPU tests, then a new run
+#    BlockMasks' tiles instead of ~70-100x, results/cpu-superlinear-tiles): its GPU tests, then a new run
 #    h200-superlinear-sorted, causal 16K / 64K / 256K / 1M, fwd and fwd_bwd (against h200-superlinear-v2)
-if [ "${P4:-0}" != 0 ]; then
-  timeout -k 5 ${G4:-150} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_gpu.py -k "superlinear" \
-    > "$OUT/gpu-tests-superlinear-sorted.txt" 2>&1
-  echo "== gpu tests after ${SECONDS}s"; tail -n 5 "$OUT/gpu-tests-superlinear-sorted.txt"
-  inv sparse ${P4} superlinear-sorted h200-superlinear-sorted "methods=[superlinear]" "masks=[causal]" \
-    "seq_lens=[16384,65536,262144,1048576]" +method_options.superlinear.query_order=sorted
-  python3 scripts/sparse_summary.py "$OUT/h200-superlinear-sorted" > "$OUT/superlinear-sorted-summary.md" 2>&1
-fi
+[ "${P4:-0}" = 0 ] || tests_then_run "$P4" "${G4:-150}" superlinear superlinear-sorted h200-superlinear-sorted \
+  "methods=[superlinear]" "masks=[causal]" "seq_lens=[16384,65536,262144,1048576]" \
+  +method_options.superlinear.query_order=sorted
 # 5. probsparse with measure: triton (its sparsity measurement by one kernel instead of gathering the sampled keys in
 #    fp32: 99 % of its 1M full fwd in h200-sparse): GPU tests, then a new run h200-probsparse-triton, full 16K / 64K /
 #    256K / 1M, fwd and fwd_bwd (against h200-sparse's probsparse rows)
-if [ "${P5:-0}" != 0 ]; then
-  timeout -k 5 ${G5:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_gpu.py -k "probsparse" \
-    > "$OUT/gpu-tests-probsparse.txt" 2>&1
-  echo "== gpu tests after ${SECONDS}s"; tail -n 5 "$OUT/gpu-tests-probsparse.txt"
-  inv sparse ${P5} probsparse-triton h200-probsparse-triton "methods=[probsparse]" "masks=[full]" \
-    "seq_lens=[16384,65536,262144,1048576]" +method_options.probsparse.measure=triton
-  python3 scripts/sparse_summary.py "$OUT/h200-probsparse-triton" > "$OUT/probsparse-triton-summary.md" 2>&1
-fi
+[ "${P5:-0}" = 0 ] || tests_then_run "$P5" "${G5:-90}" probsparse probsparse-triton h200-probsparse-triton \
+  "methods=[probsparse]" "masks=[full]" "seq_lens=[16384,65536,262144,1048576]" \
+  +method_options.probsparse.measure=triton
 python3 scripts/sparse_summary.py "$OUT/h200-superlinear-v2" > "$OUT/superlinear-summary.md" 2>&1
 for f in "$OUT"/superlinear-*.txt "$OUT"/long-short-*.txt "$OUT"/probsparse-*.txt; do
   [ -f "$f" ] || continue

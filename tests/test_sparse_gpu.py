@@ -149,19 +149,21 @@ def test_superlinear_query_chunks_are_gated_ok(mode):
     assert row["status"] == "ok", row["reason"]
 
 
-def test_superlinear_chunks_equal_the_whole_sequence_and_do_not_recompile():
-    """Values and gradients of the chunked form against the whole-sequence form (bf16: both round the same
-    FlexAttention outputs; the gates' dk is summed in fp32 by both), a second fwd_bwd call (new inputs, the
-    checkpoints' recompute included) without a recompilation, and search auto resolved to the kernel."""
+def _superlinear_variants_agree(variants: list[dict], seed: int, resolved=None):
+    """Values and gradients of each variant's superlinear (2048 tokens, bf16) against the first's (both round the
+    same FlexAttention outputs; the gates' dk is summed in fp32 by both), and a second fwd_bwd call of each (new
+    inputs: new routing, the checkpoints' recompute included) without a recompilation. ``resolved(params)``:
+    what ``fn.resolved`` must hold for a variant."""
     import torch._dynamo
 
     seq = 2048
-    gen = torch.Generator(device="cuda:0").manual_seed(0)
+    gen = torch.Generator(device="cuda:0").manual_seed(seed)
     inputs = [torch.randn(1, 4, seq, 64, generator=gen, device="cuda:0", dtype=torch.bfloat16) for _ in range(5)]
     results = []
-    for chunk in (seq, 512):
-        prepared = _superlinear(seq, {"query_chunk": chunk})
-        assert prepared.fn.resolved == {"search": "triton", "query_chunk": chunk, "query_order": "natural"}
+    for params in variants:
+        prepared = _superlinear(seq, params)
+        if resolved is not None:
+            assert prepared.fn.resolved == resolved(params)
         leaves = [t.clone().requires_grad_() for t in inputs[:4]]
         out = prepared.fn(*leaves[:3], q1=leaves[3])
         results.append((out, *torch.autograd.grad(out, leaves, inputs[4])))
@@ -169,8 +171,16 @@ def test_superlinear_chunks_equal_the_whole_sequence_and_do_not_recompile():
         with torch._dynamo.config.patch(error_on_recompile=True):
             out2 = prepared.fn(*again[:3], q1=again[3])
             torch.autograd.grad(out2, again, inputs[4])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_superlinear_chunks_equal_the_whole_sequence_and_do_not_recompile():
+    """The chunked form against the whole-sequence form, no recompilation, and search auto resolved to the
+    kernel."""
+    _superlinear_variants_agree([{"query_chunk": 2048}, {"query_chunk": 512}], seed=0, resolved=lambda p: {
+        "search": "triton", "query_chunk": p["query_chunk"], "query_order": "natural"})
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -184,25 +194,9 @@ def test_superlinear_sorted_query_order_is_gated_ok(mode):
 
 
 def test_superlinear_sorted_order_equals_natural_and_does_not_recompile():
-    """Values and gradients of query_order sorted against natural (bf16, the same FlexAttention roundings up to
-    the order of the rows), and a second call on new inputs (new permutations) without a recompilation."""
-    import torch._dynamo
-
-    seq = 2048
-    gen = torch.Generator(device="cuda:0").manual_seed(1)
-    inputs = [torch.randn(1, 4, seq, 64, generator=gen, device="cuda:0", dtype=torch.bfloat16) for _ in range(5)]
-    results = []
-    for order in ("natural", "sorted"):
-        prepared = _superlinear(seq, {"query_order": order})
-        leaves = [t.clone().requires_grad_() for t in inputs[:4]]
-        out = prepared.fn(*leaves[:3], q1=leaves[3])
-        results.append((out, *torch.autograd.grad(out, leaves, inputs[4])))
-        again = [t.flip(2).clone().requires_grad_() for t in inputs[:4]]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            out2 = prepared.fn(*again[:3], q1=again[3])
-            torch.autograd.grad(out2, again, inputs[4])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    """query_order sorted against natural (the same FlexAttention roundings up to the order of the rows), and a
+    second call on new inputs (new permutations) without a recompilation."""
+    _superlinear_variants_agree([{"query_order": "natural"}, {"query_order": "sorted"}], seed=1)
 
 
 def test_superlinear_peak_memory_is_what_the_cpu_replay_projects():
