@@ -128,3 +128,9 @@ def test_measure_triton_is_unsupported_off_cuda_without_the_interpreter(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(Unsupported, match=r"method_options\.probsparse\.measure=triton: .*TRITON_INTERPRET=1"):
         _build({"measure": "triton"})
+
+
+def test_a_measurement_without_samples_is_refused():
+    q, k, _ = _inputs(1, 1, 8, 8, 16, 1)
+    with pytest.raises(ValueError, match="at least one key"):
+        _kernel().measure(q, k, torch.zeros(8, 0, dtype=torch.long))

@@ -842,7 +842,8 @@ def test_block_attend_is_compiled_flex_attention_on_the_cpu():
 
 def test_touched_first_is_the_stable_argsort_of_untouched():
     """common.touched_first (the BlockMask builder's column order, no sort) equals the stable argsort it replaced,
-    on random flags with empty and full rows; an unstable order (negative control) differs."""
+    on random flags with empty and full rows; negative control: the same groups with the untouched columns in
+    reverse order (what an unstable sort may give) differ, so the comparison sees the order inside a group."""
     from attnbench.methods.sparse import common as sparse_common
 
     gen = torch.Generator().manual_seed(0)

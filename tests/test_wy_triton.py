@@ -569,3 +569,5 @@ def test_fused_options_parse_the_internal_solve():
     assert gated_delta.fused_options("fused@tf32") == {"backward": "torch", "dot_precision": "tf32"}
     assert gated_delta.fused_options("fused+triton_backward@ieee") == {"backward": "triton", "dot_precision": "ieee"}
     assert gated_delta.fused_options("torch") is None and gated_delta.fused_options("fused@bf16") is None
+    # gated_delta keeps its own copy (it does not import triton until a fused solve runs): the kernel's list
+    assert set(gated_delta.WY_PRECISIONS) == set(_wy().PRECISIONS)

@@ -239,8 +239,8 @@ def time_cuda(fn, device, timing: dict, primed: bool = False) -> Timing:
     estimate apart from the repetitions cost one such call more per case."""
     flush = flush_buffer(device) if timing["flush_l2"] else None
     long_ms = float(timing.get("long_call_ms", LONG_CALL_MS) or 0.0)
-    probe = CpuProbe(cpu_rule=False)  # a descheduled host delays the launches of a launch-bound call
     if primed and long_ms > 0:
+        probe = CpuProbe(cpu_rule=False)  # around every timed call that may become a repetition
         first_ms = _repetitions(fn, device, flush, 1)[0]
         if first_ms >= long_ms:
             samples = [first_ms] + _repetitions(fn, device, flush, _reps_for(first_ms, timing) - 1)
@@ -251,7 +251,7 @@ def time_cuda(fn, device, timing: dict, primed: bool = False) -> Timing:
     else:
         estimate_ms = _estimate_cuda_ms(fn, device, timing["warmup_ms"], primed)
     reps = _reps_for(estimate_ms, timing)
-    probe = CpuProbe(cpu_rule=False)
+    probe = CpuProbe(cpu_rule=False)  # a descheduled host delays the launches of a launch-bound call
     return _flagged(summarize(_repetitions(fn, device, flush, reps), "cuda_events"), probe)
 
 

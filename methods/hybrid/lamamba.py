@@ -252,11 +252,6 @@ def build_lamamba(ctx):
         return gated_delta.chunked(q, k, v, g, None, chunk=chunk, states_fn=states_fn, state0=S0,
                                    return_state=True, **kw)
 
-    def fast_layer(x):
-        if piece:
-            return streamed_layer(x, p, heads, state, window, piece, scan_state, dwconv)
-        return layer(fast_scan, dwconv, False)(x)
-
     def layer(scan, conv, dense):
         def forward(x):
             xf = x.float()
@@ -266,6 +261,13 @@ def build_lamamba(ctx):
             return y.to(x.dtype)
 
         return forward
+
+    whole_layer = layer(fast_scan, dwconv, False)
+
+    def fast_layer(x):
+        if piece:
+            return streamed_layer(x, p, heads, state, window, piece, scan_state, dwconv)
+        return whole_layer(x)
 
     stream = param_int(ctx, "reference_stream_chunk", 4096)
     dense_ref = layer(ref_scan, dwconv_reference, True)

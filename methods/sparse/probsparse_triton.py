@@ -81,10 +81,12 @@ def measure(q: torch.Tensor, k: torch.Tensor, samples: torch.Tensor, *, block_r:
     if samples.dim() != 2 or samples.shape[0] != q.shape[2] or samples.device != q.device:
         raise ValueError(f"probsparse_triton.measure: samples must be [Lq, U] on q's device, got "
                          f"{tuple(samples.shape)} on {samples.device}")
+    if samples.shape[1] == 0:
+        raise ValueError("probsparse_triton.measure: samples must hold at least one key per query")
     batch, heads, seq_q, dim = q.shape
     out = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or samples.shape[1] == 0:
-        return out.fill_(float("nan")) if samples.shape[1] == 0 else out
+    if out.numel() == 0:
+        return out
     q, k = q.detach(), k.detach()
     bd = min(block_d, max(16, triton.next_power_of_2(dim)))
     grid = (triton.cdiv(seq_q, block_r), batch * heads)
