@@ -17,8 +17,9 @@ FILES_AT is the folder the device tool copied ``$OUT`` into (``/work/.device/N``
    run is copied. Nothing is overwritten.
 4. The logs: each step log (a top-level ``*.txt`` of an archive) goes to ``device-logs/TAG/`` of the runs it
    names (its ``run folder: .../RUN`` lines; for a step cut before that line, the run ids it mentions), the
-   console logs (``*-console.txt``) and ``gpu-tests*.txt`` to
-   every run the call touched.
+   console logs (``*-console.txt``) to every run the call touched; ``gpu-tests-STEP.txt`` where ``STEP.txt`` went
+   (every run when no step log has that name). A committed run the call copied out and returned with no row
+   the committed one lacks is left alone (no merge, no logs): listed as unchanged.
 5. Each touched run's report is rebuilt (``attnbench report``; ``report.html`` removed: git-ignored, regenerated)
    unless ``--no-report``, and ``triton-autotune.tgz`` is folded into ``scripts/device-cache`` by
    ``scripts/refresh_autotune_cache.sh``.
@@ -54,6 +55,18 @@ def _statuses(run: Path) -> Counter:
                 except ValueError:
                     counts["(cut line)"] += 1
     return counts
+
+
+def _same_rows(run: Path, committed: Path) -> bool:
+    """True when every row of the returned run is already a row of the committed one, line for line: the call
+    copied the run out and added nothing (the committed run may have gained rows from an earlier call since)."""
+    for name in ("rows.jsonl", "quality.jsonl"):
+        if (run / name).is_file():
+            if not (committed / name).is_file():
+                return False
+            have = set((committed / name).read_text().splitlines())
+            return all(line in have for line in (run / name).read_text().splitlines())
+    return False
 
 
 def _runs_in(tree: Path) -> list[Path]:
@@ -96,20 +109,31 @@ def ingest(files_at: Path, tag: str, results: Path, scratch: Path, report: bool 
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SystemExit(f"FILES_AT: run(s) {', '.join(dupes)} come in more than one archive: fold them by hand")
-    consoles = sorted(copy.glob("*-console.txt")) + [p for p in step_logs if p.name.startswith("gpu-tests")]
-    plan = {"runs": {}, "logs": {}}
+    unchanged = [run for run in runs if _same_rows(run, results / run.name)]
+    for run in unchanged:  # a committed run the call copied out and left as it was: nothing to merge, no logs
+        runs.remove(run)
+        names.remove(run.name)
+    consoles = sorted(copy.glob("*-console.txt"))
+    plan = {"runs": {}, "logs": {}, "unchanged": [run.name for run in unchanged]}
     for run in runs:
         target = results / run.name
         plan["runs"][run.name] = {"action": "merge" if target.exists() else "copy", "from": str(run),
                                   "before": dict(_statuses(target)) if target.exists() else {}}
-    for log in step_logs:
-        text = log.read_text(errors="replace")
-        named = {Path(m).name for m in RUN_LINE.findall(text)} & set(names)
-        if not named:  # a step cut before its summary: the run ids its progress lines and SIGTERM message name
-            named = {name for name in names if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)}
+    filed: dict[str, set[str]] = {}
+    for log in sorted(step_logs, key=lambda p: p.name.startswith("gpu-tests")):  # steps first, then their tests
+        if log.name.startswith("gpu-tests"):
+            # the device scripts name a step's GPU tests after it (gpu-tests-STEP.txt before STEP.txt): they go
+            # where the step's log went; tests of no step (or of a step that named no run) go to every run
+            named = filed.get(log.name[len("gpu-tests-"):], set()) or set(names)
+        else:
+            text = log.read_text(errors="replace")
+            named = {Path(m).name for m in RUN_LINE.findall(text)} & set(names)
+            if not named:  # a step cut before its summary: the run ids its progress lines and SIGTERM message name
+                named = {name for name in names if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)}
+            filed[log.name] = named
         for name in sorted(named):
             plan["logs"].setdefault(name, []).append(str(log))
-        if not named and not log.name.startswith("gpu-tests"):
+        if not named:
             plan.setdefault("unfiled", []).append(str(log))  # names no run (e.g. a step that never started one)
     for name in names:
         plan["logs"].setdefault(name, [])
@@ -160,6 +184,8 @@ def main(argv=None) -> int:
               + (f", after {info['after']}" if "after" in info else ""))
         for log in plan["logs"].get(name, []):
             print(f"  log {Path(log).name} -> {name}/device-logs/{args.tag}/")
+    for name in plan.get("unchanged", []):
+        print(f"{name}: unchanged (the call returned the committed rows): left alone")
     for log in plan.get("unfiled", []):
         print(f"not filed (names no run of this call; file it by hand if it matters): {log}")
     print(f"scratch copy: {scratch}")

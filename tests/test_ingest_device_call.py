@@ -113,3 +113,28 @@ def test_a_step_cut_before_its_summary_is_filed_by_the_run_it_names(cfg, tmp_pat
                          refresh_cache=False)
     assert any(log.endswith("step.txt") for log in plan["logs"]["cut-run"])
     assert not any(log.endswith("step.txt") for log in plan["logs"]["cut-run-b"])  # a longer name is not a match
+
+
+def test_gpu_tests_follow_their_step_and_an_unchanged_run_is_left_alone(cfg, tmp_path):
+    """A step's GPU tests (gpu-tests-STEP.txt) are filed where STEP.txt went, not under every run; a committed run
+    the call copied out and returned as it was is neither merged nor given logs (listed as unchanged). Control: a
+    test log of no step still goes to every run the call changed."""
+    module = _module()
+    results = tmp_path / "results"
+    _sweep(cfg, results, "idle", [16])
+    device_out = tmp_path / "device"
+    shutil.copytree(results / "idle", device_out / "idle")  # copied out by the device script, not touched ...
+    _sweep(cfg, results, "idle", [16, 24])  # ... while an earlier call's ingest gave the committed run more rows
+    assert len(_rows(results / "idle")) > len(_rows(device_out / "idle"))
+    _sweep(cfg, device_out, "new-a", [16])
+    _sweep(cfg, device_out, "new-b", [16])
+    (device_out / "step-a.txt").write_text("run folder: /tmp/out-x/new-a\ncases: ok 1\n")
+    (device_out / "gpu-tests-step-a.txt").write_text("3 passed\n")
+    (device_out / "gpu-tests-other.txt").write_text("1 passed\n")
+    files_at = _pack(tmp_path, device_out)
+    plan = module.ingest(files_at, "s99", results, tmp_path / "scratch", report=False, refresh_cache=False)
+    assert plan["unchanged"] == ["idle"] and "idle" not in plan["runs"]
+    assert not (results / "idle" / "device-logs").exists()
+    logs_a, logs_b = (results / name / "device-logs" / "s99" for name in ("new-a", "new-b"))
+    assert (logs_a / "gpu-tests-step-a.txt").is_file() and not (logs_b / "gpu-tests-step-a.txt").exists()
+    assert (logs_a / "gpu-tests-other.txt").is_file() and (logs_b / "gpu-tests-other.txt").is_file()
