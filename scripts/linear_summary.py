@@ -90,24 +90,42 @@ def klen(n) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def impl_label(method: str, options) -> str:
-    """``method``, or ``method [impl=X, solve=Y]`` naming the options of VARIANTS that its row's method_options
-    (JSON) set to other than their defaults."""
+def impl_label(method: str, options, variants=None) -> str:
+    """``method``, or ``method [impl=X, solve=Y]`` naming the options of ``variants`` (default VARIANTS) that its
+    row's method_options (JSON) set to other than their defaults."""
     try:
-        chosen = json.loads(options) if isinstance(options, str) and options else {}
+        chosen = options if isinstance(options, dict) else json.loads(options) if isinstance(options, str) and options \
+            else {}
     except ValueError:
         chosen = {}
     if not isinstance(chosen, dict):
         chosen = {}
-    parts = [f"{key}={chosen[key]}" for key, defaults in VARIANTS.items()
+    parts = [f"{key}={chosen[key]}" for key, defaults in (VARIANTS if variants is None else variants).items()
              if chosen.get(key) not in (None, *defaults)]
     return f"{method} [{', '.join(parts)}]" if parts else method
 
 
+def _loads(text) -> dict:
+    try:
+        value = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def row_options(frame: pd.DataFrame) -> list[dict]:
+    """Per row, the code paths it ran: the options the invocation set (``method_options``) overlaid by the options
+    the method resolved (``resolved_options``: what an ``auto`` default or value chose, on rows made since the
+    column; it names what ran, so it wins)."""
+    none = pd.Series([None] * len(frame), index=frame.index)
+    given = frame["method_options"] if "method_options" in frame else none
+    resolved = frame["resolved_options"] if "resolved_options" in frame else none
+    return [{**_loads(g), **_loads(r)} for g, r in zip(given, resolved)]
+
+
 def labelled(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with ``method`` relabelled by :func:`impl_label` from its rows' method_options (in place)."""
-    options = frame["method_options"] if "method_options" in frame else pd.Series([None] * len(frame))
-    frame["method"] = [impl_label(m, o) for m, o in zip(frame["method"], options)]
+    """``frame`` with ``method`` relabelled by :func:`impl_label` from :func:`row_options` (in place)."""
+    frame["method"] = [impl_label(m, o) for m, o in zip(frame["method"], row_options(frame))]
     return frame
 
 

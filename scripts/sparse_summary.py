@@ -8,7 +8,10 @@ Several runs are read as one; ``--from RUN=m1,m2`` takes methods m1 and m2 from 
 other runs are dropped), e.g. halo and long_short from their implementation runs while the main run holds their
 first implementations. A method named in several ``--from`` takes its rows from those runs, and where two of them
 hold the same case (mask, mode, lengths) the run named later wins: ``--from old=m --from new=m`` reads m's new
-measurements and keeps the old run's rows for the lengths the new run did not measure.
+measurements and keeps the old run's rows for the lengths the new run did not measure. A row that sets an option
+of another code path (``VARIANTS``: superlinear's ``query_order``, probsparse's ``measure``) is a line of its own,
+``superlinear [query_order=sorted]``, never merged with the other code path's rows (the grid coverage counts it
+under its method).
 
 For every method (mask = full or causal, mode = fwd / fwd_bwd), from rows with status ok:
 - **rate**: TFLOP/s on the pairs the method attends (``tflops_attended``, the whole call: routing included) and
@@ -44,8 +47,24 @@ def load(run_dir: Path) -> pd.DataFrame:
     return pd.read_json(run_dir / "rows.jsonl", lines=True)
 
 
-CASE_KEY = ["mask", "mode", "seq_q", "seq_kv"]
-"""What makes two rows of one method the same case across runs (the later ``--from`` run's row wins)."""
+CASE_KEY = ["variant", "mask", "mode", "seq_q", "seq_kv"]
+"""What makes two rows of one method the same case across runs (the later ``--from`` run's row wins): a row of
+another code path (``variant``) is another case."""
+
+VARIANTS = {"query_order": ("natural",), "measure": ("torch",), "search": ("auto", "torch")}
+"""The options that pick another code path of a sparse method, with the value(s) its rows meant before the option
+was set (rows written before an option existed do not carry it): a row that sets one to another value (in
+method_options, or in resolved_options: what an ``auto`` default chose) is its own line,
+``superlinear [query_order=sorted]``, so that two code paths are never merged into one line or slope."""
+
+
+def with_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``variant`` column: the method's line label from its rows' method_options (VARIANTS)."""
+    if str(Path(__file__).parent) not in sys.path:  # the sibling script, also when this one is loaded by path
+        sys.path.insert(0, str(Path(__file__).parent))
+    from linear_summary import impl_label, row_options
+
+    return frame.assign(variant=[impl_label(m, o, VARIANTS) for m, o in zip(frame["method"], row_options(frame))])
 
 
 def combine(frames: dict[str, pd.DataFrame], take: dict[str, str | list[str]]) -> pd.DataFrame:
@@ -74,7 +93,8 @@ def combine(frames: dict[str, pd.DataFrame], take: dict[str, str | list[str]]) -
             drop = mine.index[(shadowed["_merge"] == "both").to_numpy()]
             frame = frame.drop(index=drop)
         parts.append(frame)
-    return pd.concat(parts, ignore_index=True)
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.assign(method=frame["variant"]) if "variant" in frame else frame
 
 
 def _ok(frame: pd.DataFrame) -> pd.DataFrame:
@@ -218,9 +238,10 @@ def render(frame: pd.DataFrame, baseline: str = "sdpa_cudnn", grid=None, covered
              "## approx_err and routing share at the longest forward length\n",
              _table(fidelity(frame), {"approx_err": ".3g", "routing_share": ".0%"})]
     if grid:
-        missing = missing_cells(frame if covered is None else covered, grid)
+        covered = frame if covered is None else covered
+        missing = missing_cells(covered, grid)
         parts.append(f"## Grid cells without a row ({len(missing)} of "
-                     f"{frame.method.nunique() * 2 * len(grid) * 2}: methods x full/causal x "
+                     f"{covered.method.nunique() * 2 * len(grid) * 2}: methods x full/causal x "
                      f"{', '.join(_k(x) for x in grid)} x fwd/fwd_bwd)\n")
         parts.append(_table(missing, {}))
     not_ok = frame[frame.status != "ok"]
@@ -240,7 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default="sdpa_cudnn")
     parser.add_argument("--grid", default=None, help="comma-separated lengths: list the grid cells without a row")
     args = parser.parse_args(argv)
-    frames = {str(run): load(run) for run in args.run_dir}
+    frames = {str(run): with_variants(load(run)) for run in args.run_dir}
     take = {}
     for item in args.take:
         run, _, methods = item.partition("=")
@@ -248,8 +269,7 @@ def main(argv=None) -> int:
             parser.error(f"--from {item!r}: expected RUN=METHOD[,METHOD]")
         for method in methods.split(","):
             take.setdefault(method, []).append(str(Path(run)))
-    frame = combine({str(Path(r)): f for r, f in frames.items()}, take) if len(frames) > 1 or take else \
-        next(iter(frames.values()))
+    frame = combine({str(Path(r)): f for r, f in frames.items()}, take)
     grid = [int(x) for x in args.grid.split(",")] if args.grid else None
     union = pd.concat(frames.values(), ignore_index=True)
     sys.stdout.write(render(frame, args.baseline, grid, covered=union))

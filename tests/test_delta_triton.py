@@ -684,3 +684,50 @@ def test_lamamba_scan_through_the_triton_loop_equals_the_torch_loop(monkeypatch)
 
     monkeypatch.setattr(delta_triton, "chunk_states", no_carry)
     assert _rel(build({"impl": "triton", "block_v": 16}).fn(x), y0) > 1e-2
+
+
+@pytest.mark.parametrize("method", list(gated_delta.VARIANTS))
+def test_auto_defaults_take_the_measured_kernels_on_cuda_and_pytorch_elsewhere(method, monkeypatch):
+    """The defaults (impl, solve, wy_precision: auto) resolve, and fn.resolved (recorded in the row's
+    resolved_options) says so: on the CPU the PyTorch paths (even where the interpreter could run the kernels);
+    on a CUDA device where the kernels run the chunk loop's kernels, for the delta rules the fused WY kernel
+    (C <= 64) with one tf32 product for bf16 inputs (measured faster on the H200, results/linear-summary.md).
+    Control: an explicit option wins over auto."""
+    from attnbench.methods.linear import linear_attn
+
+    _, delta, _ = gated_delta.VARIANTS[method]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    build = lambda params=None, **kw: METHODS[method].build(_ctx(method, params, **kw)).fn.resolved  # noqa: E731
+    assert build() == {"impl": "torch", "solve": "torch"}
+    monkeypatch.setattr(linear_attn, "triton_runnable", lambda device: "")
+    fused = {"solve": "fused", "wy_precision": "tf32x3"} if delta else {"solve": "torch"}
+    assert build(device="cuda") == {"impl": "triton", **fused}  # fp32 inputs: fp32-like dots
+    ctx = _ctx(method, None, device="cuda")
+    ctx = BuildContext(**{**ctx.__dict__, "dtype": torch.bfloat16})
+    assert METHODS[method].build(ctx).fn.resolved == {"impl": "triton", **({**fused, "wy_precision": "tf32"}
+                                                                           if delta else fused)}
+    assert build({"chunk": 128}, device="cuda")["solve"] == "torch"  # the fused kernel only where measured
+    explicit = {"impl": "torch", **({"solve": "torch"} if delta else {})}
+    assert build(explicit, device="cuda") == {"impl": "torch", "solve": "torch"}
+    monkeypatch.setattr(linear_attn, "triton_runnable", lambda device: "no kernels here")
+    assert build(device="cuda") == {"impl": "torch", "solve": "torch"}
+
+
+def test_a_row_records_what_the_auto_defaults_resolved_to():
+    """The harness writes the method's fn.resolved into the row (resolved_options, JSON with sorted keys): on the
+    CPU the delta rule's defaults ran PyTorch; a method that reports nothing leaves the column empty."""
+    from attnbench import masks
+    from attnbench.config.plan import Case
+    from attnbench.execute.case import CaseRunner
+
+    spec = masks.make_mask("causal")
+    options = {"timing": {"budget_ms": 1, "warmup_ms": 0, "min_reps": 1, "max_reps": 1, "flush_l2": False},
+               "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 32}
+    rows = {}
+    for method in ("delta_rule", "reference"):
+        case = Case(method=method, mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=2, seq_q=64,
+                    seq_kv=64, head_dim=16, dtype="float32", mode="fwd", seed=0)
+        rows[method] = CaseRunner("cpu", options).run(case)
+        assert rows[method]["status"] == "ok", rows[method]["reason"]
+    assert rows["delta_rule"]["resolved_options"] == '{"impl": "torch", "solve": "torch"}'
+    assert rows["reference"].get("resolved_options") is None

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_summary.py"
 
 
@@ -179,6 +181,22 @@ def test_label_names_each_code_path_option_and_lengths_below_1k_keep_their_numbe
     assert module.impl_label("lamamba", '{"stream": "auto"}') == "lamamba"
     assert module.impl_label("nats_l", '{"softmax": "auto", "dot_precision": "tf32"}') == "nats_l"
     assert [module.klen(n) for n in (128, 512, 2048, 1 << 20, 1536)] == ["128", "512", "2K", "1024K", "1536"]
+
+
+def test_a_row_is_labelled_by_the_code_path_its_auto_defaults_resolved_to():
+    """Rows made since resolved_options: an `auto` default (nothing in method_options) that ran the fused kernel is
+    the same line as the rows that asked for it explicitly; an older row without the column keeps the historical
+    default's line; resolved wins over an explicit `auto`."""
+    module = _module()
+    frame = pd.DataFrame({
+        "method": ["delta_rule"] * 4,
+        "method_options": [None, '{"impl": "triton", "solve": "fused", "wy_precision": "tf32"}', None,
+                           '{"impl": "auto"}'],
+        "resolved_options": ['{"impl": "triton", "solve": "fused", "wy_precision": "tf32"}', None, None,
+                             '{"impl": "torch", "solve": "torch"}']})
+    labels = list(module.labelled(frame.copy())["method"])
+    assert labels[0] == labels[1] == "delta_rule [impl=triton, solve=fused, wy_precision=tf32]"
+    assert labels[2] == labels[3] == "delta_rule"
 
 
 def test_lines_measured_only_below_min_fit_get_their_own_table(tmp_path, capsys):

@@ -79,13 +79,13 @@ def test_a_broken_kernel_is_caught(fault):
     assert _rel(_kernel().measure(q, k, samples, fault=fault), probsparse.measurements(q, k, samples)) > 1e-2
 
 
-def _build(opts=None, seq=96, cross=None):
+def _build(opts=None, seq=96, cross=None, device="cpu"):
     spec = masks.make_mask("full")
     seq_kv = cross or seq
     bound = spec.bind(seq, seq_kv)
     case = Case(method="probsparse", mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=2, seq_q=seq,
                 seq_kv=seq_kv, head_dim=16, dtype="float32", mode="fwd", seed=0)
-    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device("cpu"),
+    ctx = BuildContext(case=case, mask=MaskInfo.of(bound), bound=bound, device=torch.device(device),
                        dtype=torch.float32, options={}, params=dict(opts or {}))
     return METHODS["probsparse"].build(ctx)
 
@@ -116,6 +116,20 @@ def test_a_harness_row_with_measure_triton_is_ok(mode):
                 seq_kv=128, head_dim=16, dtype="float32", mode=mode, seed=0)
     row = CaseRunner("cpu", options).run(case)
     assert row["status"] == "ok", row["reason"]
+    assert row["resolved_options"] == '{"measure": "triton"}'  # the row names the code path that ran
+
+
+def test_auto_measure_is_the_kernel_on_cuda_and_pytorch_elsewhere(monkeypatch):
+    """The default (auto) takes the kernel measured faster on the H200 (results/h200-probsparse-triton) on a CUDA
+    device where it runs; on the CPU PyTorch, even with the interpreter (slow there); fn.resolved says which."""
+    from attnbench.methods.linear import linear_attn
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _build().fn.resolved == {"measure": "torch"}
+    monkeypatch.setattr(linear_attn, "triton_runnable", lambda device: "")
+    assert _build(device="cuda").fn.resolved == {"measure": "triton"}
+    monkeypatch.setattr(linear_attn, "triton_runnable", lambda device: "no triton")
+    assert _build(device="cuda").fn.resolved == {"measure": "torch"}
 
 
 @pytest.mark.parametrize("value", ["cuda", 1, None])

@@ -144,3 +144,28 @@ def test_grid_coverage_counts_rows_of_the_runs_a_from_drops(summary, tmp_path, c
     taken = summary.combine({"main": main, "impl": impl}, {"local": "impl"})
     dropped = summary.missing_cells(taken, [4096, 65536])
     assert ((dropped.method == "local") & (dropped.seq == 65536) & (dropped["mode"] == "fwd_bwd")).any()
+
+
+def test_a_row_of_another_code_path_is_a_line_of_its_own(summary, tmp_path, capsys):
+    """A run whose rows set query_order: sorted (VARIANTS) gives the line ``routed [query_order=sorted]``: its
+    cases do not shadow the other code path's (the natural-order rows keep every length), and the grid counts it
+    under its method. Negative control: without the variant column the later run's rows would replace them."""
+    old = frame()
+    new = old[(old.method == "routed") & (old.seq_q >= 16384) & (old.seq_q == old.seq_kv)]
+    new = new.assign(ms_median=new.ms_median / 4, method_options='{"query_order": "sorted"}')
+    for name, rows in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        rows.to_json(tmp_path / name / "rows.jsonl", orient="records", lines=True)
+    frames = {name: summary.with_variants(summary.load(tmp_path / name)) for name in ("old", "new")}
+    both = summary.combine(frames, {"routed": ["old", "new"]})
+    assert len(both[both.method == "routed"]) == len(old[old.method == "routed"])  # nothing shadowed
+    assert len(both[both.method == "routed [query_order=sorted]"]) == len(new)
+    assert set(both[both.method == "routed [query_order=sorted]"].source) == {"new"}
+    plain = summary.combine({k: f.drop(columns="variant") for k, f in frames.items()}, {"routed": ["old", "new"]})
+    assert set(plain[(plain.method == "routed") & (plain.seq_q >= 16384)].source) == {"new"}  # the control
+    argv = [str(tmp_path / "old"), str(tmp_path / "new"), "--from", f"{tmp_path / 'old'}=routed",
+            "--from", f"{tmp_path / 'new'}=routed", "--grid", "4096"]
+    assert summary.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| routed [query_order=sorted] | causal | fwd |" in out  # its own slope line
+    assert "of 12: methods" in out  # three methods (sdpa_cudnn, routed, local) x 2 masks x 1 length x 2 modes

@@ -285,7 +285,8 @@ def test_negative_control_fused_wy_backward_kernel_spills_at_4_warps():
 @pytest.mark.parametrize("params, precision", [
     ({"solve": "fused", "wy_precision": "tf32"}, "tf32"),
     ({"solve": "fused", "wy_precision": "ieee", "impl": "triton"}, "ieee"),
-    ({"solve": "fused"}, "tf32x3"),  # the default: the option is what changes the launch (negative control)
+    ({"solve": "fused", "wy_precision": "tf32x3"}, "tf32x3"),  # the option is what changes the launch
+    ({"solve": "fused"}, "tf32"),  # the default (auto) on these bf16 inputs
 ])
 def test_wy_precision_reaches_the_fused_kernel_launch(params, precision, monkeypatch):
     """``method_options.<method>.wy_precision`` through the builder, gated_delta.solve_choice and chunked: the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import time
 import warnings
@@ -235,6 +236,9 @@ class CaseRunner:
         t0 = time.perf_counter()
         resident_before = self._allocated()
         prepared = self._declined(caps, lambda: as_prepared(method.build(ctx)))
+        resolved = getattr(prepared.fn, "resolved", None)  # the code path an `auto` option chose for this case
+        if resolved:
+            row["resolved_options"] = json.dumps(resolved, sort_keys=True, default=str)
         # what the builder allocated and keeps for every call (a dense bias, a BlockMask, weights): it is resident
         # while the call runs, so it counts in peak_mem_mb (measured before any input exists)
         resident_bytes = max(0, self._allocated() - resident_before) if resident_before is not None else 0

@@ -118,6 +118,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "method_options": ("string", "the method's hyper-parameters of the invocation that wrote the row (config "
                                  "method_options.<method>) as JSON with sorted keys; empty when it gave none. Not "
                                  "part of case_id: a resume with other options is refused"),
+    "resolved_options": ("string", "the options the method resolved for the case where it chose among code paths "
+                                   "(its fn.resolved, e.g. superlinear's query_order and search when `auto`; the "
+                                   "delta rules' impl, solve and wy_precision) as JSON with sorted keys; empty for "
+                                   "methods that report none and rows made before the column"),
     "invocation": ("Int64", "0-based index into env.json's invocations of the command that wrote the row"),
     "wall_s": ("Float64", "wall time of the case: in the worker from its start to its row; for a worker that "
                           "died or hung, from handing it the case to noticing; 0 for cases the planner marked unsupported; s"),

@@ -498,8 +498,18 @@ TRITON_ONLY = ("block_v", "num_warps", "dot_precision", "num_stages")  # options
 OUTPUTS = ("torch", "triton")  # method_options.<variant>.outputs (impl: triton only; the variants, not lamamba)
 
 
-def states_impl(ctx, chunk: int):
-    """``method_options.<method>.impl``: ``torch`` (the default: the chunk loop in PyTorch,
+def on_fast_device(ctx) -> bool:
+    """Where an ``auto`` option takes the own Triton kernels: a CUDA device on which they run (never the CPU, where
+    the interpreter would run them, far slower than PyTorch)."""
+    from .linear_attn import triton_runnable
+
+    return ctx.device.type == "cuda" and not triton_runnable(ctx.device)
+
+
+def states_impl(ctx, chunk: int, default: str = "torch"):
+    """``method_options.<method>.impl``: ``auto`` (the default of delta_rule, gated_delta_rule and simple_gla,
+    ``default``: ``triton`` on a CUDA device where the kernels run, else ``torch``; lamamba's default stays
+    ``torch``), ``torch`` (the chunk loop in PyTorch,
     :func:`chunk_states`) or ``triton`` (the loop through own Triton kernels, :mod:`delta_triton`, with
     ``block_v`` (power of two 16..128), ``num_warps`` (1, 2, 4, 8 or 16), ``dot_precision`` (``tf32``,
     ``ieee`` or ``bf16``; ``bf16`` also gives :func:`chunk_outputs` bf16 operands, see :func:`build_variant`)
@@ -520,7 +530,9 @@ def states_impl(ctx, chunk: int):
 
     method = ctx.case.method
     field = f"method_options.{method}"
-    impl = param_choice(ctx, "impl", "torch", IMPLS)
+    impl = param_choice(ctx, "impl", default, IMPLS + (("auto",) if default == "auto" else ()))
+    if impl == "auto":
+        impl = "triton" if on_fast_device(ctx) else "torch"
     # read only where given: lamamba shares this function without declaring the option (the registry checks reads)
     outputs = param_choice(ctx, "outputs", "torch", OUTPUTS) if "outputs" in ctx.params else "torch"
     if impl == "torch":
@@ -584,10 +596,12 @@ def fused_options(solve: str) -> dict | None:
     return {"backward": FUSED[base], **({"dot_precision": precision} if precision else {})}
 
 
-def solve_choice(ctx, chunk: int, delta: bool) -> str:
+def solve_choice(ctx, chunk: int, delta: bool, auto: bool = False) -> str:
     """``method_options.<method>.solve``: how :func:`chunk_pieces` builds the WY pieces, in the timed form, the
     decode prefill and the state scan (the references stay PyTorch); independent of ``impl``. The delta rules
-    (delta_rule, gated_delta_rule): ``torch`` (the default: PyTorch, the per-chunk unit lower-triangular
+    (delta_rule, gated_delta_rule): ``auto`` (the default: ``fused`` on a CUDA device where the kernel runs and
+    ``chunk`` <= 64, else ``torch``; measured on the H200, results/linear-summary.md: 5.2 ms against PyTorch's
+    ~55 ms at 32K tokens fwd), ``torch`` (PyTorch, the per-chunk unit lower-triangular
     systems by ``torch.linalg.solve_triangular``), ``triton`` (the same with the inverse by the own kernel,
     :mod:`tril_triton`, then a matmul) or ``fused`` (every piece by one own kernel per chunk, :mod:`wy_triton`,
     the inputs' conversion, normalisation and padding included; backward through the PyTorch pieces,
@@ -605,28 +619,36 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
     are not valid, the gate caught the gradients at 8K and 32K).
 
     ``method_options.<method>.wy_precision`` (with ``solve: fused`` only, else a ValueError naming it): the fused
-    kernel's dots, ``tf32x3`` (the default: three tf32 products, fp32-like), ``tf32`` (one product, ~1e-3 relative
-    rounding; compiled for sm_90 at C = 64 it holds 120 registers a thread against tf32x3's 231) or ``ieee``;
+    kernel's dots, ``auto`` (the default: ``tf32`` for bf16 / fp16 inputs, ``tf32x3`` for fp32), ``tf32x3``
+    (three tf32 products, fp32-like), ``tf32`` (one product, ~1e-3 relative rounding; compiled for sm_90 at C = 64
+    it holds 120 registers a thread against tf32x3's 231; on the H200 bf16 delta_rule fwd 5.19 / 20.5 / 170 ms at
+    32K / 128K / 1M against tf32x3's 7.54 / 29.8 / 243, gated ok, results/h200-linear-delta-wytf32) or ``ieee``;
     returned as the internal solve ``<solve>@<precision>`` (:func:`fused_options`). The gate decides whether the
     rounding is acceptable on a case."""
     from .common import param_choice
 
     field = f"method_options.{ctx.case.method}"
     wy_backward = param_choice(ctx, "wy_backward", "torch", WY_BACKWARDS)
-    wy_precision = param_choice(ctx, "wy_precision", "tf32x3", WY_PRECISIONS)
-    for name, what in (("wy_backward", "the fused pieces' backward"), ("wy_precision", "the fused kernel's dots")):
-        if name in ctx.params and ctx.params.get("solve") != "fused":
-            raise ValueError(f"{field}.{name}: applies to solve 'fused' only ({what}), "
-                             f"got solve {ctx.params.get('solve', 'torch')!r}")
-    if not delta:
-        if "solve" not in ctx.params:
-            return "torch"
+    wy_precision = param_choice(ctx, "wy_precision", "auto", ("auto",) + WY_PRECISIONS)
+    if wy_precision == "auto":  # one tf32 product for 16-bit inputs (measured faster, gated ok), fp32-like else
+        wy_precision = "tf32" if ctx.dtype in (torch.bfloat16, torch.float16) else "tf32x3"
+    if not delta and "solve" not in ctx.params:
+        solve = "torch"
+    elif not delta:
         if ctx.params["solve"] != "fused":
             raise ValueError(f"{field}.solve: {ctx.case.method} has no triangular solve: only 'fused' (its chunk "
                              f"pieces by one own kernel) applies, got {ctx.params['solve']!r}")
         solve = "fused"
     else:
-        solve = param_choice(ctx, "solve", "torch", SOLVES)
+        solve = param_choice(ctx, "solve", "auto" if auto else "torch", SOLVES + (("auto",) if auto else ()))
+        if solve == "auto":
+            # the fused kernel where it was measured (C = 64, results/h200-linear-delta-fused-v2) and below
+            solve = "fused" if on_fast_device(ctx) and chunk <= 64 else "torch"
+    for name, what in (("wy_backward", "the fused pieces' backward"), ("wy_precision", "the fused kernel's dots")):
+        if name in ctx.params and solve != "fused":
+            given = ctx.params.get("solve", "auto" if auto else "torch")
+            raise ValueError(f"{field}.{name}: applies to solve 'fused' only ({what}), got solve {given!r}"
+                             + (f" (resolved to {solve!r} here)" if given != solve else ""))
     if solve == "torch":
         return solve
     if solve == "triton":
@@ -650,7 +672,7 @@ def solve_choice(ctx, chunk: int, delta: bool) -> str:
     if why:
         raise Unsupported(f"{ctx.case.method} with {field}.solve={solve}: {why}")
     solve = "fused+triton_backward" if wy_backward == "triton" else solve
-    return solve if wy_precision == "tf32x3" else f"{solve}@{wy_precision}"
+    return solve if wy_precision == "tf32x3" or solve not in FUSED else f"{solve}@{wy_precision}"
 
 
 def build_variant(ctx, name: str, fast=None) -> Prepared:
@@ -667,10 +689,15 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     naive_max = param_int(ctx, "reference_naive_max_len", 4096, minimum=1)
     stream = param_int(ctx, "reference_stream_chunk", STREAM_CHUNK)
     segment = param_segment(ctx, chunk) if fast is None else 0
-    states_fn = states_impl(ctx, chunk) if fast is None else None
-    solve = solve_choice(ctx, chunk, delta) if fast is None else "torch"
+    states_fn = states_impl(ctx, chunk, default="auto") if fast is None else None
+    solve = solve_choice(ctx, chunk, delta, auto=True) if fast is None else "torch"
     bf16_outputs = states_fn is not None and states_fn.keywords["dot_precision"] == "bf16"
     kw = dict(gated=gated, delta=delta, normalize=normalize)
+    base_solve, _, wy_precision = solve.partition("@")
+    resolved = {"impl": "triton" if states_fn is not None else "torch",
+                "solve": "fused" if base_solve in FUSED else base_solve}  # the code paths `auto` chose
+    if base_solve in FUSED:
+        resolved["wy_precision"] = wy_precision or "tf32x3"
 
     def fn(q, k, v, g=None, beta=None):
         if fast is not None:
@@ -696,6 +723,8 @@ def build_variant(ctx, name: str, fast=None) -> Prepared:
     scan = affine_state_scan(chunk, tuple(extras), segment=segment, states_fn=states_fn, solve=solve,
                              bf16_outputs=bf16_outputs, **kw) \
         if fast is None and offset == 0 else None
+    if fast is None:
+        fn.resolved = resolved
     return Prepared(fn=fn, reference=reference, extras=extras,
                     decode=recurrent_decode(gated, delta, normalize, chunk, segment, states_fn, solve),
                     softmax_comparable=False, state_scan=scan, chunk=chunk)

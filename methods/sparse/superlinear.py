@@ -29,7 +29,7 @@ is registered beside this method as ``superlinear_pkg`` (superlinear_pkg.py: the
 Options: ``num_spans`` (3), ``sw_index`` (s, 0), ``search_power`` (p, 0.5, in (0, 1]), ``backward_factor``
 (2.0), ``forward_factor`` (0.0), ``span_power`` (sigma, 0.5), ``search``, ``query_chunk``, ``query_order``.
 
-``query_order`` (``natural``, the default, or ``sorted``): the order of the query rows in each span's
+``query_order`` (``auto``, the default; ``natural``; ``sorted``): the order of the query rows in each span's
 FlexAttention call. A BlockMask lists, per block of 128 rows, the union of its rows' key ranges; in position order
 the rows of a block pick unrelated stripes, and on the benchmark's random inputs that union covers 73 % of the
 causal tiles per span at 64K (27 % at 1M): FlexAttention computes 70x (64K) to 104x (1M) the pairs the method
@@ -38,7 +38,11 @@ head) in the order of span j's start (stable), runs the call with a mask_mod tha
 that order (:func:`sorted_span_mask_mod`) and scatters the outputs back: the same outputs and gradients, 2.9x
 (16K) to 1.6x (1M) the attended pairs on the same inputs; one gather of q and one scatter of the output per
 span more. It suits configurations without a local window (the default ``sw_index`` 0): a window follows the position, so in
-sorted order the windows of a block's rows are scattered. Not timed on the GPU yet.
+sorted order the windows of a block's rows are scattered. ``auto`` is ``sorted`` with ``sw_index`` 0 and
+``natural`` with a window; ``fn.resolved["query_order"]`` says which. Measured on the H200 (causal, 16 heads, d 128,
+bf16; results/h200-superlinear-sorted against results/h200-superlinear-v2): fwd 33.7 / 228 / 1,894 ms at 64K /
+256K / 1M against natural's 142 / 1,366 / 12,935 ms, fwd_bwd 64.8 / 378 ms at 64K / 256K against 475 / 4,705 ms
+(and 3,824 ms at 1M), the same approx_err (the same outputs).
 
 ``search`` (``auto``, the default; ``torch``; ``triton``): how the fast path and the ``routing`` phase search.
 ``torch`` is :func:`search`; ``triton`` is one own kernel (superlinear_search_triton.py: per head and block of
@@ -338,7 +342,9 @@ def read_options(ctx, method: str, with_search: bool = True) -> dict:
     sigma = opts.float("span_power", 0.5, minimum=0.0, maximum=1.0)
     search_value = opts.choice("search", "auto", SEARCHES) if with_search else None
     chunk_value = query_chunk_value(ctx, opts) if with_search else None
-    order = opts.choice("query_order", "natural", QUERY_ORDERS) if with_search else None
+    order = opts.choice("query_order", "auto", ("auto",) + QUERY_ORDERS) if with_search else None
+    if order == "auto":  # sorted where it was measured faster (no local window: sw_index 0), else position order
+        order = "sorted" if sw_index == 0 else "natural"
     if not ctx.mask.causal or case.seq_q != case.seq_kv:
         raise Unsupported("Superlinear attention is defined for causal self attention only")
     length = case.seq_q
@@ -436,7 +442,9 @@ def auto_query_chunk(batch: int, heads: int, length: int, budget: int | None = N
 
 def saved_bytes_model(batch: int, heads: int, length: int, dim: int, elem_bytes: int, num_spans: int,
                       query_chunk: int, block: int | None = None) -> int:
-    """Bytes the fast path keeps for its backward beyond q, k, v, q1 themselves (autograd's saved tensors, each
+    """Bytes the fast path keeps for its backward with ``query_order: natural`` (sorted keeps more per span: its row
+    order and gathered rows; measured 23.6 GB against 18.8 at 256K fwd_bwd on the H200) beyond q, k, v, q1
+    themselves (autograd's saved tensors, each
     storage once, as ``torch.autograd.graph.saved_tensors_hooks`` counts them), FlexAttention saving what its
     compiled kernel saves (q, k, v, out, lse, the BlockMask's index tensors, the mask_mod's tensors).
     ``P = B H L`` token-heads, ``n`` spans, ``e`` = elem_bytes:
