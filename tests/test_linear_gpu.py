@@ -187,3 +187,18 @@ def test_delta_rules_with_the_triton_state_loop_pass_the_gate_in_bf16(method, op
     fwd_bwd rows ok against the method's fp32 reference (its gate), as the PyTorch loop's are."""
     row = _run(method, "fwd_bwd", method_options={"impl": "triton", **options})
     assert row["status"] == "ok", row["reason"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["gated_delta_rule", "delta_rule"])
+def test_delta_rule_defaults_run_the_fused_kernels_on_cuda_and_the_pytorch_path_still_passes(method):
+    """The defaults (impl, solve, wy_precision: auto) on the H200 are the Triton loop, the fused WY kernel and tf32
+    dots for bf16 (what the row's resolved_options names); the PyTorch path, no longer the default there, asked for
+    explicitly, still passes the gate."""
+    row = _run(method, "fwd_bwd")
+    assert row["status"] == "ok", row["reason"]
+    assert row["resolved_options"] == '{"impl": "triton", "solve": "fused", "wy_precision": "tf32"}'
+    plain = _run(method, "fwd_bwd", method_options={"impl": "torch", "solve": "torch"})
+    assert plain["status"] == "ok", plain["reason"]
+    assert plain["resolved_options"] == '{"impl": "torch", "solve": "torch"}'
