@@ -51,11 +51,13 @@ CASE_KEY = ["variant", "mask", "mode", "seq_q", "seq_kv"]
 """What makes two rows of one method the same case across runs (the later ``--from`` run's row wins): a row of
 another code path (``variant``) is another case."""
 
-VARIANTS = {"query_order": ("natural",), "measure": ("torch",), "search": ("auto", "torch")}
+VARIANTS = {"query_order": ("natural",), "measure": ("torch",), "search": ("auto", "triton")}
 """The options that pick another code path of a sparse method, with the value(s) its rows meant before the option
 was set (rows written before an option existed do not carry it): a row that sets one to another value (in
 method_options, or in resolved_options: what an ``auto`` default chose) is its own line,
-``superlinear [query_order=sorted]``, so that two code paths are never merged into one line or slope."""
+``superlinear [query_order=sorted]``, so that two code paths are never merged into one line or slope. superlinear's
+search has been the Triton kernel on CUDA (``auto``) since the twelfth session: only ``search=torch`` is a line of
+its own."""
 
 
 def with_variants(frame: pd.DataFrame) -> pd.DataFrame:
