@@ -55,3 +55,18 @@ def test_a_method_with_one_set_of_options_keeps_its_plain_label(tmp_path):
 def test_options_text():
     assert options_text(json.dumps({"impl": "flex", "chunk": 64})) == "chunk=64, impl=flex"
     assert options_text(None) == "" and options_text("") == ""
+
+
+def test_a_row_whose_auto_default_ran_a_path_shares_the_label_of_the_row_that_asked_for_it(tmp_path):
+    """resolved_options (the path an `auto` default chose) overlays method_options: a default row that ran
+    impl=strided is labelled as the row that asked for it; a row that resolved to gather stays apart."""
+    a = _impl_run(tmp_path, "asked", "strided", 2.0)
+    rows = [make_row("auto", "halo", "causal", "fwd", length, ms=1.0, invocation=0) for length in LENGTHS]
+    for row in rows:
+        row["resolved_options"] = json.dumps({"block": 256, "impl": "strided"})
+    rows[1]["resolved_options"] = json.dumps({"block": 256, "impl": "gather"})
+    b = write_run(tmp_path, "auto", rows, env=env_for("auto"))
+    ctx = build_context([load_run(a), load_run(b)], one_source=True)
+    labels = dict(zip(zip(ctx.kernel["source"], ctx.kernel["x"], ctx.kernel["ms_median"]), ctx.kernel["label"]))
+    assert set(ctx.kernel["label"]) == {"halo [impl=strided]", "halo [impl=gather]"}
+    assert sum(label == "halo [impl=strided]" for label in labels.values()) == 3

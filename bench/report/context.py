@@ -83,19 +83,30 @@ def options_text(options: object) -> str:
 
 def varying_options(rows: pd.DataFrame) -> pd.Series:
     """Per row, the options that tell its method's option sets apart (``impl=strided``; keys equal in every set
-    are left out; ``defaults`` for a row with none), or NA where the method was measured with one set only."""
-    raw = rows["method_options"] if "method_options" in rows else pd.Series(None, index=rows.index, dtype=object)
-    parsed = raw.map(lambda text: json.loads(text) if options_text(text) else {})
-    out = pd.Series(pd.NA, index=rows.index, dtype=object)
-    for _, index in rows.groupby("method").groups.items():
-        sets = parsed.loc[index]
-        distinct = {json.dumps(d, sort_keys=True, default=str) for d in sets}
-        if len(distinct) < 2:
+    are left out; ``defaults`` for a row with none), or NA where the method was measured with one set only. A row's
+    options are its ``method_options`` overlaid by its ``resolved_options`` (what an ``auto`` default ran), so a
+    row that asked for a path and one whose default chose it carry the same label. Positional: merged runs'
+    rows repeat index labels (each run's rows count from 0)."""
+    def parse(text):
+        value = json.loads(text) if options_text(text) else {}
+        return value if isinstance(value, dict) else {}
+
+    none = [None] * len(rows)
+    given = [parse(t) for t in (rows["method_options"] if "method_options" in rows else none)]
+    resolved = [parse(t) for t in (rows["resolved_options"] if "resolved_options" in rows else none)]
+    parsed = [{**g, **r} for g, r in zip(given, resolved)]
+    out = [pd.NA] * len(rows)
+    methods = rows["method"].to_numpy()
+    for method in pd.unique(methods):
+        where = [i for i in range(len(rows)) if methods[i] == method]
+        sets = [parsed[i] for i in where]
+        if len({json.dumps(d, sort_keys=True, default=str) for d in sets}) < 2:
             continue
         keys = sorted({key for d in sets for key in d})
         varying = [key for key in keys if len({json.dumps(d.get(key), default=str) for d in sets}) > 1]
-        out.loc[index] = sets.map(lambda d: ", ".join(f"{k}={d[k]}" for k in varying if k in d) or "defaults")
-    return out
+        for i, d in zip(where, sets):
+            out[i] = ", ".join(f"{k}={d[k]}" for k in varying if k in d) or "defaults"
+    return pd.Series(out, index=rows.index, dtype=object)
 
 
 def prepare_rows(runs: list[Run], one_source: bool = False) -> pd.DataFrame:
