@@ -110,21 +110,28 @@ def stream_piece(length: int, stream, window: int, chunk: int, field: str) -> in
     return 0 if stream >= length else stream
 
 
-def _layer_piece(x, start: int, stop: int, S, p, heads: int, state: int, window: int, scan_state, conv,
-                 carry: bool = True):
-    """Tokens ``start .. stop`` of the layer (``x``'s dtype) and the scan's state after them, from the state
-    ``S`` before them (None: zero) and ``x`` (the conv reads up to 3 tokens in front of ``start``)."""
+def layer_span(x, start: int, stop: int, p, heads: int, state: int, window: int, scan, conv, dense: bool):
+    """Tokens ``start .. stop`` of the layer (``x``'s dtype; the whole layer is ``0 .. L``): the SSD branch (the
+    conv reads up to 3 tokens of ``x`` in front of ``start``) and the window attention, each with its residual and
+    LayerNorm; with the scan's state after them where ``scan`` returns one (the streamed form), else None."""
     lead = min(start, p["conv"].shape[-1] - 1)
     xf = x[:, start - lead:stop].float()
     width = xf.shape[-1]
+    branch = ssd_branch(F.layer_norm(xf, (width,)), p, heads, state, scan, conv, lead=lead)
+    ssd, S_out = branch if isinstance(branch, tuple) else (branch, None)
+    h = xf[:, lead:] + ssd
+    y = h + window_attention(F.layer_norm(h, (width,)), p, heads, window, dense)
+    return y.to(x.dtype), S_out
 
+
+def _layer_piece(x, start: int, stop: int, S, p, heads: int, state: int, window: int, scan_state, conv,
+                 carry: bool = True):
+    """Tokens ``start .. stop`` of the fast layer and the scan's state after them, from the state ``S`` before
+    them (None: zero; ``carry=False`` drops it: the tests' negative control)."""
     def scan(q, k, v, g):
         return scan_state(q, k, v, g, S if carry else None)
 
-    ssd, S_out = ssd_branch(F.layer_norm(xf, (width,)), p, heads, state, scan, conv, lead=lead)
-    h = xf[:, lead:] + ssd
-    y = h + window_attention(F.layer_norm(h, (width,)), p, heads, window, False)
-    return y.to(x.dtype), S_out
+    return layer_span(x, start, stop, p, heads, state, window, scan, conv, False)
 
 
 def streamed_layer(x, p, heads: int, state: int, window: int, piece: int, scan_state, conv, carry: bool = True):
@@ -254,14 +261,7 @@ def build_lamamba(ctx):
                                    return_state=True, **kw)
 
     def layer(scan, conv, dense):
-        def forward(x):
-            xf = x.float()
-            width_ = xf.shape[-1]
-            h = xf + ssd_branch(F.layer_norm(xf, (width_,)), p, heads, state, scan, conv)
-            y = h + window_attention(F.layer_norm(h, (width_,)), p, heads, window, dense)
-            return y.to(x.dtype)
-
-        return forward
+        return lambda x: layer_span(x, 0, x.shape[1], p, heads, state, window, scan, conv, dense)[0]
 
     whole_layer = layer(fast_scan, dwconv, False)
 
