@@ -498,14 +498,6 @@ TRITON_ONLY = ("block_v", "num_warps", "dot_precision", "num_stages")  # options
 OUTPUTS = ("torch", "triton")  # method_options.<variant>.outputs (impl: triton only; the variants, not lamamba)
 
 
-def on_fast_device(ctx) -> bool:
-    """Where an ``auto`` option takes the own Triton kernels: a CUDA device on which they run (never the CPU, where
-    the interpreter would run them, far slower than PyTorch)."""
-    from .linear_attn import triton_runnable
-
-    return ctx.device.type == "cuda" and not triton_runnable(ctx.device)
-
-
 def states_impl(ctx, chunk: int, default: str = "torch"):
     """``method_options.<method>.impl``: ``auto`` (the default of delta_rule, gated_delta_rule and simple_gla,
     ``default``: ``triton`` on a CUDA device where the kernels run, else ``torch``; lamamba's default stays
@@ -527,12 +519,13 @@ def states_impl(ctx, chunk: int, default: str = "torch"):
     row, with the reason) without CUDA or ``TRITON_INTERPRET=1``, or for head dims above 256. Never a silent
     fallback to the PyTorch loop."""
     from .common import param_choice
+    from .linear_attn import triton_by_default
 
     method = ctx.case.method
     field = f"method_options.{method}"
     impl = param_choice(ctx, "impl", default, IMPLS + (("auto",) if default == "auto" else ()))
     if impl == "auto":
-        impl = "triton" if on_fast_device(ctx) else "torch"
+        impl = "triton" if triton_by_default(ctx.device) else "torch"
     # read only where given: lamamba shares this function without declaring the option (the registry checks reads)
     outputs = param_choice(ctx, "outputs", "torch", OUTPUTS) if "outputs" in ctx.params else "torch"
     if impl == "torch":
@@ -626,6 +619,7 @@ def solve_choice(ctx, chunk: int, delta: bool, auto: bool = False) -> str:
     returned as the internal solve ``<solve>@<precision>`` (:func:`fused_options`). The gate decides whether the
     rounding is acceptable on a case."""
     from .common import param_choice
+    from .linear_attn import triton_by_default
 
     field = f"method_options.{ctx.case.method}"
     wy_backward = param_choice(ctx, "wy_backward", "torch", WY_BACKWARDS)
@@ -643,7 +637,7 @@ def solve_choice(ctx, chunk: int, delta: bool, auto: bool = False) -> str:
         solve = param_choice(ctx, "solve", "auto" if auto else "torch", SOLVES + (("auto",) if auto else ()))
         if solve == "auto":
             # the fused kernel where it was measured (C = 64, results/h200-linear-delta-fused-v2) and below
-            solve = "fused" if on_fast_device(ctx) and chunk <= 64 else "torch"
+            solve = "fused" if triton_by_default(ctx.device) and chunk <= 64 else "torch"
     for name, what in (("wy_backward", "the fused pieces' backward"), ("wy_precision", "the fused kernel's dots")):
         if name in ctx.params and solve != "fused":
             given = ctx.params.get("solve", "auto" if auto else "torch")

@@ -60,6 +60,13 @@ def triton_runnable(device) -> str | None:
             f"device is {torch.device(device).type}")
 
 
+def triton_by_default(device) -> bool:
+    """Where an ``auto`` option takes an own Triton kernel: a CUDA device on which it runs; never the CPU, where
+    the interpreter would run it far slower than PyTorch (probsparse's ``measure``, the delta rules' ``impl`` and
+    ``solve``)."""
+    return torch.device(device).type == "cuda" and not triton_runnable(device)
+
+
 @register_method("linear_attn_triton", Capabilities(**TRITON_CAPS),
                  options=("chunk", "block_v", "num_warps", "seg_chunks", "feature_map", "eps",
                           "reference_naive_max_pairs", "reference_stream_chunk"))

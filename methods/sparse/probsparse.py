@@ -77,10 +77,10 @@ def build_probsparse(ctx):
     measure_impl = opts.choice("measure", "auto", ("auto",) + MEASURES)
     n_samples, top_u = sample_counts(case.seq_q, case.seq_kv, factor)
     fast_measure = None  # measurements(), PyTorch
-    from ..linear.linear_attn import triton_runnable
+    from ..linear.linear_attn import triton_by_default, triton_runnable
 
     if measure_impl == "auto":  # the kernel on a CUDA device where it runs (measured faster), else PyTorch
-        measure_impl = "triton" if ctx.device.type == "cuda" and not triton_runnable(ctx.device) else "torch"
+        measure_impl = "triton" if triton_by_default(ctx.device) else "torch"
     if measure_impl == "triton":
         why = triton_runnable(ctx.device)
         if why:
