@@ -22,9 +22,8 @@ import pandas as pd
 import torch
 
 from attnbench.methods.sparse import superlinear as sl
-from attnbench.methods.sparse.common import ranges_to_blocks
 
-BLOCK = 128  # FlexAttention's tile (superlinear's FLEX_BLOCK)
+BLOCK = sl.FLEX_BLOCK  # FlexAttention's tile
 
 
 def tiles(length: int, heads: int, seed: int, dim: int = 128, num_spans: int = 3) -> dict:
@@ -38,18 +37,10 @@ def tiles(length: int, heads: int, seed: int, dim: int = 128, num_spans: int = 3
     start, end, sw_start = sl.span_bounds(anchors, window, 2.0, 0.0, 0.5)
     attended = sl.span_pairs(start, end, sw_start, 1, heads, num_spans)
     t = torch.arange(length)
-    window_lo = sw_start[None, None, :, None].expand(1, heads, length, 1)
-    window_hi = t[None, None, :, None].expand(1, heads, length, 1)
     listed = listed_sorted = 0
-    for j in range(num_spans):
-        flags = ranges_to_blocks(torch.cat([start[..., j:j + 1], window_lo], -1),
-                                 torch.cat([end[..., j:j + 1], window_hi], -1), length, BLOCK, BLOCK)
-        listed += int(flags.sum())
-        # query_order: sorted, as the fast path builds it (superlinear.sorted_rows: rows by span j's start)
-        perm, pos_p, sw_p = sl.sorted_rows(start[..., j], t, sw_start)
-        lo_p, hi_p = start[..., j].gather(-1, perm), end[..., j].gather(-1, perm)
-        flags = ranges_to_blocks(torch.stack([lo_p, sw_p], -1), torch.stack([hi_p, pos_p], -1), length, BLOCK, BLOCK)
-        listed_sorted += int(flags.sum())
+    for j in range(num_spans):  # the fast path's own flags, per query order (superlinear.span_block_flags)
+        listed += int(sl.span_block_flags(start[..., j], end[..., j], sw_start, t, length, "natural")[0].sum())
+        listed_sorted += int(sl.span_block_flags(start[..., j], end[..., j], sw_start, t, length, "sorted")[0].sum())
     q_blocks = -(-length // BLOCK)
     causal_blocks = q_blocks * (q_blocks + 1) // 2 * heads * num_spans  # every causal tile, per span index
     computed = listed * BLOCK * BLOCK

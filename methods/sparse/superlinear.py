@@ -511,6 +511,24 @@ def sorted_rows(start_j: torch.Tensor, pos_c: torch.Tensor, sw_c: torch.Tensor):
     return perm, pos_c[perm], sw_c[perm]
 
 
+def span_block_flags(start_j, end_j, sw_c, pos_c, length: int, order: str):
+    """Span j's key-block flags ``[B, H, rows/b, L/b]`` (b = :data:`FLEX_BLOCK`) for query rows at positions
+    ``pos_c`` with window starts ``sw_c`` (``[rows]``) and span bounds ``start_j``, ``end_j`` (``[B, H, rows]``):
+    per block of rows, the union of their span and window, in the order the fast path calls FlexAttention
+    (``query_order``). ``natural``: ``(flags, None, None)``; ``sorted``: ``(flags, perm, (lo, hi, sw, pos))``, the
+    rows' permutation (:func:`sorted_rows`) and their bounds in that order. scripts/superlinear_tiles.py counts
+    these same flags."""
+    if order == "sorted":
+        perm, pos_p, sw_p = sorted_rows(start_j, pos_c, sw_c)
+        lo_p, hi_p = start_j.gather(-1, perm), end_j.gather(-1, perm)
+        flags = ranges_to_blocks(torch.stack([lo_p, sw_p], -1), torch.stack([hi_p, pos_p], -1), length, FLEX_BLOCK,
+                                 FLEX_BLOCK)
+        return flags, perm, (lo_p, hi_p, sw_p, pos_p)
+    flags = ranges_to_blocks(torch.stack([start_j, sw_c.expand_as(start_j)], -1),
+                             torch.stack([end_j, pos_c.expand_as(end_j)], -1), length, FLEX_BLOCK, FLEX_BLOCK)
+    return flags, None, None
+
+
 @register_method(
     "superlinear",
     Capabilities(family="sparse", exact=False, masks={"causal"}, causal_only=True, backward=True, compiled=True),
@@ -563,16 +581,11 @@ def build_superlinear(ctx):
         whole = rows == length
         sw = sw_c.to(torch.int32)
         qpos = None if whole else pos_c.to(torch.int32)
-        window_lo = sw_c[None, None, :, None].expand(batch, heads, rows, 1)
-        window_hi = pos_c[None, None, :, None].expand(batch, heads, rows, 1)
         out = None
         for j in range(num_spans):
-            if order == "sorted":  # the rows grouped by their span's start: each 128-row block's keys stay few
-                perm, pos_p, sw_p = sorted_rows(start_c[..., j], pos_c, sw_c)
-                lo_p, hi_p = start_c[..., j].gather(-1, perm), end_c[..., j].gather(-1, perm)
-                mod = sorted_span_mask_mod(*(t.to(torch.int32).contiguous() for t in (lo_p, hi_p, sw_p, pos_p)))
-                touched = ranges_to_blocks(torch.stack([lo_p, sw_p], -1), torch.stack([hi_p, pos_p], -1), length,
-                                           FLEX_BLOCK, FLEX_BLOCK)
+            touched, perm, bounds = span_block_flags(start_c[..., j], end_c[..., j], sw_c, pos_c, length, order)
+            if perm is not None:  # sorted: the rows grouped by their span's start, each 128-row block's keys few
+                mod = sorted_span_mask_mod(*(t.to(torch.int32).contiguous() for t in bounds))
                 block_mask = block_mask_from_flags(touched, mod, rows, length, FLEX_BLOCK)
                 expand = (-1, -1, -1, q_c.shape[-1])
                 o_p = attend(q_c.gather(2, perm[..., None].expand(*expand)), k, v, block_mask, False)
@@ -581,9 +594,6 @@ def build_superlinear(ctx):
             else:
                 mod = span_mask_mod(start_c[..., j].to(torch.int32).contiguous(),
                                     end_c[..., j].to(torch.int32).contiguous(), sw, qpos)
-                touched = ranges_to_blocks(torch.cat([start_c[..., j:j + 1], window_lo], -1),
-                                           torch.cat([end_c[..., j:j + 1], window_hi], -1), length, FLEX_BLOCK,
-                                           FLEX_BLOCK)
                 block_mask = block_mask_from_flags(touched, mod, rows, length, FLEX_BLOCK)
                 term = g_c[..., j:j + 1] * attend(q_c, k, v, block_mask, False)
             out = term if out is None else out + term
