@@ -21,7 +21,6 @@ runs this file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_delta
 from __future__ import annotations
 
 import functools
-import os
 from types import SimpleNamespace
 
 import pandas as pd
@@ -31,8 +30,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+from interpmark import INTERPRETING, interp  # noqa: E402
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402

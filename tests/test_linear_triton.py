@@ -17,7 +17,6 @@ file alone: ``TRITON_INTERPRET=1 pytest tests/test_linear_triton.py``.
 """
 from __future__ import annotations
 
-import os
 
 import pandas as pd
 import pytest
@@ -26,8 +25,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+from interpmark import INTERPRETING, interp  # noqa: E402
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.measure.gate import TOLERANCE  # noqa: E402

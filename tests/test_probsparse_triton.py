@@ -8,15 +8,13 @@ unless pytest itself was started with it, the interpreter tests here skip and te
 runs this file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_probsparse_triton.py`` alone)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+from interpmark import INTERPRETING, interp  # noqa: E402
 
 from attnbench import masks  # noqa: E402
 from attnbench.config.plan import Case  # noqa: E402

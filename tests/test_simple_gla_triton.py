@@ -12,7 +12,6 @@ tests/test_linear_triton.py) in one child pytest with TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pandas as pd
@@ -22,8 +21,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+from interpmark import INTERPRETING, interp  # noqa: E402
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402

@@ -20,7 +20,6 @@ this file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_tril_trito
 from __future__ import annotations
 
 import functools
-import os
 
 import pandas as pd
 import pytest
@@ -29,8 +28,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+from interpmark import INTERPRETING, interp  # noqa: E402
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, as_prepared  # noqa: E402

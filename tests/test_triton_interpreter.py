@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 HERE = Path(__file__).resolve().parent
 SUITES = ("test_linear_triton.py", "test_simple_gla_triton.py", "test_delta_triton.py", "test_tril_triton.py",
           "test_wy_triton.py", "test_superlinear_search_triton.py", "test_probsparse_triton.py")
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+from interpmark import INTERPRETING  # noqa: E402
 
 
 @pytest.mark.slow  # ~1.5-2 min: the six suites in one child

@@ -36,7 +36,6 @@ file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_wy_triton.py`` 
 """
 from __future__ import annotations
 
-import os
 
 import pandas as pd
 import pytest
@@ -45,8 +44,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of tests/test_triton_interpreter.py")
+from interpmark import INTERPRETING, interp  # noqa: E402
 
 from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, as_prepared  # noqa: E402
