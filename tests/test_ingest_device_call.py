@@ -5,7 +5,6 @@ control), and nothing is written on a dry run."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -14,15 +13,11 @@ from pathlib import Path
 import pytest
 
 from attnbench.execute.runner import run_sweep
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ingest_device_call.py"
+from scriptload import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ingest_device_call", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ingest_device_call")
 
 
 def _rows(run: Path) -> list[dict]:

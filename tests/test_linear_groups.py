@@ -11,24 +11,19 @@ output kept as a view of its 2L-long transform) break the bounds. Bad option val
 reach the timed function. CPU, small shapes, nothing timed."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from attnbench.methods.linear import abc, s4d
 
+from scriptload import load_script
 from test_linear_methods import _build, _close, _rand
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: two threads contend on the 2-core box
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_memory.py"
 
 
 def _live_bytes():
-    spec = importlib.util.spec_from_file_location("linear_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("linear_memory")
     return module.LiveBytes
 
 

@@ -5,8 +5,6 @@ the segmented form keeps much less between forward and backward; the hand-writte
 passes gradcheck; bad option values name the field. CPU, tiny shapes, nothing timed."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +13,8 @@ import torch.nn.functional as F
 
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared
 from attnbench.methods.linear import gated_delta
+from scriptload import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_memory.py"
 # bf16 inputs (the benchmark's dtype): the gate's bf16 tolerance (bench/measure/gate.py TOLERANCE)
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (8e-3, 9e-3)}
 
@@ -107,10 +105,7 @@ def test_chunk_loop_backward_passes_gradcheck():
 
 
 def _memory_script():
-    spec = importlib.util.spec_from_file_location("linear_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("linear_memory")
 
 
 def test_segmented_keeps_much_less_between_forward_and_backward(monkeypatch):

@@ -1,20 +1,15 @@
 """scripts/linear_summary.py: slopes, efficiency length and fla ratios from synthetic rows of known shape."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_summary.py"
+from scriptload import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("linear_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("linear_summary")
 
 
 def _row(method, n, ms, mode="fwd_bwd", status="ok", **kw):

@@ -1,19 +1,9 @@
 """The helper scripts that turn committed runs into README tables."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scriptload import load_script as load
 
 
 def test_mask_winners_ranks_exact_ok_rows_and_gives_the_margin():

@@ -1,21 +1,15 @@
 """scripts/sparse_summary.py: rate against the dense baseline, efficiency length, log-log slope, fidelity."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sparse_summary.py"
+from scriptload import load_script
 
 
 @pytest.fixture(scope="module")
 def summary():
-    spec = importlib.util.spec_from_file_location("sparse_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sparse_summary")
 
 
 def frame():

@@ -18,9 +18,7 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,15 +28,12 @@ from attnbench.config.plan import Case
 from attnbench.methods import METHODS, BuildContext, MaskInfo
 from attnbench.methods.sparse import common, superlinear
 
+from scriptload import load_script
 from test_superlinear_search_triton import run_case as search_run_case
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "linear_memory.py"
 
 
 def _memory_tools():
-    spec = importlib.util.spec_from_file_location("linear_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("linear_memory")
     return module.LiveBytes, module.saved_bytes
 
 

@@ -3,21 +3,14 @@ at 64K, results/cpu-superlinear-tiles): its counts equal a brute-force count fro
 in position order and in each span's sorted order, and a broken tile count is caught."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from attnbench.methods.sparse import superlinear as sl
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "superlinear_tiles.py"
+from scriptload import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("superlinear_tiles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("superlinear_tiles")
 
 
 def _brute(length: int, heads: int, seed: int, block: int):
