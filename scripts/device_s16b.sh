@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sixteenth session's last call (carry .whl, .triton-cache), inside the wrap so that one archive comes back:
-#   WRAP_S=500 bash scripts/device_wrap.sh s16b scripts/device_s16b.sh
+#   TOTAL_S=390 WRAP_S=410 bash scripts/device_wrap.sh s16b scripts/device_s16b.sh   (as run: ~380 s)
 # 1. fla_gated_delta_rule, the fourth fla-core backend of issue 10, which no kernel run had measured: causal 32K /
 #    128K / 1M fwd and fwd_bwd, resumed into h200-linear-fla-long (fwd_bwd: `unsupported` at build on Triton 3.6 on
 #    Hopper, fla's own refusal; fwd: the ratio of the own gated_delta_rule to fla);
