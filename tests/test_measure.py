@@ -210,3 +210,54 @@ def test_compiler_settings_a_builder_changes_do_not_reach_the_next_case():
     finally:
         methods.METHODS.pop("t_flips_config")
         functorch_config.donated_buffer = before
+
+
+FIRST_IMPORT = """
+import json
+import sys
+import torch.nn.functional as F
+from attnbench import masks, methods
+from attnbench.config.plan import Case
+from attnbench.execute.case import CaseRunner
+
+@methods.register_method("t_imports_the_compiler", methods.Capabilities(backward=False, masks={"any"}))
+def build(ctx):
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    dynamo_config.recompile_limit += 5
+    functorch_config.donated_buffer = not functorch_config.donated_buffer
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+
+spec = masks.make_mask("full")
+runner = CaseRunner("cpu", {"timing": %r, "dense_mask_bytes": 1 << 30, "materialize_bytes": 1 << 32})
+for method in ("sdpa_math", "t_imports_the_compiler"):
+    row = runner.run(Case(method=method, mask=spec.label, mask_name=spec.name, batch=1, heads_q=2, heads_kv=1,
+                          seq_q=32, seq_kv=32, head_dim=16, dtype="float32", mode="fwd"))
+    assert row["status"] == "ok", row["reason"]
+    if method == "sdpa_math":  # a case that compiles nothing imports neither
+        assert not {"torch._dynamo", "torch._functorch.config"} & set(sys.modules), method
+import torch._dynamo.config as dynamo_config
+import torch._functorch.config as functorch_config
+
+print(json.dumps([dynamo_config.recompile_limit, functorch_config.donated_buffer]))
+build(None)  # control: the same change outside a case stays
+print(json.dumps([dynamo_config.recompile_limit, functorch_config.donated_buffer]))
+"""
+
+
+def test_a_case_that_first_imports_the_compiler_settings_gets_them_back_as_imported():
+    """A worker whose cases compile nothing never imports torch._dynamo (~1.5 s of CPU a process); the case that
+    imports the compiler first and changes its settings gets them put back to what the import left."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", FIRST_IMPORT % (TIMING,)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after_case, after_control = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    import torch._dynamo.config as dynamo_config
+
+    limit = dynamo_config._config["recompile_limit"].default
+    assert after_case == [limit, True], after_case  # the import's settings (donated_buffer's default: True)
+    assert after_control == [limit + 5, False], after_control

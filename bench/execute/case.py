@@ -10,9 +10,12 @@ methods of one shape share them (the planner orders cases that way). The method 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import inspect
 import json
 import math
+import sys
 import time
 import warnings
 import zlib
@@ -74,20 +77,52 @@ class Call:
     dout: torch.Tensor | None = None
 
 
+# the compiler settings a case may change (flex: fail_on_recompile_limit_hit, donated_buffer), put back after it
+COMPILER_CONFIGS = ("torch._dynamo.config", "torch._functorch.config")
+_IMPORTED_SETTINGS: dict[str, bytes] = {}  # such a module's settings as its import left them (_ConfigImports)
+
+
+class _ConfigImports(importlib.abc.MetaPathFinder):
+    """Records a compiler config module's settings the moment its import finishes, so the case that first imports
+    it (the first compiled case of a worker) gets them put back like a case that found it imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in COMPILER_CONFIGS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            return None  # the usual import (a case that imports it then keeps what it set)
+        exec_module = spec.loader.exec_module  # a loader of this spec alone
+
+        def exec_and_record(module):
+            exec_module(module)
+            _IMPORTED_SETTINGS[name] = module.save_config()
+
+        spec.loader.exec_module = exec_and_record
+        return spec
+
+
+if not any(isinstance(finder, _ConfigImports) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _ConfigImports())
+
+
 @contextlib.contextmanager
 def _compiler_config_restored():
-    """Snapshot dynamo's and AOTAutograd's settings and put them back, so no case changes a later one."""
-    import torch._dynamo.config as dynamo_config
-    import torch._functorch.config as functorch_config
-
-    saved = [(module, module.save_config()) for module in (dynamo_config, functorch_config)]
+    """Snapshot dynamo's and AOTAutograd's settings and put them back, so no case changes a later one. A config
+    module not imported yet is left so (importing torch._dynamo takes ~1.5 s of CPU, in every worker, rank and
+    training process, most of which compile nothing): should the case import it, the settings its import left
+    (``_ConfigImports``) are put back."""
+    saved = {name: sys.modules[name].save_config() for name in COMPILER_CONFIGS if name in sys.modules}
     try:
         yield
     finally:
         with warnings.catch_warnings():  # restoring deprecated no-op keys warns; nothing to report
             warnings.simplefilter("ignore", FutureWarning)
-            for module, state in saved:
-                module.load_config(state)
+            for name in COMPILER_CONFIGS:
+                module = sys.modules.get(name)
+                state = saved.get(name, _IMPORTED_SETTINGS.get(name))
+                if module is not None and state is not None:
+                    module.load_config(state)
 
 
 class _Verdict(Exception):
