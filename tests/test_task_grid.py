@@ -209,30 +209,27 @@ def test_device_script_runs_a_call_into_one_run_folder_and_resumes(tmp_path):
     assert {r["case_id"] for r in rows} == {e["case_id"] for e in plan["cases"]}
     assert {r["concurrent"] for r in rows} == {2}  # PARALLEL defaults to the plan's parallel
     assert {r["method"]: r["status"] for r in rows} == {"sdpa_math": "ok", "sdpa_cudnn": "unsupported"}
-    # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run: out2b (a row turned
-    # error, no retry) and out3 (the rows as committed, the call twice) add no row
+    # the committed run folder (results/<run_id> in the checkout) is resumed, not re-run: out2 (a row turned
+    # error, no retry; the call twice) adds no row
     (work / "results").mkdir()
     os.rename(tmp_path / "out1" / "unpacked" / "results" / "tiny-grid", work / "results" / "tiny-grid")
-    # a row the plan re-plans (plan_task_grid.py --retry error): the call re-runs it because the plan says so
     committed = work / "results" / "tiny-grid" / "quality.jsonl"
     lines = committed.read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if json.loads(line)["status"] == "ok")
     first = json.loads(lines[at])
     committed.write_text("\n".join([*lines[:at], json.dumps({**first, "status": "error", "reason": "x"}),
                                      *lines[at + 1:]]) + "\n")
-    assert len(call(tmp_path / "out2b")) == len(rows)  # negative control: without the plan's retry, not re-run
-    plan["retry"] = ["error"]
-    plan_path.write_text(task_grid.to_json(plan))
-    again = call(tmp_path / "out2c")
-    assert len(again) == len(rows) + 1 and again[-1]["case_id"] == first["case_id"] and again[-1]["status"] == "ok"
-    committed.write_text("\n".join(lines) + "\n")
-    plan["retry"] = []
-    plan_path.write_text(task_grid.to_json(plan))
-    # several planned calls in one device call: their slices in order (a repeated slice resumes: no new rows)
+    # several planned calls in one device call: their slices in order (a repeated slice resumes: no new rows);
+    # negative control of the retry below: without the plan's retry, the error row is not re-run
     plan["calls"].append(plan["calls"][0])
     plan_path.write_text(task_grid.to_json(plan))
-    assert len(call(tmp_path / "out3", "0", "1")) == len(rows)
-    assert len((tmp_path / "out3" / "slices-done.txt").read_text().splitlines()) == 2 * len(plan["calls"][0]["slices"])
+    assert len(call(tmp_path / "out2", "0", "1")) == len(rows)
+    assert len((tmp_path / "out2" / "slices-done.txt").read_text().splitlines()) == 2 * len(plan["calls"][0]["slices"])
+    # a row the plan re-plans (plan_task_grid.py --retry error): the call re-runs it because the plan says so
+    plan["retry"] = ["error"]
+    plan_path.write_text(task_grid.to_json(plan))
+    again = call(tmp_path / "out3")
+    assert len(again) == len(rows) + 1 and again[-1]["case_id"] == first["case_id"] and again[-1]["status"] == "ok"
     # a call the plan does not have: exit 2 before any work, the index named
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "device_task_grid.sh"), "0", "7"], cwd=work,
                          env={**os.environ, "OUT": str(tmp_path), "INSTALL": "0", "PLAN": str(plan_path)},
