@@ -23,16 +23,14 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from interpmark import INTERPRETING, interp  # noqa: E402
+from interpmark import INTERPRETING, interp, sweep_rows  # noqa: E402
 
-from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
 from attnbench.methods.linear import gated_delta  # noqa: E402
 from attnbench.methods.registry import Unsupported  # noqa: E402
@@ -591,7 +589,7 @@ def test_harness_rows(cfg):
     method = "gated_delta_rule"
     cfg.update(methods=[method], masks=["causal"], seq_lens=[20], modes=["fwd_bwd"], head_dim=16,
                method_options={method: {"chunk": 16, "impl": "triton", "block_v": 16}})
-    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet")
+    frame = sweep_rows(cfg)
     assert len(frame) == 1
     assert frame.loc[0, "status"] == "ok", frame.loc[0, "reason"]
 

@@ -18,16 +18,14 @@ file alone: ``TRITON_INTERPRET=1 pytest tests/test_linear_triton.py``.
 from __future__ import annotations
 
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from interpmark import INTERPRETING, interp  # noqa: E402
+from interpmark import INTERPRETING, interp, sweep_rows  # noqa: E402
 
-from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.measure.gate import TOLERANCE  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
 from attnbench.methods.linear import common  # noqa: E402
@@ -326,7 +324,7 @@ def test_harness_rows(cfg):
     chunk is ok; the full mask is unsupported (causal only)."""
     cfg.update(methods=["linear_attn_triton"], masks=["causal", "full"], seq_lens=[20], modes=["fwd_bwd"],
                head_dim=16, method_options={"linear_attn_triton": {"chunk": 16, "block_v": 16}})
-    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet").set_index("mask")
+    frame = sweep_rows(cfg).set_index("mask")
     assert frame.loc["causal", "status"] == "ok", frame.loc["causal", "reason"]
     assert frame.loc["full", "status"] == "unsupported"
 
@@ -436,7 +434,7 @@ def test_kernelized_triton_harness_rows(cfg):
                modes=["fwd_bwd", "decode"], head_dim=16,
                method_options={"performer": {**TRITON_RUN, "features": 24}, "cosformer": TRITON_RUN,
                                "rfa": TRITON_RUN})
-    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet")
+    frame = sweep_rows(cfg)
     rows = frame.set_index(["method", "mask", "mode"])
     for method in ("performer", "cosformer", "rfa"):
         assert rows.loc[(method, "causal", "fwd_bwd"), "status"] == "ok", rows.loc[(method, "causal", "fwd_bwd"), "reason"]

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from interpmark import INTERPRETING, interp  # noqa: E402
+from interpmark import INTERPRETING, interp, sweep_rows  # noqa: E402
 
-from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, BuildContext, MaskInfo, as_prepared  # noqa: E402
 from attnbench.methods.linear.gated_delta import chunked, naive_recurrence  # noqa: E402
 from attnbench.methods.registry import Unsupported  # noqa: E402
@@ -243,6 +241,6 @@ def test_harness_rows(cfg):
     multiple of the chunk is ok; the full mask is unsupported (causal only)."""
     cfg.update(methods=[METHOD], masks=["causal", "full"], seq_lens=[20], modes=["fwd_bwd"], head_dim=16,
                method_options={METHOD: {"chunk": 16, "block_v": 16}})
-    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet").set_index("mask")
+    frame = sweep_rows(cfg).set_index("mask")
     assert frame.loc["causal", "status"] == "ok", frame.loc["causal", "reason"]
     assert frame.loc["full", "status"] == "unsupported"

@@ -37,16 +37,14 @@ file in its child pytest (``TRITON_INTERPRET=1 pytest tests/test_wy_triton.py`` 
 from __future__ import annotations
 
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from interpmark import INTERPRETING, interp  # noqa: E402
+from interpmark import INTERPRETING, interp, sweep_rows  # noqa: E402
 
-from attnbench.execute.runner import run_sweep  # noqa: E402
 from attnbench.methods import METHODS, as_prepared  # noqa: E402
 from attnbench.methods.linear import gated_delta  # noqa: E402
 from attnbench.methods.registry import Unsupported  # noqa: E402
@@ -340,7 +338,7 @@ def test_harness_row(cfg):
     method = "gated_delta_rule"
     cfg.update(methods=[method], masks=["causal"], seq_lens=[20], modes=["fwd_bwd"], head_dim=16,
                method_options={method: {"chunk": 16, "solve": "fused"}})
-    frame = pd.read_parquet(run_sweep(cfg, "test", show_progress=False) / "rows.parquet")
+    frame = sweep_rows(cfg)
     assert len(frame) == 1
     assert frame.loc[0, "status"] == "ok", frame.loc[0, "reason"]
 
