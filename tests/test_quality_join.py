@@ -84,6 +84,28 @@ def test_kernel_join_matches_method_mask_mode_and_the_tasks_own_length(tmp_path)
     assert {m for m, p in digit_points.items() if p["on_front"]} == {"sdpa", "flex"}
 
 
+def test_kernel_join_takes_the_length_most_methods_measured_and_notes_a_method_measured_only_elsewhere(tmp_path):
+    """A method with ok rows only at lengths the others lack (a 2-D method at square lengths) once emptied the
+    join of its whole task (the lengths every method measured had no common element); now the join is at the
+    length most of the task's methods measured and that method alone is noted."""
+    from attnbench.record.rundir import load_runs
+    from attnbench.report.context import build_context
+    from attnbench.report.sections.quality import kernel_join, quality_rows
+
+    rows = [quality_row("digits", "noncausal_self", m, 1024, 0, v) for m, v in {**DIGITS, "grid2d": 0.9}.items()]
+    kernel = [make_row("k", m, "full", "fwd_bwd", n, ms=full_ms(m, n)) for m in KERNEL_METHODS for n in (1024, 2048)]
+    kernel.append(make_row("k", "grid2d", "full", "fwd_bwd", 4096, ms=1.0))  # only at a length the others lack
+    kernel.append(make_row("k", "flex", "full", "fwd_bwd", 512, status="wrong"))  # not ok: never a join length
+    runs = load_runs([str(write_quality_run(tmp_path, "q2", rows)), str(write_run(tmp_path, "k", kernel,
+                                                                                  env_for("k")))], tmp_path)
+    ctx = build_context(runs)
+    (join,) = kernel_join(quality_rows(ctx), ctx.kernel)
+    assert (join["task"], join["mask"], join["ref_len"]) == ("digits", "full", 1024)  # 3 methods; the task's length
+    points = {p["method"]: p for p in join["points"]}
+    assert points["sdpa"]["ms"] == pytest.approx(full_ms("sdpa", 1024))
+    assert math.isnan(points["grid2d"]["ms"]) and "no ok fwd_bwd full kernel row" in points["grid2d"]["note"]
+
+
 def test_kernel_join_needs_fwd_bwd_rows_and_a_lower_is_better_metric_flips_the_front(tmp_path):
     from attnbench.record.rundir import load_runs
     from attnbench.report.context import build_context

@@ -282,10 +282,12 @@ def kernel_join(rows: pd.DataFrame, kernel: pd.DataFrame) -> list[dict]:
 
     The kernel case joined (documented in the report): the same method name, mode ``fwd_bwd`` (training runs
     forward and backward), the mask of the task's pattern (``causal`` for causal_self and causal_cross, ``full``
-    for the noncausal patterns), status ok, one device, no context-parallel layout. Among the kernel runs and head
-    shapes, the (source, shape) that covers the most of the task's methods is used (ties: the first by name);
-    within it the reference length is the longest key/value length that every covered method measured, preferring
-    a length the task itself ran at (``seq_kv``) when the kernel run has one. The metric is each method's mean over
+    for the noncausal patterns), status ok, one device, no context-parallel layout. Among the kernel runs, head
+    shapes and key/value lengths, the (source, shape, length) at which the most of the task's methods have such a
+    row is used; ties go to a length the task itself ran at (``seq_kv``), then to the longer length, then to the
+    first source and shape by name. (A method measured only at other lengths - a 2-D method at square lengths,
+    one whose backward failed the gate at some lengths - gets a note, and does not take the join from the rest.)
+    The metric is each method's mean over
     seeds at the task's longest length (ok runs only). Methods without such a kernel row are listed with why.
     Returns one dict per task: task, pattern, metric, higher, length, mask, shape, source, ref_len and points
     (label, method, value, ms or NaN, note, on_front).
@@ -307,20 +309,16 @@ def kernel_join(rows: pd.DataFrame, kernel: pd.DataFrame) -> list[dict]:
         candidates = ok_kernel[(ok_kernel["mask"] == mask) & ok_kernel["method"].isin(methods)]
         if candidates.empty:
             continue
-        best = None
+        own_lengths = set(seq_kv.dropna())
+        best, best_key = None, None
         for (source, shape), group in sorted(candidates.groupby(["source", "shape"]), key=lambda item: item[0]):
-            covered = set(group["method"])
-            per_method = [set(group.loc[group["method"] == m, "x"]) for m in covered]
-            common = set.intersection(*per_method)
-            if not common:
-                continue
-            own = common & set(seq_kv.dropna())
-            ref_len = max(own) if own else max(common)
-            if best is None or len(covered) > best[0]:
-                best = (len(covered), source, shape, ref_len, group)
+            for length, at_length in group.groupby("x"):
+                key = (at_length["method"].nunique(), length in own_lengths, float(length))
+                if best_key is None or key > best_key:  # strictly better: ties keep the first source by name
+                    best, best_key = (source, shape, length, group), key
         if best is None:
             continue
-        _, source, shape, ref_len, group = best
+        source, shape, ref_len, group = best
         times = group[group["x"] == ref_len].groupby("method")["ms_median"].median()
         points = []
         for (label, method), value in metric_mean.items():
@@ -347,10 +345,10 @@ def _kernel_pareto_blocks(rows: pd.DataFrame, kernel: pd.DataFrame) -> list:
     blocks = [Text(
         "Task quality against kernel speed: per task, each method's metric (mean over seeds at the task's longest "
         "length) against the same method's time per call in the kernel rows of these runs: mode fwd_bwd, the "
-        "mask of the task's pattern (causal for the causal patterns, full for the noncausal ones), the head shape "
-        "and kernel run that cover the most of the task's methods, at the longest key/value length all of them "
-        "measured (a length the task ran at when the kernel run has one). Dashed: the Pareto front (no other "
-        "method is both faster and better on the task).")]
+        "mask of the task's pattern (causal for the causal patterns, full for the noncausal ones), at the kernel "
+        "run, head shape and key/value length where the most of the task's methods have an ok row (ties: a length "
+        "the task ran at, then the longer one); a method without a row there is listed with a note. Dashed: the "
+        "Pareto front (no other method is both faster and better on the task).")]
     panels, table = [], []
     palette = plots.Palette(rows["label"])
     for join in joins:
