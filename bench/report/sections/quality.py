@@ -149,6 +149,57 @@ def rank_table(rows: pd.DataFrame) -> tuple[list[str], list[list], dict]:
     return header, table, ranks
 
 
+def noise_floor(rows: pd.DataFrame) -> list[dict]:
+    """Per trained task at its longest length: the spread of the exact methods (column ``exact``: the same
+    softmax attention through different kernels), the task's noise floor at this training budget - a difference
+    between two methods smaller than it is not evidence - and the approximate methods outside that band.
+
+    Only methods whose every seed there finished ok count, and only tasks with at least two such exact methods.
+    Returns one dict per task: task, length, metric, higher, exact (names), low and high (the exact methods'
+    means over seeds), seed_spread (the widest range across the exact methods of one seed), better and worse
+    (approximate methods whose mean is outside the band, best first), inside (how many are within it)."""
+    out = []
+    trained = rows[rows["kind"] == "train"]
+    for task, mine in trained.groupby("task"):
+        at = mine[mine["x"] == mine["x"].max()]
+        finished = at.groupby("method")["status"].agg(lambda s: bool((s == "ok").all()))
+        at = at[at["method"].isin(finished[finished].index) & np.isfinite(at["value"])]
+        exact_flag = at["exact"].fillna(False).astype(bool) if "exact" in at else pd.Series(False, index=at.index)
+        exact = at[exact_flag]
+        if exact["method"].nunique() < 2:
+            continue
+        higher = _direction(mine)
+        means = exact.groupby("method")["value"].mean()
+        low, high = float(means.min()), float(means.max())
+        per_seed = exact.groupby("seed")["value"].agg(lambda v: float(v.max() - v.min()))
+        others = at[~exact_flag].groupby("method")["value"].mean().sort_values(ascending=not higher)
+        above, below = others[others > high], others[others < low]
+        better, worse = (above, below) if higher else (below, above)
+        out.append({"task": task, "length": float(at["x"].max()), "metric": str(mine["metric"].iloc[0]),
+                    "higher": higher, "exact": sorted(means.index), "low": low, "high": high,
+                    "seed_spread": float(per_seed.max()), "better": list(better.items()),
+                    "worse": list(worse.items()), "inside": int(len(others) - len(better) - len(worse))})
+    return out
+
+
+def _noise_floor_block(rows: pd.DataFrame) -> list:
+    floors = noise_floor(rows)
+    if not floors:
+        return []
+    table = []
+    for f in floors:
+        arrow = "↑" if f["higher"] else "↓"
+        better = ", ".join(f"{m} {fmt(v)}" for m, v in f["better"]) or "none"
+        table.append([f["task"], plots.tokens(f["length"]), f"{f['metric']} {arrow}", len(f["exact"]),
+                      f"{fmt(f['low'])} – {fmt(f['high'])}", fmt(f["seed_spread"]), better, f["inside"],
+                      len(f["worse"])])
+    return [Table(["task", "length", "metric", "exact methods", "their means (min – max)", "widest spread in a seed",
+                   "approximate methods better than every exact one", "inside the band", "worse than every exact one"],
+                  table, "Noise floor: the exact methods (the same softmax attention through different kernels) at "
+                  "each task's longest length, means over seeds. Their spread is what training noise alone does to "
+                  "the metric at this budget: a difference between two methods smaller than it is not evidence.")]
+
+
 def _length_panels(rows: pd.DataFrame) -> list[plots.QualityPanel]:
     panels = []
     for task, mine in rows.groupby("task"):
@@ -213,6 +264,7 @@ def section_quality(ctx: Context) -> Section | None:
         header, table, _ = rank_table(mine)
         section.blocks.append(Table(header, table, caption))
     if len(trained):
+        section.blocks.extend(_noise_floor_block(trained))
         panels = _length_panels(trained)
         for start in range(0, len(panels), 6):
             section.blocks.append(plot(
