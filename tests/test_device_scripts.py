@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PLANNED = ["device_s16.sh", "device_s15_sparse.sh", "device_s15_linear.sh", "device_s14_dense.sh", "device_s13_sparse.sh", "device_s13_linear.sh", "device_s12_sparse.sh", "device_s12_linear.sh", "device_s11_sparse.sh", "device_s11_sparse_b.sh", "device_s11_linear.sh", "device_s8_sparse.sh", "device_s10_linear.sh", "device_tasks_kernels.sh", "device_s9_fill.sh"]
+PLANNED = ["device_s18_oom_retry.sh", "device_s16.sh", "device_s15_sparse.sh", "device_s15_linear.sh", "device_s14_dense.sh", "device_s13_sparse.sh", "device_s13_linear.sh", "device_s12_sparse.sh", "device_s12_linear.sh", "device_s11_sparse.sh", "device_s11_sparse_b.sh", "device_s11_linear.sh", "device_s8_sparse.sh", "device_s10_linear.sh", "device_tasks_kernels.sh", "device_s9_fill.sh"]
 
 
 def dry_run(script: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
