@@ -56,3 +56,22 @@ def test_the_report_prints_the_noise_floor_table(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     line = next(line for line in text.splitlines() if line.startswith("| mqar |") and "accuracy ↑" in line)
     assert "| 2 |" in line and "good 0.98" in line
+
+
+def test_the_report_lists_each_tasks_training_setup(tmp_path):
+    """The budget behind every metric is in the report: one row per task with the values its rows hold."""
+    rows = [quality_row("mqar", "causal_self", m, n, 0, 0.5, steps=400, d_model=64, layers=2, lr=0.01)
+            for m in ("sdpa", "flex") for n in (64, 128)]
+    rows += [quality_row("lm", "causal_self", "sdpa", 512, 0, 3.0, metric="bpc", higher=False, steps=s, d_model=64,
+                         layers=2, lr=0.003) for s in (300, 400)]  # two budgets in one task: both shown
+    folder = write_quality_run(tmp_path, "q", rows)
+    assert report_main([str(folder), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    table = text[text.index("Training setup per task"):]
+    header = next(line for line in table.splitlines() if line.startswith("| task |"))
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    columns = cells(header)
+    mqar = dict(zip(columns, cells(next(line for line in table.splitlines() if line.startswith("| mqar |")))))
+    lm = dict(zip(columns, cells(next(line for line in table.splitlines() if line.startswith("| lm |")))))
+    assert (mqar["steps"], mqar["lengths"], mqar["d_model"], mqar["lr"]) == ("400", "64 / 128", "64", "0.01")
+    assert lm["steps"] == "300 / 400"

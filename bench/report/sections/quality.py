@@ -149,6 +149,34 @@ def rank_table(rows: pd.DataFrame) -> tuple[list[str], list[list], dict]:
     return header, table, ranks
 
 
+SETUP_COLUMNS = (("pattern", "pattern"), ("x", "lengths"), ("d_model", "d_model"), ("layers", "layers"),
+                 ("heads", "heads"), ("steps", "steps"), ("batch", "batch"), ("lr", "lr"), ("dtype", "dtype"))
+
+
+def setup_table(rows: pd.DataFrame) -> Table | None:
+    """What each task trained: the values its rows hold for the model and training settings (several values joined
+    with " / "), so that a reader knows the budget behind every metric (a ranking at 400 steps is not one at
+    convergence)."""
+    trained = rows[rows["kind"] == "train"]
+    if trained.empty:
+        return None
+    present = [(column, title) for column, title in SETUP_COLUMNS if column in trained]
+    table = []
+    for task, mine in trained.groupby("task"):
+        cells = [task]
+        for column, _ in present:
+            values = sorted({v for v in mine[column].dropna()}, key=lambda v: (str(type(v)), v))
+            if column == "x":
+                text = " / ".join(plots.tokens(v) for v in values)
+            else:
+                text = " / ".join(fmt(v) if isinstance(v, float) else str(v) for v in values)
+            cells.append(text or "—")
+        table.append(cells)
+    return Table(["task"] + [title for _, title in present], table,
+                 "Training setup per task (every method of a task trains the same model and budget; only the "
+                 "attention differs).", collapsed=True)
+
+
 def noise_floor(rows: pd.DataFrame) -> list[dict]:
     """Per trained task at its longest length: the spread of the exact methods (column ``exact``: the same
     softmax attention through different kernels), the task's noise floor at this training budget - a difference
@@ -264,6 +292,9 @@ def section_quality(ctx: Context) -> Section | None:
         header, table, _ = rank_table(mine)
         section.blocks.append(Table(header, table, caption))
     if len(trained):
+        setup = setup_table(trained)
+        if setup is not None:
+            section.blocks.append(setup)
         section.blocks.extend(_noise_floor_block(trained))
         panels = _length_panels(trained)
         for start in range(0, len(panels), 6):
