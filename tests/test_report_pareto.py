@@ -107,3 +107,22 @@ def test_no_pareto_section_without_measured_approx_err(tmp_path):
     assert "pareto" not in sections_of(folder)
     assert report.main([str(folder)]) == 0
     assert "Approximation error against speed" not in (folder / "report.md").read_text()
+
+
+def test_a_pareto_panel_can_name_its_front_and_keep_a_linear_y():
+    """The quality panels: accuracy on a linear axis (a log axis of [0, 1] put 1.0 mid-figure) and the front's
+    methods named on the axis. The default (approximation error) stays log with no names."""
+    import numpy as np
+
+    points = [plots.Points("fast", np.array([0.2]), np.array([0.6])),
+              plots.Points("slow_good", np.array([2.0]), np.array([0.99])),
+              plots.Points("dominated", np.array([3.0]), np.array([0.5]))]
+    front = np.array([[0.2, 0.6], [2.0, 0.99]])
+    palette = plots.Palette(["fast", "slow_good", "dominated"])
+    named = plots.pareto("t", [plots.ParetoPanel("p", "accuracy", points, front, log_y=False, label_front=True)],
+                         palette)
+    ax = named.axes[0]
+    assert ax.get_yscale() == "linear"
+    assert sorted(t.get_text() for t in ax.texts) == ["fast", "slow_good"]  # the front only
+    default = plots.pareto("t", [plots.ParetoPanel("p", "error", points, front)], palette)
+    assert default.axes[0].get_yscale() == "log" and not default.axes[0].texts

@@ -339,7 +339,9 @@ class ParetoPanel:
     """One axis of a Pareto figure: points of y (lower or higher is better) against time per call.
 
     ``front``: the Pareto front as an (n, 2) array of (x, y), sorted by x; ``reference``: (x, label) draws a
-    labelled dotted vertical line (e.g. the baseline's time). The y axis is logarithmic when every y is positive.
+    labelled dotted vertical line (e.g. the baseline's time). ``log_y``: the y axis is logarithmic when true; None
+    (default): when every y is positive (an error spanning decades); a bounded metric (accuracy) wants False.
+    ``label_front``: name the front's points on the axis (the legend alone matches 40 markers poorly).
     """
 
     title: str
@@ -347,6 +349,8 @@ class ParetoPanel:
     points: list[Points]
     front: np.ndarray
     reference: tuple[float, str] | None = None
+    log_y: bool | None = None
+    label_front: bool = False
 
 
 def pareto(title: str, panels: list[ParetoPanel], palette: Palette) -> Figure:
@@ -376,8 +380,16 @@ def pareto(title: str, panels: list[ParetoPanel], palette: Palette) -> Figure:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
             ax.xaxis.set_major_formatter(FuncFormatter(number))
             ax.xaxis.set_minor_locator(NullLocator())
+            if panel.label_front and len(panel.front):
+                on_front = {(float(x), float(y)) for x, y in panel.front}
+                named = sorted((float(x), float(y), p.label) for p in panel.points for x, y in zip(p.x, p.y)
+                               if (float(x), float(y)) in on_front)
+                for i, (x, y, label) in enumerate(named):  # alternate above / below: near points stay legible
+                    ax.annotate(label, (x, y), xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points",
+                                fontsize=6.5, color="0.2")
             ys = np.concatenate([p.y for p in panel.points]) if panel.points else np.array([])
-            if len(ys) and (ys > 0).all():
+            log_y = panel.log_y if panel.log_y is not None else bool(len(ys) and (ys > 0).all())
+            if log_y:
                 ax.set_yscale("log")
                 ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=10))
                 ax.yaxis.set_major_formatter(FuncFormatter(number))

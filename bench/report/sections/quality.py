@@ -442,7 +442,8 @@ def _kernel_pareto_blocks(rows: pd.DataFrame, kernel: pd.DataFrame) -> list:
             f"{join['task']} · {join['pattern']} · {plots.tokens(join['length'])}\nkernel: {join['mask']} · "
             f"{JOIN_MODE} · {plots.tokens(join['ref_len'])}" + (f" · {join['source']}" if join["source"] else ""),
             f"{join['metric']} ({arrow} is better)",
-            [plots.Points(p["label"], np.array([p["ms"]]), np.array([p["value"]])) for p in timed], front))
+            [plots.Points(p["label"], np.array([p["ms"]]), np.array([p["value"]])) for p in timed], front,
+            log_y=False, label_front=True))  # a bounded metric: linear y; the front named on the axis
         for p in join["points"]:
             table.append([join["task"], plots.tokens(join["length"]), p["label"], fmt(p["value"]),
                           f"{join['mask']} · {JOIN_MODE} · {join['shape']} · {plots.tokens(join['ref_len'])}"
