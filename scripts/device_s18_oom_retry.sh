@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 11's task grid: the `oom` rows of h200-task-grid were trained beside 11 other cases on the one GPU (their
-# reasons list the other processes' memory: three tensor_attn cases held ~35 GiB each). Re-run some alone to see
+# reasons list the other processes' memory: three other processes held ~35 GiB each). Re-run some alone to see
 # whether the case itself runs out of memory: eager on digits 1K seed 2, then tensor_attn on chunk_reverse and
 # delayed_copy at 512 tokens seed 2 (two at once; its other seeds there are `timeout` at the suite's 180 s cap,
 # so `timeout` is the expected answer). retry=[oom]: only those rows are re-run; the run folder comes back packed.

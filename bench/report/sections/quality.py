@@ -370,8 +370,7 @@ def kernel_join(rows: pd.DataFrame, kernel: pd.DataFrame) -> list[dict]:
     row is used; ties go to a length the task itself ran at (``seq_kv``), then to the longer length, then to the
     first source and shape by name. (A method measured only at other lengths - a 2-D method at square lengths,
     one whose backward failed the gate at some lengths - gets a note, and does not take the join from the rest.)
-    The metric is each method's mean over
-    seeds at the task's longest length (ok runs only). Methods without such a kernel row are listed with why.
+    The metric is each method's mean over seeds at the task's longest length (ok runs only). Methods without such a kernel row are listed with why.
     Returns one dict per task: task, pattern, metric, higher, length, mask, shape, source, ref_len and points
     (label, method, value, ms or NaN, note, on_front).
     """
